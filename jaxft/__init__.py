@@ -1,0 +1,8 @@
+"""jaxft: fine-tune Llama-family models in JAX (LoRA, QLoRA/NF4, SFT) on CPU, GPU and TPU meshes."""
+from jaxft.config import ConfigError, ModelConfig, RopeConfig
+from jaxft.hf.checkpoint import from_pretrained, save_pretrained
+from jaxft.hf.safetensors_io import CheckpointError
+from jaxft.models.llama import forward, init_params
+
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "RopeConfig", "forward", "from_pretrained",
+           "init_params", "save_pretrained"]

@@ -1,0 +1,157 @@
+"""Typed, frozen run configuration.
+
+Every config is a frozen dataclass (hashable, so it can be a static argument of ``jax.jit``). YAML files map
+onto them with :func:`from_dict`, which rejects unknown keys by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value or file is wrong; the message names the key (and file) and what was expected."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE frequency scaling, mirroring HF's ``rope_scaling`` / ``rope_parameters`` fields."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type {self.rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ConfigError(f"rope factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder. Llama 2/3/3.x, Mistral and Qwen2 differ only in these flags."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    # One flag per layer: does this layer use the sliding window? (Qwen2 mixes full and windowed layers.)
+    sliding_layers: tuple[bool, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype; params keep the dtype they were loaded or created with
+    remat: str = "none"  # jax.checkpoint policy for the scanned layer body
+    attention: str = "plain"  # attention implementation
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.sliding_layers is None:
+            object.__setattr__(self, "sliding_layers", (self.sliding_window is not None,) * self.num_hidden_layers)
+        else:
+            object.__setattr__(self, "sliding_layers", tuple(bool(s) for s in self.sliding_layers))
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if len(self.sliding_layers) != self.num_hidden_layers:
+            raise ConfigError(
+                f"sliding_layers has {len(self.sliding_layers)} entries, expected num_hidden_layers="
+                f"{self.num_hidden_layers}"
+            )
+        if any(self.sliding_layers) and not self.sliding_window:
+            raise ConfigError("sliding_layers marks windowed layers but sliding_window is not set")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat {self.remat!r} is not a known policy; expected one of {REMAT_POLICIES}")
+        if self.attention not in ("plain", "blockwise"):
+            raise ConfigError(f"attention {self.attention!r} is unknown; expected 'plain' or 'blockwise'")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def from_dict(cls, data: dict, *, source: str = "<dict>"):
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors that name the key and ``source``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys are {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = _nested_dataclass(fields[name].type)
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value, source=f"{source}:{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a missing required key
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(obj) -> dict:
+    """The inverse of :func:`from_dict`: plain dicts/lists, ready for YAML or JSON."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _nested_dataclass(annotation):
+    names = {"RopeConfig": RopeConfig}
+    if isinstance(annotation, str):
+        return names.get(annotation.split("|")[0].strip())
+    return annotation if dataclasses.is_dataclass(annotation) else None

@@ -1,0 +1,228 @@
+"""Hugging Face model folders (config.json + safetensors, sharded or not) <-> (ModelConfig, param tree).
+
+Only safetensors are read: a folder holding only pickle files (``pytorch_model.bin``, ``*.pt``) is refused,
+never unpickled. Saving writes a folder transformers loads unchanged, atomically, and never replaces an
+existing folder unless asked to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.config import ModelConfig
+from jaxft.hf.config import config_from_hf, config_to_hf, read_json
+from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from jaxft.models.llama import LINEAR_MODULES, has_bias, linear_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFCheckpoint:
+    """The tensors of a HF folder, across shards, by their HF names."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a directory")
+        index = self.folder / INDEX_FILE
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in self.folder.glob(pat))
+            if pickles:
+                raise CheckpointError(
+                    f"{self.folder}: only pickle checkpoints found ({', '.join(pickles)}). jaxft never unpickles "
+                    "(it can run arbitrary code); convert them to safetensors first, e.g. with transformers: "
+                    "model.save_pretrained(out, safe_serialization=True)")
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights found")
+        self.files = {}
+        for name in files:
+            if not (self.folder / name).exists():
+                raise CheckpointError(f"{index}: lists shard {name!r}, which is missing from {self.folder}")
+            self.files[name] = SafetensorsFile(self.folder / name)
+        self.location = {k: f for f in self.files.values() for k in f.keys()}
+        if weight_map is not None:
+            absent = sorted(k for k in weight_map if k not in self.location)
+            if absent:
+                raise CheckpointError(f"{index}: tensors {absent[:5]} are listed but not in their shard files")
+
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.location[name].shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.location[name].get(name)
+
+
+def layer_name(i: int, module: str, leaf: str) -> str:
+    """HF name of a per-layer tensor, e.g. ``model.layers.3.self_attn.q_proj.weight``."""
+    if module.endswith("layernorm"):
+        return f"model.layers.{i}.{module}.weight"
+    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{i}.{block}.{module}.{'weight' if leaf == 'kernel' else 'bias'}"
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of this architecture with its torch-layout shape."""
+    d = cfg.hidden_size
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, d)
+    shapes = linear_shapes(cfg)
+    for i in range(cfg.num_hidden_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[layer_name(i, norm, "scale")] = (d,)
+        for m in LINEAR_MODULES:
+            fan_in, fan_out = shapes[m]
+            out[layer_name(i, m, "kernel")] = (fan_out, fan_in)
+            if has_bias(cfg, m):
+                out[layer_name(i, m, "bias")] = (fan_out,)
+    return out
+
+
+def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig):
+    """Missing, unexpected or mis-shaped tensors -> one error listing them."""
+    expected = expected_tensors(cfg)
+    missing = sorted(k for k in expected if k not in ckpt)
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
+                              f"{missing[:5]}")
+    extra = sorted(k for k in ckpt.keys() if k not in expected and not k.endswith(IGNORED_SUFFIXES)
+                   and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    if extra:
+        raise CheckpointError(f"{ckpt.folder}: unexpected tensor(s) for a {cfg.model_type} model: {extra[:5]}")
+    for name, shape in expected.items():
+        if ckpt.shape(name) != shape:
+            raise CheckpointError(f"{ckpt.folder}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
+                                  f"expected {list(shape)} from config.json")
+
+
+def _stacked(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str, dtype) -> np.ndarray:
+    """One [L, ...] array filled layer by layer (kernels transposed to [in, out])."""
+    first = ckpt.get(layer_name(0, module, leaf))
+    shape = first.shape[::-1] if leaf == "kernel" else first.shape
+    out = np.empty((cfg.num_hidden_layers, *shape), dtype)
+    for i in range(cfg.num_hidden_layers):
+        t = ckpt.get(layer_name(i, module, leaf))
+        out[i] = t.T if leaf == "kernel" else t
+    return out
+
+
+def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype) -> dict:
+    dtype = jnp.dtype(dtype)
+    layers = {norm: {"scale": jnp.asarray(_stacked(ckpt, cfg, norm, "scale", dtype))}
+              for norm in ("input_layernorm", "post_attention_layernorm")}
+    for m in LINEAR_MODULES:
+        layers[m] = {"kernel": jnp.asarray(_stacked(ckpt, cfg, m, "kernel", dtype))}
+        if has_bias(cfg, m):
+            layers[m]["bias"] = jnp.asarray(_stacked(ckpt, cfg, m, "bias", dtype))
+    params = {"embed_tokens": {"embedding": jnp.asarray(ckpt.get("model.embed_tokens.weight"), dtype)},
+              "layers": layers,
+              "norm": {"scale": jnp.asarray(ckpt.get("model.norm.weight"), dtype)}}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": jnp.asarray(ckpt.get("lm_head.weight").T, dtype)}
+    return params
+
+
+def from_pretrained(path, dtype="float32", compute_dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """Load a HF folder: ``(ModelConfig, params)`` with params in ``dtype`` (compute dtype defaults to it)."""
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    cfg = config_from_hf(read_json(folder / "config.json"), source=str(folder / "config.json"),
+                         dtype=compute_dtype or str(jnp.dtype(dtype)))
+    ckpt = HFCheckpoint(folder)
+    check_tensors(ckpt, cfg)
+    return cfg, load_params(ckpt, cfg, dtype)
+
+
+def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The param tree as HF-named numpy tensors in torch layout (kernels [out, in])."""
+    out = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
+           "model.norm.weight": np.asarray(params["norm"]["scale"])}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+    for module, group in params["layers"].items():
+        for leaf, stacked in group.items():
+            stacked = np.asarray(stacked)
+            for i in range(cfg.num_hidden_layers):
+                out[layer_name(i, module, leaf)] = stacked[i].T if leaf == "kernel" else stacked[i]
+    return out
+
+
+def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += nbytes
+    return shards + [current]
+
+
+def prepare_output_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
+    """(final dir, empty temporary dir beside it). An existing non-empty ``out_dir`` needs ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def publish_dir(tmp: Path, out: Path):
+    """Move a fully written temporary dir into place, so readers never see half a checkpoint."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
+
+
+def save_pretrained(cfg: ModelConfig, params: dict, out_dir, *, max_shard_bytes: int = 5 * 2**30,
+                    overwrite: bool = False) -> Path:
+    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``)."""
+    tensors = to_hf_tensors(cfg, params)
+    dtype = str(np.asarray(params["embed_tokens"]["embedding"]).dtype)
+    out, tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", shards[0], {"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / name, shard, {"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.nbytes for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,176 @@
+"""A functional Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2) over a plain dict of arrays.
+
+Param tree (kernels are [in, out]; everything under "layers" is stacked on a leading [L] axis and scanned):
+
+    {"embed_tokens": {"embedding": [V, D]},
+     "layers": {"input_layernorm": {"scale": [L, D]},
+                "q_proj": {"kernel": [L, D, H*hd], "bias"?: [L, H*hd]}, "k_proj", "v_proj": [L, D, KVH*hd],
+                "o_proj": {"kernel": [L, H*hd, D]},
+                "post_attention_layernorm": {"scale": [L, D]},
+                "gate_proj", "up_proj": {"kernel": [L, D, F]}, "down_proj": {"kernel": [L, F, D]}},
+     "norm": {"scale": [D]},
+     "lm_head": {"kernel": [D, V]}}            # absent when embeddings are tied
+
+Module names are Hugging Face's, so PEFT-style ``target_modules`` read naturally.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.config import ModelConfig
+from jaxft.ops.attention import NO_WINDOW, attention_mask, dot_product_attention
+from jaxft.ops.linear import linear
+from jaxft.ops.rope import apply_rope, rope_tables
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTN_PROJ + MLP_PROJ
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every linear module of one layer."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {
+        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+
+
+def has_bias(cfg: ModelConfig, module: str) -> bool:
+    if module in ("q_proj", "k_proj", "v_proj"):
+        return cfg.qkv_bias
+    if module == "o_proj":
+        return cfg.o_bias
+    return cfg.mlp_bias
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 0.02) -> dict:
+    """Random params like HF's ``_init_weights``: N(0, std) matrices, unit norms, zero biases."""
+    n_layers, d = cfg.num_hidden_layers, cfg.hidden_size
+    keys = iter(jax.random.split(rng, len(LINEAR_MODULES) + 2))
+
+    def normal(shape):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    layers = {"input_layernorm": {"scale": jnp.ones((n_layers, d), dtype)},
+              "post_attention_layernorm": {"scale": jnp.ones((n_layers, d), dtype)}}
+    for name, (fan_in, fan_out) in linear_shapes(cfg).items():
+        layers[name] = {"kernel": normal((n_layers, fan_in, fan_out))}
+        if has_bias(cfg, name):
+            layers[name]["bias"] = jnp.zeros((n_layers, fan_out), dtype)
+    params = {"embed_tokens": {"embedding": normal((cfg.vocab_size, d))},
+              "layers": layers,
+              "norm": {"scale": jnp.ones((d,), dtype)}}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": normal((d, cfg.vocab_size))}
+    return params
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """Normalize in float32, cast back, then scale (HF's order of operations)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
+    """[L] int32: each layer's attention window (NO_WINDOW for full attention), scanned with the params."""
+    return jnp.asarray([cfg.sliding_window if s else NO_WINDOW for s in cfg.sliding_layers], jnp.int32)
+
+
+def default_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Positions that restart at 0 at every segment boundary (a packed row holds several documents)."""
+    t = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - segment_start
+
+
+def _block(cfg: ModelConfig, lp: dict, x, cos, sin, mask, kv_cache=None, cache_start=None):
+    """One decoder layer. x: [B, T, D]. With a KV cache ([B, S, KVH, hd] each) new K/V are written at cache_start."""
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    q_heads = apply_rope(linear(lp["q_proj"], h).reshape(b, t, -1, hd), cos, sin)
+    k_heads = apply_rope(linear(lp["k_proj"], h).reshape(b, t, -1, hd), cos, sin)
+    v_heads = linear(lp["v_proj"], h).reshape(b, t, -1, hd)
+    if kv_cache is not None:
+        k_cache, v_cache = kv_cache
+        k_heads = jax.lax.dynamic_update_slice_in_dim(k_cache, k_heads.astype(k_cache.dtype), cache_start, axis=1)
+        v_heads = jax.lax.dynamic_update_slice_in_dim(v_cache, v_heads.astype(v_cache.dtype), cache_start, axis=1)
+        kv_cache = (k_heads, v_heads)
+    attn = dot_product_attention(q_heads, k_heads.astype(x.dtype), v_heads.astype(x.dtype), mask)
+    x = x + linear(lp["o_proj"], attn.reshape(b, t, -1))
+    h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    x = x + linear(lp["down_proj"], jax.nn.silu(linear(lp["gate_proj"], h)) * linear(lp["up_proj"], h))
+    return x, kv_cache
+
+
+def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, cache=None):
+    """Final-norm hidden states [B, T, D] (compute dtype), and the updated cache when one is given.
+
+    ``segment_ids`` [B, T] (default: one segment) keep packed documents apart; 0 marks padding.
+    ``positions`` [B, T] (default: restart at each segment) drive RoPE.
+    ``cache`` (see :mod:`jaxft.models.generate`) holds K/V [L, B, S, KVH, hd], the key slots' segment ids and
+    ``index``, the slot where ``input_ids`` start.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    if segment_ids is None:
+        segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+        positions = default_positions(segment_ids)
+    b, t = input_ids.shape
+    x = params["embed_tokens"]["embedding"][input_ids].astype(dtype)
+    cos, sin = rope_tables(cfg, positions, dtype)
+    if cache is None:
+        q_index = k_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+        k_segment = segment_ids
+    else:
+        start = cache["index"]
+        q_index = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        k_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
+        k_index = jnp.broadcast_to(jnp.arange(k_segment.shape[1]), k_segment.shape)
+
+    def body(x, layer):
+        lp, window, kv = layer
+        mask = attention_mask(q_index, k_index, segment_ids, k_segment, window)
+        x, kv = _block(cfg, lp, x, cos, sin, mask, kv, None if cache is None else cache["index"])
+        return x, kv
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
+    kv_in = None if cache is None else (cache["k"], cache["v"])
+    x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_windows(cfg), kv_in))
+    x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+    if cache is None:
+        return x, None
+    return x, {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segment, "index": cache["index"] + t}
+
+
+def lm_head_kernel(cfg: ModelConfig, params: dict) -> jnp.ndarray:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray) -> jnp.ndarray:
+    """float32 logits [..., V] from hidden states in the compute dtype."""
+    w = lm_head_kernel(cfg, params).astype(h.dtype)
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def forward(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None) -> jnp.ndarray:
+    """Logits [B, T, V] in float32 for ``input_ids`` [B, T]."""
+    h, _ = hidden_states(cfg, params, input_ids, positions, segment_ids)
+    return logits_from_hidden(cfg, params, h)

@@ -1,0 +1,44 @@
+"""Tiny random transformers checkpoints for parity tests (torch/transformers are test-only oracles)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+CONFIGS = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}
+MODELS = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+          "qwen2": transformers.Qwen2ForCausalLM}
+
+
+def build(model_type: str = "llama", seed: int = 0, dtype=torch.float32, scale: float = 0.15, **overrides):
+    """A random model whose every weight (norms and biases included) is non-trivial."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[model_type](**{**TINY, **overrides})
+    cfg._attn_implementation = "eager"
+    model = MODELS[model_type](cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model.to(dtype)
+
+
+def save(model, folder, **kwargs):
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def torch_logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(ids)), **kwargs).logits
+    return out.float().numpy()
+
+
+def random_ids(shape, vocab=TINY["vocab_size"], seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=shape)
