@@ -2,7 +2,8 @@
 from jaxft.config import ConfigError, ModelConfig, RopeConfig
 from jaxft.hf.checkpoint import from_pretrained, save_pretrained
 from jaxft.hf.safetensors_io import CheckpointError
+from jaxft.models.generate import generate
 from jaxft.models.llama import forward, init_params
 
-__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "RopeConfig", "forward", "from_pretrained",
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "RopeConfig", "forward", "from_pretrained", "generate",
            "init_params", "save_pretrained"]

@@ -1,0 +1,123 @@
+"""KV-cache decoding: batched prompts of different lengths (left padded), greedy or sampled, one jitted loop.
+
+The cache is a dict ``{"k", "v": [L, B, S, KVH, hd], "segment_ids": [B, S], "index": slot of the next token}``.
+Prompt padding gets segment id 0, so real tokens never attend to it (the mask rule of
+:mod:`jaxft.ops.attention`), and positions count real tokens only, as HF derives them from the attention mask.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.config import ModelConfig
+from jaxft.models.llama import hidden_states, logits_from_hidden
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.array(0, jnp.int32)}
+
+
+def forward_cached(cfg: ModelConfig, params: dict, input_ids, positions, segment_ids, cache: dict):
+    """Logits [B, T, V] of ``input_ids`` written at ``cache["index"]``, and the updated cache."""
+    h, cache = hidden_states(cfg, params, input_ids, positions, segment_ids, cache=cache)
+    return logits_from_hidden(cfg, params, h), cache
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P], mask [B, P]) with each prompt right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs a non-empty list of non-empty prompts")
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
+    """Temperature, then top-k, then top-p (nucleus), like HF's logits warpers; removed entries are -inf."""
+    logits = logits.astype(jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, as HF sorts
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)  # always keep the most likely token
+        remove = jnp.zeros_like(remove_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, -jnp.inf, logits)
+    return logits
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
+def _generate(cfg, params, ids, mask, stop_ids, pad_id, rng, *, max_new_tokens, temperature, top_k, top_p):
+    batch, width = ids.shape
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = init_cache(cfg, batch, width + max_new_tokens)
+    logits, cache = forward_cached(cfg, params, ids, positions, mask, cache)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    state = (0, logits[:, -1], positions[:, -1], cache, out, jnp.zeros(batch, bool), rng)
+
+    def cond(state):
+        step, *_, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, logits, last_pos, cache, out, done, rng = state
+        rng, key = jax.random.split(rng)
+        if temperature == 0.0:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            token = jax.random.categorical(key, process_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, stop_ids)
+        pos = last_pos + 1
+        logits, cache = forward_cached(cfg, params, token[:, None], pos[:, None], jnp.ones((batch, 1), jnp.int32),
+                                       cache)
+        return step + 1, logits[:, -1], pos, cache, out, done, rng
+
+    step, *_, out, done, _ = jax.lax.while_loop(cond, body, state)
+    return out
+
+
+def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
+             pad_token_id: int | None = None, rng: jax.Array | None = None) -> list[list[int]]:
+    """New tokens for each prompt (a list of token-id lists, or one list), up to and including a stop token.
+
+    ``temperature=0`` is greedy; otherwise tokens are sampled after temperature / top-k / top-p filtering.
+    Stop tokens default to the config's EOS ids.
+    """
+    if prompt_ids and isinstance(prompt_ids[0], (int, np.integer)):
+        prompt_ids = [prompt_ids]
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+                         f"top_p={top_p} (in (0, 1])")
+    stops = tuple(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    ids, mask = left_pad([list(map(int, p)) for p in prompt_ids], pad)
+    out = _generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops or (-1,), jnp.int32),
+                    jnp.int32(pad), jax.random.PRNGKey(0) if rng is None else rng,
+                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                    top_p=float(top_p))
+    result = []
+    for row in np.asarray(out).tolist():
+        hits = [i for i, t in enumerate(row) if t in stops]
+        result.append(row[:hits[0] + 1] if hits else row)
+    return result
