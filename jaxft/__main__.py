@@ -1,0 +1,5 @@
+import sys
+
+from jaxft.cli import main
+
+sys.exit(main())
