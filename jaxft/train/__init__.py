@@ -1,0 +1,1 @@
+"""Training: losses (chunked cross-entropy), and the pieces a recipe wires into a jitted step."""
