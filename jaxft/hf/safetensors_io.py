@@ -1,8 +1,10 @@
 """Reading and writing ``.safetensors`` files with numpy and ml_dtypes (bf16 included), no torch.
 
 The format is an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``
-and a flat byte buffer. Files are memory-mapped, so reading one tensor (or one slice of it, for sharded
-loading) touches only its bytes. Every structural problem is reported with the file name.
+and a flat byte buffer. Tensors are read with positioned reads into fresh arrays (not a memory map, whose
+touched pages would stay in the process's resident set), so loading a model holds one tensor at a time and
+reading rows of a tensor (for sharded loading) reads only those bytes. Every structural problem is reported
+with the file name.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file: ``keys()``, ``shape(name)``, ``get(name)``, ``get_slice(name, idx)``."""
+    """A safetensors file: ``keys()``, ``shape(name)``, ``dtype(name)``, ``get(name)``, ``get_rows(name, a, b)``."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -63,7 +65,6 @@ class SafetensorsFile:
             if end > data_len:
                 raise CheckpointError(
                     f"{self.path}: truncated file: tensor {name!r} ends at byte {end} of a {data_len}-byte buffer")
-        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if header else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -75,15 +76,22 @@ class SafetensorsFile:
         return DTYPES[self._entries[name]["dtype"]]
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only view of the whole tensor (no copy)."""
-        e = self._entries[name]
-        start, end = e["data_offsets"]
-        raw = self._mmap[self._data_start + start:self._data_start + end]
-        return raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        """The whole tensor, read into a new array."""
+        return self.get_rows(name, 0, self.shape(name)[0] if self.shape(name) else 1)
 
-    def get_slice(self, name: str, index) -> np.ndarray:
-        """``get(name)[index]`` copied out; with a memory map only the pages of the slice are read."""
-        return np.array(self.get(name)[index])
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """``get(name)[start:stop]`` reading only those rows' bytes."""
+        e = self._entries[name]
+        dtype, shape = DTYPES[e["dtype"]], e["shape"]
+        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        count = (stop - start) * row
+        offset = self._data_start + e["data_offsets"][0] + start * row * dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            out = np.fromfile(f, dtype=dtype, count=count)
+        if out.size != count:
+            raise CheckpointError(f"{self.path}: could not read tensor {name!r} (file changed or truncated)")
+        return out.reshape([stop - start, *shape[1:]] if shape else [])
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None):
