@@ -1,0 +1,84 @@
+"""`DataConfig`: everything that decides which tokens a supervised fine-tuning run sees.
+
+The fields are flat scalars and tuples (no nested dataclasses) so that `jaxft.config.from_dict` can build it
+from one YAML mapping and reject unknown keys by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from jaxft.config import ConfigError
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+LOSS_STRATEGIES = ("all_assistant", "last_assistant", "per_assistant_turn")
+TRUNCATION = ("right", "left", "drop", "error")
+NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD")
+DEDUP = ("exact", "near")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """One SFT data pipeline: sources, template, loss mask, batch shape, mixing, cleaning and iteration order.
+
+    `paths` are local JSON/JSONL/CSV/parquet files or `datasets.save_to_disk` folders; `weights` (one per path)
+    set the share of each source in every epoch, counted in examples. `template` is `None` (the tokenizer's
+    own), a built-in name (`jaxft.data.chat.BUILTIN_TEMPLATES`), a `.jinja` path, or Jinja source.
+    `truncation` says what happens to an example longer than `max_length`: keep its first (`right`) or last
+    (`left`) tokens, `drop` it, or raise (`error`).
+    """
+
+    paths: tuple[str, ...]
+    format: str = "auto"
+    template: str | None = None
+    loss: str = "all_assistant"
+    train_on_inputs: bool = False
+    max_length: int = 2048
+    truncation: str = "right"
+    packing: bool = True
+    batch_size: int = 8
+    seed: int = 0
+    weights: tuple[float, ...] | None = None
+    skip_bad_records: bool = False
+    # Cleaning; see jaxft.data.mixture.clean.
+    normalize_unicode: str | None = "NFC"
+    dedup: str | None = "exact"
+    near_dup_threshold: float = 0.85
+    min_chars: int = 1
+    max_chars: int | None = None
+    max_bad_char_fraction: float = 0.1
+    drop_patterns: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            object.__setattr__(self, "paths", (self.paths,))
+        if not self.paths:
+            raise ConfigError("data.paths is empty; name at least one JSON/JSONL/CSV/parquet file or dataset folder")
+        _choice("format", self.format, FORMATS)
+        _choice("loss", self.loss, LOSS_STRATEGIES)
+        _choice("truncation", self.truncation, TRUNCATION)
+        if self.normalize_unicode is not None:
+            _choice("normalize_unicode", self.normalize_unicode, NORMALIZATIONS)
+        if self.dedup is not None:
+            _choice("dedup", self.dedup, DEDUP)
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2 (one input and one target), got {self.max_length}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths")
+            if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+                raise ConfigError(f"data.weights must be >= 0 with at least one > 0, got {list(self.weights)}")
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ConfigError(f"data.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+        if not 0.0 <= self.max_bad_char_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_char_fraction must be in [0, 1], got {self.max_bad_char_fraction}")
+
+    def replace(self, **changes) -> "DataConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"data.{name} is {value!r}; expected one of {list(allowed)}")
