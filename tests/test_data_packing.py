@@ -49,7 +49,8 @@ def test_packed_per_token_losses_equal_unpacked(tiny_model):
     samples = _samples(12, max_len=30)
     rows = best_fit_decreasing([len(s.input_ids) for s in samples], 64)
     batch = rows_to_batch(samples, rows, 64, pad_id=0)
-    packed = _token_losses(cfg, params, batch["input_ids"], batch["labels"], batch["positions"], batch["segment_ids"])
+    packed = _token_losses(cfg, params, batch["input_ids"], batch["labels"], batch["positions"],
+                           batch["segment_ids"])
     # Reference: each document alone in its own row, right-padded; causal attention never sees the padding,
     # and no segment ids or positions are passed, so the model's defaults (one document from 0) apply.
     alone = np.zeros((len(samples), 30), np.int32)
