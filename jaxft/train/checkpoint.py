@@ -1,0 +1,266 @@
+"""Training checkpoints: the trainable adapters, optimizer state, step and RNG, saved with orbax.
+
+A checkpoint is one orbax step directory with three items:
+
+- ``state``: every array leaf of the train state, as a nested dict of string keys. The train state is flattened
+  here rather than handed to orbax as is, because orbax's handling of ``None`` leaves (frozen parameters in the
+  trainable tree) and of namedtuples (optax states) has changed between releases; a dict of arrays round-trips in
+  all of them, and the tree structure is rebuilt from the caller's restore target.
+- ``layout``: each leaf's path, shape and dtype (JSON), so a restore can check its target against the checkpoint
+  and name the paths that differ before orbax reads a byte.
+- ``extra``: the caller's JSON (data-iterator state, run config, :func:`base_reference` of the frozen base).
+
+The frozen base is never copied into a checkpoint: ``extra`` carries its path and a cheap fingerprint, and
+:func:`check_base` refuses to resume on a base that has changed.
+
+Saves are asynchronous and collective: every process calls :meth:`Checkpointer.save` with the same step, each
+writes the shards its devices hold, and training continues while the bytes reach disk. Orbax copies the arrays to
+host memory before ``save`` returns, so the next (buffer-donating) train step cannot change what is written.
+
+A save is atomic: orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>`` only after
+every process has finished writing (on object stores, where a rename is not atomic, a ``commit_success.txt`` written
+last plays that part). A run killed mid-save leaves the temporary directory behind, which is never listed as a step,
+so :meth:`Checkpointer.latest_step` is always a complete checkpoint, and the resumed run can save that step again.
+
+Restores are sharding-aware: the target names a sharding per leaf, and each process reads only the chunks that
+its devices hold, on the mesh of the checkpoint or on another one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _LAYOUT, _EXTRA = "state", "layout", "extra"
+
+
+class BaseModelChanged(ValueError):
+    """The frozen base model on disk is not the one a checkpoint's adapters were trained on."""
+
+
+class Checkpointer:
+    """Saves the train state every ``save_every`` steps (and when forced), keeping the newest ``keep_last``.
+
+    The save cadence is decided here (``step % save_every == 0``) rather than by orbax, whose default policy has
+    varied across releases (some also save the first step of every run). The decision depends only on ``step``,
+    so every process of a multi-host run agrees on it, as the collective save requires.
+    """
+
+    def __init__(self, directory: str | Path, *, save_every: int, keep_last: int = 3):
+        if save_every < 1:
+            raise ValueError(f"Checkpointer: save_every must be >= 1 step, got {save_every}")
+        if keep_last < 1:
+            raise ValueError(f"Checkpointer: keep_last must be >= 1 checkpoint, got {keep_last}")
+        self.directory = Path(directory).resolve()  # orbax rejects relative paths
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=True, create=True)
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _LAYOUT: ocp.JsonCheckpointHandler(),
+                    _EXTRA: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def save(self, step: int, state: Any, extra: dict | None = None, *, force: bool = False) -> bool:
+        """Starts saving ``state`` and ``extra`` as checkpoint ``step`` if the cadence (or ``force``) asks for it.
+
+        Call it after every train step with the state *after* that step and the iterator state *after* the batches
+        it consumed, so a resume from ``step`` replays nothing and skips nothing; pass ``force=True`` for the last
+        step. Returns whether a save started. A step already on disk is not saved again, so forcing the final step
+        is harmless when the cadence already saved it.
+        """
+        step = int(step)
+        if not (force or step % self.save_every == 0):
+            return False
+        # orbax waits for the previous save before starting one anyway; waiting first means a step still in flight
+        # is listed, whichever orbax release decides when a step joins all_steps().
+        self._manager.wait_until_finished()
+        if step in self._manager.all_steps():
+            return False
+        extra_json = _json_snapshot(extra or {})
+        arrays, layout = _flatten_state(state)
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(arrays), _LAYOUT: ocp.args.JsonSave(layout),
+                                     _EXTRA: ocp.args.JsonSave(extra_json)})
+        self._manager.save(step, args=args, force=True)
+        return True
+
+    def all_steps(self) -> list[int]:
+        """The complete checkpoints on disk, oldest first (an interrupted save is not among them)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint, or ``None`` when there is none (a fresh run)."""
+        return self._manager.latest_step()
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Loads checkpoint ``step`` (default: the latest) into the structure and shardings of ``target``.
+
+        ``target`` is a tree shaped like the saved state (``None`` where the state had ``None``) whose leaves say
+        where each array goes: a ``jax.Array`` (its shape, dtype and sharding), a ``jax.ShapeDtypeStruct`` with a
+        ``sharding``, or a bare ``jax.sharding.Sharding`` (shape and dtype then come from the checkpoint). The tree of
+        shardings the run would place its initial state with is enough, so no memory is spent on a state that is
+        about to be overwritten. Returns ``(state, extra)``.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self._manager.all_steps():
+            wanted = "" if step is None else f" for step {step}"
+            raise FileNotFoundError(f"no complete checkpoint{wanted} in {self.directory}; complete steps: "
+                                    f"{self.all_steps()}")
+        layout = self._manager.restore(step, args=ocp.args.Composite(**{_LAYOUT: ocp.args.JsonRestore()}))[_LAYOUT]
+        abstract, rebuild = _abstract_state(target, layout, f"{self.directory}/{step}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore(abstract), _EXTRA: ocp.args.JsonRestore()}))
+        return rebuild(restored[_STATE]), restored[_EXTRA]
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is on disk and visible to :meth:`latest_step`."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes the save in flight and releases orbax's background threads; call it before the process exits,
+        or the last checkpoint may be lost."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _entry_name(entry: Any) -> str:
+    """One path step as a string: a dict key, a namedtuple field, or a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _leaf_paths(tree: Any, is_leaf=None) -> tuple[list[tuple[str, ...]], list[Any], Any]:
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    paths = [tuple(_entry_name(e) for e in path) for path, _ in path_leaves]
+    return paths, [leaf for _, leaf in path_leaves], treedef
+
+
+def _nest(paths: list[tuple[str, ...]], leaves: list[Any]) -> dict:
+    """A nested dict of the leaves: the one tree shape every orbax release saves and restores unchanged."""
+    root: dict = {}
+    for path, leaf in zip(paths, leaves):
+        node = root
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
+    return root
+
+
+def _flatten_state(state: Any) -> tuple[dict, dict]:
+    """The state's arrays as a nested dict, and the layout (path -> shape, dtype) that restore checks against."""
+    paths, leaves, _ = _leaf_paths(state)
+    layout = {"/".join(p): {"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for p, leaf in zip(paths, leaves)}
+    return _nest(paths, leaves), layout
+
+
+def _abstract_state(target: Any, layout: dict, where: str):
+    """Orbax's restore target (ShapeDtypeStructs with shardings) and a function that puts the restored nested dict
+    back into ``target``'s structure. Mismatches are reported all at once, by path."""
+    paths, leaves, treedef = _leaf_paths(target, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    names = ["/".join(p) for p in paths]
+    missing = [n for n in names if n not in layout]
+    target_names = set(names)
+    unexpected = [n for n in layout if n not in target_names]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {where} does not fit the restore target: target leaves not in the checkpoint: "
+                         f"{missing or 'none'}; checkpoint leaves not in the target: {unexpected or 'none'}. "
+                         "The trainable set (LoRA targets, rank) or the optimizer must match the saved run's.")
+    abstract, problems = [], []
+    for name, leaf in zip(names, leaves):
+        saved_shape, saved_dtype = tuple(layout[name]["shape"]), layout[name]["dtype"]
+        if isinstance(leaf, jax.sharding.Sharding):
+            leaf = jax.ShapeDtypeStruct(saved_shape, saved_dtype, sharding=leaf)
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            problems.append(f"{name}: no sharding (give a jax.Array, a ShapeDtypeStruct with sharding=, "
+                            "or a Sharding)")
+        elif (tuple(leaf.shape), str(leaf.dtype)) != (saved_shape, saved_dtype):
+            problems.append(f"{name}: target {str(leaf.dtype)}{list(leaf.shape)}, "
+                            f"checkpoint {saved_dtype}{list(saved_shape)}")
+        abstract.append(jax.ShapeDtypeStruct(saved_shape, saved_dtype, sharding=sharding))
+    if problems:
+        raise ValueError(f"checkpoint {where} does not fit the restore target:\n  " + "\n  ".join(problems))
+
+    def rebuild(nested: dict) -> Any:
+        restored = []
+        for path in paths:
+            node = nested
+            for name in path:
+                node = node[name]
+            restored.append(node)
+        return jax.tree_util.tree_unflatten(treedef, restored)
+
+    return _nest(paths, abstract), rebuild
+
+
+def _json_snapshot(extra: dict) -> dict:
+    """A deep copy of ``extra`` taken now: the async write must not see later changes to the caller's dicts."""
+    try:
+        return json.loads(json.dumps(extra))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"Checkpointer.save: extra must be JSON-serializable (iterator state, config, base "
+                        f"reference as plain dicts, lists, strings and numbers): {err}") from err
+
+
+def _safetensors_fingerprint(path: Path) -> str:
+    """sha256 over the file size and the JSON header (names, dtypes, shapes, offsets): a cheap stand-in for hashing
+    gigabytes of weights, which catches a different model, a re-quantization or a truncated download."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 <= header_len <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file (its header length field reads {header_len}, "
+                             f"the file has {size} bytes)")
+        header = f.read(header_len)
+    return hashlib.sha256(struct.pack("<Q", size) + prefix + header).hexdigest()
+
+
+def _base_fingerprints(model_dir: Path) -> dict[str, str]:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: expected a Hugging Face model folder as the base")
+    files = {"config.json": hashlib.sha256(config.read_bytes()).hexdigest()}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        files[path.name] = _safetensors_fingerprint(path)
+    return files
+
+
+def _combined(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def base_reference(model_dir: str | Path) -> dict:
+    """What a checkpoint records about its frozen base instead of a copy: the folder's absolute path, one sha256
+    identifying it, and per-file fingerprints (config.json's bytes; each safetensors file's size and header)."""
+    model_dir = Path(model_dir).resolve()
+    files = _base_fingerprints(model_dir)
+    return {"path": str(model_dir), "sha256": _combined(files), "files": files}
+
+
+def check_base(reference: dict, model_dir: str | Path | None = None) -> None:
+    """Raises :class:`BaseModelChanged` unless ``model_dir`` (default: the recorded path) holds the base that
+    ``reference`` (from :func:`base_reference`) describes. Adapters resumed onto another base train a different
+    model without any error, so this check runs before a resume or an adapter merge."""
+    model_dir = Path(reference["path"] if model_dir is None else model_dir).resolve()
+    files = _base_fingerprints(model_dir)
+    if _combined(files) == reference["sha256"]:
+        return
+    recorded = reference["files"]
+    changed = sorted(n for n in files.keys() & recorded.keys() if files[n] != recorded[n])
+    missing = sorted(recorded.keys() - files.keys())
+    added = sorted(files.keys() - recorded.keys())
+    raise BaseModelChanged(
+        f"the base model in {model_dir} is not the one these adapters were trained on (recorded from "
+        f"{reference['path']}): changed files {changed or 'none'}, missing {missing or 'none'}, new {added or 'none'}. "
+        "Point the run at the original base weights, or start a new run instead of resuming.")

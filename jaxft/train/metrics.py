@@ -1,0 +1,204 @@
+"""What a training run reports: a progress bar, a JSONL log, optional TensorBoard events, and loss/lr curves.
+
+Everything a run logs goes to ``run_dir/metrics.jsonl``, one JSON object per line: ``{"step", "split", ...}`` with
+``split`` ``"train"`` or ``"eval"``. The file is appended to, never rewritten, so a resumed run continues the same
+log; the curves drawn at the end read it back, so they cover the steps before the resume too.
+
+Only process 0 of a multi-host run logs (every process computes the same global metrics, and N copies of one
+log would race on a shared filesystem); the others get a logger whose methods do nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+_POSTFIX = {"loss": "loss", "tokens_per_s": "tok/s", "lr": "lr"}
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy in nats); ``inf`` rather than an OverflowError for a diverged loss."""
+    loss = float(loss)
+    return math.exp(loss) if loss < 709.0 else math.inf  # exp(709.8) is the largest finite float64
+
+
+def evaluate(eval_step: Callable[[Any], tuple[Any, Any]], batches: Iterable[Any]) -> dict[str, float]:
+    """Loss and perplexity over a held-out split.
+
+    ``eval_step(batch)`` returns ``(loss_sum, token_count)`` (what the chunked cross-entropy returns), so the mean
+    weights every token equally however the loss mask spreads tokens over batches; a mean of per-batch means would
+    overweight short batches. The sums stay on the device until the end: one host sync per evaluation, not per batch.
+    """
+    loss_sum, tokens = 0.0, 0
+    for batch in batches:
+        batch_sum, batch_tokens = eval_step(batch)
+        loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
+    tokens = int(tokens)
+    if tokens == 0:
+        raise ValueError("evaluate: the held-out batches contain no loss tokens (empty split, or every token masked)")
+    loss = float(loss_sum) / tokens
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+
+
+class Throughput:
+    """Step time and tokens/s, each the median over the last ``window`` steps.
+
+    The first ``warmup`` steps are left out: they include compilation, and would dominate a short window. A median
+    rather than a mean keeps one slow step (a checkpoint save, an eval, a host hiccup) from moving the numbers.
+
+    Call :meth:`tick` once per step after something has waited for that step's results (logging its loss does),
+    so the time between ticks is the step's time rather than its dispatch time. ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, window: int = 20, warmup: int = 1, clock: Callable[[], float] = time.perf_counter):
+        if window < 1:
+            raise ValueError(f"Throughput: window must be >= 1 step, got {window}")
+        self._clock = clock
+        self._warmup_left = warmup
+        self._step_times: deque[float] = deque(maxlen=window)
+        self._rates: deque[float] = deque(maxlen=window)
+        self._last = clock()
+
+    def tick(self, tokens: int) -> dict[str, float]:
+        """Records one finished step of ``tokens`` tokens; returns ``{"step_time_s", "tokens_per_s"}``, or ``{}``
+        while warming up."""
+        now = self._clock()
+        elapsed, self._last = now - self._last, now
+        if self._warmup_left > 0:
+            self._warmup_left -= 1
+            return {}
+        self._step_times.append(elapsed)
+        self._rates.append(tokens / elapsed if elapsed > 0 else math.inf)
+        return {"step_time_s": statistics.median(self._step_times), "tokens_per_s": statistics.median(self._rates)}
+
+
+def _scalar(value: Any) -> int | float:
+    """A JSON number from a Python, numpy or jax scalar (reading a jax scalar waits for its computation)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+
+
+def read_metrics(jsonl_path: str | Path) -> list[dict]:
+    """The records of a metrics log. For a step logged twice (a run resumed from an earlier checkpoint replays the
+    steps after it), the later record wins."""
+    latest: dict[tuple[str, int], dict] = {}
+    with open(jsonl_path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                latest[(record["split"], record["step"])] = record
+    return sorted(latest.values(), key=lambda r: (r["step"], r["split"]))
+
+
+def write_curves(jsonl_path: str | Path, png_path: str | Path) -> Figure:
+    """Draws train and eval loss, and the learning rate, against step from a metrics log into a PNG.
+
+    Uses a bare :class:`~matplotlib.figure.Figure` (Agg canvas) rather than pyplot, so it needs no display and
+    does not change the backend of a notebook or script that imported jaxft.
+    """
+    records = read_metrics(jsonl_path)
+
+    def series(split: str, key: str) -> tuple[list[int], list[float]]:
+        points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+        return [s for s, _ in points], [v for _, v in points]
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, lr_ax = fig.subplots(1, 2)
+    loss_ax.plot(*series("train", "loss"), label="train")
+    loss_ax.plot(*series("eval", "loss"), marker="o", label="eval")
+    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
+    loss_ax.legend()
+    lr_ax.plot(*series("train", "lr"))
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.savefig(png_path, dpi=100)
+    return fig
+
+
+class MetricsLogger:
+    """The run's reporting: call :meth:`log` after every train step, :meth:`log_eval` after each evaluation, and
+    :meth:`close` at the end (which draws ``curves.png``).
+
+    ``log_every`` thins what is written *and* what is read from the device: converting a jax scalar to a float
+    waits for the step, so logging every step would stall the dispatch queue. The bar still advances every step.
+    ``start_step`` is the step a resumed run starts from, so the bar and ETA count only what is left.
+    ``enabled=None`` means "this is process 0".
+    """
+
+    def __init__(self, run_dir: str | Path, total_steps: int, *, tensorboard: bool = False, log_every: int = 1,
+                 start_step: int = 0, enabled: bool | None = None):
+        if log_every < 1:
+            raise ValueError(f"MetricsLogger: log_every must be >= 1 step, got {log_every}")
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.curves_path = self.run_dir / "curves.png"
+        self.total_steps = total_steps
+        self.log_every = log_every
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._tensorboard = _summary_writer(self.run_dir / "tensorboard") if tensorboard else None
+        self._jsonl = open(self.jsonl_path, "a")
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Records train metrics of ``step`` (loss, lr, grad norm, tokens/s, step time, ...) on logging steps."""
+        if not self.enabled:
+            return
+        step = int(step)
+        self._bar.update(step - self._bar.n)
+        if step % self.log_every and step != self.total_steps:
+            return
+        record = self._write(step, "train", metrics)
+        self._bar.set_postfix({short: f"{record[key]:.4g}" for key, short in _POSTFIX.items() if key in record})
+
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """Records held-out metrics (e.g. :func:`evaluate`'s) at ``step``, always: evaluations are already rare."""
+        if not self.enabled:
+            return
+        record = self._write(int(step), "eval", metrics)
+        self._bar.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                           if k not in ("step", "split")))
+
+    def close(self) -> None:
+        """Flushes everything and draws loss and learning-rate curves over the whole log into ``curves.png``."""
+        if not self.enabled:
+            return
+        self._bar.close()
+        self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        write_curves(self.jsonl_path, self.curves_path)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _write(self, step: int, split: str, metrics: dict[str, Any]) -> dict:
+        record = {"step": step, "split": split, **{k: _scalar(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()  # a killed run keeps every line it logged
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "split"):
+                    self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+        return record
+
+
+def _summary_writer(log_dir: Path):
+    """tensorboardX's writer, imported only when asked for: it is optional, not a jaxft dependency."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as err:
+        raise ImportError("MetricsLogger(tensorboard=True) writes events with tensorboardX, which jaxft does not "
+                          "install: `pip install tensorboardX`, or turn TensorBoard logging off") from err
+    return SummaryWriter(logdir=str(log_dir))
