@@ -1,10 +1,17 @@
 """jaxft: fine-tune Llama-family models in JAX (LoRA, QLoRA/NF4, SFT) on CPU, GPU and TPU meshes."""
-from jaxft.config import ConfigError, ModelConfig, RopeConfig
+from jaxft.config import ConfigError, ModelConfig, QuantConfig, RopeConfig
+from jaxft.hf import peft_format
 from jaxft.hf.checkpoint import from_pretrained, save_pretrained
+from jaxft.hf.peft_format import load_adapter, save_adapter
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from jaxft.models.generate import generate
 from jaxft.models.llama import forward, init_params
+from jaxft.ops import nf4
+from jaxft.peft import lora
+from jaxft.peft.lora import LoraConfig
+from jaxft.peft.tree import combine, split
 
-__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "RopeConfig", "forward", "from_pretrained", "generate",
-           "init_params", "load_tokenizer", "Tokenizer", "TokenizerError", "save_pretrained"]
+__all__ = ["CheckpointError", "ConfigError", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig", "combine", "forward",
+           "from_pretrained", "generate", "init_params", "load_tokenizer", "Tokenizer", "TokenizerError", "load_adapter", "lora", "nf4", "peft_format",
+           "save_adapter", "save_pretrained", "split"]

@@ -113,6 +113,21 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """How frozen linear weights are stored: bitsandbytes-compatible 4-bit blocks (QLoRA)."""
+
+    quant_type: str = "nf4"  # nf4 | fp4
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"blocksize must be a power of two in 32..4096 (bitsandbytes), got {self.blocksize}")
+
+
 def from_dict(cls, data: dict, *, source: str = "<dict>"):
     """Build dataclass ``cls`` from a mapping; unknown keys are errors that name the key and ``source``."""
     if not isinstance(data, dict):

@@ -12,17 +12,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.config import ModelConfig
+from jaxft.config import ConfigError, ModelConfig, QuantConfig
 from jaxft.hf.config import config_from_hf, config_to_hf, read_json
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.models.llama import LINEAR_MODULES, has_bias, linear_shapes
+from jaxft.ops import nf4
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
 class HFCheckpoint:
@@ -99,9 +103,17 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig):
-    """Missing, unexpected or mis-shaped tensors -> one error listing them."""
+def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, prequantized: bool = False):
+    """Missing, unexpected or mis-shaped tensors -> one error listing them.
+
+    In a bitsandbytes 4-bit checkpoint a linear ``weight`` is packed bytes with its quantization state beside
+    it; its logical shape is checked when the state is read.
+    """
     expected = expected_tensors(cfg)
+    if prequantized:
+        packed = {layer_name(i, m, "kernel") for i in range(cfg.num_hidden_layers) for m in LINEAR_MODULES}
+        expected.update({k + suffix: None for k in packed for suffix in BNB_SUFFIXES if k + suffix in ckpt})
+        expected.update(dict.fromkeys(packed))
     missing = sorted(k for k in expected if k not in ckpt)
     if missing:
         raise CheckpointError(f"{ckpt.folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
@@ -111,7 +123,7 @@ def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig):
     if extra:
         raise CheckpointError(f"{ckpt.folder}: unexpected tensor(s) for a {cfg.model_type} model: {extra[:5]}")
     for name, shape in expected.items():
-        if ckpt.shape(name) != shape:
+        if shape is not None and ckpt.shape(name) != shape:
             raise CheckpointError(f"{ckpt.folder}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
                                   f"expected {list(shape)} from config.json")
 
@@ -127,12 +139,37 @@ def _stacked(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str, dtype
     return out
 
 
-def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype) -> dict:
+def _quantized_stack(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, quant: QuantConfig | None,
+                     prequantized: bool) -> nf4.QuantizedTensor:
+    """One stacked 4-bit kernel, built layer by layer so only one layer's float weight is ever in memory."""
+    fan_in, fan_out = linear_shapes(cfg)[module]
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        name = layer_name(i, module, "kernel")
+        if prequantized:
+            q = nf4.from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
+                              for k in [name] + [name + s for s in BNB_SUFFIXES] if k in ckpt})
+            if tuple(q.shape) != (fan_in, fan_out):
+                raise CheckpointError(f"{ckpt.folder}: quantized tensor {name!r} has shape {list(q.shape[::-1])}, "
+                                      f"expected {[fan_out, fan_in]} from config.json")
+        else:
+            q = nf4.quantize(jnp.asarray(ckpt.get(name)).T, blocksize=quant.blocksize,
+                             double_quant=quant.double_quant, quant_type=quant.quant_type)
+        layers.append(q)
+    return nf4.stack(layers)
+
+
+def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, quant: QuantConfig | None = None,
+                prequantized: bool = False) -> dict:
+    """The param tree; with ``quant`` (or a 4-bit checkpoint) linear kernels are 4-bit, the rest in ``dtype``."""
     dtype = jnp.dtype(dtype)
     layers = {norm: {"scale": jnp.asarray(_stacked(ckpt, cfg, norm, "scale", dtype))}
               for norm in ("input_layernorm", "post_attention_layernorm")}
     for m in LINEAR_MODULES:
-        layers[m] = {"kernel": jnp.asarray(_stacked(ckpt, cfg, m, "kernel", dtype))}
+        if quant is not None or prequantized:
+            layers[m] = {"kernel": _quantized_stack(ckpt, cfg, m, quant, prequantized)}
+        else:
+            layers[m] = {"kernel": jnp.asarray(_stacked(ckpt, cfg, m, "kernel", dtype))}
         if has_bias(cfg, m):
             layers[m]["bias"] = jnp.asarray(_stacked(ckpt, cfg, m, "bias", dtype))
     params = {"embed_tokens": {"embedding": jnp.asarray(ckpt.get("model.embed_tokens.weight"), dtype)},
@@ -143,20 +180,46 @@ def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype) -> dict:
     return params
 
 
-def from_pretrained(path, dtype="float32", compute_dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """Load a HF folder: ``(ModelConfig, params)`` with params in ``dtype`` (compute dtype defaults to it)."""
+def _prequantized(hf: dict, source: str) -> bool:
+    """True for a transformers-saved bitsandbytes 4-bit checkpoint; other quantization methods are errors."""
+    qc = hf.get("quantization_config")
+    if not qc:
+        return False
+    if qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        return True
+    raise ConfigError(f"{source}: quantization_config {qc.get('quant_method')!r} "
+                      f"(load_in_8bit={qc.get('load_in_8bit')}) is not supported; jaxft reads bitsandbytes 4-bit")
+
+
+def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
+                    quant: str | QuantConfig | None = None) -> tuple[ModelConfig, dict]:
+    """Load a HF folder: ``(ModelConfig, params)`` with params in ``dtype`` (compute dtype defaults to it).
+
+    ``quant="nf4"`` (or a :class:`QuantConfig`) stores every linear kernel in bitsandbytes' 4-bit format while
+    loading, one layer at a time; embeddings, norms and ``lm_head`` stay in ``dtype``, as transformers does.
+    A bitsandbytes 4-bit checkpoint saved by transformers loads with its quantized weights as they are.
+    """
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    cfg = config_from_hf(read_json(folder / "config.json"), source=str(folder / "config.json"),
-                         dtype=compute_dtype or str(jnp.dtype(dtype)))
+    hf = read_json(folder / "config.json")
+    cfg = config_from_hf(hf, source=str(folder / "config.json"), dtype=compute_dtype or str(jnp.dtype(dtype)))
+    prequantized = _prequantized(hf, str(folder / "config.json"))
+    if isinstance(quant, str):
+        quant = QuantConfig(quant_type=quant)
     ckpt = HFCheckpoint(folder)
-    check_tensors(ckpt, cfg)
-    return cfg, load_params(ckpt, cfg, dtype)
+    check_tensors(ckpt, cfg, prequantized)
+    return cfg, load_params(ckpt, cfg, dtype, None if prequantized else quant, prequantized)
 
 
 def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """The param tree as HF-named numpy tensors in torch layout (kernels [out, in])."""
+    if any(isinstance(x, nf4.QuantizedTensor) for x in jax.tree.leaves(
+            params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))):
+        raise ConfigError("save_pretrained writes dense weights, but these params hold 4-bit kernels: "
+                          "merge adapters with jaxft.lora.merge (which dequantizes) first")
+    if any(k.startswith("lora") for g in params["layers"].values() for k in g):
+        raise ConfigError("these params carry LoRA adapters: save them with save_adapter, or merge them first")
     out = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
            "model.norm.weight": np.asarray(params["norm"]["scale"])}
     if not cfg.tie_word_embeddings:

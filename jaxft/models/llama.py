@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
 from jaxft.ops.attention import NO_WINDOW, attention_mask, dot_product_attention
-from jaxft.ops.linear import linear
+from jaxft.ops.blockwise_attention import blockwise_attention
+from jaxft.ops.linear import embed, linear
 from jaxft.ops.rope import apply_rope, rope_tables
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -96,33 +97,44 @@ def default_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return index - segment_start
 
 
-def _block(cfg: ModelConfig, lp: dict, x, cos, sin, mask, kv_cache=None, cache_start=None):
-    """One decoder layer. x: [B, T, D]. With a KV cache ([B, S, KVH, hd] each) new K/V are written at cache_start."""
+def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, rng=None, kv_cache=None, cache_start=None):
+    """One decoder layer. x: [B, T, D]. With a KV cache ([B, S, KVH, hd] each) new K/V are written at cache_start.
+
+    ``attend(q, k, v)`` is the attention implementation with this layer's mask already bound.
+
+    ``rng`` (training only) gives each linear module its own dropout key.
+    """
     b, t, _ = x.shape
     hd = cfg.head_dim
+    keys = dict(zip(LINEAR_MODULES, jax.random.split(rng, len(LINEAR_MODULES)))) if rng is not None else {}
+
+    def proj(name, inputs):
+        return linear(lp[name], inputs, keys.get(name))
+
     h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q_heads = apply_rope(linear(lp["q_proj"], h).reshape(b, t, -1, hd), cos, sin)
-    k_heads = apply_rope(linear(lp["k_proj"], h).reshape(b, t, -1, hd), cos, sin)
-    v_heads = linear(lp["v_proj"], h).reshape(b, t, -1, hd)
+    q_heads = apply_rope(proj("q_proj", h).reshape(b, t, -1, hd), cos, sin)
+    k_heads = apply_rope(proj("k_proj", h).reshape(b, t, -1, hd), cos, sin)
+    v_heads = proj("v_proj", h).reshape(b, t, -1, hd)
     if kv_cache is not None:
         k_cache, v_cache = kv_cache
         k_heads = jax.lax.dynamic_update_slice_in_dim(k_cache, k_heads.astype(k_cache.dtype), cache_start, axis=1)
         v_heads = jax.lax.dynamic_update_slice_in_dim(v_cache, v_heads.astype(v_cache.dtype), cache_start, axis=1)
         kv_cache = (k_heads, v_heads)
-    attn = dot_product_attention(q_heads, k_heads.astype(x.dtype), v_heads.astype(x.dtype), mask)
-    x = x + linear(lp["o_proj"], attn.reshape(b, t, -1))
+    attn = attend(q_heads, k_heads.astype(x.dtype), v_heads.astype(x.dtype))
+    x = x + proj("o_proj", attn.reshape(b, t, -1))
     h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    x = x + linear(lp["down_proj"], jax.nn.silu(linear(lp["gate_proj"], h)) * linear(lp["up_proj"], h))
+    x = x + proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h))
     return x, kv_cache
 
 
-def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, cache=None):
+def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, cache=None,
+                  rng=None):
     """Final-norm hidden states [B, T, D] (compute dtype), and the updated cache when one is given.
 
     ``segment_ids`` [B, T] (default: one segment) keep packed documents apart; 0 marks padding.
     ``positions`` [B, T] (default: restart at each segment) drive RoPE.
     ``cache`` (see :mod:`jaxft.models.generate`) holds K/V [L, B, S, KVH, hd], the key slots' segment ids and
-    ``index``, the slot where ``input_ids`` start.
+    ``index``, the slot where ``input_ids`` start. ``rng`` turns on adapter dropout (training).
     """
     dtype = jnp.dtype(cfg.dtype)
     if segment_ids is None:
@@ -130,7 +142,7 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     if positions is None:
         positions = default_positions(segment_ids)
     b, t = input_ids.shape
-    x = params["embed_tokens"]["embedding"][input_ids].astype(dtype)
+    x = embed(params["embed_tokens"], input_ids, dtype)
     cos, sin = rope_tables(cfg, positions, dtype)
     if cache is None:
         q_index = k_index = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -142,15 +154,24 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
         k_index = jnp.broadcast_to(jnp.arange(k_segment.shape[1]), k_segment.shape)
 
     def body(x, layer):
-        lp, window, kv = layer
-        mask = attention_mask(q_index, k_index, segment_ids, k_segment, window)
-        x, kv = _block(cfg, lp, x, cos, sin, mask, kv, None if cache is None else cache["index"])
+        lp, window, layer_rng, kv = layer
+        mask_inputs = (q_index, k_index, segment_ids, k_segment, window)
+        if cfg.attention == "blockwise":
+            def attend(q, k, v):
+                return blockwise_attention(q, k, v, *mask_inputs)
+        else:
+            mask = attention_mask(*mask_inputs)
+
+            def attend(q, k, v):
+                return dot_product_attention(q, k, v, mask)
+        x, kv = _block(cfg, lp, x, cos, sin, attend, layer_rng, kv, None if cache is None else cache["index"])
         return x, kv
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
     kv_in = None if cache is None else (cache["k"], cache["v"])
-    x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_windows(cfg), kv_in))
+    layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
+    x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_windows(cfg), layer_rngs, kv_in))
     x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
     if cache is None:
         return x, None
@@ -158,19 +179,22 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
 
 
 def lm_head_kernel(cfg: ModelConfig, params: dict) -> jnp.ndarray:
-    """[D, V] output projection (the transposed embedding when tied)."""
+    """[D, V] base output projection (the transposed embedding when tied); an lm_head adapter is not included."""
     if cfg.tie_word_embeddings:
         return params["embed_tokens"]["embedding"].T
     return params["lm_head"]["kernel"]
 
 
-def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray) -> jnp.ndarray:
+def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray, rng=None) -> jnp.ndarray:
     """float32 logits [..., V] from hidden states in the compute dtype."""
-    w = lm_head_kernel(cfg, params).astype(h.dtype)
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    if cfg.tie_word_embeddings:
+        w = params["embed_tokens"]["embedding"].astype(h.dtype)
+        return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+    return linear(params["lm_head"], h, rng).astype(jnp.float32)
 
 
-def forward(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None) -> jnp.ndarray:
-    """Logits [B, T, V] in float32 for ``input_ids`` [B, T]."""
-    h, _ = hidden_states(cfg, params, input_ids, positions, segment_ids)
-    return logits_from_hidden(cfg, params, h)
+def forward(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, rng=None) -> jnp.ndarray:
+    """Logits [B, T, V] in float32 for ``input_ids`` [B, T]. Pass ``rng`` only in training (adapter dropout)."""
+    body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
+    h, _ = hidden_states(cfg, params, input_ids, positions, segment_ids, rng=body_rng)
+    return logits_from_hidden(cfg, params, h, head_rng)

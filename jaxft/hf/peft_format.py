@@ -1,0 +1,196 @@
+"""PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's tensor names.
+
+Names (torch layout): ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` [r, in],
+``...lora_B.weight`` [out, r], ``...lora_magnitude_vector`` [out] (DoRA), ``base_model.model.model.embed_tokens.
+lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [hidden, r], and fully trained modules
+(``modules_to_save``, biases) under their module's name. Only real ranks are written, never rank padding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.config import ConfigError, ModelConfig
+from jaxft.hf.checkpoint import prepare_output_dir, publish_dir
+from jaxft.hf.config import read_json
+from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from jaxft.models.llama import ATTN_PROJ
+from jaxft.peft import lora
+from jaxft.peft.tree import MARKER
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the adapter file and where it lives in the tree."""
+
+    name: str
+    path: tuple[str, ...]  # leaf path in the param tree
+    layer: int | None  # index on the stacked axis
+    rank: int | None  # real rank for lora_a / lora_b (drops padding)
+    transpose: bool
+
+
+def module_key(group: tuple[str, ...], layer: int | None) -> str:
+    if group[0] == "layers":
+        block = "self_attn" if group[1] in ATTN_PROJ else "mlp"
+        if group[1].endswith("layernorm"):
+            return f"model.layers.{layer}.{group[1]}"
+        return f"model.layers.{layer}.{block}.{group[1]}"
+    return {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}[group[0]]
+
+
+def _ranks(group: dict) -> list[int]:
+    a = group["lora_a"]
+    if "lora_mask" in group:
+        return [int(x) for x in np.asarray(group["lora_mask"]).sum(-1).reshape(-1)]
+    return [a.shape[-1]] * (a.shape[0] if a.ndim == 3 else 1)
+
+
+def entries(params: dict) -> list[Entry]:
+    """Every tensor the adapter file holds for this (adapter-carrying) tree."""
+    out = []
+    groups = [(("layers", k), v) for k, v in params["layers"].items()]
+    groups += [((k,), v) for k, v in params.items() if k not in ("layers", MARKER)]
+    for path, group in groups:
+        stacked = path[0] == "layers"
+        layers = range(group["lora_a"].shape[0]) if stacked and "lora_a" in group else [None]
+        if "lora_a" in group:
+            for layer, r in zip(layers, _ranks(group)):
+                if r == 0:
+                    continue
+                key = PREFIX + module_key(path, layer)
+                out.append(Entry(f"{key}.lora_A.weight", path + ("lora_a",), layer, r, True))
+                out.append(Entry(f"{key}.lora_B.weight", path + ("lora_b",), layer, r, True))
+                if "lora_magnitude" in group:
+                    out.append(Entry(f"{key}.lora_magnitude_vector", path + ("lora_magnitude",), layer, None, False))
+        if "lora_embedding_a" in group:
+            key = PREFIX + module_key(path, None)
+            out.append(Entry(f"{key}.lora_embedding_A", path + ("lora_embedding_a",), None, None, True))
+            out.append(Entry(f"{key}.lora_embedding_B", path + ("lora_embedding_b",), None, None, True))
+    n_layers = params["layers"]["q_proj"]["kernel"].shape[0]
+    for marked in (params.get(MARKER) or {}):
+        path = tuple(marked.split("/"))
+        group = params
+        for k in path[:-1]:
+            group = group[k]
+        leaf = "bias" if path[-1] == "bias" else "weight"
+        if leaf == "bias" and "lora_a" in group:
+            leaf = "base_layer.bias"  # PEFT's name for the bias of a LoRA-wrapped layer
+        for layer in (range(n_layers) if path[0] == "layers" else [None]):
+            out.append(Entry(f"{PREFIX}{module_key(path[:-1], layer)}.{leaf}", path, layer, None,
+                             path[-1] == "kernel"))
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _extract(params: dict, e: Entry) -> np.ndarray:
+    x = np.asarray(_get(params, e.path).astype(jnp.float32) if e.path[-1].startswith("lora") else
+                   _get(params, e.path))
+    if e.layer is not None:
+        x = x[e.layer]
+    if e.path[-1] == "lora_a":
+        x = x[:, :e.rank]
+    elif e.path[-1] == "lora_b":
+        x = x[:e.rank]
+    return np.ascontiguousarray(x.T if e.transpose else x)
+
+
+def adapter_tensors(params: dict) -> dict[str, np.ndarray]:
+    return {e.name: _extract(params, e) for e in entries(params)}
+
+
+def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None = None) -> dict:
+    d = dataclasses.asdict(lcfg)
+    for k in ("target_modules", "modules_to_save", "layers_to_transform"):
+        if isinstance(d[k], tuple):
+            d[k] = list(d[k])
+    d.update(peft_type="LORA", base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=False,
+             layers_pattern=None, lora_bias=False, revision=None)
+    return d
+
+
+def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, base_model_name_or_path: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write a PEFT adapter folder (atomically; an existing folder needs ``overwrite``)."""
+    tensors = adapter_tensors(params)
+    out, tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
+        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
+        publish_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def lora_config_from_peft(d: dict, source: str) -> lora.LoraConfig:
+    """The fields jaxft models; features it doesn't implement are errors, PEFT bookkeeping fields are ignored."""
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{source}: peft_type {d.get('peft_type')!r}: only LORA adapters load here")
+    unsupported = {"fan_in_fan_out": False, "lora_bias": False, "layer_replication": None, "exclude_modules": None,
+                   "trainable_token_indices": None, "target_parameters": None, "use_qalora": False}
+    for key, default in unsupported.items():
+        if d.get(key, default) not in (default, [], {}):
+            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported by jaxft")
+    if d.get("layers_pattern") not in (None, "layers", ["layers"]):
+        raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r}: Llama-family layers are 'layers'")
+    names = {f.name for f in dataclasses.fields(lora.LoraConfig)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    kwargs["task_type"] = kwargs.get("task_type") or "CAUSAL_LM"
+    return lora.LoraConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "target_modules"})
+
+
+def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dict:
+    """``base_params`` with the adapter of a PEFT folder attached (values from the file, shapes checked)."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).exists():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (is this a PEFT adapter folder?)")
+    lcfg = lora_config_from_peft(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    weights = folder / WEIGHTS_FILE
+    if not weights.exists():
+        found = sorted(p.name for p in folder.iterdir())
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (found {found}; pickle adapter files are never loaded)")
+    st = SafetensorsFile(weights)
+    params = lora.add(cfg or lora.structure_config(base_params), base_params, lcfg, jax.random.PRNGKey(0))
+    wanted = entries(params)
+    missing = [e.name for e in wanted if e.name not in st.keys()]
+    if missing:
+        hint = " (a DoRA adapter file without magnitude vectors?)" if any("magnitude" in m for m in missing) else ""
+        raise CheckpointError(f"{weights}: {len(missing)} tensor(s) missing{hint}, e.g. {missing[:3]}")
+    updates: dict[tuple, list] = {}
+    for e in wanted:
+        value = np.asarray(st.get(e.name))
+        expected = _extract(params, e).shape
+        if value.shape != expected:
+            raise CheckpointError(f"{weights}: tensor {e.name!r} has shape {list(value.shape)}, but this base "
+                                  f"model needs {list(expected)}: was the adapter trained on a different base?")
+        updates.setdefault(e.path, []).append((e, value.T if e.transpose else value))
+    for path, items in updates.items():
+        array = np.array(_get(params, path), dtype=np.float32 if path[-1].startswith("lora") else None)
+        for e, value in items:
+            target = array if e.layer is None else array[e.layer]
+            if e.path[-1] == "lora_a":
+                target[:, :e.rank] = value
+            elif e.path[-1] == "lora_b":
+                target[:e.rank] = value
+            else:
+                target[...] = value
+        _get(params, path[:-1])[path[-1]] = jnp.asarray(array, _get(params, path).dtype)
+    return params

@@ -1,0 +1,452 @@
+"""LoRA (and rsLoRA, DoRA) as a transformation of the param tree, with PEFT's configuration semantics.
+
+``add`` puts adapter leaves next to the frozen kernel of every targeted linear group::
+
+    {"kernel": W [L, in, out] (dense or NF4), "bias"?,
+     "lora_a": [L, in, r_max], "lora_b": [L, r_max, out],   # trainable
+     "lora_scale": [L],                                     # alpha/r (or alpha/sqrt(r)); 0 where a layer has none
+     "lora_mask"?: [L, r_max],      # only when ranks differ per layer or some layers are skipped
+     "lora_dropout"?: [L],          # only when lora_dropout > 0
+     "lora_magnitude"?: [L, out]}   # DoRA
+
+Layers are scanned, so every layer has the same shapes: ranks are padded to the largest and masked. Masked
+entries multiply to zero in the forward pass, so they get exactly zero gradient and never reach an exported file.
+Module names follow HF (``model.layers.3.self_attn.q_proj``), so ``target_modules``, ``rank_pattern``,
+``alpha_pattern``, ``layers_to_transform`` and ``modules_to_save`` match exactly what PEFT would match.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.config import ConfigError, ModelConfig
+from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
+from jaxft.ops import nf4
+from jaxft.ops.linear import dense_kernel
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS
+
+BIAS_MODES = ("none", "all", "lora_only")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+ADAPTER_KEYS = TRAINABLE_KEYS | {"lora_scale", "lora_mask", "lora_dropout"}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT's ``LoraConfig`` fields, validated. Lists may be given; they are stored as tuples."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None  # None: PEFT's Llama default (q_proj, v_proj)
+    modules_to_save: tuple[str, ...] | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: tuple[int, ...] | int | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    inference_mode: bool = False
+    task_type: str = "CAUSAL_LM"
+
+    def __post_init__(self):
+        for name in ("target_modules", "modules_to_save", "layers_to_transform"):
+            value = getattr(self, name)
+            if isinstance(value, (list, set, frozenset)):
+                object.__setattr__(self, name, tuple(sorted(value) if isinstance(value, (set, frozenset)) else value))
+        if isinstance(self.layers_to_transform, int):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
+                              f"got {self.init_lora_weights!r}")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+        if self.task_type not in TASK_TYPES:
+            raise ConfigError(f"LoraConfig.task_type {self.task_type!r} is unknown; PEFT's are {TASK_TYPES}")
+        if self.task_type != "CAUSAL_LM":
+            raise ConfigError(f"LoraConfig.task_type {self.task_type!r}: only CAUSAL_LM heads exist in jaxft so far")
+
+    def replace(self, **changes) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class Module:
+    """One HF module of the model and where its params live in the tree."""
+
+    key: str  # e.g. "model.layers.3.mlp.up_proj"
+    kind: str  # linear | embedding | norm
+    group: tuple[str, ...]  # path of its leaf group in the param tree
+    layer: int | None  # index into the stacked [L] axis, None for unstacked groups
+
+
+def modules(cfg: ModelConfig) -> list[Module]:
+    out = [Module("model.embed_tokens", "embedding", ("embed_tokens",), None)]
+    for i in range(cfg.num_hidden_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out.append(Module(f"model.layers.{i}.{norm}", "norm", ("layers", norm), i))
+        for m in LINEAR_MODULES:
+            block = "self_attn" if m in ATTN_PROJ else "mlp"
+            out.append(Module(f"model.layers.{i}.{block}.{m}", "linear", ("layers", m), i))
+    out.append(Module("model.norm", "norm", ("norm",), None))
+    out.append(Module("lm_head", "linear", ("lm_head",), None))
+    return out
+
+
+def pattern_key(patterns, key: str):
+    """PEFT's ``get_pattern_key``: the first pattern matching a dotted suffix of ``key``."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None
+
+
+def _layer_index(key: str) -> int | None:
+    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    return int(match["idx"]) if match else None
+
+
+def targeted(lcfg: LoraConfig, module: Module) -> bool:
+    """PEFT's ``check_target_module_exists`` for one module."""
+    if lcfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module.key) for m in lcfg.modules_to_save):
+        return False
+    targets = lcfg.target_modules if lcfg.target_modules is not None else ("q_proj", "v_proj")
+    if targets == "all-linear":
+        found = module.kind == "linear" and module.key != "lm_head"
+    elif isinstance(targets, str):
+        return re.fullmatch(targets, module.key) is not None
+    else:
+        found = module.key in targets or any(module.key.endswith(f".{t}") for t in targets)
+    if found and lcfg.layers_to_transform is not None:
+        return _layer_index(module.key) in lcfg.layers_to_transform
+    return found
+
+
+@dataclass
+class GroupPlan:
+    """Per-layer ranks and alphas of one leaf group (rank 0: that layer has no adapter)."""
+
+    kind: str
+    ranks: list[int]
+    alphas: list[float]
+
+
+def plan(cfg: ModelConfig, lcfg: LoraConfig) -> dict[tuple[str, ...], GroupPlan]:
+    """Which groups get adapters, with which rank and alpha in each layer; unknown targets are errors."""
+    n_layers = cfg.num_hidden_layers
+    groups: dict[tuple[str, ...], GroupPlan] = {}
+    matched = set()
+    for m in modules(cfg):
+        if m.kind == "norm" or not targeted(lcfg, m):
+            continue
+        if m.key == "lm_head" and cfg.tie_word_embeddings:
+            raise ConfigError("LoRA on lm_head of a model with tied embeddings is not supported: target "
+                              "embed_tokens instead, or untie the embeddings")
+        if m.kind == "embedding" and lcfg.use_dora:
+            raise ConfigError("DoRA on embed_tokens is not supported; leave embed_tokens out of target_modules "
+                              "or set use_dora=False")
+        rank_key, alpha_key = pattern_key(lcfg.rank_pattern, m.key), pattern_key(lcfg.alpha_pattern, m.key)
+        r = lcfg.rank_pattern[rank_key] if rank_key else lcfg.r
+        alpha = lcfg.alpha_pattern[alpha_key] if alpha_key else lcfg.lora_alpha
+        size = n_layers if m.layer is not None else 1
+        g = groups.setdefault(m.group, GroupPlan(m.kind, [0] * size, [0.0] * size))
+        g.ranks[m.layer or 0], g.alphas[m.layer or 0] = r, alpha
+        matched.add(m.key)
+    if not groups:
+        raise ConfigError(f"target_modules {lcfg.target_modules!r} matched no module of this {cfg.model_type} model; "
+                          f"its modules are {sorted(set(m.key.rsplit('.', 1)[-1] for m in modules(cfg)))}")
+    if isinstance(lcfg.target_modules, tuple):
+        names = [m.key for m in modules(cfg)]
+        unknown = [t for t in lcfg.target_modules
+                   if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unknown:
+            raise ConfigError(f"target_modules {unknown} match no module of this {cfg.model_type} model; "
+                              f"known names: {sorted(set(n.rsplit('.', 1)[-1] for n in names))}")
+    return groups
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _init_pair(key, lcfg: LoraConfig, fan_in: int, fan_out: int, r: int):
+    """A [in, r] and B [r, out] as PEFT initializes lora_A / lora_B (torch's Linear init when not reset)."""
+    ka, kb = jax.random.split(key)
+    if lcfg.init_lora_weights == "gaussian":
+        a = jax.random.normal(ka, (fan_in, r)) / r
+    else:
+        a = _uniform(ka, (fan_in, r), 1 / math.sqrt(fan_in))  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    b = _uniform(kb, (r, fan_out), 1 / math.sqrt(r)) if lcfg.init_lora_weights is False else jnp.zeros((r, fan_out))
+    return a, b
+
+
+def _linear_adapters(key, lcfg: LoraConfig, group: dict, g: GroupPlan, fan_in: int, fan_out: int, stacked: bool):
+    r_max = max(g.ranks)
+    a_all, b_all = [], []
+    for layer_key, r in zip(jax.random.split(key, len(g.ranks)), g.ranks):
+        a, b = _init_pair(layer_key, lcfg, fan_in, fan_out, max(r, 1))
+        a_all.append(jnp.zeros((fan_in, r_max)).at[:, :r].set(a[:, :r]))
+        b_all.append(jnp.zeros((r_max, fan_out)).at[:r].set(b[:r]))
+    a, b = jnp.stack(a_all), jnp.stack(b_all)
+    scale = jnp.asarray([lcfg.scaling(r, al) if r else 0.0 for r, al in zip(g.ranks, g.alphas)], jnp.float32)
+    out = {"lora_a": a, "lora_b": b, "lora_scale": scale}
+    if any(r != r_max for r in g.ranks):
+        out["lora_mask"] = jnp.asarray([[1.0] * r + [0.0] * (r_max - r) for r in g.ranks], jnp.float32)
+    if lcfg.lora_dropout > 0:
+        out["lora_dropout"] = jnp.full((len(g.ranks),), lcfg.lora_dropout, jnp.float32)
+    if lcfg.use_dora:
+        w = dense_kernel(group["kernel"], jnp.float32)
+        if not stacked:
+            w = w[None]
+        out["lora_magnitude"] = dora_norm(w, masked(out))
+    if not stacked:
+        out = {k: v[0] for k, v in out.items()}
+    return out
+
+
+def masked(p: dict) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(A, B, scale) of a group with the rank padding zeroed out."""
+    a, b = p["lora_a"], p["lora_b"]
+    if "lora_mask" in p:
+        mask = p["lora_mask"]
+        a, b = a * mask[..., None, :], b * mask[..., :, None]
+    return a, b, p["lora_scale"]
+
+
+def dora_norm(w: jnp.ndarray, lora: tuple) -> jnp.ndarray:
+    """||W + s·A·B|| per output column (over the input dim), W: [..., in, out]."""
+    a, b, s = lora
+    delta = jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]
+    return jnp.linalg.norm(w.astype(jnp.float32) + delta, axis=-2)
+
+
+def _embedding_adapters(key, lcfg: LoraConfig, g: GroupPlan, vocab: int, dim: int):
+    r, alpha = g.ranks[0], g.alphas[0]
+    ka, kb = jax.random.split(key)
+    if lcfg.init_lora_weights is False:
+        a, b = jax.random.normal(ka, (vocab, r)), jax.random.normal(kb, (r, dim))
+    else:  # PEFT: A zero, B normal for embeddings (the reverse of linear layers)
+        a, b = jnp.zeros((vocab, r)), jax.random.normal(kb, (r, dim))
+    return {"lora_embedding_a": a, "lora_embedding_b": b,
+            "lora_scale": jnp.asarray(lcfg.scaling(r, alpha), jnp.float32)}
+
+
+def _get(tree: dict, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _saved_groups(cfg: ModelConfig, lcfg: LoraConfig) -> list[tuple[str, ...]]:
+    """Groups named by ``modules_to_save`` (PEFT: module names ending with an entry), whole stacks only."""
+    if not lcfg.modules_to_save:
+        return []
+    hits: dict[tuple[str, ...], set] = {}
+    for m in modules(cfg):
+        if m.key == "lm_head" and cfg.tie_word_embeddings:
+            continue
+        if any(m.key.endswith(entry) for entry in lcfg.modules_to_save):
+            hits.setdefault(m.group, set()).add(m.layer)
+    for group, layers in hits.items():
+        if None not in layers and len(layers) != cfg.num_hidden_layers:
+            raise ConfigError(f"modules_to_save {list(lcfg.modules_to_save)} selects {'/'.join(group)} in layers "
+                              f"{sorted(layers)} only; layers are stacked, so select it in every layer or none")
+    unknown = [e for e in lcfg.modules_to_save if not any(m.key.endswith(e) for m in modules(cfg))]
+    if unknown:
+        raise ConfigError(f"modules_to_save {unknown} match no module of this {cfg.model_type} model")
+    return list(hits)
+
+
+def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dict:
+    """A new tree with adapters added per ``lcfg``; the base leaves are shared, not copied or changed."""
+    params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
+    if any(k in ADAPTER_KEYS for k in _group_keys(params)):
+        raise ConfigError("these params already have adapters; merge them (lora.merge) before adding new ones")
+    groups = plan(cfg, lcfg)
+    marked = dict(params.get(MARKER) or {})
+    for path, rng_group in zip(groups, jax.random.split(rng, len(groups))):
+        g, group = groups[path], _get(params, path)
+        if g.kind == "embedding":
+            group.update(_embedding_adapters(rng_group, lcfg, g, *group["embedding"].shape))
+            continue
+        fan_in, fan_out = group["kernel"].shape[-2:]
+        group.update(_linear_adapters(rng_group, lcfg, group, g, fan_in, fan_out, stacked=path[0] == "layers"))
+        if lcfg.bias == "lora_only" and "bias" in group:
+            if 0 in g.ranks:
+                raise ConfigError(f"bias='lora_only' with adapters on some layers of {path[-1]} only: stacked "
+                                  "biases are trained in every layer or none")
+            marked["/".join(path) + "/bias"] = None
+    for path in _saved_groups(cfg, lcfg):
+        group = _get(params, path)
+        if any(isinstance(v, nf4.QuantizedTensor) for v in group.values()):
+            raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
+        marked.update({"/".join(path) + "/" + leaf: None for leaf in group if leaf not in ADAPTER_KEYS})
+    if lcfg.bias == "all":
+        marked.update({p: None for p in _leaf_paths(params) if p.endswith("/bias")})
+    if marked:
+        params[MARKER] = marked
+    return params
+
+
+def _group_keys(params: dict):
+    for path in _leaf_paths(params):
+        yield path.rsplit("/", 1)[-1]
+
+
+def _leaf_paths(params: dict) -> list[str]:
+    from jaxft.peft.tree import path_str
+
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))[0]
+    return [path_str(p) for p, _ in leaves]
+
+
+def trainable_count(params: dict) -> int:
+    """Trainable parameters without rank padding: equals PEFT's ``get_nb_trainable_parameters()[0]``."""
+    from jaxft.peft.tree import split
+
+    trainable, _ = split(params)
+    total = 0
+
+    def visit(group: dict):
+        nonlocal total
+        if "lora_a" in group:
+            a, b = group["lora_a"], group["lora_b"]
+            active = (jnp.sum(group["lora_mask"]) if "lora_mask" in group else
+                      a.shape[-1] * int(np.prod(a.shape[:-2])))
+            layers_on = (jnp.sum(jnp.any(group["lora_mask"] > 0, axis=-1)) if "lora_mask" in group else
+                         int(np.prod(a.shape[:-2])))
+            total += int(active) * (a.shape[-2] + b.shape[-1])
+            if "lora_magnitude" in group:
+                total += int(layers_on) * group["lora_magnitude"].shape[-1]
+        for k, v in group.items():
+            if isinstance(v, dict):
+                visit(v)
+
+    visit(params)
+    others = {p for p in _leaf_paths(trainable) if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
+    total += sum(int(np.prod(_get(params, p.split("/")).shape)) for p in others)
+    return total
+
+
+def merge(params: dict) -> dict:
+    """Fold every adapter into its base weight: W + s·A·B (DoRA: m ⊙ (W + s·A·B) / ‖W + s·A·B‖).
+
+    Merging into an NF4 base dequantizes that weight to float32, says so, and reports the rounding drift it
+    measured (the merged weight against dequant(W) + s·A·B computed separately).
+    """
+    def merge_group(group: dict) -> dict:
+        if "lora_embedding_a" in group:
+            s = group["lora_scale"]
+            delta = (group["lora_embedding_a"] @ group["lora_embedding_b"]) * s
+            e = group["embedding"]
+            return {"embedding": (e.astype(jnp.float32) + delta).astype(e.dtype)}
+        if "lora_a" not in group:
+            return {k: merge_group(v) if isinstance(v, dict) else v for k, v in group.items()}
+        kernel = group["kernel"]
+        quantized = isinstance(kernel, nf4.QuantizedTensor)
+        w = dense_kernel(kernel, jnp.float32)
+        lora = masked(group)
+        a, b, s = lora
+        merged = w + jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]
+        if "lora_magnitude" in group:
+            on = _layers_on(group)
+            ratio = group["lora_magnitude"] / dora_norm(w, lora)
+            merged = jnp.where(on[..., None, None], merged * ratio[..., None, :], w)
+        out_dtype = jnp.float32 if quantized else kernel.dtype
+        out = {k: v for k, v in group.items() if k not in ADAPTER_KEYS}
+        out["kernel"] = merged.astype(out_dtype)
+        if quantized:
+            drift = float(jnp.max(jnp.abs(out["kernel"].astype(jnp.float32) - merged)))
+            warnings.warn(f"merging LoRA into an NF4 base: the {kernel.shape} kernel was dequantized to float32 "
+                          f"(max drift from rounding: {drift:.3g}); the merged model is dense", stacklevel=3)
+        return out
+
+    merged = merge_group({k: v for k, v in params.items() if k != MARKER})
+    return merged
+
+
+def _layers_on(group: dict) -> jnp.ndarray:
+    if "lora_mask" in group:
+        return jnp.any(group["lora_mask"] > 0, axis=-1)
+    return jnp.ones(group["lora_scale"].shape, bool)
+
+
+def adapter_tree(params: dict) -> dict:
+    """Only the adapter leaves (trainable and constants), as the structure ``unmerge`` takes back."""
+    out = {MARKER: params[MARKER]} if params.get(MARKER) else {}
+    for k, v in params.items():
+        if isinstance(v, dict) and k != MARKER:
+            sub = adapter_tree(v)
+            if sub:
+                out[k] = sub
+        elif k in ADAPTER_KEYS:
+            out[k] = v
+    return out
+
+
+def unmerge(merged: dict, adapters: dict) -> dict:
+    """Subtract merged adapters again: W = W' − s·A·B, returning the tree with the adapters re-attached."""
+    out = dict(merged)
+    for k, sub in adapters.items():
+        if k in ADAPTER_KEYS or k == MARKER:
+            out[k] = sub
+            continue
+        if "lora_magnitude" in sub:
+            raise ConfigError(f"cannot unmerge DoRA from {k}: the merged weight no longer holds ‖W + s·A·B‖; "
+                              "keep the unmerged params (merge returns a new tree) instead")
+        group = dict(out[k])
+        if "lora_a" in sub:
+            a, b, s = masked(sub)
+            kernel = group["kernel"]
+            group["kernel"] = (kernel.astype(jnp.float32)
+                               - jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]).astype(kernel.dtype)
+            group.update(sub)
+        elif "lora_embedding_a" in sub:
+            e = group["embedding"]
+            delta = (sub["lora_embedding_a"] @ sub["lora_embedding_b"]) * sub["lora_scale"]
+            group["embedding"] = (e.astype(jnp.float32) - delta).astype(e.dtype)
+            group.update(sub)
+        else:
+            group = unmerge(group, sub)
+        out[k] = group
+    return out
+
+
+def structure_config(params: dict) -> ModelConfig:
+    """The shape facts LoRA planning needs (layer count, vocab, tied head), read off a param tree.
+
+    Lets an adapter be attached to params without their ModelConfig; attention head counts are not needed
+    because adapter shapes come from the kernels themselves.
+    """
+    vocab, hidden = params["embed_tokens"]["embedding"].shape
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=params["layers"]["gate_proj"]["kernel"].shape[-1],
+                       num_hidden_layers=params["layers"]["q_proj"]["kernel"].shape[0],
+                       num_attention_heads=1, tie_word_embeddings="lm_head" not in params)
+
+
+def summary(params: dict) -> str:
+    """Trainable vs total parameters and bytes, with rank padding not counted as trainable."""
+    from jaxft.peft.tree import summary as tree_summary
+
+    return tree_summary(params, trainable_count(params))
