@@ -1,0 +1,181 @@
+"""Meshes, logical axes and the one rules table that maps them onto mesh axes.
+
+Every param dimension has a logical name (``embed``, ``mlp``, ``heads``, ``kv_heads``, ``vocab``, ``layer``,
+``lora_rank``, …) derived from its path in the tree. :data:`DEFAULT_RULES` maps logical names to mesh axes
+(``data``, ``fsdp``, ``tensor``). Changing parallelism means changing the rules or the mesh shape, never the model.
+A dimension that a mesh axis does not divide is replicated along that axis instead (e.g. 2 KV heads on a
+4-way tensor axis), so any mesh shape is valid for any model; XLA inserts the collectives.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from jaxft.config import ConfigError
+from jaxft.ops import nf4
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layer", None),
+    ("lora_rank", None),
+    ("norm", None),
+)
+
+# Logical axes of the (in, out) dims of each linear module's kernel.
+LINEAR_AXES = {
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
+}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one size may be -1 (= all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1, got data={self.data} fsdp={self.fsdp} "
+                              f"tensor={self.tensor}")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if any(s == 0 or s < -1 for s in sizes) or n_devices % known:
+            raise ConfigError(f"mesh data={self.data} fsdp={self.fsdp} tensor={self.tensor} does not fit "
+                              f"{n_devices} devices")
+        sizes = [n_devices // known if s == -1 else s for s in sizes]
+        if int(np.prod(sizes)) != n_devices:
+            raise ConfigError(f"mesh {tuple(sizes)} uses {int(np.prod(sizes))} devices, but there are {n_devices}")
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh with explicit Auto axis types (the default differs across jax versions)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh(cfg.shape(len(devices)), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of one param leaf, from its path."""
+    name = path[-1]
+    stacked = path[0] == "layers"
+    lead = ("layer",) if stacked else ()
+    module = path[1] if stacked else path[0]
+    if module == "embed_tokens":
+        axes = {"embedding": ("vocab", "embed"), "lora_embedding_a": ("vocab", "lora_rank"),
+                "lora_embedding_b": ("lora_rank", "embed"), "lora_scale": ()}.get(name)
+    elif module in LINEAR_AXES:
+        fan_in, fan_out = LINEAR_AXES[module]
+        axes = {"kernel": (fan_in, fan_out), "bias": (fan_out,), "lora_a": (fan_in, "lora_rank"),
+                "lora_b": ("lora_rank", fan_out), "lora_scale": (), "lora_dropout": (),
+                "lora_mask": ("lora_rank",), "lora_magnitude": (fan_out,)}.get(name)
+    else:  # norms
+        axes = ("norm",)
+    axes = lead + tuple(axes if axes is not None else ())
+    return axes if len(axes) == ndim else (None,) * ndim
+
+
+def _spec(axes, shape, rules: dict, mesh) -> PartitionSpec:
+    """PartitionSpec from logical axes, replicating any dim its mesh axes don't divide (and reusing none)."""
+    used, out = set(), []
+    for name, size in zip(axes, shape):
+        target = rules.get(name)
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        if targets and size % int(np.prod([mesh.shape[t] for t in targets])) == 0:
+            used.update(targets)
+            out.append(targets[0] if len(targets) == 1 else targets)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_shardings(params: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """A tree of NamedShardings matching ``params`` (``None`` leaves stay ``None``).
+
+    A quantized kernel's children that keep the kernel's [L, in-ish, out] layout shard like the kernel; its
+    small per-matrix state is replicated.
+    """
+    rules = dict(rules)
+
+    def leaf(path, x):
+        keys = _keys(path)
+        if isinstance(x, nf4.QuantizedTensor):
+            kernel_axes = _leaf_axes(keys, len(x.shape))
+            return jax.tree.map(
+                lambda c: NamedSharding(mesh, _spec(kernel_axes if c.ndim == len(kernel_axes) else (None,) * c.ndim,
+                                                    c.shape, rules, mesh)), x)
+        return NamedSharding(mesh, _spec(_leaf_axes(keys, x.ndim), x.shape, rules, mesh))
+
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """Shardings for a train state {step, trainable, opt_state, rng}.
+
+    Optimizer moments that mirror a param (same dict-key path suffix and shape, as optax's states do) shard
+    like that param; anything else (step counts, quantized moments' blocks) is replicated.
+    """
+    trainable = param_shardings(state["trainable"], mesh, rules)
+    by_path = {tuple(_keys(p)): (s, x.shape) for (p, s), x in zip(
+        jax.tree_util.tree_flatten_with_path(trainable)[0], jax.tree.leaves(state["trainable"]))}
+
+    def opt_leaf(path, x):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        match = by_path.get(keys)
+        return match[0] if match is not None and match[1] == x.shape else replicated(mesh)
+
+    return {"step": replicated(mesh), "rng": replicated(mesh), "trainable": trainable,
+            "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"])}
+
+
+def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES, accumulation_axis: bool = False) -> NamedSharding:
+    """Sharding of a [B, T, ...] batch (or [A, B, T, ...] with a leading micro-batch axis)."""
+    batch = dict(rules)["batch"]
+    spec = ((None,) if accumulation_axis else ()) + (batch,) + (None,) * (ndim - 1 - accumulation_axis)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def shard_params(params: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """Place ``params`` on ``mesh`` per the rules table."""
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None):
+    """``jax.distributed.initialize`` from arguments or the JAXFT_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+    environment (on TPU pods and SLURM jax discovers them itself when all are None)."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAXFT_COORDINATOR")
+    num_processes = num_processes if num_processes is not None else _int_env("JAXFT_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _int_env("JAXFT_PROCESS_ID")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value is None else int(value)
