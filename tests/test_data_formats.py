@@ -225,3 +225,27 @@ def test_pipeline_returns_the_template_it_used(tmp_path, llama3):
     path = _jsonl(tmp_path / "chats.jsonl", _chats(3))
     assert build_iterator(DataConfig(paths=(path,), template="chatml"), llama3).chat_template == \
         BUILTIN_TEMPLATES["chatml"]
+
+
+def test_mixture_weights_select_sources_in_the_pipeline(tmp_path, llama3):
+    general = _jsonl(tmp_path / "general.jsonl", _chats(10))
+    domain = _jsonl(tmp_path / "domain.jsonl", [{"messages": [{"role": "user", "content": f"llama {i}"},
+                                                              {"role": "assistant", "content": f"alpaca {i}"}]}
+                                                for i in range(10)])
+    config = DataConfig(paths=(general, domain), template="llama3", max_length=64, weights=(0.0, 1.0))
+    iterator = build_iterator(config, llama3).iterator
+    batches = [next(iterator) for _ in range(iterator.batches_per_epoch)]
+    text = "".join(llama3.decode(b["input_ids"][b["segment_ids"] > 0].tolist()) for b in batches)
+    assert "alpaca" in text and "answer" not in text and iterator.epoch_stats["samples"] == 20
+
+
+def test_data_config_names_a_bad_choice():
+    from jaxft.config import ConfigError
+    with pytest.raises(ConfigError, match=r"data\.loss is 'assistant'; expected one of"):
+        DataConfig(paths=("x.jsonl",), loss="assistant")
+
+
+def test_data_config_needs_one_weight_per_path():
+    from jaxft.config import ConfigError
+    with pytest.raises(ConfigError, match="data.weights has 1 entries for 2 paths"):
+        DataConfig(paths=("a.jsonl", "b.jsonl"), weights=(1.0,))
