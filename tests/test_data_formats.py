@@ -249,3 +249,11 @@ def test_data_config_needs_one_weight_per_path():
     from jaxft.config import ConfigError
     with pytest.raises(ConfigError, match="data.weights has 1 entries for 2 paths"):
         DataConfig(paths=("a.jsonl", "b.jsonl"), weights=(1.0,))
+
+
+def test_data_config_builds_from_a_yaml_mapping_and_rejects_unknown_keys():
+    from jaxft.config import ConfigError, from_dict
+    config = from_dict(DataConfig, {"paths": ["a.jsonl"], "weights": [1], "drop_patterns": ["x"]}, source="run.yaml")
+    assert config.paths == ("a.jsonl",) and config.weights == (1,)
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown key\(s\) \['pack'\]"):
+        from_dict(DataConfig, {"paths": ["a.jsonl"], "pack": True}, source="run.yaml")

@@ -141,15 +141,18 @@ class _Renderer:
                         "cannot be found from prefixes. Use a template with {% generation %} markers around "
                         "assistant output (data.template = a marked .jinja file or a built-in)")
 
-    def turn_spans(self, messages: list[dict], tools, source: str) -> tuple[str, list[tuple[int, int]]]:
-        """Rendered text and one span per assistant turn (or per generation block, for marked templates)."""
+    def turn_spans(self, messages: list[dict], tools, source: str,
+                   last_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Rendered text and one span per assistant turn (per generation block, for marked templates).
+
+        With `last_only`, an unmarked template renders and checks the prefixes of the last assistant turn only.
+        """
         text, spans = self.render(messages, tools)
         if self.marked:
             return text, list(spans)
+        turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
         spans = []
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
+        for k in turns[-1:] if last_only else turns:
             before = self.render(messages[:k], tools, add_generation_prompt=True).text if k else ""
             through = self.render(messages[: k + 1], tools).text
             self._checked_prefix(before, through, f"messages[:{k}] with the generation prompt", source)
@@ -160,13 +163,15 @@ class _Renderer:
     def units(self, example: Example, strategy: str) -> list[tuple[str, list[tuple[int, int]]]]:
         """The `(text, loss spans)` samples one conversation yields under `strategy`."""
         messages, tools = example.messages, example.tools
-        if strategy != "per_assistant_turn":
-            text, spans = self.turn_spans(messages, tools, example.source)
-            return [(text, spans if strategy == "all_assistant" else spans[-1:])]
+        if strategy == "all_assistant":
+            return [self.turn_spans(messages, tools, example.source)]
+        if strategy == "last_assistant":
+            text, spans = self.turn_spans(messages, tools, example.source, last_only=True)
+            return [(text, spans[-1:])]
         units = []
         for k, message in enumerate(messages):
             if message["role"] == "assistant":
-                text, spans = self.turn_spans(messages[: k + 1], tools, example.source)
+                text, spans = self.turn_spans(messages[: k + 1], tools, example.source, last_only=True)
                 units.append((text, spans[-1:]))
         return units
 

@@ -321,13 +321,6 @@ CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": 
               "prompt_completion": _from_prompt_completion, "text": _from_text}
 
 
-def to_example(record: Any, fmt: str, location: str) -> Example:
-    """Validate one record of format `fmt` and convert it; raises `DataError` naming `location`."""
-    if not isinstance(record, Mapping):
-        raise DataError(location, "bad record", f"expected a JSON object, got {type(record).__name__}")
-    return CONVERTERS[fmt](record, location)
-
-
 def load_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool = False,
                   report: DataReport | None = None) -> list[Example]:
     """All examples of one file or dataset folder.
@@ -341,19 +334,20 @@ def load_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool
     file_format, first_location = (None, None) if fmt == "auto" else (fmt, None)
     for location, record in read_records(path, report.drop_error if skip_bad_records else _raise):
         try:
-            if isinstance(record, Mapping):
-                detected = detect_format(record)
-                if file_format is None:
-                    if detected is None:
-                        raise DataError(location, "unknown format",
-                                        f"keys {sorted(record)} match no format; expected {_FORMAT_HELP}, "
-                                        "or set data.format")
-                    file_format, first_location = detected, location
-                elif fmt == "auto" and detected is not None and detected != file_format:
-                    raise DataError(location, "mixed formats",
-                                    f"this record is {detected!r} but the file is {file_format!r} (from "
-                                    f"{first_location}); put each format in its own file")
-            examples.append(to_example(record, file_format or "text", location))
+            if not isinstance(record, Mapping):
+                raise DataError(location, "bad record", f"expected a JSON object, got {type(record).__name__}")
+            detected = detect_format(record)
+            if file_format is None:
+                if detected is None:
+                    raise DataError(location, "unknown format",
+                                    f"keys {sorted(record)} match no format; expected {_FORMAT_HELP}, "
+                                    "or set data.format")
+                file_format, first_location = detected, location
+            elif fmt == "auto" and detected is not None and detected != file_format:
+                raise DataError(location, "mixed formats",
+                                f"this record is {detected!r} but the file is {file_format!r} (from "
+                                f"{first_location}); put each format in its own file")
+            examples.append(CONVERTERS[file_format](record, location))
         except DataError as err:
             if not skip_bad_records:
                 raise
