@@ -257,3 +257,28 @@ def test_saved_template_is_what_transformers_loads(toks, tmp_path):
     save_chat_template(MISTRAL_MARKED, tmp_path)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).chat_template == MISTRAL_MARKED
     assert load_tokenizer(tmp_path).chat_template == MISTRAL_MARKED
+
+
+def test_plain_text_gets_the_tokenizers_special_tokens_then_eos_and_loss_on_every_next_token(toks):
+    ours, _ = toks["llama3"]
+    sample, = tokenize_examples([Example("t", text="hello world")], ours)
+    ids = sample.input_ids.tolist()
+    assert ids == ours.encode("hello world", add_special_tokens=True) + [ours.eos_token_id]
+    assert sample.labels.tolist() == ids[1:] + [IGNORE]
+
+
+def test_prompt_completion_puts_loss_on_the_completion_and_eos_only(toks):
+    ours, _ = toks["llama3"]
+    sample, = tokenize_examples([Example("p", prompt="question", completion=" answer")], ours)
+    prompt = ours.encode("question")
+    targets = [label for label in sample.labels.tolist() if label != IGNORE]
+    assert targets == ours.encode(" answer", add_special_tokens=False) + [ours.eos_token_id]
+    assert sample.input_ids.tolist()[:len(prompt)] == prompt
+
+
+def test_over_length_samples_are_dropped_and_counted_with_truncation_drop(toks):
+    ours, _ = toks["llama3"]
+    report = DataReport()
+    samples = tokenize_examples([Example("long", text="hello world " * 20), Example("short", text="hi")], ours,
+                                max_length=10, truncation="drop", report=report)
+    assert [s.source for s in samples] == ["short"] and report.dropped["over-length sample (dropped)"] == 1
