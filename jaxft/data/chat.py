@@ -135,7 +135,7 @@ class _Renderer:
             return
         at = next((i for i, (a, b) in enumerate(zip(prefix, text)) if a != b), min(len(prefix), len(text)))
         raise DataError(source, "template rewrites history",
-                        f"{what} renders differently from the start of the full conversation (first difference "
+                        f"{what} is not a prefix of the longer conversation's rendering (first difference "
                         f"at character {at}: {prefix[at:at + 30]!r} vs {text[at:at + 30]!r}); the chat template "
                         "changes earlier turns (dates, dropped reasoning, moved system prompt), so assistant tokens "
                         "cannot be found from prefixes. Use a template with {% generation %} markers around "

@@ -272,9 +272,6 @@ def _from_sharegpt(record: Mapping, location: str) -> Example:
     if not isinstance(turns, list) or not turns:
         raise DataError(location, "bad 'conversations'", f"expected a non-empty list, got {turns!r:.80}")
     messages = []
-    system = _string(record, "system", location, required=False)
-    if system:
-        messages.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(turn, Mapping):
@@ -286,7 +283,11 @@ def _from_sharegpt(record: Mapping, location: str) -> Example:
             raise DataError(location, "unknown role",
                             f"{where}.from is {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
-    return Example(location, messages=validate_messages(messages, "conversations", location))
+    messages = validate_messages(messages, "conversations", location)  # before the system prompt: indices match
+    system = _string(record, "system", location, required=False)
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return Example(location, messages=messages)
 
 
 def _from_alpaca(record: Mapping, location: str) -> Example:
