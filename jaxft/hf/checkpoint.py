@@ -192,12 +192,17 @@ def _prequantized(hf: dict, source: str) -> bool:
 
 
 def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
-                    quant: str | QuantConfig | None = None) -> tuple[ModelConfig, dict]:
+                    quant: str | QuantConfig | None = None, mesh=None, rules=None) -> tuple[ModelConfig, dict]:
     """Load a HF folder: ``(ModelConfig, params)`` with params in ``dtype`` (compute dtype defaults to it).
 
     ``quant="nf4"`` (or a :class:`QuantConfig`) stores every linear kernel in bitsandbytes' 4-bit format while
     loading, one layer at a time; embeddings, norms and ``lm_head`` stay in ``dtype``, as transformers does.
     A bitsandbytes 4-bit checkpoint saved by transformers loads with its quantized weights as they are.
+
+    With a ``mesh`` the params come back sharded per ``rules`` (default: ``jaxft.parallel.DEFAULT_RULES``), and
+    each array is built from the file slices its devices hold (:func:`load_sharded_params`), so no process reads
+    the whole model. 4-bit params are the exception: they are loaded (and quantized) whole on every process, then
+    placed on the mesh.
     """
     folder = Path(path)
     if not (folder / "config.json").exists():
@@ -209,7 +214,115 @@ def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
         quant = QuantConfig(quant_type=quant)
     ckpt = HFCheckpoint(folder)
     check_tensors(ckpt, cfg, prequantized)
-    return cfg, load_params(ckpt, cfg, dtype, None if prequantized else quant, prequantized)
+    if mesh is not None and quant is None and not prequantized:
+        return cfg, load_sharded_params(ckpt, cfg, dtype, mesh, rules)
+    params = load_params(ckpt, cfg, dtype, None if prequantized else quant, prequantized)
+    if mesh is not None:
+        from jaxft import parallel
+
+        params = parallel.shard_params(params, mesh, rules or parallel.DEFAULT_RULES)
+    return cfg, params
+
+
+def _read_block(f: SafetensorsFile, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """``f.get(name)[index]`` reading only those bytes: one run for a row range of whole rows, else one short run
+    per row for a column range of a 2-d tensor. ``index`` holds unit-step slices, one per dimension (what
+    ``jax.make_array_from_callback`` passes).
+
+    Positioned reads (``os.pread``) rather than buffered ones, which would pull a whole buffer from the file for
+    each short run.
+    """
+    shape, dtype = f.shape(name), f.dtype(name)
+    if not shape:
+        return f.get(name)
+    r0, r1, _ = index[0].indices(shape[0])
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    start = f._data_start + f._entries[name]["data_offsets"][0]
+    fd = os.open(f.path, os.O_RDONLY)
+    try:
+        def pread(offset: int, count: int) -> np.ndarray:
+            raw = os.pread(fd, count * dtype.itemsize, start + offset * dtype.itemsize)
+            if len(raw) != count * dtype.itemsize:
+                raise CheckpointError(f"{f.path}: could not read tensor {name!r} (file changed or truncated)")
+            return np.frombuffer(raw, dtype)
+
+        c0, c1, _ = index[1].indices(shape[1]) if len(shape) > 1 else (0, 1, 1)
+        if len(shape) == 1 or (c0, c1) == (0, shape[1]):
+            rows = pread(r0 * row, (r1 - r0) * row).reshape(r1 - r0, *shape[1:])
+            return rows[(slice(None), *index[1:])]
+        if len(shape) != 2:
+            raise CheckpointError(f"{f.path}: column-range reads of {len(shape)}-d tensor {name!r} are not supported")
+        return np.stack([pread(r * row + c0, c1 - c0) for r in range(r0, r1)])
+    finally:
+        os.close(fd)
+
+
+def _tensor_reader(ckpt: HFCheckpoint, name: str, transposed: bool):
+    """(shape in the param tree, read(index) -> that slice); kernels are [out, in] in the file, [in, out] here."""
+    f = ckpt.location[name]
+    shape = f.shape(name)[::-1] if transposed else f.shape(name)
+
+    def read(index):
+        if transposed:
+            return _read_block(f, name, tuple(index)[::-1]).T
+        return _read_block(f, name, tuple(index))
+
+    return shape, read
+
+
+def _stacked_reader(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str):
+    """(shape [L, ...], read(index)) of a per-layer tensor stacked on a leading layer axis; only the layers in
+    the index are read."""
+    per_layer = [_tensor_reader(ckpt, layer_name(i, module, leaf), leaf == "kernel")
+                 for i in range(cfg.num_hidden_layers)]
+
+    def read(index):
+        layers = range(cfg.num_hidden_layers)[index[0]]
+        return np.stack([per_layer[i][1](index[1:]) for i in layers])
+
+    return (cfg.num_hidden_layers, *per_layer[0][0]), read
+
+
+def param_readers(ckpt: HFCheckpoint, cfg: ModelConfig) -> dict:
+    """The param tree with a ``(shape, read(index))`` pair per leaf instead of an array."""
+    layers = {norm: {"scale": _stacked_reader(ckpt, cfg, norm, "scale")}
+              for norm in ("input_layernorm", "post_attention_layernorm")}
+    for m in LINEAR_MODULES:
+        layers[m] = {"kernel": _stacked_reader(ckpt, cfg, m, "kernel")}
+        if has_bias(cfg, m):
+            layers[m]["bias"] = _stacked_reader(ckpt, cfg, m, "bias")
+    readers = {"embed_tokens": {"embedding": _tensor_reader(ckpt, "model.embed_tokens.weight", False)},
+               "layers": layers,
+               "norm": {"scale": _tensor_reader(ckpt, "model.norm.weight", False)}}
+    if not cfg.tie_word_embeddings:
+        readers["lm_head"] = {"kernel": _tensor_reader(ckpt, "lm_head.weight", True)}
+    return readers
+
+
+def load_sharded_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, mesh, rules=None) -> dict:
+    """The dense param tree on ``mesh``, sharded per ``rules``: every array is assembled from the slices its
+    addressable devices hold, each read from the files alone (devices holding the same slice share one read)."""
+    from jaxft import parallel
+
+    dtype = jnp.dtype(dtype)
+    readers = param_readers(ckpt, cfg)
+    is_reader = lambda x: isinstance(x, tuple) and len(x) == 2 and callable(x[1])  # noqa: E731
+    abstract = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r[0], dtype), readers, is_leaf=is_reader)
+    shardings = parallel.param_shardings(abstract, mesh, rules or parallel.DEFAULT_RULES)
+
+    def build(reader, sharding):
+        shape, read = reader
+        cache = {}
+
+        def callback(index):
+            key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+            if key not in cache:
+                cache[key] = np.ascontiguousarray(read(index), dtype=dtype)
+            return cache[key]
+
+        return jax.make_array_from_callback(tuple(shape), sharding, callback, dtype=dtype)
+
+    return jax.tree.map(build, readers, shardings, is_leaf=is_reader)
 
 
 def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
