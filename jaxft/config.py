@@ -6,6 +6,7 @@ onto them with :func:`from_dict`, which rejects unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,7 +130,10 @@ class QuantConfig:
 
 
 def from_dict(cls, data: dict, *, source: str = "<dict>"):
-    """Build dataclass ``cls`` from a mapping; unknown keys are errors that name the key and ``source``."""
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors that name the key and ``source``.
+
+    Nested dataclass fields (also ``X | None``) are built from nested mappings; lists become tuples.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -138,18 +142,21 @@ def from_dict(cls, data: dict, *, source: str = "<dict>"):
         raise ConfigError(
             f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys are {sorted(fields)}"
         )
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        sub = _nested_dataclass(fields[name].type)
+        sub = _nested_dataclass(hints[name])
         if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value, source=f"{source}:{name}")
+            value = from_dict(sub, value, source=f"{source}: {name}")
         elif isinstance(value, list):
             value = tuple(value)
+        elif isinstance(value, str) and float in (hints[name], *typing.get_args(hints[name])):
+            value = _as_float(value, f"{source}: {name}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a missing required key
-        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:  # a missing required key or a wrong type
+        raise ConfigError(f"{source}: {cls.__name__}: {e}") from None
 
 
 def to_dict(obj) -> dict:
@@ -165,8 +172,18 @@ def to_dict(obj) -> dict:
     return out
 
 
+def _as_float(text: str, where: str) -> float:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a float field takes it as the number it means."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+
+
 def _nested_dataclass(annotation):
-    names = {"RopeConfig": RopeConfig}
-    if isinstance(annotation, str):
-        return names.get(annotation.split("|")[0].strip())
-    return annotation if dataclasses.is_dataclass(annotation) else None
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):  # X | None
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None

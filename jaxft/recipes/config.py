@@ -1,0 +1,120 @@
+"""One YAML file describes a whole run: :class:`RunConfig` and its loader with ``--set`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from jaxft.config import REMAT_POLICIES, ConfigError, QuantConfig, from_dict, to_dict
+from jaxft.data.config import DataConfig
+from jaxft.parallel import MeshConfig
+from jaxft.peft.lora import LoraConfig
+from jaxft.train.optim import OptimConfig
+
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings: length, accumulation, cadence of logging / eval / checkpoints, memory knobs."""
+
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when there is eval data)
+    eval_batches: int = 8
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_last: int = 3
+    loss_chunk_size: int = 1024
+    remat: str = "none"
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "log_every", "eval_batches", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "loss_chunk_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"train.remat {self.remat!r} is unknown; expected one of {REMAT_POLICIES}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A fine-tuning run: base model folder, method, adapters, quantization, optimizer, data, mesh, loop."""
+
+    model: str
+    output_dir: str
+    data: DataConfig
+    method: str = "lora"
+    dtype: str = "float32"
+    compute_dtype: str | None = None
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_data: DataConfig | None = None
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is unknown; expected one of {METHODS}")
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _set(tree: dict, dotted: str, raw: str, source: str):
+    if "=" in dotted:
+        raise ConfigError(f"{source}: bad override {dotted!r}")
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: --set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def apply_overrides(tree: dict, overrides: list[str], source: str = "--set") -> dict:
+    """``["lora.r=8", "optim.lr=1e-4"]`` applied to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: {item!r} is not key=value (e.g. lora.r=8)")
+        _set(tree, key.strip(), value, source)
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    """``yaml.safe_load`` of a config file; syntax errors and unsafe tags name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e} "
+                          "(only plain YAML is accepted; tags such as !!python/... are refused)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides, and build the typed config."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    return from_dict(RunConfig, data, source=str(path))
+
+
+def dump_run_config(cfg: RunConfig, path: str | Path):
+    """The resolved config, saved next to the run's outputs (loads back with :func:`load_run_config`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

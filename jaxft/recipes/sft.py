@@ -1,0 +1,209 @@
+"""Supervised fine-tuning (full, LoRA or QLoRA) from a HF model folder: the whole run in one readable script.
+
+data -> model (+ adapters, 4-bit base) -> mesh -> optimizer -> jitted step -> loop with logs, evals and
+checkpoints -> adapter in PEFT format (with tokenizer and chat template).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxft import parallel
+from jaxft.config import ConfigError
+from jaxft.data import build_iterator, save_chat_template
+from jaxft.hf.checkpoint import from_pretrained, prepare_output_dir
+from jaxft.hf.peft_format import save_adapter
+from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.peft import lora
+from jaxft.peft.tree import combine, split
+from jaxft.recipes.config import RunConfig, dump_run_config
+from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
+from jaxft.train.loop import StepConfig, init_state, jit_train_step, token_loss_sum
+from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
+from jaxft.train.optim import make_optimizer, make_schedule
+
+
+def load_model(cfg: RunConfig, rng):
+    """(model config, params with adapters for LoRA/QLoRA)."""
+    quant = cfg.quant if cfg.method == "qlora" else None
+    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant)
+    model_cfg = model_cfg.replace(remat=cfg.train.remat)
+    if cfg.method != "full":
+        params = lora.add(model_cfg, params, cfg.lora, rng)
+    return model_cfg, params
+
+
+def trainable_predicate(cfg: RunConfig, params):
+    """Full fine-tuning trains every leaf; otherwise the tree's own predicate (adapters + marked leaves)."""
+    return (lambda path, leaf: True) if cfg.method == "full" else None
+
+
+def stack_micro_batches(iterator, n: int, sharding) -> dict:
+    """``n`` host batches [B, T] -> one global [n, B, T] array per key, each process giving its local rows."""
+    local = [next(iterator) for _ in range(n)]
+    out = {}
+    for key in ("input_ids", "labels", "segment_ids", "positions"):
+        stacked = np.stack([b[key] for b in local]).astype(np.int32)
+        out[key] = jax.make_array_from_process_local_data(sharding, stacked)
+    return out
+
+
+def _check_batch_fits(cfg: RunConfig, mesh):
+    """Batch rows are split over the data and fsdp axes; say so before jit fails with a tiling message."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = cfg.data.batch_size * jax.process_count()
+    if rows % shards:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {jax.process_count()} process(es) = {rows} rows "
+                          f"do not split over the mesh's data x fsdp = {shards} devices; use a batch_size that makes "
+                          f"the global batch a multiple of {shards}, or change mesh")
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    if resume:
+        if not (out / "checkpoints").exists():
+            raise FileNotFoundError(f"{out}: nothing to resume (no checkpoints/ folder)")
+        return out
+    final, tmp = prepare_output_dir(out, overwrite)
+    tmp.rmdir()
+    final.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:  # every process checks the folder before process 0 writes into it
+        multihost_utils.sync_global_devices("sft: run folder checked")
+    return final
+
+
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train per ``cfg``; returns a summary (final losses, tokens/s, trainable params, output paths)."""
+    out = _prepare_run_dir(cfg, resume, overwrite)
+    is_main = jax.process_index() == 0
+    if is_main:
+        dump_run_config(cfg, out / "config.yaml")
+    tc = cfg.train
+    rng = jax.random.PRNGKey(tc.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    model_cfg, params = load_model(cfg, rng)
+    trainable, frozen = split(params, trainable_predicate(cfg, params))
+    n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
+        x.size for x in jax.tree.leaves(trainable))
+
+    mesh = parallel.make_mesh(cfg.mesh)
+    _check_batch_fits(cfg, mesh)
+    optimizer = make_optimizer(cfg.optim)
+    state = init_state(trainable, optimizer, seed=tc.seed)
+    state = jax.device_put(state, parallel.state_shardings(state, mesh))
+    frozen = parallel.shard_params(frozen, mesh)
+    step_fn = jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size), optimizer, mesh, state,
+                             frozen)
+    batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
+
+    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
+    if resume and checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(jax.tree.map(lambda x: x.sharding, state))
+        check_base(extra["base"], cfg.model)
+        pipeline.iterator.set_state(_own_iterator_state(extra["iterators"], out))
+    start = int(state["step"])
+
+    eval_step = _eval_step(model_cfg, mesh)
+    eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
+                                    process_count=jax.process_count()) if cfg.eval_data else None)
+
+    def run_eval():
+        batches = _eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
+        return evaluate(lambda b: eval_step(state["trainable"], frozen, b), batches)
+
+    base = base_reference(cfg.model)
+    logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
+    schedule = make_schedule(cfg.optim)
+    throughput = Throughput()
+    last = {}
+    for step in range(start + 1, tc.steps + 1):
+        batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
+        state, metrics = step_fn(state, frozen, batches)
+        n_tokens = int(np.prod(batches["input_ids"].shape))
+        last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(n_tokens)}
+        logger.log(step, last)
+        if eval_pipeline and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
+            logger.log_eval(step, run_eval())
+        if step % checkpointer.save_every == 0 or step == tc.steps:
+            checkpointer.save(step, state, {"iterators": _iterator_states(pipeline.iterator), "base": base},
+                              force=step == tc.steps)
+    checkpointer.close()
+    logger.close()
+
+    params = combine(_to_host(state["trainable"]), _to_host(frozen))
+    summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
+               "final_loss": float(last.get("loss", float("nan"))) if last else None,
+               "tokens_per_s": last.get("tokens_per_s"), "data_report": pipeline.report.summary()}
+    if eval_pipeline:
+        summary["eval"] = run_eval()
+    if is_main:
+        summary["export"] = str(_export(cfg, params, tokenizer, pipeline.chat_template, out))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def _iterator_states(iterator) -> list[dict]:
+    """Every process's data position, gathered from all processes: only process 0 writes a checkpoint's JSON,
+    and each process resumes from its own entry (their shards, and so their positions, differ)."""
+    state = iterator.get_state()
+    if jax.process_count() == 1:
+        return [state]
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size])).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
+
+
+def _own_iterator_state(states: list[dict], out: Path) -> dict:
+    if len(states) != jax.process_count():
+        raise ValueError(f"{out}: the checkpoint holds the data positions of {len(states)} process(es), but this run "
+                         f"has {jax.process_count()}; resume with the process count that wrote it (each process's "
+                         "data shard depends on it)")
+    return states[jax.process_index()]
+
+
+def _to_host(tree):
+    """numpy copies of a tree's arrays on every process; arrays spread over several processes are gathered first
+    (a collective: every process calls this with the same tree)."""
+    return jax.tree.map(lambda x: np.asarray(x if x.is_fully_addressable
+                                             else multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def _eval_step(model_cfg, mesh):
+    @jax.jit
+    def step(trainable, frozen, batch):
+        return token_loss_sum(model_cfg, combine(trainable, frozen), batch, None, 1024)
+
+    return step
+
+
+def _eval_batches(iterator, n: int, sharding):
+    for _ in range(n):
+        yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding).items()}
+
+
+def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
+    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model."""
+    target = out / ("model" if cfg.method == "full" else "adapter")
+    if cfg.method == "full":
+        from jaxft.hf.checkpoint import save_pretrained
+        from jaxft.hf.config import config_from_hf, read_json
+
+        model_cfg = config_from_hf(read_json(Path(cfg.model) / "config.json"))
+        save_pretrained(model_cfg, params, target, overwrite=True)
+    else:
+        save_adapter(params, cfg.lora, target, base_model_name_or_path=str(Path(cfg.model).resolve()),
+                     overwrite=True)
+    tokenizer.save(target)
+    if chat_template:
+        save_chat_template(chat_template, target)
+    return target
