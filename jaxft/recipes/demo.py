@@ -2,7 +2,7 @@
 
 The task has answers that can be checked exactly: the user says ``increment 3 1 9 4`` and the assistant must
 add one to every digit, modulo 10: ``4 2 0 5``. The base model is pretrained briefly on the same skill in a raw
-text form (``increment 3 1 9 4 = 4 2 0 5 .``), with a word-level tokenizer trained on that corpus, so what fine-tuning has to
+text form (``increment 3 1 9 4 =\n4 2 0 5 .``), with a word-level tokenizer trained on that corpus, so what fine-tuning has to
 teach is the chat format (ChatML turns with an end-of-turn token). Before fine-tuning the base cannot follow
 the chat; after QLoRA it must. Held-out problems are disjoint from training problems (checked).
 """
@@ -21,6 +21,7 @@ import optax
 
 from jaxft.config import ModelConfig
 from jaxft.data.chat import CHATML_TEMPLATE
+from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
 from jaxft.hf.checkpoint import from_pretrained, publish_dir, save_pretrained
 from jaxft.hf.peft_format import load_adapter
@@ -31,20 +32,20 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.tree import split
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, TrainConfig
-from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.loop import StepConfig, init_state, jit_train_step, token_loss_sum
 from jaxft.train.optim import OptimConfig
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "[UNK]"]
-BASE_VERSION = "increment-v1"
+BASE_VERSION = "increment-v2"
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo; ``quick()`` shrinks them for the test suite."""
+    """Sizes of the demo; ``quick()`` uses fewer training and held-out problems (for the test suite)."""
 
     min_len: int = 4
     max_len: int = 4
-    pretrain_steps: int = 500
+    pretrain_steps: int = 400
     finetune_steps: int = 300
     n_train: int = 4000
     n_eval: int = 200
@@ -53,11 +54,11 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(pretrain_steps=120, finetune_steps=40, n_train=600, n_eval=50)
+        return cls(n_train=1000, n_eval=50)
 
 
 def model_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    return ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                        bos_token_id=None, eos_token_ids=(SPECIAL.index("<|im_end|>"),), pad_token_id=0)
 
@@ -79,6 +80,11 @@ def words(digits) -> str:
 
 def answer(digits) -> tuple[int, ...]:
     return tuple((d + 1) % 10 for d in digits)
+
+
+def raw_text(p) -> str:
+    """The pretraining form; the answer starts a line, as it does after a chat turn header."""
+    return f"increment {words(p)} =\n{words(answer(p))} ."
 
 
 def chat(p) -> list[dict]:
@@ -106,7 +112,7 @@ def build_tokenizer(folder: Path, corpus: list[str]):
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _pretrain_batches(tokenizer, rng, cfg: DemoConfig, row: int = 64):
+def _pretrain_batches(tokenizer, rng, cfg: DemoConfig, row: int = 33):
     """Endless [1, B, row] batches of packed raw-text reversal lines (plain next-token loss)."""
     while True:
         ids = np.zeros((cfg.batch_size, row), np.int32)
@@ -114,7 +120,7 @@ def _pretrain_batches(tokenizer, rng, cfg: DemoConfig, row: int = 64):
             stream: list[int] = []
             while len(stream) < row + 1:
                 p = problems(rng, 1, cfg)[0]
-                stream += tokenizer.encode(f"increment {words(p)} = {words(answer(p))} .", add_special_tokens=False)
+                stream += tokenizer.encode(raw_text(p), add_special_tokens=False)
             ids[r] = stream[:row]
         labels = np.concatenate([ids[:, 1:], np.full((cfg.batch_size, 1), -100, np.int32)], axis=1)
         yield {"input_ids": jnp.asarray(ids[None]), "labels": jnp.asarray(labels[None])}
@@ -125,14 +131,14 @@ def build_base(folder: Path, cfg: DemoConfig, log=print) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    corpus = [f"increment {words(p)} = {words(answer(p))} ." for p in problems(rng, 2000, cfg)]
+    corpus = [raw_text(p) for p in problems(rng, 2000, cfg)]
     build_tokenizer(tmp, corpus)
     tokenizer = load_tokenizer(tmp)
     model_cfg = model_config(len(tokenizer))
     params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
     trainable, frozen = split(params, lambda path, leaf: True)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, cfg.pretrain_steps, 3e-4)
-    optimizer = optax.adamw(schedule, weight_decay=0.01)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, cfg.pretrain_steps, 1e-3)
+    optimizer = optax.adam(schedule)
     state = init_state(trainable, optimizer, cfg.seed)
     step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=0), optimizer)
     batches = _pretrain_batches(tokenizer, rng, cfg)
@@ -163,6 +169,17 @@ def exact_match(model_cfg, params, tokenizer, test: list[tuple[int, ...]]) -> tu
         hits += ok
         samples.append(f"increment {words(p)}  ->  {text!r}  {'ok' if ok else 'WRONG'}")
     return hits / len(test), samples
+
+
+def eval_loss(model_cfg, params, tokenizer, data: DataConfig) -> float:
+    """Mean cross-entropy over the assistant tokens of one epoch of ``data``."""
+    iterator = build_iterator(data, tokenizer).iterator
+    loss_sum, n = 0.0, 0.0
+    for _ in range(iterator.batches_per_epoch):
+        batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
+        s, c = token_loss_sum(model_cfg, params, batch, None, 0)
+        loss_sum, n = loss_sum + float(s), n + float(c)
+    return loss_sum / max(n, 1.0)
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -196,13 +213,14 @@ def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: boo
     log("[2/4] loading the base with NF4 (4-bit, double-quant) linear layers; scoring it on held-out problems")
     model_cfg, nf4_params = from_pretrained(base, quant="nf4")
     before, _ = exact_match(model_cfg, nf4_params, tokenizer, test)
+    eval_data = DataConfig(paths=(str(data_dir / "eval.jsonl"),), max_length=64, batch_size=cfg.batch_size,
+                           seed=cfg.seed)
+    loss_before = eval_loss(model_cfg, nf4_params, tokenizer, eval_data)
 
     log(f"[3/4] QLoRA fine-tuning for {cfg.finetune_steps} steps")
-    data = DataConfig(paths=(str(data_dir / "train.jsonl"),), max_length=64, batch_size=cfg.batch_size,
-                      seed=cfg.seed)
     run_cfg = RunConfig(
-        model=str(base), output_dir=str(Path(out_dir) / "run"), method="qlora", data=data,
-        eval_data=data.replace(paths=(str(data_dir / "eval.jsonl"),)),
+        model=str(base), output_dir=str(Path(out_dir) / "run"), method="qlora",
+        data=eval_data.replace(paths=(str(data_dir / "train.jsonl"),)), eval_data=eval_data,
         lora=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=10, total_steps=cfg.finetune_steps,
                           min_lr_ratio=0.1, max_grad_norm=1.0),
@@ -214,7 +232,7 @@ def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: boo
     after, samples = exact_match(model_cfg, params, tokenizer, test)
     (Path(out_dir) / "samples.txt").write_text("\n".join(samples) + "\n")
     result = {"before_exact_match": before, "after_exact_match": after, "n_eval": len(test),
-              "eval_loss": summary["eval"]["loss"], "adapter": summary["export"],
+              "eval_loss_before": loss_before, "eval_loss": eval_loss(model_cfg, params, tokenizer, eval_data), "adapter": summary["export"],
               "curves": str(Path(run_cfg.output_dir) / "curves.png"), "samples": str(Path(out_dir) / "samples.txt"),
               "seconds": time.perf_counter() - t0}
     (Path(out_dir) / "demo.json").write_text(json.dumps(result, indent=2))
@@ -228,7 +246,8 @@ def table(result: dict) -> str:
         f"| base (NF4), before QLoRA | {100 * result['before_exact_match']:.1f}% of {result['n_eval']} |",
         f"| after QLoRA | {100 * result['after_exact_match']:.1f}% of {result['n_eval']} |",
         "",
-        f"eval loss after: {result['eval_loss']:.4f}",
+        f"eval loss (assistant tokens of the held-out chats): {result['eval_loss_before']:.4f} before, "
+        f"{result['eval_loss']:.4f} after",
         f"adapter (PEFT format): {result['adapter']}",
         f"loss curves: {result['curves']}",
         f"sample generations: {result['samples']}",
