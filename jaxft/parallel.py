@@ -152,6 +152,11 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
             "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"])}
 
 
+def activation_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of the [B, T, D] residual stream at layer boundaries: batch like the batch, the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], None, None))
+
+
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES, accumulation_axis: bool = False) -> NamedSharding:
     """Sharding of a [B, T, ...] batch (or [A, B, T, ...] with a leading micro-batch axis)."""
     batch = dict(rules)["batch"]

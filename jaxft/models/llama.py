@@ -128,13 +128,14 @@ def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, rng=None, kv_cache=N
 
 
 def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, cache=None,
-                  rng=None):
+                  rng=None, activation_sharding=None):
     """Final-norm hidden states [B, T, D] (compute dtype), and the updated cache when one is given.
 
     ``segment_ids`` [B, T] (default: one segment) keep packed documents apart; 0 marks padding.
     ``positions`` [B, T] (default: restart at each segment) drive RoPE.
     ``cache`` (see :mod:`jaxft.models.generate`) holds K/V [L, B, S, KVH, hd], the key slots' segment ids and
     ``index``, the slot where ``input_ids`` start. ``rng`` turns on adapter dropout (training).
+    ``activation_sharding`` (a sharding of [B, T, D]) constrains the residual stream at every layer boundary.
     """
     dtype = jnp.dtype(cfg.dtype)
     if segment_ids is None:
@@ -154,6 +155,8 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
         k_index = jnp.broadcast_to(jnp.arange(k_segment.shape[1]), k_segment.shape)
 
     def body(x, layer):
+        if activation_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, activation_sharding)
         lp, window, layer_rng, kv = layer
         mask_inputs = (q_index, k_index, segment_ids, k_segment, window)
         if cfg.attention == "blockwise":

@@ -7,6 +7,7 @@ update as one batch A times larger, however unevenly the targets fall.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,14 +29,15 @@ class StepConfig:
 
     loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy; 0 = full logits
     skip_nonfinite: bool = True  # skip (and report) updates whose gradients are not finite
+    activation_sharding: object = None  # sharding of [B, T, D] activations at layer boundaries (set per mesh)
 
 
-def token_loss_sum(cfg: ModelConfig, params: dict, batch: dict, rng, chunk_size: int):
+def token_loss_sum(cfg: ModelConfig, params: dict, batch: dict, rng, chunk_size: int, activation_sharding=None):
     """(sum of per-token CE, number of target tokens) for one micro-batch ``[B, T]``."""
     lm_head_lora = "lora_a" in params.get("lm_head", {})
     body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
     h, _ = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                         rng=body_rng)
+                         rng=body_rng, activation_sharding=activation_sharding)
     if chunk_size and not lm_head_lora:
         return chunked_cross_entropy(h, lm_head_kernel(cfg, params), batch["labels"], chunk_size=chunk_size)
     return cross_entropy(logits_from_hidden(cfg, params, h, head_rng), batch["labels"])
@@ -50,7 +52,8 @@ def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng):
         batch, key = xs
 
         def loss_fn(t):
-            loss_sum, _ = token_loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.loss_chunk_size)
+            loss_sum, _ = token_loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.loss_chunk_size,
+                                         step_cfg.activation_sharding)
             return loss_sum / total
 
         value, g = jax.value_and_grad(loss_fn)(trainable)
@@ -106,6 +109,8 @@ def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None,
     from jaxft import parallel
 
     rules = rules or parallel.DEFAULT_RULES
+    step_cfg = dataclasses.replace(step_cfg, activation_sharding=parallel.activation_sharding(mesh, rules))
+    fn = partial(train_step, cfg, step_cfg, optimizer)
     state_sh = parallel.state_shardings(state, mesh, rules)
     frozen_sh = parallel.param_shardings(frozen, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
