@@ -28,10 +28,11 @@ from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
 from jaxft.train.optim import make_optimizer, make_schedule
 
 
-def load_model(cfg: RunConfig, rng):
-    """(model config, params with adapters for LoRA/QLoRA)."""
+def load_model(cfg: RunConfig, rng, mesh=None):
+    """(model config, params with adapters for LoRA/QLoRA); with a mesh each process reads only its slices."""
     quant = cfg.quant if cfg.method == "qlora" else None
-    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant)
+    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
+                                        mesh=mesh)
     model_cfg = model_cfg.replace(remat=cfg.train.remat)
     if cfg.method != "full":
         params = lora.add(model_cfg, params, cfg.lora, rng)
@@ -88,13 +89,13 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     tokenizer = load_tokenizer(cfg.model)
     pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                               process_count=jax.process_count())
-    model_cfg, params = load_model(cfg, rng)
+    mesh = parallel.make_mesh(cfg.mesh)
+    _check_batch_fits(cfg, mesh)
+    model_cfg, params = load_model(cfg, rng, mesh)
     trainable, frozen = split(params, trainable_predicate(cfg, params))
     n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
         x.size for x in jax.tree.leaves(trainable))
 
-    mesh = parallel.make_mesh(cfg.mesh)
-    _check_batch_fits(cfg, mesh)
     optimizer = make_optimizer(cfg.optim)
     state = init_state(trainable, optimizer, seed=tc.seed)
     state = jax.device_put(state, parallel.state_shardings(state, mesh))
