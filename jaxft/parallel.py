@@ -134,7 +134,7 @@ def replicated(mesh) -> NamedSharding:
 
 
 def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
-    """Shardings for a train state {step, trainable, opt_state, rng}.
+    """Shardings for a train state {step, trainable, opt_state, rng, (loss_scale, good_steps)}.
 
     Optimizer moments that mirror a param (same dict-key path suffix and shape, as optax's states do) shard
     like that param; anything else (step counts, quantized moments' blocks) is replicated.
@@ -148,7 +148,8 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
         match = by_path.get(keys)
         return match[0] if match is not None and match[1] == x.shape else replicated(mesh)
 
-    return {"step": replicated(mesh), "rng": replicated(mesh), "trainable": trainable,
+    scalars = {k: replicated(mesh) for k in state if k not in ("trainable", "opt_state")}
+    return {**scalars, "trainable": trainable,
             "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"])}
 
 

@@ -85,3 +85,35 @@ def test_full_finetuning_gradients_equal_torch_autograd(tmp_path):
     ours = to_hf_tensors(cfg, grads)
     for name, p in model.named_parameters():
         np.testing.assert_allclose(ours[name], p.grad.numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def test_fp16_dynamic_loss_scaling_halves_on_overflow_and_grows_after_good_steps():
+    cfg16 = CFG.replace(dtype="float16")
+    trainable, frozen = jaxft.split(_lora_params())
+    opt = optax.sgd(0.1)
+    state = init_state(jax.tree.map(jnp.copy, trainable), opt, loss_scale=2.0 ** 40)  # overflows fp16
+    step = jit_train_step(cfg16, StepConfig(loss_scale_interval=2), opt)
+    batch = jax.tree.map(lambda x: x[None], _batch(4))
+    scales, skipped = [], []
+    for _ in range(30):
+        state, m = step(state, frozen, batch)
+        scales.append(float(m["loss_scale"]))
+        skipped.append(int(m["skipped"]))
+    first_ok = skipped.index(0)
+    assert first_ok > 0 and all(skipped[:first_ok])
+    assert scales[1] == scales[0] / 2  # halved after the overflow
+    assert scales[first_ok + 2] == 2 * scales[first_ok]  # doubled after 2 finite steps
+
+
+def test_fp16_scaled_gradients_match_float32():
+    params = _lora_params()
+    batch = jax.tree.map(lambda x: x[None], _batch(4))
+    grads = {}
+    for dtype, scale in (("float32", None), ("float16", 2.0 ** 12)):
+        trainable, frozen = jaxft.split(params)
+        state = init_state(jax.tree.map(jnp.copy, trainable), optax.sgd(1.0), loss_scale=scale)
+        new, m = jit_train_step(CFG.replace(dtype=dtype), StepConfig(), optax.sgd(1.0))(state, frozen, batch)
+        assert int(m["skipped"]) == 0
+        grads[dtype] = jax.tree.map(lambda a, b: a - b, trainable, new["trainable"])
+    for a, b in zip(jax.tree.leaves(grads["float16"]), jax.tree.leaves(grads["float32"])):
+        np.testing.assert_allclose(a, b, atol=1e-2 * float(jnp.max(jnp.abs(b))))  # fp16 compute precision

@@ -97,7 +97,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         x.size for x in jax.tree.leaves(trainable))
 
     optimizer = make_optimizer(cfg.optim)
-    state = init_state(trainable, optimizer, seed=tc.seed)
+    fp16 = model_cfg.dtype == "float16"
+    state = init_state(trainable, optimizer, seed=tc.seed, loss_scale=2.0 ** 15 if fp16 else None)
     state = jax.device_put(state, parallel.state_shardings(state, mesh))
     frozen = parallel.shard_params(frozen, mesh)
     step_fn = jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size), optimizer, mesh, state,

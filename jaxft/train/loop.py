@@ -30,6 +30,7 @@ class StepConfig:
     loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy; 0 = full logits
     skip_nonfinite: bool = True  # skip (and report) updates whose gradients are not finite
     activation_sharding: object = None  # sharding of [B, T, D] activations at layer boundaries (set per mesh)
+    loss_scale_interval: int = 2000  # fp16: double the loss scale after this many finite steps in a row
 
 
 def token_loss_sum(cfg: ModelConfig, params: dict, batch: dict, rng, chunk_size: int, activation_sharding=None):
@@ -43,8 +44,11 @@ def token_loss_sum(cfg: ModelConfig, params: dict, batch: dict, rng, chunk_size:
     return cross_entropy(logits_from_hidden(cfg, params, h, head_rng), batch["labels"])
 
 
-def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng):
-    """Sum of per-micro-batch gradients of (loss sum / total targets), scanned over the leading [A] axis."""
+def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng, scale=1.0):
+    """Sum of per-micro-batch gradients of (loss sum / total targets), scanned over the leading [A] axis.
+
+    The loss is multiplied by ``scale`` before differentiation (fp16 loss scaling) and the result divided again.
+    """
     total = jnp.maximum(jnp.sum(batches["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
 
     def micro(carry, xs):
@@ -54,7 +58,7 @@ def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng):
         def loss_fn(t):
             loss_sum, _ = token_loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.loss_chunk_size,
                                          step_cfg.activation_sharding)
-            return loss_sum / total
+            return loss_sum / total * scale
 
         value, g = jax.value_and_grad(loss_fn)(trainable)
         return (jax.tree.map(jnp.add, grads, g), loss + value), None
@@ -63,7 +67,7 @@ def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng):
     keys = jax.random.split(rng, n_micro) if rng is not None else None
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
-    return grads, loss, total
+    return jax.tree.map(lambda g: g / scale, grads), loss / scale, total
 
 
 def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.GradientTransformation,
@@ -72,9 +76,13 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
 
     Returns (new state, metrics). With ``skip_nonfinite`` an update whose gradients hold NaN/inf is dropped:
     params and optimizer state stay as they were and ``metrics["skipped"]`` is 1.
+    A state with a ``loss_scale`` (fp16 training) gets dynamic loss scaling: halved on a non-finite step,
+    doubled after ``loss_scale_interval`` finite steps in a row.
     """
     rng, step_rng = jax.random.split(state["rng"])
-    grads, loss, n_targets = _accumulated_grads(cfg, step_cfg, state["trainable"], frozen, batches, step_rng)
+    scale = state.get("loss_scale", 1.0)
+    grads, loss, n_targets = _accumulated_grads(cfg, step_cfg, state["trainable"], frozen, batches, step_rng,
+                                                scale)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
@@ -86,12 +94,23 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
     metrics = {"loss": loss, "grad_norm": grad_norm, "n_targets": n_targets,
                "skipped": (~finite).astype(jnp.int32)}
+    if "loss_scale" in state:
+        good = jnp.where(finite, state["good_steps"] + 1, 0)
+        grow = good >= step_cfg.loss_scale_interval
+        new_state["loss_scale"] = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0))
+        new_state["good_steps"] = jnp.where(grow, 0, good)
+        metrics["loss_scale"] = scale
     return new_state, metrics
 
 
-def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: int = 0) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
-            "rng": jax.random.PRNGKey(seed)}
+def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: int = 0,
+               loss_scale: float | None = None) -> dict:
+    """A fresh train state; pass ``loss_scale`` (e.g. 2**15) for fp16 compute with dynamic loss scaling."""
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
+             "rng": jax.random.PRNGKey(seed)}
+    if loss_scale is not None:
+        state.update(loss_scale=jnp.asarray(loss_scale, jnp.float32), good_steps=jnp.zeros((), jnp.int32))
+    return state
 
 
 def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None, state=None, frozen=None,
@@ -114,6 +133,7 @@ def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None,
     state_sh = parallel.state_shardings(state, mesh, rules)
     frozen_sh = parallel.param_shardings(frozen, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
-    metrics_sh = dict.fromkeys(("loss", "grad_norm", "n_targets", "skipped"), parallel.replicated(mesh))
+    metric_names = ("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
+    metrics_sh = dict.fromkeys(metric_names, parallel.replicated(mesh))
     return jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                    donate_argnums=(0,))
