@@ -145,3 +145,16 @@ def test_summary_reports_trainable_share(base):
     params = jaxft.lora.add(CFG, base, jaxft.LoraConfig(r=4), jax.random.PRNGKey(0))
     text = jaxft.lora.summary(params)
     assert f"trainable params: {jaxft.lora.trainable_count(params):,}" in text
+
+
+def test_resized_vocabulary_keeps_old_logits_and_trains_only_the_new_rows(base):
+    cfg, grown = jaxft.lora.resize_embeddings(CFG, base, CFG.vocab_size + 2)
+    ids = jnp.asarray(random_ids((1, 6), vocab=64))
+    np.testing.assert_allclose(jaxft.forward(cfg, grown, ids)[..., :64], jaxft.forward(CFG, base, ids), atol=1e-6)
+    lcfg = jaxft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[64, 65])
+    params = jaxft.lora.add(cfg, grown, lcfg, jax.random.PRNGKey(0))
+    trainable, _ = jaxft.split(params)
+    assert trainable["embed_tokens"]["trainable_rows"].shape == (2, 32)
+    assert trainable["embed_tokens"]["embedding"] is None
+    with pytest.raises(jaxft.ConfigError, match="resize the embeddings first"):
+        jaxft.lora.add(CFG, base, lcfg, jax.random.PRNGKey(0))

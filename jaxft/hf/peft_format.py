@@ -72,6 +72,9 @@ def entries(params: dict) -> list[Entry]:
                 out.append(Entry(f"{key}.lora_B.weight", path + ("lora_b",), layer, r, True))
                 if "lora_magnitude" in group:
                     out.append(Entry(f"{key}.lora_magnitude_vector", path + ("lora_magnitude",), layer, None, False))
+        if "trainable_rows" in group:
+            out.append(Entry(f"{PREFIX}{module_key(path, None)}.token_adapter.trainable_tokens_delta",
+                             path + ("trainable_rows",), None, None, False))
         if "lora_embedding_a" in group:
             key = PREFIX + module_key(path, None)
             out.append(Entry(f"{key}.lora_embedding_A", path + ("lora_embedding_a",), None, None, True))
@@ -115,7 +118,7 @@ def adapter_tensors(params: dict) -> dict[str, np.ndarray]:
 
 def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None = None) -> dict:
     d = dataclasses.asdict(lcfg)
-    for k in ("target_modules", "modules_to_save", "layers_to_transform"):
+    for k in ("target_modules", "modules_to_save", "layers_to_transform", "trainable_token_indices"):
         if isinstance(d[k], tuple):
             d[k] = list(d[k])
     d.update(peft_type="LORA", base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=False,
@@ -145,7 +148,7 @@ def lora_config_from_peft(d: dict, source: str) -> lora.LoraConfig:
     if d.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{source}: peft_type {d.get('peft_type')!r}: only LORA adapters load here")
     unsupported = {"fan_in_fan_out": False, "lora_bias": False, "layer_replication": None, "exclude_modules": None,
-                   "trainable_token_indices": None, "target_parameters": None, "use_qalora": False}
+                   "target_parameters": None, "use_qalora": False}
     for key, default in unsupported.items():
         if d.get(key, default) not in (default, [], {}):
             raise ConfigError(f"{source}: {key}={d[key]!r} is not supported by jaxft")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxft.config import ModelConfig
 from jaxft.ops.attention import NO_WINDOW, attention_mask, dot_product_attention
 from jaxft.ops.blockwise_attention import blockwise_attention
-from jaxft.ops.linear import embed, linear
+from jaxft.ops.linear import embed, embedding_table, linear
 from jaxft.ops.rope import apply_rope, rope_tables
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -184,14 +184,14 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
 def lm_head_kernel(cfg: ModelConfig, params: dict) -> jnp.ndarray:
     """[D, V] base output projection (the transposed embedding when tied); an lm_head adapter is not included."""
     if cfg.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
+        return embedding_table(params["embed_tokens"]).T
     return params["lm_head"]["kernel"]
 
 
 def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray, rng=None) -> jnp.ndarray:
     """float32 logits [..., V] from hidden states in the compute dtype."""
     if cfg.tie_word_embeddings:
-        w = params["embed_tokens"]["embedding"].astype(h.dtype)
+        w = embedding_table(params["embed_tokens"]).astype(h.dtype)
         return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
     return linear(params["lm_head"], h, rng).astype(jnp.float32)
 

@@ -29,12 +29,12 @@ import numpy as np
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
-from jaxft.ops.linear import dense_kernel
+from jaxft.ops.linear import dense_kernel, embedding_table
 from jaxft.peft.tree import MARKER, TRAINABLE_KEYS
 
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-ADAPTER_KEYS = TRAINABLE_KEYS | {"lora_scale", "lora_mask", "lora_dropout"}
+ADAPTER_KEYS = TRAINABLE_KEYS | {"lora_scale", "lora_mask", "lora_dropout", "trainable_row_ids"}
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,16 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
     inference_mode: bool = False
     task_type: str = "CAUSAL_LM"
+    # Embedding rows trained in full (new special tokens after a vocabulary resize), PEFT's TrainableTokens.
+    trainable_token_indices: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        for name in ("target_modules", "modules_to_save", "layers_to_transform"):
+        if isinstance(self.trainable_token_indices, dict):
+            if set(self.trainable_token_indices) != {"embed_tokens"}:
+                raise ConfigError(f"trainable_token_indices: only embed_tokens is supported, got "
+                                  f"{sorted(self.trainable_token_indices)}")
+            object.__setattr__(self, "trainable_token_indices", self.trainable_token_indices["embed_tokens"])
+        for name in ("target_modules", "modules_to_save", "layers_to_transform", "trainable_token_indices"):
             value = getattr(self, name)
             if isinstance(value, (list, set, frozenset)):
                 object.__setattr__(self, name, tuple(sorted(value) if isinstance(value, (set, frozenset)) else value))
@@ -302,9 +309,41 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
         marked.update({"/".join(path) + "/" + leaf: None for leaf in group if leaf not in ADAPTER_KEYS})
     if lcfg.bias == "all":
         marked.update({p: None for p in _leaf_paths(params) if p.endswith("/bias")})
+    if lcfg.trainable_token_indices:
+        params["embed_tokens"].update(_trainable_rows(params["embed_tokens"], lcfg.trainable_token_indices))
     if marked:
         params[MARKER] = marked
     return params
+
+
+def _trainable_rows(group: dict, indices) -> dict:
+    """PEFT's TrainableTokens: the listed embedding rows, copied, replace the frozen ones and are trained."""
+    vocab = group["embedding"].shape[0]
+    bad = [i for i in indices if not 0 <= i < vocab]
+    if bad or len(set(indices)) != len(indices):
+        raise ConfigError(f"trainable_token_indices {list(indices)}: indices must be distinct and in [0, {vocab}); "
+                          "resize the embeddings first (lora.resize_embeddings) for new tokens")
+    ids = jnp.asarray(indices, jnp.int32)
+    return {"trainable_rows": group["embedding"][ids], "trainable_row_ids": ids}
+
+
+def resize_embeddings(cfg: ModelConfig, params: dict, vocab_size: int) -> tuple[ModelConfig, dict]:
+    """Grow the vocabulary (new special tokens); new rows start at the mean of the old ones (for the input
+    embedding and the untied output head), so existing tokens' logits and the new tokens' start are sane."""
+    old = params["embed_tokens"]["embedding"]
+    if vocab_size < old.shape[0]:
+        raise ConfigError(f"resize_embeddings only grows the vocabulary ({old.shape[0]} -> {vocab_size} requested)")
+    params = dict(params)
+
+    def grow(table, axis):
+        extra = jnp.repeat(jnp.mean(table.astype(jnp.float32), axis=axis, keepdims=True), vocab_size - old.shape[0],
+                           axis=axis)
+        return jnp.concatenate([table, extra.astype(table.dtype)], axis=axis)
+
+    params["embed_tokens"] = {**params["embed_tokens"], "embedding": grow(old, 0)}
+    if "lm_head" in params:
+        params["lm_head"] = {**params["lm_head"], "kernel": grow(params["lm_head"]["kernel"], 1)}
+    return cfg.replace(vocab_size=vocab_size), params
 
 
 def _group_keys(params: dict):
@@ -355,11 +394,12 @@ def merge(params: dict) -> dict:
     measured (the merged weight against dequant(W) + s·A·B computed separately).
     """
     def merge_group(group: dict) -> dict:
-        if "lora_embedding_a" in group:
-            s = group["lora_scale"]
-            delta = (group["lora_embedding_a"] @ group["lora_embedding_b"]) * s
-            e = group["embedding"]
-            return {"embedding": (e.astype(jnp.float32) + delta).astype(e.dtype)}
+        if "embedding" in group:
+            e = embedding_table(group)
+            if "lora_embedding_a" in group:
+                delta = (group["lora_embedding_a"] @ group["lora_embedding_b"]) * group["lora_scale"]
+                e = (e.astype(jnp.float32) + delta).astype(e.dtype)
+            return {"embedding": e}
         if "lora_a" not in group:
             return {k: merge_group(v) if isinstance(v, dict) else v for k, v in group.items()}
         kernel = group["kernel"]
