@@ -77,16 +77,14 @@ def _generate(args) -> int:
 def _export(args) -> int:
     import jaxft
 
-    out = Path(args.out)
-    if args.merged:
-        cfg, params = _load(args.model, args.adapter, None)
-        merged = jaxft.lora.merge(params)
-        jaxft.save_pretrained(cfg, merged, out, overwrite=args.overwrite)
-    else:
-        cfg, params = _load(args.model, args.adapter, None)
-        from jaxft.hf.peft_format import lora_config_from_peft
-        from jaxft.hf.config import read_json
+    from jaxft.hf.config import read_json
+    from jaxft.hf.peft_format import lora_config_from_peft
 
+    out = Path(args.out)
+    cfg, params = _load(args.model, args.adapter, None)
+    if args.merged:
+        jaxft.save_pretrained(cfg, jaxft.lora.merge(params), out, overwrite=args.overwrite)
+    else:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
         jaxft.save_adapter(params, lcfg, out, base_model_name_or_path=str(Path(args.model).resolve()),
                            overwrite=args.overwrite)
@@ -107,7 +105,7 @@ def _inspect(args) -> int:
 
     cfg = load_run_config(args.config, args.set or [])
     _, params = sft.load_model(cfg, jax.random.PRNGKey(0))
-    trainable, frozen = split(params, sft.trainable_predicate(cfg, params))
+    trainable, frozen = split(params, sft.trainable_predicate(cfg))
     n_train = jaxft.lora.trainable_count(params) if cfg.method != "full" else sum(
         x.size for x in jax.tree.leaves(trainable))
     print(jaxft.lora.summary(params) if cfg.method != "full" else f"trainable params: {n_train:,}")

@@ -43,6 +43,22 @@ def test_train_writes_metrics_curves_config_and_a_peft_adapter(tiny_run, capsys)
     assert (run / "adapter" / "tokenizer_config.json").exists()
 
 
+def test_export_merged_model_gives_the_adapted_logits(tiny_run, tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    model, adapter = tiny_run / "model", tiny_run / "run" / "adapter"
+    assert main(["export", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    assert main(["export", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "peft")]) == 0
+    cfg, base = jaxft.from_pretrained(model)
+    ids = jnp.asarray([[3, 4, 5, 6, 7]])
+    adapted = jaxft.forward(cfg, jaxft.load_adapter(adapter, base), ids)
+    _, merged = jaxft.from_pretrained(tmp_path / "merged")
+    np.testing.assert_allclose(jaxft.forward(cfg, merged, ids), adapted, atol=1e-5)
+    np.testing.assert_allclose(jaxft.forward(cfg, jaxft.load_adapter(tmp_path / "peft", base), ids), adapted, atol=0)
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()
+
+
 def _error(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

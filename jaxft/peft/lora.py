@@ -30,7 +30,8 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, embedding_table
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, path_str, split
+from jaxft.peft.tree import summary as tree_summary
 
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -352,8 +353,6 @@ def _group_keys(params: dict):
 
 
 def _leaf_paths(params: dict) -> list[str]:
-    from jaxft.peft.tree import path_str
-
     leaves = jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))[0]
     return [path_str(p) for p, _ in leaves]
@@ -361,8 +360,6 @@ def _leaf_paths(params: dict) -> list[str]:
 
 def trainable_count(params: dict) -> int:
     """Trainable parameters without rank padding: equals PEFT's ``get_nb_trainable_parameters()[0]``."""
-    from jaxft.peft.tree import split
-
     trainable, _ = split(params)
     total = 0
 
@@ -487,6 +484,4 @@ def structure_config(params: dict) -> ModelConfig:
 
 def summary(params: dict) -> str:
     """Trainable vs total parameters and bytes, with rank padding not counted as trainable."""
-    from jaxft.peft.tree import summary as tree_summary
-
     return tree_summary(params, trainable_count(params))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxft.ops.nf4 import QuantizedTensor
+
 TRAINABLE_KEYS = frozenset({"lora_a", "lora_b", "lora_magnitude", "lora_embedding_a", "lora_embedding_b",
                             "trainable_rows"})
 MARKER = "trainable"
@@ -31,8 +33,6 @@ def is_trainable(params: dict):
 
 
 def _is_quantized(x) -> bool:
-    from jaxft.ops.nf4 import QuantizedTensor
-
     return isinstance(x, QuantizedTensor)
 
 

@@ -16,7 +16,8 @@ from jax.experimental import multihost_utils
 from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.data import build_iterator, save_chat_template
-from jaxft.hf.checkpoint import from_pretrained, prepare_output_dir
+from jaxft.hf.checkpoint import from_pretrained, prepare_output_dir, save_pretrained
+from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import save_adapter
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
@@ -39,7 +40,7 @@ def load_model(cfg: RunConfig, rng, mesh=None):
     return model_cfg, params
 
 
-def trainable_predicate(cfg: RunConfig, params):
+def trainable_predicate(cfg: RunConfig):
     """Full fine-tuning trains every leaf; otherwise the tree's own predicate (adapters + marked leaves)."""
     return (lambda path, leaf: True) if cfg.method == "full" else None
 
@@ -92,7 +93,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     mesh = parallel.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
     model_cfg, params = load_model(cfg, rng, mesh)
-    trainable, frozen = split(params, trainable_predicate(cfg, params))
+    trainable, frozen = split(params, trainable_predicate(cfg))
     n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
         x.size for x in jax.tree.leaves(trainable))
 
@@ -197,9 +198,6 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
     """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model."""
     target = out / ("model" if cfg.method == "full" else "adapter")
     if cfg.method == "full":
-        from jaxft.hf.checkpoint import save_pretrained
-        from jaxft.hf.config import config_from_hf, read_json
-
         model_cfg = config_from_hf(read_json(Path(cfg.model) / "config.json"))
         save_pretrained(model_cfg, params, target, overwrite=True)
     else:
