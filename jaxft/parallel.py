@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layer", None),
     ("lora_rank", None),
     ("norm", None),
+    ("member", None),  # the leading axis of K adapters trained together (jaxft sweep --parallel)
 )
 
 # Logical axes of the (in, out) dims of each linear module's kernel.
