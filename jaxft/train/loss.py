@@ -13,6 +13,8 @@ Python float, like a config value.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -28,36 +30,126 @@ def cross_entropy(logits, labels, *, z_loss: float = 0.0) -> tuple[jnp.ndarray, 
     return _token_loss_sum(logits.astype(jnp.float32), labels, z_loss)
 
 
-def chunked_cross_entropy(hidden, lm_head_kernel, labels, *, chunk_size: int,
+VOCAB_BLOCK = 8192
+
+
+def chunked_cross_entropy(hidden, lm_head_kernel, labels, *, chunk_size: int, vocab_block: int = VOCAB_BLOCK,
                           z_loss: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray]:
     """hidden [B, T, D], lm_head_kernel [D, V], labels [B, T] -> (sum of token losses, number of targets), f32.
 
-    Scans over chunks of ``chunk_size`` tokens; each chunk's logits [chunk, V] are computed in float32, reduced to
-    a log-sum-exp and a label logit, and dropped. The scan body is ``jax.checkpoint``-ed, so the backward pass
-    recomputes one chunk's logits at a time instead of keeping all of them: memory is O(chunk_size * V), not
-    O(B * T * V), at the price of one extra [chunk, D] x [D, V] matmul per chunk. B * T need not divide
-    ``chunk_size``: the tail chunk is padded with ignored labels.
+    Never holds more than one [chunk_size, vocab_block] block of float32 logits: tokens are scanned in chunks of
+    ``chunk_size`` and, within a chunk, the vocabulary in blocks of ``vocab_block`` columns with an online
+    log-sum-exp (running max and rescaled sum), so memory does not grow with the number of tokens or with the
+    vocabulary. The backward pass is written by hand (:func:`_blocked_ce_bwd`): it recomputes each block's logits
+    once from the saved per-token log-normalizer and turns them straight into the hidden and kernel gradients.
+    B * T need not divide ``chunk_size`` (the tail chunk is padded with ignored labels), nor V ``vocab_block``
+    (the last block is shifted left to end at V and its columns already seen are masked out).
     """
     d = hidden.shape[-1]
     tokens = hidden.reshape(-1, d)                                   # [N, D]
     targets = labels.reshape(-1)                                     # [N]
     pad = -tokens.shape[0] % chunk_size
-    tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
-    targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX)
-    token_chunks = tokens.reshape(-1, chunk_size, d)                 # [N / chunk, chunk, D]
-    target_chunks = targets.reshape(-1, chunk_size)                  # [N / chunk, chunk]
+    tokens = jnp.pad(tokens, ((0, pad), (0, 0))).reshape(-1, chunk_size, d)                    # [C, chunk, D]
+    targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk_size)  # [C, chunk]
     kernel = lm_head_kernel.astype(hidden.dtype)                     # the compute dtype, as in the model's head
+    loss_sum = _blocked_ce(tokens, kernel, targets, min(vocab_block, kernel.shape[1]), float(z_loss))
+    return loss_sum, jnp.sum(targets != IGNORE_INDEX, dtype=jnp.float32)
 
-    @jax.checkpoint
-    def chunk_loss(totals, chunk):
+
+def _vocab_blocks(vocab: int, block: int):
+    """Static (start, first valid column offset) of each vocabulary block; the last one ends exactly at ``vocab``."""
+    starts = [min(b, vocab - block) for b in range(0, vocab, block)]
+    return jnp.asarray(starts, jnp.int32), jnp.asarray([b - s for b, s in zip(range(0, vocab, block), starts)],
+                                                       jnp.int32)
+
+
+def _block_logits(chunk_tokens, kernel, start, first_valid, block):
+    """f32 logits [chunk, block] of columns start.. of the kernel, and a mask of the columns this block owns."""
+    kernel_block = jax.lax.dynamic_slice_in_dim(kernel, start, block, axis=1)                 # [D, block]
+    logits = jnp.einsum("cd,dv->cv", chunk_tokens, kernel_block, preferred_element_type=jnp.float32)
+    owned = jnp.arange(block) >= first_valid
+    return jnp.where(owned, logits, -jnp.inf), owned, kernel_block
+
+
+def _chunk_stats(chunk_tokens, chunk_targets, kernel, block):
+    """Per-token log-normalizer and label logit of one chunk, over the vocabulary blocks (online softmax)."""
+    starts, first_valid = _vocab_blocks(kernel.shape[1], block)
+
+    def vocab_step(carry, xs):
+        running_max, running_sum, label_logit = carry
+        start, first = xs
+        logits, _, _ = _block_logits(chunk_tokens, kernel, start, first, block)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), -1)
+        local = chunk_targets - start
+        hit = (local >= first) & (local < block)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, block - 1)[:, None], axis=-1)[:, 0]
+        return (new_max, running_sum, jnp.where(hit, picked, label_logit)), None
+
+    n = chunk_tokens.shape[0]
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    (running_max, running_sum, label_logit), _ = jax.lax.scan(vocab_step, init, (starts, first_valid))
+    return running_max + jnp.log(running_sum), label_logit
+
+
+def _token_losses(log_normalizer, label_logit, is_target, z_loss):
+    token_loss = log_normalizer - label_logit
+    if z_loss:
+        token_loss = token_loss + z_loss * jnp.square(log_normalizer)
+    return jnp.where(is_target, token_loss, 0.0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked_ce(tokens, kernel, targets, block, z_loss):
+    return _blocked_ce_fwd(tokens, kernel, targets, block, z_loss)[0]
+
+
+def _blocked_ce_fwd(tokens, kernel, targets, block, z_loss):
+    def chunk_step(total, chunk):
         chunk_tokens, chunk_targets = chunk
-        logits = jnp.einsum("cd,dv->cv", chunk_tokens, kernel, preferred_element_type=jnp.float32)
-        loss_sum, n_targets = _token_loss_sum(logits, chunk_targets, z_loss)
-        return (totals[0] + loss_sum, totals[1] + n_targets), None
+        log_normalizer, label_logit = _chunk_stats(chunk_tokens, chunk_targets, kernel, block)
+        losses = _token_losses(log_normalizer, label_logit, chunk_targets != IGNORE_INDEX, z_loss)
+        return total + jnp.sum(losses), log_normalizer
 
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(chunk_loss, (zero, zero), (token_chunks, target_chunks))
-    return totals
+    total, log_normalizers = jax.lax.scan(chunk_step, jnp.zeros((), jnp.float32), (tokens, targets))
+    return total, (tokens, kernel, targets, log_normalizers)
+
+
+def _blocked_ce_bwd(block, z_loss, residuals, g):
+    """d loss / d logits = g * ((1 + 2 z lse) softmax - onehot(label)) on target tokens, 0 elsewhere; each block's
+    logits are recomputed once and contracted into d hidden (per chunk) and d kernel (accumulated over chunks)."""
+    tokens, kernel, targets, log_normalizers = residuals
+    starts, first_valid = _vocab_blocks(kernel.shape[1], block)
+
+    def chunk_step(d_kernel, chunk):
+        chunk_tokens, chunk_targets, log_normalizer = chunk
+        is_target = chunk_targets != IGNORE_INDEX
+        softmax_weight = jnp.where(is_target, g * (1.0 + 2.0 * z_loss * log_normalizer), 0.0)
+        label_weight = jnp.where(is_target, g, 0.0)
+
+        def vocab_step(carry, xs):
+            d_tokens, d_kernel = carry
+            start, first = xs
+            logits, owned, kernel_block = _block_logits(chunk_tokens, kernel, start, first, block)
+            probs = jnp.exp(logits - log_normalizer[:, None])                                # 0 where not owned
+            is_label = (chunk_targets[:, None] - start == jnp.arange(block)) & owned
+            d_logits = softmax_weight[:, None] * probs - jnp.where(is_label, label_weight[:, None], 0.0)
+            d_tokens = d_tokens + jnp.einsum("cv,dv->cd", d_logits, kernel_block.astype(jnp.float32))
+            d_block = jnp.einsum("cd,cv->dv", chunk_tokens.astype(jnp.float32), d_logits)
+            old = jax.lax.dynamic_slice_in_dim(d_kernel, start, block, axis=1)
+            d_kernel = jax.lax.dynamic_update_slice_in_dim(d_kernel, old + d_block, start, axis=1)
+            return (d_tokens, d_kernel), None
+
+        d_tokens = jnp.zeros(chunk_tokens.shape, jnp.float32)
+        (d_tokens, d_kernel), _ = jax.lax.scan(vocab_step, (d_tokens, d_kernel), (starts, first_valid))
+        return d_kernel, d_tokens.astype(tokens.dtype)
+
+    d_kernel = jnp.zeros(kernel.shape, jnp.float32)
+    d_kernel, d_tokens = jax.lax.scan(chunk_step, d_kernel, (tokens, targets, log_normalizers))
+    return d_tokens, d_kernel.astype(kernel.dtype), None
+
+
+_blocked_ce.defvjp(_blocked_ce_fwd, _blocked_ce_bwd)
 
 
 def _token_loss_sum(logits, labels, z_loss: float):
