@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from jaxft.config import ConfigError
@@ -38,20 +39,58 @@ def _demo(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from jaxft.recipes import sweep
+
+    result = sweep.run(args.config, args.grid, sets=args.set or [], out=args.out, overwrite=args.overwrite,
+                       resume=args.resume, parallel=args.parallel)
+    print(Path(result["dir"], "sweep.md").read_text())
+    return 0
+
+
 def _load(model: str, adapter: str | None, quant: str | None):
     import jaxft
 
     cfg, params = jaxft.from_pretrained(model, quant=quant)
     if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (is it a PEFT adapter "
+                                    "folder, such as a run's output_dir/adapter?)")
         params = jaxft.load_adapter(adapter, params)
     return cfg, params
+
+
+def _tokenizer_folder(model: str, adapter: str | None) -> str:
+    """An adapter saved with its tokenizer (a run's export is) wins: fine-tuning may have added tokens."""
+    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
+
+
+def _eval(args) -> int:
+    import jax
+
+    import jaxft
+    from jaxft.data import DataConfig, build_iterator
+    from jaxft.recipes.sft import eval_sums
+    from jaxft.train.metrics import evaluate
+
+    cfg, params = _load(args.model, args.adapter, args.quant)
+    tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
+    data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
+                      batch_size=args.batch_size, dedup=None)
+    pipeline = build_iterator(data, tokenizer)
+    n_batches = pipeline.iterator.batches_per_epoch
+    step = jax.jit(partial(eval_sums, cfg))
+    result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)))
+    print(json.dumps({**result, "batches": n_batches, "data_report": pipeline.report.summary()}, indent=2,
+                     default=float))
+    return 0
 
 
 def _generate(args) -> int:
     import jaxft
 
     cfg, params = _load(args.model, args.adapter, args.quant)
-    tok = jaxft.load_tokenizer(args.adapter or args.model)
+    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     prompts = list(args.prompt or [])
     if args.file:
         prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
@@ -88,8 +127,7 @@ def _export(args) -> int:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
         jaxft.save_adapter(params, lcfg, out, base_model_name_or_path=str(Path(args.model).resolve()),
                            overwrite=args.overwrite)
-    tok = jaxft.load_tokenizer(args.adapter if (Path(args.adapter) / "tokenizer_config.json").exists()
-                               else args.model)
+    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     tok.save(out)
     print(f"wrote {out}")
     return 0
@@ -98,20 +136,39 @@ def _export(args) -> int:
 def _inspect(args) -> int:
     import jax
 
-    import jaxft
-    from jaxft.peft.tree import nbytes, split
-    from jaxft.recipes import sft
+    from jaxft.parallel import MeshConfig
+    from jaxft.recipes import estimate
     from jaxft.recipes.config import load_run_config
 
     cfg = load_run_config(args.config, args.set or [])
-    _, params = sft.load_model(cfg, jax.random.PRNGKey(0))
-    trainable, frozen = split(params, sft.trainable_predicate(cfg))
-    n_train = jaxft.lora.trainable_count(params) if cfg.method != "full" else sum(
-        x.size for x in jax.tree.leaves(trainable))
-    print(jaxft.lora.summary(params) if cfg.method != "full" else f"trainable params: {n_train:,}")
-    print(f"frozen bytes: {nbytes(frozen):,}; trainable bytes: {nbytes(trainable):,}; "
-          f"AdamW state bytes: {2 * nbytes(trainable):,}")
+    model = estimate.abstract_model(cfg)  # shapes only: no weights are read
+    n_train, n_total = estimate.param_counts(cfg, model[0], model[1])
+    print(f"trainable params: {n_train:,} || all params: {n_total:,} || trainable%: {100 * n_train / n_total:.4f}")
+    shapes = [cfg.mesh.shape(args.devices or jax.device_count())]
+    shapes += [s for s in args.mesh or [] if s not in shapes]
+    estimates = [estimate.estimate(cfg, s, processes=args.processes, model=model) for s in shapes]
+    measured = None
+    if args.compile:
+        devices = jax.devices()
+        measured = [estimate.compiled_memory(cfg, MeshConfig(*s), devices[:_size(s)]) if _size(s) <= len(devices)
+                    else None for s in shapes]
+    print(estimate.format_table(estimates, measured))
+    if measured and None in measured:
+        print(f"(-: that mesh needs more than the {len(jax.devices())} devices here, so it was not compiled)")
     return 0
+
+
+def _size(shape) -> int:
+    return shape[0] * shape[1] * shape[2]
+
+
+def _mesh_shape(text: str) -> tuple[int, int, int]:
+    """``data,fsdp,tensor`` sizes, e.g. ``1,8,1``."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mesh shape; expected three positive sizes "
+                                         "data,fsdp,tensor such as 1,8,1")
+    return tuple(int(p) for p in parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +186,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="train a grid of run configs and compare them",
+                       description="Train the run config once per point of a grid, one run after another, and "
+                       "compare: sweep.csv, sweep.md and sweep.json (final train loss, eval loss, eval token "
+                       "accuracy, tokens/s as mean ± std over seeds; trainable params), loss_curves.png (one curve "
+                       "per config) and heatmap_r_alpha.png (the eval metric over lora.r x lora.lora_alpha). Runs "
+                       "land in OUT/<name>, e.g. OUT/r8-a16-s0, each an ordinary run folder; the resolved grid is "
+                       "saved as OUT/sweep.yaml.",
+                       epilog="example: jaxft sweep configs/demo-cpu.yaml --grid lora.r=4,8,16 alpha=2r "
+                       "optim.lr=1e-3,3e-3 seeds=3")
+    p.add_argument("config", help="YAML run config (the base of every run)")
+    p.add_argument("--grid", action="extend", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="grid dimensions: KEY=V1,V2,... with YAML values (r, alpha, lr, dropout are short for "
+                   "lora.r, lora.lora_alpha, optim.lr, lora.lora_dropout); a value like 2r, 2*r or r is derived "
+                   "from each point's lora.r; seeds=N repeats every point with train.seed 0..N-1")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config value")
+    p.add_argument("--out", help="sweep folder (default: the config's output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its folder: runs whose "
+                   "summary.json exists are kept, the others are trained (again, from scratch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder")
+    p.add_argument("--parallel", action="store_true", help="train the runs together on the devices "
+                   "(jaxft.recipes.multi) instead of one after another")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model (+ adapter) on data",
+                       description="Evaluate a HF model folder, with a PEFT adapter if given, on SFT data files "
+                       "(the formats train reads: chat messages, prompt/completion, text) over one pass: mean "
+                       "cross-entropy of the target tokens (assistant turns for chats), perplexity, and token "
+                       "accuracy (argmax = label, teacher-forced). Prints JSON.",
+                       epilog="example: jaxft eval BASE --adapter runs/demo-cpu/adapter --quant nf4 "
+                       "--data jaxft-demo/data/eval.jsonl")
+    p.add_argument("model", help="HF model folder (the base)")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply (e.g. a run's output_dir/adapter)")
+    p.add_argument("--quant", choices=["nf4", "fp4"], help="load the base in 4 bits (as QLoRA trained it)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSON/JSONL/CSV/parquet file(s)")
+    p.add_argument("--template", help="chat template: a built-in name or .jinja file (default: the tokenizer's)")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per row (longer examples are cut)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="run the offline end-to-end demo",
                        description="Pretrain a tiny Llama-style base on generated text (cached), quantize it to "
@@ -164,11 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("inspect", help="parameter counts and memory of a run config",
-                       description="Load the model of a run config as the run would (adapters, 4-bit base) and "
-                       "print trainable vs total params and bytes.")
+    p = sub.add_parser("inspect", help="parameter counts and per-device memory of a run config",
+                       description="Build the model of a run config from its config.json alone (adapters, 4-bit "
+                       "base; no weights are read) and print trainable vs total params and an estimate of the train "
+                       "step's memory per device, term by term, for the configured mesh and any --mesh shapes. The "
+                       "estimate needs no devices; --compile checks it against XLA's memory_analysis() of the real "
+                       "step compiled on the devices here.")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--mesh", action="append", type=_mesh_shape, metavar="DATA,FSDP,TENSOR",
+                   help="also estimate for this mesh shape (repeatable), e.g. --mesh 1,8,1 --mesh 8,1,1")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="device count that resolves a -1 in the config's mesh (default: the devices here)")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="processes the run has; each feeds data.batch_size rows (default: 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="also compile the real step on the devices here and print its memory_analysis()")
     p.set_defaults(func=_inspect)
     return parser
 

@@ -20,11 +20,13 @@ from jaxft.hf.checkpoint import from_pretrained, prepare_output_dir, save_pretra
 from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import save_adapter
 from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes.config import RunConfig, dump_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
-from jaxft.train.loop import StepConfig, init_state, jit_train_step, token_loss_sum
+from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.loss import IGNORE_INDEX, cross_entropy
 from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
 from jaxft.train.optim import make_optimizer, make_schedule
 
@@ -66,6 +68,9 @@ def _check_batch_fits(cfg: RunConfig, mesh):
 
 
 def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    if not (Path(cfg.model) / "config.json").is_file():  # before output_dir exists, so a fixed rerun needs no --overwrite
+        raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
+                          "`model` at a folder with config.json and *.safetensors")
     out = Path(cfg.output_dir)
     if resume:
         if not (out / "checkpoints").exists():
@@ -113,7 +118,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         pipeline.iterator.set_state(_own_iterator_state(extra["iterators"], out))
     start = int(state["step"])
 
-    eval_step = _eval_step(model_cfg, mesh)
+    eval_step = _eval_step(model_cfg, tc.loss_chunk_size or 1024)
     eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
                                     process_count=jax.process_count()) if cfg.eval_data else None)
 
@@ -125,7 +130,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
     schedule = make_schedule(cfg.optim)
     throughput = Throughput()
-    last = {}
+    last, last_eval = {}, None
     for step in range(start + 1, tc.steps + 1):
         batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, frozen, batches)
@@ -133,7 +138,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(n_tokens)}
         logger.log(step, last)
         if eval_pipeline and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
-            logger.log_eval(step, run_eval())
+            last_eval = run_eval()
+            logger.log_eval(step, last_eval)
         if step % checkpointer.save_every == 0 or step == tc.steps:
             checkpointer.save(step, state, {"iterators": _iterator_states(pipeline.iterator), "base": base},
                               force=step == tc.steps)
@@ -144,8 +150,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
                "final_loss": float(last.get("loss", float("nan"))) if last else None,
                "tokens_per_s": last.get("tokens_per_s"), "data_report": pipeline.report.summary()}
-    if eval_pipeline:
-        summary["eval"] = run_eval()
+    if eval_pipeline:  # the final step's evaluation; another pass would read the next eval batches instead
+        summary["eval"] = last_eval or run_eval()
     if is_main:
         summary["export"] = str(_export(cfg, params, tokenizer, pipeline.chat_template, out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -181,10 +187,38 @@ def _to_host(tree):
                                              else multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def _eval_step(model_cfg, mesh):
+def eval_sums(model_cfg, params: dict, batch: dict, chunk_tokens: int = 1024):
+    """(loss sum, target count, correct count) of one batch [B, T]; a target is correct when the argmax logit is
+    its label (teacher-forced token accuracy), so every eval reports an accuracy whatever the task.
+
+    Logits come a slice of positions at a time, [B, c, V] with B * c ~ ``chunk_tokens``, so an evaluation never
+    holds [B, T, V]; slicing the position axis (not rows) keeps each slice's rows sharded as the batch is.
+    """
+    h, _ = hidden_states(model_cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"))
+    b, t, d = h.shape
+    c = max(1, min(t, chunk_tokens // b))
+    pad = -t % c
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(batch["labels"], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    h_slices = jnp.moveaxis(h.reshape(b, -1, c, d), 1, 0)              # [T / c, B, c, D]
+    label_slices = jnp.moveaxis(labels.reshape(b, -1, c), 1, 0)        # [T / c, B, c]
+
+    def add_slice(totals, xs):
+        h_slice, label_slice = xs
+        logits = logits_from_hidden(model_cfg, params, h_slice)        # [B, c, V] float32
+        loss_sum, n_targets = cross_entropy(logits, label_slice)
+        hits = (jnp.argmax(logits, axis=-1) == label_slice) & (label_slice != IGNORE_INDEX)
+        return (totals[0] + loss_sum, totals[1] + n_targets, totals[2] + jnp.sum(hits, dtype=jnp.float32)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    totals, _ = jax.lax.scan(add_slice, (zero, zero, zero), (h_slices, label_slices))
+    return totals
+
+
+def _eval_step(model_cfg, chunk_tokens: int):
     @jax.jit
     def step(trainable, frozen, batch):
-        return token_loss_sum(model_cfg, combine(trainable, frozen), batch, None, 1024)
+        return eval_sums(model_cfg, combine(trainable, frozen), batch, chunk_tokens)
 
     return step
 

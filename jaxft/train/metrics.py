@@ -30,22 +30,26 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 709.0 else math.inf  # exp(709.8) is the largest finite float64
 
 
-def evaluate(eval_step: Callable[[Any], tuple[Any, Any]], batches: Iterable[Any]) -> dict[str, float]:
-    """Loss and perplexity over a held-out split.
+def evaluate(eval_step: Callable[[Any], tuple], batches: Iterable[Any]) -> dict[str, float]:
+    """Loss and perplexity over a held-out split, and token accuracy when the step counts correct tokens.
 
-    ``eval_step(batch)`` returns ``(loss_sum, token_count)`` (what the chunked cross-entropy returns), so the mean
-    weights every token equally however the loss mask spreads tokens over batches; a mean of per-batch means would
-    overweight short batches. The sums stay on the device until the end: one host sync per evaluation, not per batch.
+    ``eval_step(batch)`` returns ``(loss_sum, token_count)`` (what the chunked cross-entropy returns), or
+    ``(loss_sum, token_count, correct_count)``, so the mean weights every token equally however the loss mask
+    spreads tokens over batches; a mean of per-batch means would overweight short batches. The sums stay on the
+    device until the end: one host sync per evaluation, not per batch.
     """
-    loss_sum, tokens = 0.0, 0
+    sums = None
     for batch in batches:
-        batch_sum, batch_tokens = eval_step(batch)
-        loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
-    tokens = int(tokens)
+        batch_sums = eval_step(batch)
+        sums = batch_sums if sums is None else tuple(a + b for a, b in zip(sums, batch_sums))
+    tokens = int(sums[1]) if sums is not None else 0
     if tokens == 0:
         raise ValueError("evaluate: the held-out batches contain no loss tokens (empty split, or every token masked)")
-    loss = float(loss_sum) / tokens
-    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+    loss = float(sums[0]) / tokens
+    out = {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+    if len(sums) > 2:
+        out["accuracy"] = float(sums[2]) / tokens
+    return out
 
 
 class Throughput:

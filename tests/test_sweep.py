@@ -1,0 +1,229 @@
+"""jaxft sweep: grid syntax, a tiny end-to-end sweep checked against its own run folders, and eval token accuracy."""
+import csv
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+import jaxft
+from jaxft.config import ConfigError
+from jaxft.recipes import demo, sft, sweep
+from jaxft.train.loss import IGNORE_INDEX
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    """A 2-layer random model with the demo's tokenizer, 16 demo chats, and a LoRA run config of 3 steps."""
+    root = tmp_path_factory.mktemp("sweep")
+    model, tok_dir = root / "model", root / "tokenizer"
+    tok_dir.mkdir()
+    demo.build_tokenizer(tok_dir, ["increment 1 2 3 4 = 2 3 4 5 ."])
+    cfg = jaxft.ModelConfig(vocab_size=len(jaxft.load_tokenizer(tok_dir)), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    jaxft.save_pretrained(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), model)
+    for f in tok_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    demo.write_jsonl(root / "train.jsonl", [demo.chat((i, 2, 3, 4)) for i in range(10)])
+    demo.write_jsonl(root / "eval.jsonl", [demo.chat((i, 5, 6, 7)) for i in range(10)])
+    data = {"max_length": 32, "batch_size": 8}
+    config = {"model": str(model), "output_dir": str(root / "sweep"), "method": "lora",
+              "data": {"paths": [str(root / "train.jsonl")], **data},
+              "eval_data": {"paths": [str(root / "eval.jsonl")], **data},
+              "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+              "optim": {"lr": 1e-2},
+              "train": {"steps": 3, "log_every": 1, "eval_batches": 1, "loss_chunk_size": 0}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_grid_items_become_axes_with_aliases_and_seeds_last():
+    axes = sweep.parse_grid(["seeds=3", "lora.r=4,8", "lr=1e-4,3e-4", "alpha=2r,2*r,r"])
+    assert [(a.key, a.items) for a in axes] == [
+        ("lora.r", ("4", "8")), ("optim.lr", ("1e-4", "3e-4")), ("lora.lora_alpha", ("2r", "2*r", "r")),
+        ("train.seed", ("0", "1", "2"))]
+
+
+def test_list_values_keep_their_commas():
+    (axis,) = sweep.parse_grid(["lora.target_modules=[q_proj,v_proj],all-linear"])
+    assert axis.items == ("[q_proj,v_proj]", "all-linear")
+
+
+def test_alpha_rule_is_resolved_against_each_points_r(tiny_config, tmp_path):
+    base = yaml.safe_load((tiny_config / "run.yaml").read_text())
+    runs = sweep.expand(base, sweep.parse_grid(["r=4,8", "alpha=2r,16", "seeds=2"]), tmp_path, "run.yaml")
+    assert [r.name for r in runs][:4] == ["r4-a8-s0", "r4-a8-s1", "r4-a16-s0", "r4-a16-s1"]
+    assert [(r.config.lora.r, r.config.lora.lora_alpha, r.config.train.seed) for r in runs[4:6]] == [
+        (8, 16, 0), (8, 16, 1)]
+    assert runs[0].group == "r4-a8" and runs[0].items["lora.lora_alpha"] == "2r"
+    assert runs[0].config.output_dir == str(tmp_path / "r4-a8-s0")
+
+
+def test_alpha_rule_without_an_r_axis_uses_the_configs_r(tiny_config, tmp_path):
+    base = yaml.safe_load((tiny_config / "run.yaml").read_text())
+    (run,) = sweep.expand(base, sweep.parse_grid(["alpha=1.5r"]), tmp_path, "run.yaml")
+    assert run.config.lora.lora_alpha == 3 and run.name == "a3"
+
+
+@pytest.mark.parametrize("item, says", [
+    ("lora.r", "expected KEY=V1,V2"),
+    ("=4,8", "expected KEY=V1,V2"),
+    ("lora.r=4,,8", "expected KEY=V1,V2"),
+    ("lora.r=", "expected KEY=V1,V2"),
+    ("seeds=0", "seeds takes one whole number"),
+    ("seeds=a", "seeds takes one whole number"),
+    ("lora.r=2r", "cannot be derived from itself"),
+    ("output_dir=a,b", "choose that with --out"),
+    ("lora.r=[4", "is not plain YAML"),
+])
+def test_bad_grid_syntax_quotes_the_item(item, says):
+    with pytest.raises(ConfigError, match=says) as info:
+        sweep.parse_grid([item])
+    assert repr(item) in str(info.value) or item in str(info.value)
+
+
+def test_repeated_grid_key_is_an_error():
+    with pytest.raises(ConfigError, match="lora.r appears 2 times"):
+        sweep.parse_grid(["r=4", "lora.r=8"])
+
+
+def test_unknown_grid_key_is_named(tiny_config, tmp_path):
+    base = yaml.safe_load((tiny_config / "run.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rank'\] for LoraConfig"):
+        sweep.expand(base, sweep.parse_grid(["lora.rank=4,8"]), tmp_path, "run.yaml")
+
+
+def _expected_rows(sweep_dir):
+    """The oracle: mean and sample std per config recomputed with numpy from the runs' own summary.json files."""
+    groups = {}
+    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+        group = summary_path.parent.name.rsplit("-s", 1)[0]
+        groups.setdefault(group, []).append(json.loads(summary_path.read_text()))
+    expected = {}
+    for group, summaries in groups.items():
+        columns = {"final_loss": [s["final_loss"] for s in summaries],
+                   "eval_loss": [s["eval"]["loss"] for s in summaries],
+                   "eval_accuracy": [s["eval"]["accuracy"] for s in summaries],
+                   "tokens_per_s": [s["tokens_per_s"] for s in summaries]}
+        expected[group] = {**{f"{k}_mean": np.mean(v) for k, v in columns.items()},
+                           **{f"{k}_std": np.std(v, ddof=1) for k, v in columns.items()},
+                           "trainable_params": summaries[0]["trainable_params"], "seeds": len(summaries)}
+    return expected
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_config):
+    """2 r x 2 alpha x 2 seeds. A compilation cache for the sweep lets the second seed of a config reuse the
+    first one's executables (same shapes), which halves the time this takes."""
+    settings = {"jax_compilation_cache_dir": str(tiny_config / "xla-cache"),
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    try:
+        sweep.run(tiny_config / "run.yaml", ["lora.r=2,4", "alpha=r,2r", "seeds=2"], log=lambda *_: None)
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+    return tiny_config / "sweep"
+
+
+def test_sweep_table_matches_the_run_summaries(finished_sweep):
+    out = finished_sweep
+    expected = _expected_rows(out)
+    assert sorted(expected) == ["r2-a2", "r2-a4", "r4-a4", "r4-a8"]
+    with open(out / "sweep.csv") as f:
+        rows = {row["config"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(expected)
+    for group, want in expected.items():
+        for key, value in want.items():
+            np.testing.assert_allclose(float(rows[group][key]), value, rtol=1e-12, err_msg=f"{group} {key}")
+    assert rows["r4-a8"]["lora.r"] == "4" and rows["r4-a8"]["lora.lora_alpha"] == "8"
+    assert expected["r4-a8"]["trainable_params"] == 2 * expected["r2-a2"]["trainable_params"]
+
+
+def test_sweep_markdown_shows_mean_and_std(finished_sweep):
+    out = finished_sweep
+    md = (out / "sweep.md").read_text()
+    want = _expected_rows(out)["r2-a4"]
+    line = next(line for line in md.splitlines() if line.startswith("| r2-a4 |"))
+    assert f"{want['eval_loss_mean']:.4f} ± {want['eval_loss_std']:.4f}" in line
+    assert f"{want['eval_accuracy_mean']:.4f} ± {want['eval_accuracy_std']:.4f}" in line
+    assert "mean ± sample std over 2 seeds" in md and "heatmap_r_alpha.png: eval token accuracy" in md
+
+
+def test_sweep_writes_both_plots_and_its_plan(finished_sweep, tiny_config):
+    out = finished_sweep
+    assert (out / "loss_curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "heatmap_r_alpha.png").read_bytes()[:8] == PNG_MAGIC
+    plan = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert plan["runs"]["r4-a8-s1"] == {"lora.r": 4, "lora.lora_alpha": 8, "train.seed": 1}
+    assert yaml.safe_load((out / "r4-a8-s1" / "config.yaml").read_text())["train"]["seed"] == 1
+
+
+def test_existing_sweep_folder_needs_resume_or_overwrite(finished_sweep, tiny_config):
+    with pytest.raises(FileExistsError, match="--resume to finish its missing runs, --overwrite"):
+        sweep.run(tiny_config / "run.yaml", ["lora.r=2,4", "alpha=r,2r", "seeds=2"], log=lambda *_: None)
+
+
+def test_resume_retrains_only_runs_without_a_summary(finished_sweep, tiny_config, tmp_path, monkeypatch):
+    out = finished_sweep
+    crashed = out / "r2-a2-s1"
+    shutil.copytree(crashed, tmp_path / "finished")
+    (crashed / "summary.json").unlink()
+    trained = []
+
+    def train_again(cfg):  # stands in for the real (identical) run: this test is about which runs are trained
+        trained.append(cfg.output_dir)
+        shutil.copytree(tmp_path / "finished", cfg.output_dir)
+        return json.loads((tmp_path / "finished" / "summary.json").read_text())
+
+    monkeypatch.setattr(sft, "run", train_again)
+    messages = []
+    sweep.run(tiny_config / "run.yaml", ["lora.r=2,4", "alpha=r,2r", "seeds=2"], resume=True, log=messages.append)
+    assert trained == [str(crashed)]
+    assert messages[:2] == ["sweep: 7 of 8 runs finished earlier (kept)", "sweep: run 8/8: r2-a2-s1"]
+
+
+def test_resume_refuses_the_folder_of_another_sweep(finished_sweep, tiny_config):
+    with pytest.raises(ConfigError, match="sweep.yaml is missing or differs"):
+        sweep.run(tiny_config / "run.yaml", ["lora.r=2,8"], resume=True, log=lambda *_: None)
+
+
+def test_grid_without_alpha_skips_the_heatmap_with_a_note(tmp_path):
+    note = sweep.write_heatmap(tmp_path / "heatmap.png", sweep.parse_grid(["lr=1e-3,1e-2", "seeds=2"]), [], [])
+    assert note == "No heatmap_r_alpha.png: the grid has no lora.r and no lora.lora_alpha dimension."
+    assert not (tmp_path / "heatmap.png").exists()
+
+
+def test_exponent_values_are_numbers_in_names_and_table(tiny_config, tmp_path):
+    base = yaml.safe_load((tiny_config / "run.yaml").read_text())
+    runs = sweep.expand(base, sweep.parse_grid(["lr=1e-3,3e-4"]), tmp_path, "run.yaml")
+    assert [(r.name, r.values["optim.lr"], r.config.optim.lr) for r in runs] == [
+        ("lr0.001", 0.001, 0.001), ("lr0.0003", 0.0003, 0.0003)]
+
+
+def test_eval_sums_match_a_numpy_oracle():
+    cfg = jaxft.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    params = jaxft.init_params(cfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, (3, 11))
+    logits = np.asarray(jax.jit(jaxft.forward, static_argnums=0)(cfg, params, jnp.asarray(ids)), np.float64)
+    labels = np.where(rng.random((3, 11)) < 0.3, IGNORE_INDEX, rng.integers(0, 50, (3, 11)))
+    labels[0, :4] = logits[0, :4].argmax(-1)  # some certain hits
+    target = labels != IGNORE_INDEX
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want_loss = -np.take_along_axis(log_probs, np.where(target, labels, 0)[..., None], -1)[..., 0][target].sum()
+    want_hits = ((logits.argmax(-1) == labels) & target).sum()
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels)}
+    for chunk_tokens in (1024, 6):  # 6 tokens over 3 rows: slices of 2 positions, the last one padded
+        step = jax.jit(sft.eval_sums, static_argnums=(0, 3))
+        loss_sum, n_targets, hits = step(cfg, params, batch, chunk_tokens)
+        np.testing.assert_allclose(float(loss_sum), want_loss, rtol=1e-5)
+        assert int(n_targets) == target.sum() and int(hits) == want_hits >= 4
