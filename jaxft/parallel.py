@@ -5,6 +5,11 @@ Every param dimension has a logical name (``embed``, ``mlp``, ``heads``, ``kv_he
 (``data``, ``fsdp``, ``tensor``). Changing parallelism means changing the rules or the mesh shape, never the model.
 A dimension that a mesh axis does not divide is replicated along that axis instead (e.g. 2 KV heads on a
 4-way tensor axis), so any mesh shape is valid for any model; XLA inserts the collectives.
+
+A logical name may appear in the table more than once: later entries are fallbacks, tried only for dimensions that
+the first pass over the leaf left unsharded, on mesh axes no other dimension of that leaf took. They keep FSDP
+sharding small leaves whose only large dimension is a tensor-parallel one: a LoRA B matrix is [rank, heads], and
+without the fallback a (1, 8, 1) mesh would replicate it on every device.
 """
 from __future__ import annotations
 
@@ -32,6 +37,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lora_rank", None),
     ("norm", None),
     ("member", None),  # the leading axis of K adapters trained together (jaxft sweep --parallel)
+    ("mlp", "fsdp"),
+    ("heads", "fsdp"),
+    ("kv_heads", "fsdp"),
+    ("vocab", "fsdp"),
 )
 
 # Logical axes of the (in, out) dims of each linear module's kernel.
@@ -91,18 +100,29 @@ def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     return axes if len(axes) == ndim else (None,) * ndim
 
 
+def rule_table(rules) -> dict[str, list]:
+    """Logical name -> its mesh-axis targets in order of preference (first entry first, then fallbacks)."""
+    table: dict[str, list] = {}
+    for name, target in rules:
+        table.setdefault(name, []).append(target)
+    return table
+
+
 def _spec(axes, shape, rules: dict, mesh) -> PartitionSpec:
-    """PartitionSpec from logical axes, replicating any dim its mesh axes don't divide (and reusing none)."""
-    used, out = set(), []
-    for name, size in zip(axes, shape):
-        target = rules.get(name)
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
-        if targets and size % int(np.prod([mesh.shape[t] for t in targets])) == 0:
-            used.update(targets)
-            out.append(targets[0] if len(targets) == 1 else targets)
-        else:
-            out.append(None)
+    """PartitionSpec from logical axes: each dim takes its first rule's mesh axes if they divide it and no other
+    dim of the leaf took them; dims left unsharded then try their fallback rules the same way; the rest replicate."""
+    used, out = set(), [None] * len(axes)
+    for preference in range(max((len(rules.get(name, ())) for name in axes), default=0)):
+        for i, (name, size) in enumerate(zip(axes, shape)):
+            choices = rules.get(name, ())
+            if out[i] is not None or preference >= len(choices):
+                continue
+            target = choices[preference]
+            targets = (target,) if isinstance(target, str) else tuple(target or ())
+            targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+            if targets and size % int(np.prod([mesh.shape[t] for t in targets])) == 0:
+                used.update(targets)
+                out[i] = targets[0] if len(targets) == 1 else targets
     return PartitionSpec(*out)
 
 
@@ -116,7 +136,7 @@ def param_shardings(params: dict, mesh, rules=DEFAULT_RULES) -> dict:
     A quantized kernel's children that keep the kernel's [L, in-ish, out] layout shard like the kernel; its
     small per-matrix state is replicated.
     """
-    rules = dict(rules)
+    rules = rule_table(rules)
 
     def leaf(path, x):
         keys = _keys(path)
@@ -156,12 +176,12 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
 
 def activation_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of the [B, T, D] residual stream at layer boundaries: batch like the batch, the rest whole."""
-    return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], None, None))
+    return NamedSharding(mesh, PartitionSpec(rule_table(rules)["batch"][0], None, None))
 
 
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES, accumulation_axis: bool = False) -> NamedSharding:
     """Sharding of a [B, T, ...] batch (or [A, B, T, ...] with a leading micro-batch axis)."""
-    batch = dict(rules)["batch"]
+    batch = rule_table(rules)["batch"][0]
     spec = ((None,) if accumulation_axis else ()) + (batch,) + (None,) * (ndim - 1 - accumulation_axis)
     return NamedSharding(mesh, PartitionSpec(*spec))
 

@@ -55,7 +55,7 @@ def write_chats(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def run_config(base: Path, data: Path, out: Path, *, method="lora", batch_size=8, packing=True, mesh=(-1, 1, 1),
-               steps=6, save_every=0):
+               steps=6, save_every=0, lr=1e-2):
     from jaxft.data.config import DataConfig
     from jaxft.parallel import MeshConfig
     from jaxft.peft.lora import LoraConfig
@@ -66,7 +66,7 @@ def run_config(base: Path, data: Path, out: Path, *, method="lora", batch_size=8
         model=str(base), output_dir=str(out), method=method,
         data=DataConfig(paths=(str(data),), max_length=48, batch_size=batch_size, packing=packing, seed=0),
         lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-        optim=OptimConfig(lr=1e-2, max_grad_norm=1.0), mesh=MeshConfig(*mesh),
+        optim=OptimConfig(lr=lr, max_grad_norm=1.0), mesh=MeshConfig(*mesh),
         train=TrainConfig(steps=steps, save_every=save_every, log_every=1, loss_chunk_size=0))
 
 

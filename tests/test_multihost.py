@@ -62,8 +62,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     base = make_base(tmp / "base")
     data = write_chats(tmp / "train.jsonl", N_RECORDS)
-    # full fine-tuning: every trainable matrix has an fsdp-sharded dimension, so the state splits across processes
-    common = dict(method="full", packing=False, mesh=(1, -1, 1))
+    # LoRA on an fsdp-only mesh: A matrices shard their embed dim, B matrices their output dim (through the
+    # rules table's fallback), so the adapters and their optimizer state split across the processes
+    common = dict(method="lora", packing=False, mesh=(1, -1, 1), lr=3e-3)
     one = sft.run(run_config(base, data, tmp / "one", batch_size=N_RECORDS, steps=6, **common))
     run_dir = tmp / "two"
     first = _two_processes(run_config(base, data, run_dir, batch_size=N_RECORDS // 2, steps=3, **common),
@@ -82,9 +83,9 @@ def test_processes_hold_uneven_target_tokens(runs):
 def test_two_process_losses_equal_one_process_across_save_and_resume(runs):
     one, two = train_losses(runs["one"]), train_losses(runs["two"])
     assert sorted(two) == sorted(one) == list(range(1, 7))
-    print("max |loss diff| 2 processes vs 1:", max(abs(two[s] - one[s]) for s in one))
+    print("max |loss diff| 2 processes vs 1:", max(abs(two[s] - one[s]) for s in one), "losses:", one)
     np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], atol=1e-5, rtol=0)
-    assert one[6] < one[1] - 0.5  # it trains
+    assert one[6] < one[1] - 0.1  # it trains
     assert all(r["final_loss"] == pytest.approx(two[6], abs=1e-6) for r in runs["resumed"])
 
 

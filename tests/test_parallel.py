@@ -76,6 +76,21 @@ def test_fsdp_really_shards_base_weights():
         assert leaf.addressable_shards[0].data.size * 8 == leaf.size, jax.tree_util.keystr(path)
 
 
+def test_fsdp_alone_shards_every_lora_matrix_through_the_fallback_rules():
+    """lora_b is [L, rank, heads/mlp]: its big dim maps to `tensor` first, so on a (1, 8, 1) mesh it falls back
+    to `fsdp` rather than being replicated; the base kernels keep `embed` on `fsdp` as their first choice."""
+    mesh = make_mesh(MeshConfig(1, 8, 1))
+    trainable, frozen = jaxft.split(_params(quant=False))
+    adapters = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(shard_params(trainable, mesh))[0]
+                if p[-1].key in ("lora_a", "lora_b")]
+    assert len(adapters) == 14
+    for path, leaf in adapters:
+        assert leaf.addressable_shards[0].data.size * 8 == leaf.size, jax.tree_util.keystr(path)
+    shardings = param_shardings(frozen, mesh)
+    assert shardings["layers"]["o_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert shardings["layers"]["q_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+
 def test_kv_heads_that_do_not_divide_the_tensor_axis_are_replicated():
     mesh = make_mesh(MeshConfig(1, 1, 8))
     shardings = param_shardings(jaxft.init_params(CFG.replace(head_dim=5), jax.random.PRNGKey(0)), mesh)

@@ -71,7 +71,7 @@ def test_each_device_shard_reads_only_its_eighth_of_the_tensor(model_dir, monkey
     monkeypatch.setattr(jax, "make_array_from_callback", measured)
     from_pretrained(model_dir, mesh=make_mesh(MeshConfig(1, 8, 1)))
     matrices = [r for r in reads if any(axis is not None for axis in r[2]) and len(r[0]) >= 2]
-    assert len(matrices) == 8 * 9  # 7 stacked kernels, embedding, lm_head: one read per device each
+    assert len(matrices) == 8 * 12  # 7 stacked kernels, 3 q/k/v biases, embedding, lm_head: one read per device
     baseline = max(_rchar() - _rchar(), 0) + 512  # reading /proc itself, twice per measurement
     for shape, dtype, spec, n_read in matrices:
         tensor_bytes = int(np.prod(shape)) * dtype.itemsize
