@@ -1,0 +1,157 @@
+"""K LoRA/QLoRA runs in one compiled program (``jaxft sweep --parallel``): one base load, one data pipeline, one
+jitted step that trains every member's adapters (see :mod:`jaxft.train.multi`).
+
+The members may differ only in what :data:`MAY_DIFFER` lists (rank, alpha, dropout, rsLoRA, rank/alpha patterns,
+learning rate, seed, output folder); they share the base, method, targets, data, steps, batch and schedule shape.
+Each member's folder gets what ``sft.run`` writes: config.yaml, metrics.jsonl, curves.png, the PEFT adapter at its
+own rank, summary.json. No checkpoints are written and runs cannot be resumed (``train.save_every`` is not used);
+rerun the sweep instead.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import jax
+import numpy as np
+
+from jaxft import parallel
+from jaxft.config import ConfigError, to_dict
+from jaxft.data import build_iterator
+from jaxft.hf.checkpoint import from_pretrained
+from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.peft import lora
+from jaxft.recipes import sft
+from jaxft.recipes.config import RunConfig, dump_run_config
+from jaxft.train import multi
+from jaxft.train.loop import StepConfig
+from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
+from jaxft.train.optim import make_schedule
+
+MAY_DIFFER = ("output_dir", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora", "lora.rank_pattern",
+              "lora.alpha_pattern", "optim.lr", "train.seed")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _may_differ(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in MAY_DIFFER)
+
+
+def check_members(cfgs: list[RunConfig]) -> None:
+    """ConfigError unless the configs can share one program; the message names the first differing key."""
+    if not cfgs:
+        raise ConfigError("run_parallel needs at least one run config")
+    if cfgs[0].method == "full":
+        raise ConfigError("parallel runs train adapters over one shared frozen base: method must be 'lora' or "
+                          "'qlora', not 'full'; run full fine-tuning sweeps without --parallel")
+    if cfgs[0].optim.offload_state:
+        raise ConfigError("optim.offload_state is not supported in parallel runs; set it to false or run the "
+                          "configs separately")
+    dirs = [str(c.output_dir) for c in cfgs]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"parallel runs need one output_dir each, got {dirs}")
+    first = _flatten(to_dict(cfgs[0]))
+    for i, cfg in enumerate(cfgs[1:], 1):
+        flat = _flatten(to_dict(cfg))
+        for key in sorted(first.keys() | flat.keys()):
+            if not _may_differ(key) and first.get(key) != flat.get(key):
+                raise ConfigError(f"parallel runs must share {key}: run 0 ({cfgs[0].output_dir}) has "
+                                  f"{first.get(key)!r}, run {i} ({cfg.output_dir}) has {flat.get(key)!r}. Only "
+                                  f"{', '.join(MAY_DIFFER)} may differ; run the others without --parallel")
+
+
+def _load_base(cfg: RunConfig, mesh):
+    """The frozen base alone (NF4 for qlora), as ``sft.load_model`` loads it, without adapters."""
+    quant = cfg.quant if cfg.method == "qlora" else None
+    model_cfg, base = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
+                                      mesh=mesh)
+    return model_cfg.replace(remat=cfg.train.remat), base
+
+
+def _member_records(metrics: dict, k: int, extra: dict) -> dict:
+    return {**{name: value[k] for name, value in metrics.items()}, **extra}
+
+
+def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
+    """Each member's held-out loss and perplexity over the same batches (one vmapped pass per batch)."""
+    sums = [eval_fn(batch) for batch in batches]
+    return [evaluate(lambda pair: pair, [(loss[k], count[k]) for loss, count in sums]) for k in range(n_members)]
+
+
+def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict]:
+    """Train every config's adapters together; returns one ``sft.run``-style summary per config, in order."""
+    check_members(cfgs)
+    outs = [sft._prepare_run_dir(c, resume=False, overwrite=overwrite) for c in cfgs]
+    is_main = jax.process_index() == 0
+    if is_main:
+        for c, out in zip(cfgs, outs):
+            dump_run_config(c, out / "config.yaml")
+    cfg, tc = cfgs[0], cfgs[0].train
+    tokenizer = load_tokenizer(cfg.model)
+    pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    mesh = parallel.make_mesh(cfg.mesh)
+    sft._check_batch_fits(cfg, mesh)
+    model_cfg, base = _load_base(cfg, mesh)
+    members = [multi.Member(c.lora, c.optim.lr, c.train.seed) for c in cfgs]
+    s = multi.stack(model_cfg, base, members)
+    n_trainable = [lora.trainable_count(multi.member_params(s, s.trainable, k)) for k in range(len(cfgs))]
+
+    loss_scale = 2.0 ** 15 if model_cfg.dtype == "float16" else None
+    state = multi.shard(multi.init_states(s, members, cfg.optim, loss_scale), mesh)
+    consts, base = multi.shard(s.consts, mesh), parallel.shard_params(s.base, mesh)
+    step_fn = multi.jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size),
+                                   multi.member_optimizer(cfg.optim, 1.0), mesh, state, consts, base)
+    batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
+
+    eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
+                                    process_count=jax.process_count()) if cfg.eval_data else None)
+    member_loss_sums = jax.jit(partial(multi.loss_sums, model_cfg, chunk_size=tc.loss_chunk_size or 1024))
+
+    def run_eval():
+        batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
+        return _evaluate_members(lambda b: member_loss_sums(state["trainable"], consts, base, b), batches, len(cfgs))
+
+    loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
+    schedules = [make_schedule(c.optim) for c in cfgs]
+    throughput = Throughput()
+    last, last_eval = [{} for _ in cfgs], None
+    for step in range(1, tc.steps + 1):
+        batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
+        state, metrics = step_fn(state, consts, base, batches)
+        speed = throughput.tick(int(np.prod(batches["input_ids"].shape)))
+        logging = step % tc.log_every == 0 or step == tc.steps
+        host = jax.device_get(metrics) if logging else None  # one transfer for all members, on logging steps only
+        for k, logger in enumerate(loggers):
+            if logging:
+                last[k] = _member_records(host, k, {"lr": float(schedules[k](step - 1)), **speed})
+            logger.log(step, last[k])
+        if eval_pipeline and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
+            last_eval = run_eval()
+            for logger, result in zip(loggers, last_eval):
+                logger.log_eval(step, result)
+    for logger in loggers:
+        logger.close()
+
+    trainable = sft._to_host(state["trainable"])
+    summaries = []
+    for k, (c, out) in enumerate(zip(cfgs, outs)):
+        summary = {"steps": tc.steps, "trainable_params": int(n_trainable[k]), "final_loss": float(last[k]["loss"]),
+                   "tokens_per_s": last[k].get("tokens_per_s"), "data_report": pipeline.report.summary()}
+        if last_eval:
+            summary["eval"] = last_eval[k]
+        if is_main:
+            params = multi.member_params(s, trainable, k)
+            summary["export"] = str(sft._export(c, params, tokenizer, pipeline.chat_template, out))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        summaries.append(summary)
+    return summaries

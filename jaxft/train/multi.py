@@ -1,0 +1,259 @@
+"""K LoRA configurations trained together in one compiled step over one shared frozen (possibly NF4) base.
+
+Each member's adapters are the tree ``lora.add`` gives for its own config; the K trees are padded to a common
+shape and stacked on a leading ``member`` axis::
+
+    trainable: {"layers": {"q_proj": {"lora_a": [K, L, in, R], "lora_b": [K, L, R, out]}, ...}}
+    consts:    {"layers": {"q_proj": {"lora_scale": [K, L], "lora_mask": [K, L, R], "lora_dropout"?: [K, L]}}}
+    base:      the frozen weights, shared (no member axis)
+
+R is the largest rank of a group over the members. A member of smaller rank gets zero-padded A/B and a rank mask,
+which ``linear`` multiplies in, so the padding contributes nothing and gets exactly zero gradient: every member
+trains exactly its own rank r with its own lora_scale (alpha/r, or alpha/sqrt(r) for rsLoRA).
+
+The step is ``jax.vmap`` of the single-run :func:`jaxft.train.loop.train_step` over members, with the base and the
+batch closed over rather than mapped, so the base (and an NF4 base's dequantization) and the batch are shared and
+each member still gets its own loss, gradient norm, clipping, optimizer state and NaN guard.
+Learning rates: the optimizer's schedule runs with a peak of 1 and each member's peak lr scales its updates,
+held in its optimizer state by ``optax.inject_hyperparams``, so one update function serves every member.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxft.config import ConfigError, ModelConfig
+from jaxft.peft import lora
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, combine, path_str, split
+from jaxft.train import loop
+from jaxft.train.optim import OptimConfig, make_optimizer
+
+# Adapter leaves that are not trained but differ per member (scale alpha/r, rank mask, dropout rate, …).
+MEMBER_CONST_KEYS = lora.ADAPTER_KEYS - TRAINABLE_KEYS
+
+
+@dataclass(frozen=True)
+class Member:
+    """What may differ between the members of one program: the LoRA config, the peak learning rate, the seed
+    (LoRA init and dropout). The base, targets, data, schedule shape and everything else are shared."""
+
+    lora: lora.LoraConfig
+    lr: float
+    seed: int = 0
+
+
+@dataclass
+class Stack:
+    """K members' adapters on a leading member axis, and what is needed to give each one back unpadded."""
+
+    trainable: dict
+    consts: dict
+    base: dict
+    own_frozen: list  # per member: base + its own (unpadded) constant adapter leaves
+    own_shapes: list  # per member: its own trainable leaf shapes
+
+    @property
+    def size(self) -> int:
+        return len(self.own_shapes)
+
+
+def _is_member_const(path, _leaf) -> bool:
+    return path_str(path).rsplit("/", 1)[-1] in MEMBER_CONST_KEYS
+
+
+def _lora_groups(tree: dict, path=()):
+    """(path, group) of every linear leaf group carrying LoRA."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != MARKER:
+            if "lora_a" in value:
+                yield path + (key,), value
+            else:
+                yield from _lora_groups(value, path + (key,))
+
+
+def _pad_to(x: jnp.ndarray, axis: int, size: int) -> jnp.ndarray:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _pad_group(group: dict, rank: int, with_mask: bool, with_dropout: bool) -> dict:
+    """A group padded to ``rank`` with its own ranks masked; a member without dropout gets rate 0 (exact
+    identity) when others have some, so that every member's tree has the same leaves."""
+    out = dict(group)
+    own_rank = group["lora_a"].shape[-1]
+    out["lora_a"] = _pad_to(group["lora_a"], -1, rank)
+    out["lora_b"] = _pad_to(group["lora_b"], -2, rank)
+    if with_mask:
+        own_mask = group.get("lora_mask", jnp.ones(group["lora_scale"].shape + (own_rank,), jnp.float32))
+        out["lora_mask"] = _pad_to(own_mask, -1, rank)
+    if with_dropout and "lora_dropout" not in group:
+        out["lora_dropout"] = jnp.zeros_like(group["lora_scale"])
+    return out
+
+
+def _set(tree: dict, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _padded(trees: list[dict]) -> list[dict]:
+    """The members' trees with every LoRA group padded to the members' largest rank of that group."""
+    groups = [dict(_lora_groups(t)) for t in trees]
+    for i, g in enumerate(groups[1:], 1):
+        if g.keys() != groups[0].keys():
+            raise ConfigError(f"member {i} puts LoRA on {sorted('/'.join(p) for p in g)} but member 0 on "
+                              f"{sorted('/'.join(p) for p in groups[0])}; members must target the same modules")
+    trees = [jax.tree.map(lambda x: x, t, is_leaf=lambda x: not isinstance(x, dict)) for t in trees]
+    for path in groups[0]:
+        member_groups = [g[path] for g in groups]
+        ranks = [g["lora_a"].shape[-1] for g in member_groups]
+        with_mask = len(set(ranks)) > 1 or any("lora_mask" in g for g in member_groups)
+        with_dropout = any("lora_dropout" in g for g in member_groups)
+        for tree, group in zip(trees, member_groups):
+            _set(tree, path, _pad_group(group, max(ranks), with_mask, with_dropout))
+    return trees
+
+
+def _check_same_layout(trees: list[dict], what: str) -> None:
+    first = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(trees[0])[0]}
+    for i, tree in enumerate(trees[1:], 1):
+        other = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        if other != first:
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise ConfigError(f"member {i}'s {what} differ from member 0's at {diff[:3]} "
+                              f"({[first.get(k) for k in diff[:3]]} vs {[other.get(k) for k in diff[:3]]}); "
+                              "members may differ only in rank, alpha, dropout and lr (only linear-layer ranks are "
+                              "padded), so give them the same target_modules and adapter options")
+
+
+def stack(model_cfg: ModelConfig, base: dict, members: list[Member]) -> Stack:
+    """Each member's adapters (``lora.add`` with its config and seed) padded and stacked over ``base``."""
+    if not members:
+        raise ConfigError("multi-adapter training needs at least one member")
+    own = [lora.add(model_cfg, base, m.lora, jax.random.PRNGKey(m.seed)) for m in members]
+    own_trainable, own_frozen = zip(*(split(p) for p in own))
+    own_shapes = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in own_trainable]
+    trainable, frozen = zip(*(split(p) for p in _padded(own)))
+    consts, bases = zip(*(split(f, _is_member_const) for f in frozen))
+    _check_same_layout(list(trainable), "trainable adapters")
+    _check_same_layout(list(consts), "adapter constants")
+    stacked = partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    return Stack(stacked(*trainable), stacked(*consts), bases[0], list(own_frozen), own_shapes)
+
+
+def member_params(s: Stack, trainable: dict, k: int) -> dict:
+    """Member ``k``'s params exactly as a single run of its config would hold them (own rank, no padding)."""
+    def take(path, shape):
+        stacked = trainable
+        for key in path:
+            stacked = stacked[key.key]
+        return stacked[k][tuple(slice(0, n) for n in shape.shape)]
+
+    return combine(jax.tree_util.tree_map_with_path(take, s.own_shapes[k]), s.own_frozen[k])
+
+
+def member_optimizer(ocfg: OptimConfig, peak_lr: float) -> optax.GradientTransformation:
+    """``make_optimizer`` with the schedule's peak at 1, then scaled by ``peak_lr``, an injected hyperparameter:
+    its value lives in the state, so the update of any member's optimizer is the same function."""
+    unit = make_optimizer(dataclasses.replace(ocfg, lr=1.0))
+    return optax.chain(unit, optax.inject_hyperparams(optax.scale)(step_size=peak_lr))
+
+
+def init_states(s: Stack, members: list[Member], ocfg: OptimConfig, loss_scale: float | None = None) -> dict:
+    """The members' train states (``loop.init_state`` each, with its own lr and seed), stacked."""
+    states = []
+    for k, m in enumerate(members):
+        trainable = jax.tree.map(lambda x: x[k], s.trainable)
+        states.append(loop.init_state(trainable, member_optimizer(ocfg, m.lr), m.seed, loss_scale))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, state: dict, consts: dict, base: dict,
+               batches: dict, spmd_axis_name=None):
+    """One update of every member on the same ``batches``; metrics come back per member ([K] arrays)."""
+    def member(member_state, member_consts):
+        return loop.train_step(cfg, step_cfg, optimizer, member_state, combine(member_consts, base), batches)
+
+    return jax.vmap(member, spmd_axis_name=spmd_axis_name)(state, consts)
+
+
+def loss_sums(cfg: ModelConfig, trainable: dict, consts: dict, base: dict, batch: dict, chunk_size: int = 1024):
+    """(per-member CE sums [K], per-member target counts [K]) on one shared batch, without dropout."""
+    def member(t, c):
+        return loop.token_loss_sum(cfg, combine(t, combine(c, base)), batch, None, chunk_size)
+
+    return jax.vmap(member)(trainable, consts)
+
+
+def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=None, state=None, consts=None,
+                   base=None, rules=None):
+    """:func:`train_step` under ``jax.jit`` with the state donated; ``optimizer`` is any member's
+    (:func:`member_optimizer`). With a ``mesh`` every input and output gets a NamedSharding: a stacked leaf shards
+    like one member's leaf, with the ``member`` rule's mesh axes prefixed for its leading axis."""
+    if mesh is None:
+        return jax.jit(partial(train_step, cfg, step_cfg, optimizer), donate_argnums=(0,))
+    from jaxft import parallel
+
+    rules = rules or parallel.DEFAULT_RULES
+    member_axes = _member_axes(mesh, rules, jax.tree.leaves(consts)[0].shape[0])
+    step_cfg = dataclasses.replace(step_cfg, activation_sharding=parallel.activation_sharding(mesh, rules))
+    fn = partial(train_step, cfg, step_cfg, optimizer, spmd_axis_name=member_axes or None)
+    state_sh = _prefixed(parallel.state_shardings(_one_member(state), mesh, rules), member_axes)
+    consts_sh = _prefixed(parallel.param_shardings(_one_member(consts), mesh, rules), member_axes)
+    base_sh = parallel.param_shardings(base, mesh, rules)
+    batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
+    metric_names = ("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
+    metrics_sh = dict.fromkeys(metric_names, NamedSharding(mesh, PartitionSpec(member_axes or None)))
+    return jax.jit(fn, in_shardings=(state_sh, consts_sh, base_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
+                   donate_argnums=(0,))
+
+
+def shard(tree: dict, mesh, rules=None) -> dict:
+    """Place a stacked tree (trainable, consts or states) on ``mesh``, sharded as :func:`jit_train_step` expects."""
+    from jaxft import parallel
+
+    rules = rules or parallel.DEFAULT_RULES
+    member_axes = _member_axes(mesh, rules, jax.tree.leaves(tree)[0].shape[0])
+    one = _one_member(tree)
+    shardings = (parallel.state_shardings(one, mesh, rules) if "opt_state" in tree
+                 else parallel.param_shardings(one, mesh, rules))
+    return jax.device_put(tree, _prefixed(shardings, member_axes))
+
+
+def _one_member(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
+
+
+def _member_axes(mesh, rules, n_members: int) -> tuple[str, ...]:
+    """Mesh axes of the member axis per the rules table; none when they don't divide the member count."""
+    target = dict(rules).get("member")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return axes if axes and n_members % size == 0 else ()
+
+
+def _prefixed(shardings, member_axes: tuple[str, ...]):
+    """Each sharding with a leading member dim; mesh axes taken by the member dim are freed in the others."""
+    def prefix(s: NamedSharding) -> NamedSharding:
+        inner = [_without(entry, member_axes) for entry in s.spec]
+        return NamedSharding(s.mesh, PartitionSpec(member_axes or None, *inner))
+
+    return jax.tree.map(prefix, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _without(entry, axes: tuple[str, ...]):
+    if entry is None or not axes:
+        return entry
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a not in axes)
+    return (kept[0] if len(kept) == 1 else kept) if kept else None
