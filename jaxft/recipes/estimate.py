@@ -1,0 +1,359 @@
+"""Per-device memory of a run's train step, estimated from shapes alone: no weights, no devices, no compile.
+
+The param tree is built abstractly (``jax.eval_shape`` of init -> NF4 -> LoRA with the sizes in config.json) and
+every term is a real buffer of the jitted step (:func:`jaxft.train.loop.jit_train_step`), per device:
+
+- **frozen / trainable**: the param leaves, each divided as the rules table shards it on this mesh shape (a dim
+  its mesh axes don't divide stays whole, as :mod:`jaxft.parallel` does). NF4 kernels count their packed codes.
+- **optimizer state**: ``optimizer.init`` of the trainable tree (so adamw is 2x, adam8bit ~0.26x, adafactor its
+  factored rows/columns, lion 1x, sgd its momentum or nothing), sharded like the params it mirrors. Offloaded
+  state lives in host memory and is reported apart.
+- **batch**: the [A, B, T] int32 arrays (ids, labels, segments, positions), rows split over the batch axes.
+- **grads**: one gradient per trainable leaf (two with gradient accumulation: the running sum and the newest).
+- **activations** (backward pass): the residuals jax saves for the backward pass of one micro-batch's loss (read
+  off the traced VJP, so they follow the remat policy: all of a layer's intermediates under ``none``, only each
+  layer's input under ``full``), plus the larger of two transient working sets: one layer's backward (its
+  recomputed forward under remat, the f32 attention-score cotangents of the plain path or one tile of the
+  blockwise path, MLP and residual-stream cotangents, one dequantized NF4 kernel, the layer's weights gathered
+  over fsdp) or the cross-entropy's (logit blocks and their cotangents).
+- **update**: the optimizer's update tree (f32, trainable-shaped), plus an offloaded state's copy on the device.
+  It exists only after the backward pass has freed the activations, so the peak takes the larger of the two.
+
+What it is compared with (:func:`compiled_memory`): XLA's ``memory_analysis()`` of the compiled step, per
+device: ``argument + output - alias + temp`` bytes (the state is donated, so its outputs alias its inputs and
+count once). Activations are traced on the per-device shapes (batch rows / batch shards; heads, MLP and vocab
+columns / their tensor shards), the shapes XLA's partitioner gives every device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+
+from jaxft import parallel
+from jaxft.config import ConfigError, ModelConfig, QuantConfig
+from jaxft.hf.config import config_from_hf, read_json
+from jaxft.models.llama import LINEAR_MODULES, init_params, linear_shapes
+from jaxft.ops import nf4
+from jaxft.ops.blockwise_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from jaxft.peft import lora
+from jaxft.peft.tree import combine, split
+from jaxft.recipes import sft
+from jaxft.recipes.config import RunConfig
+from jaxft.train.loop import BATCH_KEYS, StepConfig, init_state, token_loss_sum
+from jaxft.train.loss import VOCAB_BLOCK
+from jaxft.train.optim import make_optimizer
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device for one mesh shape; ``optimizer_host`` is the offloaded optimizer state (per device)."""
+
+    mesh: tuple[int, int, int]
+    frozen: int
+    trainable: int
+    optimizer: int
+    optimizer_host: int
+    batch: int
+    grads: int
+    activations: int
+    update: int
+
+    @property
+    def total(self) -> int:
+        """Peak device bytes: what is always resident, plus the larger of the backward pass and the update."""
+        resident = self.frozen + self.trainable + self.optimizer + self.batch + self.grads
+        return resident + max(self.activations, self.update)
+
+
+def abstract_model(cfg: RunConfig) -> tuple[ModelConfig, dict, QuantConfig | None]:
+    """(model config, ShapeDtypeStruct param tree, 4-bit format or None) as ``sft.load_model`` would build them,
+    from config.json only."""
+    config_path = Path(cfg.model) / "config.json"
+    if not config_path.exists():
+        raise ConfigError(f"{cfg.model}: no config.json (the memory estimate reads the model's sizes from it)")
+    hf = read_json(config_path)
+    model_cfg = config_from_hf(hf, source=str(config_path), dtype=cfg.compute_dtype or cfg.dtype)
+    model_cfg = model_cfg.replace(remat=cfg.train.remat)
+    quant = _quant(cfg, hf)
+    return model_cfg, _abstract_params(model_cfg, cfg, quant), quant
+
+
+def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
+    """The 4-bit format the loader will use: a bitsandbytes checkpoint's own (blocksize 64, transformers' only one),
+    else the run's ``quant`` for QLoRA, else none."""
+    qc = hf.get("quantization_config") or {}
+    if qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        return dataclasses.replace(cfg.quant, quant_type=qc.get("bnb_4bit_quant_type", "nf4"), blocksize=64,
+                                   double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
+    return cfg.quant if cfg.method == "qlora" else None
+
+
+def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
+    def build(rng):
+        params = init_params(model_cfg, rng, cfg.dtype)
+        if quant is not None:
+            for m in LINEAR_MODULES:
+                params["layers"][m]["kernel"] = nf4.quantize(params["layers"][m]["kernel"], quant.blocksize,
+                                                             quant.double_quant, quant.quant_type)
+        if cfg.method != "full":
+            params = lora.add(model_cfg, params, cfg.lora, rng)
+        return params
+
+    return jax.eval_shape(build, jax.random.PRNGKey(0))
+
+
+def param_counts(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> tuple[int, int]:
+    """(trainable, total) parameters; LoRA rank padding (per-layer ranks) is not counted as trainable."""
+    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
+    n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
+    if cfg.method != "full":
+        n_train -= _rank_padding(model_cfg, cfg.lora)
+    return n_train, n_train + n_frozen
+
+
+def _rank_padding(model_cfg: ModelConfig, lcfg) -> int:
+    """Entries of the stacked A/B (and DoRA magnitudes) that pad layers to the largest rank: never trained."""
+    padding = 0
+    shapes = linear_shapes(model_cfg)
+    for path, g in lora.plan(model_cfg, lcfg).items():
+        if g.kind != "linear" or path[0] != "layers":
+            continue
+        fan_in, fan_out = shapes[path[-1]]
+        padding += sum(max(g.ranks) - r for r in g.ranks) * (fan_in + fan_out)
+        if lcfg.use_dora:
+            padding += g.ranks.count(0) * fan_out
+    return padding
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, nf4.QuantizedTensor)
+
+
+def abstract_mesh(shape: tuple[int, int, int]) -> AbstractMesh:
+    """A (data, fsdp, tensor) mesh of ``shape`` that needs no devices: shardings and shard shapes only."""
+    if len(shape) != 3 or any(int(s) < 1 for s in shape):
+        raise ConfigError(f"mesh shape {tuple(shape)}: expected three positive sizes data,fsdp,tensor (e.g. 1,8,1)")
+    return AbstractMesh(tuple(int(s) for s in shape), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _sharded_bytes(tree, shardings) -> int:
+    """Bytes one device holds of ``tree`` laid out by ``shardings`` (a matching tree of NamedShardings)."""
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True))
+
+
+def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int = 1,
+             rules=parallel.DEFAULT_RULES, model: tuple | None = None) -> MemoryEstimate:
+    """Per-device bytes of ``cfg``'s train step on a (data, fsdp, tensor) mesh of ``mesh_shape``.
+
+    ``processes`` multiplies the per-process ``data.batch_size`` into the global batch, as the run does.
+    ``model`` reuses an :func:`abstract_model` result.
+    """
+    mesh = abstract_mesh(mesh_shape)
+    model_cfg, params, quant = model or abstract_model(cfg)
+    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    optimizer = make_optimizer(dataclasses.replace(cfg.optim, offload_state=False))
+    state = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
+    state_sh = parallel.state_shardings(state, mesh, rules)
+    opt_bytes = _sharded_bytes(state["opt_state"], state_sh["opt_state"])
+    train_bytes = _sharded_bytes(trainable, state_sh["trainable"])
+    local = _local_shapes(cfg, model_cfg, quant, mesh, rules, processes)
+    offload = cfg.optim.offload_state
+    update = _sharded_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable),
+                            state_sh["trainable"])
+    return MemoryEstimate(
+        mesh=tuple(mesh_shape),
+        frozen=_sharded_bytes(frozen, parallel.param_shardings(frozen, mesh, rules)),
+        trainable=train_bytes,
+        optimizer=0 if offload else opt_bytes,
+        optimizer_host=opt_bytes if offload else 0,
+        batch=len(BATCH_KEYS) * cfg.train.grad_accum * local.rows * cfg.data.max_length * 4,
+        grads=train_bytes * (2 if cfg.train.grad_accum > 1 else 1),
+        activations=_activations(cfg, model_cfg, local, mesh, rules),
+        update=update + (opt_bytes if offload else 0),
+    )
+
+
+@dataclass(frozen=True)
+class _Local:
+    """One device's share of the activations: batch rows, and the model with tensor-sharded widths divided."""
+
+    rows: int
+    model_cfg: ModelConfig
+    chunk: int  # cross-entropy rows per chunk on this device
+    quant: object  # the 4-bit format of the base (QuantConfig), or None
+    lm_head_lora: bool  # an adapter on lm_head makes the loss take full logits, as token_loss_sum does
+
+
+def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, processes: int) -> _Local:
+    rows = cfg.data.batch_size * processes
+    batch = parallel.batch_sharding(mesh, 2, rules)
+    try:
+        local_rows = batch.shard_shape((rows, cfg.data.max_length))[0]
+    except ValueError:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {processes} process(es) = {rows} rows do not "
+                          f"split over the batch axes of mesh {tuple(mesh.shape.values())}; use a batch_size that "
+                          "makes the global batch a multiple of data x fsdp") from None
+    batch_shards = rows // local_rows
+    widths = _width_shards(model_cfg, mesh, rules)
+    heads, kv_heads = widths["heads"], widths["kv_heads"]
+    if model_cfg.num_attention_heads % heads or model_cfg.num_key_value_heads % kv_heads or (
+            (model_cfg.num_attention_heads // heads) % (model_cfg.num_key_value_heads // kv_heads)):
+        heads = kv_heads = 1  # a split that cuts heads or query groups apart is resharded to whole heads by XLA
+    local_cfg = model_cfg.replace(num_attention_heads=model_cfg.num_attention_heads // heads,
+                                  num_key_value_heads=model_cfg.num_key_value_heads // kv_heads,
+                                  intermediate_size=model_cfg.intermediate_size // widths["mlp"],
+                                  vocab_size=model_cfg.vocab_size // widths["vocab"], head_dim=model_cfg.head_dim)
+    chunk = cfg.train.loss_chunk_size
+    # The chunked loss reshapes the global [B * T] tokens into chunks; each chunk's rows split over the batch shards.
+    local_chunk = chunk // batch_shards if chunk and chunk % batch_shards == 0 else chunk
+    lm_head_lora = cfg.method != "full" and ("lm_head",) in lora.plan(model_cfg, cfg.lora)
+    return _Local(local_rows, local_cfg, local_chunk, quant, lm_head_lora)
+
+
+def _width_shards(model_cfg: ModelConfig, mesh, rules) -> dict[str, int]:
+    """How many ways the activations' head, MLP and vocabulary widths split: as the kernels that produce them are
+    split on the mesh axes the batch leaves free (the batch takes data and fsdp)."""
+    free = abstract_mesh((1, 1, mesh.shape["tensor"]))
+    d, hd = model_cfg.hidden_size, model_cfg.head_dim
+    kernels = {"q_proj": (d, model_cfg.num_attention_heads * hd), "k_proj": (d, model_cfg.num_key_value_heads * hd),
+               "gate_proj": (d, model_cfg.intermediate_size)}
+    tree = {"layers": {m: {"kernel": jax.ShapeDtypeStruct((1, *shape), jnp.float32)} for m, shape in kernels.items()},
+            "lm_head": {"kernel": jax.ShapeDtypeStruct((d, model_cfg.vocab_size), jnp.float32)}}
+    shardings = parallel.param_shardings(tree, free, rules)
+
+    def ways(module: str) -> int:
+        stacked = module in kernels
+        shape = (tree["layers"] if stacked else tree)[module]["kernel"].shape
+        sharding = (shardings["layers"] if stacked else shardings)[module]["kernel"]
+        return shape[-1] // sharding.shard_shape(shape)[-1]
+
+    return {"heads": ways("q_proj"), "kv_heads": ways("k_proj"), "mlp": ways("gate_proj"), "vocab": ways("lm_head")}
+
+
+def _activations(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, mesh, rules) -> int:
+    """Saved residuals of one micro-batch (for the real layer count) + the larger transient working set."""
+    n_layers = model_cfg.num_hidden_layers
+    one, two = (_residual_bytes(cfg, local, n) for n in (1, 2))
+    saved = one + (two - one) * (n_layers - 1)  # residuals grow linearly with depth: the scan stacks them per layer
+    return saved + max(_layer_working_set(cfg, model_cfg, local, mesh, rules), _loss_working_set(cfg, local))
+
+
+def _with_layers(model_cfg: ModelConfig, n: int, remat: str | None = None) -> ModelConfig:
+    return model_cfg.replace(num_hidden_layers=n, sliding_layers=model_cfg.sliding_layers[:1] * n,
+                             remat=remat or model_cfg.remat)
+
+
+def _residual_bytes(cfg: RunConfig, local: _Local, n_layers: int, remat: str | None = None) -> int:
+    """Bytes of the new buffers the VJP of one micro-batch's loss keeps for the backward pass (params and the
+    batch, which it also keeps, are counted elsewhere), traced on the per-device shapes of an ``n_layers`` model."""
+    model_cfg = _with_layers(local.model_cfg, n_layers, remat)
+    params = _abstract_params(model_cfg, cfg, local.quant)
+    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in BATCH_KEYS}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+    def pullback_leaves(trainable, frozen, batch, rng):
+        def loss(t):
+            return token_loss_sum(model_cfg, combine(t, frozen), batch, rng, local.chunk)[0]
+        return jax.tree.leaves(jax.vjp(loss, trainable)[1])
+
+    jaxpr = jax.make_jaxpr(pullback_leaves)(trainable, frozen, batch, rng).jaxpr
+    existing = set(jaxpr.invars) | set(jaxpr.constvars)
+    residuals = {v for v in jaxpr.outvars if isinstance(v, jex.Var) and v not in existing}
+    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in residuals)
+
+
+def _layer_working_set(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, mesh, rules) -> int:
+    """Transient bytes of one layer's backward pass beyond the saved residuals."""
+    lc, b, t = local.model_cfg, local.rows, cfg.data.max_length
+    itemsize = jnp.dtype(lc.dtype).itemsize
+    if lc.attention == "blockwise":  # one tile's probabilities and their cotangent, per head
+        attention = 2 * b * lc.num_attention_heads * min(DEFAULT_BLOCK_Q, t) * min(DEFAULT_BLOCK_K, t) * F32
+    else:  # d_probs and d_scores, [B, H, T, T] float32
+        attention = 2 * b * lc.num_attention_heads * t * t * F32
+    mlp = 2 * b * t * lc.intermediate_size * itemsize             # d_gate, d_up
+    stream = 2 * b * t * lc.hidden_size * itemsize                # the residual stream's cotangent and a branch's
+    work = max(attention, mlp) + stream
+    if model_cfg.remat != "none":  # the layer's forward runs again, keeping what no policy saved
+        work += _residual_bytes(cfg, local, 2, "none") - _residual_bytes(cfg, local, 1, "none")
+    if local.quant is not None:  # the one kernel dequantized at a time, in the compute dtype
+        work += max(fan_in * fan_out for fan_in, fan_out in linear_shapes(lc).values()) * itemsize
+    return work + _gathered_layer_bytes(cfg, model_cfg, local.quant, mesh, rules)
+
+
+def _gathered_layer_bytes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules) -> int:
+    """One layer's weights as its devices use them: whole along fsdp-sharded dims (all-gathered), 0 without fsdp."""
+    if mesh.shape["fsdp"] == 1:
+        return 0
+    params = _abstract_params(_with_layers(model_cfg, 1), cfg, quant)
+    gathered_mesh = abstract_mesh((mesh.shape["data"], 1, mesh.shape["tensor"]))
+    layer = params["layers"]
+    return _sharded_bytes(layer, parallel.param_shardings({"layers": layer}, gathered_mesh, rules)["layers"])
+
+
+def _loss_working_set(cfg: RunConfig, local: _Local) -> int:
+    """Transient bytes of the cross-entropy's backward pass: f32 logits and their cotangents."""
+    lc = local.model_cfg
+    if local.chunk and not local.lm_head_lora:
+        block = min(VOCAB_BLOCK, lc.vocab_size)
+        # one block's logits, probabilities and cotangent, and the chunk's f32 hidden-state cotangent
+        return local.chunk * (3 * block + lc.hidden_size) * F32
+    return 2 * local.rows * cfg.data.max_length * lc.vocab_size * F32  # softmax and d_logits of the full logits
+
+
+def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None, rules=parallel.DEFAULT_RULES
+                    ) -> dict[str, int]:
+    """XLA's ``memory_analysis()`` of the real step compiled on ``devices`` (default: all), per device, with
+    ``peak`` = argument + output - alias + temp (what :class:`MemoryEstimate.total` estimates)."""
+    from jaxft.train.loop import jit_train_step
+
+    devices = jax.devices() if devices is None else devices
+    mesh = parallel.make_mesh(mesh_cfg, devices)
+    model_cfg, params, _ = abstract_model(cfg)
+    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    optimizer = make_optimizer(cfg.optim)
+    state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed), trainable)
+    step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=cfg.train.loss_chunk_size), optimizer, mesh, state,
+                          frozen, rules)
+    rows = cfg.data.batch_size * jax.process_count()
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.grad_accum, rows, cfg.data.max_length), jnp.int32)
+             for k in BATCH_KEYS}
+    analysis = step.lower(state, frozen, batch).compile().memory_analysis()
+    out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def format_table(estimates: list[MemoryEstimate], measured: list[dict | None] | None = None) -> str:
+    """A per-device memory table, one column per mesh shape (and its compiled ``memory_analysis`` when given)."""
+    rows = [("frozen weights", "frozen"), ("trainable", "trainable"), ("grads", "grads"),
+            ("optimizer state", "optimizer"), ("batch", "batch"), ("activations", "activations"),
+            ("optimizer update", "update")]
+    header = ["per device"] + ["mesh " + ",".join(map(str, e.mesh)) for e in estimates]
+    lines = [[label] + [_mib(getattr(e, key)) for e in estimates] for label, key in rows]
+    if any(e.optimizer_host for e in estimates):
+        lines.append(["optimizer state (host)"] + [_mib(e.optimizer_host) for e in estimates])
+    lines.append(["total (peak)"] + [_mib(e.total) for e in estimates])
+    if measured:
+        lines.append(["compiled memory_analysis"] + [_mib(m["peak"]) if m else "-" for m in measured])
+        lines.append(["estimate / compiled"] + [f"{e.total / m['peak']:.2f}" if m else "-"
+                                                for e, m in zip(estimates, measured)])
+    widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+    fmt = "  ".join(["{:<%d}" % widths[0]] + ["{:>%d}" % w for w in widths[1:]])
+    return "\n".join(fmt.format(*row) for row in [header] + lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"

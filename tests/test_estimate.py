@@ -1,0 +1,119 @@
+"""The per-device memory estimate against XLA's memory_analysis() of the compiled step, and `jaxft inspect`."""
+import json
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import jaxft
+from jaxft import parallel
+from jaxft.cli import main
+from jaxft.config import ModelConfig, from_dict
+from jaxft.hf.config import config_to_hf
+from jaxft.parallel import MeshConfig
+from jaxft.peft import lora
+from jaxft.peft.tree import split
+from jaxft.recipes import estimate, sft
+from jaxft.recipes.config import RunConfig
+
+# Big enough that real buffers (activations [8 x 256 tokens], [B, H, T, T] scores, 4M params) dominate the totals.
+MEDIUM = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                     num_attention_heads=4)
+# Vocab 100 and the 12 K/V columns don't divide 8 devices: those dims stay whole.
+TINY = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=6)
+
+
+def _run_config(model_dir, method="lora", **sections) -> RunConfig:
+    tree = {"model": str(model_dir), "output_dir": str(model_dir / "run"), "method": method,
+            "data": {"paths": ["train.jsonl"], "max_length": 256, "batch_size": 8},
+            "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+            "train": {"loss_chunk_size": 1024}}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value}
+    return from_dict(RunConfig, tree)
+
+
+def _tiny_config(model_dir, method="lora", **sections) -> RunConfig:
+    return _run_config(model_dir, method, data={"max_length": 16}, **sections)
+
+
+@pytest.fixture(scope="module")
+def medium_dir(tmp_path_factory):
+    """Only config.json: neither the estimate nor the compiled step reads weights."""
+    folder = tmp_path_factory.mktemp("medium")
+    (folder / "config.json").write_text(json.dumps(config_to_hf(MEDIUM, "float32")))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    jaxft.save_pretrained(TINY, jaxft.init_params(TINY, jax.random.PRNGKey(0)), folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, remat, mesh", [
+    ("lora", "none", (1, 1, 1)),
+    ("qlora", "full", (1, 8, 1)),
+    ("full", "none", (8, 1, 1)),
+    ("full", "full", (1, 8, 1)),
+])
+def test_estimate_is_within_20_percent_of_the_compiled_step(medium_dir, method, remat, mesh):
+    cfg = _run_config(medium_dir, method, train={"remat": remat})
+    predicted = estimate.estimate(cfg, mesh).total
+    compiled = estimate.compiled_memory(cfg, MeshConfig(*mesh), jax.devices()[:int(np.prod(mesh))])
+    print(f"{method} remat={remat} mesh={mesh}: estimate / compiled = {predicted / compiled['peak']:.3f}")
+    assert 0.8 <= predicted / compiled["peak"] <= 1.2
+
+
+def test_param_bytes_are_what_each_device_holds(tiny_dir):
+    cfg = _tiny_config(tiny_dir)
+    mesh = parallel.make_mesh(MeshConfig(1, 8, 1), jax.devices()[:8])
+    _, params = sft.load_model(cfg, jax.random.PRNGKey(0))
+    trainable, frozen = (parallel.shard_params(t, mesh) for t in split(params, sft.trainable_predicate(cfg)))
+    held = [sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(t)) for t in (frozen, trainable)]
+    predicted = estimate.estimate(cfg, (1, 8, 1))
+    assert [predicted.frozen, predicted.trainable] == held
+
+
+def test_param_counts_leave_out_rank_padding(tiny_dir):
+    cfg = _tiny_config(tiny_dir, lora={"r": 4, "rank_pattern": {"q_proj": 8}, "layers_to_transform": [0, 2],
+                                              "target_modules": ["q_proj", "v_proj"]})
+    model_cfg, abstract, _ = estimate.abstract_model(cfg)
+    _, params = sft.load_model(cfg, jax.random.PRNGKey(0))
+    n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "layout")))
+    n_padding = lora.trainable_count(params) - sum(x.size for x in jax.tree.leaves(split(params)[0]))
+    assert estimate.param_counts(cfg, model_cfg, abstract) == (lora.trainable_count(params), n_total + n_padding)
+
+
+def test_offloaded_optimizer_state_counts_as_host_memory(tiny_dir):
+    on_device = estimate.estimate(_tiny_config(tiny_dir), (1, 1, 1))
+    offloaded = estimate.estimate(_tiny_config(tiny_dir, optim={"offload_state": True}), (1, 1, 1))
+    assert (offloaded.optimizer, offloaded.optimizer_host) == (0, on_device.optimizer)
+    # AdamW: two f32 moments per trainable f32 value, and a step count
+    assert 0 < on_device.optimizer - 2 * on_device.trainable <= 8
+
+
+def test_inspect_prints_counts_and_a_memory_table_per_mesh(tiny_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_dir), "output_dir": str(tmp_path / "run"), "method": "qlora",
+                                      "data": {"paths": ["train.jsonl"], "max_length": 16, "batch_size": 8},
+                                      "quant": {"blocksize": 32}, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}))
+    assert main(["inspect", str(config), "--mesh", "1,8,1"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params:" in out and "trainable%" in out
+    header, *rows = out.splitlines()[1:]
+    assert header.split()[1:] == ["device", "mesh", "1,1,1", "mesh", "1,8,1"]
+    labels = ["frozen weights", "trainable", "grads", "optimizer state", "batch", "activations", "optimizer update",
+              "total (peak)"]
+    assert [row[:len(label)] for row, label in zip(rows, labels)] == labels
+    assert all(row.count("MiB") == 2 for row in rows)
+
+
+def test_inspect_rejects_a_malformed_mesh(tiny_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "run.yaml", "--mesh", "1,8"])
+    assert "expected three positive sizes" in capsys.readouterr().err
