@@ -144,7 +144,8 @@ def _inspect(args) -> int:
     model = estimate.abstract_model(cfg)  # shapes only: no weights are read
     n_train, n_total = estimate.param_counts(cfg, model[0], model[1])
     print(f"trainable params: {n_train:,} || all params: {n_total:,} || trainable%: {100 * n_train / n_total:.4f}")
-    shapes = [cfg.mesh.shape(args.devices or jax.device_count())]
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # a -1 takes the devices the run would have
+    shapes = [cfg.mesh.shape(args.devices or jax.device_count()) if -1 in sizes else sizes]
     shapes += [s for s in args.mesh or [] if s not in shapes]
     estimates = [estimate.estimate(cfg, s, processes=args.processes, model=model) for s in shapes]
     measured = None
