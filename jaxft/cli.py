@@ -16,11 +16,21 @@ from jaxft.config import ConfigError
 EXPECTED_ERRORS = (ConfigError, ValueError, OSError, KeyError)
 
 
+def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):
+    """The library's own check says overwrite=True; on the command line the answer is a flag."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder}: already exists and is not empty; pass {flag} to replace it, or choose "
+                              "another folder")
+
+
 def _train(args) -> int:
     from jaxft.recipes import sft
     from jaxft.recipes.config import load_run_config
 
     cfg = load_run_config(args.config, args.set or [])
+    if not (args.resume or args.overwrite):
+        _refuse_existing(cfg.output_dir, "--overwrite (or --resume to continue it)")
     summary = sft.run(cfg, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, default=float))
     return 0
@@ -31,8 +41,8 @@ def _demo(args) -> int:
 
     cfg = demo.DemoConfig.quick() if args.quick else demo.DemoConfig()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty; pass --overwrite or choose --out")
+    if not args.overwrite:
+        _refuse_existing(out)
     result = demo.run(out, cfg, overwrite=args.overwrite)
     print()
     print(demo.table(result))
@@ -89,11 +99,13 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     import jaxft
 
-    cfg, params = _load(args.model, args.adapter, args.quant)
-    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     prompts = list(args.prompt or [])
     if args.file:
+        if not Path(args.file).is_file():
+            raise FileNotFoundError(f"--file {args.file}: no such file (expected a text file, one prompt per line)")
         prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+    cfg, params = _load(args.model, args.adapter, args.quant)
+    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     interactive = not prompts
     while True:
         if interactive:
@@ -120,6 +132,8 @@ def _export(args) -> int:
     from jaxft.hf.peft_format import lora_config_from_peft
 
     out = Path(args.out)
+    if not args.overwrite:
+        _refuse_existing(out)
     cfg, params = _load(args.model, args.adapter, None)
     if args.merged:
         jaxft.save_pretrained(cfg, jaxft.lora.merge(params), out, overwrite=args.overwrite)

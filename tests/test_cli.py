@@ -59,6 +59,46 @@ def test_export_merged_model_gives_the_adapted_logits(tiny_run, tmp_path):
     assert (tmp_path / "merged" / "tokenizer_config.json").exists()
 
 
+def test_eval_reports_loss_perplexity_and_token_accuracy_of_model_plus_adapter(tiny_run, capsys):
+    import numpy as np
+
+    from jaxft.data import DataConfig, build_iterator
+
+    model, adapter, data = tiny_run / "model", tiny_run / "run" / "adapter", tiny_run / "train.jsonl"
+    assert main(["eval", str(model), "--adapter", str(adapter), "--data", str(data), "--max-length", "32",
+                 "--batch-size", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg, params = jaxft.from_pretrained(model)
+    params = jaxft.load_adapter(adapter, params)
+    iterator = build_iterator(DataConfig(paths=(str(data),), max_length=32, batch_size=4, dedup=None),
+                              jaxft.load_tokenizer(adapter)).iterator
+    losses, hits = [], []
+    for _ in range(iterator.batches_per_epoch):  # the oracle: full logits in numpy, one epoch
+        batch = next(iterator)
+        logits = np.asarray(jaxft.forward(cfg, params, batch["input_ids"], positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"]), np.float64)
+        target = batch["labels"] != -100
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        picked = np.take_along_axis(log_probs, np.where(target, batch["labels"], 0)[..., None], -1)[..., 0]
+        losses += list(-picked[target])
+        hits += list((logits.argmax(-1) == batch["labels"])[target])
+    assert result["tokens"] == len(losses) and len(losses) % 10 == 0  # every chat of the file, each as long
+    np.testing.assert_allclose(result["loss"], np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(result["perplexity"], np.exp(np.mean(losses)), rtol=1e-5)
+    assert result["accuracy"] == np.mean(hits)
+
+
+def test_sweep_command_prints_the_table_and_writes_the_plots(tiny_run, capsys):
+    out = tiny_run / "sweep"
+    assert main(["sweep", str(tiny_run / "run.yaml"), "--grid", "r=2", "alpha=2r", "--set", "train.steps=2",
+                 "--out", str(out)]) == 0
+    assert "| r2-a4 | 2 | 4 |" in capsys.readouterr().out
+    for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep.yaml", "r2-a4/summary.json"):
+        assert (out / name).exists(), name
+    for name in ("loss_curves.png", "heatmap_r_alpha.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _error(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -79,29 +119,67 @@ def test_batch_that_does_not_split_over_the_mesh_is_explained(tiny_run, capsys):
     assert "do not split over the mesh" in err
 
 
-def test_missing_config_file(tmp_path, capsys):
-    assert "config file not found" in _error(["train", str(tmp_path / "nope.yaml")], capsys)
-
-
-def test_unknown_key_names_key_and_file(tiny_run, tmp_path, capsys):
-    config = yaml.safe_load((tiny_run / "run.yaml").read_text())
+def _bad_configs(root, tmp_path) -> dict:
+    """Paths of bad inputs: a missing file, a config with an unknown key, one with a !!python tag, a model folder
+    without config.json, and an output folder with someone's file in it."""
+    config = yaml.safe_load((root / "run.yaml").read_text())
     config["lora"]["rank"] = 8
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    err = _error(["train", str(tmp_path / "bad.yaml")], capsys)
-    assert "unknown key(s) ['rank']" in err and "bad.yaml" in err
-
-
-def test_python_yaml_tags_are_refused(tmp_path, capsys):
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "evil.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
-    assert "not valid YAML at line 1" in _error(["train", str(tmp_path / "evil.yaml")], capsys)
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    return {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
+            "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
+            "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
+            "data": str(root / "train.jsonl")}
 
 
-def test_bad_set_syntax(tiny_run, capsys):
-    assert "is not key=value" in _error(["train", str(tiny_run / "run.yaml"), "--set", "lora.r"], capsys)
+MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['rank']", "not valid YAML at line 1"
+NO_CONFIG_JSON, TAKEN, NOT_KEY_VALUE = "no config.json", "already exists and is not empty; pass --overwrite", \
+    "is not key=value"
+BAD_INPUTS = [
+    (["train", "{missing}"], MISSING),
+    (["train", "{unknown}"], UNKNOWN_KEY),
+    (["train", "{evil}"], PYTHON_TAG),
+    (["train", "{config}", "--set", "lora.r"], NOT_KEY_VALUE),
+    (["train", "{config}", "--set", "lora.r=[8"], "lora.r=[8: the value is not plain YAML"),
+    (["train", "{config}", "--set", "model={no_config_json}", "--set", "output_dir={taken}/../fresh"], NO_CONFIG_JSON),
+    (["train", "{config}", "--set", "output_dir={taken}"], TAKEN),
+    (["sweep", "{missing}", "--grid", "r=2,4"], MISSING),
+    (["sweep", "{unknown}", "--grid", "r=2,4"], UNKNOWN_KEY),
+    (["sweep", "{evil}", "--grid", "r=2,4"], PYTHON_TAG),
+    (["sweep", "{config}", "--grid", "lora.rank=2,4", "--out", "{taken}/../fresh"], UNKNOWN_KEY),
+    (["sweep", "{config}", "--grid", "lora.r:2,4"], "--grid 'lora.r:2,4': expected KEY=V1,V2,..."),
+    (["sweep", "{config}", "--grid", "r=2", "--set", "model={no_config_json}", "--out", "{taken}/../fresh"],
+     NO_CONFIG_JSON),
+    (["sweep", "{config}", "--grid", "r=2", "--out", "{taken}"], "already exists and is not empty; pass --resume"),
+    (["inspect", "{missing}"], MISSING),
+    (["inspect", "{unknown}"], UNKNOWN_KEY),
+    (["inspect", "{evil}"], PYTHON_TAG),
+    (["inspect", "{config}", "--set", "model={no_config_json}"], NO_CONFIG_JSON),
+    (["generate", "{no_config_json}", "--prompt", "hi"], NO_CONFIG_JSON),
+    (["generate", "{model}", "--file", "{missing}"], "--file {missing}: no such file"),
+    (["generate", "{model}", "--adapter", "{no_config_json}", "--prompt", "hi"], "no adapter_config.json"),
+    (["export", "{no_config_json}", "--adapter", "{model}", "--out", "{taken}/../fresh"], NO_CONFIG_JSON),
+    (["export", "{model}", "--adapter", "{missing}", "--out", "{taken}/../fresh"], "no adapter_config.json"),
+    (["export", "{model}", "--adapter", "{model}", "--out", "{taken}"], TAKEN),
+    (["eval", "{no_config_json}", "--data", "{data}"], NO_CONFIG_JSON),
+    (["eval", "{model}", "--data", "{missing}"], "nope.yaml: missing file"),
+    (["eval", "{model}", "--adapter", "{missing}", "--data", "{data}"], "no adapter_config.json"),
+    (["demo", "--out", "{taken}"], TAKEN),
+]
 
 
-def test_model_folder_without_config_json(tmp_path, capsys):
-    assert "no config.json" in _error(["generate", str(tmp_path), "--prompt", "hi"], capsys)
+@pytest.mark.parametrize("argv, says", BAD_INPUTS, ids=[" ".join(a[:2]) + f" [{i}]" for i, (a, _) in
+                                                        enumerate(BAD_INPUTS)])
+def test_bad_input_gives_a_one_paragraph_error(tiny_run, tmp_path, capsys, argv, says):
+    paths = _bad_configs(tiny_run, tmp_path)
+    err = _error([arg.format(**paths) for arg in argv], capsys)
+    assert says.format(**paths) in err
+    assert len(err.strip().splitlines()) == 2  # the paragraph, then the --debug hint
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "fresh").exists()  # refused before anything was written
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -111,6 +189,6 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_every_subcommand_explains_itself():
-    for command in ("train", "demo", "generate", "export", "inspect"):
+    for command in ("train", "sweep", "eval", "demo", "generate", "export", "inspect"):
         result = subprocess.run([sys.executable, "-m", "jaxft", command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and len(result.stdout.split()) > 20, command

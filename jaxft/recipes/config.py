@@ -77,7 +77,11 @@ def _set(tree: dict, dotted: str, raw: str, source: str):
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: --set {dotted}: {k!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {dotted}={raw}: the value is not plain YAML ({getattr(e, 'problem', None) or e}); "
+                          "quote strings, write lists as [a, b]; tags such as !!python/... are refused") from None
 
 
 def apply_overrides(tree: dict, overrides: list[str], source: str = "--set") -> dict:

@@ -67,10 +67,15 @@ def _check_batch_fits(cfg: RunConfig, mesh):
                           f"the global batch a multiple of {shards}, or change mesh")
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    if not (Path(cfg.model) / "config.json").is_file():  # before output_dir exists, so a fixed rerun needs no --overwrite
+def check_model_folder(cfg: RunConfig):
+    """Fails before anything is written, so a run fixed after this error needs no --overwrite."""
+    if not (Path(cfg.model) / "config.json").is_file():
         raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
                           "`model` at a folder with config.json and *.safetensors")
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    check_model_folder(cfg)
     out = Path(cfg.output_dir)
     if resume:
         if not (out / "checkpoints").exists():

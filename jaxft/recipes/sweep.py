@@ -160,7 +160,10 @@ def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str) -> l
         tree = apply_overrides(copy.deepcopy(base_tree), [f"{k}={json.dumps(v)}" for k, v in values.items()],
                                source=f"--grid ({name})")
         tree["output_dir"] = str(out / name)
-        config = from_dict(RunConfig, tree, source=f"{source} with --grid {name}")
+        try:
+            config = from_dict(RunConfig, tree, source=source)
+        except ConfigError as e:
+            raise ConfigError(f"--grid point {name}: {e}") from None
         runs.append(Run(name, group, items, values, config))
     return runs
 
@@ -174,6 +177,8 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
     axes = parse_grid(list(grid))
     sweep_dir = Path(out or base.output_dir)
     runs = expand(base_tree, axes, sweep_dir, str(config_path))
+    for r in runs:
+        sft.check_model_folder(r.config)
     plan = {"config": str(config_path), "set": list(sets), "grid": list(grid), "base": to_dict(base),
             "runs": {r.name: r.values for r in runs}}
     _prepare_sweep_dir(sweep_dir, plan, overwrite, resume)
