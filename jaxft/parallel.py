@@ -158,7 +158,8 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
     """Shardings for a train state {step, trainable, opt_state, rng, (loss_scale, good_steps)}.
 
     Optimizer moments that mirror a param (same dict-key path suffix and shape, as optax's states do) shard
-    like that param; anything else (step counts, quantized moments' blocks) is replicated.
+    like that param; anything else (step counts, quantized moments' blocks) is replicated. Optimizer state that
+    lives in host memory (``OptimConfig.offload_state``) keeps its memory kind.
     """
     trainable = param_shardings(state["trainable"], mesh, rules)
     by_path = {tuple(_keys(p)): (s, x.shape) for (p, s), x in zip(
@@ -167,7 +168,9 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
     def opt_leaf(path, x):
         keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
         match = by_path.get(keys)
-        return match[0] if match is not None and match[1] == x.shape else replicated(mesh)
+        sharding = match[0] if match is not None and match[1] == x.shape else replicated(mesh)
+        kind = x.sharding.memory_kind if isinstance(x, jax.Array) else None
+        return sharding if kind in (None, "device") else sharding.with_memory_kind(kind)  # offloaded state stays
 
     scalars = {k: replicated(mesh) for k in state if k not in ("trainable", "opt_state")}
     return {**scalars, "trainable": trainable,

@@ -101,3 +101,16 @@ def test_kv_heads_that_do_not_divide_the_tensor_axis_are_replicated():
 def test_bad_mesh_shape_is_explained():
     with pytest.raises(jaxft.ConfigError, match="does not fit 8 devices"):
         make_mesh(MeshConfig(3, -1, 1))
+
+
+def test_state_shardings_keep_offloaded_optimizer_state_in_host_memory():
+    from jaxft.train.optim import OptimConfig, make_optimizer
+
+    mesh = make_mesh(MeshConfig(2, 4, 1))
+    trainable, _ = jaxft.split(_params(quant=False))
+    state = init_state(trainable, make_optimizer(OptimConfig(offload_state=True)))
+    shardings = state_shardings(state, mesh)
+    assert {s.memory_kind for s in jax.tree.leaves(shardings["opt_state"])} == {"pinned_host"}
+    assert {s.memory_kind for s in jax.tree.leaves(shardings["trainable"])} == {"device"}
+    mu = shardings["opt_state"][1].mu["layers"]["q_proj"]["lora_a"]  # (clip, adam, schedule) states
+    assert mu.spec == shardings["trainable"]["layers"]["q_proj"]["lora_a"].spec != jax.sharding.PartitionSpec()

@@ -8,7 +8,9 @@ import torch
 
 import jaxft
 from hf_oracle import build, random_ids, save
+from jaxft.parallel import MeshConfig, make_mesh, state_shardings
 from jaxft.train.loop import StepConfig, init_state, jit_train_step, token_loss_sum
+from jaxft.train.optim import OptimConfig, make_optimizer
 
 CFG = jaxft.ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)
@@ -52,18 +54,24 @@ def test_accumulation_4x2_equals_1x8_with_uneven_targets(chunk):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_nonfinite_gradients_skip_the_update():
+@pytest.mark.parametrize("offload", [False, True], ids=["state-on-device", "state-offloaded"])
+def test_nonfinite_gradients_skip_the_update(offload):
     params = _lora_params()
     trainable, frozen = jaxft.split(params)
     trainable = jax.tree.map(lambda x: x, trainable)
     trainable["layers"]["q_proj"]["lora_a"] = trainable["layers"]["q_proj"]["lora_a"].at[0, 0, 0].set(jnp.nan)
-    opt = optax.adam(1e-2)
+    opt = make_optimizer(OptimConfig(lr=1e-2, offload_state=offload))
     state = init_state(trainable, opt)
-    before = jax.tree.map(np.asarray, state["trainable"])
-    new, metrics = jit_train_step(CFG, StepConfig(), opt)(state, frozen, jax.tree.map(lambda x: x[None], _batch(2)))
+    before = jax.tree.map(np.asarray, {"trainable": state["trainable"], "opt_state": state["opt_state"]})
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    state = jax.device_put(state, state_shardings(state, mesh))
+    step = jit_train_step(CFG, StepConfig(), opt, mesh, state, frozen)
+    new, metrics = step(state, frozen, jax.tree.map(lambda x: x[None], _batch(2)))
     assert int(metrics["skipped"]) == 1
-    for a, b in zip(jax.tree.leaves(new["trainable"]), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(np.asarray(a), b)
+    after = {"trainable": new["trainable"], "opt_state": new["opt_state"]}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), after, before)
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(new["opt_state"])}
+    assert kinds == ({"pinned_host"} if offload else {"device"})
 
 
 def test_full_finetuning_gradients_equal_torch_autograd(tmp_path):

@@ -88,7 +88,7 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
     trainable = optax.apply_updates(state["trainable"], updates)
     finite = jnp.isfinite(grad_norm)
     if step_cfg.skip_nonfinite:
-        keep_new = partial(jnp.where, finite)
+        keep_new = partial(_select_in_device_memory, finite)
         trainable = jax.tree.map(keep_new, trainable, state["trainable"])
         opt_state = jax.tree.map(keep_new, opt_state, state["opt_state"])
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
@@ -101,6 +101,15 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
         new_state["good_steps"] = jnp.where(grow, 0, good)
         metrics["loss_scale"] = scale
     return new_state, metrics
+
+
+def _select_in_device_memory(keep_new, new, old):
+    """``where(keep_new, new, old)``; host-resident (offloaded) values are brought to device memory for the select
+    and the result put back, because accelerators compute only on device memory."""
+    if jax.typeof(old).memory_space != jax.memory.Space.Host:
+        return jnp.where(keep_new, new, old)
+    on_device = partial(jax.device_put, device=jax.memory.Space.Device)
+    return jax.device_put(jnp.where(keep_new, on_device(new), on_device(old)), jax.memory.Space.Host)
 
 
 def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: int = 0,
