@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxft.ops.attention import NO_WINDOW, attention_mask, dot_product_attention
-from jaxft.ops.blockwise_attention import blockwise_attention, platform_attention
+from jaxft.ops.blockwise_attention import blockwise_attention, fused_attention, platform_attention
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -122,6 +122,16 @@ def test_platform_attention_off_gpu_is_blockwise_attention():
     mask_inputs = case.mask_inputs()
     np.testing.assert_array_equal(jax.jit(platform_attention)(q, k, v, *mask_inputs),
                                   jax.jit(blockwise_attention)(q, k, v, *mask_inputs))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_attention_wiring_matches_plain_attention(name):
+    """The GPU path's call (mask, layouts, grouped heads) through jax's reference implementation on CPU."""
+    case = CASES[name]
+    q, k, v, _ = case.inputs()
+    mask_inputs = case.mask_inputs()
+    np.testing.assert_allclose(jax.jit(fused_attention)(q, k, v, *mask_inputs),
+                               jax.jit(_plain)(q, k, v, *mask_inputs), atol=1e-5, rtol=0)
 
 
 def _temp_bytes(fn, t):

@@ -71,9 +71,15 @@ def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window) 
     head_dim = q.shape[-1]
     if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128):
-        mask = attention_mask(q_index, k_index, q_segment, k_segment, window)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+        return fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation="cudnn")
     return blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window)
+
+
+def fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation=None):
+    """Our mask handed to ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``None`` lets jax pick, XLA on CPU, which
+    is how the tests check this wiring — layouts, grouped KV heads, mask broadcast — without a GPU)."""
+    mask = attention_mask(q_index, k_index, q_segment, k_segment, window)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
 def _to_blocks(x, block: int, pad_value):
