@@ -80,8 +80,9 @@ def _set(tree: dict, dotted: str, raw: str, source: str):
     try:
         node[keys[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: {dotted}={raw}: the value is not plain YAML ({getattr(e, 'problem', None) or e}); "
-                          "quote strings, write lists as [a, b]; tags such as !!python/... are refused") from None
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"{source}: {dotted}={raw}: the value is not plain YAML ({problem}); quote strings, write "
+                          "lists as [a, b]; tags such as !!python/... are refused") from None
 
 
 def apply_overrides(tree: dict, overrides: list[str], source: str = "--set") -> dict:

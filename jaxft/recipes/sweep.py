@@ -19,7 +19,6 @@ import copy
 import csv
 import itertools
 import json
-import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -238,8 +237,9 @@ def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1) of the values present; no std from a single value."""
-    present = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    """Mean and sample standard deviation (ddof=1) of the values present; no std from a single value. A diverged
+    seed's NaN stays in, so the table shows it rather than a mean over the seeds that happened to survive."""
+    present = [float(v) for v in values if v is not None]
     if not present:
         return None, None
     return float(np.mean(present)), float(np.std(present, ddof=1)) if len(present) > 1 else None
