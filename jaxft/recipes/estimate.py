@@ -11,18 +11,21 @@ every term is a real buffer of the jitted step (:func:`jaxft.train.loop.jit_trai
 - **batch**: the [A, B, T] int32 arrays (ids, labels, segments, positions), rows split over the batch axes.
 - **grads**: one gradient per trainable leaf (two with gradient accumulation: the running sum and the newest).
 - **activations** (backward pass): the residuals jax saves for the backward pass of one micro-batch's loss (read
-  off the traced VJP, so they follow the remat policy: all of a layer's intermediates under ``none``, only each
-  layer's input under ``full``), plus the larger of two transient working sets: one layer's backward (its
-  recomputed forward under remat, the f32 attention-score cotangents of the plain path or one tile of the
-  blockwise path, MLP and residual-stream cotangents, one dequantized NF4 kernel, the layer's weights gathered
-  over fsdp) or the cross-entropy's (logit blocks and their cotangents).
+  off the traced VJP, so they follow the remat policy and the ops' own custom VJPs: all of a layer's saved
+  intermediates under ``none``, only each layer's input under ``full``), plus the larger of two transient
+  working sets. One layer's backward: a cotangent for each intermediate its forward makes (as many bytes as its
+  residuals under ``none``), that forward recomputed first under a remat policy, its kernels dequantized to the
+  compute dtype (QLoRA) and its weights all-gathered over fsdp. Or the cross-entropy's: one block of f32 logits,
+  probabilities and their cotangent (the whole [B, T, V] logits without chunking).
 - **update**: the optimizer's update tree (f32, trainable-shaped), plus an offloaded state's copy on the device.
   It exists only after the backward pass has freed the activations, so the peak takes the larger of the two.
 
 What it is compared with (:func:`compiled_memory`): XLA's ``memory_analysis()`` of the compiled step, per
 device: ``argument + output - alias + temp`` bytes (the state is donated, so its outputs alias its inputs and
 count once). Activations are traced on the per-device shapes (batch rows / batch shards; heads, MLP and vocab
-columns / their tensor shards), the shapes XLA's partitioner gives every device.
+columns / their tensor shards), the shapes XLA's partitioner gives every device. On XLA:CPU the estimate reads
+0.85-0.95 of that peak: the rest is copies XLA inserts and gaps in its packed heap, which no count of the
+program's arrays sees.
 """
 from __future__ import annotations
 
@@ -34,14 +37,13 @@ from pathlib import Path
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import AbstractMesh, AxisType
 
 from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
 from jaxft.hf.config import config_from_hf, read_json
 from jaxft.models.llama import LINEAR_MODULES, init_params, linear_shapes
 from jaxft.ops import nf4
-from jaxft.ops.blockwise_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes import sft
@@ -244,10 +246,18 @@ def _width_shards(model_cfg: ModelConfig, mesh, rules) -> dict[str, int]:
 
 def _activations(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, mesh, rules) -> int:
     """Saved residuals of one micro-batch (for the real layer count) + the larger transient working set."""
-    n_layers = model_cfg.num_hidden_layers
-    one, two = (_residual_bytes(cfg, local, n) for n in (1, 2))
-    saved = one + (two - one) * (n_layers - 1)  # residuals grow linearly with depth: the scan stacks them per layer
-    return saved + max(_layer_working_set(cfg, model_cfg, local, mesh, rules), _loss_working_set(cfg, local))
+    outside, per_layer = _residuals_by_depth(cfg, local, model_cfg.remat)
+    saved = outside + per_layer * model_cfg.num_hidden_layers
+    layer_none = per_layer if model_cfg.remat == "none" else _residuals_by_depth(cfg, local, "none")[1]
+    layer = _layer_working_set(cfg, model_cfg, local, layer_none, mesh, rules)
+    return saved + max(layer, _loss_working_set(cfg, local))
+
+
+def _residuals_by_depth(cfg: RunConfig, local: _Local, remat: str) -> tuple[int, int]:
+    """(residual bytes outside the layer scan, residual bytes per layer) under ``remat``: residuals grow linearly
+    with depth (the scan stacks each layer's), so a 1- and a 2-layer trace give both."""
+    one, two = (_residual_bytes(cfg, _with_layers(local.model_cfg, n, remat), local) for n in (1, 2))
+    return 2 * one - two, two - one
 
 
 def _with_layers(model_cfg: ModelConfig, n: int, remat: str | None = None) -> ModelConfig:
@@ -255,10 +265,9 @@ def _with_layers(model_cfg: ModelConfig, n: int, remat: str | None = None) -> Mo
                              remat=remat or model_cfg.remat)
 
 
-def _residual_bytes(cfg: RunConfig, local: _Local, n_layers: int, remat: str | None = None) -> int:
+def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> int:
     """Bytes of the new buffers the VJP of one micro-batch's loss keeps for the backward pass (params and the
-    batch, which it also keeps, are counted elsewhere), traced on the per-device shapes of an ``n_layers`` model."""
-    model_cfg = _with_layers(local.model_cfg, n_layers, remat)
+    batch, which it also keeps, are counted elsewhere), traced on the per-device shapes in ``model_cfg``."""
     params = _abstract_params(model_cfg, cfg, local.quant)
     trainable, frozen = split(params, sft.trainable_predicate(cfg))
     batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in BATCH_KEYS}
@@ -275,21 +284,16 @@ def _residual_bytes(cfg: RunConfig, local: _Local, n_layers: int, remat: str | N
     return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in residuals)
 
 
-def _layer_working_set(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, mesh, rules) -> int:
-    """Transient bytes of one layer's backward pass beyond the saved residuals."""
-    lc, b, t = local.model_cfg, local.rows, cfg.data.max_length
-    itemsize = jnp.dtype(lc.dtype).itemsize
-    if lc.attention == "blockwise":  # one tile's probabilities and their cotangent, per head
-        attention = 2 * b * lc.num_attention_heads * min(DEFAULT_BLOCK_Q, t) * min(DEFAULT_BLOCK_K, t) * F32
-    else:  # d_probs and d_scores, [B, H, T, T] float32
-        attention = 2 * b * lc.num_attention_heads * t * t * F32
-    mlp = 2 * b * t * lc.intermediate_size * itemsize             # d_gate, d_up
-    stream = 2 * b * t * lc.hidden_size * itemsize                # the residual stream's cotangent and a branch's
-    work = max(attention, mlp) + stream
-    if model_cfg.remat != "none":  # the layer's forward runs again, keeping what no policy saved
-        work += _residual_bytes(cfg, local, 2, "none") - _residual_bytes(cfg, local, 1, "none")
-    if local.quant is not None:  # the one kernel dequantized at a time, in the compute dtype
-        work += max(fan_in * fan_out for fan_in, fan_out in linear_shapes(lc).values()) * itemsize
+def _layer_working_set(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, layer_none: int, mesh, rules) -> int:
+    """Transient bytes of one layer's backward pass beyond the saved residuals.
+
+    ``layer_none`` is what one layer's forward produces (its residuals with nothing rematerialized). The backward
+    pass makes a cotangent for each of those intermediates, and under a remat policy it first recomputes them.
+    """
+    work = layer_none * (2 if model_cfg.remat != "none" else 1)
+    if local.quant is not None:  # the layer's kernels dequantized to the compute dtype for its matmuls
+        itemsize = jnp.dtype(local.model_cfg.dtype).itemsize
+        work += sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(local.model_cfg).values()) * itemsize
     return work + _gathered_layer_bytes(cfg, model_cfg, local.quant, mesh, rules)
 
 
