@@ -98,7 +98,11 @@ def test_unknown_grid_key_is_named(tiny_config, tmp_path):
         sweep.expand(base, sweep.parse_grid(["lora.rank=4,8"]), tmp_path, "run.yaml")
 
 
-def _expected_rows(sweep_dir):
+READ = {"final_loss": lambda s: s["final_loss"], "eval_loss": lambda s: s["eval"]["loss"],
+        "eval_accuracy": lambda s: s["eval"]["accuracy"], "tokens_per_s": lambda s: s["tokens_per_s"]}
+
+
+def _expected_rows(sweep_dir, metrics=tuple(READ)):
     """The oracle: mean and sample std per config recomputed with numpy from the runs' own summary.json files."""
     groups = {}
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
@@ -106,10 +110,7 @@ def _expected_rows(sweep_dir):
         groups.setdefault(group, []).append(json.loads(summary_path.read_text()))
     expected = {}
     for group, summaries in groups.items():
-        columns = {"final_loss": [s["final_loss"] for s in summaries],
-                   "eval_loss": [s["eval"]["loss"] for s in summaries],
-                   "eval_accuracy": [s["eval"]["accuracy"] for s in summaries],
-                   "tokens_per_s": [s["tokens_per_s"] for s in summaries]}
+        columns = {metric: [READ[metric](s) for s in summaries] for metric in metrics}
         expected[group] = {**{f"{k}_mean": np.mean(v) for k, v in columns.items()},
                            **{f"{k}_std": np.std(v, ddof=1) for k, v in columns.items()},
                            "trainable_params": summaries[0]["trainable_params"], "seeds": len(summaries)}
@@ -193,6 +194,19 @@ def test_resume_retrains_only_runs_without_a_summary(finished_sweep, tiny_config
 def test_resume_refuses_the_folder_of_another_sweep(finished_sweep, tiny_config):
     with pytest.raises(ConfigError, match="sweep.yaml is missing or differs"):
         sweep.run(tiny_config / "run.yaml", ["lora.r=2,8"], resume=True, log=lambda *_: None)
+
+
+def test_parallel_sweep_trains_the_runs_together_and_tables_them(tiny_config):
+    out, messages = tiny_config / "parallel", []
+    sweep.run(tiny_config / "run.yaml", ["r=2,4", "alpha=2r", "seeds=2"], out=out, parallel=True,
+              log=messages.append)
+    assert messages[0] == "sweep: training 4 runs together: r2-a4-s0, r2-a4-s1, r4-a8-s0, r4-a8-s1"
+    with open(out / "sweep.csv") as f:
+        rows = {row["config"]: row for row in csv.DictReader(f)}
+    for group, want in _expected_rows(out, metrics=("final_loss", "eval_loss")).items():
+        for key, value in want.items():
+            np.testing.assert_allclose(float(rows[group][key]), value, rtol=1e-12, err_msg=f"{group} {key}")
+    assert (out / "heatmap_r_alpha.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_grid_without_alpha_skips_the_heatmap_with_a_note(tmp_path):

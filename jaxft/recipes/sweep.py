@@ -10,7 +10,8 @@
 - ``seeds=N`` runs every point with ``train.seed`` = 0 .. N-1; results are mean ± sample std over the seeds.
 
 Each run trains with :func:`jaxft.recipes.sft.run` into ``<sweep dir>/<name>`` (``r8-a16-lr0.0001-s0``), so every
-run folder is an ordinary run folder. The sweep folder gets ``sweep.yaml`` (what was asked, and every run's
+run folder is an ordinary run folder; with ``parallel`` the runs train together in one compiled program
+(:func:`jaxft.recipes.multi.run_parallel`: members may differ only in LoRA shape, lr and seed). The sweep folder gets ``sweep.yaml`` (what was asked, and every run's
 overrides), ``sweep.csv``, ``sweep.md``, ``sweep.json``, ``loss_curves.png`` and ``heatmap_r_alpha.png``.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from matplotlib.figure import Figure
 from jaxft.config import ConfigError, from_dict, to_dict
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, apply_overrides, read_yaml
+from jaxft.recipes.multi import run_parallel
 from jaxft.train.metrics import read_metrics
 
 ALIASES = {"r": "lora.r", "alpha": "lora.lora_alpha", "lr": "optim.lr", "dropout": "lora.lora_dropout"}
@@ -219,8 +221,6 @@ def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
     if summaries:
         log(f"sweep: {len(summaries)} of {len(runs)} runs finished earlier (kept)")
     if parallel and todo:
-        from jaxft.recipes.multi import run_parallel
-
         log(f"sweep: training {len(todo)} runs together: {', '.join(r.name for r in todo)}")
         results = run_parallel([r.config for r in todo])
     else:
