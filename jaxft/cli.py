@@ -156,7 +156,7 @@ def _inspect(args) -> int:
 
     cfg = load_run_config(args.config, args.set or [])
     model = estimate.abstract_model(cfg)  # shapes only: no weights are read
-    n_train, n_total = estimate.param_counts(cfg, model[0], model[1])
+    n_train, n_total = estimate.param_counts(cfg, model.model_cfg, model.params)
     print(f"trainable params: {n_train:,} || all params: {n_total:,} || trainable%: {100 * n_train / n_total:.4f}")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # a -1 takes the devices the run would have
     shapes = [cfg.mesh.shape(args.devices or jax.device_count()) if -1 in sizes else sizes]

@@ -33,6 +33,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.extend.core as jex
@@ -76,9 +77,16 @@ class MemoryEstimate:
         return resident + max(self.activations, self.update)
 
 
-def abstract_model(cfg: RunConfig) -> tuple[ModelConfig, dict, QuantConfig | None]:
-    """(model config, ShapeDtypeStruct param tree, 4-bit format or None) as ``sft.load_model`` would build them,
-    from config.json only."""
+class AbstractModel(NamedTuple):
+    """A run's model as shapes: what ``sft.load_model`` would build, without reading a weight."""
+
+    model_cfg: ModelConfig
+    params: dict  # ShapeDtypeStruct leaves (NF4 kernels as QuantizedTensors of them), adapters included
+    quant: QuantConfig | None  # the base's 4-bit format, None for a dense base
+
+
+def abstract_model(cfg: RunConfig) -> AbstractModel:
+    """The run's model config and param tree (adapters, 4-bit base) from its config.json alone."""
     config_path = Path(cfg.model) / "config.json"
     if not config_path.exists():
         raise ConfigError(f"{cfg.model}: no config.json (the memory estimate reads the model's sizes from it)")
@@ -86,7 +94,7 @@ def abstract_model(cfg: RunConfig) -> tuple[ModelConfig, dict, QuantConfig | Non
     model_cfg = config_from_hf(hf, source=str(config_path), dtype=cfg.compute_dtype or cfg.dtype)
     model_cfg = model_cfg.replace(remat=cfg.train.remat)
     quant = _quant(cfg, hf)
-    return model_cfg, _abstract_params(model_cfg, cfg, quant), quant
+    return AbstractModel(model_cfg, _abstract_params(model_cfg, cfg, quant), quant)
 
 
 def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
@@ -156,7 +164,7 @@ def _sharded_bytes(tree, shardings) -> int:
 
 
 def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int = 1,
-             rules=parallel.DEFAULT_RULES, model: tuple | None = None) -> MemoryEstimate:
+             rules=parallel.DEFAULT_RULES, model: AbstractModel | None = None) -> MemoryEstimate:
     """Per-device bytes of ``cfg``'s train step on a (data, fsdp, tensor) mesh of ``mesh_shape``.
 
     ``processes`` multiplies the per-process ``data.batch_size`` into the global batch, as the run does.
@@ -180,7 +188,7 @@ def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int
         trainable=train_bytes,
         optimizer=0 if offload else opt_bytes,
         optimizer_host=opt_bytes if offload else 0,
-        batch=len(BATCH_KEYS) * cfg.train.grad_accum * local.rows * cfg.data.max_length * 4,
+        batch=len(BATCH_KEYS) * cfg.train.grad_accum * local.rows * cfg.data.max_length * 4,  # int32
         grads=train_bytes * (2 if cfg.train.grad_accum > 1 else 1),
         activations=_activations(cfg, model_cfg, local, mesh, rules),
         update=update + (opt_bytes if offload else 0),
