@@ -202,7 +202,7 @@ class _Local:
     rows: int
     model_cfg: ModelConfig
     chunk: int  # cross-entropy rows per chunk on this device
-    quant: object  # the 4-bit format of the base (QuantConfig), or None
+    quant: QuantConfig | None  # the base's 4-bit format
     lm_head_lora: bool  # an adapter on lm_head makes the loss take full logits, as token_loss_sum does
 
 
@@ -336,7 +336,8 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
     model_cfg, params, _ = abstract_model(cfg)
     trainable, frozen = split(params, sft.trainable_predicate(cfg))
     optimizer = make_optimizer(cfg.optim)
-    state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed), trainable)
+    loss_scale = 2.0 ** 15 if model_cfg.dtype == "float16" else None  # as sft.run: fp16 trains with loss scaling
+    state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed, loss_scale=loss_scale), trainable)
     step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=cfg.train.loss_chunk_size), optimizer, mesh, state,
                           frozen, rules)
     rows = cfg.data.batch_size * jax.process_count()
