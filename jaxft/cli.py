@@ -53,7 +53,7 @@ def _sweep(args) -> int:
     from jaxft.recipes import sweep
 
     result = sweep.run(args.config, args.grid, sets=args.set or [], out=args.out, overwrite=args.overwrite,
-                       resume=args.resume, parallel=args.parallel)
+                       resume=args.resume, parallel=args.parallel, exact_match=args.exact_match)
     print(Path(result["dir"], "sweep.md").read_text())
     return 0
 
@@ -80,6 +80,7 @@ def _eval(args) -> int:
 
     import jaxft
     from jaxft.data import DataConfig, build_iterator
+    from jaxft.recipes.scoring import chat_exact_match
     from jaxft.recipes.sft import eval_sums
     from jaxft.train.metrics import evaluate
 
@@ -91,6 +92,8 @@ def _eval(args) -> int:
     n_batches = pipeline.iterator.batches_per_epoch
     step = jax.jit(partial(eval_sums, cfg))
     result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)))
+    if args.exact_match:
+        result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
     print(json.dumps({**result, "batches": n_batches, "data_report": pipeline.report.summary()}, indent=2,
                      default=float))
     return 0
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder")
     p.add_argument("--parallel", action="store_true", help="train the runs together on the devices "
                    "(jaxft.recipes.multi) instead of one after another")
+    p.add_argument("--exact-match", type=int, default=0, metavar="N", help="also score each run's greedy replies "
+                   "to the first N chats of eval_data: the share exactly equal to the reference answer")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model (+ adapter) on data",
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="chat template: a built-in name or .jinja file (default: the tokenizer's)")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per row (longer examples are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    p.add_argument("--exact-match", type=int, default=0, metavar="N", help="also generate greedy replies to the "
+                   "first N chats and report the share exactly equal to the reference answer (e.g. the demo task)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="run the offline end-to-end demo",

@@ -66,7 +66,7 @@ def test_eval_reports_loss_perplexity_and_token_accuracy_of_model_plus_adapter(t
 
     model, adapter, data = tiny_run / "model", tiny_run / "run" / "adapter", tiny_run / "train.jsonl"
     assert main(["eval", str(model), "--adapter", str(adapter), "--data", str(data), "--max-length", "32",
-                 "--batch-size", "4"]) == 0
+                 "--batch-size", "4", "--exact-match", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
     cfg, params = jaxft.from_pretrained(model)
     params = jaxft.load_adapter(adapter, params)
@@ -86,13 +86,24 @@ def test_eval_reports_loss_perplexity_and_token_accuracy_of_model_plus_adapter(t
     np.testing.assert_allclose(result["loss"], np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(result["perplexity"], np.exp(np.mean(losses)), rtol=1e-5)
     assert result["accuracy"] == np.mean(hits)
+    want, _ = demo.exact_match(cfg, params, jaxft.load_tokenizer(adapter), [(i, 2, 3, 4) for i in range(3)])
+    assert (result["exact_match"], result["exact_match_chats"]) == (want, 3)
 
 
 def test_sweep_command_prints_the_table_and_writes_the_plots(tiny_run, capsys):
     out = tiny_run / "sweep"
+    eval_data = f"eval_data={{paths: [{tiny_run / 'train.jsonl'}], max_length: 32, batch_size: 8}}"
     assert main(["sweep", str(tiny_run / "run.yaml"), "--grid", "r=2", "alpha=2r", "--set", "train.steps=2",
-                 "--out", str(out)]) == 0
-    assert "| r2-a4 | 2 | 4 |" in capsys.readouterr().out
+                 "--set", eval_data, "--out", str(out), "--exact-match", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| r2-a4 | 2 | 4 |" in printed and "| eval exact match |" in printed
+    summary = json.loads((out / "r2-a4" / "summary.json").read_text())
+    cfg, params = jaxft.from_pretrained(tiny_run / "model")
+    params = jaxft.load_adapter(out / "r2-a4" / "adapter", params)
+    tokenizer = jaxft.load_tokenizer(out / "r2-a4" / "adapter")
+    want, _ = demo.exact_match(cfg, params, tokenizer, [(0, 2, 3, 4), (1, 2, 3, 4)])
+    assert (summary["eval"]["exact_match"], summary["eval"]["exact_match_chats"]) == (want, 2)
+    assert "heatmap_r_alpha.png: eval exact match (mean over seeds)" in (out / "sweep.md").read_text()
     for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep.yaml", "r2-a4/summary.json"):
         assert (out / name).exists(), name
     for name in ("loss_curves.png", "heatmap_r_alpha.png"):
@@ -154,6 +165,7 @@ BAD_INPUTS = [
     (["sweep", "{config}", "--grid", "r=2", "--set", "model={no_config_json}", "--out", "{taken}/../fresh"],
      NO_CONFIG_JSON),
     (["sweep", "{config}", "--grid", "r=2", "--out", "{taken}"], "already exists and is not empty; pass --resume"),
+    (["sweep", "{config}", "--grid", "r=2", "--exact-match", "3", "--out", "{taken}/../fresh"], "has no eval_data"),
     (["inspect", "{missing}"], MISSING),
     (["inspect", "{unknown}"], UNKNOWN_KEY),
     (["inspect", "{evil}"], PYTHON_TAG),

@@ -11,8 +11,9 @@
 
 Each run trains with :func:`jaxft.recipes.sft.run` into ``<sweep dir>/<name>`` (``r8-a16-lr0.0001-s0``), so every
 run folder is an ordinary run folder; with ``parallel`` the runs train together in one compiled program
-(:func:`jaxft.recipes.multi.run_parallel`: members may differ only in LoRA shape, lr and seed). The sweep folder gets ``sweep.yaml`` (what was asked, and every run's
-overrides), ``sweep.csv``, ``sweep.md``, ``sweep.json``, ``loss_curves.png`` and ``heatmap_r_alpha.png``.
+(:func:`jaxft.recipes.multi.run_parallel`: members may differ only in LoRA shape, lr and seed). The sweep folder
+gets ``sweep.yaml`` (what was asked, and every run's overrides), ``sweep.csv``, ``sweep.md``, ``sweep.json``,
+``loss_curves.png`` and ``heatmap_r_alpha.png``.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ from matplotlib.figure import Figure
 
 from jaxft.config import ConfigError, from_dict, to_dict
 from jaxft.recipes import sft
+from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.recipes.config import RunConfig, apply_overrides, read_yaml
 from jaxft.recipes.multi import run_parallel
+from jaxft.recipes.scoring import chat_exact_match, load_trained
 from jaxft.train.metrics import read_metrics
 
 ALIASES = {"r": "lora.r", "alpha": "lora.lora_alpha", "lr": "optim.lr", "dropout": "lora.lora_dropout"}
@@ -48,6 +51,7 @@ METRICS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
     ("final_loss", "final train loss", lambda s: s.get("final_loss")),
     ("eval_loss", "eval loss", lambda s: (s.get("eval") or {}).get("loss")),
     ("eval_accuracy", "eval token accuracy", lambda s: (s.get("eval") or {}).get("accuracy")),
+    ("eval_exact_match", "eval exact match", lambda s: (s.get("eval") or {}).get("exact_match")),
     ("tokens_per_s", "tokens/s", lambda s: s.get("tokens_per_s")),
 )
 
@@ -170,9 +174,11 @@ def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str) -> l
 
 
 def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: str | Path | None = None,
-        overwrite: bool = False, resume: bool = False, parallel: bool = False, log=print) -> dict:
+        overwrite: bool = False, resume: bool = False, parallel: bool = False, exact_match: int = 0,
+        log=print) -> dict:
     """Runs the sweep (finished runs of an earlier, identical sweep are kept with ``resume``) and writes the
-    table and plots; returns ``{"dir", "rows", "runs"}``."""
+    table and plots; returns ``{"dir", "rows", "runs"}``. ``exact_match=N`` also scores each run's greedy replies
+    to the first N chats of eval_data (:func:`jaxft.recipes.scoring.chat_exact_match`)."""
     base_tree = apply_overrides(read_yaml(config_path), list(sets))
     base = from_dict(RunConfig, copy.deepcopy(base_tree), source=str(config_path))
     axes = parse_grid(list(grid))
@@ -180,10 +186,15 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
     runs = expand(base_tree, axes, sweep_dir, str(config_path))
     for r in runs:
         sft.check_model_folder(r.config)
-    plan = {"config": str(config_path), "set": list(sets), "grid": list(grid), "base": to_dict(base),
-            "runs": {r.name: r.values for r in runs}}
+    if exact_match and base.eval_data is None:
+        raise ConfigError(f"--exact-match scores replies to eval_data's chats, but {config_path} has no eval_data")
+    plan = {"config": str(config_path), "set": list(sets), "grid": list(grid), "exact_match": exact_match,
+            "base": to_dict(base), "runs": {r.name: r.values for r in runs}}
     _prepare_sweep_dir(sweep_dir, plan, overwrite, resume)
     summaries = _train_all(runs, parallel, log)
+    if exact_match:
+        for i, r in enumerate(runs, start=1):
+            summaries[r.name] = _with_exact_match(r, summaries[r.name], exact_match, f"{i}/{len(runs)}", log)
     rows = aggregate(runs, summaries)
     write_outputs(sweep_dir, axes, runs, rows, summaries)
     log(f"sweep: {len(runs)} runs, {len(rows)} configs; wrote {sweep_dir / 'sweep.md'}")
@@ -236,6 +247,19 @@ def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
     return summaries
 
 
+def _with_exact_match(r: Run, summary: dict, limit: int, progress: str, log) -> dict:
+    """The summary with the run's exact match, scored now unless an earlier (resumed) sweep did; saved into the
+    run's summary.json, so a sweep interrupted while scoring resumes without retraining."""
+    if "exact_match" in (summary.get("eval") or {}):
+        return summary
+    log(f"sweep: exact match {progress}: {r.name}")
+    model_cfg, params = load_trained(r.config, summary["export"])
+    score = chat_exact_match(model_cfg, params, load_tokenizer(summary["export"]), r.config.eval_data, limit)
+    summary = {**summary, "eval": {**(summary.get("eval") or {}), **score}}
+    (Path(r.config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
 def _mean_std(values: list) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof=1) of the values present; no std from a single value. A diverged
     seed's NaN stays in, so the table shows it rather than a mean over the seeds that happened to survive."""
@@ -285,24 +309,26 @@ def _cell(mean, std, digits: int) -> str:
 def markdown_table(axes: tuple[Axis, ...], rows: list[dict], heatmap_note: str) -> str:
     keys = [a.key for a in axes if a.key != SEED_KEY]
     seeds = next((len(a.items) for a in axes if a.key == SEED_KEY), 1)
-    header = ["config", *keys, *(label for _, label, _ in METRICS), "trainable params"]
+    metrics = [(c, label) for c, label, _ in METRICS if any(row[f"{c}_mean"] is not None for row in rows)]
+    header = ["config", *keys, *(label for _, label in metrics), "trainable params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["config"], *(_format_value(row[k]) for k in keys)]
-        cells += [_cell(row[f"{c}_mean"], row[f"{c}_std"], 0 if c == "tokens_per_s" else 4) for c, _, _ in METRICS]
+        cells += [_cell(row[f"{c}_mean"], row[f"{c}_std"], 0 if c == "tokens_per_s" else 4) for c, _ in metrics]
         cells.append(f"{row['trainable_params']:,}")
         lines.append("| " + " | ".join(cells) + " |")
     spread = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "one seed per config (no std)"
     return "\n".join([
         "# Sweep", "", *lines, "",
         f"Each cell: {spread}. Final train loss: the last logged step; eval loss and eval token accuracy "
-        "(argmax = label over the target tokens, teacher-forced) on eval_data at the end; tokens/s: median of the "
-        "last steps.", "", heatmap_note, "",
+        "(argmax = label over the target tokens, teacher-forced) on eval_data at the end; eval exact match (with "
+        "--exact-match): greedy replies equal to the reference; tokens/s: median of the last steps.", "",
+        heatmap_note, "",
     ])
 
 
 def _heatmap_metric(rows: list[dict]) -> tuple[str, str]:
-    for column, label, _ in METRICS[2::-1]:  # eval accuracy, else eval loss, else final train loss
+    for column, label, _ in METRICS[3::-1]:  # exact match, else token accuracy, else eval loss, else train loss
         if all(row[f"{column}_mean"] is not None for row in rows):
             return column, label
     return "final_loss", "final train loss"
