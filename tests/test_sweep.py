@@ -56,8 +56,8 @@ def test_list_values_keep_their_commas():
 
 def test_alpha_rule_is_resolved_against_each_points_r(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
-    runs = sweep.expand(base, sweep.parse_grid(["r=4,8", "alpha=2r,16", "seeds=2"]), tmp_path, "run.yaml")
-    assert [r.name for r in runs][:4] == ["r4-a8-s0", "r4-a8-s1", "r4-a16-s0", "r4-a16-s1"]
+    runs = sweep.expand(base, sweep.parse_grid(["r=4,8", "alpha=2r,32", "seeds=2"]), tmp_path, "run.yaml")
+    assert [r.name for r in runs][:4] == ["r4-a8-s0", "r4-a8-s1", "r4-a32-s0", "r4-a32-s1"]
     assert [(r.config.lora.r, r.config.lora.lora_alpha, r.config.train.seed) for r in runs[4:6]] == [
         (8, 16, 0), (8, 16, 1)]
     assert runs[0].group == "r4-a8" and runs[0].items["lora.lora_alpha"] == "2r"
@@ -90,6 +90,14 @@ def test_bad_grid_syntax_quotes_the_item(item, says):
 def test_repeated_grid_key_is_an_error():
     with pytest.raises(ConfigError, match="lora.r appears 2 times"):
         sweep.parse_grid(["r=4", "lora.r=8"])
+
+
+def test_values_that_give_the_same_run_are_an_error(tiny_config, tmp_path):
+    base = yaml.safe_load((tiny_config / "run.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"give the same run \(r8-a16\)"):
+        sweep.expand(base, sweep.parse_grid(["r=8", "alpha=2r,16"]), tmp_path, "run.yaml")
+    with pytest.raises(ConfigError, match="4 given more than once"):
+        sweep.parse_grid(["r=4,8,4"])
 
 
 def test_unknown_grid_key_is_named(tiny_config, tmp_path):

@@ -101,6 +101,9 @@ def _parse_axis(spec: str) -> Axis:
     if key == "output_dir":
         raise ConfigError(f"--grid {spec!r}: every run gets its own folder inside the sweep folder; choose that "
                           "with --out")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise ConfigError(f"--grid {spec!r}: {', '.join(repeated)} given more than once; list each value once")
     for item in items:
         if _RULE.match(item) and key == R_KEY:
             raise ConfigError(f"--grid {spec!r}: lora.r cannot be derived from itself; give numbers (lora.r=4,8)")
@@ -162,6 +165,10 @@ def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str) -> l
         parts = {key: f"{short[key]}{_format_value(v)}" for key, v in values.items()}
         group = "-".join(p for key, p in parts.items() if key != SEED_KEY) or "base"
         name = "-".join(parts.values())
+        twin = next((other for other in runs if other.name == name), None)
+        if twin is not None:
+            raise ConfigError(f"--grid: the points {twin.items} and {items} give the same run ({name}); drop one "
+                              "of the values")
         tree = apply_overrides(copy.deepcopy(base_tree), [f"{k}={json.dumps(v)}" for k, v in values.items()],
                                source=f"--grid ({name})")
         tree["output_dir"] = str(out / name)
