@@ -13,7 +13,8 @@ Each run trains with :func:`jaxft.recipes.sft.run` into ``<sweep dir>/<name>`` (
 run folder is an ordinary run folder; with ``parallel`` the runs train together in one compiled program
 (:func:`jaxft.recipes.multi.run_parallel`: members may differ only in LoRA shape, lr and seed). The sweep folder
 gets ``sweep.yaml`` (what was asked, and every run's overrides), ``sweep.csv``, ``sweep.md``, ``sweep.json``,
-``loss_curves.png`` and ``heatmap_r_alpha.png``.
+``loss_curves.png`` and ``heatmap_r_alpha.png``. A sweep runs in one process (it writes its folder without the
+multi-host coordination ``sft.run`` has); run multi-host trainings with ``jaxft train`` per point.
 """
 from __future__ import annotations
 
