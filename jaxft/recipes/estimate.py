@@ -13,19 +13,19 @@ every term is a real buffer of the jitted step (:func:`jaxft.train.loop.jit_trai
 - **activations** (backward pass): the residuals jax saves for the backward pass of one micro-batch's loss (read
   off the traced VJP, so they follow the remat policy and the ops' own custom VJPs: all of a layer's saved
   intermediates under ``none``, only each layer's input under ``full``), plus the larger of two transient
-  working sets. One layer's backward: a cotangent for each intermediate its forward makes (as many bytes as its
-  residuals under ``none``), that forward recomputed first under a remat policy, its kernels dequantized to the
-  compute dtype (QLoRA) and its weights all-gathered over fsdp. Or the cross-entropy's: one block of f32 logits,
-  probabilities and their cotangent (the whole [B, T, V] logits without chunking).
+  working sets. One layer's backward, from the shapes: the f32 attention probabilities and their two cotangents
+  ([B, H, T, T] on the plain path, one tile on the blockwise one), the cotangents of the layer's activations,
+  its recomputed matmul inputs and outputs under a remat policy, its kernels dequantized (QLoRA) and its weights
+  all-gathered over fsdp. Or the cross-entropy's: one block of f32 logits, probabilities and their cotangent
+  (the whole [B, T, V] logits without chunking).
 - **update**: the optimizer's update tree (f32, trainable-shaped), plus an offloaded state's copy on the device.
   It exists only after the backward pass has freed the activations, so the peak takes the larger of the two.
 
 What it is compared with (:func:`compiled_memory`): XLA's ``memory_analysis()`` of the compiled step, per
 device: ``argument + output - alias + temp`` bytes (the state is donated, so its outputs alias its inputs and
 count once). Activations are traced on the per-device shapes (batch rows / batch shards; heads, MLP and vocab
-columns / their tensor shards), the shapes XLA's partitioner gives every device. On XLA:CPU the estimate reads
-0.85-0.95 of that peak: the rest is copies XLA inserts and gaps in its packed heap, which no count of the
-program's arrays sees.
+columns / their tensor shards), the shapes XLA's partitioner gives every device. On XLA:CPU (1 and 8 devices,
+LoRA / QLoRA / full, remat none / full) the estimate reads 0.87-1.06 of that peak.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from jaxft.config import ConfigError, ModelConfig, QuantConfig
 from jaxft.hf.config import config_from_hf, read_json
 from jaxft.models.llama import LINEAR_MODULES, init_params, linear_shapes
 from jaxft.ops import nf4
+from jaxft.ops.blockwise_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes import sft
@@ -254,23 +255,21 @@ def _width_shards(model_cfg: ModelConfig, mesh, rules) -> dict[str, int]:
 
 def _activations(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, mesh, rules) -> int:
     """Saved residuals of one micro-batch (for the real layer count) + the larger transient working set."""
-    outside, per_layer = _residuals_by_depth(cfg, local, model_cfg.remat)
+    outside, per_layer = _residuals_by_depth(cfg, local)
     saved = outside + per_layer * model_cfg.num_hidden_layers
-    layer_none = per_layer if model_cfg.remat == "none" else _residuals_by_depth(cfg, local, "none")[1]
-    layer = _layer_working_set(cfg, model_cfg, local, layer_none, mesh, rules)
+    layer = _layer_working_set(cfg, model_cfg, local, mesh, rules)
     return saved + max(layer, _loss_working_set(cfg, local))
 
 
-def _residuals_by_depth(cfg: RunConfig, local: _Local, remat: str) -> tuple[int, int]:
-    """(residual bytes outside the layer scan, residual bytes per layer) under ``remat``: residuals grow linearly
-    with depth (the scan stacks each layer's), so a 1- and a 2-layer trace give both."""
-    one, two = (_residual_bytes(cfg, _with_layers(local.model_cfg, n, remat), local) for n in (1, 2))
+def _residuals_by_depth(cfg: RunConfig, local: _Local) -> tuple[int, int]:
+    """(residual bytes outside the layer scan, residual bytes per layer): residuals grow linearly with depth (the
+    scan stacks each layer's), so a 1- and a 2-layer trace give both."""
+    one, two = (_residual_bytes(cfg, _with_layers(local.model_cfg, n), local) for n in (1, 2))
     return 2 * one - two, two - one
 
 
-def _with_layers(model_cfg: ModelConfig, n: int, remat: str | None = None) -> ModelConfig:
-    return model_cfg.replace(num_hidden_layers=n, sliding_layers=model_cfg.sliding_layers[:1] * n,
-                             remat=remat or model_cfg.remat)
+def _with_layers(model_cfg: ModelConfig, n: int) -> ModelConfig:
+    return model_cfg.replace(num_hidden_layers=n, sliding_layers=model_cfg.sliding_layers[:1] * n)
 
 
 def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> int:
@@ -292,16 +291,29 @@ def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> in
     return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in residuals)
 
 
-def _layer_working_set(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, layer_none: int, mesh, rules) -> int:
-    """Transient bytes of one layer's backward pass beyond the saved residuals.
+def _layer_working_set(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, mesh, rules) -> int:
+    """Transient bytes of one layer's backward pass beyond the saved residuals, counted as if all live at once.
 
-    ``layer_none`` is what one layer's forward produces (its residuals with nothing rematerialized). The backward
-    pass makes a cotangent for each of those intermediates, and under a remat policy it first recomputes them.
+    Attention: the f32 probabilities (saved or recomputed), their cotangent and the scores' cotangent, [B, H, T, T]
+    on the plain path or one [B, H, block_q, block_k] tile on the blockwise one. Activations: the cotangents of the
+    residual stream, of q, k, v and the attention output, and of the MLP's gate, up and gated product. Under a
+    remat policy the layer's forward runs again first and its matmul inputs and outputs exist once more. QLoRA
+    dequantizes the layer's kernels to the compute dtype; fsdp all-gathers the layer's weights.
     """
-    work = layer_none * (2 if model_cfg.remat != "none" else 1)
-    if local.quant is not None:  # the layer's kernels dequantized to the compute dtype for its matmuls
-        itemsize = jnp.dtype(local.model_cfg.dtype).itemsize
-        work += sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(local.model_cfg).values()) * itemsize
+    lc, b, t = local.model_cfg, local.rows, cfg.data.max_length
+    itemsize = jnp.dtype(lc.dtype).itemsize
+    q_width, kv_width = lc.num_attention_heads * lc.head_dim, lc.num_key_value_heads * lc.head_dim
+    if lc.attention == "blockwise":
+        tile = min(DEFAULT_BLOCK_Q, t) * min(DEFAULT_BLOCK_K, t)
+    else:
+        tile = t * t
+    attention = 3 * b * lc.num_attention_heads * tile * F32
+    cotangents = b * t * (lc.hidden_size + 2 * q_width + 2 * kv_width + 3 * lc.intermediate_size) * itemsize
+    work = attention + cotangents
+    if model_cfg.remat != "none":  # x, h, q, k, v, attention output, x2, h2; gate, up, their product
+        work += b * t * (4 * lc.hidden_size + 2 * q_width + 2 * kv_width + 3 * lc.intermediate_size) * itemsize
+    if local.quant is not None:
+        work += sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(lc).values()) * itemsize
     return work + _gathered_layer_bytes(cfg, model_cfg, local.quant, mesh, rules)
 
 
