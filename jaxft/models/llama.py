@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
-from jaxft.ops.attention import NO_WINDOW, attention_mask, dot_product_attention
+from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention
 from jaxft.ops.blockwise_attention import blockwise_attention
 from jaxft.ops.linear import embed, embedding_table, linear
 from jaxft.ops.rope import apply_rope, rope_tables
@@ -166,7 +166,7 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
             mask = attention_mask(*mask_inputs)
 
             def attend(q, k, v):
-                return dot_product_attention(q, k, v, mask)
+                return lse_attention(q, k, v, mask)
         x, kv = _block(cfg, lp, x, cos, sin, attend, layer_rng, kv, None if cache is None else cache["index"])
         return x, kv
 
