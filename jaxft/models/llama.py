@@ -22,6 +22,7 @@ from jaxft.config import ModelConfig
 from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention
 from jaxft.ops.blockwise_attention import blockwise_attention
 from jaxft.ops.linear import embed, embedding_table, linear
+from jaxft.ops.mlp import swiglu
 from jaxft.ops.rope import apply_rope, rope_tables
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -123,7 +124,7 @@ def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, rng=None, kv_cache=N
     attn = attend(q_heads, k_heads.astype(x.dtype), v_heads.astype(x.dtype))
     x = x + proj("o_proj", attn.reshape(b, t, -1))
     h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    x = x + proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h))
+    x = x + proj("down_proj", swiglu(proj("gate_proj", h), proj("up_proj", h)))
     return x, kv_cache
 
 
