@@ -90,6 +90,27 @@ def _zero_cotangent(leaf):
 _lora_linear.defvjp(_lora_linear_fwd, _lora_linear_bwd)
 
 
+@jax.custom_vjp
+def _dense_linear(x, kernel):
+    """x @ W with the same hand-written backward as the LoRA path: autodiff would contract the [B, T] axes of x and
+    dy for W's gradient (full fine-tuning) through transposed copies of both activations."""
+    return jnp.einsum("...i,io->...o", x, dense_kernel(kernel, x.dtype))
+
+
+def _dense_linear_fwd(x, kernel):
+    return _dense_linear(x, kernel), (x, kernel)
+
+
+def _dense_linear_bwd(residuals, dy):
+    x, kernel = residuals
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = dy2 @ dense_kernel(kernel, dy.dtype).T
+    return dx.reshape(x.shape), _kernel_cotangent(kernel, x, dy2)
+
+
+_dense_linear.defvjp(_dense_linear_fwd, _dense_linear_bwd)
+
+
 def linear(p: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray:
     """y = x @ W (+ b) (+ LoRA / DoRA) for x [..., in] in its own (compute) dtype.
 
@@ -99,7 +120,7 @@ def linear(p: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray
     """
     dtype = x.dtype
     if "lora_a" not in p:
-        y = jnp.einsum("...i,io->...o", x, dense_kernel(p["kernel"], dtype))
+        y = _dense_linear(x, p["kernel"])
     else:
         a, b = p["lora_a"].astype(dtype), p["lora_b"].astype(dtype)
         if "lora_mask" in p:  # rank padding multiplies to zero, so it also gets zero gradient
