@@ -13,6 +13,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = ("plain", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -73,7 +74,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; params keep the dtype they were loaded or created with
     remat: str = "none"  # jax.checkpoint policy for the scanned layer body
-    attention: str = "plain"  # attention implementation
+    attention: str = "plain"  # or "blockwise": online softmax, memory linear in T; cuDNN fused attention on GPU
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -107,8 +108,8 @@ class ModelConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} is not a known policy; expected one of {REMAT_POLICIES}")
-        if self.attention not in ("plain", "blockwise"):
-            raise ConfigError(f"attention {self.attention!r} is unknown; expected 'plain' or 'blockwise'")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention {self.attention!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

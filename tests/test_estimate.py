@@ -60,17 +60,25 @@ def _zeros(abstract):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, remat, mesh", [
-    ("lora", "none", (1, 1, 1)),
-    ("qlora", "full", (1, 8, 1)),
-    ("full", "none", (8, 1, 1)),
+@pytest.mark.parametrize("method, remat, attention, mesh", [
+    ("lora", "none", "plain", (1, 1, 1)),
+    ("qlora", "full", "plain", (1, 8, 1)),
+    ("full", "none", "plain", (8, 1, 1)),
+    ("lora", "full", "blockwise", (2, 4, 1)),
 ])
-def test_estimate_is_within_20_percent_of_the_compiled_step(medium_dir, method, remat, mesh):
-    cfg = _run_config(medium_dir, method, train={"remat": remat})
+def test_estimate_is_within_20_percent_of_the_compiled_step(medium_dir, method, remat, attention, mesh):
+    cfg = _run_config(medium_dir, method, train={"remat": remat, "attention": attention})
     predicted = estimate.estimate(cfg, mesh).total
     compiled = estimate.compiled_memory(cfg, MeshConfig(*mesh), jax.devices()[:int(np.prod(mesh))])
-    print(f"{method} remat={remat} mesh={mesh}: estimate / compiled = {predicted / compiled['peak']:.3f}")
+    print(f"{method} remat={remat} {attention} mesh={mesh}: estimate / compiled = {predicted / compiled['peak']:.3f}")
     assert 0.8 <= predicted / compiled["peak"] <= 1.2
+
+
+def test_run_config_attention_reaches_the_model(tiny_dir):
+    model_cfg, _, _ = estimate.abstract_model(_tiny_config(tiny_dir, train={"attention": "blockwise"}))
+    assert model_cfg.attention == "blockwise"
+    with pytest.raises(jaxft.ConfigError, match="train.attention 'flash' is unknown"):
+        _tiny_config(tiny_dir, train={"attention": "flash"})
 
 
 def test_param_bytes_are_what_each_device_holds(tiny_dir):

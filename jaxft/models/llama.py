@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
 from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention
-from jaxft.ops.blockwise_attention import blockwise_attention
+from jaxft.ops.blockwise_attention import platform_attention
 from jaxft.ops.linear import embed, embedding_table, linear
 from jaxft.ops.mlp import swiglu
 from jaxft.ops.rope import apply_rope, rope_tables
@@ -162,7 +162,7 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
         mask_inputs = (q_index, k_index, segment_ids, k_segment, window)
         if cfg.attention == "blockwise":
             def attend(q, k, v):
-                return blockwise_attention(q, k, v, *mask_inputs)
+                return platform_attention(q, k, v, *mask_inputs)
         else:
             mask = attention_mask(*mask_inputs)
 

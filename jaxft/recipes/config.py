@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from jaxft.config import REMAT_POLICIES, ConfigError, QuantConfig, from_dict, to_dict
+from jaxft.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, ModelConfig, QuantConfig, from_dict,
+                          to_dict)
 from jaxft.data.config import DataConfig
 from jaxft.parallel import MeshConfig
 from jaxft.peft.lora import LoraConfig
@@ -30,6 +31,7 @@ class TrainConfig:
     keep_last: int = 3
     loss_chunk_size: int = 1024
     remat: str = "none"
+    attention: str = "plain"  # "blockwise": memory linear in sequence length (cuDNN's fused kernel on GPU)
     tensorboard: bool = False
 
     def __post_init__(self):
@@ -41,6 +43,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"train.remat {self.remat!r} is unknown; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"train.attention {self.attention!r} is unknown; expected one of "
+                              f"{ATTENTION_IMPLEMENTATIONS}")
+
+    def apply(self, model_cfg: ModelConfig) -> ModelConfig:
+        """The model config with this run's memory knobs: the remat policy and the attention implementation."""
+        return model_cfg.replace(remat=self.remat, attention=self.attention)
 
 
 @dataclass(frozen=True)

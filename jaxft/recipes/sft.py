@@ -36,7 +36,7 @@ def load_model(cfg: RunConfig, rng, mesh=None):
     quant = cfg.quant if cfg.method == "qlora" else None
     model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
                                         mesh=mesh)
-    model_cfg = model_cfg.replace(remat=cfg.train.remat)
+    model_cfg = cfg.train.apply(model_cfg)
     if cfg.method != "full":
         params = lora.add(model_cfg, params, cfg.lora, rng)
     return model_cfg, params
