@@ -110,7 +110,8 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     state = multi.shard(multi.init_states(s, members, cfg.optim, loss_scale), mesh)
     consts, base = multi.shard(s.consts, mesh), parallel.shard_params(s.base, mesh)
     step_fn = multi.jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size),
-                                   multi.member_optimizer(cfg.optim, 1.0), mesh, state, consts, base)
+                                   multi.member_optimizer(cfg.optim, 1.0), mesh, state, consts, base,
+                                   group=multi.default_group())
     batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
 
     eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),

@@ -11,9 +11,9 @@ R is the largest rank of a group over the members. A member of smaller rank gets
 which ``linear`` multiplies in, so the padding contributes nothing and gets exactly zero gradient: every member
 trains exactly its own rank r with its own lora_scale (alpha/r, or alpha/sqrt(r) for rsLoRA).
 
-The step is ``jax.vmap`` of the single-run :func:`jaxft.train.loop.train_step` over members, with the base and the
-batch closed over rather than mapped, so the base (and an NF4 base's dequantization) and the batch are shared and
-each member still gets its own loss, gradient norm, clipping, optimizer state and NaN guard.
+The step maps the single-run :func:`jaxft.train.loop.train_step` over members (``jax.vmap``, or ``jax.lax.map`` over
+groups of members), with the base and the batch closed over rather than mapped, so they are shared and each member
+still gets its own loss, gradient norm, clipping, optimizer state and NaN guard.
 Learning rates: the optimizer's schedule runs with a peak of 1 and each member's peak lr scales its updates,
 held in its optimizer state by ``optax.inject_hyperparams``, so one update function serves every member.
 """
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.peft import lora
 from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, combine, path_str, split
@@ -57,10 +58,6 @@ class Stack:
     base: dict
     own_frozen: list  # per member: base + its own (unpadded) constant adapter leaves
     own_shapes: list  # per member: its own trainable leaf shapes
-
-    @property
-    def size(self) -> int:
-        return len(self.own_shapes)
 
 
 def _is_member_const(path, _leaf) -> bool:
@@ -111,6 +108,7 @@ def _padded(trees: list[dict]) -> list[dict]:
         if g.keys() != groups[0].keys():
             raise ConfigError(f"member {i} puts LoRA on {sorted('/'.join(p) for p in g)} but member 0 on "
                               f"{sorted('/'.join(p) for p in groups[0])}; members must target the same modules")
+    # New dicts (same leaves): groups are replaced in place below, and the callers' trees must stay unpadded.
     trees = [jax.tree.map(lambda x: x, t, is_leaf=lambda x: not isinstance(x, dict)) for t in trees]
     for path in groups[0]:
         member_groups = [g[path] for g in groups]
@@ -177,12 +175,25 @@ def init_states(s: Stack, members: list[Member], ocfg: OptimConfig, loss_scale: 
 
 
 def train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, state: dict, consts: dict, base: dict,
-               batches: dict, spmd_axis_name=None):
-    """One update of every member on the same ``batches``; metrics come back per member ([K] arrays)."""
+               batches: dict, group: int | None = None, spmd_axis_name=None):
+    """One update of every member on the same ``batches``; metrics come back per member ([K] arrays).
+
+    ``group`` members are vmapped together at a time (``jax.lax.map`` over groups), all of them when None. All at
+    once suits accelerators, where a small model's step is latency-bound; on a CPU the step is bound by compute
+    and cache, and one member at a time keeps each matmul's working set at a single run's size (measured: 2x faster
+    for 8 members of the demo model on 2 cores).
+    """
     def member(member_state, member_consts):
         return loop.train_step(cfg, step_cfg, optimizer, member_state, combine(member_consts, base), batches)
 
-    return jax.vmap(member, spmd_axis_name=spmd_axis_name)(state, consts)
+    if group is None:
+        return jax.vmap(member, spmd_axis_name=spmd_axis_name)(state, consts)
+    return jax.lax.map(lambda args: member(*args), (state, consts), batch_size=group)
+
+
+def default_group() -> int | None:
+    """Members vmapped together per :func:`train_step` on this backend: one on CPU, all elsewhere."""
+    return 1 if jax.default_backend() == "cpu" else None
 
 
 def loss_sums(cfg: ModelConfig, trainable: dict, consts: dict, base: dict, batch: dict, chunk_size: int = 1024):
@@ -194,18 +205,18 @@ def loss_sums(cfg: ModelConfig, trainable: dict, consts: dict, base: dict, batch
 
 
 def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=None, state=None, consts=None,
-                   base=None, rules=None):
+                   base=None, rules=None, group: int | None = None):
     """:func:`train_step` under ``jax.jit`` with the state donated; ``optimizer`` is any member's
     (:func:`member_optimizer`). With a ``mesh`` every input and output gets a NamedSharding: a stacked leaf shards
-    like one member's leaf, with the ``member`` rule's mesh axes prefixed for its leading axis."""
+    like one member's leaf, with the ``member`` rule's mesh axes prefixed for its leading axis (which needs all
+    members vmapped at once: ``group`` is then ignored)."""
     if mesh is None:
-        return jax.jit(partial(train_step, cfg, step_cfg, optimizer), donate_argnums=(0,))
-    from jaxft import parallel
-
+        return jax.jit(partial(train_step, cfg, step_cfg, optimizer, group=group), donate_argnums=(0,))
     rules = rules or parallel.DEFAULT_RULES
     member_axes = _member_axes(mesh, rules, jax.tree.leaves(consts)[0].shape[0])
     step_cfg = dataclasses.replace(step_cfg, activation_sharding=parallel.activation_sharding(mesh, rules))
-    fn = partial(train_step, cfg, step_cfg, optimizer, spmd_axis_name=member_axes or None)
+    fn = partial(train_step, cfg, step_cfg, optimizer, group=None if member_axes else group,
+                 spmd_axis_name=member_axes or None)
     state_sh = _prefixed(parallel.state_shardings(_one_member(state), mesh, rules), member_axes)
     consts_sh = _prefixed(parallel.param_shardings(_one_member(consts), mesh, rules), member_axes)
     base_sh = parallel.param_shardings(base, mesh, rules)
@@ -218,8 +229,6 @@ def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=
 
 def shard(tree: dict, mesh, rules=None) -> dict:
     """Place a stacked tree (trainable, consts or states) on ``mesh``, sharded as :func:`jit_train_step` expects."""
-    from jaxft import parallel
-
     rules = rules or parallel.DEFAULT_RULES
     member_axes = _member_axes(mesh, rules, jax.tree.leaves(tree)[0].shape[0])
     one = _one_member(tree)
@@ -234,7 +243,7 @@ def _one_member(tree):
 
 def _member_axes(mesh, rules, n_members: int) -> tuple[str, ...]:
     """Mesh axes of the member axis per the rules table; none when they don't divide the member count."""
-    target = dict(rules).get("member")
+    target = parallel.rule_table(rules).get("member", [None])[0]
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     axes = tuple(a for a in axes if mesh.shape[a] > 1)
     size = 1
