@@ -174,13 +174,13 @@ def bench_32m(args) -> dict:
     seq, _, load_seq0, load_seq1 = timed(sequential)
     tokens = args.members * 8 * 256
     seq_step = sum(step for _, step in seq)
-    return {"workload": "bench-32m", "method": args.method, "members": [dataclasses.asdict(m.lora) | {"lr": m.lr}
-                                                                       for m in members],
+    return {"workload": "bench-32m", "method": args.method,
+            "members": [dataclasses.asdict(m.lora) | {"lr": m.lr} for m in members],
             "members_vmapped_together": multi.default_group() or args.members,
             "tokens_per_step_all_members": tokens, "timed_steps": args.steps,
             "parallel": {"first_step_s": par_first, "step_s": par_step, "tokens_per_s": tokens / par_step},
-            "sequential": {"first_step_s": sum(f for f, _ in seq), "step_s": seq_step, "tokens_per_s": tokens / seq_step,
-                           "per_member_step_s": [step for _, step in seq]},
+            "sequential": {"first_step_s": sum(f for f, _ in seq), "step_s": seq_step,
+                           "tokens_per_s": tokens / seq_step, "per_member_step_s": [step for _, step in seq]},
             "step_ratio": par_step / seq_step,
             "load_avg_1m": {"parallel": [load_par0, load_par1], "sequential": [load_seq0, load_seq1]}}
 
