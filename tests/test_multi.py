@@ -178,6 +178,7 @@ def test_run_parallel_member_equals_sft_run_of_its_config(sweep):
     np.testing.assert_allclose([parallel[s] for s in sorted(parallel)], [separate[s] for s in sorted(separate)],
                                atol=1e-5, rtol=0)
     assert summaries[1]["eval"]["loss"] == pytest.approx(summary["eval"]["loss"], abs=1e-5)
+    assert summaries[1]["eval"]["accuracy"] == pytest.approx(summary["eval"]["accuracy"], abs=1e-6)
 
 
 def test_configs_differing_in_a_shared_key_are_a_config_error_naming_it(sweep):

@@ -82,9 +82,11 @@ def _member_records(metrics: dict, k: int, extra: dict) -> dict:
 
 
 def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
-    """Each member's held-out loss and perplexity over the same batches (one vmapped pass per batch)."""
+    """Each member's held-out loss, perplexity and token accuracy over the same batches (one vmapped pass per
+    batch), as ``sft.run`` evaluates."""
     sums = [eval_fn(batch) for batch in batches]
-    return [evaluate(lambda pair: pair, [(loss[k], count[k]) for loss, count in sums]) for k in range(n_members)]
+    return [evaluate(lambda member_sums: member_sums, [tuple(x[k] for x in batch_sums) for batch_sums in sums])
+            for k in range(n_members)]
 
 
 def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict]:
@@ -116,11 +118,14 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
 
     eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
                                     process_count=jax.process_count()) if cfg.eval_data else None)
-    member_loss_sums = jax.jit(partial(multi.loss_sums, model_cfg, chunk_size=tc.loss_chunk_size or 1024))
+    @jax.jit
+    def member_eval_sums(trainable, consts, base, batch):
+        eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
+        return multi.per_member(eval_sums, trainable, consts, base)
 
     def run_eval():
         batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
-        return _evaluate_members(lambda b: member_loss_sums(state["trainable"], consts, base, b), batches, len(cfgs))
+        return _evaluate_members(lambda b: member_eval_sums(state["trainable"], consts, base, b), batches, len(cfgs))
 
     loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
     schedules = [make_schedule(c.optim) for c in cfgs]

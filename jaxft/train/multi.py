@@ -196,12 +196,9 @@ def default_group() -> int | None:
     return 1 if jax.default_backend() == "cpu" else None
 
 
-def loss_sums(cfg: ModelConfig, trainable: dict, consts: dict, base: dict, batch: dict, chunk_size: int = 1024):
-    """(per-member CE sums [K], per-member target counts [K]) on one shared batch, without dropout."""
-    def member(t, c):
-        return loop.token_loss_sum(cfg, combine(t, combine(c, base)), batch, None, chunk_size)
-
-    return jax.vmap(member)(trainable, consts)
+def per_member(fn, trainable: dict, consts: dict, base: dict):
+    """``fn(params)`` for every member's params, vmapped: each output gets a leading member axis (evaluation)."""
+    return jax.vmap(lambda t, c: fn(combine(t, combine(c, base))))(trainable, consts)
 
 
 def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=None, state=None, consts=None,
