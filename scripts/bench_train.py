@@ -8,10 +8,13 @@ median of the per-pair ratios jaxft tokens/s / reference tokens/s, so machine lo
 Workloads (``--config``):
 
 * ``bench-32m``: Llama-style, vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 KV heads, untied
-  embeddings, float32, batch 8 x 256 random ids, 2 threads. ``lora``: r=16, alpha=32 on all 7 linears per block,
+  embeddings, float32, batch 8 x 256 random ids, 2 threads, full logits (``loss_chunk_size=0``: [2048, 8192] float32
+  logits are 64 MiB, and chunking them would only add a recomputation of the lm_head matmul, ~6% of the step's
+  FLOPs; PyTorch materializes them too). ``lora``: r=16, alpha=32 on all 7 linears per block,
   AdamW on the adapters; ``qlora``: the same on an NF4 + double-quant base (bitsandbytes on the reference side);
   ``full``: AdamW on every parameter.
-* ``1b``: Llama-3.2-1B shapes (tied embeddings, llama3 RoPE), bfloat16, batch 4 x 2048: for a GPU or TPU.
+* ``1b``: Llama-3.2-1B shapes (tied embeddings, llama3 RoPE), bfloat16, batch 4 x 2048, chunked cross-entropy
+  (1024 tokens: full logits would be 4 GiB): for a GPU or TPU.
 
 FLOPs per token count matmuls only: a frozen base linear costs 4 per weight (forward + input gradient), a trained
 one 6, attention scores and values 12 * layers * heads * head_dim * T (forward + backward, no causal discount).
@@ -39,16 +42,16 @@ CONFIGS = {
     "bench-32m": dict(model=dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                                  num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False,
                                  rms_norm_eps=1e-5, max_position_embeddings=2048),
-                      dtype="float32", batch=8, seq=256),
+                      dtype="float32", batch=8, seq=256, loss_chunk=0),
     "1b": dict(model=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                           num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
                           rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072),
                rope=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                          original_max_position_embeddings=8192),
-               dtype="bfloat16", batch=4, seq=2048),
+               dtype="bfloat16", batch=4, seq=2048, loss_chunk=1024),
 }
 CONFIGS["tiny"] = dict(model=dict(CONFIGS["bench-32m"]["model"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2), dtype="float32", batch=2, seq=32)  # smoke tests only
+                                  num_hidden_layers=2), dtype="float32", batch=2, seq=32, loss_chunk=0)  # smoke tests
 WORKLOADS = ("lora", "qlora", "full")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 LR = 2e-4
@@ -424,13 +427,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
     parser.add_argument("--pairs", type=int, default=3, help="alternating (jaxft, reference) run pairs")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--loss-chunk", type=int, default=1024, help="StepConfig.loss_chunk_size (0 = full logits)")
+    parser.add_argument("--loss-chunk", type=int, help="StepConfig.loss_chunk_size (0 = full logits; default: the "
+                                                         "config's)")
     parser.add_argument("--out", help="JSON path (default bench/results/train_<config>.json)")
     parser.add_argument("--baseline", help="also run jaxft from this other checkout (before/after comparisons)")
     parser.add_argument("--jaxft-root", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=WORKLOADS, default="lora", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loss_chunk is None:
+        args.loss_chunk = CONFIGS[args.config]["loss_chunk"]
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         parser.error(f"--workloads {sorted(unknown)} unknown; choose from {WORKLOADS}")
