@@ -74,7 +74,7 @@ def _load_base(cfg: RunConfig, mesh):
     quant = cfg.quant if cfg.method == "qlora" else None
     model_cfg, base = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
                                       mesh=mesh)
-    return model_cfg.replace(remat=cfg.train.remat), base
+    return cfg.train.apply(model_cfg), base
 
 
 def _member_records(metrics: dict, k: int, extra: dict) -> dict:
