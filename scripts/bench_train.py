@@ -342,7 +342,10 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"\nmatmul peak (2048^2 f32, JAX): {report['matmul_peak_gflops']:.1f} GFLOP/s; config {report['config']}, "
+    load = report["load_average_1_5_15"]
+    print(f"\nload average (1/5/15 min) {' '.join(f'{x:.2f}' for x in load['start'])} at start, "
+          f"{' '.join(f'{x:.2f}' for x in load['end'])} at end")
+    print(f"matmul peak (2048^2 f32, JAX): {report['matmul_peak_gflops']:.1f} GFLOP/s; config {report['config']}, "
           f"{report['tokens_per_step']} tokens/step, {report['steps']} timed steps after {report['warmup']} "
           f"warm-up, {report['pairs']} alternating pairs\n")
     print("| workload | stack | tokens/s | step s (median) | step s (p90) | compile s | first step s | peak RSS GiB "
@@ -371,6 +374,7 @@ def derived(workloads: dict) -> dict:
 
 def drive(args) -> None:
     config = CONFIGS[args.config]
+    load_start = os.getloadavg()  # the machine may be shared: timings mean little without it
     peaks = [spawn_peak(args)]
     workloads = {}
     for workload in args.workloads.split(","):
@@ -387,6 +391,7 @@ def drive(args) -> None:
               "tokens_per_step": config["batch"] * config["seq"], "steps": args.steps, "warmup": args.warmup,
               "pairs": args.pairs, "threads": args.threads, "loss_chunk_size": args.loss_chunk,
               "matmul_peak_gflops": peak, "matmul_peak_runs_gflops": peaks, "workloads": workloads,
+              "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform()},
               "versions": versions(args.reference), "command": " ".join(["python", *sys.argv])}
