@@ -9,14 +9,17 @@ Workloads (``--workload``):
 * ``bench-32m``: the model of ``scripts/bench_train.py`` (vocab 8192, hidden 512, intermediate 1408, 8 layers, 8/4
   heads, float32, random 8 x 256 batches; NF4 base with ``--method qlora``): one step of K stacked adapters against
   K single-adapter steps, compile time and median step time after a warmup step.
+* ``demo-step``: the same step comparison on the demo's NF4 base with random 32 x 64 batches.
 
-Both use ``jaxft.train.multi.default_group()`` members vmapped together (one at a time on CPU, all elsewhere).
+All use ``jaxft.train.multi.default_group()`` members vmapped together (one at a time on CPU, all elsewhere) unless
+``--group`` says otherwise (0 = all members vmapped at once).
 
 The machine's load average (1 minute) is recorded before and after each phase: timings on a shared machine are
 only comparable when it stays well under the core count.
 
     python scripts/bench_sweep.py --workload demo --steps 300
     python scripts/bench_sweep.py --workload bench-32m --members 4
+    python scripts/bench_sweep.py --workload demo-step --steps 20 --group 1
 """
 from __future__ import annotations
 
@@ -102,9 +105,10 @@ def bench_demo(args) -> dict:
             "load_avg_1m": {"parallel": [load_par0, load_par1], "sequential": [load_seq0, load_seq1]}}
 
 
-# ------------------------------------------------------------------------------------------------- bench-32m
+# ------------------------------------------------------------------------------------ step timing: bench-32m, demo
 
-def _bench_32m_setup(args):
+def _step_setup(args):
+    """(model config, base, one [1, B, T] batch of random ids, members) of a step-timing workload."""
     import jax
     import jax.numpy as jnp
 
@@ -112,15 +116,27 @@ def _bench_32m_setup(args):
     from jaxft.ops import nf4
     from jaxft.train import multi
 
-    cfg = jaxft.ModelConfig(**BENCH_32M)
-    base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
-    if args.method == "qlora":
-        for group in base["layers"].values():
-            if "kernel" in group:
-                group["kernel"] = nf4.quantize(group["kernel"])
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8, 256))
+    if args.workload == "demo-step":
+        from jaxft.hf.checkpoint import from_pretrained
+        from jaxft.recipes import demo
+
+        dcfg = demo.DemoConfig()
+        base_dir = demo.cache_dir() / f"demo-base-{demo.BASE_VERSION}-{dcfg.pretrain_steps}-{dcfg.seed}"
+        if not (base_dir / "config.json").exists():
+            demo.build_base(base_dir, dcfg)
+        cfg, base = from_pretrained(base_dir, quant="nf4" if args.method == "qlora" else None)
+        shape, lr = (1, dcfg.batch_size, 64), 3e-3
+    else:
+        cfg = jaxft.ModelConfig(**BENCH_32M)
+        base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
+        if args.method == "qlora":
+            for group in base["layers"].values():
+                if "kernel" in group:
+                    group["kernel"] = nf4.quantize(group["kernel"])
+        shape, lr = (1, 8, 256), 2e-4
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, shape)
     batch = {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(np.roll(ids, -1, -1), jnp.int32)}
-    members = [multi.Member(jaxft.LoraConfig(r=r, lora_alpha=a, target_modules="all-linear"), lr=2e-4, seed=k)
+    members = [multi.Member(jaxft.LoraConfig(r=r, lora_alpha=a, target_modules="all-linear"), lr=lr, seed=k)
                for k, (r, a) in enumerate(GRID[:args.members])]
     return cfg, base, batch, members
 
@@ -144,15 +160,17 @@ def _time_steps(step, state, n_steps: int):
     return first, statistics.median(times)
 
 
-def bench_32m(args) -> dict:
+def bench_step(args) -> dict:
     import jax
 
     import jaxft
     from jaxft.train import loop, multi
     from jaxft.train.optim import OptimConfig, make_optimizer
 
-    cfg, base, batch, members = _bench_32m_setup(args)
-    step_cfg, ocfg = loop.StepConfig(loss_chunk_size=1024), OptimConfig(lr=2e-4)
+    cfg, base, batch, members = _step_setup(args)
+    chunk = 0 if args.workload == "demo-step" else 1024  # the demo trains with full logits (vocab of 31)
+    step_cfg, ocfg = loop.StepConfig(loss_chunk_size=chunk), OptimConfig(lr=members[0].lr)
+    group = multi.default_group() if args.group is None else (args.group or None)
 
     def sequential():
         out = []
@@ -166,17 +184,17 @@ def bench_32m(args) -> dict:
 
     def parallel():
         s = multi.stack(cfg, base, members)
-        step = multi.jit_train_step(cfg, step_cfg, multi.member_optimizer(ocfg, 1.0), group=multi.default_group())
+        step = multi.jit_train_step(cfg, step_cfg, multi.member_optimizer(ocfg, 1.0), group=group)
         return _time_steps(lambda st: step(st, s.consts, s.base, batch), multi.init_states(s, members, ocfg),
                            args.steps)
 
     (par_first, par_step), _, load_par0, load_par1 = timed(parallel)
     seq, _, load_seq0, load_seq1 = timed(sequential)
-    tokens = args.members * 8 * 256
+    tokens = args.members * batch["input_ids"].size
     seq_step = sum(step for _, step in seq)
-    return {"workload": "bench-32m", "method": args.method,
+    return {"workload": args.workload, "method": args.method,
             "members": [dataclasses.asdict(m.lora) | {"lr": m.lr} for m in members],
-            "members_vmapped_together": multi.default_group() or args.members,
+            "members_vmapped_together": group or args.members,
             "tokens_per_step_all_members": tokens, "timed_steps": args.steps,
             "parallel": {"first_step_s": par_first, "step_s": par_step, "tokens_per_s": tokens / par_step},
             "sequential": {"first_step_s": sum(f for f, _ in seq), "step_s": seq_step,
@@ -201,7 +219,8 @@ def table(report: dict) -> str:
             f"load avg (1 min) before/after: {report['load_avg_1m']}"])
     par, seq = report["parallel"], report["sequential"]
     return "\n".join([
-        f"| bench-32m {report['method']}, K = {k} | compile + first step | step | tokens/s (all members) |",
+        f"| {report['workload']} {report['method']}, K = {k}, {report['members_vmapped_together']} vmapped together "
+        "| compile + first step | step | tokens/s (all members) |",
         "|---|---|---|---|",
         f"| {k} sequential single-adapter steps | {seq['first_step_s']:.1f} s | {seq['step_s']:.2f} s | "
         f"{seq['tokens_per_s']:.0f} |",
@@ -214,11 +233,13 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=("demo", "bench-32m"), default="demo")
+    parser.add_argument("--workload", choices=("demo", "bench-32m", "demo-step"), default="demo")
     parser.add_argument("--members", type=int, default=8, help=f"K configs, the first K of (r, alpha) {GRID}")
     parser.add_argument("--steps", type=int, help="demo: train steps per run (default 300, the demo's); "
-                                                  "bench-32m: timed steps (default 3)")
-    parser.add_argument("--method", choices=("lora", "qlora"), default="qlora", help="bench-32m base: dense or NF4")
+                                                  "bench-32m / demo-step: timed steps (default 3)")
+    parser.add_argument("--method", choices=("lora", "qlora"), default="qlora", help="step workloads' base: dense or NF4")
+    parser.add_argument("--group", type=int, help="members vmapped together per step (0 = all; default: "
+                                                  "multi.default_group(), 1 on CPU)")
     parser.add_argument("--out", help="JSON path (default bench/results/sweep_<workload>.json)")
     args = parser.parse_args()
     if not 1 <= args.members <= len(GRID):
@@ -226,7 +247,7 @@ def main() -> None:
     args.steps = args.steps or (300 if args.workload == "demo" else 3)
     import jax
 
-    report = bench_demo(args) if args.workload == "demo" else bench_32m(args)
+    report = bench_demo(args) if args.workload == "demo" else bench_step(args)
     report.update(machine={"platform": platform.platform(), "cpus": os.cpu_count(),
                            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__},
                   command=" ".join(["python scripts/bench_sweep.py", *sys.argv[1:]]))

@@ -108,12 +108,17 @@ def flops_per_token(config: dict, workload: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ jaxft worker
 
-def jax_env(threads: int) -> dict:
+def jax_env() -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
-                        f"intra_op_parallelism_threads={threads}").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
     env.setdefault("JAX_PLATFORMS", "")
     return env
+
+
+def pinned(threads: int):
+    """A subprocess ``preexec_fn`` that limits the worker to ``threads`` CPUs. XLA:CPU has no thread-count flag; it
+    sizes its thread pool from the CPUs the process may run on, so both stacks get the same CPUs this way."""
+    return lambda: os.sched_setaffinity(0, range(min(threads, os.cpu_count())))
 
 
 def jaxft_model(config: dict, workload: str):
@@ -276,9 +281,9 @@ def spawn(args, stack: str, workload: str) -> dict:
                "--workload", workload, "--config", args.config, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
                "--jaxft-root", root]
-    env = dict(os.environ) if stack == "torch" else jax_env(args.threads)
+    env = dict(os.environ) if stack == "torch" else jax_env()
     env["OMP_NUM_THREADS"] = str(args.threads)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, preexec_fn=pinned(args.threads))
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not lines:
         raise SystemExit(f"{stack}/{workload} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -408,7 +413,8 @@ def spawn_peak(args) -> float:
 
 def spawn_quiet(args) -> dict:
     command = [sys.executable, __file__, "--worker", "peak", "--config", args.config]
-    done = subprocess.run(command, env=jax_env(args.threads), capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(command, env=jax_env(), capture_output=True, text=True, cwd=ROOT,
+                          preexec_fn=pinned(args.threads))
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not lines:
         raise SystemExit(f"matmul peak worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
