@@ -44,6 +44,26 @@ def make_base(folder: Path) -> Path:
     return folder
 
 
+def tiny_chat_model(root: Path) -> Path:
+    """A random 2-layer, 32-wide Llama with the demo's word-level tokenizer, saved as ``root/model``, and 10 demo
+    chats in ``root/train.jsonl``: the smallest model the CLI, sweep and eval tests can train end to end."""
+    import jax
+
+    import jaxft
+    from jaxft.recipes import demo
+
+    model, tok_dir = root / "model", root / "tokenizer"
+    tok_dir.mkdir()
+    demo.build_tokenizer(tok_dir, ["increment 1 2 3 4 = 2 3 4 5 ."])
+    cfg = jaxft.ModelConfig(vocab_size=len(jaxft.load_tokenizer(tok_dir)), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    jaxft.save_pretrained(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), model)
+    for f in tok_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    demo.write_jsonl(root / "train.jsonl", [demo.chat((i, 2, 3, 4)) for i in range(10)])
+    return model
+
+
 def write_chats(path: Path, n: int, seed: int = 0) -> Path:
     """``n`` list-reversal chats of 1 to 8 digits, so rows (and target counts) differ in length."""
     from jaxft.recipes import demo

@@ -3,27 +3,19 @@ import json
 import subprocess
 import sys
 
-import jax
 import pytest
 import yaml
 
 import jaxft
 from jaxft.cli import main
 from jaxft.recipes import demo
+from sft_worker import tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model, tok_dir = root / "model", root / "tokenizer"
-    tok_dir.mkdir()
-    demo.build_tokenizer(tok_dir, ["increment 1 2 3 4 = 2 3 4 5 ."])
-    cfg = jaxft.ModelConfig(vocab_size=len(jaxft.load_tokenizer(tok_dir)), hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    jaxft.save_pretrained(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), model)
-    for f in tok_dir.iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
-    demo.write_jsonl(root / "train.jsonl", [demo.chat((i, 2, 3, 4)) for i in range(10)])
+    model = tiny_chat_model(root)
     config = {"model": str(model), "output_dir": str(root / "run"), "method": "lora",
               "data": {"paths": [str(root / "train.jsonl")], "max_length": 32, "batch_size": 8},
               "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},

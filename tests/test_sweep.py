@@ -13,6 +13,7 @@ import jaxft
 from jaxft.config import ConfigError
 from jaxft.recipes import demo, sft, sweep
 from jaxft.train.loss import IGNORE_INDEX
+from sft_worker import tiny_chat_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,15 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def tiny_config(tmp_path_factory):
     """A 2-layer random model with the demo's tokenizer, 16 demo chats, and a LoRA run config of 3 steps."""
     root = tmp_path_factory.mktemp("sweep")
-    model, tok_dir = root / "model", root / "tokenizer"
-    tok_dir.mkdir()
-    demo.build_tokenizer(tok_dir, ["increment 1 2 3 4 = 2 3 4 5 ."])
-    cfg = jaxft.ModelConfig(vocab_size=len(jaxft.load_tokenizer(tok_dir)), hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    jaxft.save_pretrained(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), model)
-    for f in tok_dir.iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
-    demo.write_jsonl(root / "train.jsonl", [demo.chat((i, 2, 3, 4)) for i in range(10)])
+    model = tiny_chat_model(root)
     demo.write_jsonl(root / "eval.jsonl", [demo.chat((i, 5, 6, 7)) for i in range(10)])
     data = {"max_length": 32, "batch_size": 8}
     config = {"model": str(model), "output_dir": str(root / "sweep"), "method": "lora",
