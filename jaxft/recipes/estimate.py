@@ -348,7 +348,7 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
     model_cfg, params, _ = abstract_model(cfg)
     trainable, frozen = split(params, sft.trainable_predicate(cfg))
     optimizer = make_optimizer(cfg.optim)
-    loss_scale = 2.0 ** 15 if model_cfg.dtype == "float16" else None  # as sft.run: fp16 trains with loss scaling
+    loss_scale = sft.initial_loss_scale(model_cfg)
     state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed, loss_scale=loss_scale), trainable)
     step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=cfg.train.loss_chunk_size), optimizer, mesh, state,
                           frozen, rules)

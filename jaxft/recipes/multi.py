@@ -18,7 +18,6 @@ import numpy as np
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
 from jaxft.data import build_iterator
-from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
@@ -69,14 +68,6 @@ def check_members(cfgs: list[RunConfig]) -> None:
                                   f"{', '.join(MAY_DIFFER)} may differ; run the others without --parallel")
 
 
-def _load_base(cfg: RunConfig, mesh):
-    """The frozen base alone (NF4 for qlora), as ``sft.load_model`` loads it, without adapters."""
-    quant = cfg.quant if cfg.method == "qlora" else None
-    model_cfg, base = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
-                                      mesh=mesh)
-    return cfg.train.apply(model_cfg), base
-
-
 def _member_records(metrics: dict, k: int, extra: dict) -> dict:
     return {**{name: value[k] for name, value in metrics.items()}, **extra}
 
@@ -103,12 +94,12 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                               process_count=jax.process_count())
     mesh = parallel.make_mesh(cfg.mesh)
     sft._check_batch_fits(cfg, mesh)
-    model_cfg, base = _load_base(cfg, mesh)
+    model_cfg, base = sft.load_base(cfg, mesh)
     members = [multi.Member(c.lora, c.optim.lr, c.train.seed) for c in cfgs]
     s = multi.stack(model_cfg, base, members)
     n_trainable = [lora.trainable_count(multi.member_params(s, s.trainable, k)) for k in range(len(cfgs))]
 
-    loss_scale = 2.0 ** 15 if model_cfg.dtype == "float16" else None
+    loss_scale = sft.initial_loss_scale(model_cfg)
     state = multi.shard(multi.init_states(s, members, cfg.optim, loss_scale), mesh)
     consts, base = multi.shard(s.consts, mesh), parallel.shard_params(s.base, mesh)
     step_fn = multi.jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size),

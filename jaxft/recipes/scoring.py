@@ -12,6 +12,7 @@ from jaxft.data import DataConfig, load_examples, resolve_template
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate
+from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig
 
 BATCH = 64  # prompts per generate call: bounds the KV cache however many chats are scored
@@ -47,6 +48,5 @@ def load_trained(cfg: RunConfig, export: str | Path):
     exported model of full fine-tuning."""
     if cfg.method == "full":
         return from_pretrained(export, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
-    quant = cfg.quant if cfg.method == "qlora" else None
-    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant)
+    model_cfg, params = sft.load_base(cfg)
     return model_cfg, load_adapter(export, params)

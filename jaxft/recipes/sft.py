@@ -31,15 +31,26 @@ from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
 from jaxft.train.optim import make_optimizer, make_schedule
 
 
-def load_model(cfg: RunConfig, rng, mesh=None):
-    """(model config, params with adapters for LoRA/QLoRA); with a mesh each process reads only its slices."""
+def load_base(cfg: RunConfig, mesh=None):
+    """(model config with the run's memory knobs, base params: 4-bit for QLoRA); with a mesh each process reads only
+    its slices."""
     quant = cfg.quant if cfg.method == "qlora" else None
     model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
                                         mesh=mesh)
-    model_cfg = cfg.train.apply(model_cfg)
+    return cfg.train.apply(model_cfg), params
+
+
+def load_model(cfg: RunConfig, rng, mesh=None):
+    """(model config, params with adapters for LoRA/QLoRA)."""
+    model_cfg, params = load_base(cfg, mesh)
     if cfg.method != "full":
         params = lora.add(model_cfg, params, cfg.lora, rng)
     return model_cfg, params
+
+
+def initial_loss_scale(model_cfg) -> float | None:
+    """fp16 compute trains with dynamic loss scaling from 2**15; other dtypes need none."""
+    return 2.0 ** 15 if model_cfg.dtype == "float16" else None
 
 
 def trainable_predicate(cfg: RunConfig):
@@ -108,8 +119,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         x.size for x in jax.tree.leaves(trainable))
 
     optimizer = make_optimizer(cfg.optim)
-    fp16 = model_cfg.dtype == "float16"
-    state = init_state(trainable, optimizer, seed=tc.seed, loss_scale=2.0 ** 15 if fp16 else None)
+    state = init_state(trainable, optimizer, seed=tc.seed, loss_scale=initial_loss_scale(model_cfg))
     state = jax.device_put(state, parallel.state_shardings(state, mesh))
     frozen = parallel.shard_params(frozen, mesh)
     step_fn = jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size), optimizer, mesh, state,

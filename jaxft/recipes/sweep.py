@@ -247,11 +247,7 @@ def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
         for i, r in enumerate(todo, start=len(summaries) + 1):
             log(f"sweep: run {i}/{len(runs)}: {r.name}")
             results.append(sft.run(r.config))
-    for r, summary in zip(todo, results):
-        summaries[r.name] = summary
-        done = Path(r.config.output_dir) / "summary.json"
-        if not done.exists():
-            done.write_text(json.dumps(summary, indent=2, default=float))
+    summaries.update((r.name, summary) for r, summary in zip(todo, results))  # each run wrote its summary.json
     return summaries
 
 
