@@ -179,7 +179,7 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
 
 def activation_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of the [B, T, D] residual stream at layer boundaries: batch like the batch, the rest whole."""
-    return NamedSharding(mesh, PartitionSpec(rule_table(rules)["batch"][0], None, None))
+    return batch_sharding(mesh, 3, rules)
 
 
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES, accumulation_axis: bool = False) -> NamedSharding:

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_train import CONFIGS  # scripts/ is on sys.path when a script in it runs
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [(r, alpha) for r in (4, 8, 16, 32) for alpha in (r, 2 * r)]
-BENCH_32M = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=4, tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=2048)
+BENCH_32M = CONFIGS["bench-32m"]["model"]
 
 
 def load() -> float:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 NO_WINDOW = jnp.iinfo(jnp.int32).max
-_MASKED = jnp.finfo(jnp.float32).min
+MASKED = jnp.finfo(jnp.float32).min
 
 
 def attention_mask(q_index, k_index, q_segment, k_segment, window) -> jnp.ndarray:
@@ -39,7 +39,7 @@ def dot_product_attention(q, k, v, mask) -> jnp.ndarray:
     q_groups = q.reshape(b, tq, kvh, h // kvh, hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q_groups, k, preferred_element_type=jnp.float32)
     scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, tq, h, hd)
@@ -61,7 +61,7 @@ def lse_attention(q, k, v, mask) -> jnp.ndarray:
 def _scores(q_heads, k_heads, mask):
     """q [B, KVH, G, Tq, hd], k [B, KVH, Tk, hd], mask [B, Tq, Tk] -> masked, scaled f32 scores [B, KVH, G, Tq, Tk]."""
     scores = jnp.einsum("bkgqd,bksd->bkgqs", q_heads, k_heads, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, None, None], scores * (q_heads.shape[-1] ** -0.5), _MASKED)
+    return jnp.where(mask[:, None, None], scores * (q_heads.shape[-1] ** -0.5), MASKED)
 
 
 @jax.custom_vjp

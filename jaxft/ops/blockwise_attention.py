@@ -22,11 +22,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxft.ops.attention import attention_mask
+from jaxft.ops.attention import MASKED, attention_mask
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
-_MASKED = jnp.finfo(jnp.float32).min
 # Padded key slots get an index no real query reaches, so the causal rule alone hides them whatever the segments.
 _PAD_INDEX = jnp.iinfo(jnp.int32).max
 
@@ -122,7 +121,7 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks
 
             def update(carry):
                 row_max, row_sum, acc = carry
-                scores = jnp.where(mask, _scores(q_blk, k_blk), _MASKED)
+                scores = jnp.where(mask, _scores(q_blk, k_blk), MASKED)
                 new_max = jnp.maximum(row_max, scores.max(axis=-1))
                 probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
                 rescale = jnp.exp(row_max - new_max)
@@ -133,7 +132,7 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks
 
             return jax.lax.cond(mask.any(), update, lambda c: c, carry), None
 
-        init = (jnp.full(row_shape, _MASKED), jnp.zeros(row_shape, jnp.float32),
+        init = (jnp.full(row_shape, MASKED), jnp.zeros(row_shape, jnp.float32),
                 jnp.zeros(q_blk.shape, jnp.float32))
         (row_max, row_sum, acc), _ = jax.lax.scan(key_block, init, (k_blocks, v_blocks, ki_blocks, ks_blocks))
         seen = row_sum > 0

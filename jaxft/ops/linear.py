@@ -39,8 +39,7 @@ def _lora_linear(x, x_drop, kernel, a, b, scale):
 
     ``x_drop`` is None without dropout, so that x is one residual rather than two stacked copies in the scan.
     """
-    x_drop = x if x_drop is None else x_drop
-    return _lora_matmul(x, x_drop, dense_kernel(kernel, x.dtype), a, b, scale)[0]
+    return _lora_linear_fwd(x, x_drop, kernel, a, b, scale)[0]
 
 
 def _lora_linear_fwd(x, x_drop, kernel, a, b, scale):

@@ -126,6 +126,7 @@ def _blocked_ce_bwd(block, z_loss, residuals, g):
         is_target = chunk_targets != IGNORE_INDEX
         softmax_weight = jnp.where(is_target, g * (1.0 + 2.0 * z_loss * log_normalizer), 0.0)
         label_weight = jnp.where(is_target, g, 0.0)
+        chunk_tokens_f32 = chunk_tokens.astype(jnp.float32)  # once per chunk, not per vocabulary block
 
         def vocab_step(carry, xs):
             d_tokens, d_kernel = carry
@@ -135,7 +136,7 @@ def _blocked_ce_bwd(block, z_loss, residuals, g):
             is_label = (chunk_targets[:, None] - start == jnp.arange(block)) & owned
             d_logits = softmax_weight[:, None] * probs - jnp.where(is_label, label_weight[:, None], 0.0)
             d_tokens = d_tokens + jnp.einsum("cv,dv->cd", d_logits, kernel_block.astype(jnp.float32))
-            d_block = jnp.einsum("cd,cv->dv", chunk_tokens.astype(jnp.float32), d_logits)
+            d_block = jnp.einsum("cd,cv->dv", chunk_tokens_f32, d_logits)
             old = jax.lax.dynamic_slice_in_dim(d_kernel, start, block, axis=1)
             d_kernel = jax.lax.dynamic_update_slice_in_dim(d_kernel, old + d_block, start, axis=1)
             return (d_tokens, d_kernel), None
@@ -158,8 +159,5 @@ def _token_loss_sum(logits, labels, z_loss: float):
     safe_labels = jnp.where(is_target, labels, 0)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     label_logit = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
-    token_loss = log_normalizer - label_logit
-    if z_loss:
-        token_loss = token_loss + z_loss * jnp.square(log_normalizer)
-    loss_sum = jnp.sum(jnp.where(is_target, token_loss, 0.0))
+    loss_sum = jnp.sum(_token_losses(log_normalizer, label_logit, is_target, z_loss))
     return loss_sum, jnp.sum(is_target, dtype=jnp.float32)
