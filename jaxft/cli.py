@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
 from jaxft.config import ConfigError
@@ -18,8 +17,9 @@ EXPECTED_ERRORS = (ConfigError, ValueError, OSError, KeyError)
 
 def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):
     """The library's own check says overwrite=True; on the command line the answer is a flag."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    from jaxft.hf.checkpoint import occupied
+
+    if occupied(folder):
         raise FileExistsError(f"{folder}: already exists and is not empty; pass {flag} to replace it, or choose "
                               "another folder")
 
@@ -76,26 +76,18 @@ def _tokenizer_folder(model: str, adapter: str | None) -> str:
 
 
 def _eval(args) -> int:
-    import jax
-
     import jaxft
-    from jaxft.data import DataConfig, build_iterator
-    from jaxft.recipes.scoring import chat_exact_match
-    from jaxft.recipes.sft import eval_sums
-    from jaxft.train.metrics import evaluate
+    from jaxft.data import DataConfig
+    from jaxft.recipes.scoring import chat_exact_match, data_metrics
 
     cfg, params = _load(args.model, args.adapter, args.quant)
     tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None)
-    pipeline = build_iterator(data, tokenizer)
-    n_batches = pipeline.iterator.batches_per_epoch
-    step = jax.jit(partial(eval_sums, cfg))
-    result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)))
+    result = data_metrics(cfg, params, tokenizer, data)
     if args.exact_match:
         result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
-    print(json.dumps({**result, "batches": n_batches, "data_report": pipeline.report.summary()}, indent=2,
-                     default=float))
+    print(json.dumps(result, indent=2, default=float))
     return 0
 
 

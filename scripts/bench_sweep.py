@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_train import CONFIGS  # scripts/ is on sys.path when a script in it runs
+from bench_train import CONFIGS, timed_steps  # scripts/ is on sys.path when a script in it runs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [(r, alpha) for r in (4, 8, 16, 32) for alpha in (r, 2 * r)]
@@ -65,7 +65,7 @@ def demo_configs(tmp: Path, steps: int, k: int):
     from jaxft.train.optim import OptimConfig
 
     dcfg = demo.DemoConfig()
-    base = demo.cache_dir() / f"demo-base-{demo.BASE_VERSION}-{dcfg.pretrain_steps}-{dcfg.seed}"
+    base = demo.base_dir(dcfg)
     if not (base / "config.json").exists():
         demo.build_base(base, dcfg)
     rng = np.random.default_rng(dcfg.seed + 1)
@@ -122,7 +122,7 @@ def _step_setup(args):
         from jaxft.recipes import demo
 
         dcfg = demo.DemoConfig()
-        base_dir = demo.cache_dir() / f"demo-base-{demo.BASE_VERSION}-{dcfg.pretrain_steps}-{dcfg.seed}"
+        base_dir = demo.base_dir(dcfg)
         if not (base_dir / "config.json").exists():
             demo.build_base(base_dir, dcfg)
         cfg, base = from_pretrained(base_dir, quant="nf4" if args.method == "qlora" else None)
@@ -146,18 +146,12 @@ def _time_steps(step, state, n_steps: int):
     """(compile + first step seconds, median seconds of ``n_steps`` steps after one more warmup step)."""
     import jax
 
-    start = time.perf_counter()
-    state, metrics = step(state)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    state, metrics = step(state)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(n_steps):
-        start = time.perf_counter()
+    def one():
+        nonlocal state
         state, metrics = step(state)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+
+    first, times = timed_steps(one, 1, n_steps)
     return first, statistics.median(times)
 
 

@@ -2,11 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import torch
-import transformers
 
 import jaxft
 from hf_oracle import build, random_ids, save

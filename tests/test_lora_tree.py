@@ -3,11 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import peft
 import pytest
 
 import jaxft
-from hf_oracle import build, random_ids, save
+from hf_oracle import random_ids
 
 CFG = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2)

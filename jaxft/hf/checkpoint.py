@@ -357,10 +357,16 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
     return shards + [current]
 
 
+def occupied(path) -> bool:
+    """A file or a non-empty folder is at ``path``: writing there would replace something the user has."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def prepare_output_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
     """(final dir, empty temporary dir beside it). An existing non-empty ``out_dir`` needs ``overwrite``."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

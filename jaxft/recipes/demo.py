@@ -21,7 +21,6 @@ import optax
 
 from jaxft.config import ModelConfig
 from jaxft.data.chat import CHATML_TEMPLATE
-from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
 from jaxft.hf.checkpoint import from_pretrained, publish_dir, save_pretrained
 from jaxft.hf.peft_format import load_adapter
@@ -32,7 +31,8 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.tree import split
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, TrainConfig
-from jaxft.train.loop import StepConfig, init_state, jit_train_step, token_loss_sum
+from jaxft.recipes.scoring import data_metrics
+from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.optim import OptimConfig
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "[UNK]"]
@@ -171,17 +171,6 @@ def exact_match(model_cfg, params, tokenizer, test: list[tuple[int, ...]]) -> tu
     return hits / len(test), samples
 
 
-def eval_loss(model_cfg, params, tokenizer, data: DataConfig) -> float:
-    """Mean cross-entropy over the assistant tokens of one epoch of ``data``."""
-    iterator = build_iterator(data, tokenizer).iterator
-    loss_sum, n = 0.0, 0.0
-    for _ in range(iterator.batches_per_epoch):
-        batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
-        s, c = token_loss_sum(model_cfg, params, batch, None, 0)
-        loss_sum, n = loss_sum + float(s), n + float(c)
-    return loss_sum / max(n, 1.0)
-
-
 def write_jsonl(path: Path, rows: list[dict]):
     path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
 
@@ -190,10 +179,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache" / "jaxft"))
 
 
+def base_dir(cfg: DemoConfig = DemoConfig()) -> Path:
+    """Where the demo's pretrained base is cached (built by :func:`build_base` on first use)."""
+    return cache_dir() / f"demo-base-{BASE_VERSION}-{cfg.pretrain_steps}-{cfg.seed}"
+
+
 def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: bool = False) -> dict:
     """The whole demo; returns before/after metrics and the output paths."""
     t0 = time.perf_counter()
-    base = cache_dir() / f"demo-base-{BASE_VERSION}-{cfg.pretrain_steps}-{cfg.seed}"
+    base = base_dir(cfg)
     if not (base / "config.json").exists():
         log(f"[1/4] pretraining a tiny Llama-style base on generated text (cached at {base})")
         build_base(base, cfg, log)
@@ -215,7 +209,7 @@ def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: boo
     before, _ = exact_match(model_cfg, nf4_params, tokenizer, test)
     eval_data = DataConfig(paths=(str(data_dir / "eval.jsonl"),), max_length=64, batch_size=cfg.batch_size,
                            seed=cfg.seed)
-    loss_before = eval_loss(model_cfg, nf4_params, tokenizer, eval_data)
+    loss_before = data_metrics(model_cfg, nf4_params, tokenizer, eval_data)["loss"]
 
     log(f"[3/4] QLoRA fine-tuning for {cfg.finetune_steps} steps")
     run_cfg = RunConfig(
@@ -231,8 +225,9 @@ def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: boo
     params = load_adapter(summary["export"], nf4_params)
     after, samples = exact_match(model_cfg, params, tokenizer, test)
     (Path(out_dir) / "samples.txt").write_text("\n".join(samples) + "\n")
+    loss_after = data_metrics(model_cfg, params, tokenizer, eval_data)["loss"]
     result = {"before_exact_match": before, "after_exact_match": after, "n_eval": len(test),
-              "eval_loss_before": loss_before, "eval_loss": eval_loss(model_cfg, params, tokenizer, eval_data), "adapter": summary["export"],
+              "eval_loss_before": loss_before, "eval_loss": loss_after, "adapter": summary["export"],
               "curves": str(Path(run_cfg.output_dir) / "curves.png"), "samples": str(Path(out_dir) / "samples.txt"),
               "seconds": time.perf_counter() - t0}
     (Path(out_dir) / "demo.json").write_text(json.dumps(result, indent=2))

@@ -5,17 +5,31 @@ is opt-in (``jaxft eval --exact-match N``, ``jaxft sweep --exact-match N``) and 
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
+import jax
+
 from jaxft.config import ModelConfig
-from jaxft.data import DataConfig, load_examples, resolve_template
+from jaxft.data import DataConfig, build_iterator, load_examples, resolve_template
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig
+from jaxft.train.metrics import evaluate
 
 BATCH = 64  # prompts per generate call: bounds the KV cache however many chats are scored
+
+
+def data_metrics(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig) -> dict:
+    """Loss, perplexity and token accuracy over one pass of ``data`` (what ``jaxft eval`` prints), with the number
+    of batches and the data pipeline's report."""
+    pipeline = build_iterator(data, tokenizer)
+    n_batches = pipeline.iterator.batches_per_epoch
+    step = jax.jit(partial(sft.eval_sums, model_cfg))
+    result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)))
+    return {**result, "batches": n_batches, "data_report": pipeline.report.summary()}
 
 
 def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, limit: int) -> dict:

@@ -33,8 +33,9 @@ import yaml
 from matplotlib.figure import Figure
 
 from jaxft.config import ConfigError, from_dict, to_dict
-from jaxft.recipes import sft
+from jaxft.hf.checkpoint import occupied
 from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, apply_overrides, read_yaml
 from jaxft.recipes.multi import run_parallel
 from jaxft.recipes.scoring import chat_exact_match, load_trained
@@ -211,7 +212,7 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
 
 def _prepare_sweep_dir(sweep_dir: Path, plan: dict, overwrite: bool, resume: bool):
     plan_path = sweep_dir / "sweep.yaml"
-    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+    if occupied(sweep_dir):
         if resume:
             if not plan_path.exists() or yaml.safe_load(plan_path.read_text()) != json.loads(json.dumps(plan)):
                 raise ConfigError(f"{sweep_dir}: --resume needs the folder of the same sweep (same config, --set "

@@ -122,6 +122,11 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: i
     return state
 
 
+def metric_names(state: dict) -> tuple[str, ...]:
+    """The metrics :func:`train_step` returns for ``state`` (each gets an output sharding under a mesh)."""
+    return ("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
+
+
 def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None, state=None, frozen=None,
                    rules=None):
     """``train_step`` under ``jax.jit`` with the state donated.
@@ -142,7 +147,6 @@ def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None,
     state_sh = parallel.state_shardings(state, mesh, rules)
     frozen_sh = parallel.param_shardings(frozen, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
-    metric_names = ("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
-    metrics_sh = dict.fromkeys(metric_names, parallel.replicated(mesh))
+    metrics_sh = dict.fromkeys(metric_names(state), parallel.replicated(mesh))
     return jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                    donate_argnums=(0,))

@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -74,10 +75,10 @@ def _lora_groups(tree: dict, path=()):
                 yield from _lora_groups(value, path + (key,))
 
 
-def _pad_to(x: jnp.ndarray, axis: int, size: int) -> jnp.ndarray:
+def _pad_to(x, axis: int, size: int) -> np.ndarray:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
+    return np.pad(np.asarray(x), widths)
 
 
 def _pad_group(group: dict, rank: int, with_mask: bool, with_dropout: bool) -> dict:
@@ -88,10 +89,10 @@ def _pad_group(group: dict, rank: int, with_mask: bool, with_dropout: bool) -> d
     out["lora_a"] = _pad_to(group["lora_a"], -1, rank)
     out["lora_b"] = _pad_to(group["lora_b"], -2, rank)
     if with_mask:
-        own_mask = group.get("lora_mask", jnp.ones(group["lora_scale"].shape + (own_rank,), jnp.float32))
+        own_mask = group.get("lora_mask", np.ones(group["lora_scale"].shape + (own_rank,), np.float32))
         out["lora_mask"] = _pad_to(own_mask, -1, rank)
     if with_dropout and "lora_dropout" not in group:
-        out["lora_dropout"] = jnp.zeros_like(group["lora_scale"])
+        out["lora_dropout"] = np.zeros(group["lora_scale"].shape, np.float32)
     return out
 
 
@@ -143,17 +144,20 @@ def stack(model_cfg: ModelConfig, base: dict, members: list[Member]) -> Stack:
     consts, bases = zip(*(split(f, _is_member_const) for f in frozen))
     _check_same_layout(list(trainable), "trainable adapters")
     _check_same_layout(list(consts), "adapter constants")
-    stacked = partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    # Padding and stacking run on the host (numpy): op by op on the device, every member's new shapes compiled
+    # a handful of tiny programs, which took longer than the sweep's one compile of the step.
+    stacked = partial(jax.tree.map, lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])))
     return Stack(stacked(*trainable), stacked(*consts), bases[0], list(own_frozen), own_shapes)
 
 
 def member_params(s: Stack, trainable: dict, k: int) -> dict:
-    """Member ``k``'s params exactly as a single run of its config would hold them (own rank, no padding)."""
+    """Member ``k``'s params exactly as a single run of its config would hold them (own rank, no padding); its
+    trainable leaves are host (numpy) copies."""
     def take(path, shape):
         stacked = trainable
         for key in path:
             stacked = stacked[key.key]
-        return stacked[k][tuple(slice(0, n) for n in shape.shape)]
+        return np.asarray(stacked)[k][tuple(slice(0, n) for n in shape.shape)]
 
     return combine(jax.tree_util.tree_map_with_path(take, s.own_shapes[k]), s.own_frozen[k])
 
@@ -167,9 +171,9 @@ def member_optimizer(ocfg: OptimConfig, peak_lr: float) -> optax.GradientTransfo
 
 def init_states(s: Stack, members: list[Member], ocfg: OptimConfig, loss_scale: float | None = None) -> dict:
     """The members' train states (``loop.init_state`` each, with its own lr and seed), stacked."""
-    states = []
+    states, host = [], jax.tree.map(np.asarray, s.trainable)
     for k, m in enumerate(members):
-        trainable = jax.tree.map(lambda x: x[k], s.trainable)
+        trainable = jax.tree.map(lambda x: jnp.asarray(x[k]), host)
         states.append(loop.init_state(trainable, member_optimizer(ocfg, m.lr), m.seed, loss_scale))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
@@ -218,8 +222,7 @@ def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=
     consts_sh = _prefixed(parallel.param_shardings(_one_member(consts), mesh, rules), member_axes)
     base_sh = parallel.param_shardings(base, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
-    metric_names = ("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
-    metrics_sh = dict.fromkeys(metric_names, NamedSharding(mesh, PartitionSpec(member_axes or None)))
+    metrics_sh = dict.fromkeys(loop.metric_names(state), NamedSharding(mesh, PartitionSpec(member_axes or None)))
     return jax.jit(fn, in_shardings=(state_sh, consts_sh, base_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                    donate_argnums=(0,))
 
