@@ -126,6 +126,11 @@ def _spec(axes, shape, rules: dict, mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+def logical_spec(axes, shape, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """The PartitionSpec the rules table gives an array of logical ``axes`` and ``shape`` on ``mesh``."""
+    return _spec(axes, shape, rule_table(rules), mesh)
+
+
 def _keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 

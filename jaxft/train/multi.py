@@ -243,13 +243,8 @@ def _one_member(tree):
 
 def _member_axes(mesh, rules, n_members: int) -> tuple[str, ...]:
     """Mesh axes of the member axis per the rules table; none when they don't divide the member count."""
-    target = parallel.rule_table(rules).get("member", [None])[0]
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    size = 1
-    for a in axes:
-        size *= mesh.shape[a]
-    return axes if axes and n_members % size == 0 else ()
+    entry = parallel.logical_spec(("member",), (n_members,), mesh, rules)[0]
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def _prefixed(shardings, member_axes: tuple[str, ...]):
