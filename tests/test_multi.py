@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jaxft
+from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.ops import nf4
 from jaxft.peft.tree import split
@@ -116,6 +117,29 @@ def test_qlora_members_one_at_a_time_share_one_nf4_base_and_match_separate_runs(
         own_losses, own_trainable = _separate_run(base, m, batches)
         np.testing.assert_allclose(losses[k], own_losses, atol=1e-5, rtol=0)
         assert _max_adapter_diff(s, trainable, k, own_trainable) < 1e-5
+
+
+@pytest.mark.parametrize("member_rule", [None, "data"], ids=["member-replicated", "member-over-data"])
+def test_members_on_a_mesh_match_the_unsharded_step(member_rule):
+    """On a (2, 4, 1) mesh of 8 devices the stacked step equals the unsharded one, whether the member axis is
+    replicated (the default rule) or sharded over `data`, the axis the shared batch's rows also use."""
+    base = jaxft.init_params(CFG, jax.random.PRNGKey(0))
+    members, batches = MEMBERS[:2], _batches(4, micro=1, rows=8)
+    want, _, _ = _parallel_run(base, members, batches)
+    rules = [r for r in parallel.DEFAULT_RULES if r[0] != "member"] + [("member", member_rule)]
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4, tensor=1))
+    s = multi.stack(CFG, base, members)
+    state = multi.shard(multi.init_states(s, members, OPTIM), mesh, rules)
+    consts, frozen = multi.shard(s.consts, mesh, rules), parallel.shard_params(s.base, mesh, rules)
+    step = multi.jit_train_step(CFG, STEP, multi.member_optimizer(OPTIM, 1.0), mesh, state, consts, frozen,
+                                rules=rules)
+    batch_sharding = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, consts, frozen, jax.device_put(batch, batch_sharding))
+        losses.append(np.asarray(metrics["loss"]))
+    np.testing.assert_allclose(np.stack(losses, axis=1), want, atol=2e-6, rtol=0)
+    assert state["trainable"]["layers"]["q_proj"]["lora_a"].sharding.spec[0] == member_rule
 
 
 def test_members_targeting_different_modules_are_a_config_error():

@@ -215,7 +215,11 @@ def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=
         return jax.jit(partial(train_step, cfg, step_cfg, optimizer, group=group), donate_argnums=(0,))
     rules = rules or parallel.DEFAULT_RULES
     member_axes = _member_axes(mesh, rules, jax.tree.leaves(consts)[0].shape[0])
-    step_cfg = dataclasses.replace(step_cfg, activation_sharding=parallel.activation_sharding(mesh, rules))
+    # Inside the vmapped step the member dim is sharded over member_axes, so each member's activations may use only
+    # the other mesh axes (a mesh axis can shard one dim of an array, and vmap adds the member dim to every one).
+    activations = parallel.activation_sharding(mesh, rules)
+    activations = NamedSharding(mesh, PartitionSpec(*(_without(e, member_axes) for e in activations.spec)))
+    step_cfg = dataclasses.replace(step_cfg, activation_sharding=activations)
     fn = partial(train_step, cfg, step_cfg, optimizer, group=None if member_axes else group,
                  spmd_axis_name=member_axes or None)
     state_sh = _prefixed(parallel.state_shardings(_one_member(state), mesh, rules), member_axes)
