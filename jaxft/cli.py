@@ -24,6 +24,20 @@ def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):
                               "another folder")
 
 
+def _at_least(minimum: int):
+    """argparse type: a whole number >= ``minimum`` (argparse's own one-line error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _train(args) -> int:
     from jaxft.recipes import sft
     from jaxft.recipes.config import load_run_config
@@ -218,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder")
     p.add_argument("--parallel", action="store_true", help="train the runs together on the devices "
                    "(jaxft.recipes.multi) instead of one after another")
-    p.add_argument("--exact-match", type=int, default=0, metavar="N", help="also score each run's greedy replies "
-                   "to the first N chats of eval_data: the share exactly equal to the reference answer")
+    p.add_argument("--exact-match", type=_at_least(0), default=0, metavar="N", help="also score each run's greedy "
+                   "replies to the first N chats of eval_data: the share exactly equal to the reference answer")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model (+ adapter) on data",
@@ -234,10 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["nf4", "fp4"], help="load the base in 4 bits (as QLoRA trained it)")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSON/JSONL/CSV/parquet file(s)")
     p.add_argument("--template", help="chat template: a built-in name or .jinja file (default: the tokenizer's)")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per row (longer examples are cut)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
-    p.add_argument("--exact-match", type=int, default=0, metavar="N", help="also generate greedy replies to the "
-                   "first N chats and report the share exactly equal to the reference answer (e.g. the demo task)")
+    p.add_argument("--max-length", type=_at_least(1), default=2048, help="tokens per row (longer examples are cut)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8, help="rows per batch")
+    p.add_argument("--exact-match", type=_at_least(0), default=0, metavar="N", help="also generate greedy replies "
+                   "to the first N chats and report the share exactly equal to the reference answer (e.g. the demo "
+                   "task)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="run the offline end-to-end demo",
@@ -258,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="a file of prompts, one per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template as a user turn")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -284,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--mesh", action="append", type=_mesh_shape, metavar="DATA,FSDP,TENSOR",
                    help="also estimate for this mesh shape (repeatable), e.g. --mesh 1,8,1 --mesh 8,1,1")
-    p.add_argument("--devices", type=int, metavar="N",
+    p.add_argument("--devices", type=_at_least(1), metavar="N",
                    help="device count that resolves a -1 in the config's mesh (default: the devices here)")
-    p.add_argument("--processes", type=int, default=1, metavar="N",
+    p.add_argument("--processes", type=_at_least(1), default=1, metavar="N",
                    help="processes the run has; each feeds data.batch_size rows (default: 1)")
     p.add_argument("--compile", action="store_true",
                    help="also compile the real step on the devices here and print its memory_analysis()")

@@ -153,6 +153,8 @@ def from_dict(cls, data: dict, *, source: str = "<dict>"):
             value = tuple(value)
         elif isinstance(value, str) and float in (hints[name], *typing.get_args(hints[name])):
             value = _as_float(value, f"{source}: {name}")
+        elif _whole_number_field(hints[name]) and value is not None:
+            value = _as_int(value, f"{source}: {name}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -179,6 +181,22 @@ def _as_float(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+
+
+def _whole_number_field(annotation) -> bool:
+    return annotation is int or (int in typing.get_args(annotation) and float not in typing.get_args(annotation))
+
+
+def _as_int(value, where: str) -> int:
+    """A whole-number field takes ``1000``, ``1000.0`` or YAML 1.1's ``1e3`` (a string) as 1000, and refuses the
+    rest (2.5, "ten", true) here, naming the key, rather than failing later inside the run."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(value, bool) or number is None or not number.is_integer():
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+    return int(number)
 
 
 def _nested_dataclass(annotation):

@@ -158,6 +158,10 @@ BAD_INPUTS = [
      NO_CONFIG_JSON),
     (["sweep", "{config}", "--grid", "r=2", "--out", "{taken}"], "already exists and is not empty; pass --resume"),
     (["sweep", "{config}", "--grid", "r=2", "--exact-match", "3", "--out", "{taken}/../fresh"], "has no eval_data"),
+    (["sweep", "{config}", "--grid", "train.steps=2.5", "--out", "{taken}/../fresh"], "expected a whole number"),
+    (["sweep", "{config}", "--grid", "r=4,eight", "alpha=2r", "--out", "{taken}/../fresh"], "derived from lora.r"),
+    (["sweep", "{config}", "--parallel", "--grid", "train.log_every=1,2", "--out", "{taken}/../fresh"],
+     "parallel runs must share train.log_every"),
     (["inspect", "{missing}"], MISSING),
     (["inspect", "{unknown}"], UNKNOWN_KEY),
     (["inspect", "{evil}"], PYTHON_TAG),
@@ -184,6 +188,14 @@ def test_bad_input_gives_a_one_paragraph_error(tiny_run, tmp_path, capsys, argv,
     assert len(err.strip().splitlines()) == 2  # the paragraph, then the --debug hint
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "fresh").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("flag, value", [("--exact-match", "-3"), ("--batch-size", "0"), ("--max-length", "x")])
+def test_bad_counts_are_refused_by_the_argument_parser(tiny_run, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(tiny_run / "model"), "--data", str(tiny_run / "train.jsonl"), flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}:" in err and "Traceback" not in err
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -55,3 +55,9 @@ def test_exact_match_needs_chats(bigram_model, tmp_path):
     (tmp_path / "text.jsonl").write_text('{"text": "increment 1 =\\n2 ."}\n')
     with pytest.raises(ValueError, match="ends in an assistant turn"):
         chat_exact_match(cfg, params, tokenizer, DataConfig(paths=(str(tmp_path / "text.jsonl"),)), limit=10)
+
+
+def test_exact_match_needs_a_positive_number_of_chats(bigram_model, tmp_path):
+    cfg, params, tokenizer = bigram_model
+    with pytest.raises(ValueError, match="must be >= 1, got -3"):
+        chat_exact_match(cfg, params, tokenizer, DataConfig(paths=(str(tmp_path / "eval.jsonl"),)), limit=-3)

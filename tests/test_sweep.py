@@ -12,6 +12,7 @@ import yaml
 import jaxft
 from jaxft.config import ConfigError
 from jaxft.recipes import demo, sft, sweep
+from jaxft.recipes.config import RunConfig, load_run_config, read_run_tree
 from jaxft.train.loss import IGNORE_INDEX
 from sft_worker import tiny_chat_model
 
@@ -81,7 +82,7 @@ def test_bad_grid_syntax_quotes_the_item(item, says):
 
 
 def test_repeated_grid_key_is_an_error():
-    with pytest.raises(ConfigError, match="lora.r appears 2 times"):
+    with pytest.raises(ConfigError, match=r"lora.r \(or an alias of it\) appears 2 times"):
         sweep.parse_grid(["r=4", "lora.r=8"])
 
 
@@ -91,6 +92,37 @@ def test_values_that_give_the_same_run_are_an_error(tiny_config, tmp_path):
         sweep.expand(base, sweep.parse_grid(["r=8", "alpha=2r,16"]), tmp_path, "run.yaml")
     with pytest.raises(ConfigError, match="4 given more than once"):
         sweep.parse_grid(["r=4,8,4"])
+
+
+def test_an_override_into_a_section_the_file_leaves_out_keeps_the_runs_defaults(tiny_config, tmp_path):
+    """A config without `lora:` trains the run default (RunConfig().lora: r=16, alpha=32, all-linear); `--set
+    lora.r=8` and a grid over r change r alone, and alpha=2r is derived from the r the run trains."""
+    config = yaml.safe_load((tiny_config / "run.yaml").read_text())
+    del config["lora"]
+    (tmp_path / "no-lora.yaml").write_text(yaml.safe_dump(config))
+    default = RunConfig.__dataclass_fields__["lora"].default_factory()
+    cfg = load_run_config(tmp_path / "no-lora.yaml", ["lora.r=8"])
+    assert cfg.lora == default.replace(r=8)
+    tree = read_run_tree(tmp_path / "no-lora.yaml")
+    runs = sweep.expand(tree, sweep.parse_grid(["r=4,8", "alpha=2r"]), tmp_path, "no-lora.yaml")
+    assert [r.config.lora for r in runs] == [default.replace(r=4, lora_alpha=8), default.replace(r=8, lora_alpha=16)]
+
+
+@pytest.mark.parametrize("grid, says", [
+    (["train.steps=2.5"], "steps: expected a whole number, got 2.5"),
+    (["train.steps=ten"], "steps: expected a whole number, got 'ten'"),
+    (["r=4,eight", "alpha=2r"], "is derived from lora.r, which is 'eight' here"),
+])
+def test_grid_values_of_the_wrong_type_are_refused_before_training(tiny_config, tmp_path, grid, says):
+    tree = read_run_tree(tiny_config / "run.yaml")
+    with pytest.raises(ConfigError, match=says):
+        sweep.expand(tree, sweep.parse_grid(grid), tmp_path, "run.yaml")
+
+
+def test_whole_number_fields_take_yaml_exponents_and_whole_floats(tiny_config):
+    cfg = load_run_config(tiny_config / "run.yaml", ["train.steps=1e3", "optim.warmup_steps=20.0"])
+    assert (cfg.train.steps, cfg.optim.warmup_steps) == (1000, 20)
+    assert type(cfg.train.steps) is int and type(cfg.optim.warmup_steps) is int
 
 
 def test_unknown_grid_key_is_named(tiny_config, tmp_path):

@@ -123,10 +123,20 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def read_run_tree(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A YAML run config as a dict with ``--set`` overrides applied. The sections the file leaves out are first
+    filled in with the run's defaults, so that ``--set lora.r=8`` changes r alone: without that, the lora section
+    would be built from LoraConfig's own defaults (alpha 8, q/v only) instead of the run's (alpha 32, all-linear)."""
+    tree = read_yaml(path)
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in tree and f.default_factory is not dataclasses.MISSING:
+            tree[f.name] = to_dict(f.default_factory())
+    return apply_overrides(tree, list(overrides))
+
+
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides, and build the typed config."""
-    data = apply_overrides(read_yaml(path), list(overrides))
-    return from_dict(RunConfig, data, source=str(path))
+    return from_dict(RunConfig, read_run_tree(path, overrides), source=str(path))
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path):

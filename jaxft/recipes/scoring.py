@@ -36,6 +36,8 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
     """Greedy replies to the first ``limit`` chats of ``data`` that end in an assistant turn, each prompted with
     the turns before it; a reply counts when it stops (an end-of-turn/EOS token) and its text equals that turn's
     content, both stripped of surrounding whitespace. Returns ``{"exact_match", "exact_match_chats"}``."""
+    if limit < 1:
+        raise ValueError(f"exact match: the number of chats to score must be >= 1, got {limit}")
     chats = [e.messages for path in data.paths for e in load_examples(path, data.format)
              if e.messages and e.messages[-1]["role"] == "assistant"][:limit]
     if not chats:

@@ -36,8 +36,8 @@ from jaxft.config import ConfigError, from_dict, to_dict
 from jaxft.hf.checkpoint import occupied
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.recipes import sft
-from jaxft.recipes.config import RunConfig, apply_overrides, read_yaml
-from jaxft.recipes.multi import run_parallel
+from jaxft.recipes.config import RunConfig, apply_overrides, read_run_tree
+from jaxft.recipes.multi import check_members, run_parallel
 from jaxft.recipes.scoring import chat_exact_match, load_trained
 from jaxft.train.metrics import read_metrics
 
@@ -85,8 +85,9 @@ def parse_grid(specs: list[str]) -> tuple[Axis, ...]:
     keys = [a.key for a in axes]
     for key in keys:
         if keys.count(key) > 1:
-            raise ConfigError(f"--grid: {key} appears {keys.count(key)} times; give all its values in one item "
-                              f"({key}=V1,V2,...)")
+            form = "seeds=N or train.seed=V1,V2,..." if key == SEED_KEY else f"{key}=V1,V2,..."
+            raise ConfigError(f"--grid: {key} (or an alias of it) appears {keys.count(key)} times; give all its "
+                              f"values in one item ({form})")
     return tuple(sorted(axes, key=lambda a: a.key == SEED_KEY))
 
 
@@ -163,6 +164,10 @@ def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str) -> l
     for point in itertools.product(*(a.items for a in axes)):
         items = {a.key: item for a, item in zip(axes, point)}
         r = _resolve(items[R_KEY], None) if R_KEY in items else base_r
+        if any(_RULE.match(item) for item in items.values()) and (
+                isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0):
+            raise ConfigError(f"--grid point {items}: {', '.join(i for i in items.values() if _RULE.match(i))} "
+                              f"is derived from lora.r, which is {r!r} here; give lora.r positive whole numbers")
         values = {key: _resolve(item, r) for key, item in items.items()}
         parts = {key: f"{short[key]}{_format_value(v)}" for key, v in values.items()}
         group = "-".join(p for key, p in parts.items() if key != SEED_KEY) or "base"
@@ -188,7 +193,7 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
     """Runs the sweep (finished runs of an earlier, identical sweep are kept with ``resume``) and writes the
     table and plots; returns ``{"dir", "rows", "runs"}``. ``exact_match=N`` also scores each run's greedy replies
     to the first N chats of eval_data (:func:`jaxft.recipes.scoring.chat_exact_match`)."""
-    base_tree = apply_overrides(read_yaml(config_path), list(sets))
+    base_tree = read_run_tree(config_path, list(sets))
     base = from_dict(RunConfig, copy.deepcopy(base_tree), source=str(config_path))
     axes = parse_grid(list(grid))
     sweep_dir = Path(out or base.output_dir)
@@ -197,6 +202,8 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
         sft.check_model_folder(r.config)
     if exact_match and base.eval_data is None:
         raise ConfigError(f"--exact-match scores replies to eval_data's chats, but {config_path} has no eval_data")
+    if parallel:  # refused before the sweep folder is written, so the corrected command needs no --overwrite
+        check_members([r.config for r in runs])
     plan = {"config": str(config_path), "set": list(sets), "grid": list(grid), "exact_match": exact_match,
             "base": to_dict(base), "runs": {r.name: r.values for r in runs}}
     _prepare_sweep_dir(sweep_dir, plan, overwrite, resume)
@@ -215,9 +222,9 @@ def _prepare_sweep_dir(sweep_dir: Path, plan: dict, overwrite: bool, resume: boo
     if occupied(sweep_dir):
         if resume:
             if not plan_path.exists() or yaml.safe_load(plan_path.read_text()) != json.loads(json.dumps(plan)):
-                raise ConfigError(f"{sweep_dir}: --resume needs the folder of the same sweep (same config, --set "
-                                  "and --grid), but its sweep.yaml is missing or differs; choose another --out, or "
-                                  "--overwrite to replace it")
+                raise ConfigError(f"{sweep_dir}: --resume needs the folder of the same sweep (same config, --set, "
+                                  "--grid and --exact-match), but its sweep.yaml is missing or differs; choose "
+                                  "another --out, or --overwrite to replace it")
         elif overwrite:
             shutil.rmtree(sweep_dir)
         else:
