@@ -174,7 +174,7 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
         keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
         match = by_path.get(keys)
         sharding = match[0] if match is not None and match[1] == x.shape else replicated(mesh)
-        kind = x.sharding.memory_kind if isinstance(x, jax.Array) else None
+        kind = getattr(getattr(x, "sharding", None), "memory_kind", None)  # an array's, or a ShapeDtypeStruct's
         return sharding if kind in (None, "device") else sharding.with_memory_kind(kind)  # offloaded state stays
 
     scalars = {k: replicated(mesh) for k in state if k not in ("trainable", "opt_state")}

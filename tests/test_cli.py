@@ -162,6 +162,8 @@ BAD_INPUTS = [
     (["sweep", "{config}", "--grid", "r=4,eight", "alpha=2r", "--out", "{taken}/../fresh"], "derived from lora.r"),
     (["sweep", "{config}", "--parallel", "--grid", "train.log_every=1,2", "--out", "{taken}/../fresh"],
      "parallel runs must share train.log_every"),
+    (["sweep", "{config}", "--parallel", "--grid", "r=2,4", "--set", "optim.name=adafactor", "--out",
+      "{taken}/../fresh"], "computes statistics over whole leaves"),
     (["inspect", "{missing}"], MISSING),
     (["inspect", "{unknown}"], UNKNOWN_KEY),
     (["inspect", "{evil}"], PYTHON_TAG),

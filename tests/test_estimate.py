@@ -103,6 +103,16 @@ def test_param_counts_leave_out_rank_padding(tiny_dir):
                                                                lora.trainable_count(params) + n_frozen)
 
 
+@pytest.mark.slow
+def test_estimate_with_offloaded_optimizer_state_is_within_20_percent_of_the_compiled_step(medium_dir):
+    """The compiled step takes the optimizer state in host memory, as the run holds it."""
+    cfg = _run_config(medium_dir, "lora", optim={"offload_state": True})
+    predicted = estimate.estimate(cfg, (1, 8, 1)).total
+    compiled = estimate.compiled_memory(cfg, MeshConfig(1, 8, 1), jax.devices()[:8])
+    print(f"offloaded optimizer state: estimate / compiled = {predicted / compiled['peak']:.3f}")
+    assert 0.8 <= predicted / compiled["peak"] <= 1.2
+
+
 def test_offloaded_optimizer_state_counts_as_host_memory(tiny_dir):
     on_device = estimate.estimate(_tiny_config(tiny_dir), (1, 1, 1))
     offloaded = estimate.estimate(_tiny_config(tiny_dir, optim={"offload_state": True}), (1, 1, 1))

@@ -39,11 +39,11 @@ def _batches(n_steps, micro=2, rows=4, t=16, seed=0):
     return [{"input_ids": jnp.asarray(i, jnp.int32), "labels": jnp.asarray(l, jnp.int32)} for i, l in zip(ids, labels)]
 
 
-def _separate_run(base, member, batches):
+def _separate_run(base, member, batches, optim=OPTIM):
     """The oracle: one member alone through the existing single-run step."""
     params = jaxft.lora.add(CFG, base, member.lora, jax.random.PRNGKey(member.seed))
     trainable, frozen = split(params)
-    optimizer = make_optimizer(dataclasses.replace(OPTIM, lr=member.lr))
+    optimizer = make_optimizer(dataclasses.replace(optim, lr=member.lr))
     state = init_state(trainable, optimizer, member.seed)
     step = jit_train_step(CFG, STEP, optimizer)
     losses = []
@@ -53,10 +53,10 @@ def _separate_run(base, member, batches):
     return np.asarray(losses), state["trainable"]
 
 
-def _parallel_run(base, members, batches, group=None):
+def _parallel_run(base, members, batches, group=None, optim=OPTIM):
     s = multi.stack(CFG, base, members)
-    state = multi.init_states(s, members, OPTIM)
-    step = multi.jit_train_step(CFG, STEP, multi.member_optimizer(OPTIM, 1.0), group=group)
+    state = multi.init_states(s, members, optim)
+    step = multi.jit_train_step(CFG, STEP, multi.member_optimizer(optim, 1.0), group=group)
     losses = []
     for batch in batches:
         state, metrics = step(state, s.consts, s.base, batch)
@@ -140,6 +140,21 @@ def test_members_on_a_mesh_match_the_unsharded_step(member_rule):
         losses.append(np.asarray(metrics["loss"]))
     np.testing.assert_allclose(np.stack(losses, axis=1), want, atol=2e-6, rtol=0)
     assert state["trainable"]["layers"]["q_proj"]["lora_a"].sharding.spec[0] == member_rule
+
+
+@pytest.mark.parametrize("name", multi.WHOLE_LEAF_OPTIMIZERS)
+def test_whole_leaf_optimizers_train_equal_ranks_and_refuse_padding(name):
+    """Adafactor's block RMS and 8-bit Adam's blocks span a whole leaf: members of one rank match separate runs,
+    and members that would be padded are refused rather than trained differently from their own runs."""
+    optim = dataclasses.replace(OPTIM, name=name)
+    base = jaxft.init_params(CFG, jax.random.PRNGKey(0))
+    batches = _batches(5, seed=2)
+    same_rank = [MEMBERS[0], multi.Member(MEMBERS[0].lora.replace(lora_alpha=8), lr=3e-3, seed=1)]
+    losses, _, _ = _parallel_run(base, same_rank, batches, optim=optim)
+    for k, m in enumerate(same_rank):
+        np.testing.assert_allclose(losses[k], _separate_run(base, m, batches, optim=optim)[0], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match=f"optim.name '{name}' computes statistics over whole leaves"):
+        multi.init_states(multi.stack(CFG, base, MEMBERS[:2]), MEMBERS[:2], optim)
 
 
 def test_members_targeting_different_modules_are_a_config_error():

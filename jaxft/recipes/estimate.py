@@ -52,7 +52,7 @@ from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig
 from jaxft.train.loop import BATCH_KEYS, StepConfig, init_state, token_loss_sum
 from jaxft.train.loss import VOCAB_BLOCK
-from jaxft.train.optim import make_optimizer
+from jaxft.train.optim import HOST_MEMORY_KIND, make_optimizer
 
 F32 = 4
 
@@ -350,6 +350,11 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
     optimizer = make_optimizer(cfg.optim)
     loss_scale = sft.initial_loss_scale(model_cfg)
     state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed, loss_scale=loss_scale), trainable)
+    if cfg.optim.offload_state:  # abstract state says where it lives, as the run's (host-resident) state does
+        on_host = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND),
+                               parallel.state_shardings(state, mesh, rules)["opt_state"])
+        state["opt_state"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          state["opt_state"], on_host)
     step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=cfg.train.loss_chunk_size), optimizer, mesh, state,
                           frozen, rules)
     rows = cfg.data.batch_size * jax.process_count()

@@ -55,6 +55,7 @@ def check_members(cfgs: list[RunConfig]) -> None:
     if cfgs[0].optim.offload_state:
         raise ConfigError("optim.offload_state is not supported in parallel runs; set it to false or run the "
                           "configs separately")
+    multi.check_optimizer([multi.Member(c.lora, c.optim.lr, c.train.seed) for c in cfgs], cfgs[0].optim)
     dirs = [str(c.output_dir) for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"parallel runs need one output_dir each, got {dirs}")

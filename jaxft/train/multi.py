@@ -169,8 +169,24 @@ def member_optimizer(ocfg: OptimConfig, peak_lr: float) -> optax.GradientTransfo
     return optax.chain(unit, optax.inject_hyperparams(optax.scale)(step_size=peak_lr))
 
 
+# Optimizers whose statistics span a whole leaf (Adafactor's block RMS and factoring, 8-bit Adam's quantization
+# blocks): zero rank padding changes them, so a padded member would not train as its own run does.
+WHOLE_LEAF_OPTIMIZERS = ("adafactor", "adam8bit")
+
+
+def check_optimizer(members: list[Member], ocfg: OptimConfig) -> None:
+    """ConfigError when members of different ranks would be padded under an optimizer that padding changes."""
+    ranks = {(m.lora.r, tuple(sorted(m.lora.rank_pattern.items()))) for m in members}
+    if len(ranks) > 1 and ocfg.name in WHOLE_LEAF_OPTIMIZERS:
+        raise ConfigError(f"optim.name {ocfg.name!r} computes statistics over whole leaves, which padding members "
+                          f"of different ranks ({sorted({m.lora.r for m in members})}) to one shape would change; "
+                          "run members of one rank per parallel sweep, use adamw, sgd or lion, or run without "
+                          "--parallel")
+
+
 def init_states(s: Stack, members: list[Member], ocfg: OptimConfig, loss_scale: float | None = None) -> dict:
     """The members' train states (``loop.init_state`` each, with its own lr and seed), stacked."""
+    check_optimizer(members, ocfg)
     states, host = [], jax.tree.map(np.asarray, s.trainable)
     for k, m in enumerate(members):
         trainable = jax.tree.map(lambda x: jnp.asarray(x[k]), host)
