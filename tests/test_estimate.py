@@ -104,6 +104,20 @@ def test_param_counts_leave_out_rank_padding(tiny_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("heads, kv_heads, mesh", [(4, 2, (1, 1, 4)), (8, 2, (1, 1, 8))])
+def test_estimate_with_kv_heads_that_do_not_split_over_tensor_is_within_20_percent(tmp_path, heads, kv_heads, mesh):
+    """Grouped-query attention whose K/V heads don't divide the tensor axis (TinyLlama's 4 on 8 ways): the query
+    heads, and with them the attention scores, still split."""
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(
+        MEDIUM.replace(num_attention_heads=heads, num_key_value_heads=kv_heads), "float32")))
+    cfg = _run_config(tmp_path, "lora")
+    predicted = estimate.estimate(cfg, mesh).total
+    compiled = estimate.compiled_memory(cfg, MeshConfig(*mesh), jax.devices()[:int(np.prod(mesh))])
+    print(f"heads {heads}, kv {kv_heads}, mesh {mesh}: estimate / compiled = {predicted / compiled['peak']:.3f}")
+    assert 0.8 <= predicted / compiled["peak"] <= 1.2
+
+
+@pytest.mark.slow
 def test_estimate_with_offloaded_optimizer_state_is_within_20_percent_of_the_compiled_step(medium_dir):
     """The compiled step takes the optimizer state in host memory, as the run holds it."""
     cfg = _run_config(medium_dir, "lora", optim={"offload_state": True})

@@ -219,9 +219,14 @@ def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, pr
     batch_shards = rows // local_rows
     widths = _width_shards(model_cfg, mesh, rules)
     heads, kv_heads = widths["heads"], widths["kv_heads"]
-    if model_cfg.num_attention_heads % heads or model_cfg.num_key_value_heads % kv_heads or (
-            (model_cfg.num_attention_heads // heads) % (model_cfg.num_key_value_heads // kv_heads)):
-        heads = kv_heads = 1  # a split that cuts heads or query groups apart is resharded to whole heads by XLA
+    n_heads, n_kv = model_cfg.num_attention_heads, model_cfg.num_key_value_heads
+    if n_heads % heads:
+        heads = kv_heads = 1  # a split that cuts query heads apart is resharded to whole heads by XLA
+    elif n_kv % kv_heads or (n_heads // heads) % (n_kv // kv_heads):
+        # K/V heads that don't split like the query heads: the query heads (and the scores) still split, and each
+        # device holds the K/V heads its own query groups read
+        local_kv = max(1, n_kv // heads)
+        kv_heads = n_kv // (local_kv if (n_heads // heads) % local_kv == 0 else 1)
     local_cfg = model_cfg.replace(num_attention_heads=model_cfg.num_attention_heads // heads,
                                   num_key_value_heads=model_cfg.num_key_value_heads // kv_heads,
                                   intermediate_size=model_cfg.intermediate_size // widths["mlp"],
