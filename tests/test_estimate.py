@@ -104,6 +104,16 @@ def test_param_counts_leave_out_rank_padding(tiny_dir):
 
 
 @pytest.mark.slow
+def test_estimate_with_lora_on_some_linears_is_within_20_percent(medium_dir):
+    """PEFT's default targets (q, v): the frozen linears keep no input for a kernel gradient nobody takes."""
+    cfg = _run_config(medium_dir, "lora", lora={"target_modules": ["q_proj", "v_proj"]})
+    predicted = estimate.estimate(cfg, (1, 1, 1)).total
+    compiled = estimate.compiled_memory(cfg, MeshConfig(1, 1, 1), jax.devices()[:1])
+    print(f"LoRA on q, v: estimate / compiled = {predicted / compiled['peak']:.3f}")
+    assert 0.8 <= predicted / compiled["peak"] <= 1.2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("heads, kv_heads, mesh", [(4, 2, (1, 1, 4)), (8, 2, (1, 1, 8))])
 def test_estimate_with_kv_heads_that_do_not_split_over_tensor_is_within_20_percent(tmp_path, heads, kv_heads, mesh):
     """Grouped-query attention whose K/V heads don't divide the tensor axis (TinyLlama's 4 on 8 ways): the query

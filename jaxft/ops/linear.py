@@ -96,18 +96,27 @@ def _dense_linear(x, kernel):
     return jnp.einsum("...i,io->...o", x, dense_kernel(kernel, x.dtype))
 
 
+def _is_primal(leaf) -> bool:
+    return isinstance(leaf, jax.custom_derivatives.CustomVJPPrimal)
+
+
 def _dense_linear_fwd(x, kernel):
-    return _dense_linear(x, kernel), (x, kernel)
+    """With symbolic zeros, each primal says whether it is differentiated: the input x is saved only for a trained
+    kernel's gradient, so a frozen linear (every one LoRA leaves out) keeps no activation for its backward."""
+    trained = any(leaf.perturbed for leaf in jax.tree.leaves(kernel, is_leaf=_is_primal))
+    x, kernel = x.value, jax.tree.map(lambda leaf: leaf.value, kernel, is_leaf=_is_primal)
+    return _dense_linear(x, kernel), (x if trained else None, kernel)
 
 
 def _dense_linear_bwd(residuals, dy):
     x, kernel = residuals
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = dy2 @ dense_kernel(kernel, dy.dtype).T
-    return dx.reshape(x.shape), _kernel_cotangent(kernel, x, dy2)
+    d_kernel = None if x is None else _kernel_cotangent(kernel, x, dy2)
+    return dx.reshape(*dy.shape[:-1], dx.shape[-1]), d_kernel
 
 
-_dense_linear.defvjp(_dense_linear_fwd, _dense_linear_bwd)
+_dense_linear.defvjp(_dense_linear_fwd, _dense_linear_bwd, symbolic_zeros=True)
 
 
 def linear(p: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray:
