@@ -45,6 +45,11 @@ def _may_differ(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in MAY_DIFFER)
 
 
+def _members(cfgs: list[RunConfig]) -> list[multi.Member]:
+    """What each run config gives its member of the stacked program: LoRA config, peak lr, seed."""
+    return [multi.Member(c.lora, c.optim.lr, c.train.seed) for c in cfgs]
+
+
 def check_members(cfgs: list[RunConfig]) -> None:
     """ConfigError unless the configs can share one program; the message names the first differing key."""
     if not cfgs:
@@ -55,7 +60,7 @@ def check_members(cfgs: list[RunConfig]) -> None:
     if cfgs[0].optim.offload_state:
         raise ConfigError("optim.offload_state is not supported in parallel runs; set it to false or run the "
                           "configs separately")
-    multi.check_optimizer([multi.Member(c.lora, c.optim.lr, c.train.seed) for c in cfgs], cfgs[0].optim)
+    multi.check_optimizer(_members(cfgs), cfgs[0].optim)
     dirs = [str(c.output_dir) for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"parallel runs need one output_dir each, got {dirs}")
@@ -96,7 +101,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     mesh = parallel.make_mesh(cfg.mesh)
     sft._check_batch_fits(cfg, mesh)
     model_cfg, base = sft.load_base(cfg, mesh)
-    members = [multi.Member(c.lora, c.optim.lr, c.train.seed) for c in cfgs]
+    members = _members(cfgs)
     s = multi.stack(model_cfg, base, members)
     n_trainable = [lora.trainable_count(multi.member_params(s, s.trainable, k)) for k in range(len(cfgs))]
 
