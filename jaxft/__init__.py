@@ -1,5 +1,6 @@
 """jaxft: fine-tune Llama-family models in JAX (LoRA, QLoRA/NF4, SFT) on CPU, GPU and TPU meshes."""
 from jaxft.config import ConfigError, ModelConfig, QuantConfig, RopeConfig
+from jaxft.errors import JaxftError
 from jaxft.hf import peft_format
 from jaxft.hf.checkpoint import from_pretrained, save_pretrained
 from jaxft.hf.peft_format import load_adapter, save_adapter
@@ -13,5 +14,5 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.tree import combine, split
 
 __all__ = ["CheckpointError", "ConfigError", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig", "combine", "forward",
-           "from_pretrained", "generate", "init_params", "load_tokenizer", "Tokenizer", "TokenizerError", "load_adapter", "lora", "nf4", "peft_format",
+           "from_pretrained", "generate", "init_params", "JaxftError", "load_tokenizer", "Tokenizer", "TokenizerError", "load_adapter", "lora", "nf4", "peft_format",
            "save_adapter", "save_pretrained", "split"]

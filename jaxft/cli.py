@@ -10,9 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from jaxft.config import ConfigError
+from jaxft.errors import JaxftError
 
-EXPECTED_ERRORS = (ConfigError, ValueError, OSError, KeyError)
+# Domain errors and file-system errors are the user's to fix: one paragraph, exit 2. Anything else is a bug in
+# jaxft and keeps its traceback.
+EXPECTED_ERRORS = (JaxftError, OSError)
 
 
 def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):

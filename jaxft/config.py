@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxft.errors import JaxftError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -17,7 +19,7 @@ ATTENTION_IMPLEMENTATIONS = ("plain", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxftError, ValueError):
     """A config value or file is wrong; the message names the key (and file) and what was expected."""
 
 

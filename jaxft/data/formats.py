@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jaxft.errors import JaxftError
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -43,7 +45,7 @@ _FORMAT_HELP = ("'messages' (OpenAI), 'conversations' (ShareGPT), 'instruction'+
 _MAX_SAMPLES_PER_REASON = 3
 
 
-class DataError(ValueError):
+class DataError(JaxftError, ValueError):
     """A record or file is unusable. `reason` is a short category for reports; the message says where and why."""
 
     def __init__(self, location: str, reason: str, detail: str):

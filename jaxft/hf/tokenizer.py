@@ -33,6 +33,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
+from jaxft.errors import JaxftError
 from jaxft.hf import chat_template as chat_template_lib
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer"]
@@ -54,7 +55,7 @@ _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(JaxftError, ValueError):
     """A tokenizer folder or a chat-template request is unusable; the message names the file and problem."""
 
 

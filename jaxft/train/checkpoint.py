@@ -36,10 +36,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxft.errors import JaxftError
+
 _STATE, _LAYOUT, _EXTRA = "state", "layout", "extra"
 
 
-class BaseModelChanged(ValueError):
+class BaseModelChanged(JaxftError, ValueError):
     """The frozen base model on disk is not the one a checkpoint's adapters were trained on."""
 
 
