@@ -1,6 +1,9 @@
 import os
 import sys
 
+import pytest
+import yaml
+
 # Multi-device tests run on 8 fake CPU devices; this must be set before jax initializes.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,3 +13,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from sft_worker import tiny_chat_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny chat model, its training chats and a 3-step LoRA run config (run.yaml) in one folder."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_chat_model(root)
+    config = {"model": str(model), "output_dir": str(root / "run"), "method": "lora",
+              "data": {"paths": [str(root / "train.jsonl")], "max_length": 32, "batch_size": 8},
+              "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+              "train": {"steps": 3, "log_every": 1, "loss_chunk_size": 0}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root

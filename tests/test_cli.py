@@ -9,24 +9,18 @@ import yaml
 import jaxft
 from jaxft.cli import main
 from jaxft.recipes import demo
-from sft_worker import tiny_chat_model
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model = tiny_chat_model(root)
-    config = {"model": str(model), "output_dir": str(root / "run"), "method": "lora",
-              "data": {"paths": [str(root / "train.jsonl")], "max_length": 32, "batch_size": 8},
-              "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-              "train": {"steps": 3, "log_every": 1, "loss_chunk_size": 0}}
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
-    return root
-
-
-def test_train_writes_metrics_curves_config_and_a_peft_adapter(tiny_run, capsys):
+def trained(tiny_run):
+    """The tiny run trained once by the CLI; the tests that read its adapter need it whichever xdist worker runs
+    them."""
     assert main(["train", str(tiny_run / "run.yaml"), "--set", "optim.lr=1e-3"]) == 0
-    run = tiny_run / "run"
+    return tiny_run / "run"
+
+
+def test_train_writes_metrics_curves_config_and_a_peft_adapter(trained):
+    run = trained
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line["split"] == "train"] == [1, 2, 3]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -35,11 +29,11 @@ def test_train_writes_metrics_curves_config_and_a_peft_adapter(tiny_run, capsys)
     assert (run / "adapter" / "tokenizer_config.json").exists()
 
 
-def test_export_merged_model_gives_the_adapted_logits(tiny_run, tmp_path):
+def test_export_merged_model_gives_the_adapted_logits(tiny_run, trained, tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    model, adapter = tiny_run / "model", tiny_run / "run" / "adapter"
+    model, adapter = tiny_run / "model", trained / "adapter"
     assert main(["export", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--merged"]) == 0
     assert main(["export", str(model), "--adapter", str(adapter), "--out", str(tmp_path / "peft")]) == 0
     cfg, base = jaxft.from_pretrained(model)
@@ -51,12 +45,12 @@ def test_export_merged_model_gives_the_adapted_logits(tiny_run, tmp_path):
     assert (tmp_path / "merged" / "tokenizer_config.json").exists()
 
 
-def test_eval_reports_loss_perplexity_and_token_accuracy_of_model_plus_adapter(tiny_run, capsys):
+def test_eval_reports_loss_perplexity_and_token_accuracy_of_model_plus_adapter(tiny_run, trained, capsys):
     import numpy as np
 
     from jaxft.data import DataConfig, build_iterator
 
-    model, adapter, data = tiny_run / "model", tiny_run / "run" / "adapter", tiny_run / "train.jsonl"
+    model, adapter, data = tiny_run / "model", trained / "adapter", tiny_run / "train.jsonl"
     assert main(["eval", str(model), "--adapter", str(adapter), "--data", str(data), "--max-length", "32",
                  "--batch-size", "4", "--exact-match", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -110,86 +104,17 @@ def _error(argv, capsys) -> str:
 
 
 def test_existing_output_dir_is_never_overwritten(tiny_run, capsys):
-    (tiny_run / "run").mkdir(exist_ok=True)
-    (tiny_run / "run" / "keep.txt").write_text("mine")
-    assert "already exists" in _error(["train", str(tiny_run / "run.yaml")], capsys)
-    assert (tiny_run / "run" / "keep.txt").read_text() == "mine"
+    taken = tiny_run / "taken-run"
+    taken.mkdir(exist_ok=True)
+    (taken / "keep.txt").write_text("mine")
+    assert "already exists" in _error(["train", str(tiny_run / "run.yaml"), "--set", f"output_dir={taken}"], capsys)
+    assert (taken / "keep.txt").read_text() == "mine"
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_explained(tiny_run, capsys):
     err = _error(["train", str(tiny_run / "run.yaml"), "--set", "data.batch_size=4", "--set",
                   f"output_dir={tiny_run / 'other'}"], capsys)
     assert "do not split over the mesh" in err
-
-
-def _bad_configs(root, tmp_path) -> dict:
-    """Paths of bad inputs: a missing file, a config with an unknown key, one with a !!python tag, a model folder
-    without config.json, and an output folder with someone's file in it."""
-    config = yaml.safe_load((root / "run.yaml").read_text())
-    config["lora"]["rank"] = 8
-    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "evil.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
-    (tmp_path / "not-a-model").mkdir()
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "keep.txt").write_text("mine")
-    return {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
-            "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
-            "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
-            "data": str(root / "train.jsonl")}
-
-
-MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['rank']", "not valid YAML at line 1"
-NO_CONFIG_JSON, TAKEN, NOT_KEY_VALUE = "no config.json", "already exists and is not empty; pass --overwrite", \
-    "is not key=value"
-BAD_INPUTS = [
-    (["train", "{missing}"], MISSING),
-    (["train", "{unknown}"], UNKNOWN_KEY),
-    (["train", "{evil}"], PYTHON_TAG),
-    (["train", "{config}", "--set", "lora.r"], NOT_KEY_VALUE),
-    (["train", "{config}", "--set", "lora.r=[8"], "lora.r=[8: the value is not plain YAML"),
-    (["train", "{config}", "--set", "model={no_config_json}", "--set", "output_dir={taken}/../fresh"], NO_CONFIG_JSON),
-    (["train", "{config}", "--set", "output_dir={taken}"], TAKEN),
-    (["sweep", "{missing}", "--grid", "r=2,4"], MISSING),
-    (["sweep", "{unknown}", "--grid", "r=2,4"], UNKNOWN_KEY),
-    (["sweep", "{evil}", "--grid", "r=2,4"], PYTHON_TAG),
-    (["sweep", "{config}", "--grid", "lora.rank=2,4", "--out", "{taken}/../fresh"], UNKNOWN_KEY),
-    (["sweep", "{config}", "--grid", "lora.r:2,4"], "--grid 'lora.r:2,4': expected KEY=V1,V2,..."),
-    (["sweep", "{config}", "--grid", "r=2", "--set", "model={no_config_json}", "--out", "{taken}/../fresh"],
-     NO_CONFIG_JSON),
-    (["sweep", "{config}", "--grid", "r=2", "--out", "{taken}"], "already exists and is not empty; pass --resume"),
-    (["sweep", "{config}", "--grid", "r=2", "--exact-match", "3", "--out", "{taken}/../fresh"], "has no eval_data"),
-    (["sweep", "{config}", "--grid", "train.steps=2.5", "--out", "{taken}/../fresh"], "expected a whole number"),
-    (["sweep", "{config}", "--grid", "r=4,eight", "alpha=2r", "--out", "{taken}/../fresh"], "derived from lora.r"),
-    (["sweep", "{config}", "--parallel", "--grid", "train.log_every=1,2", "--out", "{taken}/../fresh"],
-     "parallel runs must share train.log_every"),
-    (["sweep", "{config}", "--parallel", "--grid", "r=2,4", "--set", "optim.name=adafactor", "--out",
-      "{taken}/../fresh"], "computes statistics over whole leaves"),
-    (["inspect", "{missing}"], MISSING),
-    (["inspect", "{unknown}"], UNKNOWN_KEY),
-    (["inspect", "{evil}"], PYTHON_TAG),
-    (["inspect", "{config}", "--set", "model={no_config_json}"], NO_CONFIG_JSON),
-    (["generate", "{no_config_json}", "--prompt", "hi"], NO_CONFIG_JSON),
-    (["generate", "{model}", "--file", "{missing}"], "--file {missing}: no such file"),
-    (["generate", "{model}", "--adapter", "{no_config_json}", "--prompt", "hi"], "no adapter_config.json"),
-    (["export", "{no_config_json}", "--adapter", "{model}", "--out", "{taken}/../fresh"], NO_CONFIG_JSON),
-    (["export", "{model}", "--adapter", "{missing}", "--out", "{taken}/../fresh"], "no adapter_config.json"),
-    (["export", "{model}", "--adapter", "{model}", "--out", "{taken}"], TAKEN),
-    (["eval", "{no_config_json}", "--data", "{data}"], NO_CONFIG_JSON),
-    (["eval", "{model}", "--data", "{missing}"], "nope.yaml: missing file"),
-    (["eval", "{model}", "--adapter", "{missing}", "--data", "{data}"], "no adapter_config.json"),
-    (["demo", "--out", "{taken}"], TAKEN),
-]
-
-
-@pytest.mark.parametrize("argv, says", BAD_INPUTS, ids=[" ".join(a[:2]) + f" [{i}]" for i, (a, _) in
-                                                        enumerate(BAD_INPUTS)])
-def test_bad_input_gives_a_one_paragraph_error(tiny_run, tmp_path, capsys, argv, says):
-    paths = _bad_configs(tiny_run, tmp_path)
-    err = _error([arg.format(**paths) for arg in argv], capsys)
-    assert says.format(**paths) in err
-    assert len(err.strip().splitlines()) == 2  # the paragraph, then the --debug hint
-    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    assert not (tmp_path / "fresh").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("flag, value", [("--exact-match", "-3"), ("--batch-size", "0"), ("--max-length", "x")])

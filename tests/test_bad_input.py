@@ -1,0 +1,108 @@
+"""Bad input, class by class: the command, its exit code, a fragment of its one-paragraph message, and the
+user's folders unchanged (nothing written, nothing replaced).
+
+Each row is (argv, message fragment); ``{name}`` placeholders are the paths :func:`_bad_configs` makes. Every
+command must exit with status 2, print exactly one paragraph (plus the ``--debug`` hint) without a traceback,
+leave ``taken/keep.txt`` as it was, and create no ``fresh`` folder.
+"""
+import pytest
+import yaml
+
+from jaxft.cli import main
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"jaxft {argv[0]}: error:")
+    return err
+
+
+def _bad_configs(root, tmp_path) -> dict:
+    """Paths of bad inputs: a missing file, a config with an unknown key, one with a !!python tag, a model folder
+    without config.json, and an output folder with someone's file in it."""
+    config = yaml.safe_load((root / "run.yaml").read_text())
+    config["lora"]["rank"] = 8
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "evil.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    return {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
+            "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
+            "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
+            "data": str(root / "train.jsonl")}
+
+
+MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['rank']", "not valid YAML at line 1"
+NO_CONFIG_JSON, TAKEN, NOT_KEY_VALUE = "no config.json", "already exists and is not empty; pass --overwrite", \
+    "is not key=value"
+BAD_INPUTS = [
+    (["train", "{missing}"], MISSING),
+    (["train", "{unknown}"], UNKNOWN_KEY),
+    (["train", "{evil}"], PYTHON_TAG),
+    (["train", "{config}", "--set", "lora.r"], NOT_KEY_VALUE),
+    (["train", "{config}", "--set", "lora.r=[8"], "lora.r=[8: the value is not plain YAML"),
+    (["train", "{config}", "--set", "model={no_config_json}", "--set", "output_dir={taken}/../fresh"], NO_CONFIG_JSON),
+    (["train", "{config}", "--set", "output_dir={taken}"], TAKEN),
+    (["sweep", "{missing}", "--grid", "r=2,4"], MISSING),
+    (["sweep", "{unknown}", "--grid", "r=2,4"], UNKNOWN_KEY),
+    (["sweep", "{evil}", "--grid", "r=2,4"], PYTHON_TAG),
+    (["sweep", "{config}", "--grid", "lora.rank=2,4", "--out", "{taken}/../fresh"], UNKNOWN_KEY),
+    (["sweep", "{config}", "--grid", "lora.r:2,4"], "--grid 'lora.r:2,4': expected KEY=V1,V2,..."),
+    (["sweep", "{config}", "--grid", "r=2", "--set", "model={no_config_json}", "--out", "{taken}/../fresh"],
+     NO_CONFIG_JSON),
+    (["sweep", "{config}", "--grid", "r=2", "--out", "{taken}"], "already exists and is not empty; pass --resume"),
+    (["sweep", "{config}", "--grid", "r=2", "--exact-match", "3", "--out", "{taken}/../fresh"], "has no eval_data"),
+    (["sweep", "{config}", "--grid", "train.steps=2.5", "--out", "{taken}/../fresh"], "expected a whole number"),
+    (["sweep", "{config}", "--grid", "r=4,eight", "alpha=2r", "--out", "{taken}/../fresh"], "derived from lora.r"),
+    (["sweep", "{config}", "--parallel", "--grid", "train.log_every=1,2", "--out", "{taken}/../fresh"],
+     "parallel runs must share train.log_every"),
+    (["sweep", "{config}", "--parallel", "--grid", "r=2,4", "--set", "optim.name=adafactor", "--out",
+      "{taken}/../fresh"], "computes statistics over whole leaves"),
+    (["inspect", "{missing}"], MISSING),
+    (["inspect", "{unknown}"], UNKNOWN_KEY),
+    (["inspect", "{evil}"], PYTHON_TAG),
+    (["inspect", "{config}", "--set", "model={no_config_json}"], NO_CONFIG_JSON),
+    (["generate", "{no_config_json}", "--prompt", "hi"], NO_CONFIG_JSON),
+    (["generate", "{model}", "--file", "{missing}"], "--file {missing}: no such file"),
+    (["generate", "{model}", "--adapter", "{no_config_json}", "--prompt", "hi"], "no adapter_config.json"),
+    (["export", "{no_config_json}", "--adapter", "{model}", "--out", "{taken}/../fresh"], NO_CONFIG_JSON),
+    (["export", "{model}", "--adapter", "{missing}", "--out", "{taken}/../fresh"], "no adapter_config.json"),
+    (["export", "{model}", "--adapter", "{model}", "--out", "{taken}"], TAKEN),
+    (["eval", "{no_config_json}", "--data", "{data}"], NO_CONFIG_JSON),
+    (["eval", "{model}", "--data", "{missing}"], "nope.yaml: missing file"),
+    (["eval", "{model}", "--adapter", "{missing}", "--data", "{data}"], "no adapter_config.json"),
+    (["demo", "--out", "{taken}"], TAKEN),
+]
+
+# Multi-host launch (#13 section 1)
+BAD_INPUTS += [
+]
+
+# Silent wrong results (#13 section 2)
+BAD_INPUTS += [
+]
+
+# Run folders (#13 section 3)
+BAD_INPUTS += [
+]
+
+# Errors that point at the real place (#13 section 4)
+BAD_INPUTS += [
+]
+
+# Bugs from the audit (#13 section 5)
+BAD_INPUTS += [
+]
+
+
+@pytest.mark.parametrize("argv, says", BAD_INPUTS, ids=[" ".join(a[:2]) + f" [{i}]" for i, (a, _) in
+                                                        enumerate(BAD_INPUTS)])
+def test_bad_input_gives_a_one_paragraph_error(tiny_run, tmp_path, capsys, argv, says):
+    paths = _bad_configs(tiny_run, tmp_path)
+    err = _error([arg.format(**paths) for arg in argv], capsys)
+    assert says.format(**paths) in err
+    assert len(err.strip().splitlines()) == 2  # the paragraph, then the --debug hint
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "fresh").exists()  # refused before anything was written
