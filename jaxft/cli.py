@@ -15,6 +15,8 @@ from jaxft.errors import JaxftError
 # Domain errors and file-system errors are the user's to fix: one paragraph, exit 2. Anything else is a bug in
 # jaxft and keeps its traceback.
 EXPECTED_ERRORS = (JaxftError, OSError)
+# The commands that run on every host of a multi-host job (the others work on one process's devices).
+MULTI_PROCESS_COMMANDS = ("train", "sweep", "eval")
 
 
 def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):
@@ -48,7 +50,8 @@ def _train(args) -> int:
     if not (args.resume or args.overwrite):
         _refuse_existing(cfg.output_dir, "--overwrite (or --resume to continue it)")
     summary = sft.run(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2, default=float))
+    if _main_process():
+        print(json.dumps(summary, indent=2, default=float))
     return 0
 
 
@@ -70,8 +73,25 @@ def _sweep(args) -> int:
 
     result = sweep.run(args.config, args.grid, sets=args.set or [], out=args.out, overwrite=args.overwrite,
                        resume=args.resume, parallel=args.parallel, exact_match=args.exact_match)
-    print(Path(result["dir"], "sweep.md").read_text())
+    if _main_process():
+        print(Path(result["dir"], "sweep.md").read_text())
     return 0
+
+
+def _start_processes(command: str):
+    """Joins the other processes of a multi-host run (JAXFT_* variables, or a cluster jax detects) before anything
+    touches the devices; process 0 says what the run spans, on stderr, so eval's JSON on stdout stays parseable."""
+    from jaxft import parallel
+
+    if parallel.initialize_distributed() and _main_process():
+        print(f"jaxft {command}: {parallel.process_summary()}", file=sys.stderr, flush=True)
+
+
+def _main_process() -> bool:
+    """Process 0 prints a multi-host run's results (the others hold the same)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _load(model: str, adapter: str | None, quant: str | None):
@@ -103,7 +123,8 @@ def _eval(args) -> int:
     result = data_metrics(cfg, params, tokenizer, data)
     if args.exact_match:
         result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
-    print(json.dumps(result, indent=2, default=float))
+    if _main_process():  # every process evaluated the whole data; one JSON on stdout
+        print(json.dumps(result, indent=2, default=float))
     return 0
 
 
@@ -314,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in MULTI_PROCESS_COMMANDS:
+            _start_processes(args.command)
         return args.func(args)
     except EXPECTED_ERRORS as e:
         if args.debug:

@@ -13,6 +13,8 @@ without the fallback a (1, 8, 1) mesh would replicate it on every device.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -199,18 +201,91 @@ def shard_params(params: dict, mesh, rules=DEFAULT_RULES) -> dict:
     return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
+JAXFT_ENV = ("JAXFT_COORDINATOR", "JAXFT_NUM_PROCESSES", "JAXFT_PROCESS_ID")
+# The variables jax's own cluster detection reads (jax/_src/clusters): SLURM's as SlurmCluster requires them,
+# Open MPI's launcher URI, GKE TPU slices' host list and multislice TPU's slice count.
+_SLURM_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None):
-    """``jax.distributed.initialize`` from arguments or the JAXFT_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
-    environment (on TPU pods and SLURM jax discovers them itself when all are None)."""
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAXFT_COORDINATOR")
-    num_processes = num_processes if num_processes is not None else _int_env("JAXFT_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _int_env("JAXFT_PROCESS_ID")
+                           process_id: int | None = None) -> bool:
+    """``jax.distributed.initialize`` from arguments, else from the JAXFT_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+    environment, else with no arguments when :func:`cluster_environment` finds a multi-process cluster (jax then
+    reads the cluster's own variables). Does nothing for a single process or when jax is initialized already;
+    returns whether it initialized. Call it before anything touches the devices."""
+    if jax.distributed.is_initialized():
+        return False
+    if coordinator_address is None and num_processes is None and process_id is None:
+        settings = distributed_env()
+        if settings is None:
+            if cluster_environment() is None:
+                return False
+            settings = (None, None, None)
+        coordinator_address, num_processes, process_id = settings
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+    return True
 
 
-def _int_env(name: str) -> int | None:
-    value = os.environ.get(name)
-    return None if value is None else int(value)
+def distributed_env() -> tuple[str, int, int] | None:
+    """(coordinator, process count, process id) from the JAXFT_* variables, or ``None`` when none is set; a partial
+    or malformed set is a ConfigError naming the variable."""
+    env = {name: os.environ.get(name, "").strip() for name in JAXFT_ENV}
+    if not any(env.values()):
+        return None
+    how = ("a multi-process run needs all three on every host: JAXFT_COORDINATOR=host:port of process 0 (the same "
+           "on every host), JAXFT_NUM_PROCESSES=N and JAXFT_PROCESS_ID=0..N-1 (this host's own index); unset all "
+           "three for a single-process run")
+    for name, value in env.items():
+        if not value:
+            given = ", ".join(f"{k}={v!r}" for k, v in env.items() if v)
+            raise ConfigError(f"environment: {name} is not set, but {given} is; {how}")
+    host, _, port = env["JAXFT_COORDINATOR"].rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"environment: JAXFT_COORDINATOR={env['JAXFT_COORDINATOR']!r} is not host:port (e.g. "
+                          f"10.0.0.1:8476); {how}")
+    count, index = (_whole(name, env[name], how) for name in JAXFT_ENV[1:])
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"environment: JAXFT_PROCESS_ID={index} with JAXFT_NUM_PROCESSES={count}; the process "
+                          f"count must be >= 1 and the id in 0..{count - 1}; {how}")
+    return env["JAXFT_COORDINATOR"], count, index
+
+
+def _whole(name: str, value: str, how: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment: {name}={value!r} is not a whole number; {how}") from None
+
+
+def cluster_environment() -> str | None:
+    """The multi-process cluster this process runs in, judged by the environment variables jax's own detection
+    (``jax.distributed.initialize()`` with no arguments) reads: SLURM with more than one task, Open MPI with more
+    than one rank, a TPU slice of several hosts (GKE's host list) or of several slices, or a Cloud TPU VM (libtpu
+    installed and TPU chips attached: jax reads the slice's hosts from the VM's metadata server, one process on a
+    single-host VM); ``None`` otherwise, so a single process elsewhere never starts the distributed runtime."""
+    env = os.environ
+    if all(k in env for k in _SLURM_ENV) and _count(env["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env and _count(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
+        return "Open MPI"
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([h for h in hosts.split(",") if h.strip()]) > 1 or _count(env.get("MEGASCALE_NUM_SLICES")) > 1:
+        return "TPU slice"
+    if importlib.util.find_spec("libtpu") is not None and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return "Cloud TPU VM"
+    return None
+
+
+def _count(value: str | None) -> int:
+    """A process count from a launcher's variable; anything unreadable counts as one process."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 1
+
+
+def process_summary() -> str:
+    """``process i/n, L local devices, G global devices (platform)``: what a multi-process run prints at start."""
+    return (f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local devices, "
+            f"{jax.device_count()} global devices ({jax.devices()[0].platform})")

@@ -14,6 +14,7 @@ from functools import partial
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
@@ -152,9 +153,11 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                    "tokens_per_s": last[k].get("tokens_per_s"), "data_report": pipeline.report.summary()}
         if last_eval:
             summary["eval"] = last_eval[k]
+        summary["export"] = str(sft.export_dir(c, out))
         if is_main:
-            params = multi.member_params(s, trainable, k)
-            summary["export"] = str(sft._export(c, params, tokenizer, pipeline.chat_template, out))
+            sft._export(c, multi.member_params(s, trainable, k), tokenizer, pipeline.chat_template, out)
             (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         summaries.append(summary)
+    if jax.process_count() > 1:  # as sft.run: every process returns with the folders complete
+        multihost_utils.sync_global_devices("multi: run folders written")
     return summaries

@@ -167,9 +167,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
                "tokens_per_s": last.get("tokens_per_s"), "data_report": pipeline.report.summary()}
     if eval_pipeline:  # the final step's evaluation; another pass would read the next eval batches instead
         summary["eval"] = last_eval or run_eval()
+    summary["export"] = str(export_dir(cfg, out))
     if is_main:
-        summary["export"] = str(_export(cfg, params, tokenizer, pipeline.chat_template, out))
+        _export(cfg, params, tokenizer, pipeline.chat_template, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if jax.process_count() > 1:  # every process returns with the folder complete (a sweep then reads the export)
+        multihost_utils.sync_global_devices("sft: run folder written")
     return summary
 
 
@@ -243,9 +246,14 @@ def _eval_batches(iterator, n: int, sharding):
         yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding).items()}
 
 
+def export_dir(cfg: RunConfig, out: Path) -> Path:
+    """Where a run exports: ``model/`` for full fine-tuning, else ``adapter/``."""
+    return out / ("model" if cfg.method == "full" else "adapter")
+
+
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
     """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model."""
-    target = out / ("model" if cfg.method == "full" else "adapter")
+    target = export_dir(cfg, out)
     if cfg.method == "full":
         model_cfg = config_from_hf(read_json(Path(cfg.model) / "config.json"))
         save_pretrained(model_cfg, params, target, overwrite=True)

@@ -13,8 +13,8 @@ Each run trains with :func:`jaxft.recipes.sft.run` into ``<sweep dir>/<name>`` (
 run folder is an ordinary run folder; with ``parallel`` the runs train together in one compiled program
 (:func:`jaxft.recipes.multi.run_parallel`: members may differ only in LoRA shape, lr and seed). The sweep folder
 gets ``sweep.yaml`` (what was asked, and every run's overrides), ``sweep.csv``, ``sweep.md``, ``sweep.json``,
-``loss_curves.png`` and ``heatmap_r_alpha.png``. A sweep runs in one process (it writes its folder without the
-multi-host coordination ``sft.run`` has); run multi-host trainings with ``jaxft train`` per point.
+``loss_curves.png`` and ``heatmap_r_alpha.png``. In a multi-host sweep every process trains every run together
+and computes the same table; process 0 alone writes the shared folders.
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
 from jaxft.config import ConfigError, from_dict, to_dict
@@ -204,6 +206,8 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
         raise ConfigError(f"--exact-match scores replies to eval_data's chats, but {config_path} has no eval_data")
     if parallel:  # refused before the sweep folder is written, so the corrected command needs no --overwrite
         check_members([r.config for r in runs])
+    if jax.process_index() != 0:  # process 0 tells the story; the others run the same steps
+        log = _quiet
     plan = {"config": str(config_path), "set": list(sets), "grid": list(grid), "exact_match": exact_match,
             "base": to_dict(base), "runs": {r.name: r.values for r in runs}}
     _prepare_sweep_dir(sweep_dir, plan, overwrite, resume)
@@ -212,13 +216,15 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
         for i, r in enumerate(runs, start=1):
             summaries[r.name] = _with_exact_match(r, summaries[r.name], exact_match, f"{i}/{len(runs)}", log)
     rows = aggregate(runs, summaries)
-    write_outputs(sweep_dir, axes, runs, rows, summaries)
+    if jax.process_index() == 0:
+        write_outputs(sweep_dir, axes, runs, rows, summaries)
     log(f"sweep: {len(runs)} runs, {len(rows)} configs; wrote {sweep_dir / 'sweep.md'}")
     return {"dir": str(sweep_dir), "rows": rows, "runs": [r.name for r in runs]}
 
 
 def _prepare_sweep_dir(sweep_dir: Path, plan: dict, overwrite: bool, resume: bool):
     plan_path = sweep_dir / "sweep.yaml"
+    replace = False
     if occupied(sweep_dir):
         if resume:
             if not plan_path.exists() or yaml.safe_load(plan_path.read_text()) != json.loads(json.dumps(plan)):
@@ -226,12 +232,27 @@ def _prepare_sweep_dir(sweep_dir: Path, plan: dict, overwrite: bool, resume: boo
                                   "--grid and --exact-match), but its sweep.yaml is missing or differs; choose "
                                   "another --out, or --overwrite to replace it")
         elif overwrite:
-            shutil.rmtree(sweep_dir)
+            replace = True
         else:
             raise FileExistsError(f"{sweep_dir}: already exists and is not empty; pass --resume to finish its "
                                   "missing runs, --overwrite to replace it, or choose another --out")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(yaml.safe_dump(json.loads(json.dumps(plan)), sort_keys=False))
+    _sync("sweep: folder checked")  # by every process, before process 0 writes into it
+    if jax.process_index() == 0:
+        if replace:
+            shutil.rmtree(sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(yaml.safe_dump(json.loads(json.dumps(plan)), sort_keys=False))
+    _sync("sweep: folder prepared")
+
+
+def _sync(name: str):
+    """Waits for every process of a multi-host sweep: they share its folder, which process 0 alone writes."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
@@ -243,8 +264,11 @@ def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
         if done.exists():
             summaries[r.name] = json.loads(done.read_text())
         else:
-            shutil.rmtree(r.config.output_dir, ignore_errors=True)
             todo.append(r)
+    if jax.process_index() == 0:
+        for r in todo:
+            shutil.rmtree(r.config.output_dir, ignore_errors=True)
+    _sync("sweep: unfinished runs removed")
     if summaries:
         log(f"sweep: {len(summaries)} of {len(runs)} runs finished earlier (kept)")
     if parallel and todo:
@@ -268,7 +292,8 @@ def _with_exact_match(r: Run, summary: dict, limit: int, progress: str, log) -> 
     model_cfg, params = load_trained(r.config, summary["export"])
     score = chat_exact_match(model_cfg, params, load_tokenizer(summary["export"]), r.config.eval_data, limit)
     summary = {**summary, "eval": {**(summary.get("eval") or {}), **score}}
-    (Path(r.config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if jax.process_index() == 0:  # every process scored the same replies
+        (Path(r.config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
