@@ -90,8 +90,13 @@ def runs(tmp_path_factory):
     first_adapter = load_file(root / "two" / "adapter" / "adapter_model.safetensors")
     first_metrics = (root / "two" / "metrics.jsonl").read_text()
     resumed = _run_pair(root, _train_args(pair_config, "--resume", "--set", f"train.steps={ALL_STEPS}"))
-    return {"single": single, "two": root / "two", "first": first, "resumed": resumed,
-            "first_adapter": first_adapter, "first_metrics": first_metrics}
+    sweep_config = yaml.safe_load(pair_config.read_text())
+    sweep_config["eval_data"] = {**sweep_config["data"], "paths": [str(root / "train.jsonl")]}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep_config))
+    sweep = _run_pair(root, [sys.executable, "-m", "jaxft", "sweep", str(root / "sweep.yaml"), "--grid", "lora.r=2",
+                             "--exact-match", "2", "--out", str(root / "sweep")])
+    return {"single": single, "two": root / "two", "first": first, "resumed": resumed, "sweep": sweep,
+            "sweep_dir": root / "sweep", "first_adapter": first_adapter, "first_metrics": first_metrics}
 
 
 def _adapter(run_dir: Path) -> dict:
@@ -143,6 +148,21 @@ def test_only_process_0_reports_and_prints_the_summary(runs):
         assert "process 1/2" not in err0 + err1 and "global devices" not in err1
         assert json.loads(out0)["steps"] in (FIRST_STEPS, ALL_STEPS) and out1 == ""
     assert json.loads(runs["resumed"][0][0])["final_loss"] == pytest.approx(_losses(runs["two"])[ALL_STEPS])
+
+
+@pytest.mark.slow
+def test_a_two_process_sweep_trains_like_one_process_and_process_0_alone_writes_the_tables(runs):
+    (out0, _), (out1, err1) = runs["sweep"]
+    sweep_dir = runs["sweep_dir"]
+    [run_dir] = [p.parent for p in sweep_dir.glob("*/summary.json")]
+    _assert_same_tensors(_adapter(run_dir), _adapter(runs["single"][FIRST_STEPS]))
+    assert _train_steps((run_dir / "metrics.jsonl").read_text()) == list(range(1, FIRST_STEPS + 1))
+    [row] = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
+    assert row["final_loss_mean"] == pytest.approx(_losses(runs["single"][FIRST_STEPS])[FIRST_STEPS], abs=1e-5)
+    assert row["eval_exact_match_mean"] == json.loads((run_dir / "summary.json").read_text())["eval"]["exact_match"]
+    assert out0.endswith((sweep_dir / "sweep.md").read_text() + "\n") and "sweep: run 1/1" in out0
+    assert out1 == "" and "global devices" not in err1  # process 1 logs nothing
+    assert len((sweep_dir / "sweep.csv").read_text().splitlines()) == 2  # header + one row, written once
 
 
 @pytest.mark.parametrize("env, names", [
