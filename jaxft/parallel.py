@@ -234,12 +234,13 @@ def distributed_env() -> tuple[str, int, int] | None:
     if not any(env.values()):
         return None
     how = ("a multi-process run needs all three on every host: JAXFT_COORDINATOR=host:port of process 0 (the same "
-           "on every host), JAXFT_NUM_PROCESSES=N and JAXFT_PROCESS_ID=0..N-1 (this host's own index); unset all "
+           "on every host), JAXFT_NUM_PROCESSES=N and JAXFT_PROCESS_ID=0..N-1 (this process's own index); unset all "
            "three for a single-process run")
     for name, value in env.items():
         if not value:
-            given = ", ".join(f"{k}={v!r}" for k, v in env.items() if v)
-            raise ConfigError(f"environment: {name} is not set, but {given} is; {how}")
+            given = [f"{k}={v!r}" for k, v in env.items() if v]
+            raise ConfigError(f"environment: {name} is not set, but {' and '.join(given)} "
+                              f"{'is' if len(given) == 1 else 'are'}; {how}")
     host, _, port = env["JAXFT_COORDINATOR"].rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"environment: JAXFT_COORDINATOR={env['JAXFT_COORDINATOR']!r} is not host:port (e.g. "

@@ -193,6 +193,19 @@ def test_a_half_set_jaxft_environment_is_one_paragraph_and_exit_2(tiny_run, tmp_
     assert not jax.distributed.is_initialized()
 
 
+def test_initialize_distributed_never_initializes_twice(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # e.g. a script that initialized itself
+    monkeypatch.setenv("JAXFT_COORDINATOR", "127.0.0.1:1234")
+    monkeypatch.setenv("JAXFT_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXFT_PROCESS_ID", "1")
+    assert parallel.initialize_distributed() is False and calls == []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    assert parallel.initialize_distributed() is True
+    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+
+
 CLUSTERS = [  # (environment, what jax's own detection finds)
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
       "SLURM_LOCALID": "0"}, "SlurmCluster"),
