@@ -12,12 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
 
-import jax
 from jaxft import parallel
 from jaxft.cli import main
 from sft_worker import tiny_chat_model
@@ -95,8 +95,12 @@ def runs(tmp_path_factory):
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep_config))
     sweep = _run_pair(root, [sys.executable, "-m", "jaxft", "sweep", str(root / "sweep.yaml"), "--grid", "lora.r=2",
                              "--exact-match", "2", "--out", str(root / "sweep")])
+    eval_argv = ["eval", str(root / "model"), "--adapter", str(root / "two" / "adapter"), "--data",
+                 str(root / "train.jsonl"), "--max-length", "32", "--batch-size", "4"]
+    evaluated = _run_pair(root, [sys.executable, "-m", "jaxft", *eval_argv])
     return {"single": single, "two": root / "two", "first": first, "resumed": resumed, "sweep": sweep,
-            "sweep_dir": root / "sweep", "first_adapter": first_adapter, "first_metrics": first_metrics}
+            "sweep_dir": root / "sweep", "first_adapter": first_adapter, "first_metrics": first_metrics,
+            "eval": evaluated, "eval_argv": eval_argv}
 
 
 def _adapter(run_dir: Path) -> dict:
@@ -163,6 +167,17 @@ def test_a_two_process_sweep_trains_like_one_process_and_process_0_alone_writes_
     assert out0.endswith((sweep_dir / "sweep.md").read_text() + "\n") and "sweep: run 1/1" in out0
     assert out1 == "" and "global devices" not in err1  # process 1 logs nothing
     assert len((sweep_dir / "sweep.csv").read_text().splitlines()) == 2  # header + one row, written once
+
+
+@pytest.mark.slow
+def test_a_two_process_eval_prints_one_json_equal_to_one_process(runs, capsys):
+    (out0, err0), (out1, _) = runs["eval"]
+    assert out1 == "" and "jaxft eval: process 0/2" in err0
+    assert main(runs["eval_argv"]) == 0  # the oracle: this one process
+    want = json.loads(capsys.readouterr().out)
+    got = json.loads(out0)  # all of process 0's stdout is the JSON
+    assert got.keys() == want.keys() and got["tokens"] == want["tokens"] and got["batches"] == want["batches"]
+    np.testing.assert_allclose([got["loss"], got["accuracy"]], [want["loss"], want["accuracy"]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("env, names", [
