@@ -117,6 +117,27 @@ def save_chat_template(template: str, out_dir: str | Path) -> Path:
     return path
 
 
+def check_token_ids(samples: Sequence[Sample], vocab_size: int, tokenizer) -> None:
+    """DataError naming a sample that holds a token id the model has no embedding row for (id >= vocab_size).
+
+    A tokenizer larger than the model's ``vocab_size`` (added tokens, another model's tokenizer) gives such ids;
+    JAX's embedding gather then reads NaN, and training goes on with a NaN loss. Not a bad record but a
+    tokenizer/model mismatch, so ``skip_bad_records`` does not drop it. One max per sample: O(tokens).
+    """
+    highest = [int(s.input_ids.max()) if len(s.input_ids) else -1 for s in samples]
+    if not highest or max(highest) < vocab_size:
+        return
+    worst = int(np.argmax(highest))
+    n_bad = sum(h >= vocab_size for h in highest)
+    raise DataError(samples[worst].source, "token id beyond the model's vocabulary",
+                    f"token id {highest[worst]} ({tokenizer.decode([highest[worst]])!r}) has no embedding row: "
+                    f"the model's config.json says vocab_size {vocab_size} (ids 0..{vocab_size - 1}) while the "
+                    f"tokenizer has {len(tokenizer)} tokens; {n_bad} of {len(samples)} samples hold such ids. "
+                    "Use the model's own tokenizer, or resize the embeddings to the tokenizer first (transformers: "
+                    "model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(folder)) and use "
+                    "that folder as the model")
+
+
 # ----- spans -------------------------------------------------------------------------------------------------------
 
 class _Renderer:

@@ -17,7 +17,6 @@ import numpy as np
 
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
-from jaxft.data import build_iterator
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
@@ -96,8 +95,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
             dump_run_config(c, out / "config.yaml")
     cfg, tc = cfgs[0], cfgs[0].train
     tokenizer = load_tokenizer(cfg.model)
-    pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+    pipeline, eval_pipeline = sft._pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     sft._check_batch_fits(cfg, mesh)
     model_cfg, base = sft.load_base(cfg, mesh)
@@ -113,8 +111,6 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                                    group=multi.default_group())
     batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
 
-    eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
-                                    process_count=jax.process_count()) if cfg.eval_data else None)
     @jax.jit
     def member_eval_sums(trainable, consts, base, batch):
         eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
