@@ -23,7 +23,7 @@ from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, dump_run_config
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig
-from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
 
 MAY_DIFFER = ("output_dir", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora", "lora.rank_pattern",
@@ -122,11 +122,12 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
 
     loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
     schedules = [make_schedule(c.optim) for c in cfgs]
-    throughput = Throughput()
+    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
     last, last_eval = [{} for _ in cfgs], None
     for step in range(1, tc.steps + 1):
         batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, consts, base, batches)
+        guard.check(step, metrics)  # one diverged member stops the sweep, as it does a sequential one
         speed = throughput.tick(int(np.prod(batches["input_ids"].shape)))
         logging = step % tc.log_every == 0 or step == tc.steps
         host = jax.device_get(metrics) if logging else None  # one transfer for all members, on logging steps only
@@ -140,6 +141,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                 logger.log_eval(step, result)
     for logger in loggers:
         logger.close()
+    guard.finish()
 
     trainable = sft._to_host(state["trainable"])
     summaries = []

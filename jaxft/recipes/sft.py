@@ -28,7 +28,7 @@ from jaxft.recipes.config import RunConfig, dump_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.loss import IGNORE_INDEX, cross_entropy
-from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_optimizer, make_schedule
 
 
@@ -151,11 +151,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     base = base_reference(cfg.model)
     logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
     schedule = make_schedule(cfg.optim)
-    throughput = Throughput()
+    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
     last, last_eval = {}, None
     for step in range(start + 1, tc.steps + 1):
         batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, frozen, batches)
+        guard.check(step, metrics)
         n_tokens = int(np.prod(batches["input_ids"].shape))
         last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(n_tokens)}
         logger.log(step, last)
@@ -167,6 +168,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
                               force=step == tc.steps)
     checkpointer.close()
     logger.close()
+    guard.finish()  # a run in which no update was applied is not a success
 
     params = combine(_to_host(state["trainable"]), _to_host(frozen))
     summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
