@@ -133,7 +133,7 @@ def cast_checked(array: np.ndarray, dtype, name: str, folder, whole=None) -> np.
     """``array`` as ``dtype``; a finite value beyond ``dtype``'s range (it would become inf, e.g. a bf16 or f32
     weight above 65504 loaded as float16) is a CheckpointError naming the tensor and its largest magnitude.
 
-    Only casts to a narrower range are checked, with one ``isfinite`` pass over the cast block; values that were
+    Only casts to a narrower range are checked, with one pass over the cast block's bits; values that were
     already inf/nan in the file are left as they are. When ``array`` is a block of a tensor, ``whole()`` reads the
     tensor, so that the error reports its largest value rather than the block's.
     """
