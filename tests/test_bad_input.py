@@ -31,7 +31,29 @@ def _bad_configs(root, tmp_path) -> dict:
     return {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
             "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
             "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
-            "data": str(root / "train.jsonl")}
+            "data": str(root / "train.jsonl"), **_silent_wrong_inputs(root)}
+
+
+def _silent_wrong_inputs(root) -> dict:
+    """Made once per module under ``root/silent``: a model whose tokenizer has one token more than its embedding
+    rows and chats using it, a model with a weight beyond float16's range, and a ChatML template that ignores
+    add_generation_prompt."""
+    from test_silent_wrong import oov_chats, overflowing_copy, oversized_tokenizer_model
+
+    folder = root / "silent"
+    paths = {"big_vocab": folder / "big-vocab", "oov_data": folder / "oov.jsonl", "hot": folder / "hot",
+             "no_gen_prompt": folder / "no-generation-prompt.jinja"}
+    if not folder.exists():
+        tmp = root / "silent.partial"
+        tmp.mkdir()
+        oversized_tokenizer_model(root / "model", tmp / "big-vocab")
+        oov_chats(tmp / "oov.jsonl")
+        overflowing_copy(root / "model", tmp / "hot")
+        (tmp / "no-generation-prompt.jinja").write_text(
+            "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+            "'<|im_end|>\\n' }}{% endfor %}")
+        tmp.rename(folder)
+    return {key: str(path) for key, path in paths.items()}
 
 
 MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['rank']", "not valid YAML at line 1"
@@ -81,7 +103,19 @@ BAD_INPUTS += [
 ]
 
 # Silent wrong results (#13 section 2)
+OOV, OVERFLOW, NO_GEN_PROMPT = "oov.jsonl:1: token id beyond the model's vocabulary", \
+    "tensor 'model.layers.1.mlp.down_proj.weight' holds values up to", "template ignores add_generation_prompt"
 BAD_INPUTS += [
+    (["train", "{config}", "--set", "model={big_vocab}", "--set", "data.paths=[{oov_data}]", "--set",
+      "output_dir={taken}/../fresh"], OOV),
+    (["train", "{config}", "--set", "eval_data.paths=[{oov_data}]", "--set", "model={big_vocab}", "--set",
+      "output_dir={taken}/../fresh"], OOV),
+    (["eval", "{big_vocab}", "--data", "{oov_data}"], OOV),
+    (["train", "{config}", "--set", "model={hot}", "--set", "dtype=float16", "--set", "output_dir={taken}/../fresh"],
+     OVERFLOW),
+    (["train", "{config}", "--set", "data.template={no_gen_prompt}", "--set", "output_dir={taken}/../fresh"],
+     NO_GEN_PROMPT),
+    (["eval", "{model}", "--template", "{no_gen_prompt}", "--data", "{data}"], NO_GEN_PROMPT),
 ]
 
 # Run folders (#13 section 3)

@@ -282,3 +282,56 @@ def test_over_length_samples_are_dropped_and_counted_with_truncation_drop(toks):
     samples = tokenize_examples([Example("long", text="hello world " * 20), Example("short", text="hi")], ours,
                                 max_length=10, truncation="drop", report=report)
     assert [s.source for s in samples] == ["short"] and report.dropped["over-length sample (dropped)"] == 1
+
+
+def _llama3_ignoring_generation_prompt() -> str:
+    """TRL's unmarked Llama 3 template with its add_generation_prompt clause cut off: it still writes
+    `<|start_header_id|>assistant<|end_header_id|>` before every assistant turn, but never as a generation prompt."""
+    original = _trl("llama3.jinja")
+    cut = original[:original.index("{% if add_generation_prompt %}")]
+    assert "add_generation_prompt" not in cut and "{% generation %}" not in cut
+    return cut
+
+
+def test_unmarked_template_that_honours_the_generation_prompt_gives_transformers_masks(toks):
+    """The control for the refusal below: TRL's unmarked llama3.jinja (masks from prefixes) against transformers'
+    assistant masks of the marked llama3_training.jinja."""
+    ours, theirs = toks["llama3"]
+    expected = [s for chat in GENERAL_CHATS for s in _oracle(theirs, _trl("llama3_training.jinja"), chat,
+                                                              "all_assistant")]
+    assert _ours(ours, _trl("llama3.jinja"), GENERAL_CHATS, "all_assistant") == expected
+
+
+def test_prefix_spans_of_a_template_ignoring_the_generation_prompt_would_train_on_the_role_header(toks):
+    """Why the template is refused: its prefix spans hold exactly the role header more than the correct masks."""
+    from jaxft.data.chat import _Renderer, spans_to_mask
+
+    ours, theirs = toks["llama3"]
+    chat = GENERAL_CHATS[1]
+    text, spans = _Renderer(ours, _llama3_ignoring_generation_prompt()).turn_spans(chat, None, "chat0")
+    ids, offsets = ours.encode_with_offsets(text)
+    wrong = spans_to_mask(offsets, spans)
+    oracle = theirs.apply_chat_template(chat, chat_template=_trl("llama3_training.jinja"), tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+    right = np.asarray(oracle["assistant_masks"], bool)
+    assert ids == list(oracle["input_ids"])
+    extra = [ids[t] for t in np.flatnonzero(wrong & ~right)]
+    assert not (right & ~wrong).any()
+    assert ours.decode(extra) == "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+@pytest.mark.parametrize("skip_bad_records", [False, True])
+def test_template_ignoring_the_generation_prompt_is_refused_naming_the_header_and_the_fix(toks, skip_bad_records):
+    ours, _ = toks["llama3"]
+    examples = [Example(f"data.jsonl:{i + 1}", messages=chat) for i, chat in enumerate(GENERAL_CHATS)]
+    with pytest.raises(DataError, match=r"data.jsonl:1: template ignores add_generation_prompt: .* starts with "
+                                        r"'<\|start_header_id\|>assistant<\|end_header_id\|>\\n\\n'.*"
+                                        r"\{% if add_generation_prompt %\}.*data.template"):
+        tokenize_examples(examples, ours, _llama3_ignoring_generation_prompt(), skip_bad_records=skip_bad_records)
+
+
+def test_template_ignoring_the_generation_prompt_is_fine_when_training_on_inputs(toks):
+    ours, _ = toks["llama3"]
+    (ids, labels), = _ours(ours, _llama3_ignoring_generation_prompt(), GENERAL_CHATS[1:2], "all_assistant",
+                           train_on_inputs=True)
+    assert labels == ids[1:] + [IGNORE]

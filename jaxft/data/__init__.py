@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from jaxft.data.chat import BUILTIN_TEMPLATES, IGNORE, Sample, resolve_template, save_chat_template, tokenize_examples
+from jaxft.data.chat import (BUILTIN_TEMPLATES, IGNORE, Sample, check_token_ids, resolve_template, save_chat_template,
+                             tokenize_examples)
 from jaxft.data.config import DataConfig
 from jaxft.data.formats import DataError, DataReport, Example, load_examples
 from jaxft.data.iterator import DataIterator, PackedIterator, shard_indices
@@ -16,7 +17,8 @@ from jaxft.data.mixture import clean, mixture_plan
 from jaxft.data.packing import best_fit_decreasing
 
 __all__ = ["BUILTIN_TEMPLATES", "DataConfig", "DataError", "DataIterator", "DataPipeline", "DataReport", "Example",
-           "IGNORE", "PackedIterator", "Sample", "best_fit_decreasing", "build_iterator", "clean", "load_examples",
+           "IGNORE", "PackedIterator", "Sample", "best_fit_decreasing", "build_iterator", "check_token_ids", "clean",
+           "load_examples",
            "mixture_plan", "resolve_template", "save_chat_template", "shard_indices", "tokenize_examples"]
 
 
@@ -29,11 +31,13 @@ class DataPipeline(NamedTuple):
     chat_template: str | None
 
 
-def build_iterator(config: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1) -> DataPipeline:
+def build_iterator(config: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1,
+                   vocab_size: int | None = None) -> DataPipeline:
     """Load, clean, shard, tokenize and batch the data described by `config` for one process.
 
     Loading and cleaning see every record (they are cheap and must agree across processes); tokenizing, the
-    expensive step, only sees this process's shard.
+    expensive step, only sees this process's shard. With the model's `vocab_size`, a token id (or pad id) without
+    an embedding row is a `DataError` here, before any batch is made (`check_token_ids`).
     """
     report = DataReport()
     sources = [load_examples(path, config.format, skip_bad_records=config.skip_bad_records, report=report)
@@ -51,7 +55,14 @@ def build_iterator(config: DataConfig, tokenizer, *, process_index: int = 0, pro
             [source[i] for i in mine], tokenizer, template, loss=config.loss, train_on_inputs=config.train_on_inputs,
             max_length=config.max_length, truncation=config.truncation, skip_bad_records=config.skip_bad_records,
             report=report))
+        if vocab_size is not None:
+            check_token_ids(shards[-1], vocab_size, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if vocab_size is not None and pad_id >= vocab_size:
+        raise DataError(f"the tokenizer's pad token {tokenizer.pad_token!r}", "pad id beyond the model's vocabulary",
+                        f"id {pad_id} has no embedding row (the model's config.json says vocab_size {vocab_size}); "
+                        "padding would embed as NaN. Use the model's own tokenizer, or resize the embeddings to "
+                        "the tokenizer first (transformers: model.resize_token_embeddings(len(tokenizer)))")
     iterator = PackedIterator(shards, batch_size=config.batch_size, row_length=config.max_length,
                               packing=config.packing, weights=config.weights, seed=config.seed, pad_id=pad_id,
                               process_index=process_index, process_count=process_count)

@@ -33,6 +33,7 @@ from jaxft.hf import chat_template as chat_template_lib
 
 IGNORE = -100
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+_PROBE = "JAXFT-PROBE-7f3a"  # assistant content that no template writes itself: what precedes it is the header
 
 # Built-in templates for tokenizers without one. Assistant output (with its end-of-turn token) sits in
 # {% generation %} blocks, so masks never depend on prefix rendering.
@@ -116,6 +117,27 @@ def save_chat_template(template: str, out_dir: str | Path) -> Path:
     return path
 
 
+def check_token_ids(samples: Sequence[Sample], vocab_size: int, tokenizer) -> None:
+    """DataError naming a sample that holds a token id the model has no embedding row for (id >= vocab_size).
+
+    A tokenizer larger than the model's ``vocab_size`` (added tokens, another model's tokenizer) gives such ids;
+    JAX's embedding gather then reads NaN, and training goes on with a NaN loss. Not a bad record but a
+    tokenizer/model mismatch, so ``skip_bad_records`` does not drop it. One max per sample: O(tokens).
+    """
+    highest = [int(s.input_ids.max()) if len(s.input_ids) else -1 for s in samples]
+    if not highest or max(highest) < vocab_size:
+        return
+    worst = int(np.argmax(highest))
+    n_bad = sum(h >= vocab_size for h in highest)
+    raise DataError(samples[worst].source, "token id beyond the model's vocabulary",
+                    f"token id {highest[worst]} ({tokenizer.decode([highest[worst]])!r}) has no embedding row: "
+                    f"the model's config.json says vocab_size {vocab_size} (ids 0..{vocab_size - 1}) while the "
+                    f"tokenizer has {len(tokenizer)} tokens; {n_bad} of {len(samples)} samples hold such ids. "
+                    "Use the model's own tokenizer, or resize the embeddings to the tokenizer first (transformers: "
+                    "model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(folder)) and use "
+                    "that folder as the model")
+
+
 # ----- spans -------------------------------------------------------------------------------------------------------
 
 class _Renderer:
@@ -129,6 +151,41 @@ class _Renderer:
     def render(self, messages, tools, add_generation_prompt=False):
         return chat_template_lib.render(self.template, messages, add_generation_prompt=add_generation_prompt,
                                         tools=tools, special_tokens=self.special_tokens)
+
+    def check_generation_prompt(self, examples: Sequence[Example]) -> None:
+        """DataError when an unmarked template ignores ``add_generation_prompt`` yet writes a role header before
+        assistant content.
+
+        Prefix spans start where ``messages[:k]`` rendered with the generation prompt ends. A template that
+        ignores the flag renders nothing more there, so the span would begin with the header it writes for the
+        assistant turn (``<|im_start|>assistant\n``) and the header would silently become a training target.
+        Refused rather than masked: the same template renders prompts for generation without that header, so a
+        model trained with it masked would be prompted in a state it never saw, while transformers and TRL
+        compute assistant masks only from ``{% generation %}`` markers. Templates that write no header (Mistral's
+        ``[INST] ... [/INST]`` answer follows directly) need no generation prompt and pass. Checked once, on the
+        first example with an assistant turn after other turns: it is a property of the template, so
+        ``skip_bad_records`` does not apply.
+        """
+        example = next((e for e in examples if any(m["role"] == "assistant" for m in e.messages[1:])), None)
+        if self.marked or example is None:
+            return
+        messages, tools = example.messages, example.tools
+        k = next(k for k, m in enumerate(messages) if k and m["role"] == "assistant")
+        plain = self.render(messages[:k], tools).text
+        if self.render(messages[:k], tools, add_generation_prompt=True).text != plain:
+            return  # the flag is honoured; the prefix checks of turn_spans cover the rest
+        probe = self.render(messages[:k] + [{**messages[k], "content": _PROBE}], tools).text
+        at = probe.find(_PROBE, len(plain))
+        header = probe[len(plain):at] if at >= 0 and probe.startswith(plain) else ""
+        if header.strip():
+            raise DataError(example.source, "template ignores add_generation_prompt",
+                            f"messages[:{k}] render the same with and without add_generation_prompt, yet the "
+                            f"assistant turn after them starts with {header!r} before its content, so that role "
+                            "header would be trained on as assistant output (and prompts rendered for generation "
+                            "would lack it). Make the template write it when add_generation_prompt is true (end it "
+                            f"with {{% if add_generation_prompt %}}{{{{ {header!r} }}}}{{% endif %}}), or mark "
+                            "assistant output with {% generation %}...{% endgeneration %}, or use a built-in "
+                            f"template: data.template (jaxft eval: --template) one of {sorted(BUILTIN_TEMPLATES)}")
 
     def _checked_prefix(self, prefix: str, text: str, what: str, source: str) -> None:
         if text.startswith(prefix):
@@ -277,7 +334,10 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str | No
     if first.messages is not None:
         if template is None:
             raise ValueError("Chat examples need a chat template; pass template= (see resolve_template)")
-        items = _chat_items(examples, tokenizer, _Renderer(tokenizer, template), loss, train_on_inputs)
+        renderer = _Renderer(tokenizer, template)
+        if not train_on_inputs:
+            renderer.check_generation_prompt(examples)
+        items = _chat_items(examples, tokenizer, renderer, loss, train_on_inputs)
     elif first.text is not None:
         items = _text_items(examples, tokenizer)
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
@@ -128,13 +129,56 @@ def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, prequantized: bool = Fal
                                   f"expected {list(shape)} from config.json")
 
 
+def cast_checked(array: np.ndarray, dtype, name: str, folder, whole=None) -> np.ndarray:
+    """``array`` as ``dtype``; a finite value beyond ``dtype``'s range (it would become inf, e.g. a bf16 or f32
+    weight above 65504 loaded as float16) is a CheckpointError naming the tensor and its largest magnitude.
+
+    Only casts to a narrower range are checked, with one pass over the cast block's bits; values that were
+    already inf/nan in the file are left as they are. When ``array`` is a block of a tensor, ``whole()`` reads the
+    tensor, so that the error reports its largest value rather than the block's.
+    """
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        out = np.asarray(array, dtype)
+    floats = jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(array.dtype, jnp.floating)
+    if not floats or ml_dtypes.finfo(dtype).max >= ml_dtypes.finfo(array.dtype).max or _all_finite(out):
+        return out
+    limit = float(ml_dtypes.finfo(dtype).max)
+    if _largest_finite(array) <= limit:
+        return out
+    largest = _largest_finite(whole() if whole else array)
+    raise CheckpointError(f"{folder}: tensor {name!r} holds values up to {largest:.6g} in magnitude, beyond "
+                          f"{dtype.name}'s largest finite value {limit:.6g}: loaded as "
+                          f"{dtype.name} they would become inf (and training would skip every step). Load it in "
+                          "bfloat16 or float32 (run config: dtype: bfloat16; Python: dtype=\"bfloat16\")")
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """``np.isfinite(x).all()`` from the bits, 3x faster for float16 (a float is inf/nan when its exponent bits
+    are all ones); 8-bit floats, whose encodings differ, take numpy's path."""
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(x.dtype.itemsize)
+    if uint is None or x.size == 0:
+        return bool(np.isfinite(x).all())
+    info = ml_dtypes.finfo(x.dtype)
+    exponent = ((1 << info.nexp) - 1) << info.nmant
+    magnitude = np.ascontiguousarray(x).view(uint) & uint((1 << (8 * x.dtype.itemsize - 1)) - 1)
+    return bool(magnitude.max() < exponent)
+
+
+def _largest_finite(array: np.ndarray) -> float:
+    source = np.asarray(array, np.float64)
+    finite = source[np.isfinite(source)]
+    return float(np.abs(finite).max()) if finite.size else 0.0
+
+
 def _stacked(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str, dtype) -> np.ndarray:
     """One [L, ...] array filled layer by layer (kernels transposed to [in, out])."""
     first = ckpt.get(layer_name(0, module, leaf))
     shape = first.shape[::-1] if leaf == "kernel" else first.shape
     out = np.empty((cfg.num_hidden_layers, *shape), dtype)
     for i in range(cfg.num_hidden_layers):
-        t = ckpt.get(layer_name(i, module, leaf))
+        name = layer_name(i, module, leaf)
+        t = cast_checked(ckpt.get(name), dtype, name, ckpt.folder)
         out[i] = t.T if leaf == "kernel" else t
     return out
 
@@ -172,11 +216,11 @@ def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, quant: QuantConfig 
             layers[m] = {"kernel": jnp.asarray(_stacked(ckpt, cfg, m, "kernel", dtype))}
         if has_bias(cfg, m):
             layers[m]["bias"] = jnp.asarray(_stacked(ckpt, cfg, m, "bias", dtype))
-    params = {"embed_tokens": {"embedding": jnp.asarray(ckpt.get("model.embed_tokens.weight"), dtype)},
-              "layers": layers,
-              "norm": {"scale": jnp.asarray(ckpt.get("model.norm.weight"), dtype)}}
+    whole = lambda name: jnp.asarray(cast_checked(ckpt.get(name), dtype, name, ckpt.folder))  # noqa: E731
+    params = {"embed_tokens": {"embedding": whole("model.embed_tokens.weight")}, "layers": layers,
+              "norm": {"scale": whole("model.norm.weight")}}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(ckpt.get("lm_head.weight").T, dtype)}
+        params["lm_head"] = {"kernel": whole("lm_head.weight").T}
     return params
 
 
@@ -257,23 +301,24 @@ def _read_block(f: SafetensorsFile, name: str, index: tuple[slice, ...]) -> np.n
         os.close(fd)
 
 
-def _tensor_reader(ckpt: HFCheckpoint, name: str, transposed: bool):
-    """(shape in the param tree, read(index) -> that slice); kernels are [out, in] in the file, [in, out] here."""
+def _tensor_reader(ckpt: HFCheckpoint, name: str, transposed: bool, dtype):
+    """(shape in the param tree, read(index) -> that slice in ``dtype``); kernels are [out, in] in the file,
+    [in, out] here. Each block is range-checked as it is cast (:func:`cast_checked`)."""
     f = ckpt.location[name]
     shape = f.shape(name)[::-1] if transposed else f.shape(name)
 
     def read(index):
-        if transposed:
-            return _read_block(f, name, tuple(index)[::-1]).T
-        return _read_block(f, name, tuple(index))
+        block = _read_block(f, name, tuple(index)[::-1] if transposed else tuple(index))
+        block = cast_checked(block, dtype, name, ckpt.folder, whole=lambda: f.get(name))
+        return block.T if transposed else block
 
     return shape, read
 
 
-def _stacked_reader(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str):
+def _stacked_reader(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str, dtype):
     """(shape [L, ...], read(index)) of a per-layer tensor stacked on a leading layer axis; only the layers in
     the index are read."""
-    per_layer = [_tensor_reader(ckpt, layer_name(i, module, leaf), leaf == "kernel")
+    per_layer = [_tensor_reader(ckpt, layer_name(i, module, leaf), leaf == "kernel", dtype)
                  for i in range(cfg.num_hidden_layers)]
 
     def read(index):
@@ -283,19 +328,19 @@ def _stacked_reader(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str
     return (cfg.num_hidden_layers, *per_layer[0][0]), read
 
 
-def param_readers(ckpt: HFCheckpoint, cfg: ModelConfig) -> dict:
-    """The param tree with a ``(shape, read(index))`` pair per leaf instead of an array."""
-    layers = {norm: {"scale": _stacked_reader(ckpt, cfg, norm, "scale")}
+def param_readers(ckpt: HFCheckpoint, cfg: ModelConfig, dtype) -> dict:
+    """The param tree with a ``(shape, read(index) -> block in dtype)`` pair per leaf instead of an array."""
+    layers = {norm: {"scale": _stacked_reader(ckpt, cfg, norm, "scale", dtype)}
               for norm in ("input_layernorm", "post_attention_layernorm")}
     for m in LINEAR_MODULES:
-        layers[m] = {"kernel": _stacked_reader(ckpt, cfg, m, "kernel")}
+        layers[m] = {"kernel": _stacked_reader(ckpt, cfg, m, "kernel", dtype)}
         if has_bias(cfg, m):
-            layers[m]["bias"] = _stacked_reader(ckpt, cfg, m, "bias")
-    readers = {"embed_tokens": {"embedding": _tensor_reader(ckpt, "model.embed_tokens.weight", False)},
+            layers[m]["bias"] = _stacked_reader(ckpt, cfg, m, "bias", dtype)
+    readers = {"embed_tokens": {"embedding": _tensor_reader(ckpt, "model.embed_tokens.weight", False, dtype)},
                "layers": layers,
-               "norm": {"scale": _tensor_reader(ckpt, "model.norm.weight", False)}}
+               "norm": {"scale": _tensor_reader(ckpt, "model.norm.weight", False, dtype)}}
     if not cfg.tie_word_embeddings:
-        readers["lm_head"] = {"kernel": _tensor_reader(ckpt, "lm_head.weight", True)}
+        readers["lm_head"] = {"kernel": _tensor_reader(ckpt, "lm_head.weight", True, dtype)}
     return readers
 
 
@@ -305,7 +350,7 @@ def load_sharded_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, mesh, rules
     from jaxft import parallel
 
     dtype = jnp.dtype(dtype)
-    readers = param_readers(ckpt, cfg)
+    readers = param_readers(ckpt, cfg, dtype)
     is_reader = lambda x: isinstance(x, tuple) and len(x) == 2 and callable(x[1])  # noqa: E731
     abstract = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r[0], dtype), readers, is_leaf=is_reader)
     shardings = parallel.param_shardings(abstract, mesh, rules or parallel.DEFAULT_RULES)

@@ -33,9 +33,10 @@ class TrainConfig:
     remat: str = "none"
     attention: str = "plain"  # "blockwise": memory linear in sequence length (cuDNN's fused kernel on GPU)
     tensorboard: bool = False
+    max_skipped_steps: int = 25  # stop after this many updates in a row dropped for non-finite gradients
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_every", "eval_batches", "keep_last"):
+        for name in ("steps", "grad_accum", "log_every", "eval_batches", "keep_last", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "loss_chunk_size"):

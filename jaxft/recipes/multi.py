@@ -18,14 +18,13 @@ from jax.experimental import multihost_utils
 
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
-from jaxft.data import build_iterator
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, dump_run_config
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig
-from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
 
 MAY_DIFFER = ("output_dir", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora", "lora.rank_pattern",
@@ -97,8 +96,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
             dump_run_config(c, out / "config.yaml")
     cfg, tc = cfgs[0], cfgs[0].train
     tokenizer = load_tokenizer(cfg.model)
-    pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+    pipeline, eval_pipeline = sft._pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     sft._check_batch_fits(cfg, mesh)
     model_cfg, base = sft.load_base(cfg, mesh)
@@ -114,8 +112,6 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                                    group=multi.default_group())
     batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
 
-    eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
-                                    process_count=jax.process_count()) if cfg.eval_data else None)
     @jax.jit
     def member_eval_sums(trainable, consts, base, batch):
         eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
@@ -127,11 +123,12 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
 
     loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
     schedules = [make_schedule(c.optim) for c in cfgs]
-    throughput = Throughput()
+    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
     last, last_eval = [{} for _ in cfgs], None
     for step in range(1, tc.steps + 1):
         batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, consts, base, batches)
+        guard.check(step, metrics)  # one diverged member stops the sweep, as it does a sequential one
         speed = throughput.tick(int(np.prod(batches["input_ids"].shape)))
         logging = step % tc.log_every == 0 or step == tc.steps
         host = jax.device_get(metrics) if logging else None  # one transfer for all members, on logging steps only
@@ -145,6 +142,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                 logger.log_eval(step, result)
     for logger in loggers:
         logger.close()
+    guard.finish()
 
     trainable = sft._to_host(state["trainable"])
     summaries = []

@@ -25,7 +25,7 @@ BATCH = 64  # prompts per generate call: bounds the KV cache however many chats 
 def data_metrics(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig) -> dict:
     """Loss, perplexity and token accuracy over one pass of ``data`` (what ``jaxft eval`` prints), with the number
     of batches and the data pipeline's report."""
-    pipeline = build_iterator(data, tokenizer)
+    pipeline = build_iterator(data, tokenizer, vocab_size=model_cfg.vocab_size)
     n_batches = pipeline.iterator.batches_per_epoch
     step = jax.jit(partial(sft.eval_sums, model_cfg))
     result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)))

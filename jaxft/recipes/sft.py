@@ -6,6 +6,7 @@ checkpoints -> adapter in PEFT format (with tokenizer and chat template).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -27,7 +28,7 @@ from jaxft.recipes.config import RunConfig, dump_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.loss import IGNORE_INDEX, cross_entropy
-from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_optimizer, make_schedule
 
 
@@ -85,6 +86,14 @@ def check_model_folder(cfg: RunConfig):
                           "`model` at a folder with config.json and *.safetensors")
 
 
+def _pipelines(cfg: RunConfig, tokenizer):
+    """(train pipeline, eval pipeline or None); token ids the model has no embedding row for are refused here."""
+    vocab_size = config_from_hf(read_json(Path(cfg.model) / "config.json")).vocab_size
+    build = partial(build_iterator, tokenizer=tokenizer, process_index=jax.process_index(),
+                    process_count=jax.process_count(), vocab_size=vocab_size)
+    return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
+
+
 def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     check_model_folder(cfg)
     out = Path(cfg.output_dir)
@@ -102,18 +111,18 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train per ``cfg``; returns a summary (final losses, tokens/s, trainable params, output paths)."""
-    out = _prepare_run_dir(cfg, resume, overwrite)
-    is_main = jax.process_index() == 0
-    if is_main:
-        dump_run_config(cfg, out / "config.yaml")
+    check_model_folder(cfg)
     tc = cfg.train
     rng = jax.random.PRNGKey(tc.seed)
     tokenizer = load_tokenizer(cfg.model)
-    pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+    pipeline, eval_pipeline = _pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
     model_cfg, params = load_model(cfg, rng, mesh)
+    out = _prepare_run_dir(cfg, resume, overwrite)  # only once data and weights have been checked
+    is_main = jax.process_index() == 0
+    if is_main:
+        dump_run_config(cfg, out / "config.yaml")
     trainable, frozen = split(params, trainable_predicate(cfg))
     n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
         x.size for x in jax.tree.leaves(trainable))
@@ -134,8 +143,6 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     start = int(state["step"])
 
     eval_step = _eval_step(model_cfg, tc.loss_chunk_size or 1024)
-    eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
-                                    process_count=jax.process_count()) if cfg.eval_data else None)
 
     def run_eval():
         batches = _eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
@@ -144,11 +151,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     base = base_reference(cfg.model)
     logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
     schedule = make_schedule(cfg.optim)
-    throughput = Throughput()
+    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
     last, last_eval = {}, None
     for step in range(start + 1, tc.steps + 1):
         batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, frozen, batches)
+        guard.check(step, metrics)
         n_tokens = int(np.prod(batches["input_ids"].shape))
         last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(n_tokens)}
         logger.log(step, last)
@@ -160,6 +168,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
                               force=step == tc.steps)
     checkpointer.close()
     logger.close()
+    guard.finish()  # a run in which no update was applied is not a success
 
     params = combine(_to_host(state["trainable"]), _to_host(frozen))
     summary = {"steps": tc.steps, "trainable_params": int(n_trainable),

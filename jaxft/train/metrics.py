@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
+import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+
+from jaxft.errors import JaxftError
 
 _POSTFIX = {"loss": "loss", "tokens_per_s": "tok/s", "lr": "lr"}
 
@@ -82,6 +85,76 @@ class Throughput:
         self._step_times.append(elapsed)
         self._rates.append(tokens / elapsed if elapsed > 0 else math.inf)
         return {"step_time_s": statistics.median(self._step_times), "tokens_per_s": statistics.median(self._rates)}
+
+
+class TrainingDiverged(JaxftError, RuntimeError):
+    """The non-finite guard skipped too many updates: the run stopped rather than export an untrained result."""
+
+
+class SkipGuard:
+    """Stops a run whose updates the train step's non-finite guard keeps dropping (``metrics["skipped"]``).
+
+    A few skipped steps in a row are normal (fp16 loss scaling halves its scale on each); ``limit`` in a row mean
+    the run diverged or its inputs hold inf/nan, and every later update would be dropped too, so
+    :meth:`check` raises :class:`TrainingDiverged` at the ``limit``-th, naming the step, its loss and grad norm.
+    :meth:`finish` (after the loop, before any export) also raises when no step of the run applied an update,
+    however short the run: an unchanged adapter must not look like a trained one.
+
+    ``check(step, metrics)`` reads a step's flag only when the next step has been dispatched (one step late), so
+    it never stalls the device's queue; the error therefore comes one step after the limit is hit. With ``names``
+    (parallel runs) the metrics hold one value per member and the error names the member.
+    """
+
+    def __init__(self, limit: int, names: list[str] | None = None):
+        if limit < 1:
+            raise ValueError(f"SkipGuard: limit must be >= 1 step, got {limit}")
+        self.limit, self.names = limit, names
+        self._pending: tuple[int, dict] | None = None
+        self._in_a_row = self._applied = self._host = None
+        self._steps = 0
+
+    def check(self, step: int, metrics: dict) -> None:
+        pending, self._pending = self._pending, (int(step), metrics)
+        if pending is not None:
+            self._count(*pending)
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            self._count(*self._pending)
+            self._pending = None
+        if self._steps and not self._applied.all():
+            k = int(np.argmin(self._applied))
+            raise TrainingDiverged(f"{self._who(k)}every one of the {self._steps} step(s) this run took was skipped "
+                                   f"because its gradients were not finite ({self._last(k)}); no update was "
+                                   f"applied, so nothing trained is exported. {_DIVERGED_FIX}")
+
+    def _count(self, step: int, metrics: dict) -> None:
+        host = jax.device_get({k: metrics[k] for k in ("skipped", "loss", "grad_norm")})
+        skipped = np.atleast_1d(np.asarray(host["skipped"])).astype(bool)
+        if self._in_a_row is None:
+            self._in_a_row, self._applied = np.zeros(skipped.shape, int), np.zeros(skipped.shape, bool)
+        self._in_a_row = np.where(skipped, self._in_a_row + 1, 0)
+        self._applied |= ~skipped
+        self._steps += 1
+        self._host = (step, host)
+        if (self._in_a_row >= self.limit).any():
+            k = int(np.argmax(self._in_a_row >= self.limit))
+            raise TrainingDiverged(f"{self._who(k)}step {step}: {self.limit} steps in a row were skipped "
+                                   f"(train.max_skipped_steps {self.limit}) because their gradients were not "
+                                   f"finite ({self._last(k)}); the run stopped before exporting. {_DIVERGED_FIX}")
+
+    def _who(self, k: int) -> str:
+        return f"{self.names[k]}: " if self.names else ""
+
+    def _last(self, k: int) -> str:
+        step, host = self._host
+        value = lambda key: float(np.atleast_1d(np.asarray(host[key]))[k])  # noqa: E731
+        return f"at step {step}: loss {value('loss'):.4g}, grad norm {value('grad_norm'):.4g}"
+
+
+_DIVERGED_FIX = ("Check the base weights and the data for inf/nan (a float16 dtype overflows beyond 65504), lower "
+                 "optim.lr or set optim.max_grad_norm; raise train.max_skipped_steps only if that many skips in a "
+                 "row are expected")
 
 
 def _scalar(value: Any) -> int | float:
