@@ -34,7 +34,7 @@ def _bad_configs(root, tmp_path) -> dict:
             "data": str(root / "train.jsonl")}
 
 
-MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['rank']", "not valid YAML at line 1"
+MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['lora.rank']", "not valid YAML at line 1"
 NO_CONFIG_JSON, TAKEN, NOT_KEY_VALUE = "no config.json", "already exists and is not empty; pass --overwrite", \
     "is not key=value"
 BAD_INPUTS = [
