@@ -131,7 +131,8 @@ class QuantConfig:
         if self.quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"quant.quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ConfigError(f"quant.blocksize must be a power of two in 32..4096 (bitsandbytes), got {self.blocksize}")
+            raise ConfigError(f"quant.blocksize must be a power of two in 32..4096 (bitsandbytes), got "
+                              f"{self.blocksize}")
 
 
 # Dataclass field metadata: ~ and $VARS are expanded when a config is built from a file (a template only when it
