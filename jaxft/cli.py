@@ -6,6 +6,7 @@ Every subcommand explains itself with ``--help``. Errors print one paragraph and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -120,16 +121,29 @@ def _eval(args) -> int:
     tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None)
-    result = data_metrics(cfg, params, tokenizer, data)
-    if args.exact_match:
-        result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
+    with _template_flag("--template"):
+        result = data_metrics(cfg, params, tokenizer, data)
+        if args.exact_match:
+            result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
     if _main_process():  # every process evaluated the whole data; one JSON on stdout
         print(json.dumps(result, indent=2, default=float))
     return 0
 
 
+@contextlib.contextmanager
+def _template_flag(flag: str):
+    """Chat-template errors name the flag of this command (``--template``) instead of data.template."""
+    from jaxft.data.chat import TemplateError
+
+    try:
+        yield
+    except TemplateError as e:
+        raise e.naming(flag) from None
+
+
 def _generate(args) -> int:
     import jaxft
+    from jaxft.data.chat import resolve_template
 
     prompts = list(args.prompt or [])
     if args.file:
@@ -138,6 +152,10 @@ def _generate(args) -> int:
         prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
     cfg, params = _load(args.model, args.adapter, args.quant)
     tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
+    chat, template = args.chat or args.chat_template is not None, None
+    if chat:
+        with _template_flag("--chat-template"):
+            template = resolve_template(tok, args.chat_template)
     interactive = not prompts
     while True:
         if interactive:
@@ -145,11 +163,11 @@ def _generate(args) -> int:
                 prompts = [input("> ")]
             except EOFError:
                 return 0
-        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-               if args.chat else tok.encode(p) for p in prompts]
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       chat_template=template) if chat else tok.encode(p) for p in prompts]
         stops = [tok.eos_token_id] if tok.eos_token_id is not None else None
         outs = jaxft.generate(cfg, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops)
+                              top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops, seed=args.seed)
         for p, out in zip(prompts, outs):
             print(f"{p}\t{tok.decode(out, skip_special_tokens=True)}" if not interactive
                   else tok.decode(out, skip_special_tokens=True))
@@ -296,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="a file of prompts, one per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template as a user turn")
+    p.add_argument("--chat-template", metavar="NAME|FILE.jinja", help="the chat template for --chat (implies it): "
+                   "a built-in name or a .jinja file, as data.template (default: the tokenizer's)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0); the same seed "
+                   "gives the same sample")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -5,7 +5,9 @@ onto them with :func:`from_dict`, which rejects unknown keys by name.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,41 +129,117 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+            raise ConfigError(f"quant.quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ConfigError(f"blocksize must be a power of two in 32..4096 (bitsandbytes), got {self.blocksize}")
+            raise ConfigError(f"quant.blocksize must be a power of two in 32..4096 (bitsandbytes), got "
+                              f"{self.blocksize}")
 
 
-def from_dict(cls, data: dict, *, source: str = "<dict>"):
-    """Build dataclass ``cls`` from a mapping; unknown keys are errors that name the key and ``source``.
+# Dataclass field metadata: ~ and $VARS are expanded when a config is built from a file (a template only when it
+# names a .jinja file: otherwise it is a built-in name or Jinja source).
+PATH_FIELD, TEMPLATE_FIELD = {"path": "always"}, {"path": ".jinja"}
 
-    Nested dataclass fields (also ``X | None``) are built from nested mappings; lists become tuples.
+
+def expand_path(text):
+    """``~/models/$NAME`` -> ``/home/me/models/llama``: what a shell would do to the path in a config file."""
+    return os.path.expandvars(os.path.expanduser(text)) if isinstance(text, str) else text
+
+
+def from_dict(cls, data: dict, *, source: str = "<dict>", origins: dict | None = None, _prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors that name the key (``section.key``) and
+    ``source``. ``origins`` maps dotted keys that did not come from ``source`` (``{"lora.r": ("--set lora.r=abc",
+    value before it)}``) to what an error about them blames instead.
+
+    Nested dataclass fields (also ``X | None``) are built from nested mappings; lists become tuples; the fields
+    marked ``PATH_FIELD`` expand ``~`` and environment variables (the one place configs from files are built).
     """
+    origins = origins or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        raise ConfigError(f"{_where(source, origins, _prefix[:-1])}: expected a mapping for {cls.__name__}, got "
+                          f"{type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys are {sorted(fields)}"
-        )
+        blame = {(_origin(origins, _prefix + k)[1] or (source,))[0] for k in unknown}
+        raise ConfigError(f"{'; '.join(sorted(blame))}: unknown key(s) {[_prefix + k for k in unknown]} for "
+                          f"{cls.__name__}; known keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
+        where = _where(source, origins, _prefix + name)
         sub = _nested_dataclass(hints[name])
         if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value, source=f"{source}: {name}")
+            value = from_dict(sub, value, source=source, origins=origins, _prefix=f"{_prefix}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
         elif isinstance(value, str) and float in (hints[name], *typing.get_args(hints[name])):
-            value = _as_float(value, f"{source}: {name}")
+            value = _as_float(value, where)
         elif _whole_number_field(hints[name]) and value is not None:
-            value = _as_int(value, f"{source}: {name}")
+            value = _as_int(value, where)
+        value = _expanded(value, fields[name].metadata.get("path"))
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a missing required key or a wrong type
-        raise ConfigError(f"{source}: {cls.__name__}: {e}") from None
+        raise ConfigError(f"{_where(source, origins, _prefix[:-1])}: {cls.__name__}: {e}") from None
+    except ConfigError as e:  # a value __post_init__ refused: blame the override that made it wrong, else the file
+        raise ConfigError(f"{_blame(cls, data, source, origins, _prefix)}: {e}") from None
+
+
+def _expanded(value, kind: str | None):
+    if kind is None or (kind == ".jinja" and not (isinstance(value, str) and value.endswith(".jinja"))):
+        return value
+    return tuple(map(expand_path, value)) if isinstance(value, tuple) else expand_path(value)
+
+
+def _origin(origins: dict, key: str):
+    """The override that set ``key``, or a section above it (``--set eval_data={...}`` sets eval_data.paths)."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in origins:
+            return ".".join(parts[:n]), origins[".".join(parts[:n])]
+    return None, None
+
+
+def _where(source: str, origins: dict, key: str) -> str:
+    at, origin = _origin(origins, key)
+    if origin is None:
+        return f"{source}: {key}" if key else source
+    return origin[0] if at == key or not key else f"{origin[0]}: {key}"
+
+
+def _blame(cls, data: dict, source: str, origins: dict, prefix: str) -> str:
+    """What to name for a value ``cls`` refused: an override of the whole section, else the override(s) under it
+    whose removal makes ``data`` valid (``--set train.steps=0``), else the file."""
+    at, origin = _origin(origins, prefix[:-1])
+    if origin is not None:
+        return origin[0]
+    mine = [k for k in origins if k.startswith(prefix) and k != prefix]
+    for keys in [[k] for k in mine] + ([mine] if len(mine) > 1 else []):
+        trial = copy.deepcopy(data)
+        for key in keys:
+            _revert(trial, key[len(prefix):].split("."), origins[key][1])
+        try:
+            from_dict(cls, trial)
+        except ConfigError:
+            continue
+        return "; ".join(origins[k][0] for k in keys)
+    return source
+
+
+def _revert(tree: dict, keys: list[str], before):
+    """Puts back the value an override replaced (or removes the key the file did not have)."""
+    for k in keys[:-1]:
+        tree = tree.get(k)
+        if not isinstance(tree, dict):
+            return
+    if before is ABSENT:
+        tree.pop(keys[-1], None)
+    else:
+        tree[keys[-1]] = before
+
+
+ABSENT = object()  # an override's "value before it" when the file did not have the key
 
 
 def to_dict(obj) -> dict:

@@ -31,7 +31,7 @@ def _bad_configs(root, tmp_path) -> dict:
     return {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
             "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
             "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
-            "data": str(root / "train.jsonl"), **_silent_wrong_inputs(root)}
+            "data": str(root / "train.jsonl"), **_silent_wrong_inputs(root), **_bad_values(root, tmp_path)}
 
 
 def _silent_wrong_inputs(root) -> dict:
@@ -56,7 +56,15 @@ def _silent_wrong_inputs(root) -> dict:
     return {key: str(path) for key, path in paths.items()}
 
 
-MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['rank']", "not valid YAML at line 1"
+def _bad_values(root, tmp_path) -> dict:
+    """#13 section 4: a config whose own train.steps is 0 (the file is to blame, not a flag)."""
+    config = yaml.safe_load((root / "run.yaml").read_text())
+    config["train"]["steps"] = 0
+    (tmp_path / "zero-steps.yaml").write_text(yaml.safe_dump(config))
+    return {"zero_steps": str(tmp_path / "zero-steps.yaml")}
+
+
+MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['lora.rank']", "not valid YAML at line 1"
 NO_CONFIG_JSON, TAKEN, NOT_KEY_VALUE = "no config.json", "already exists and is not empty; pass --overwrite", \
     "is not key=value"
 BAD_INPUTS = [
@@ -124,10 +132,28 @@ BAD_INPUTS += [
 
 # Errors that point at the real place (#13 section 4)
 BAD_INPUTS += [
+    (["train", "{config}", "--set", "lora.r=abc"], "--set lora.r=abc: expected a whole number, got 'abc'"),
+    (["train", "{config}", "--set", "train.steps=0"], "--set train.steps=0: train.steps must be >= 1, got 0"),
+    (["train", "{zero_steps}", "--set", "lora.r=4"], "{zero_steps}: train.steps must be >= 1, got 0"),
+    (["train", "{config}", "--set", "lora.rank=4"], "--set lora.rank=4: unknown key(s) ['lora.rank']"),
+    (["train", "{config}", "--set", "optim.total_steps=7"], "--set optim.total_steps=7: optim.total_steps is 7 but "
+     "train.steps is 3"),
+    (["inspect", "{config}", "--set", "optim.lr=-1"], "--set optim.lr=-1: optim.lr = -1: expected a learning rate"),
+    (["sweep", "{config}", "--grid", "lora.r=x", "--out", "{taken}/../fresh"],
+     "--grid lora.r=x: expected a whole number, got 'x'"),
+    (["sweep", "{config}", "--grid", "r=2,0", "--out", "{taken}/../fresh"],
+     "--grid lora.r=0: lora.r must be a positive integer, got 0"),
+    (["sweep", "{config}", "--grid", "r=2", "--set", "lora.lora_dropout=2", "--out", "{taken}/../fresh"],
+     "--set lora.lora_dropout=2: lora.lora_dropout must be in [0, 1)"),
+    (["generate", "{model}", "--chat-template", "nope", "--prompt", "hi"], "--chat-template 'nope' is not a built-in"),
+    (["generate", "{model}", "--chat-template", "{taken}/none.jinja", "--prompt", "hi"],
+     "--chat-template '{taken}/none.jinja': no such .jinja file"),
+    (["eval", "{model}", "--data", "{data}", "--template", "nope"], "--template 'nope' is not a built-in"),
 ]
 
 # Bugs from the audit (#13 section 5)
 BAD_INPUTS += [
+    (["generate", "{model}", "--prompt", "hi", "--temperature", "1", "--top-p", "0"], "top_p=0.0 (in (0, 1])"),
 ]
 
 

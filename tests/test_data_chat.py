@@ -246,9 +246,15 @@ def test_builtin_alpaca_renders_the_alpaca_prompt(toks):
 
 
 def test_tokenizer_without_template_asks_for_one(toks):
+    from jaxft.data.chat import TemplateError
+
     ours, _ = toks["mistral"]
-    with pytest.raises(ValueError, match="no chat template.*data.template"):
+    with pytest.raises(TemplateError, match="no chat template.*data.template") as info:
         resolve_template(ours, None)
+    assert "--template: one of" in str(info.value.naming("--template"))  # jaxft eval names its flag
+    with pytest.raises(TemplateError, match="data.template 'nope' is not a built-in") as info:
+        resolve_template(ours, "nope")
+    assert str(info.value.naming("--chat-template")).startswith("--chat-template 'nope' is not a built-in")
 
 
 def test_saved_template_is_what_transformers_loads(toks, tmp_path):

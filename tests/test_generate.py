@@ -91,3 +91,72 @@ def test_bad_generation_arguments_are_rejected(mistral):
         jaxft.generate(cfg, params, [[]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         jaxft.generate(cfg, params, [[3, 4]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+def test_prompts_as_numpy_jax_arrays_and_lists_give_transformers_greedy_tokens(mistral):
+    model, cfg, params = mistral
+    batch = random_ids((2, 6), seed=9)  # [B, T], equal lengths: no padding on either side
+    with torch.no_grad():
+        ref = model.generate(torch.as_tensor(batch, dtype=torch.long), max_new_tokens=5, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[:, 6:].tolist()
+    forms = {"2-D numpy": batch, "2-D jax": jnp.asarray(batch), "list of lists": batch.tolist(),
+             "list of 1-D arrays": [np.asarray(row) for row in batch]}
+    for name, prompts in forms.items():
+        assert jaxft.generate(cfg, params, prompts, max_new_tokens=5, stop_token_ids=[]) == ref, name
+    for name, one in {"1-D numpy": batch[0], "1-D jax": jnp.asarray(batch[0]), "list": batch[0].tolist(),
+                      "numpy ints": list(batch[0])}.items():
+        assert jaxft.generate(cfg, params, one, max_new_tokens=5, stop_token_ids=[]) == ref[:1], name
+
+
+@pytest.mark.parametrize("prompts, says", [
+    (np.zeros((2, 3, 4), np.int32), r"shape \[2, 3, 4\]"),
+    (np.zeros((2, 3), np.float32), "dtype float32"),
+    ([[1, 2], "hello"], "prompt 1 is str 'hello'"),
+    ([[1, 2.5]], "prompt 0 is list"),
+    ("hello", "prompt_ids is a str"),
+])
+def test_prompts_of_other_shapes_are_refused_naming_the_accepted_ones(mistral, prompts, says):
+    _, cfg, params = mistral
+    with pytest.raises(jaxft.JaxftError, match=says) as info:
+        jaxft.generate(cfg, params, prompts, max_new_tokens=2)
+    assert "one prompt [T] or a batch [B, T]" in str(info.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(mistral):
+    _, cfg, params = mistral
+    with pytest.raises(jaxft.JaxftError, match=rf"token id {cfg.vocab_size} at position 2.*vocab_size "
+                                               rf"{cfg.vocab_size}"):
+        jaxft.generate(cfg, params, [[1, 2], [3, 4, cfg.vocab_size]], max_new_tokens=2)
+    with pytest.raises(jaxft.JaxftError, match="token id -1"):
+        jaxft.generate(cfg, params, np.asarray([-1, 3]), max_new_tokens=2)
+
+
+def test_the_same_seed_gives_the_same_sample_and_other_seeds_differ(mistral):
+    _, cfg, params = mistral
+    prompt = random_ids(5, seed=10).tolist()
+
+    def sample(**seed):
+        return jaxft.generate(cfg, params, [prompt] * 3, max_new_tokens=12, temperature=1.0, stop_token_ids=[], **seed)
+
+    first = sample(seed=7)
+    assert sample(seed=7) == first
+    assert sample(seed=8) != first and sample(seed=9) != first
+    assert sample() == sample(rng=jax.random.PRNGKey(0))  # no seed: seed 0, as before seeds existed
+    with pytest.raises(jaxft.JaxftError, match="seed or rng"):
+        sample(seed=1, rng=jax.random.PRNGKey(1))
+
+
+def test_forward_names_the_shapes_it_takes(mistral):
+    _, cfg, params = mistral
+    ids = random_ids((2, 5), seed=11)
+    with pytest.raises(jaxft.JaxftError, match=r"input_ids must be integer token ids of shape \[B, T\].*got shape "
+                                               r"\[5\]"):
+        jaxft.forward(cfg, params, ids[0])
+    with pytest.raises(jaxft.JaxftError, match=r"input_ids .*got shape \[2, 5\] of float32"):
+        jaxft.forward(cfg, params, ids.astype(np.float32))
+    with pytest.raises(jaxft.JaxftError, match=r"positions must be integers of shape \[B, T\], the shape of "
+                                               r"input_ids \[2, 5\]; got shape \[5\]"):
+        jaxft.forward(cfg, params, ids, positions=np.arange(5))
+    with pytest.raises(jaxft.JaxftError, match=r"segment_ids must be .* got shape \[2, 4\]"):
+        jaxft.forward(cfg, params, ids, segment_ids=np.ones((2, 4), np.int32))
+    np.testing.assert_array_equal(jaxft.forward(cfg, params, ids.tolist()), jaxft.forward(cfg, params, ids))

@@ -128,6 +128,20 @@ def test_adapter_for_a_different_base_shape_is_rejected(tmp_path, base):
         jaxft.load_adapter(tmp_path / "a", other)
 
 
+def test_adapter_config_r_that_disagrees_with_the_tensors_is_named(tmp_path, base):
+    import json
+
+    params = jaxft.lora.add(CFG, base, jaxft.LoraConfig(r=4), jax.random.PRNGKey(0))
+    folder = jaxft.save_adapter(params, jaxft.LoraConfig(r=4), tmp_path / "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))  # what a mismatched export wrote
+    with pytest.raises(jaxft.CheckpointError) as info:
+        jaxft.load_adapter(folder, base)
+    message = str(info.value)
+    assert f"{folder / 'adapter_config.json'} says r = 8" in message and "has rank 4" in message
+    assert "different base" not in message
+
+
 def test_dora_file_without_magnitudes_is_rejected(tmp_path, base):
     from jaxft.hf.safetensors_io import SafetensorsFile, write_safetensors
     lcfg = jaxft.LoraConfig(r=4, use_dora=True)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxft.errors import JaxftError
 from jaxft.train.metrics import MetricsLogger, Throughput, evaluate, perplexity, read_metrics, write_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -137,7 +138,7 @@ def test_evaluate_weights_every_token_equally_across_batches():
 
 
 def test_evaluate_on_a_split_without_loss_tokens_is_an_error():
-    with pytest.raises(ValueError, match="no loss tokens"):
+    with pytest.raises(JaxftError, match="no loss tokens"):
         evaluate(lambda batch: batch, [(jnp.float32(0.0), jnp.int32(0))])
 
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxft.errors import JaxftError
 import jaxft
 from jaxft.data import DataConfig
 from jaxft.models.llama import hidden_states
@@ -53,7 +54,7 @@ def test_exact_match_scores_only_the_first_chats(bigram_model, tmp_path):
 def test_exact_match_needs_chats(bigram_model, tmp_path):
     cfg, params, tokenizer = bigram_model
     (tmp_path / "text.jsonl").write_text('{"text": "increment 1 =\\n2 ."}\n')
-    with pytest.raises(ValueError, match="ends in an assistant turn"):
+    with pytest.raises(JaxftError, match="ends in an assistant turn"):
         chat_exact_match(cfg, params, tokenizer, DataConfig(paths=(str(tmp_path / "text.jsonl"),)), limit=10)
 
 

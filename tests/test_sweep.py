@@ -109,8 +109,8 @@ def test_an_override_into_a_section_the_file_leaves_out_keeps_the_runs_defaults(
 
 
 @pytest.mark.parametrize("grid, says", [
-    (["train.steps=2.5"], "steps: expected a whole number, got 2.5"),
-    (["train.steps=ten"], "steps: expected a whole number, got 'ten'"),
+    (["train.steps=2.5"], "--grid train.steps=2.5: expected a whole number, got 2.5"),
+    (["train.steps=ten"], "--grid train.steps=ten: expected a whole number, got 'ten'"),
     (["r=4,eight", "alpha=2r"], "is derived from lora.r, which is 'eight' here"),
 ])
 def test_grid_values_of_the_wrong_type_are_refused_before_training(tiny_config, tmp_path, grid, says):
@@ -127,7 +127,7 @@ def test_whole_number_fields_take_yaml_exponents_and_whole_floats(tiny_config):
 
 def test_unknown_grid_key_is_named(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rank'\] for LoraConfig"):
+    with pytest.raises(ConfigError, match=r"--grid lora.rank=4: unknown key\(s\) \['lora.rank'\] for LoraConfig"):
         sweep.expand(base, sweep.parse_grid(["lora.rank=4,8"]), tmp_path, "run.yaml")
 
 

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 
+from jaxft.errors import JaxftError
 import jaxft.train.checkpoint as checkpoint
 from jaxft.train.checkpoint import BaseModelChanged, Checkpointer, base_reference, check_base
 
@@ -116,7 +117,7 @@ def test_restore_target_with_other_leaves_names_the_differing_paths(tmp_path):
         ckpt.save(1, make_state())
         target = make_state()
         target["trainable"]["layer"]["kernel"] = jnp.zeros((8, 8))
-        with pytest.raises(ValueError, match=r"not in the checkpoint: \['trainable/layer/kernel'\]"):
+        with pytest.raises(JaxftError, match=r"not in the checkpoint: \['trainable/layer/kernel'\]"):
             ckpt.restore(target)
 
 
@@ -125,7 +126,7 @@ def test_restore_into_a_different_dtype_is_refused(tmp_path):
         ckpt.save(1, make_state())
         target = make_state()
         target["trainable"]["layer"]["lora_b"] = target["trainable"]["layer"]["lora_b"].astype(jnp.float32)
-        with pytest.raises(ValueError, match=r"trainable/layer/lora_b: target float32\[4, 8\], checkpoint bfloat16"):
+        with pytest.raises(JaxftError, match=r"trainable/layer/lora_b: target float32\[4, 8\], checkpoint bfloat16"):
             ckpt.restore(target)
 
 

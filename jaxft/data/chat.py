@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxft.config import ConfigError
 from jaxft.data.config import LOSS_STRATEGIES, TRUNCATION
 from jaxft.data.formats import DataError, DataReport, Example
 from jaxft.hf import chat_template as chat_template_lib
@@ -85,26 +86,38 @@ class Sample:
     source: str
 
 
+class TemplateError(ConfigError):
+    """A chat-template setting is wrong or missing. The message names the setting as the command at hand spells
+    it: ``data.template`` in a run config, ``--template`` for ``jaxft eval`` (:meth:`naming`)."""
+
+    def __init__(self, message: str, setting: str = "data.template"):
+        self.unnamed = message  # "{setting}" marks where the setting's name goes
+        super().__init__(message.replace("{setting}", setting))
+
+    def naming(self, setting: str) -> "TemplateError":
+        return TemplateError(self.unnamed, setting)
+
+
 def resolve_template(tokenizer, template: str | None) -> str:
     """Template source for `template`: None (the tokenizer's own), a built-in name, a `.jinja` path, or source."""
     if template is None:
         if tokenizer.chat_template is None:
-            raise ValueError("The tokenizer has no chat template; set data.template to one of "
-                             f"{sorted(BUILTIN_TEMPLATES)}, a .jinja file, or Jinja source")
+            raise TemplateError("The tokenizer has no chat template; give {setting}: one of "
+                                f"{sorted(BUILTIN_TEMPLATES)}, a .jinja file, or Jinja source")
         return tokenizer.chat_template
     if template in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[template]
     if template.endswith(".jinja"):
         path = Path(template)
         if not path.is_file():
-            raise FileNotFoundError(f"data.template {template!r}: no such .jinja file")
+            raise TemplateError(f"{{setting}} {template!r}: no such .jinja file")
         return path.read_text(encoding="utf-8")
     if "{" in template:
         return template
     if template in tokenizer.chat_templates:
         return tokenizer.chat_templates[template]
-    raise ValueError(f"data.template {template!r} is not a built-in ({sorted(BUILTIN_TEMPLATES)}), a .jinja path, "
-                     f"Jinja source, or one of the tokenizer's templates ({sorted(tokenizer.chat_templates)})")
+    raise TemplateError(f"{{setting}} {template!r} is not a built-in ({sorted(BUILTIN_TEMPLATES)}), a .jinja path, "
+                        f"Jinja source, or one of the tokenizer's templates ({sorted(tokenizer.chat_templates)})")
 
 
 def save_chat_template(template: str, out_dir: str | Path) -> Path:

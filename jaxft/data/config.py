@@ -6,9 +6,9 @@ from one YAML mapping and reject unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from jaxft.config import ConfigError
+from jaxft.config import PATH_FIELD, TEMPLATE_FIELD, ConfigError
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 LOSS_STRATEGIES = ("all_assistant", "last_assistant", "per_assistant_turn")
@@ -28,9 +28,9 @@ class DataConfig:
     (`left`) tokens, `drop` it, or raise (`error`).
     """
 
-    paths: tuple[str, ...]
+    paths: tuple[str, ...] = field(metadata=PATH_FIELD)
     format: str = "auto"
-    template: str | None = None
+    template: str | None = field(default=None, metadata=TEMPLATE_FIELD)
     loss: str = "all_assistant"
     train_on_inputs: bool = False
     max_length: int = 2048

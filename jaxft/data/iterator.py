@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from jaxft.data.chat import Sample
+from jaxft.data.formats import DataError
 from jaxft.data.mixture import mixture_plan
 from jaxft.data.packing import best_fit_decreasing, packing_efficiency, rows_to_batch
 
@@ -72,7 +73,7 @@ class PackedIterator:
                  process_index: int = 0, process_count: int = 1):
         self.samples = [sample for source in sources for sample in source]
         if not self.samples:
-            raise ValueError(f"process {process_index} of {process_count} has no samples to iterate over")
+            raise DataError(f"process {process_index} of {process_count}", "no samples", "no samples to iterate over")
         too_long = [s.source for s in self.samples if len(s.input_ids) > row_length]
         if too_long:
             raise ValueError(f"{len(too_long)} samples are longer than row_length {row_length}, e.g. {too_long[0]}")
@@ -145,8 +146,8 @@ class PackedIterator:
         wrong = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
         if wrong:
             details = ", ".join(f"{key}: checkpoint {got!r} vs now {want!r}" for key, (got, want) in wrong.items())
-            raise ValueError(f"Data iterator state does not match this data ({details}); a different file, "
-                             "cleaning, tokenizer, seed, batch shape or process layout would not resume at the "
-                             "same sample")
+            raise DataError("data iterator state", "does not match this data", f"{details}; a different file, "
+                            "cleaning, tokenizer, seed, batch shape or process layout would not resume at the "
+                            "same sample")
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch"])
         self._rows = None

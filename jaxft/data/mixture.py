@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxft.data.formats import DataReport, Example
+from jaxft.data.formats import DataError, DataReport, Example
 
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX_HASH = np.uint64((1 << 32) - 1)
@@ -47,7 +47,8 @@ def mixture_plan(sizes: Sequence[int], weights: Sequence[float] | None, *, epoch
     else:
         empty = [i for i, (n, w) in enumerate(zip(sizes, weights)) if n == 0 and w > 0]
         if empty:
-            raise ValueError(f"mixture source(s) {empty} have weight > 0 but no samples left after cleaning")
+            raise DataError("data.weights", "empty source", f"mixture source(s) {empty} have weight > 0 but no "
+                            "samples left after cleaning")
         shares = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         counts = np.round(shares * total).astype(int).tolist()
     parts = []

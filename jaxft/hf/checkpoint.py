@@ -191,8 +191,11 @@ def _quantized_stack(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, quant: Q
     for i in range(cfg.num_hidden_layers):
         name = layer_name(i, module, "kernel")
         if prequantized:
-            q = nf4.from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
-                              for k in [name] + [name + s for s in BNB_SUFFIXES] if k in ckpt})
+            try:
+                q = nf4.from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
+                                  for k in [name] + [name + s for s in BNB_SUFFIXES] if k in ckpt})
+            except ValueError as e:  # a quant state jaxft cannot read: name the file and tensor
+                raise CheckpointError(f"{ckpt.folder}: quantized tensor {name!r}: {e}") from None
             if tuple(q.shape) != (fan_in, fan_out):
                 raise CheckpointError(f"{ckpt.folder}: quantized tensor {name!r} has shape {list(q.shape[::-1])}, "
                                       f"expected {[fan_out, fan_in]} from config.json")

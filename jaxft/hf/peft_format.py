@@ -160,6 +160,21 @@ def lora_config_from_peft(d: dict, source: str) -> lora.LoraConfig:
     return lora.LoraConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "target_modules"})
 
 
+def _shape_problem(folder: Path, e: Entry, found: tuple, expected: tuple) -> str:
+    """Which file is wrong: a rank that differs from adapter_config.json's r while the other dimension fits is the
+    config's disagreement with the tensors (an adapter saved with an edited or mismatched config); any other
+    difference is a tensor that does not fit this base model."""
+    rank_axis = {"lora_a": 0, "lora_b": 1}.get(e.path[-1])  # PEFT stores lora_A [r, in] and lora_B [out, r]
+    if (rank_axis is not None and len(found) == len(expected) == 2 and found[1 - rank_axis] == expected[1 - rank_axis]
+            and found[rank_axis] != expected[rank_axis]):
+        return (f"{folder / CONFIG_FILE} says r = {e.rank} for {e.name.rsplit('.', 2)[0]} (its r, or rank_pattern "
+                f"for that module), but the tensor {e.name!r} in {WEIGHTS_FILE} has rank {found[rank_axis]}: the "
+                f"config and the tensors disagree; set r (or that module's rank_pattern) to {found[rank_axis]} in "
+                f"{CONFIG_FILE}, or export the adapter again")
+    return (f"{folder / WEIGHTS_FILE}: tensor {e.name!r} has shape {list(found)}, but this base model needs "
+            f"{list(expected)}: was the adapter trained on a different base?")
+
+
 def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dict:
     """``base_params`` with the adapter of a PEFT folder attached (values from the file, shapes checked)."""
     folder = Path(path)
@@ -182,8 +197,7 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
         value = np.asarray(st.get(e.name))
         expected = _extract(params, e).shape
         if value.shape != expected:
-            raise CheckpointError(f"{weights}: tensor {e.name!r} has shape {list(value.shape)}, but this base "
-                                  f"model needs {list(expected)}: was the adapter trained on a different base?")
+            raise CheckpointError(_shape_problem(folder, e, value.shape, expected))
         updates.setdefault(e.path, []).append((e, value.T if e.transpose else value))
     for path, items in updates.items():
         array = np.array(_get(params, path), dtype=np.float32 if path[-1].startswith("lora") else None)

@@ -151,7 +151,8 @@ def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
         elif wire_type == 5:
             value, pos = data[pos : pos + 4], pos + 4
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+            raise TokenizerError(f"tokenizer.model: unsupported protobuf wire type {wire_type} (a damaged or non-"
+                                 "SentencePiece file?)")
         yield field, wire_type, value
 
 
@@ -423,7 +424,7 @@ class Tokenizer:
 
     def _render(self, template: str, messages: list[dict], **kwargs: Any) -> chat_template_lib.RenderedChat:
         if not messages:
-            raise ValueError("Cannot apply a chat template to an empty conversation.")
+            raise TokenizerError("Cannot apply a chat template to an empty conversation.")
         return chat_template_lib.render(template, messages, special_tokens=self._special_tokens, **kwargs)
 
     def render_chat(

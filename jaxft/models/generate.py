@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import ModelConfig
-from jaxft.models.llama import hidden_states, logits_from_hidden
+from jaxft.models.llama import InputError, hidden_states, logits_from_hidden
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
@@ -33,7 +33,7 @@ def forward_cached(cfg: ModelConfig, params: dict, input_ids, positions, segment
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B, P], mask [B, P]) with each prompt right-aligned."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs a non-empty list of non-empty prompts")
+        raise InputError("generate needs a non-empty list of non-empty prompts")
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
@@ -94,26 +94,80 @@ def _generate(cfg, params, ids, mask, stop_ids, pad_id, rng, *, max_new_tokens, 
     return out
 
 
+PROMPT_FORMS = ("one prompt [T] or a batch [B, T] of token ids: a list of ints, a list of such lists (rows may differ "
+                "in length), or a 1-D / 2-D integer numpy or jax array")
+
+
+def prompt_rows(prompt_ids) -> list[list[int]]:
+    """Prompts as lists of ints, from any of :data:`PROMPT_FORMS`; anything else is an error naming them."""
+    if isinstance(prompt_ids, (np.ndarray, jax.Array)):
+        rows = [prompt_ids]
+        if prompt_ids.ndim == 2:
+            rows = list(prompt_ids)
+        elif prompt_ids.ndim != 1:
+            raise InputError(f"generate: prompt_ids has shape {list(prompt_ids.shape)}; expected {PROMPT_FORMS}")
+    elif isinstance(prompt_ids, (list, tuple)):
+        one = bool(prompt_ids) and all(_is_id(t) for t in prompt_ids)
+        rows = [prompt_ids] if one else list(prompt_ids)
+    else:
+        raise InputError(f"generate: prompt_ids is a {type(prompt_ids).__name__}; expected {PROMPT_FORMS}")
+    out = []
+    for i, row in enumerate(rows):
+        array = np.asarray(row) if isinstance(row, (np.ndarray, jax.Array)) else None
+        if array is not None and (array.ndim != 1 or not np.issubdtype(array.dtype, np.integer)):
+            raise InputError(f"generate: prompt {i} is an array of shape {list(array.shape)} and dtype {array.dtype}; "
+                             f"expected {PROMPT_FORMS}")
+        if array is None and not (isinstance(row, (list, tuple)) and all(_is_id(t) for t in row)):
+            raise InputError(f"generate: prompt {i} is {_describe(row)}, not a list of token ids; expected "
+                             f"{PROMPT_FORMS}")
+        out.append([int(t) for t in (array.tolist() if array is not None else row)])
+    return out
+
+
+def _is_id(token) -> bool:
+    return isinstance(token, (int, np.integer)) and not isinstance(token, bool)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def check_vocab(cfg: ModelConfig, rows: list[list[int]]):
+    """Every id must name an embedding row: an id beyond vocab_size would read a clamped, unrelated row."""
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InputError(f"generate: prompt {i} holds token id {bad[0]} at position {row.index(bad[0])}, outside "
+                             f"the model's vocabulary (vocab_size {cfg.vocab_size}: ids 0..{cfg.vocab_size - 1}); "
+                             "was it encoded with another model's tokenizer?")
+
+
 def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
-             pad_token_id: int | None = None, rng: jax.Array | None = None) -> list[list[int]]:
-    """New tokens for each prompt (a list of token-id lists, or one list), up to and including a stop token.
+             pad_token_id: int | None = None, seed: int | None = None, rng: jax.Array | None = None
+             ) -> list[list[int]]:
+    """New tokens for each prompt, up to and including a stop token. ``prompt_ids`` is one prompt [T] or a batch
+    [B, T]: a list of ints, a list of lists (of different lengths), or a 1-D / 2-D integer numpy / jax array.
 
-    ``temperature=0`` is greedy; otherwise tokens are sampled after temperature / top-k / top-p filtering.
+    ``temperature=0`` is greedy; otherwise tokens are sampled after temperature / top-k / top-p filtering, from
+    ``seed`` (default 0; the same seed gives the same sample) or an explicit ``rng`` key.
     Stop tokens default to the config's EOS ids.
     """
-    if prompt_ids and isinstance(prompt_ids[0], (int, np.integer)):
-        prompt_ids = [prompt_ids]
+    rows = prompt_rows(prompt_ids)
     if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+        raise InputError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                          f"top_p={top_p} (in (0, 1])")
+    if seed is not None and rng is not None:
+        raise InputError("generate: give seed or rng, not both")
+    check_vocab(cfg, rows)
     stops = tuple(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
-    ids, mask = left_pad([list(map(int, p)) for p in prompt_ids], pad)
+    ids, mask = left_pad(rows, pad)
     out = _generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops or (-1,), jnp.int32),
-                    jnp.int32(pad), jax.random.PRNGKey(0) if rng is None else rng,
+                    jnp.int32(pad), jax.random.PRNGKey(seed or 0) if rng is None else rng,
                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p))
     result = []

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
+from jaxft.errors import JaxftError
 from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention
 from jaxft.ops.blockwise_attention import platform_attention
 from jaxft.ops.linear import embed, embedding_table, linear
@@ -28,6 +29,11 @@ from jaxft.ops.rope import apply_rope, rope_tables
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_PROJ + MLP_PROJ
+
+class InputError(JaxftError, ValueError):
+    """Arrays given to the model API (token ids, positions, prompts) of the wrong shape, type or values; the
+    message names the argument, what it got and the shapes accepted."""
+
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -197,8 +203,25 @@ def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray, rng=None)
     return linear(params["lm_head"], h, rng).astype(jnp.float32)
 
 
+def check_inputs(input_ids, positions=None, segment_ids=None, where: str = "forward") -> tuple:
+    """The three as arrays, after checking ``input_ids`` is [B, T] integers and ``positions`` / ``segment_ids``
+    (when given) are integers of that shape. Works on tracers (only shapes and dtypes are read)."""
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise InputError(f"{where}: input_ids must be integer token ids of shape [B, T] (one sequence: ids[None] or "
+                         f"[ids]); got shape {list(ids.shape)} of {ids.dtype}")
+    given = [None if x is None else jnp.asarray(x) for x in (positions, segment_ids)]
+    for name, x in zip(("positions", "segment_ids"), given):
+        if x is not None and (x.shape != ids.shape or not jnp.issubdtype(x.dtype, jnp.integer)):
+            raise InputError(f"{where}: {name} must be integers of shape [B, T], the shape of input_ids "
+                             f"{list(ids.shape)}; got shape {list(x.shape)} of {x.dtype}")
+    return ids, *given
+
+
 def forward(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, rng=None) -> jnp.ndarray:
-    """Logits [B, T, V] in float32 for ``input_ids`` [B, T]. Pass ``rng`` only in training (adapter dropout)."""
+    """Logits [B, T, V] in float32 for ``input_ids`` [B, T] (integers); ``positions`` and ``segment_ids``, when
+    given, are [B, T] integers too. Pass ``rng`` only in training (adapter dropout)."""
+    input_ids, positions, segment_ids = check_inputs(input_ids, positions, segment_ids)
     body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
     h, _ = hidden_states(cfg, params, input_ids, positions, segment_ids, rng=body_rng)
     return logits_from_hidden(cfg, params, h, head_rng)

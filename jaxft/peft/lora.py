@@ -72,23 +72,23 @@ class LoraConfig:
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r!r}")
         if self.lora_alpha <= 0:
-            raise ConfigError(f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+            raise ConfigError(f"lora.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
-            raise ConfigError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+            raise ConfigError(f"lora.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
+            raise ConfigError(f"lora.init_lora_weights must be True, False or 'gaussian', "
                               f"got {self.init_lora_weights!r}")
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+                raise ConfigError(f"lora.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         if self.task_type not in TASK_TYPES:
-            raise ConfigError(f"LoraConfig.task_type {self.task_type!r} is unknown; PEFT's are {TASK_TYPES}")
+            raise ConfigError(f"lora.task_type {self.task_type!r} is unknown; PEFT's are {TASK_TYPES}")
         if self.task_type != "CAUSAL_LM":
-            raise ConfigError(f"LoraConfig.task_type {self.task_type!r}: only CAUSAL_LM heads exist in jaxft so far")
+            raise ConfigError(f"lora.task_type {self.task_type!r}: only CAUSAL_LM heads exist in jaxft so far")
 
     def replace(self, **changes) -> "LoraConfig":
         return dataclasses.replace(self, **changes)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from jaxft.config import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ConfigError, ModelConfig, QuantConfig, from_dict,
-                          to_dict)
+from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, PATH_FIELD, REMAT_POLICIES, ConfigError, ModelConfig,
+                          QuantConfig, from_dict, to_dict)
 from jaxft.data.config import DataConfig
 from jaxft.parallel import MeshConfig
 from jaxft.peft.lora import LoraConfig
@@ -57,8 +57,8 @@ class TrainConfig:
 class RunConfig:
     """A fine-tuning run: base model folder, method, adapters, quantization, optimizer, data, mesh, loop."""
 
-    model: str
-    output_dir: str
+    model: str = field(metadata=PATH_FIELD)
+    output_dir: str = field(metadata=PATH_FIELD)
     data: DataConfig
     method: str = "lora"
     dtype: str = "float32"
@@ -73,9 +73,27 @@ class RunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is unknown; expected one of {METHODS}")
+        # The schedule ends where training ends: a total left out follows train.steps, a different one is refused.
+        if self.optim.total_steps is None:
+            object.__setattr__(self, "optim", dataclasses.replace(self.optim, total_steps=self.train.steps))
+        elif self.optim.total_steps != self.train.steps:
+            raise ConfigError(f"optim.total_steps is {self.optim.total_steps} but train.steps is {self.train.steps}: "
+                              "the learning-rate schedule would end at another step than training; leave "
+                              "optim.total_steps out (it follows train.steps) or make the two equal")
 
     def replace(self, **changes) -> "RunConfig":
+        if "train" in changes and "optim" not in changes and self.optim.total_steps == self.train.steps:
+            changes["optim"] = dataclasses.replace(self.optim, total_steps=None)  # it keeps following train.steps
         return dataclasses.replace(self, **changes)
+
+
+def lookup(tree: dict, dotted: str):
+    """The value at ``lora.r`` in a nested dict, or ``ABSENT``."""
+    for k in dotted.split("."):
+        if not isinstance(tree, dict) or k not in tree:
+            return ABSENT
+        tree = tree[k]
+    return tree
 
 
 def _set(tree: dict, dotted: str, raw: str, source: str):
@@ -95,13 +113,18 @@ def _set(tree: dict, dotted: str, raw: str, source: str):
                           "lists as [a, b]; tags such as !!python/... are refused") from None
 
 
-def apply_overrides(tree: dict, overrides: list[str], source: str = "--set") -> dict:
-    """``["lora.r=8", "optim.lr=1e-4"]`` applied to a nested dict; values are parsed as YAML scalars."""
+def apply_overrides(tree: dict, overrides: list[str], source: str = "--set", origins: dict | None = None) -> dict:
+    """``["lora.r=8", "optim.lr=1e-4"]`` applied to a nested dict; values are parsed as YAML scalars. ``origins``
+    (when given) records each key's override and the value it replaced, so that errors blame ``--set lora.r=abc``
+    rather than the file (:func:`jaxft.config.from_dict`)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{source}: {item!r} is not key=value (e.g. lora.r=8)")
+        before = lookup(tree, key.strip())
         _set(tree, key.strip(), value, source)
+        if origins is not None:
+            origins[key.strip()] = (f"{source} {item}", before)
     return tree
 
 
@@ -124,7 +147,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def read_run_tree(path: str | Path, overrides: list[str] = ()) -> dict:
+def read_run_tree(path: str | Path, overrides: list[str] = (), origins: dict | None = None) -> dict:
     """A YAML run config as a dict with ``--set`` overrides applied. The sections the file leaves out are first
     filled in with the run's defaults, so that ``--set lora.r=8`` changes r alone: without that, the lora section
     would be built from LoraConfig's own defaults (alpha 8, q/v only) instead of the run's (alpha 32, all-linear)."""
@@ -132,12 +155,15 @@ def read_run_tree(path: str | Path, overrides: list[str] = ()) -> dict:
     for f in dataclasses.fields(RunConfig):
         if f.name not in tree and f.default_factory is not dataclasses.MISSING:
             tree[f.name] = to_dict(f.default_factory())
-    return apply_overrides(tree, list(overrides))
+    return apply_overrides(tree, list(overrides), origins=origins)
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides, and build the typed config."""
-    return from_dict(RunConfig, read_run_tree(path, overrides), source=str(path))
+    """Read a YAML run config, apply ``--set`` overrides, and build the typed config; a bad value is blamed on
+    the ``--set`` that gave it, or on the file."""
+    origins = {}
+    tree = read_run_tree(path, overrides, origins)
+    return from_dict(RunConfig, tree, source=str(path), origins=origins)
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path):

@@ -67,7 +67,8 @@ def check_members(cfgs: list[RunConfig]) -> None:
     first = _flatten(to_dict(cfgs[0]))
     for i, cfg in enumerate(cfgs[1:], 1):
         flat = _flatten(to_dict(cfg))
-        for key in sorted(first.keys() | flat.keys()):
+        # optim.total_steps follows train.steps, so the key a user changed (train.steps) is named first
+        for key in sorted(first.keys() | flat.keys(), key=lambda k: (k == "optim.total_steps", k)):
             if not _may_differ(key) and first.get(key) != flat.get(key):
                 raise ConfigError(f"parallel runs must share {key}: run 0 ({cfgs[0].output_dir}) has "
                                   f"{first.get(key)!r}, run {i} ({cfg.output_dir}) has {flat.get(key)!r}. Only "

@@ -12,6 +12,7 @@ import jax
 
 from jaxft.config import ModelConfig
 from jaxft.data import DataConfig, build_iterator, load_examples, resolve_template
+from jaxft.data.formats import DataError
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate
@@ -41,8 +42,8 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
     chats = [e.messages for path in data.paths for e in load_examples(path, data.format)
              if e.messages and e.messages[-1]["role"] == "assistant"][:limit]
     if not chats:
-        raise ValueError(f"exact match: no chat in {list(data.paths)} ends in an assistant turn; it scores chat "
-                         "data (messages) only")
+        raise DataError(", ".join(data.paths), "exact match", "no chat ends in an assistant turn; it scores chat "
+                        "data (messages) only")
     template = resolve_template(tokenizer, data.template)
     prompts = [tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, chat_template=template)
                for chat in chats]

@@ -20,6 +20,7 @@ from jaxft.data import build_iterator, save_chat_template
 from jaxft.hf.checkpoint import from_pretrained, prepare_output_dir, save_pretrained
 from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import save_adapter
+from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.peft import lora
@@ -201,9 +202,9 @@ def _iterator_states(iterator) -> list[dict]:
 
 def _own_iterator_state(states: list[dict], out: Path) -> dict:
     if len(states) != jax.process_count():
-        raise ValueError(f"{out}: the checkpoint holds the data positions of {len(states)} process(es), but this run "
-                         f"has {jax.process_count()}; resume with the process count that wrote it (each process's "
-                         "data shard depends on it)")
+        raise CheckpointError(f"{out}: the checkpoint holds the data positions of {len(states)} process(es), but "
+                              f"this run has {jax.process_count()}; resume with the process count that wrote it "
+                              "(each process's data shard depends on it)")
     return states[jax.process_index()]
 
 

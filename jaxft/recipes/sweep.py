@@ -38,7 +38,7 @@ from jaxft.config import ConfigError, from_dict, to_dict
 from jaxft.hf.checkpoint import occupied
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.recipes import sft
-from jaxft.recipes.config import RunConfig, apply_overrides, read_run_tree
+from jaxft.recipes.config import RunConfig, apply_overrides, lookup, read_run_tree
 from jaxft.recipes.multi import check_members, run_parallel
 from jaxft.recipes.scoring import chat_exact_match, load_trained
 from jaxft.train.metrics import read_metrics
@@ -158,10 +158,12 @@ def _short_names(keys: list[str]) -> dict[str, str]:
     return {k: SHORT_NAMES.get(k, part if last.count(part) == 1 else k) for k, part in zip(keys, last)}
 
 
-def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str) -> list[Run]:
-    """Every point of the grid as a validated RunConfig with ``output_dir = out/<name>``."""
+def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str, origins: dict | None = None) -> list[Run]:
+    """Every point of the grid as a validated RunConfig with ``output_dir = out/<name>``; ``origins`` are the
+    ``--set`` overrides in ``base_tree`` (a bad value is blamed on its ``--set`` or ``--grid`` item)."""
     short = _short_names([a.key for a in axes])
-    base_r = from_dict(RunConfig, copy.deepcopy(base_tree), source=source).lora.r
+    origins = dict(origins or {})
+    base_r = from_dict(RunConfig, copy.deepcopy(base_tree), source=source, origins=origins).lora.r
     runs = []
     for point in itertools.product(*(a.items for a in axes)):
         items = {a.key: item for a, item in zip(axes, point)}
@@ -181,10 +183,12 @@ def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str) -> l
         tree = apply_overrides(copy.deepcopy(base_tree), [f"{k}={json.dumps(v)}" for k, v in values.items()],
                                source=f"--grid ({name})")
         tree["output_dir"] = str(out / name)
+        point = {**origins, **{k: (f"--grid {k}={item}", lookup(base_tree, k)) for k, item in items.items()}}
         try:
-            config = from_dict(RunConfig, tree, source=source)
+            config = from_dict(RunConfig, tree, source=source, origins=point)
         except ConfigError as e:
-            raise ConfigError(f"--grid point {name}: {e}") from None
+            raise ConfigError(f"{e} (grid point {name})" if str(e).startswith("--grid") else
+                              f"--grid point {name}: {e}") from None
         runs.append(Run(name, group, items, values, config))
     return runs
 
@@ -195,11 +199,12 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
     """Runs the sweep (finished runs of an earlier, identical sweep are kept with ``resume``) and writes the
     table and plots; returns ``{"dir", "rows", "runs"}``. ``exact_match=N`` also scores each run's greedy replies
     to the first N chats of eval_data (:func:`jaxft.recipes.scoring.chat_exact_match`)."""
-    base_tree = read_run_tree(config_path, list(sets))
-    base = from_dict(RunConfig, copy.deepcopy(base_tree), source=str(config_path))
+    origins = {}
+    base_tree = read_run_tree(config_path, list(sets), origins)
+    base = from_dict(RunConfig, copy.deepcopy(base_tree), source=str(config_path), origins=origins)
     axes = parse_grid(list(grid))
     sweep_dir = Path(out or base.output_dir)
-    runs = expand(base_tree, axes, sweep_dir, str(config_path))
+    runs = expand(base_tree, axes, sweep_dir, str(config_path), origins)
     for r in runs:
         sft.check_model_folder(r.config)
     if exact_match and base.eval_data is None:

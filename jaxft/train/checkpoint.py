@@ -37,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxft.errors import JaxftError
+from jaxft.hf.safetensors_io import CheckpointError
 
 _STATE, _LAYOUT, _EXTRA = "state", "layout", "extra"
 
@@ -174,9 +175,10 @@ def _abstract_state(target: Any, layout: dict, where: str):
     target_names = set(names)
     unexpected = [n for n in layout if n not in target_names]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {where} does not fit the restore target: target leaves not in the checkpoint: "
-                         f"{missing or 'none'}; checkpoint leaves not in the target: {unexpected or 'none'}. "
-                         "The trainable set (LoRA targets, rank) or the optimizer must match the saved run's.")
+        raise CheckpointError(f"checkpoint {where} does not fit the restore target: target leaves not in the "
+                              f"checkpoint: {missing or 'none'}; checkpoint leaves not in the target: "
+                              f"{unexpected or 'none'}. The trainable set (LoRA targets, rank) or the optimizer must "
+                              "match the saved run's.")
     abstract, problems = [], []
     for name, leaf in zip(names, leaves):
         saved_shape, saved_dtype = tuple(layout[name]["shape"]), layout[name]["dtype"]
@@ -191,7 +193,7 @@ def _abstract_state(target: Any, layout: dict, where: str):
                             f"checkpoint {saved_dtype}{list(saved_shape)}")
         abstract.append(jax.ShapeDtypeStruct(saved_shape, saved_dtype, sharding=sharding))
     if problems:
-        raise ValueError(f"checkpoint {where} does not fit the restore target:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"checkpoint {where} does not fit the restore target:\n  " + "\n  ".join(problems))
 
     def rebuild(nested: dict) -> Any:
         restored = []

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from jaxft.data.formats import DataError
 from jaxft.errors import JaxftError
 
 _POSTFIX = {"loss": "loss", "tokens_per_s": "tok/s", "lr": "lr"}
@@ -47,7 +48,8 @@ def evaluate(eval_step: Callable[[Any], tuple], batches: Iterable[Any]) -> dict[
         sums = batch_sums if sums is None else tuple(a + b for a, b in zip(sums, batch_sums))
     tokens = int(sums[1]) if sums is not None else 0
     if tokens == 0:
-        raise ValueError("evaluate: the held-out batches contain no loss tokens (empty split, or every token masked)")
+        raise DataError("evaluate", "no loss tokens", "the held-out batches contain no loss tokens (empty split, or "
+                        "every token masked)")
     loss = float(sums[0]) / tokens
     out = {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
     if len(sums) > 2:

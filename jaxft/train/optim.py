@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxft.config import ConfigError
+
 OPTIMIZERS = ("adamw", "adam8bit", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
 HOST_MEMORY_KIND = "pinned_host"
@@ -37,7 +39,8 @@ class OptimConfig:
     Adafactor keeps no first moment, its memory-saving default.
 
     The schedule warms up linearly from 0 to ``lr`` over ``warmup_steps``, then stays (``constant``) or decays
-    (``linear``, ``cosine``) to ``lr * min_lr_ratio`` at ``total_steps``. ``max_grad_norm`` of ``None`` or 0 turns
+    (``linear``, ``cosine``) to ``lr * min_lr_ratio`` at ``total_steps`` (``None``: a run config sets it to
+    ``train.steps``). ``max_grad_norm`` of ``None`` or 0 turns
     global-norm clipping off.
     """
 
@@ -50,14 +53,14 @@ class OptimConfig:
     momentum: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
-    total_steps: int = 0
+    total_steps: int | None = None
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     offload_state: bool = False
 
     def __post_init__(self):
         def bad(field: str, expected: str):
-            raise ValueError(f"OptimConfig.{field} = {getattr(self, field)!r}: expected {expected}")
+            raise ConfigError(f"optim.{field} = {getattr(self, field)!r}: expected {expected}")
 
         if self.name not in OPTIMIZERS:
             bad("name", f"one of {OPTIMIZERS}")
@@ -74,9 +77,10 @@ class OptimConfig:
             bad("eps", "a value >= 0")
         for field in ("warmup_steps", "total_steps"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if (value is not None or field == "warmup_steps") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 bad(field, "an integer >= 0")
-        if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
+        if self.schedule != "constant" and self.total_steps is not None and self.total_steps <= self.warmup_steps:
             bad("total_steps", f"more than warmup_steps ({self.warmup_steps}) for the {self.schedule!r} schedule")
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", "a value in [0, 1]")
@@ -86,8 +90,11 @@ class OptimConfig:
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Step -> learning rate: linear warmup from 0, then constant or a linear / cosine decay to ``min_lr_ratio``."""
+    if cfg.schedule != "constant" and cfg.total_steps is None:
+        raise ConfigError(f"optim.total_steps is not set: the {cfg.schedule!r} schedule decays until it (a run config "
+                          "sets it to train.steps)")
     end = cfg.lr * cfg.min_lr_ratio
-    decay_steps = cfg.total_steps - cfg.warmup_steps
+    decay_steps = (cfg.total_steps or 0) - cfg.warmup_steps  # unused by the constant schedule
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "linear":
@@ -259,8 +266,8 @@ def check_host_memory(device: jax.Device | None = None) -> None:
     device = device or jax.devices()[0]
     kinds = sorted(m.kind for m in device.addressable_memories())
     if HOST_MEMORY_KIND not in kinds:
-        raise ValueError(f"offload_state needs {HOST_MEMORY_KIND!r} memory, but {device.platform} device {device.id} "
-                         f"offers only {kinds}; set OptimConfig.offload_state = False")
+        raise ConfigError(f"optim.offload_state needs {HOST_MEMORY_KIND!r} memory, but {device.platform} device "
+                          f"{device.id} offers only {kinds}; set optim.offload_state: false")
 
 
 def place_state(state, offload: bool):
