@@ -111,3 +111,15 @@ def test_total_steps_follows_train_steps_and_a_different_one_is_refused(run_yaml
     run_yaml.write_text(yaml.safe_dump(tree))
     assert _error(run_yaml, ["train.steps=20"]).startswith("--set train.steps=20: optim.total_steps is 10 but "
                                                            "train.steps is 20")
+
+
+def test_a_saved_run_config_takes_more_steps_with_set(tmp_path):
+    """The resolved config a run saves loads back with --set train.steps=N, and the schedule follows it."""
+    from jaxft.data.config import DataConfig
+    from jaxft.recipes.config import RunConfig, dump_run_config, load_run_config
+
+    cfg = RunConfig(model=str(tmp_path), output_dir=str(tmp_path / "run"), data=DataConfig(paths=("x.jsonl",)))
+    dump_run_config(cfg, tmp_path / "config.yaml")
+    longer = load_run_config(tmp_path / "config.yaml", ["train.steps=250"])
+    assert (longer.train.steps, longer.optim.total_steps) == (250, 250)
+    assert load_run_config(tmp_path / "config.yaml") == cfg

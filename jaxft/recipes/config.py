@@ -167,5 +167,10 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path):
-    """The resolved config, saved next to the run's outputs (loads back with :func:`load_run_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config, saved next to the run's outputs (loads back with :func:`load_run_config`).
+
+    ``optim.total_steps`` is written as null: it always equals ``train.steps`` (``RunConfig`` refuses anything
+    else), and a written number would make ``--set train.steps=N`` on the saved file a mismatch."""
+    tree = to_dict(cfg)
+    tree["optim"]["total_steps"] = None
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
