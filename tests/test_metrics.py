@@ -88,7 +88,6 @@ def read_tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
-    pytest.importorskip("tensorboardX")
     log_run(tmp_path, steps=2, enabled=True, tensorboard=True)
     scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars["train/loss"] == [(1, 3.0), (2, 1.5)]
