@@ -91,3 +91,26 @@ def test_modules_to_save_lm_head_on_tied_model_matches_peft(tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     assert not merged.config.tie_word_embeddings
     np.testing.assert_allclose(torch_logits(merged, _ids()), ours, atol=1e-4, rtol=0)
+
+
+def test_modules_to_save_embed_tokens_on_tied_model_keeps_the_head_on_the_base_weight(tmp_path):
+    """PEFT trains a copy of embed_tokens while the tied lm_head keeps the original weight."""
+    lora_kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    save(build("llama", tie_word_embeddings=True), tmp_path / "base")
+    pm = peft.get_peft_model(build("llama", tie_word_embeddings=True),
+                             peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    cfg, base = jaxft.from_pretrained(tmp_path / "base")
+    lcfg = jaxft.LoraConfig(**lora_kwargs)
+    params = jaxft.lora.add(cfg, base, lcfg, jax.random.PRNGKey(0))
+    assert jaxft.lora.trainable_count(params) == pm.get_nb_trainable_parameters()[0]
+
+    params = _train_a_little(cfg, params)
+    embedding = np.asarray(base["embed_tokens"]["embedding"])
+    assert np.max(np.abs(np.asarray(params["embed_tokens"]["embedding"]) - embedding)) > 1e-2, "embedding trained"
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), embedding.T)   # the head stays the base's
+    ours = np.asarray(jaxft.forward(cfg, params, jnp.asarray(_ids())))
+    jaxft.save_adapter(params, lcfg, tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(build("llama", tie_word_embeddings=True), tmp_path / "adapter")
+    np.testing.assert_allclose(torch_logits(reloaded, _ids()), ours, atol=1e-4, rtol=0)
+    again = jaxft.load_adapter(tmp_path / "adapter", base)
+    np.testing.assert_allclose(np.asarray(jaxft.forward(cfg, again, jnp.asarray(_ids()))), ours, atol=1e-5, rtol=0)

@@ -302,7 +302,7 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
                                   "biases are trained in every layer or none")
             marked["/".join(path) + "/bias"] = None
     for path in _saved_groups(cfg, lcfg):
-        if path == ("lm_head",) and "lm_head" not in params:
+        if path in (("lm_head",), ("embed_tokens",)) and cfg.tie_word_embeddings and "lm_head" not in params:
             params["lm_head"] = _untied_head(params["embed_tokens"])
         group = _get(params, path)
         if any(isinstance(v, nf4.QuantizedTensor) for v in group.values()):
@@ -318,8 +318,10 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
 
 
 def _untied_head(embed_group: dict) -> dict:
-    """PEFT's ModulesToSaveWrapper on a tied lm_head: a copy of the (tied) weight, trained on its own while the
-    input embedding stays as it is; it is saved as ``lm_head.weight`` and makes the head untied from then on."""
+    """PEFT's ModulesToSaveWrapper on one side of tied embeddings copies that module and trains the copy, so the
+    other side keeps the original weight: with ``lm_head`` listed the head is a trained copy (saved as
+    ``lm_head.weight``), with ``embed_tokens`` listed it is a frozen copy of the base table (not saved: loading
+    rebuilds it from the base). Either way the head is untied from then on."""
     return {"kernel": jnp.array(embedding_table(embed_group).T)}
 
 
