@@ -148,7 +148,8 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     summaries = []
     for k, (c, out) in enumerate(zip(cfgs, outs)):
         summary = {"steps": tc.steps, "trainable_params": int(n_trainable[k]), "final_loss": float(last[k]["loss"]),
-                   "tokens_per_s": last[k].get("tokens_per_s"), "padding": throughput.padding, "data_report": pipeline.report.summary()}
+                   "tokens_per_s": last[k].get("tokens_per_s"), "padding": throughput.padding,
+                   "data_report": pipeline.report.summary()}
         if last_eval:
             summary["eval"] = last_eval[k]
         if is_main:

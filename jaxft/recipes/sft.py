@@ -174,7 +174,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     params = combine(_to_host(state["trainable"]), _to_host(frozen))
     summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
                "final_loss": float(last.get("loss", float("nan"))) if last else None,
-               "tokens_per_s": last.get("tokens_per_s"), "padding": throughput.padding, "data_report": pipeline.report.summary()}
+               "tokens_per_s": last.get("tokens_per_s"), "padding": throughput.padding,
+               "data_report": pipeline.report.summary()}
     if eval_pipeline:  # the final step's evaluation, else one now (the same batches either way)
         summary["eval"] = last_eval or run_eval()
     if is_main:
