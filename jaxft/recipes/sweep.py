@@ -335,8 +335,8 @@ def markdown_table(axes: tuple[Axis, ...], rows: list[dict], heatmap_note: str) 
         "# Sweep", "", *lines, "",
         f"Each cell: {spread}. Final train loss: the last logged step; eval loss and eval token accuracy "
         "(argmax = label over the target tokens, teacher-forced) on eval_data at the end; eval exact match (with "
-        "--exact-match): greedy replies equal to the reference; tokens/s: real (non-padding) tokens, median of the last "
-        "steps; padding share: the share of the batches' token slots that held padding.", "",
+        "--exact-match): greedy replies equal to the reference; tokens/s: real (non-padding) tokens, median of the "
+        "last steps; padding share: the share of the batches' token slots that held padding.", "",
         heatmap_note, "",
     ])
 
