@@ -18,7 +18,11 @@ Workloads (``--config``):
 
 FLOPs per token count matmuls only: a frozen base linear costs 4 per weight (forward + input gradient), a trained
 one 6, attention scores and values 12 * layers * heads * head_dim * T (forward + backward, no causal discount).
-MFU is achieved FLOP/s over the peak of a 2048^2 matmul in JAX measured in this run (best of the runs).
+MFU is achieved FLOP/s over the peak of a 2048^2 float32 matmul measured in this run on the same stack (JAX for
+jaxft, PyTorch for the reference; best of the runs), so each side is judged against what its own matmul reaches on
+this CPU. The CPU model (``lscpu``, else ``/proc/cpuinfo``) is recorded with the results: the jaxft / PyTorch
+ratio depends on it (XLA:CPU and PyTorch's oneDNN/MKL kernels are tuned differently per microarchitecture). The
+reference uses PyTorch's default attention, ``sdpa`` (``scaled_dot_product_attention``).
 
     python scripts/bench_train.py --workloads lora,qlora,full --pairs 3
 """
@@ -56,6 +60,12 @@ WORKLOADS = ("lora", "qlora", "full")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 LR = 2e-4
 RESULT = "BENCH_RESULT "
+REFERENCE_ATTENTION = "sdpa"  # transformers' default: what a PyTorch user trains with
+CPU_FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+CPU_FIELDS = {"Model name": "model_name", "Vendor ID": "vendor", "CPU family": "family", "Model": "model",
+              "Stepping": "stepping", "Hypervisor vendor": "hypervisor", "Flags": "flags"}
+CPUINFO_FIELDS = {"model name": "model_name", "vendor_id": "vendor", "cpu family": "family", "model": "model",
+                  "stepping": "stepping", "flags": "flags"}
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -66,6 +76,39 @@ def random_batch(config: dict, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return rng.integers(0, config["model"]["vocab_size"], size=(config["batch"], config["seq"]), dtype=np.int64)
+
+
+def cpu_info(lscpu_text: str | None = None, cpuinfo_text: str | None = None) -> dict:
+    """The CPU the numbers were measured on: model name, vendor, family / model / stepping (which name the
+    microarchitecture where a VM hides the marketing name), hypervisor, and the SIMD / matrix flags that decide
+    matmul speed. From ``lscpu``, else ``/proc/cpuinfo``; texts can be passed in (tests)."""
+    if lscpu_text is None and cpuinfo_text is None:
+        try:
+            lscpu_text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
+                                        env={**os.environ, "LC_ALL": "C"}).stdout
+        except (OSError, subprocess.CalledProcessError):
+            cpuinfo_text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    text, fields, source = ((lscpu_text, CPU_FIELDS, "lscpu") if lscpu_text is not None
+                            else (cpuinfo_text, CPUINFO_FIELDS, "/proc/cpuinfo"))
+    info = {"source": source}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        name = fields.get(key.strip())
+        if name and name not in info:  # /proc/cpuinfo repeats every field per CPU: the first one is kept
+            info[name] = value.strip()
+    flags = set(info.pop("flags", "").split())
+    info["flags_of_note"] = [f for f in CPU_FLAGS_OF_NOTE if f in flags]
+    info["cpus"] = os.cpu_count()
+    return info
+
+
+def cpu_label(info: dict) -> str:
+    """One line naming the CPU, e.g. ``AMD EPYC (family 25, model 17; KVM guest; avx512f ...), 2 CPUs``."""
+    details = [f"family {info.get('family', '?')}, model {info.get('model', '?')}"]
+    if info.get("hypervisor"):
+        details.append(f"{info['hypervisor']} guest")
+    details.append(" ".join(info.get("flags_of_note", [])) or "no AVX2")
+    return f"{info.get('model_name', 'unknown CPU')} ({'; '.join(details)}), {info.get('cpus')} CPUs"
 
 
 def peak_rss_bytes() -> int:
@@ -186,18 +229,40 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
             "nf4_bytes_per_param": nf4_bytes_per_param(params)}
 
 
+PEAK_N = 2048
+
+
 def run_peak(_config: dict, _workload: str, args) -> dict:
-    """GFLOP/s of a 2048^2 float32 matmul in JAX (best of 10), the MFU denominator."""
+    """GFLOP/s of a 2048^2 float32 matmul in JAX (best of 10), the jaxft side's MFU denominator."""
     import jax
     import jax.numpy as jnp
 
-    n = 2048
+    n = PEAK_N
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     best = min(_seconds(lambda: matmul(a, b).block_until_ready()) for _ in range(10))
     return {"matmul_gflops": 2 * n ** 3 / best / 1e9, "device": jax.devices()[0].device_kind}
+
+
+def run_peak_torch(_config: dict, _workload: str, args) -> dict:
+    """GFLOP/s of the same float32 matmul in PyTorch with the reference's thread count (best of 10)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(PEAK_N, PEAK_N, generator=generator).to(device) for _ in range(2))
+
+    def matmul():
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    matmul()
+    best = min(_seconds(matmul) for _ in range(10))
+    return {"matmul_gflops": 2 * PEAK_N ** 3 / best / 1e9, "device": device, "threads": torch.get_num_threads()}
 
 
 def _seconds(fn) -> float:
@@ -219,12 +284,12 @@ def torch_model(config: dict, workload: str, tmp: str):
     if "rope" in config:
         kwargs["rope_scaling"] = {**config["rope"], "rope_type": "llama3"}
     hf_cfg = transformers.LlamaConfig(**kwargs)
-    hf_cfg._attn_implementation = "eager"
+    hf_cfg._attn_implementation = REFERENCE_ATTENTION
     model = transformers.LlamaForCausalLM(hf_cfg).to(dtype)
     if workload == "qlora":  # bitsandbytes quantizes on load
         model.save_pretrained(tmp)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=dtype, attn_implementation="eager",
+            tmp, dtype=dtype, attn_implementation=REFERENCE_ATTENTION,
             quantization_config=transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype))
@@ -261,7 +326,8 @@ def run_torch(config: dict, workload: str, args) -> dict:
             "device": device, "peak_device_bytes": peak_device}
 
 
-WORKERS = {"jaxft": run_jaxft, "torch": run_torch, "peak": run_peak}
+WORKERS = {"jaxft": run_jaxft, "torch": run_torch, "peak": run_peak, "peak-torch": run_peak_torch}
+PEAK_STACKS = {"jaxft": "jax", "baseline": "jax", "torch": "torch"}  # whose matmul peak each stack's MFU divides by
 
 
 def worker(args) -> None:
@@ -330,7 +396,8 @@ def summarize(runs: list[dict], flops: dict, peak_gflops: float) -> dict:
             "peak_device_gib": _gib(max((r["peak_device_bytes"] or 0) for r in runs)),
             "model_gflop_per_s": achieved, "mfu": achieved / peak_gflops,
             "mfu_6n": tokens_per_s * flops["6N"] / 1e9 / peak_gflops,
-            "final_loss": median_run["final_loss"], "nf4_bytes_per_param": runs[0].get("nf4_bytes_per_param")}
+            "final_loss": median_run["final_loss"], "nf4_bytes_per_param": runs[0].get("nf4_bytes_per_param"),
+            "matmul_peak_gflops": peak_gflops}
 
 
 def _median_or_none(values):
@@ -348,21 +415,23 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(report: dict) -> None:
     load = report["load_average_1_5_15"]
-    print(f"\nload average (1/5/15 min) {' '.join(f'{x:.2f}' for x in load['start'])} at start, "
+    print(f"\nCPU: {cpu_label(report['machine']['cpu'])}")
+    print(f"load average (1/5/15 min) {' '.join(f'{x:.2f}' for x in load['start'])} at start, "
           f"{' '.join(f'{x:.2f}' for x in load['end'])} at end")
-    print(f"matmul peak (2048^2 f32, JAX): {report['matmul_peak_gflops']:.1f} GFLOP/s; config {report['config']}, "
+    peaks = ", ".join(f"{stack} {gflops:.1f}" for stack, gflops in report["matmul_peak_gflops"].items())
+    print(f"f32 matmul peak ({PEAK_N}^2, {report['threads']} threads), GFLOP/s: {peaks}; config {report['config']}, "
           f"{report['tokens_per_step']} tokens/step, {report['steps']} timed steps after {report['warmup']} "
-          f"warm-up, {report['pairs']} alternating pairs\n")
+          f"warm-up, {report['pairs']} alternating pairs; reference attention {report['reference_attention']}\n")
     print("| workload | stack | tokens/s | step s (median) | step s (p90) | compile s | first step s | peak RSS GiB "
-          "| MFLOP/token | MFU | 6N-MFU | tokens/s vs torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MFLOP/token | matmul peak GFLOP/s | MFU | 6N-MFU | tokens/s vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload, entry in report["workloads"].items():
         for stack, row in entry["summary"].items():
             ratio = f"{entry['ratios'][stack]['median']:.2f}x" if stack in entry["ratios"] else ""
             print(f"| {workload} | {stack} | {row['tokens_per_s']:.0f} | {row['step_s_median']:.3f} | "
                   f"{row['step_s_p90']:.3f} | {_fmt(row['compile_s'], '.1f')} | {row['first_step_s']:.1f} | "
                   f"{row['peak_rss_gib']:.2f} | {entry['flops_per_token']['model'] / 1e6:.0f} | "
-                  f"{100 * row['mfu']:.1f}% | {100 * row['mfu_6n']:.1f}% | {ratio} |")
+                  f"{row['matmul_peak_gflops']:.1f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_6n']:.1f}% | {ratio} |")
     extras = report.get("derived", {})
     for key, value in extras.items():
         print(f"\n{key}: {value:.3f}")
@@ -380,24 +449,27 @@ def derived(workloads: dict) -> dict:
 def drive(args) -> None:
     config = CONFIGS[args.config]
     load_start = os.getloadavg()  # the machine may be shared: timings mean little without it
-    peaks = [spawn_peak(args)]
+    peak_stacks = ["jax"] + (["torch"] if args.reference == "torch" else [])
+    peaks = {stack: [spawn_peak(args, stack)] for stack in peak_stacks}
     workloads = {}
     for workload in args.workloads.split(","):
         print(f"{workload}:", file=sys.stderr, flush=True)
         entry = measure(args, workload)
-        peaks.append(spawn_peak(args))
+        for stack in peak_stacks:
+            peaks[stack].append(spawn_peak(args, stack))
         entry["flops_per_token"] = flops_per_token(config, workload)
         workloads[workload] = entry
-    peak = max(peaks)
+    peak = {stack: max(runs) for stack, runs in peaks.items()}
     for entry in workloads.values():
-        entry["summary"] = {stack: summarize(runs, entry["flops_per_token"], peak)
+        entry["summary"] = {stack: summarize(runs, entry["flops_per_token"], peak[PEAK_STACKS[stack]])
                             for stack, runs in entry["runs"].items() if runs}
     report = {"benchmark": "train step", "config": args.config, "model": config, "lora": LORA, "lr": LR,
               "tokens_per_step": config["batch"] * config["seq"], "steps": args.steps, "warmup": args.warmup,
               "pairs": args.pairs, "threads": args.threads, "loss_chunk_size": args.loss_chunk,
               "matmul_peak_gflops": peak, "matmul_peak_runs_gflops": peaks, "workloads": workloads,
+              "reference_attention": REFERENCE_ATTENTION,
               "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+              "machine": {"cpus": os.cpu_count(), "cpu": cpu_info(), "python": platform.python_version(),
                           "platform": platform.platform()},
               "versions": versions(args.reference), "command": " ".join(["python", *sys.argv])}
     report["derived"] = derived(workloads)
@@ -407,13 +479,16 @@ def drive(args) -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def spawn_peak(args) -> float:
-    return spawn_quiet(args)["matmul_gflops"]
+def spawn_peak(args, stack: str = "jax") -> float:
+    """The f32 matmul GFLOP/s of ``stack`` ("jax" or "torch") in a fresh process on the benchmark's CPUs."""
+    return spawn_quiet(args, "peak" if stack == "jax" else "peak-torch")["matmul_gflops"]
 
 
-def spawn_quiet(args) -> dict:
-    command = [sys.executable, __file__, "--worker", "peak", "--config", args.config]
-    done = subprocess.run(command, env=jax_env(), capture_output=True, text=True, cwd=ROOT,
+def spawn_quiet(args, worker: str = "peak") -> dict:
+    command = [sys.executable, __file__, "--worker", worker, "--config", args.config, "--threads", str(args.threads)]
+    env = jax_env() if worker == "peak" else dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT,
                           preexec_fn=pinned(args.threads))
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode or not lines:

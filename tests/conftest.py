@@ -28,3 +28,5 @@ def tiny_run(tmp_path_factory):
               "train": {"steps": 3, "log_every": 1, "loss_chunk_size": 0}}
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     return root
+
+from no_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (no test is skipped)

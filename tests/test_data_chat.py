@@ -16,8 +16,8 @@ from jaxft.data import DataError, DataReport, Example, save_chat_template, token
 from jaxft.data.chat import ALPACA_TEMPLATE, BUILTIN_TEMPLATES, IGNORE, resolve_template
 from jaxft.hf.tokenizer import load_tokenizer
 
-transformers = pytest.importorskip("transformers")
-trl = pytest.importorskip("trl")
+import transformers  # noqa: E402
+import trl  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"

@@ -62,7 +62,8 @@ def test_prompt_completion_strings_and_text_load_as_plain_text(tmp_path):
 
 @pytest.mark.parametrize("kind", ["json", "csv", "parquet", "saved"])
 def test_json_csv_parquet_and_saved_datasets_load_alike(tmp_path, kind):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
     if kind == "json":
         path = tmp_path / "d.json"

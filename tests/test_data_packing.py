@@ -76,7 +76,7 @@ def test_bfd_places_every_document_once_within_capacity():
 
 
 def test_bfd_needs_no_more_rows_than_trl():
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from trl import pack_dataset
     lengths = np.random.default_rng(2).integers(1, 300, 600)
     ds = datasets.Dataset.from_dict({"input_ids": [[1] * int(n) for n in lengths]})

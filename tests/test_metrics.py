@@ -89,7 +89,6 @@ def read_tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
-    pytest.importorskip("tensorboardX")
     log_run(tmp_path, steps=2, enabled=True, tensorboard=True)
     scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars["train/loss"] == [(1, 3.0), (2, 1.5)]
@@ -144,3 +143,15 @@ def test_evaluate_on_a_split_without_loss_tokens_is_an_error():
 
 def test_perplexity_of_a_diverged_loss_is_inf():
     assert perplexity(1e4) == math.inf
+
+
+def test_throughput_reports_the_padding_share_of_all_steps_so_far():
+    clock = FakeClock()
+    throughput = Throughput(window=2, warmup=1, clock=clock)
+    reports = []
+    for tokens, slots in ((300, 400), (100, 400), (400, 400)):
+        clock.now += 2.0
+        reports.append(throughput.tick(tokens, slots))
+    assert [r["padding"] for r in reports] == [0.25, 0.5, 1 - 800 / 1200]   # warm-up step included
+    assert reports[1]["tokens_per_s"] == 50.0 and throughput.padding == 1 - 800 / 1200
+    assert Throughput().padding is None and "padding" not in Throughput(warmup=0).tick(10)

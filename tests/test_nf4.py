@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnb_functional  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
 from jaxft.ops import nf4  # noqa: E402

@@ -132,7 +132,8 @@ def test_unknown_grid_key_is_named(tiny_config, tmp_path):
 
 
 READ = {"final_loss": lambda s: s["final_loss"], "eval_loss": lambda s: s["eval"]["loss"],
-        "eval_accuracy": lambda s: s["eval"]["accuracy"], "tokens_per_s": lambda s: s["tokens_per_s"]}
+        "eval_accuracy": lambda s: s["eval"]["accuracy"], "tokens_per_s": lambda s: s["tokens_per_s"],
+        "padding": lambda s: s["padding"]}
 
 
 def _expected_rows(sweep_dir, metrics=tuple(READ)):

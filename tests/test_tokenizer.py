@@ -19,9 +19,9 @@ import pytest
 from jaxft.hf import chat_template
 from jaxft.hf.tokenizer import TokenizerError, load_tokenizer
 
-transformers = pytest.importorskip("transformers")
-trl = pytest.importorskip("trl")
-sentencepiece = pytest.importorskip("sentencepiece")
+import sentencepiece  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"

@@ -379,11 +379,10 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
             params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))):
         raise ConfigError("save_pretrained writes dense weights, but these params hold 4-bit kernels: "
                           "merge adapters with jaxft.lora.merge (which dequantizes) first")
-    if any(k.startswith("lora") for g in params["layers"].values() for k in g):
-        raise ConfigError("these params carry LoRA adapters: save them with save_adapter, or merge them first")
+    _refuse_adapters(params)
     out = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
            "model.norm.weight": np.asarray(params["norm"]["scale"])}
-    if not cfg.tie_word_embeddings:
+    if "lm_head" in params:  # also a tied model's head copied by modules_to_save (PEFT): written untied
         out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
     for module, group in params["layers"].items():
         for leaf, stacked in group.items():
@@ -391,6 +390,18 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
             for i in range(cfg.num_hidden_layers):
                 out[layer_name(i, module, leaf)] = stacked[i].T if leaf == "kernel" else stacked[i]
     return out
+
+
+def _refuse_adapters(params: dict):
+    """Adapter leaves anywhere (embed_tokens, lm_head, layers) would be dropped silently by the HF layout."""
+    from jaxft.peft.lora import ADAPTER_KEYS, _leaf_paths
+
+    paths = _leaf_paths(params)
+    groups = sorted({p.rsplit("/", 1)[0] for p in paths if p.rsplit("/", 1)[-1] in ADAPTER_KEYS})
+    if groups:
+        raise ConfigError(f"save_pretrained: these params carry adapters on {', '.join(groups)}, which a Hugging Face "
+                          "model folder has no place for; save them with jaxft.save_adapter, or fold them into the "
+                          "weights first: jaxft.save_pretrained(cfg, jaxft.lora.merge(params), out_dir)")
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -435,6 +446,8 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir, *, max_shard_bytes:
                     overwrite: bool = False) -> Path:
     """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``)."""
     tensors = to_hf_tensors(cfg, params)
+    if "lm_head" in params:
+        cfg = cfg.replace(tie_word_embeddings=False)
     dtype = str(np.asarray(params["embed_tokens"]["embedding"]).dtype)
     out, tmp = prepare_output_dir(out_dir, overwrite)
     try:

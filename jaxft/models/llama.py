@@ -188,16 +188,21 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     return x, {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segment, "index": cache["index"] + t}
 
 
+def tied_head(cfg: ModelConfig, params: dict) -> bool:
+    """The head is the embedding table, unless ``modules_to_save`` gave a tied model its own ``lm_head`` copy."""
+    return cfg.tie_word_embeddings and "lm_head" not in params
+
+
 def lm_head_kernel(cfg: ModelConfig, params: dict) -> jnp.ndarray:
     """[D, V] base output projection (the transposed embedding when tied); an lm_head adapter is not included."""
-    if cfg.tie_word_embeddings:
+    if tied_head(cfg, params):
         return embedding_table(params["embed_tokens"]).T
     return params["lm_head"]["kernel"]
 
 
 def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray, rng=None) -> jnp.ndarray:
     """float32 logits [..., V] from hidden states in the compute dtype."""
-    if cfg.tie_word_embeddings:
+    if tied_head(cfg, params):
         w = embedding_table(params["embed_tokens"]).astype(h.dtype)
         return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
     return linear(params["lm_head"], h, rng).astype(jnp.float32)

@@ -270,8 +270,6 @@ def _saved_groups(cfg: ModelConfig, lcfg: LoraConfig) -> list[tuple[str, ...]]:
         return []
     hits: dict[tuple[str, ...], set] = {}
     for m in modules(cfg):
-        if m.key == "lm_head" and cfg.tie_word_embeddings:
-            continue
         if any(m.key.endswith(entry) for entry in lcfg.modules_to_save):
             hits.setdefault(m.group, set()).add(m.layer)
     for group, layers in hits.items():
@@ -304,6 +302,8 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
                                   "biases are trained in every layer or none")
             marked["/".join(path) + "/bias"] = None
     for path in _saved_groups(cfg, lcfg):
+        if path in (("lm_head",), ("embed_tokens",)) and cfg.tie_word_embeddings and "lm_head" not in params:
+            params["lm_head"] = _untied_head(params["embed_tokens"])
         group = _get(params, path)
         if any(isinstance(v, nf4.QuantizedTensor) for v in group.values()):
             raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
@@ -315,6 +315,14 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
     if marked:
         params[MARKER] = marked
     return params
+
+
+def _untied_head(embed_group: dict) -> dict:
+    """PEFT's ModulesToSaveWrapper on one side of tied embeddings copies that module and trains the copy, so the
+    other side keeps the original weight: with ``lm_head`` listed the head is a trained copy (saved as
+    ``lm_head.weight``), with ``embed_tokens`` listed it is a frozen copy of the base table (not saved: loading
+    rebuilds it from the base). Either way the head is untied from then on."""
+    return {"kernel": jnp.array(embedding_table(embed_group).T)}
 
 
 def _trainable_rows(group: dict, indices) -> dict:

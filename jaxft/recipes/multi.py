@@ -13,7 +13,6 @@ import json
 from functools import partial
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxft import parallel
@@ -130,7 +129,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
         batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, consts, base, batches)
         guard.check(step, metrics)  # one diverged member stops the sweep, as it does a sequential one
-        speed = throughput.tick(int(np.prod(batches["input_ids"].shape)))
+        speed = throughput.tick(*sft.count_tokens(batches))
         logging = step % tc.log_every == 0 or step == tc.steps
         host = jax.device_get(metrics) if logging else None  # one transfer for all members, on logging steps only
         for k, logger in enumerate(loggers):
@@ -149,7 +148,8 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     summaries = []
     for k, (c, out) in enumerate(zip(cfgs, outs)):
         summary = {"steps": tc.steps, "trainable_params": int(n_trainable[k]), "final_loss": float(last[k]["loss"]),
-                   "tokens_per_s": last[k].get("tokens_per_s"), "data_report": pipeline.report.summary()}
+                   "tokens_per_s": last[k].get("tokens_per_s"), "padding": throughput.padding,
+                   "data_report": pipeline.report.summary()}
         if last_eval:
             summary["eval"] = last_eval[k]
         summary["export"] = str(sft.export_dir(c, out))

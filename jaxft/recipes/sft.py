@@ -70,6 +70,17 @@ def stack_micro_batches(iterator, n: int, sharding) -> dict:
     return out
 
 
+@jax.jit
+def _real_tokens(segment_ids):
+    return jnp.sum(segment_ids != 0, dtype=jnp.int32)
+
+
+def count_tokens(batches: dict) -> tuple[int, int]:
+    """(real tokens, token slots) of a global batch: padding (segment id 0, ``jaxft.data.packing``) is no token of
+    the data, so tokens/s counts only the rest. Summed on the devices, so every process gets the global count."""
+    return int(_real_tokens(batches["segment_ids"])), int(np.prod(batches["segment_ids"].shape))
+
+
 def _check_batch_fits(cfg: RunConfig, mesh):
     """Batch rows are split over the data and fsdp axes; say so before jit fails with a tiling message."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -158,8 +169,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, frozen, batches)
         guard.check(step, metrics)
-        n_tokens = int(np.prod(batches["input_ids"].shape))
-        last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(n_tokens)}
+        last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(*count_tokens(batches))}
         logger.log(step, last)
         if eval_pipeline and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
             last_eval = run_eval()
@@ -174,8 +184,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     params = combine(_to_host(state["trainable"]), _to_host(frozen))
     summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
                "final_loss": float(last.get("loss", float("nan"))) if last else None,
-               "tokens_per_s": last.get("tokens_per_s"), "data_report": pipeline.report.summary()}
-    if eval_pipeline:  # the final step's evaluation; another pass would read the next eval batches instead
+               "tokens_per_s": last.get("tokens_per_s"), "padding": throughput.padding,
+               "data_report": pipeline.report.summary()}
+    if eval_pipeline:  # the final step's evaluation, else one now (the same batches either way)
         summary["eval"] = last_eval or run_eval()
     summary["export"] = str(export_dir(cfg, out))
     if is_main:
@@ -252,6 +263,9 @@ def _eval_step(model_cfg, chunk_tokens: int):
 
 
 def _eval_batches(iterator, n: int, sharding):
+    """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
+    would score a different subset each time; it is rewound to its start instead."""
+    iterator.set_state({**iterator.get_state(), "epoch": 0, "batch": 0})
     for _ in range(n):
         yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding).items()}
 

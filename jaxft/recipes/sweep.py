@@ -57,6 +57,7 @@ METRICS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
     ("eval_accuracy", "eval token accuracy", lambda s: (s.get("eval") or {}).get("accuracy")),
     ("eval_exact_match", "eval exact match", lambda s: (s.get("eval") or {}).get("exact_match")),
     ("tokens_per_s", "tokens/s", lambda s: s.get("tokens_per_s")),
+    ("padding", "padding share", lambda s: s.get("padding")),
 )
 
 
@@ -364,7 +365,8 @@ def markdown_table(axes: tuple[Axis, ...], rows: list[dict], heatmap_note: str) 
         "# Sweep", "", *lines, "",
         f"Each cell: {spread}. Final train loss: the last logged step; eval loss and eval token accuracy "
         "(argmax = label over the target tokens, teacher-forced) on eval_data at the end; eval exact match (with "
-        "--exact-match): greedy replies equal to the reference; tokens/s: median of the last steps.", "",
+        "--exact-match): greedy replies equal to the reference; tokens/s: real (non-padding) tokens, median of the "
+        "last steps; padding share: the share of the batches' token slots that held padding.", "",
         heatmap_note, "",
     ])
 

@@ -58,7 +58,10 @@ def evaluate(eval_step: Callable[[Any], tuple], batches: Iterable[Any]) -> dict[
 
 
 class Throughput:
-    """Step time and tokens/s, each the median over the last ``window`` steps.
+    """Step time and tokens/s, each the median over the last ``window`` steps, and the padding share.
+
+    ``tokens`` are real tokens (padding slots are not work done for the user); given the batch's ``slots`` too,
+    ``padding`` is the share of all slots ticked so far that held padding (warm-up steps included).
 
     The first ``warmup`` steps are left out: they include compilation, and would dominate a short window. A median
     rather than a mean keeps one slow step (a checkpoint save, an eval, a host hiccup) from moving the numbers.
@@ -75,18 +78,29 @@ class Throughput:
         self._step_times: deque[float] = deque(maxlen=window)
         self._rates: deque[float] = deque(maxlen=window)
         self._last = clock()
+        self._tokens = self._slots = 0
 
-    def tick(self, tokens: int) -> dict[str, float]:
-        """Records one finished step of ``tokens`` tokens; returns ``{"step_time_s", "tokens_per_s"}``, or ``{}``
-        while warming up."""
+    @property
+    def padding(self) -> float | None:
+        """Share of the token slots ticked so far that held padding; None before any step with ``slots``."""
+        return 1.0 - self._tokens / self._slots if self._slots else None
+
+    def tick(self, tokens: int, slots: int | None = None) -> dict[str, float]:
+        """Records one finished step of ``tokens`` real tokens in ``slots`` token slots; returns
+        ``{"step_time_s", "tokens_per_s"}`` (with ``slots``, also ``"padding"``); times are left out while warming
+        up."""
         now = self._clock()
         elapsed, self._last = now - self._last, now
+        if slots is not None:
+            self._tokens, self._slots = self._tokens + int(tokens), self._slots + int(slots)
+        out = {} if slots is None else {"padding": self.padding}
         if self._warmup_left > 0:
             self._warmup_left -= 1
-            return {}
+            return out
         self._step_times.append(elapsed)
         self._rates.append(tokens / elapsed if elapsed > 0 else math.inf)
-        return {"step_time_s": statistics.median(self._step_times), "tokens_per_s": statistics.median(self._rates)}
+        return {"step_time_s": statistics.median(self._step_times), "tokens_per_s": statistics.median(self._rates),
+                **out}
 
 
 class TrainingDiverged(JaxftError, RuntimeError):

@@ -1,0 +1,42 @@
+"""The suite fails a skipped test or module (tests/no_skips.py) instead of passing over it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SKIPPING = '''
+import pytest
+
+def test_skips():
+    pytest.skip("no GPU here")
+
+def test_runs():
+    pass
+'''
+SKIPPED_MODULE = 'import pytest\n\nnot_installed = pytest.importorskip("surely_not_an_installed_module")\n'
+
+
+def _pytest(folder: Path, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(folder),
+                           *args, str(folder)], capture_output=True, text=True, env=env, cwd=folder)
+
+
+def test_skipped_tests_and_modules_fail_the_run(tmp_path):
+    for name, text in (("test_skipping.py", SKIPPING), ("test_missing_dependency.py", SKIPPED_MODULE)):
+        (tmp_path / name[5:-3]).mkdir()
+        (tmp_path / name[5:-3] / name).write_text(text)
+    plain = _pytest(tmp_path)
+    assert plain.returncode == 0 and "2 skipped" in plain.stdout, plain.stdout  # what pytest does by default
+    guarded = _pytest(tmp_path / "skipping", "-p", "no_skips")
+    assert guarded.returncode == 1 and "1 failed, 1 passed" in guarded.stdout, guarded.stdout
+    assert "skipped tests are not allowed" in guarded.stdout and "no GPU here" in guarded.stdout
+    module = _pytest(tmp_path / "missing_dependency", "-p", "no_skips")
+    assert module.returncode != 0 and "skipped tests are not allowed" in module.stdout, module.stdout
+    assert "surely_not_an_installed_module" in module.stdout
+
+
+def test_the_suite_loads_the_guard():
+    import conftest
+
+    assert conftest.pytest_runtest_makereport.__module__ == "no_skips"
