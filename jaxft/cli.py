@@ -138,22 +138,26 @@ def _generate(args) -> int:
 
 def _export(args) -> int:
     import jaxft
-
+    from jaxft.hf.checkpoint import atomic_dir, to_hf_tensors, write_pretrained
     from jaxft.hf.config import read_json
-    from jaxft.hf.peft_format import lora_config_from_peft
+    from jaxft.hf.peft_format import adapter_tensors, lora_config_from_peft, write_adapter
 
     out = Path(args.out)
     if not args.overwrite:
         _refuse_existing(out)
     cfg, params = _load(args.model, args.adapter, None)
+    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))  # before anything is written
     if args.merged:
-        jaxft.save_pretrained(cfg, jaxft.lora.merge(params), out, overwrite=args.overwrite)
+        tensors = to_hf_tensors(cfg, jaxft.lora.merge(params))
     else:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
-        jaxft.save_adapter(params, lcfg, out, base_model_name_or_path=str(Path(args.model).resolve()),
-                           overwrite=args.overwrite)
-    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
-    tok.save(out)
+        tensors = adapter_tensors(params)
+    with atomic_dir(out, args.overwrite) as tmp:  # the folder appears whole, tokenizer included, or not at all
+        if args.merged:
+            write_pretrained(cfg, tensors, tmp)
+        else:
+            write_adapter(tensors, lcfg, tmp, str(Path(args.model).resolve()))
+        tok.save(tmp)
     print(f"wrote {out}")
     return 0
 
