@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,10 +19,11 @@ import numpy as np
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
 from jaxft.data import build_iterator
+from jaxft.hf.checkpoint import write_text_atomic
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
-from jaxft.recipes.config import RunConfig, dump_run_config
+from jaxft.recipes.config import RunConfig, flat_keys
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig
 from jaxft.train.metrics import MetricsLogger, Throughput, evaluate
@@ -29,16 +31,6 @@ from jaxft.train.optim import make_schedule
 
 MAY_DIFFER = ("output_dir", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora", "lora.rank_pattern",
               "lora.alpha_pattern", "optim.lr", "train.seed")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _may_differ(key: str) -> bool:
@@ -64,9 +56,9 @@ def check_members(cfgs: list[RunConfig]) -> None:
     dirs = [str(c.output_dir) for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"parallel runs need one output_dir each, got {dirs}")
-    first = _flatten(to_dict(cfgs[0]))
+    first = flat_keys(to_dict(cfgs[0]))
     for i, cfg in enumerate(cfgs[1:], 1):
-        flat = _flatten(to_dict(cfg))
+        flat = flat_keys(to_dict(cfg))
         for key in sorted(first.keys() | flat.keys()):
             if not _may_differ(key) and first.get(key) != flat.get(key):
                 raise ConfigError(f"parallel runs must share {key}: run 0 ({cfgs[0].output_dir}) has "
@@ -89,11 +81,10 @@ def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
 def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict]:
     """Train every config's adapters together; returns one ``sft.run``-style summary per config, in order."""
     check_members(cfgs)
-    outs = [sft._prepare_run_dir(c, resume=False, overwrite=overwrite) for c in cfgs]
+    outs = [Path(c.output_dir) for c in cfgs]
+    for c, out in zip(cfgs, outs):
+        sft._check_run_dir(c, out, resume=False, overwrite=overwrite)
     is_main = jax.process_index() == 0
-    if is_main:
-        for c, out in zip(cfgs, outs):
-            dump_run_config(c, out / "config.yaml")
     cfg, tc = cfgs[0], cfgs[0].train
     tokenizer = load_tokenizer(cfg.model)
     pipeline = build_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
@@ -115,6 +106,9 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
 
     eval_pipeline = (build_iterator(cfg.eval_data, tokenizer, process_index=jax.process_index(),
                                     process_count=jax.process_count()) if cfg.eval_data else None)
+    for c, out in zip(cfgs, outs):  # every input has passed: now the folders are written
+        sft._write_run_dir(c, out, None, overwrite)
+
     @jax.jit
     def member_eval_sums(trainable, consts, base, batch):
         eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
@@ -155,6 +149,6 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
         if is_main:
             params = multi.member_params(s, trainable, k)
             summary["export"] = str(sft._export(c, params, tokenizer, pipeline.chat_template, out))
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
         summaries.append(summary)
     return summaries
