@@ -123,6 +123,8 @@ BAD_INPUTS += [
     (["train", "{config}", "--resume", "--set", "output_dir={crashed}", "--set", "lora.r=8"], "lora.r: 2 -> 8"),
     (["train", "{config}", "--resume", "--set", "output_dir={crashed}", "--set", "train.seed=3", "--set",
       "lora.target_modules=[q_proj]"], "lora.target_modules: ['q_proj', 'v_proj'] -> ['q_proj']; train.seed: 0 -> 3"),
+    (["train", "{config}", "--resume", "--set", "output_dir={crashed}", "--set", "model={bare_model}"],
+     "model: '{model}' -> '{bare_model}'"),  # with no checkpoint, no base fingerprint vouches for the new path
     (["export", "{bare_model}", "--adapter", "{bare_adapter}", "--merged", "--out", "{taken}/../fresh"],
      "no tokenizer.json or tokenizer.model"),
     (["export", "{bare_model}", "--adapter", "{bare_adapter}", "--out", "{taken}/../fresh"],
