@@ -177,22 +177,26 @@ def _generate(args) -> int:
 
 def _export(args) -> int:
     import jaxft
-
+    from jaxft.hf.checkpoint import atomic_dir, to_hf_tensors, write_pretrained
     from jaxft.hf.config import read_json
-    from jaxft.hf.peft_format import lora_config_from_peft
+    from jaxft.hf.peft_format import adapter_tensors, lora_config_from_peft, write_adapter
 
     out = Path(args.out)
     if not args.overwrite:
         _refuse_existing(out)
     cfg, params = _load(args.model, args.adapter, None)
+    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))  # before anything is written
     if args.merged:
-        jaxft.save_pretrained(cfg, jaxft.lora.merge(params), out, overwrite=args.overwrite)
+        tensors = to_hf_tensors(cfg, jaxft.lora.merge(params))
     else:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
-        jaxft.save_adapter(params, lcfg, out, base_model_name_or_path=str(Path(args.model).resolve()),
-                           overwrite=args.overwrite)
-    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
-    tok.save(out)
+        tensors = adapter_tensors(params)
+    with atomic_dir(out, args.overwrite) as tmp:  # the folder appears whole, tokenizer included, or not at all
+        if args.merged:
+            write_pretrained(cfg, tensors, tmp)
+        else:
+            write_adapter(tensors, lcfg, tmp, str(Path(args.model).resolve()))
+        tok.save(tmp)
     print(f"wrote {out}")
     return 0
 
@@ -236,12 +240,8 @@ def _mesh_shape(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune Llama-family models in JAX "
-                                     "(LoRA, QLoRA/NF4, full) from Hugging Face folders, on CPU, GPU and TPU meshes.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _train_command(sub):
+    """``jaxft train``'s arguments."""
     p = sub.add_parser("train", help="fine-tune per a YAML run config",
                        description="Full fine-tuning, LoRA or QLoRA SFT from a HF model folder, as one YAML file "
                        "describes it (see configs/). The resolved config, metrics.jsonl, curves.png, checkpoints "
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.set_defaults(func=_train)
 
+
+def _sweep_command(sub):
+    """``jaxft sweep``'s arguments."""
     p = sub.add_parser("sweep", help="train a grid of run configs and compare them",
                        description="Train the run config once per point of a grid, one run after another, and "
                        "compare: sweep.csv, sweep.md and sweep.json (final train loss, eval loss, eval token "
@@ -277,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "replies to the first N chats of eval_data: the share exactly equal to the reference answer")
     p.set_defaults(func=_sweep)
 
+
+def _eval_command(sub):
+    """``jaxft eval``'s arguments."""
     p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model (+ adapter) on data",
                        description="Evaluate a HF model folder, with a PEFT adapter if given, on SFT data files "
                        "(the formats train reads: chat messages, prompt/completion, text) over one pass: mean "
@@ -296,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "task)")
     p.set_defaults(func=_eval)
 
+
+def _demo_command(sub):
+    """``jaxft demo``'s arguments."""
     p = sub.add_parser("demo", help="run the offline end-to-end demo",
                        description="Pretrain a tiny Llama-style base on generated text (cached), quantize it to "
                        "NF4, QLoRA fine-tune it on a chat task with exactly checkable answers (increment every digit), "
@@ -305,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_demo)
 
+
+def _generate_command(sub):
+    """``jaxft generate``'s arguments."""
     p = sub.add_parser("generate", help="generate from a model (+ adapter)",
                        description="Batch generation for --prompt/--file, or an interactive prompt when neither "
                        "is given (Ctrl-D ends).")
@@ -324,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=_generate)
 
+
+def _export_command(sub):
+    """``jaxft export``'s arguments."""
     p = sub.add_parser("export", help="export an adapter (PEFT format) or a merged HF model",
                        description="Write the adapter in PEFT format, or with --merged a dense HF model with the "
                        "adapter folded in; the tokenizer and chat template go along.")
@@ -334,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_export)
 
+
+def _inspect_command(sub):
+    """``jaxft inspect``'s arguments."""
     p = sub.add_parser("inspect", help="parameter counts and per-device memory of a run config",
                        description="Build the model of a run config from its config.json alone (adapters, 4-bit "
                        "base; no weights are read) and print trainable vs total params and an estimate of the train "
@@ -351,6 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="also compile the real step on the devices here and print its memory_analysis()")
     p.set_defaults(func=_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune Llama-family models in JAX "
+                                     "(LoRA, QLoRA/NF4, full) from Hugging Face folders, on CPU, GPU and TPU meshes.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_command(sub)
+    _sweep_command(sub)
+    _eval_command(sub)
+    _demo_command(sub)
+    _generate_command(sub)
+    _export_command(sub)
+    _inspect_command(sub)
     return parser
 
 

@@ -28,10 +28,34 @@ def _bad_configs(root, tmp_path) -> dict:
     (tmp_path / "not-a-model").mkdir()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    return {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
-            "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
-            "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
-            "data": str(root / "train.jsonl"), **_silent_wrong_inputs(root), **_bad_values(root, tmp_path)}
+    paths = {"missing": str(tmp_path / "nope.yaml"), "unknown": str(tmp_path / "unknown.yaml"),
+             "evil": str(tmp_path / "evil.yaml"), "no_config_json": str(tmp_path / "not-a-model"),
+             "taken": str(tmp_path / "taken"), "config": str(root / "run.yaml"), "model": str(root / "model"),
+             "data": str(root / "train.jsonl")}
+    return {**paths, **_silent_wrong_inputs(root), **_bad_values(root, tmp_path),
+            **_run_folder_inputs(root, tmp_path)}
+
+
+def _run_folder_inputs(root, tmp_path) -> dict:
+    """#13 section 3: a run killed before its first checkpoint (its config.yaml and an empty checkpoints/), and a
+    model folder without tokenizer files with an adapter (without one either) for it, made once per module."""
+    import jax
+
+    import jaxft
+    from jaxft.recipes.config import dump_run_config, load_run_config
+
+    crashed = tmp_path / "crashed"
+    (crashed / "checkpoints").mkdir(parents=True)
+    dump_run_config(load_run_config(root / "run.yaml", [f"output_dir={crashed}"]), crashed / "config.yaml")
+    bare, adapter = root / "model-without-tokenizer", root / "adapter-without-tokenizer"
+    if not adapter.exists():
+        bare.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (bare / name).write_bytes((root / "model" / name).read_bytes())
+        cfg, params = jaxft.from_pretrained(bare)
+        lcfg = jaxft.LoraConfig(r=2, lora_alpha=4)
+        jaxft.save_adapter(jaxft.lora.add(cfg, params, lcfg, jax.random.PRNGKey(0)), lcfg, adapter)
+    return {"crashed": str(crashed), "bare_model": str(bare), "bare_adapter": str(adapter)}
 
 
 def _silent_wrong_inputs(root) -> dict:
@@ -128,6 +152,26 @@ BAD_INPUTS += [
 
 # Run folders (#13 section 3)
 BAD_INPUTS += [
+    (["train", "{config}", "--set", "data.batch_size=3", "--set", "output_dir={taken}/../fresh"],
+     "do not split over the mesh"),
+    (["train", "{config}", "--set", "data.paths=[{missing}]", "--set", "output_dir={taken}/../fresh"],
+     "nope.yaml: missing file"),
+    (["train", "{config}", "--overwrite", "--set", "output_dir={taken}", "--set", "data.paths=[{missing}]"],
+     "nope.yaml: missing file"),
+    (["train", "{config}", "--overwrite", "--set", "output_dir={taken}", "--set", "data.paths=[{taken}/keep.txt]"],
+     "overwrite would delete this run's own inputs"),
+    (["train", "{config}", "--resume", "--overwrite", "--set", "output_dir={taken}"],
+     "pass one of --resume / --overwrite"),
+    (["train", "{config}", "--resume", "--set", "output_dir={taken}"], "{taken}: nothing to resume"),
+    (["train", "{config}", "--resume", "--set", "output_dir={crashed}", "--set", "lora.r=8"], "lora.r: 2 -> 8"),
+    (["train", "{config}", "--resume", "--set", "output_dir={crashed}", "--set", "train.seed=3", "--set",
+      "lora.target_modules=[q_proj]"], "lora.target_modules: ['q_proj', 'v_proj'] -> ['q_proj']; train.seed: 0 -> 3"),
+    (["train", "{config}", "--resume", "--set", "output_dir={crashed}", "--set", "model={bare_model}"],
+     "model: '{model}' -> '{bare_model}'"),  # with no checkpoint, no base fingerprint vouches for the new path
+    (["export", "{bare_model}", "--adapter", "{bare_adapter}", "--merged", "--out", "{taken}/../fresh"],
+     "no tokenizer.json or tokenizer.model"),
+    (["export", "{bare_model}", "--adapter", "{bare_adapter}", "--out", "{taken}/../fresh"],
+     "no tokenizer.json or tokenizer.model"),
 ]
 
 # Errors that point at the real place (#13 section 4)

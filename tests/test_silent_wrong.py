@@ -154,7 +154,7 @@ def test_training_that_explodes_stops_after_max_skipped_steps_naming_step_loss_a
     assert [r["skipped"] for r in records[:4]] == [0, 1, 1, 1]  # the log itself, independent of the guard
     assert all(not np.isfinite(r["grad_norm"]) for r in records[1:4])
     loss, grad_norm = records[3]["loss"], records[3]["grad_norm"]
-    assert f"step 4: 3 steps in a row were skipped (train.max_skipped_steps 3)" in err
+    assert "step 4: 3 steps in a row were skipped (train.max_skipped_steps 3)" in err
     assert f"at step 4: loss {loss:.4g}, grad norm {grad_norm:.4g}" in err
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
 

@@ -213,8 +213,10 @@ def test_resume_retrains_only_runs_without_a_summary(finished_sweep, tiny_config
     (crashed / "summary.json").unlink()
     trained = []
 
-    def train_again(cfg):  # stands in for the real (identical) run: this test is about which runs are trained
+    def train_again(cfg, overwrite=False):  # stands in for the real (identical) run: this test is about which runs
+        assert overwrite  # are trained; the crashed folder is replaced once the new run's inputs have passed
         trained.append(cfg.output_dir)
+        shutil.rmtree(cfg.output_dir)
         shutil.copytree(tmp_path / "finished", cfg.output_dir)
         return json.loads((tmp_path / "finished" / "summary.json").read_text())
 

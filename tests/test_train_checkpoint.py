@@ -1,7 +1,9 @@
 """Train-state checkpoints: bit-identical round trips and resumes, cadence and retention, resharding on restore,
 atomicity under SIGKILL, and the frozen-base fingerprint."""
+import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -360,4 +362,42 @@ def test_missing_shard_is_a_changed_base(base_dir):
     reference = base_reference(base_dir)
     (base_dir / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(BaseModelChanged, match=r"missing \['model-00001-of-00002.safetensors'\]"):
+        check_base(reference)
+
+
+def test_weights_changed_in_place_under_the_same_config_and_header_are_a_changed_base(base_dir):
+    reference = base_reference(base_dir)
+    shard = base_dir / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    data[header_end:header_end + 4] = np.float32(1.0).tobytes()  # embed[0, 0]: 0 -> 1; names, shapes, offsets kept
+    shard.write_bytes(data)
+    with pytest.raises(BaseModelChanged, match=r"changed files \['model-00001-of-00002.safetensors'\]"):
+        check_base(reference)
+
+
+def test_the_fingerprint_is_the_sha256_of_each_files_bytes(base_dir):
+    files = base_reference(base_dir)["files"]
+    assert files == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(base_dir.iterdir())}
+
+
+def _header_reference(base_dir: Path) -> dict:
+    """A base reference as checkpoints written before byte hashing recorded it: sha256 of config.json, and per
+    safetensors file the sha256 of its size (u64 LE), header length field and JSON header."""
+    files = {"config.json": hashlib.sha256((base_dir / "config.json").read_bytes()).hexdigest()}
+    for path in sorted(base_dir.glob("*.safetensors")):
+        raw = path.read_bytes()
+        prefix = raw[:8]
+        header = raw[8:8 + struct.unpack("<Q", prefix)[0]]
+        files[path.name] = hashlib.sha256(struct.pack("<Q", len(raw)) + prefix + header).hexdigest()
+    combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"path": str(base_dir.resolve()), "sha256": combined, "files": files}
+
+
+def test_a_reference_from_before_byte_hashing_still_resumes_with_a_warning_and_still_checks_headers(base_dir):
+    reference = _header_reference(base_dir)
+    with pytest.warns(UserWarning, match="predates hashing the weights"):
+        check_base(reference)
+    save_file({"lm_head": np.zeros((8, 5), np.float32)}, str(base_dir / "model-00002-of-00002.safetensors"))
+    with pytest.warns(UserWarning), pytest.raises(BaseModelChanged, match="model-00002-of-00002.safetensors"):
         check_base(reference)

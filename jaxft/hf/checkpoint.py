@@ -6,8 +6,10 @@ existing folder unless asked to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -422,13 +424,31 @@ def occupied(path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def prepare_output_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
-    """(final dir, empty temporary dir beside it). An existing non-empty ``out_dir`` needs ``overwrite``."""
+def check_output_dir(out_dir, overwrite: bool) -> Path:
+    """``out_dir`` as a Path, unless something is there and ``overwrite`` is off; reads only."""
     out = Path(out_dir)
     if occupied(out) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
+    return out
+
+
+def _temp_beside(path: Path, make) -> Path:
+    """A new ``.<name>.<random>`` path beside ``path``, made by ``make`` (mkdir or an exclusive open). Unlike
+    tempfile's, its permissions follow the umask, as the folder or file that replaces ``path`` should."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def prepare_output_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
+    """(final dir, empty temporary dir beside it). An existing non-empty ``out_dir`` needs ``overwrite``."""
+    out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    return out, _temp_beside(out, Path.mkdir)
 
 
 def publish_dir(tmp: Path, out: Path):
@@ -442,30 +462,61 @@ def publish_dir(tmp: Path, out: Path):
     shutil.rmtree(old)
 
 
-def save_pretrained(cfg: ModelConfig, params: dict, out_dir, *, max_shard_bytes: int = 5 * 2**30,
-                    overwrite: bool = False) -> Path:
-    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``)."""
-    tensors = to_hf_tensors(cfg, params)
-    if "lm_head" in params:
-        cfg = cfg.replace(tie_word_embeddings=False)
-    dtype = str(np.asarray(params["embed_tokens"]["embedding"]).dtype)
+@contextlib.contextmanager
+def atomic_dir(out_dir, overwrite: bool = False):
+    """``with atomic_dir(out) as tmp:`` write the folder's files into ``tmp``; on leaving the block it replaces
+    ``out`` whole, in one rename, and on an error it is removed, so ``out`` is never half written or mixed."""
     out, tmp = prepare_output_dir(out_dir, overwrite)
     try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            write_safetensors(tmp / "model.safetensors", shards[0], {"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / name, shard, {"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.nbytes for t in tensors.values())
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        yield tmp
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``: a reader (or a run killed
+    mid-write) sees the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = _temp_beside(path, lambda p: p.open("x").close())
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_pretrained(cfg: ModelConfig, params: dict, out_dir, *, max_shard_bytes: int = 5 * 2**30,
+                    overwrite: bool = False) -> Path:
+    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``), atomically."""
+    tensors = to_hf_tensors(cfg, params)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_pretrained(cfg, tensors, tmp, max_shard_bytes)
+    return Path(out_dir)
+
+
+def write_pretrained(cfg: ModelConfig, tensors: dict[str, np.ndarray], folder: Path,
+                     max_shard_bytes: int = 5 * 2**30):
+    """config.json + safetensors of :func:`to_hf_tensors`' ``tensors`` into an existing ``folder`` (one that
+    :func:`atomic_dir` publishes, so that other files, e.g. a tokenizer, can join them before it appears). The
+    embedding's dtype is the checkpoint's ``torch_dtype``. A tree with its own head (``modules_to_save`` on a tied
+    model trains a copy) is written untied."""
+    if "lm_head.weight" in tensors:
+        cfg = cfg.replace(tie_word_embeddings=False)
+    dtype = str(tensors["model.embed_tokens.weight"].dtype)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0], {"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, shard, {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.nbytes for t in tensors.values())
+    (folder / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig
-from jaxft.hf.checkpoint import prepare_output_dir, publish_dir
+from jaxft.hf.checkpoint import atomic_dir
 from jaxft.hf.config import read_json
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.models.llama import ATTN_PROJ
@@ -130,17 +130,16 @@ def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, base_model_nam
                  overwrite: bool = False) -> Path:
     """Write a PEFT adapter folder (atomically; an existing folder needs ``overwrite``)."""
     tensors = adapter_tensors(params)
-    out, tmp = prepare_output_dir(out_dir, overwrite)
-    try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
-        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
-        publish_dir(tmp, out)
-    except BaseException:
-        import shutil
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_adapter(tensors, lcfg, tmp, base_model_name_or_path)
+    return Path(out_dir)
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+def write_adapter(tensors: dict, lcfg: lora.LoraConfig, folder: Path, base_model_name_or_path: str | None = None):
+    """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
+    ``folder`` (one that :func:`~jaxft.hf.checkpoint.atomic_dir` publishes together with a tokenizer)."""
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
+    write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
 
 
 def lora_config_from_peft(d: dict, source: str) -> lora.LoraConfig:

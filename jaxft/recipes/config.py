@@ -10,6 +10,7 @@ import yaml
 from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, PATH_FIELD, REMAT_POLICIES, ConfigError, ModelConfig,
                           QuantConfig, from_dict, to_dict)
 from jaxft.data.config import DataConfig
+from jaxft.hf.checkpoint import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.train.optim import OptimConfig
@@ -167,10 +168,28 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path):
-    """The resolved config, saved next to the run's outputs (loads back with :func:`load_run_config`).
+    """The resolved config, saved next to the run's outputs (loads back with :func:`load_run_config`); written
+    whole or not at all, since a resume compares against it.
 
     ``optim.total_steps`` is written as null: it always equals ``train.steps`` (``RunConfig`` refuses anything
     else), and a written number would make ``--set train.steps=N`` on the saved file a mismatch."""
     tree = to_dict(cfg)
     tree["optim"]["total_steps"] = None
-    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False))
+
+
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}``; an empty or ``None`` section stays one key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, list]:
+    """``{"section.key": [old value, new value]}`` for every key whose value differs, in key order."""
+    a, b = flat_keys(to_dict(old)), flat_keys(to_dict(new))
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

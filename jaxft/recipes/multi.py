@@ -9,18 +9,17 @@ rerun the sweep instead.
 """
 from __future__ import annotations
 
-import json
 from functools import partial
+from pathlib import Path
 
 import jax
-from jax.experimental import multihost_utils
 
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
-from jaxft.recipes.config import RunConfig, dump_run_config
+from jaxft.recipes.config import RunConfig, flat_keys
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
@@ -28,16 +27,6 @@ from jaxft.train.optim import make_schedule
 
 MAY_DIFFER = ("output_dir", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora", "lora.rank_pattern",
               "lora.alpha_pattern", "optim.lr", "train.seed")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _may_differ(key: str) -> bool:
@@ -63,9 +52,9 @@ def check_members(cfgs: list[RunConfig]) -> None:
     dirs = [str(c.output_dir) for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"parallel runs need one output_dir each, got {dirs}")
-    first = _flatten(to_dict(cfgs[0]))
+    first = flat_keys(to_dict(cfgs[0]))
     for i, cfg in enumerate(cfgs[1:], 1):
-        flat = _flatten(to_dict(cfg))
+        flat = flat_keys(to_dict(cfg))
         # optim.total_steps follows train.steps, so the key a user changed (train.steps) is named first
         for key in sorted(first.keys() | flat.keys(), key=lambda k: (k == "optim.total_steps", k)):
             if not _may_differ(key) and first.get(key) != flat.get(key):
@@ -86,14 +75,27 @@ def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
             for k in range(n_members)]
 
 
+def _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, n_members: int):
+    """``run_eval(trainable, consts, base)``: every member's held-out metrics over the same first eval batches,
+    one compiled pass for all members per batch."""
+    @jax.jit
+    def member_eval_sums(trainable, consts, base, batch):
+        eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
+        return multi.per_member(eval_sums, trainable, consts, base)
+
+    def run_eval(trainable, consts, base):
+        batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
+        return _evaluate_members(lambda b: member_eval_sums(trainable, consts, base, b), batches, n_members)
+
+    return run_eval
+
+
 def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict]:
     """Train every config's adapters together; returns one ``sft.run``-style summary per config, in order."""
     check_members(cfgs)
-    outs = [sft._prepare_run_dir(c, resume=False, overwrite=overwrite) for c in cfgs]
-    is_main = jax.process_index() == 0
-    if is_main:
-        for c, out in zip(cfgs, outs):
-            dump_run_config(c, out / "config.yaml")
+    outs = [Path(c.output_dir) for c in cfgs]
+    for c, out in zip(cfgs, outs):
+        sft._check_run_dir(c, out, resume=False, overwrite=overwrite)
     cfg, tc = cfgs[0], cfgs[0].train
     tokenizer = load_tokenizer(cfg.model)
     pipeline, eval_pipeline = sft._pipelines(cfg, tokenizer)
@@ -112,15 +114,10 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                                    group=multi.default_group())
     batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
 
-    @jax.jit
-    def member_eval_sums(trainable, consts, base, batch):
-        eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
-        return multi.per_member(eval_sums, trainable, consts, base)
+    for c, out in zip(cfgs, outs):  # every input has passed: now the folders are written
+        sft._write_run_dir(c, out, None, overwrite)
 
-    def run_eval():
-        batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
-        return _evaluate_members(lambda b: member_eval_sums(state["trainable"], consts, base, b), batches, len(cfgs))
-
+    run_eval = _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, len(cfgs))
     loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
     schedules = [make_schedule(c.optim) for c in cfgs]
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
@@ -137,7 +134,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
                 last[k] = _member_records(host, k, {"lr": float(schedules[k](step - 1)), **speed})
             logger.log(step, last[k])
         if eval_pipeline and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
-            last_eval = run_eval()
+            last_eval = run_eval(state["trainable"], consts, base)
             for logger, result in zip(loggers, last_eval):
                 logger.log_eval(step, result)
     for logger in loggers:
@@ -145,18 +142,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     guard.finish()
 
     trainable = sft._to_host(state["trainable"])
-    summaries = []
-    for k, (c, out) in enumerate(zip(cfgs, outs)):
-        summary = {"steps": tc.steps, "trainable_params": int(n_trainable[k]), "final_loss": float(last[k]["loss"]),
-                   "tokens_per_s": last[k].get("tokens_per_s"), "padding": throughput.padding,
-                   "data_report": pipeline.report.summary()}
-        if last_eval:
-            summary["eval"] = last_eval[k]
-        summary["export"] = str(sft.export_dir(c, out))
-        if is_main:
-            sft._export(c, multi.member_params(s, trainable, k), tokenizer, pipeline.chat_template, out)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        summaries.append(summary)
-    if jax.process_count() > 1:  # as sft.run: every process returns with the folders complete
-        multihost_utils.sync_global_devices("multi: run folders written")
-    return summaries
+    return [sft.publish(c, out, sft.run_summary(tc, n_trainable[k], last[k], throughput, pipeline.report,
+                                                last_eval[k] if last_eval else None),
+                        multi.member_params(s, trainable, k), tokenizer, pipeline.chat_template)
+            for k, (c, out) in enumerate(zip(cfgs, outs))]

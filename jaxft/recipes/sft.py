@@ -6,8 +6,11 @@ checkpoints -> adapter in PEFT format (with tokenizer and chat template).
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,19 +20,20 @@ from jax.experimental import multihost_utils
 from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.data import build_iterator, save_chat_template
-from jaxft.hf.checkpoint import from_pretrained, prepare_output_dir, save_pretrained
+from jaxft.hf.checkpoint import (atomic_dir, check_output_dir, from_pretrained, occupied, to_hf_tensors,
+                                 write_pretrained, write_text_atomic)
 from jaxft.hf.config import config_from_hf, read_json
-from jaxft.hf.peft_format import save_adapter
+from jaxft.hf.peft_format import adapter_tensors, write_adapter
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
-from jaxft.recipes.config import RunConfig, dump_run_config
+from jaxft.recipes.config import RunConfig, config_changes, dump_run_config, load_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.loss import IGNORE_INDEX, cross_entropy
-from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate, read_metrics
 from jaxft.train.optim import make_optimizer, make_schedule
 
 
@@ -106,24 +110,90 @@ def _pipelines(cfg: RunConfig, tokenizer):
     return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+# What a resume may change: how the run is executed, logged, evaluated and saved, never what is trained. The mesh
+# is here because a resume on another mesh continues the same run (within float tolerance, tests/test_resume.py),
+# and the model path because check_base compares the base's bytes wherever the folder now is.
+RESUME_MAY_CHANGE = ("output_dir", "model", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.save_every", "train.keep_last", "train.tensorboard", "train.remat", "train.attention",
+                     "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state",
+                     "optim.total_steps")  # it follows train.steps (RunConfig)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The run a ``resume`` continues, as read from its folder before anything is loaded or written."""
+
+    changes: dict   # "section.key" -> [old, new]: the changes to config.yaml this resume makes (all allowed ones)
+    step: int | None  # its newest complete checkpoint; None when it stopped before the first one
+    finished: bool  # summary.json is there and that checkpoint is at train.steps: nothing is left to do
+
+
+def _check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Resumed | None:
+    """Reads only: refuses an output_dir this run may not use, before anything is loaded."""
     check_model_folder(cfg)
-    out = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise ConfigError(f"{out}: resume continues the run in output_dir and overwrite replaces it; pass one of "
+                          "--resume / --overwrite")
     if resume:
-        if not (out / "checkpoints").exists():
-            raise FileNotFoundError(f"{out}: nothing to resume (no checkpoints/ folder)")
-        return out
-    final, tmp = prepare_output_dir(out, overwrite)
-    tmp.rmdir()
-    final.mkdir(parents=True, exist_ok=True)
-    if jax.process_count() > 1:  # every process checks the folder before process 0 writes into it
-        multihost_utils.sync_global_devices("sft: run folder checked")
-    return final
+        return _check_resume(cfg, out)
+    check_output_dir(out, overwrite)
+    inputs = [Path(p) for p in (cfg.model, *cfg.data.paths, *(cfg.eval_data.paths if cfg.eval_data else ()))]
+    inside = [str(p) for p in inputs if overwrite and occupied(out) and p.resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ConfigError(f"{out}: overwrite would delete this run's own inputs {inside}, which are inside it; "
+                          "choose another output_dir or move them out first")
+    return None
 
 
-def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train per ``cfg``; returns a summary (final losses, tokens/s, trainable params, output paths)."""
-    check_model_folder(cfg)
+def _check_resume(cfg: RunConfig, out: Path) -> Resumed:
+    """The run in ``out`` may be continued with ``cfg``: its config.yaml differs only in RESUME_MAY_CHANGE keys
+    (every other difference is named, old and new value), and train.steps does not go below its checkpoint."""
+    saved = out / "config.yaml"
+    if not (out / "checkpoints").is_dir() or not saved.is_file():
+        missing = "checkpoints/ folder" if saved.is_file() else "config.yaml"
+        raise FileNotFoundError(f"{out}: nothing to resume (no {missing} there); start the run without --resume")
+    with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:
+        step = checkpoints.latest_step()
+    may_change = RESUME_MAY_CHANGE if step is not None else tuple(k for k in RESUME_MAY_CHANGE if k != "model")
+    changes = config_changes(load_run_config(saved), cfg)  # without a checkpoint no base fingerprint checks "model"
+    refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()
+               if not any(k == key or k.startswith(key + ".") for key in may_change)]
+    if refused:
+        raise ConfigError(f"{out}: --resume with a config that changes what this run trains: {'; '.join(refused)} "
+                          f"(old -> new; {saved} holds the run's config). Resume with that config, e.g. `jaxft train "
+                          f"{saved} --resume`, or train the new config into another output_dir. A resume may change "
+                          f"only {', '.join(may_change)}")
+    if step is not None and cfg.train.steps < step:
+        raise ConfigError(f"{out}: train.steps {cfg.train.steps} is below the step this run has reached, checkpoint "
+                          f"{step}; resume with train.steps >= {step} (--set train.steps={step} finishes it there)")
+    return Resumed(changes, step, step == cfg.train.steps and (out / "summary.json").is_file())
+
+
+def _finished(cfg: RunConfig, out: Path, resumed: Resumed) -> dict:
+    """A finished run is left as it is: its summary, and a note on how to train it further."""
+    print(f"{out}: this run is finished (checkpoint {resumed.step} = train.steps, and summary.json); nothing to do, "
+          f"nothing was changed. To train it further, resume with more steps, e.g. --resume --set "
+          f"train.steps={2 * cfg.train.steps}.", file=sys.stderr)
+    return json.loads((out / "summary.json").read_text())
+
+
+class _Inputs(NamedTuple):
+    """Everything the validate phase loads and checks, ready for the loop."""
+
+    tokenizer: Any
+    pipeline: Any
+    eval_pipeline: Any
+    mesh: Any
+    model_cfg: Any
+    state: dict
+    frozen: dict
+    step_fn: Any
+    n_trainable: int
+    base: dict
+
+
+def _validate(cfg: RunConfig, out: Path, resumed: Resumed | None) -> _Inputs:
+    """Loads and checks every input (tokenizer, data, mesh, model, checkpoint, base) without writing anything."""
     tc = cfg.train
     rng = jax.random.PRNGKey(tc.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -131,10 +201,6 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     mesh = parallel.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
     model_cfg, params = load_model(cfg, rng, mesh)
-    out = _prepare_run_dir(cfg, resume, overwrite)  # only once data and weights have been checked
-    is_main = jax.process_index() == 0
-    if is_main:
-        dump_run_config(cfg, out / "config.yaml")
     trainable, frozen = split(params, trainable_predicate(cfg))
     n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
         x.size for x in jax.tree.leaves(trainable))
@@ -145,13 +211,55 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     frozen = parallel.shard_params(frozen, mesh)
     step_fn = jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size), optimizer, mesh, state,
                              frozen)
-    batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
-
-    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
-    if resume and checkpointer.latest_step() is not None:
-        state, extra = checkpointer.restore(jax.tree.map(lambda x: x.sharding, state))
-        check_base(extra["base"], cfg.model)
+    base = base_reference(cfg.model)
+    if resumed and resumed.step is not None:
+        with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:
+            state, extra = checkpoints.restore(jax.tree.map(lambda x: x.sharding, state))
+        check_base(extra["base"], cfg.model, current=base)
         pipeline.iterator.set_state(_own_iterator_state(extra["iterators"], out))
+    return _Inputs(tokenizer, pipeline, eval_pipeline, mesh, model_cfg, state, frozen, step_fn, n_trainable, base)
+
+
+def _write_run_dir(cfg: RunConfig, out: Path, resumed: Resumed | None, overwrite: bool):
+    """The write phase's first step, once every input has passed: a new run's folder appears with its config.yaml in
+    one rename (with overwrite, replacing the earlier run whole); a resume saves its allowed config changes."""
+    if jax.process_count() > 1:  # every process has checked its inputs before process 0 writes
+        multihost_utils.sync_global_devices("sft: inputs checked")
+    if jax.process_index() == 0:
+        if resumed is None:
+            with atomic_dir(out, overwrite) as tmp:
+                dump_run_config(cfg, tmp / "config.yaml")
+        elif resumed.changes:
+            dump_run_config(cfg, out / "config.yaml")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sft: run folder written")
+
+
+def _last_logged(out: Path, step: int) -> dict:
+    """The last train record up to ``step`` in metrics.jsonl: a run resumed at its final checkpoint trains no step,
+    and its summary still reports the loss it ended with."""
+    path = out / "metrics.jsonl"
+    records = [r for r in read_metrics(path) if r["split"] == "train" and r["step"] <= step] if path.exists() else []
+    return records[-1] if records else {}
+
+
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train per ``cfg``; returns a summary (final losses, tokens/s, trainable params, output paths).
+
+    Every input is loaded and checked before ``output_dir`` is written, so a refused run leaves it as it was.
+    ``overwrite`` replaces an earlier run whole; ``resume`` continues one whose config.yaml differs only in
+    :data:`RESUME_MAY_CHANGE` keys, and leaves a finished run untouched.
+    """
+    out = Path(cfg.output_dir)
+    resumed = _check_run_dir(cfg, out, resume, overwrite)
+    if resumed and resumed.finished:
+        return _finished(cfg, out, resumed)
+    tokenizer, pipeline, eval_pipeline, mesh, model_cfg, state, frozen, step_fn, n_trainable, base = _validate(
+        cfg, out, resumed)
+    _write_run_dir(cfg, out, resumed, overwrite)
+    tc = cfg.train
+    batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
+    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
     start = int(state["step"])
 
     eval_step = _eval_step(model_cfg, tc.loss_chunk_size or 1024)
@@ -160,11 +268,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         batches = _eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
         return evaluate(lambda b: eval_step(state["trainable"], frozen, b), batches)
 
-    base = base_reference(cfg.model)
     logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
+    if resumed:
+        logger.log_resume(start, resumed.changes)
     schedule = make_schedule(cfg.optim)
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
-    last, last_eval = {}, None
+    last, last_eval = _last_logged(out, start) if start else {}, None
     for step in range(start + 1, tc.steps + 1):
         batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, frozen, batches)
@@ -182,18 +291,30 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     guard.finish()  # a run in which no update was applied is not a success
 
     params = combine(_to_host(state["trainable"]), _to_host(frozen))
+    # the final step's evaluation, else one now (the same batches either way)
+    summary = run_summary(tc, n_trainable, last, throughput, pipeline.report,
+                          (last_eval or run_eval()) if eval_pipeline else None)
+    return publish(cfg, out, summary, params, tokenizer, pipeline.chat_template)
+
+
+def run_summary(tc, n_trainable: int, last: dict, throughput: Throughput, report, eval_result: dict | None) -> dict:
+    """What summary.json reports of a run (``sft.run``, and each member of a parallel run)."""
     summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
                "final_loss": float(last.get("loss", float("nan"))) if last else None,
                "tokens_per_s": last.get("tokens_per_s"), "padding": throughput.padding,
-               "data_report": pipeline.report.summary()}
-    if eval_pipeline:  # the final step's evaluation, else one now (the same batches either way)
-        summary["eval"] = last_eval or run_eval()
-    summary["export"] = str(export_dir(cfg, out))
-    if is_main:
-        _export(cfg, params, tokenizer, pipeline.chat_template, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    if jax.process_count() > 1:  # every process returns with the folder complete (a sweep then reads the export)
-        multihost_utils.sync_global_devices("sft: run folder written")
+               "data_report": report.summary()}
+    return {**summary, "eval": eval_result} if eval_result else summary
+
+
+def publish(cfg: RunConfig, out: Path, summary: dict, params: dict, tokenizer, chat_template: str | None) -> dict:
+    """Process 0 exports the run and writes summary.json; every process returns with the folder complete (a sweep
+    then reads the export) and the summary naming the export."""
+    summary = {**summary, "export": str(export_dir(cfg, out))}
+    if jax.process_index() == 0:
+        _export(cfg, params, tokenizer, chat_template, out)
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"run folder written: {out}")
     return summary
 
 
@@ -276,15 +397,16 @@ def export_dir(cfg: RunConfig, out: Path) -> Path:
 
 
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
-    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model."""
+    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model. The
+    folder appears complete, in one rename, replacing an earlier export whole."""
     target = export_dir(cfg, out)
-    if cfg.method == "full":
-        model_cfg = config_from_hf(read_json(Path(cfg.model) / "config.json"))
-        save_pretrained(model_cfg, params, target, overwrite=True)
-    else:
-        save_adapter(params, cfg.lora, target, base_model_name_or_path=str(Path(cfg.model).resolve()),
-                     overwrite=True)
-    tokenizer.save(target)
-    if chat_template:
-        save_chat_template(chat_template, target)
+    with atomic_dir(target, overwrite=True) as tmp:
+        if cfg.method == "full":
+            model_cfg = config_from_hf(read_json(Path(cfg.model) / "config.json"))
+            write_pretrained(model_cfg, to_hf_tensors(model_cfg, params), tmp)
+        else:
+            write_adapter(adapter_tensors(params), cfg.lora, tmp, str(Path(cfg.model).resolve()))
+        tokenizer.save(tmp)
+        if chat_template:
+            save_chat_template(chat_template, tmp)
     return target

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
 from jaxft.config import ConfigError, from_dict, to_dict
-from jaxft.hf.checkpoint import occupied
+from jaxft.hf.checkpoint import occupied, write_text_atomic
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, apply_overrides, lookup, read_run_tree
@@ -263,7 +263,7 @@ def _quiet(*args, **kwargs):
 
 def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
     """name -> summary; runs with a summary.json are done already, a run folder without one is a crashed run and is
-    trained again from scratch."""
+    trained again from scratch (replaced, with overwrite, once the new run's inputs have passed)."""
     summaries, todo = {}, []
     for r in runs:
         done = Path(r.config.output_dir) / "summary.json"
@@ -271,20 +271,16 @@ def _train_all(runs: list[Run], parallel: bool, log) -> dict[str, dict]:
             summaries[r.name] = json.loads(done.read_text())
         else:
             todo.append(r)
-    if jax.process_index() == 0:
-        for r in todo:
-            shutil.rmtree(r.config.output_dir, ignore_errors=True)
-    _sync("sweep: unfinished runs removed")
     if summaries:
         log(f"sweep: {len(summaries)} of {len(runs)} runs finished earlier (kept)")
     if parallel and todo:
         log(f"sweep: training {len(todo)} runs together: {', '.join(r.name for r in todo)}")
-        results = run_parallel([r.config for r in todo])
+        results = run_parallel([r.config for r in todo], overwrite=True)
     else:
         results = []
         for i, r in enumerate(todo, start=len(summaries) + 1):
             log(f"sweep: run {i}/{len(runs)}: {r.name}")
-            results.append(sft.run(r.config))
+            results.append(sft.run(r.config, overwrite=True))
     summaries.update((r.name, summary) for r, summary in zip(todo, results))  # each run wrote its summary.json
     return summaries
 
@@ -299,7 +295,7 @@ def _with_exact_match(r: Run, summary: dict, limit: int, progress: str, log) -> 
     score = chat_exact_match(model_cfg, params, load_tokenizer(summary["export"]), r.config.eval_data, limit)
     summary = {**summary, "eval": {**(summary.get("eval") or {}), **score}}
     if jax.process_index() == 0:  # every process scored the same replies
-        (Path(r.config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_text_atomic(Path(r.config.output_dir) / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary
 
 

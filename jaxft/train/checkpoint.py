@@ -10,8 +10,8 @@ A checkpoint is one orbax step directory with three items:
   and name the paths that differ before orbax reads a byte.
 - ``extra``: the caller's JSON (data-iterator state, run config, :func:`base_reference` of the frozen base).
 
-The frozen base is never copied into a checkpoint: ``extra`` carries its path and a cheap fingerprint, and
-:func:`check_base` refuses to resume on a base that has changed.
+The frozen base is never copied into a checkpoint: ``extra`` carries its path and a sha256 of each of its files'
+bytes, and :func:`check_base` refuses to resume on a base that has changed.
 
 Saves are asynchronous and collective: every process calls :meth:`Checkpointer.save` with the same step, each
 writes the shards its devices hold, and training continues while the bytes reach disk. Orbax copies the arrays to
@@ -21,15 +21,23 @@ A save is atomic: orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames
 every process has finished writing (on object stores, where a rename is not atomic, a ``commit_success.txt`` written
 last plays that part). A run killed mid-save leaves the temporary directory behind, which is never listed as a step,
 so :meth:`Checkpointer.latest_step` is always a complete checkpoint, and the resumed run can save that step again.
+A save that fails (disk full, no permission) raises :class:`CheckpointSaveError`, naming the step and the folder,
+from the call that finds out: the next :meth:`~Checkpointer.save`, :meth:`~Checkpointer.wait` or
+:meth:`~Checkpointer.close`.
 
 Restores are sharding-aware: the target names a sharding per leaf, and each process reads only the chunks that
 its devices hold, on the mesh of the checkpoint or on another one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import struct
+import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,48 @@ class BaseModelChanged(JaxftError, ValueError):
     """The frozen base model on disk is not the one a checkpoint's adapters were trained on."""
 
 
+class CheckpointSaveError(JaxftError, OSError):
+    """A checkpoint could not be written (disk full, no permission); the message names the step and the folder."""
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops the log records about orbax that tell the caller nothing it does not learn otherwise: a failed
+    asynchronous save, logged from each of orbax's threads (and by asyncio, for each write task whose error nobody
+    awaited) with a traceback before the error reaches the caller, who gets it once as
+    :class:`CheckpointSaveError`; and the notice that a read-only manager is read only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":
+            tb = record.exc_info[2] if record.exc_info else None
+            return not (tb and any("orbax" in frame.filename for frame in traceback.extract_tb(tb)))
+        return "orbax" not in record.pathname or not (
+            record.levelno >= logging.ERROR or str(record.msg).startswith("Given directory is read only"))
+
+
+class _SkipLateWriteCallbacks:
+    """``sys.unraisablehook`` that drops one error: after a failed save, orbax closes the event loop of its save
+    thread while tensorstore still finishes the other writes, and tensorstore's thread, telling that loop about each
+    one (``call_soon_threadsafe``, called from C), reports ``RuntimeError: Event loop is closed`` with a traceback.
+    The save's own error reaches the caller as :class:`CheckpointSaveError`; everything else goes to ``hook``."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and frames[0].name == "call_soon_threadsafe"):
+            self.hook(unraisable)
+
+
+def _quiet_orbax() -> None:
+    for logger in map(logging.getLogger, ("absl", "asyncio")):  # orbax logs through absl's Python logger
+        if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+            logger.addFilter(_QuietOrbax())
+    if not isinstance(sys.unraisablehook, _SkipLateWriteCallbacks):
+        sys.unraisablehook = _SkipLateWriteCallbacks(sys.unraisablehook)
+
+
 class Checkpointer:
     """Saves the train state every ``save_every`` steps (and when forced), keeping the newest ``keep_last``.
 
@@ -54,16 +104,22 @@ class Checkpointer:
     so every process of a multi-host run agrees on it, as the collective save requires.
     """
 
-    def __init__(self, directory: str | Path, *, save_every: int, keep_last: int = 3):
+    def __init__(self, directory: str | Path, *, save_every: int = 1, keep_last: int = 3, read_only: bool = False):
+        """``read_only`` opens existing checkpoints to list and restore them without creating or changing anything
+        (a resume is checked before its run folder is touched)."""
         if save_every < 1:
             raise ValueError(f"Checkpointer: save_every must be >= 1 step, got {save_every}")
         if keep_last < 1:
             raise ValueError(f"Checkpointer: keep_last must be >= 1 checkpoint, got {keep_last}")
         self.directory = Path(directory).resolve()  # orbax rejects relative paths
         self.save_every = save_every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=True, create=True)
+        self._in_flight: int | None = None
+        options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                                  save_interval_steps=0) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=True, create=True))
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _LAYOUT: ocp.JsonCheckpointHandler(),
                     _EXTRA: ocp.JsonCheckpointHandler()}
+        _quiet_orbax()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: Any, extra: dict | None = None, *, force: bool = False) -> bool:
@@ -79,14 +135,16 @@ class Checkpointer:
             return False
         # orbax waits for the previous save before starting one anyway; waiting first means a step still in flight
         # is listed, whichever orbax release decides when a step joins all_steps().
-        self._manager.wait_until_finished()
+        self.wait()
         if step in self._manager.all_steps():
             return False
         extra_json = _json_snapshot(extra or {})
         arrays, layout = _flatten_state(state)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(arrays), _LAYOUT: ocp.args.JsonSave(layout),
                                      _EXTRA: ocp.args.JsonSave(extra_json)})
-        self._manager.save(step, args=args, force=True)
+        self._in_flight = step
+        with self._save_errors():
+            self._manager.save(step, args=args, force=True)
         return True
 
     def all_steps(self) -> list[int]:
@@ -119,13 +177,35 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is on disk and visible to :meth:`latest_step`."""
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
         """Finishes the save in flight and releases orbax's background threads; call it before the process exits,
-        or the last checkpoint may be lost."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        or the last checkpoint may be lost. The threads are released even when that save failed."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """Orbax reports a failed write as the OSError of its Python writes or the ValueError of tensorstore's
+        (``OUT_OF_RANGE: ... File too large``); either becomes one :class:`CheckpointSaveError` naming the step."""
+        try:
+            yield
+        except (OSError, ValueError) as err:
+            step, self._in_flight = self._in_flight, None
+            with contextlib.suppress(Exception):  # release orbax's threads: the caller's run ends here
+                self._manager.close()
+            cause = " ".join(str(err).split()) or type(err).__name__
+            complete = self.all_steps()
+            raise CheckpointSaveError(
+                f"could not save checkpoint step {step} to {self.directory / str(step)}: {cause}. The last complete "
+                f"checkpoint is {f'step {complete[-1]}' if complete else 'none'}; free disk space or fix the "
+                "folder's permissions, then continue with --resume (resume=True), which starts from it."
+            ) from err
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -216,9 +296,21 @@ def _json_snapshot(extra: dict) -> dict:
                         f"reference as plain dicts, lists, strings and numbers): {err}") from err
 
 
-def _safetensors_fingerprint(path: Path) -> str:
-    """sha256 over the file size and the JSON header (names, dtypes, shapes, offsets): a cheap stand-in for hashing
-    gigabytes of weights, which catches a different model, a re-quantization or a truncated download."""
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read a chunk at a time. Weights changed in place keep their safetensors header
+    (names, dtypes, shapes, offsets), so only the bytes themselves tell two bases apart. sha256 rather than blake2b:
+    with the SHA instructions of current x86 and ARM CPUs it is the faster of the two (README: run folders)."""
+    digest, buffer = hashlib.sha256(), bytearray(chunk)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _header_fingerprint(path: Path) -> str:
+    """What checkpoints of jaxft before byte hashing recorded per safetensors file: sha256 over the file size and
+    the JSON header. Kept only to check those checkpoints' references."""
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
@@ -230,13 +322,16 @@ def _safetensors_fingerprint(path: Path) -> str:
     return hashlib.sha256(struct.pack("<Q", size) + prefix + header).hexdigest()
 
 
-def _base_fingerprints(model_dir: Path) -> dict[str, str]:
+_BYTES = "sha256 of the bytes"  # the reference's "weights" entry; references without it fingerprint headers only
+
+
+def _base_fingerprints(model_dir: Path, headers_only: bool = False) -> dict[str, str]:
     config = model_dir / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: expected a Hugging Face model folder as the base")
     files = {"config.json": hashlib.sha256(config.read_bytes()).hexdigest()}
     for path in sorted(model_dir.glob("*.safetensors")):
-        files[path.name] = _safetensors_fingerprint(path)
+        files[path.name] = _header_fingerprint(path) if headers_only else _file_sha256(path)
     return files
 
 
@@ -246,18 +341,28 @@ def _combined(files: dict[str, str]) -> str:
 
 def base_reference(model_dir: str | Path) -> dict:
     """What a checkpoint records about its frozen base instead of a copy: the folder's absolute path, one sha256
-    identifying it, and per-file fingerprints (config.json's bytes; each safetensors file's size and header)."""
+    identifying it, and per-file fingerprints (the sha256 of config.json's and of each safetensors file's bytes)."""
     model_dir = Path(model_dir).resolve()
     files = _base_fingerprints(model_dir)
-    return {"path": str(model_dir), "sha256": _combined(files), "files": files}
+    return {"path": str(model_dir), "sha256": _combined(files), "files": files, "weights": _BYTES}
 
 
-def check_base(reference: dict, model_dir: str | Path | None = None) -> None:
+def check_base(reference: dict, model_dir: str | Path | None = None, *, current: dict | None = None) -> None:
     """Raises :class:`BaseModelChanged` unless ``model_dir`` (default: the recorded path) holds the base that
     ``reference`` (from :func:`base_reference`) describes. Adapters resumed onto another base train a different
-    model without any error, so this check runs before a resume or an adapter merge."""
+    model without any error, so this check runs before a resume or an adapter merge. ``current``, the
+    :func:`base_reference` of ``model_dir`` if the caller has it, saves reading every weight a second time.
+
+    A reference written before weights were hashed (no ``weights`` entry) is checked as it was recorded, by
+    config.json and the safetensors headers, with a warning that weights changed in place go unnoticed: refusing
+    would strand every run started before, and the header check still catches another model or a re-quantization."""
     model_dir = Path(reference["path"] if model_dir is None else model_dir).resolve()
-    files = _base_fingerprints(model_dir)
+    headers_only = reference.get("weights") != _BYTES
+    if headers_only:
+        warnings.warn(f"the checkpoint's record of its base ({reference['path']}) predates hashing the weights, so "
+                      "only config.json and the safetensors headers are compared: weights changed in place would go "
+                      "unnoticed. The checkpoints this run saves from now on record the full hashes.", stacklevel=2)
+    files = current["files"] if current and not headers_only else _base_fingerprints(model_dir, headers_only)
     if _combined(files) == reference["sha256"]:
         return
     recorded = reference["files"]

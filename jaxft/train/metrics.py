@@ -260,6 +260,14 @@ class MetricsLogger:
         self._bar.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                            if k not in ("step", "split")))
 
+    def log_resume(self, step: int, changes: dict[str, list]) -> None:
+        """Records that the run was resumed from ``step``, with the config keys this resume changed
+        (``{"section.key": [old, new]}``), as a ``"resume"`` record: the log says which steps ran under which config."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), "split": "resume", "changes": changes}) + "\n")
+        self._jsonl.flush()
+
     def close(self) -> None:
         """Flushes everything and draws loss and learning-rate curves over the whole log into ``curves.png``."""
         if not self.enabled:
