@@ -115,8 +115,7 @@ def _pipelines(cfg: RunConfig, tokenizer):
 # and the model path because check_base compares the base's bytes wherever the folder now is.
 RESUME_MAY_CHANGE = ("output_dir", "model", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_last", "train.tensorboard", "train.remat", "train.attention",
-                     "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state",
-                     "optim.total_steps")  # it follows train.steps (RunConfig)
+                     "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state")
 
 
 @dataclass(frozen=True)
@@ -156,6 +155,7 @@ def _check_resume(cfg: RunConfig, out: Path) -> Resumed:
         step = checkpoints.latest_step()
     may_change = RESUME_MAY_CHANGE if step is not None else tuple(k for k in RESUME_MAY_CHANGE if k != "model")
     changes = config_changes(load_run_config(saved), cfg)  # without a checkpoint no base fingerprint checks "model"
+    changes.pop("optim.total_steps", None)  # it follows train.steps (RunConfig), which is the change to name
     refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()
                if not any(k == key or k.startswith(key + ".") for key in may_change)]
     if refused:
