@@ -62,16 +62,23 @@ def _train_a_little(cfg, params, steps=3, lr=2.0):
     return jaxft.combine(trainable, frozen)
 
 
-def test_modules_to_save_lm_head_on_tied_model_matches_peft(tmp_path):
-    lora_kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    save(build("llama", tie_word_embeddings=True), tmp_path / "base")
+def _tied_model_with(module: str, folder):
+    """A tied tiny Llama saved to ``folder/base``, loaded by jaxft with LoRA on q_proj and ``module`` in
+    modules_to_save; its trainable count must equal PEFT's for the same config."""
+    lora_kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module])
+    save(build("llama", tie_word_embeddings=True), folder / "base")
     pm = peft.get_peft_model(build("llama", tie_word_embeddings=True),
                              peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
-    cfg, base = jaxft.from_pretrained(tmp_path / "base")
+    cfg, base = jaxft.from_pretrained(folder / "base")
     assert cfg.tie_word_embeddings and "lm_head" not in base
     lcfg = jaxft.LoraConfig(**lora_kwargs)
     params = jaxft.lora.add(cfg, base, lcfg, jax.random.PRNGKey(0))
-    assert jaxft.lora.trainable_count(params) == pm.get_nb_trainable_parameters()[0]   # 8,192 head + 1,024 LoRA
+    assert jaxft.lora.trainable_count(params) == pm.get_nb_trainable_parameters()[0]
+    return cfg, base, lcfg, params
+
+
+def test_modules_to_save_lm_head_on_tied_model_matches_peft(tmp_path):
+    cfg, base, lcfg, params = _tied_model_with("lm_head", tmp_path)   # trains 8,192 head + 1,024 LoRA
 
     params = _train_a_little(cfg, params)
     embedding = np.asarray(base["embed_tokens"]["embedding"])
@@ -95,14 +102,7 @@ def test_modules_to_save_lm_head_on_tied_model_matches_peft(tmp_path):
 
 def test_modules_to_save_embed_tokens_on_tied_model_keeps_the_head_on_the_base_weight(tmp_path):
     """PEFT trains a copy of embed_tokens while the tied lm_head keeps the original weight."""
-    lora_kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
-    save(build("llama", tie_word_embeddings=True), tmp_path / "base")
-    pm = peft.get_peft_model(build("llama", tie_word_embeddings=True),
-                             peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
-    cfg, base = jaxft.from_pretrained(tmp_path / "base")
-    lcfg = jaxft.LoraConfig(**lora_kwargs)
-    params = jaxft.lora.add(cfg, base, lcfg, jax.random.PRNGKey(0))
-    assert jaxft.lora.trainable_count(params) == pm.get_nb_trainable_parameters()[0]
+    cfg, base, lcfg, params = _tied_model_with("embed_tokens", tmp_path)
 
     params = _train_a_little(cfg, params)
     embedding = np.asarray(base["embed_tokens"]["embedding"])
