@@ -130,9 +130,8 @@ BAD_INPUTS = [
     (["demo", "--out", "{taken}"], TAKEN),
 ]
 
-# Multi-host launch (#13 section 1)
-BAD_INPUTS += [
-]
+# Multi-host launch (#13 section 1): those bad inputs are environment variables, so their table is
+# tests/test_multihost_cli.py::test_a_half_set_jaxft_environment_is_one_paragraph_and_exit_2.
 
 # Silent wrong results (#13 section 2)
 OOV, OVERFLOW, NO_GEN_PROMPT = "oov.jsonl:1: token id beyond the model's vocabulary", \
