@@ -85,7 +85,8 @@ def _bad_values(root, tmp_path) -> dict:
     config = yaml.safe_load((root / "run.yaml").read_text())
     config["train"]["steps"] = 0
     (tmp_path / "zero-steps.yaml").write_text(yaml.safe_dump(config))
-    return {"zero_steps": str(tmp_path / "zero-steps.yaml")}
+    (tmp_path / "broken.jinja").write_text("{% for message in messages %}{{ message['content'] }}")  # no endfor
+    return {"zero_steps": str(tmp_path / "zero-steps.yaml"), "broken_template": str(tmp_path / "broken.jinja")}
 
 
 MISSING, UNKNOWN_KEY, PYTHON_TAG = "config file not found", "unknown key(s) ['lora.rank']", "not valid YAML at line 1"
@@ -196,6 +197,12 @@ BAD_INPUTS += [
 
 # Bugs from the audit (#13 section 5)
 BAD_INPUTS += [
+    (["train", "{config}", "--set", "eval_data.paths=[{data}]", "--set", "eval_data.batch_size=3", "--set",
+      "output_dir={taken}/../fresh"], "eval_data.batch_size 3 x 1 process(es) = 3 rows do not split"),
+    (["eval", "{model}", "--template", "{broken_template}", "--data", "{data}"],
+     "the chat template of --template failed: TemplateSyntaxError"),
+    (["train", "{config}", "--set", "data.template={broken_template}", "--set", "output_dir={taken}/../fresh"],
+     "the chat template of data.template failed"),
     (["generate", "{model}", "--prompt", "hi", "--temperature", "1", "--top-p", "0"], "top_p=0.0 (in (0, 1])"),
 ]
 

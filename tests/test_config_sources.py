@@ -123,3 +123,17 @@ def test_a_saved_run_config_takes_more_steps_with_set(tmp_path):
     longer = load_run_config(tmp_path / "config.yaml", ["train.steps=250"])
     assert (longer.train.steps, longer.optim.total_steps) == (250, 250)
     assert load_run_config(tmp_path / "config.yaml") == cfg
+
+
+def test_a_run_folder_from_before_total_steps_followed_train_steps_still_loads(tmp_path):
+    """config.yaml files written before this rule hold the old default total_steps 0 ("not set")."""
+    from jaxft.data.config import DataConfig
+    from jaxft.recipes.config import RunConfig, dump_run_config, load_run_config
+
+    dump_run_config(RunConfig(model=str(tmp_path), output_dir=str(tmp_path / "run"),
+                              data=DataConfig(paths=("x.jsonl",))), tmp_path / "config.yaml")
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    old["optim"]["total_steps"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = load_run_config(tmp_path / "config.yaml", ["train.steps=40"])
+    assert cfg.optim.total_steps == cfg.train.steps == 40

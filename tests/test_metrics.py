@@ -155,3 +155,15 @@ def test_throughput_reports_the_padding_share_of_all_steps_so_far():
     assert [r["padding"] for r in reports] == [0.25, 0.5, 1 - 800 / 1200]   # warm-up step included
     assert reports[1]["tokens_per_s"] == 50.0 and throughput.padding == 1 - 800 / 1200
     assert Throughput().padding is None and "padding" not in Throughput(warmup=0).tick(10)
+
+
+def test_read_metrics_leaves_out_a_last_line_cut_short_and_names_a_bad_line_before_it(tmp_path):
+    from jaxft.data.formats import DataError
+
+    good = [{"step": 1, "split": "train", "loss": 2.0}, {"step": 2, "split": "train", "loss": 1.5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 3, "split": "tr')   # killed mid-write
+    assert read_metrics(path) == good
+    path.write_text('{"step": 1, "spl\n' + json.dumps(good[1]) + "\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl:1: not a JSON record"):
+        read_metrics(path)

@@ -184,3 +184,20 @@ def test_failed_checkpoint_save_ends_the_run_with_one_paragraph_and_resume_conti
     assert [s for s, _ in resumed_run] == [3, 4, 5, 6]  # from checkpoint 2, the last complete one
     assert resumed_run == failed_run  # the same steps from the same checkpoint give the same losses
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_resume_that_stopped_before_its_export_is_not_taken_for_finished(run_copy, tmp_path, capsys):
+    """Resumed from 3 to 5 steps, the run saved checkpoint 5 and was killed before its export: summary.json is still
+    the 3-step run's. A second --resume finishes it (export and summary of 5 steps) instead of reporting it done."""
+    three_step_summary = (run_copy / "summary.json").read_text()
+    argv = ["train", str(run_copy / "config.yaml"), "--resume", "--set", f"output_dir={run_copy}"]
+    assert main(argv + ["--set", "train.steps=5"]) == 0
+    exported = load_file(run_copy / "adapter" / "adapter_model.safetensors")
+    (run_copy / "summary.json").write_text(three_step_summary)   # as the killed run left it
+    shutil.rmtree(run_copy / "adapter")
+    capsys.readouterr()
+    assert main(argv + ["--set", "train.max_skipped_steps=50"]) == 0   # a guard setting may change on resume
+    assert "this run is finished" not in capsys.readouterr().err
+    assert json.loads((run_copy / "summary.json").read_text())["steps"] == 5
+    again = load_file(run_copy / "adapter" / "adapter_model.safetensors")
+    assert all((again[name] == exported[name]).all() for name in exported)

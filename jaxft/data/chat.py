@@ -20,11 +20,13 @@ Loss strategies: `all_assistant` (every assistant turn), `last_assistant` (the f
 """
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
 from jaxft.config import ConfigError
@@ -153,17 +155,29 @@ def check_token_ids(samples: Sequence[Sample], vocab_size: int, tokenizer) -> No
 
 # ----- spans -------------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _template_errors():
+    """A template's syntax error or its own ``raise_exception(...)`` as a TemplateError naming the setting."""
+    try:
+        yield
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"the chat template of {{setting}} failed: {type(e).__name__}: {e}. Fix the template "
+                            "or give another one with {setting}") from None
+
+
 class _Renderer:
     """Renders conversations with one template and the tokenizer's special tokens; finds assistant spans."""
 
     def __init__(self, tokenizer, template: str):
         self.template = template
         self.special_tokens = tokenizer.special_tokens_map
-        self.marked = chat_template_lib.has_generation_blocks(template)
+        with _template_errors():
+            self.marked = chat_template_lib.has_generation_blocks(template)
 
     def render(self, messages, tools, add_generation_prompt=False):
-        return chat_template_lib.render(self.template, messages, add_generation_prompt=add_generation_prompt,
-                                        tools=tools, special_tokens=self.special_tokens)
+        with _template_errors():
+            return chat_template_lib.render(self.template, messages, add_generation_prompt=add_generation_prompt,
+                                            tools=tools, special_tokens=self.special_tokens)
 
     def check_generation_prompt(self, examples: Sequence[Example]) -> None:
         """DataError when an unmarked template ignores ``add_generation_prompt`` yet writes a role header before

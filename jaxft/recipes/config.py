@@ -75,7 +75,8 @@ class RunConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is unknown; expected one of {METHODS}")
         # The schedule ends where training ends: a total left out follows train.steps, a different one is refused.
-        if self.optim.total_steps is None:
+        # 0 is how run folders written before this rule recorded "not set"; they still load and resume.
+        if self.optim.total_steps in (None, 0):
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, total_steps=self.train.steps))
         elif self.optim.total_steps != self.train.steps:
             raise ConfigError(f"optim.total_steps is {self.optim.total_steps} but train.steps is {self.train.steps}: "

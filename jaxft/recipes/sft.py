@@ -86,13 +86,15 @@ def count_tokens(batches: dict) -> tuple[int, int]:
 
 
 def _check_batch_fits(cfg: RunConfig, mesh):
-    """Batch rows are split over the data and fsdp axes; say so before jit fails with a tiling message."""
+    """Batch rows (train and eval) are split over the data and fsdp axes; say so before jit fails with a tiling
+    message, which for the eval batches would come only at the first evaluation."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = cfg.data.batch_size * jax.process_count()
-    if rows % shards:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {jax.process_count()} process(es) = {rows} rows "
-                          f"do not split over the mesh's data x fsdp = {shards} devices; use a batch_size that makes "
-                          f"the global batch a multiple of {shards}, or change mesh")
+    for section, data in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        rows = data.batch_size * jax.process_count() if data else 0
+        if rows % shards:
+            raise ConfigError(f"{section}.batch_size {data.batch_size} x {jax.process_count()} process(es) = {rows} "
+                              f"rows do not split over the mesh's data x fsdp = {shards} devices; use a batch_size "
+                              f"that makes the global batch a multiple of {shards}, or change mesh")
 
 
 def check_model_folder(cfg: RunConfig):
@@ -115,6 +117,7 @@ def _pipelines(cfg: RunConfig, tokenizer):
 # and the model path because check_base compares the base's bytes wherever the folder now is.
 RESUME_MAY_CHANGE = ("output_dir", "model", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_last", "train.tensorboard", "train.remat", "train.attention",
+                     "train.max_skipped_steps",
                      "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state")
 
 
@@ -166,7 +169,14 @@ def _check_resume(cfg: RunConfig, out: Path) -> Resumed:
     if step is not None and cfg.train.steps < step:
         raise ConfigError(f"{out}: train.steps {cfg.train.steps} is below the step this run has reached, checkpoint "
                           f"{step}; resume with train.steps >= {step} (--set train.steps={step} finishes it there)")
-    return Resumed(changes, step, step == cfg.train.steps and (out / "summary.json").is_file())
+    return Resumed(changes, step, step == cfg.train.steps and _summary_steps(out) == step)
+
+
+def _summary_steps(out: Path) -> int | None:
+    """The steps summary.json reports, or None without one: a run resumed for more steps that stopped after its last
+    checkpoint but before its export still holds the shorter run's summary, and is not finished."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()).get("steps") if path.is_file() else None
 
 
 def _finished(cfg: RunConfig, out: Path, resumed: Resumed) -> dict:

@@ -180,13 +180,20 @@ def _scalar(value: Any) -> int | float:
 
 def read_metrics(jsonl_path: str | Path) -> list[dict]:
     """The records of a metrics log. For a step logged twice (a run resumed from an earlier checkpoint replays the
-    steps after it), the later record wins."""
+    steps after it), the later record wins. A last line cut short (the run was killed mid-write, or the disk was
+    full) is left out; a bad line before it is an error naming it."""
     latest: dict[tuple[str, int], dict] = {}
-    with open(jsonl_path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                latest[(record["split"], record["step"])] = record
+    lines = Path(jsonl_path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise DataError(f"{jsonl_path}:{number}", "not a JSON record", str(e)) from None
+        latest[(record["split"], record["step"])] = record
     return sorted(latest.values(), key=lambda r: (r["step"], r["split"]))
 
 
