@@ -13,6 +13,6 @@ from jaxft.peft import lora
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.tree import combine, split
 
-__all__ = ["CheckpointError", "ConfigError", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig", "combine", "forward",
-           "from_pretrained", "generate", "init_params", "JaxftError", "load_tokenizer", "Tokenizer", "TokenizerError", "load_adapter", "lora", "nf4", "peft_format",
-           "save_adapter", "save_pretrained", "split"]
+__all__ = ["CheckpointError", "ConfigError", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig",
+           "Tokenizer", "TokenizerError", "combine", "forward", "from_pretrained", "generate", "init_params",
+           "load_adapter", "load_tokenizer", "lora", "nf4", "peft_format", "save_adapter", "save_pretrained", "split"]

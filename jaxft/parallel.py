@@ -211,8 +211,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> bool:
     """``jax.distributed.initialize`` from arguments, else from the JAXFT_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
     environment, else with no arguments when :func:`cluster_environment` finds a multi-process cluster (jax then
-    reads the cluster's own variables). Does nothing for a single process or when jax is initialized already;
-    returns whether it initialized. Call it before anything touches the devices."""
+    reads the cluster's own variables). Does nothing when none of these applies or when jax is initialized
+    already; returns whether it initialized. Call it before anything touches the devices."""
     if jax.distributed.is_initialized():
         return False
     if coordinator_address is None and num_processes is None and process_id is None:

@@ -179,6 +179,11 @@ def dump_run_config(cfg: RunConfig, path: str | Path):
     write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False))
 
 
+def covered(key: str, keys) -> bool:
+    """Whether ``section.key`` is one of ``keys`` or lies under one of them (``mesh`` covers ``mesh.fsdp``)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
 def flat_keys(tree: dict, prefix: str = "") -> dict:
     """A nested config dict as ``{"section.key": value}``; an empty or ``None`` section stays one key."""
     out = {}

@@ -19,7 +19,7 @@ from jaxft.config import ConfigError, to_dict
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
-from jaxft.recipes.config import RunConfig, flat_keys
+from jaxft.recipes.config import RunConfig, covered, flat_keys
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
@@ -27,10 +27,6 @@ from jaxft.train.optim import make_schedule
 
 MAY_DIFFER = ("output_dir", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora", "lora.rank_pattern",
               "lora.alpha_pattern", "optim.lr", "train.seed")
-
-
-def _may_differ(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in MAY_DIFFER)
 
 
 def _members(cfgs: list[RunConfig]) -> list[multi.Member]:
@@ -57,7 +53,7 @@ def check_members(cfgs: list[RunConfig]) -> None:
         flat = flat_keys(to_dict(cfg))
         # optim.total_steps follows train.steps, so the key a user changed (train.steps) is named first
         for key in sorted(first.keys() | flat.keys(), key=lambda k: (k == "optim.total_steps", k)):
-            if not _may_differ(key) and first.get(key) != flat.get(key):
+            if not covered(key, MAY_DIFFER) and first.get(key) != flat.get(key):
                 raise ConfigError(f"parallel runs must share {key}: run 0 ({cfgs[0].output_dir}) has "
                                   f"{first.get(key)!r}, run {i} ({cfg.output_dir}) has {flat.get(key)!r}. Only "
                                   f"{', '.join(MAY_DIFFER)} may differ; run the others without --parallel")

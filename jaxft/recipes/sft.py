@@ -29,7 +29,7 @@ from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
-from jaxft.recipes.config import RunConfig, config_changes, dump_run_config, load_run_config
+from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.loss import IGNORE_INDEX, cross_entropy
@@ -160,7 +160,7 @@ def _check_resume(cfg: RunConfig, out: Path) -> Resumed:
     changes = config_changes(load_run_config(saved), cfg)  # without a checkpoint no base fingerprint checks "model"
     changes.pop("optim.total_steps", None)  # it follows train.steps (RunConfig), which is the change to name
     refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()
-               if not any(k == key or k.startswith(key + ".") for key in may_change)]
+               if not covered(k, may_change)]
     if refused:
         raise ConfigError(f"{out}: --resume with a config that changes what this run trains: {'; '.join(refused)} "
                           f"(old -> new; {saved} holds the run's config). Resume with that config, e.g. `jaxft train "
@@ -181,9 +181,10 @@ def _summary_steps(out: Path) -> int | None:
 
 def _finished(cfg: RunConfig, out: Path, resumed: Resumed) -> dict:
     """A finished run is left as it is: its summary, and a note on how to train it further."""
-    print(f"{out}: this run is finished (checkpoint {resumed.step} = train.steps, and summary.json); nothing to do, "
-          f"nothing was changed. To train it further, resume with more steps, e.g. --resume --set "
-          f"train.steps={2 * cfg.train.steps}.", file=sys.stderr)
+    if jax.process_index() == 0:  # one note for the whole job
+        print(f"{out}: this run is finished (checkpoint {resumed.step} = train.steps, and summary.json); nothing to "
+              f"do, nothing was changed. To train it further, resume with more steps, e.g. --resume --set "
+              f"train.steps={2 * cfg.train.steps}.", file=sys.stderr)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -278,12 +279,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         batches = _eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
         return evaluate(lambda b: eval_step(state["trainable"], frozen, b), batches)
 
+    last, last_eval = _last_logged(out, start) if start else {}, None  # read before process 0 appends to the log
     logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
     if resumed:
         logger.log_resume(start, resumed.changes)
     schedule = make_schedule(cfg.optim)
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
-    last, last_eval = _last_logged(out, start) if start else {}, None
     for step in range(start + 1, tc.steps + 1):
         batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
         state, metrics = step_fn(state, frozen, batches)
