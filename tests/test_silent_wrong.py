@@ -14,6 +14,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
+import transformers
 
 import jaxft
 from jaxft.cli import main
@@ -23,9 +26,6 @@ from jaxft.recipes import demo
 from jaxft.recipes.config import TrainConfig
 from jaxft.train.metrics import SkipGuard, TrainingDiverged
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 HOT = "model.layers.1.mlp.down_proj.weight"
 
