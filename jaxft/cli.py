@@ -177,9 +177,9 @@ def _generate(args) -> int:
 
 def _export(args) -> int:
     import jaxft
-    from jaxft.hf.checkpoint import atomic_dir, to_hf_tensors, write_pretrained
     from jaxft.hf.config import read_json
-    from jaxft.hf.peft_format import adapter_tensors, lora_config_from_peft, write_adapter
+    from jaxft.hf.peft_format import lora_config_from_peft
+    from jaxft.recipes.sft import write_export
 
     out = Path(args.out)
     if not args.overwrite:
@@ -187,16 +187,10 @@ def _export(args) -> int:
     cfg, params = _load(args.model, args.adapter, None)
     tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))  # before anything is written
     if args.merged:
-        tensors = to_hf_tensors(cfg, jaxft.lora.merge(params))
+        write_export(out, jaxft.lora.merge(params), tok, model_cfg=cfg, overwrite=args.overwrite)
     else:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
-        tensors = adapter_tensors(params)
-    with atomic_dir(out, args.overwrite) as tmp:  # the folder appears whole, tokenizer included, or not at all
-        if args.merged:
-            write_pretrained(cfg, tensors, tmp)
-        else:
-            write_adapter(tensors, lcfg, tmp, str(Path(args.model).resolve()))
-        tok.save(tmp)
+        write_export(out, params, tok, lcfg=lcfg, base_model=str(Path(args.model).resolve()), overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

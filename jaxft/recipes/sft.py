@@ -117,8 +117,7 @@ def _pipelines(cfg: RunConfig, tokenizer):
 # and the model path because check_base compares the base's bytes wherever the folder now is.
 RESUME_MAY_CHANGE = ("output_dir", "model", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_last", "train.tensorboard", "train.remat", "train.attention",
-                     "train.max_skipped_steps",
-                     "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state")
+                     "train.max_skipped_steps", "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state")
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ class Resumed:
 
     changes: dict   # "section.key" -> [old, new]: the changes to config.yaml this resume makes (all allowed ones)
     step: int | None  # its newest complete checkpoint; None when it stopped before the first one
-    finished: bool  # summary.json is there and that checkpoint is at train.steps: nothing is left to do
+    finished: bool  # that checkpoint is at train.steps and summary.json reports it: nothing is left to do
 
 
 def _check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Resumed | None:
@@ -408,16 +407,27 @@ def export_dir(cfg: RunConfig, out: Path) -> Path:
 
 
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
-    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model. The
-    folder appears complete, in one rename, replacing an earlier export whole."""
-    target = export_dir(cfg, out)
-    with atomic_dir(target, overwrite=True) as tmp:
-        if cfg.method == "full":
-            model_cfg = config_from_hf(read_json(Path(cfg.model) / "config.json"))
-            write_pretrained(model_cfg, to_hf_tensors(model_cfg, params), tmp)
+    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model,
+    replacing an earlier export whole."""
+    if cfg.method == "full":
+        return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
+                            model_cfg=config_from_hf(read_json(Path(cfg.model) / "config.json")))
+    return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
+                        lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
+
+
+def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, base_model: str | None = None,
+                 chat_template: str | None = None, overwrite: bool = False) -> Path:
+    """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
+    adapter (``lcfg``, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
+    ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
+    tensors = adapter_tensors(params) if lcfg else to_hf_tensors(model_cfg, params)
+    with atomic_dir(out, overwrite) as tmp:
+        if lcfg:
+            write_adapter(tensors, lcfg, tmp, base_model)
         else:
-            write_adapter(adapter_tensors(params), cfg.lora, tmp, str(Path(cfg.model).resolve()))
+            write_pretrained(model_cfg, tensors, tmp)
         tokenizer.save(tmp)
         if chat_template:
             save_chat_template(chat_template, tmp)
-    return target
+    return Path(out)
