@@ -1,7 +1,8 @@
-"""Supervised fine-tuning (full, LoRA or QLoRA) from a HF model folder: the whole run in one readable script.
+"""Supervised fine-tuning (full, LoRA or QLoRA) from a HF model folder: a short recipe on the run skeleton
+(:mod:`jaxft.recipes.skeleton`).
 
-data -> model (+ adapters, 4-bit base) -> mesh -> optimizer -> jitted step -> loop with logs, evals and
-checkpoints -> adapter in PEFT format (with tokenizer and chat template).
+data -> mesh -> model (+ adapters, 4-bit base) -> optimizer -> jitted step -> loop with callbacks (logs, evals,
+checkpoints) -> adapter in PEFT format (with tokenizer and chat template).
 """
 from __future__ import annotations
 
