@@ -179,7 +179,7 @@ def _export(args) -> int:
     import jaxft
     from jaxft.hf.config import read_json
     from jaxft.hf.peft_format import lora_config_from_peft
-    from jaxft.recipes.sft import write_export
+    from jaxft.recipes.skeleton import write_export
 
     out = Path(args.out)
     if not args.overwrite:

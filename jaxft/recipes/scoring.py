@@ -18,6 +18,7 @@ from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig
+from jaxft.recipes.skeleton import load_base
 from jaxft.train.metrics import evaluate
 
 BATCH = 64  # prompts per generate call: bounds the KV cache however many chats are scored
@@ -65,5 +66,5 @@ def load_trained(cfg: RunConfig, export: str | Path):
     exported model of full fine-tuning."""
     if cfg.method == "full":
         return from_pretrained(export, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
-    model_cfg, params = sft.load_base(cfg)
+    model_cfg, params = load_base(cfg)
     return model_cfg, load_adapter(export, params)

@@ -41,6 +41,7 @@ from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, apply_overrides, lookup, read_run_tree
 from jaxft.recipes.multi import check_members, run_parallel
 from jaxft.recipes.scoring import chat_exact_match, load_trained
+from jaxft.recipes.skeleton import check_model_folder
 from jaxft.train.metrics import read_metrics
 
 ALIASES = {"r": "lora.r", "alpha": "lora.lora_alpha", "lr": "optim.lr", "dropout": "lora.lora_dropout"}
@@ -207,7 +208,7 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
     sweep_dir = Path(out or base.output_dir)
     runs = expand(base_tree, axes, sweep_dir, str(config_path), origins)
     for r in runs:
-        sft.check_model_folder(r.config)
+        check_model_folder(r.config)
     if exact_match and base.eval_data is None:
         raise ConfigError(f"--exact-match scores replies to eval_data's chats, but {config_path} has no eval_data")
     if parallel:  # refused before the sweep folder is written, so the corrected command needs no --overwrite
