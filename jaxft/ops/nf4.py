@@ -166,6 +166,17 @@ jax.tree_util.register_dataclass(
     meta_fields=["matrix_shape", "dtype_name", "blocksize", "quant_type", "layout"])
 
 
+def child_axes(q: QuantizedTensor, kernel_axes: tuple) -> dict[str, tuple]:
+    """The logical axes of each child of ``q``, given those of the ``[..., in, out]`` kernel it stores: in the
+    "row" layout the codes and block absmax keep the kernel's axis order (their in-dim counts byte pairs or blocks),
+    so they shard like the kernel; the per-matrix double-quant state and the "flat" layout's blocks have no
+    matrix axis (``None``: replicated)."""
+    lead = tuple(kernel_axes[:-2])
+    blocks = tuple(kernel_axes) if q.layout == "row" else (*lead, None)
+    axes = {"packed": blocks, "absmax": blocks, "nested_absmax": (*lead, None), "offset": lead}
+    return {name: child for name, child in axes.items() if getattr(q, name) is not None}
+
+
 def _check_options(blocksize: int, quant_type: str) -> None:
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} (as in bitsandbytes), got {blocksize!r}")

@@ -258,6 +258,26 @@ def _embedding_adapters(key, lcfg: LoraConfig, g: GroupPlan, vocab: int, dim: in
             "lora_scale": jnp.asarray(lcfg.scaling(r, alpha), jnp.float32)}
 
 
+def adapter_axes(base: dict[str, tuple]) -> dict[str, tuple]:
+    """The logical axes of the leaves :func:`add` puts into a leaf group, given the axes the model declares for
+    the group's own leaves (``base``, e.g. ``{"kernel": ("layer", "embed", "heads"), "bias": ...}``).
+
+    A linear group's adapters keep the kernel's leading axes, its fan-in (A) and fan-out (B, the DoRA magnitude);
+    the embedding's keep its vocabulary and width; trained token rows are rows of the table. ``modules_to_save``
+    copies, an untied head copy and trained biases are the model's own leaves, declared by the model.
+    """
+    if "kernel" in base:
+        *lead, fan_in, fan_out = base["kernel"]
+        lead = tuple(lead)
+        return {"lora_a": (*lead, fan_in, "lora_rank"), "lora_b": (*lead, "lora_rank", fan_out), "lora_scale": lead,
+                "lora_dropout": lead, "lora_mask": (*lead, "lora_rank"), "lora_magnitude": (*lead, fan_out)}
+    if "embedding" in base:
+        vocab, width = base["embedding"]
+        return {"lora_embedding_a": (vocab, "lora_rank"), "lora_embedding_b": ("lora_rank", width), "lora_scale": (),
+                "trainable_rows": ("trainable_tokens", width), "trainable_row_ids": ("trainable_tokens",)}
+    return {}
+
+
 def _get(tree: dict, path):
     for k in path:
         tree = tree[k]
