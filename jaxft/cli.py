@@ -22,7 +22,7 @@ MULTI_PROCESS_COMMANDS = ("train", "sweep", "eval")
 
 def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):
     """The library's own check says overwrite=True; on the command line the answer is a flag."""
-    from jaxft.hf.checkpoint import occupied
+    from jaxft.files import occupied
 
     if occupied(folder):
         raise FileExistsError(f"{folder}: already exists and is not empty; pass {flag} to replace it, or choose "

@@ -6,12 +6,8 @@ existing folder unless asked to.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -20,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
+from jaxft.files import atomic_dir
 from jaxft.hf.config import config_from_hf, config_to_hf, read_json
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.models.llama import LINEAR_MODULES, has_bias, linear_shapes
@@ -416,77 +413,6 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
         current[name] = tensors[name]
         size += nbytes
     return shards + [current]
-
-
-def occupied(path) -> bool:
-    """A file or a non-empty folder is at ``path``: writing there would replace something the user has."""
-    path = Path(path)
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def check_output_dir(out_dir, overwrite: bool) -> Path:
-    """``out_dir`` as a Path, unless something is there and ``overwrite`` is off; reads only."""
-    out = Path(out_dir)
-    if occupied(out) and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
-    return out
-
-
-def _temp_beside(path: Path, make) -> Path:
-    """A new ``.<name>.<random>`` path beside ``path``, made by ``make`` (mkdir or an exclusive open). Unlike
-    tempfile's, its permissions follow the umask, as the folder or file that replaces ``path`` should."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        try:
-            make(tmp)
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def prepare_output_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
-    """(final dir, empty temporary dir beside it). An existing non-empty ``out_dir`` needs ``overwrite``."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, _temp_beside(out, Path.mkdir)
-
-
-def publish_dir(tmp: Path, out: Path):
-    """Move a fully written temporary dir into place, so readers never see half a checkpoint."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir, overwrite: bool = False):
-    """``with atomic_dir(out) as tmp:`` write the folder's files into ``tmp``; on leaving the block it replaces
-    ``out`` whole, in one rename, and on an error it is removed, so ``out`` is never half written or mixed."""
-    out, tmp = prepare_output_dir(out_dir, overwrite)
-    try:
-        yield tmp
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``: a reader (or a run killed
-    mid-write) sees the old file or the new one, never a truncated one."""
-    path = Path(path)
-    tmp = _temp_beside(path, lambda p: p.open("x").close())
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_pretrained(cfg: ModelConfig, params: dict, out_dir, *, max_shard_bytes: int = 5 * 2**30,

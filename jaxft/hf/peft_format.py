@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig
-from jaxft.hf.checkpoint import atomic_dir
+from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.models.llama import ATTN_PROJ
@@ -137,7 +137,7 @@ def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, base_model_nam
 
 def write_adapter(tensors: dict, lcfg: lora.LoraConfig, folder: Path, base_model_name_or_path: str | None = None):
     """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
-    ``folder`` (one that :func:`~jaxft.hf.checkpoint.atomic_dir` publishes together with a tokenizer)."""
+    ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer)."""
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
 

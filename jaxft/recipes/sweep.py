@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
 from jaxft.config import ConfigError, from_dict, to_dict
-from jaxft.hf.checkpoint import occupied, write_text_atomic
+from jaxft.files import occupied, write_text_atomic
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, apply_overrides, lookup, read_run_tree
