@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
 from jaxft.files import atomic_dir
+from jaxft.hf.bnb import BNB_SUFFIXES, from_bnb
 from jaxft.hf.config import config_from_hf, config_to_hf, read_json
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.models.llama import LINEAR_MODULES, has_bias, linear_shapes
@@ -25,8 +26,6 @@ from jaxft.ops import nf4
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
 class HFCheckpoint:
@@ -191,7 +190,7 @@ def _quantized_stack(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, quant: Q
         name = layer_name(i, module, "kernel")
         if prequantized:
             try:
-                q = nf4.from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
+                q = from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
                                   for k in [name] + [name + s for s in BNB_SUFFIXES] if k in ckpt})
             except ValueError as e:  # a quant state jaxft cannot read: name the file and tensor
                 raise CheckpointError(f"{ckpt.folder}: quantized tensor {name!r}: {e}") from None
