@@ -392,9 +392,10 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 def _refuse_adapters(params: dict):
     """Adapter leaves anywhere (embed_tokens, lm_head, layers) would be dropped silently by the HF layout."""
-    from jaxft.peft.lora import ADAPTER_KEYS, _leaf_paths
+    from jaxft.peft.lora import ADAPTER_KEYS
+    from jaxft.peft.tree import leaf_paths
 
-    paths = _leaf_paths(params)
+    paths = leaf_paths(params)
     groups = sorted({p.rsplit("/", 1)[0] for p in paths if p.rsplit("/", 1)[-1] in ADAPTER_KEYS})
     if groups:
         raise ConfigError(f"save_pretrained: these params carry adapters on {', '.join(groups)}, which a Hugging Face "

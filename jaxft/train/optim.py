@@ -27,6 +27,7 @@ import optax
 
 from jaxft.config import ConfigError
 from jaxft.ops.dynamic_map import SIGNED_MAP, UNSIGNED_MAP
+from jaxft.peft.tree import path_names
 
 OPTIMIZERS = ("adamw", "adam8bit", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -114,7 +115,7 @@ def decay_mask(params):
     (frozen) leaves stay ``None``.
     """
     def decays(path, leaf) -> bool:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        keys = path_names(path)
         return leaf.ndim >= 2 and keys[-1] not in ("scale", "bias") and not any("norm" in k for k in keys)
 
     return jax.tree_util.tree_map_with_path(decays, params)
