@@ -30,7 +30,7 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, embedding_table
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, leaf_paths, path_str, split
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, leaf_paths, split
 from jaxft.peft.tree import summary as tree_summary
 
 BIAS_MODES = ("none", "all", "lora_only")
