@@ -198,24 +198,24 @@ def _export(args) -> int:
 def _inspect(args) -> int:
     import jax
 
+    from jaxft.analysis import memory
     from jaxft.parallel import MeshConfig
-    from jaxft.recipes import estimate
     from jaxft.recipes.config import load_run_config
 
     cfg = load_run_config(args.config, args.set or [])
-    model = estimate.abstract_model(cfg)  # shapes only: no weights are read
-    n_train, n_total = estimate.param_counts(cfg, model.model_cfg, model.params)
+    model = memory.abstract_model(cfg)  # shapes only: no weights are read
+    n_train, n_total = memory.param_counts(cfg, model.model_cfg, model.params)
     print(f"trainable params: {n_train:,} || all params: {n_total:,} || trainable%: {100 * n_train / n_total:.4f}")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # a -1 takes the devices the run would have
     shapes = [cfg.mesh.shape(args.devices or jax.device_count()) if -1 in sizes else sizes]
     shapes += [s for s in args.mesh or [] if s not in shapes]
-    estimates = [estimate.estimate(cfg, s, processes=args.processes, model=model) for s in shapes]
+    estimates = [memory.estimate(cfg, s, processes=args.processes, model=model) for s in shapes]
     measured = None
     if args.compile:
         devices = jax.devices()
-        measured = [estimate.compiled_memory(cfg, MeshConfig(*s), devices[:_size(s)]) if _size(s) <= len(devices)
+        measured = [memory.compiled_memory(cfg, MeshConfig(*s), devices[:_size(s)]) if _size(s) <= len(devices)
                     else None for s in shapes]
-    print(estimate.format_table(estimates, measured))
+    print(memory.format_table(estimates, measured))
     if measured and None in measured:
         print(f"(-: that mesh needs more than the {len(jax.devices())} devices here, so it was not compiled)")
     return 0
