@@ -11,11 +11,11 @@ import yaml
 
 import jaxft
 from jaxft.config import ConfigError
+from jaxft.data.chat import IGNORE_INDEX
 from jaxft.recipes import demo, sft, sweep
 from jaxft.recipes.config import RunConfig, load_run_config, read_run_tree
 from jaxft.recipes.grid import expand, parse_grid
 from jaxft.recipes.sweep_report import write_heatmap
-from jaxft.train.loss import IGNORE_INDEX
 from sft_worker import tiny_chat_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

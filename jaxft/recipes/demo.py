@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxft.config import ModelConfig
-from jaxft.data.chat import CHATML_TEMPLATE
+from jaxft.data.chat import CHATML_TEMPLATE, IGNORE_INDEX
 from jaxft.data.config import DataConfig
 from jaxft.files import atomic_dir
 from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
@@ -123,7 +123,7 @@ def _pretrain_batches(tokenizer, rng, cfg: DemoConfig, row: int = 33):
                 p = problems(rng, 1, cfg)[0]
                 stream += tokenizer.encode(raw_text(p), add_special_tokens=False)
             ids[r] = stream[:row]
-        labels = np.concatenate([ids[:, 1:], np.full((cfg.batch_size, 1), -100, np.int32)], axis=1)
+        labels = np.concatenate([ids[:, 1:], np.full((cfg.batch_size, 1), IGNORE_INDEX, np.int32)], axis=1)
         yield {"input_ids": jnp.asarray(ids[None]), "labels": jnp.asarray(labels[None])}
 
 

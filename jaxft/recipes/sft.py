@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.data import build_iterator, save_chat_template
+from jaxft.data.chat import IGNORE_INDEX
 from jaxft.files import atomic_dir, check_output_dir, occupied, write_text_atomic
 from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
 from jaxft.hf.config import config_from_hf, read_json
@@ -32,7 +33,7 @@ from jaxft.peft.tree import combine, split
 from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
-from jaxft.train.loss import IGNORE_INDEX, cross_entropy
+from jaxft.train.loss import cross_entropy
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate, read_metrics
 from jaxft.train.optim import make_optimizer, make_schedule
 
