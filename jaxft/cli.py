@@ -144,6 +144,7 @@ def _template_flag(flag: str):
 def _generate(args) -> int:
     import jaxft
     from jaxft.data.chat import resolve_template
+    from jaxft.models.generate import stop_token_ids
 
     prompts = list(args.prompt or [])
     if args.file:
@@ -165,9 +166,9 @@ def _generate(args) -> int:
                 return 0
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        chat_template=template) if chat else tok.encode(p) for p in prompts]
-        stops = [tok.eos_token_id] if tok.eos_token_id is not None else None
         outs = jaxft.generate(cfg, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops, seed=args.seed)
+                              top_k=args.top_k, top_p=args.top_p,
+                              stop_token_ids=stop_token_ids(cfg, tok.eos_token_id), seed=args.seed)
         for p, out in zip(prompts, outs):
             print(f"{p}\t{tok.decode(out, skip_special_tokens=True)}" if not interactive
                   else tok.decode(out, skip_special_tokens=True))
