@@ -31,7 +31,8 @@ rather than stored, so ``jax.lax.scan`` can slice a stacked tensor into per-laye
 ``.astype``, which the linear layer calls) works on each slice.
 
 This module never imports torch or bitsandbytes; code books are copied (NF4/FP4 tables) or recomputed (8-bit dynamic
-map, :mod:`jaxft.ops.dynamic_map`) from bnb's source.
+map, :mod:`jaxft.ops.dynamic_map`) from bnb's source. Reading and writing transformers' bnb state dicts is
+:mod:`jaxft.hf.bnb`'s.
 """
 from __future__ import annotations
 
