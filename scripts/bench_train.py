@@ -195,6 +195,7 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxft.data.chat import IGNORE_INDEX
     from jaxft.peft.tree import split
     from jaxft.train.loop import StepConfig, init_state, jit_train_step
     from jaxft.train.optim import OptimConfig, make_optimizer
@@ -204,7 +205,7 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     optimizer = make_optimizer(OptimConfig(lr=LR))
     state = init_state(trainable, optimizer)
     ids = jnp.asarray(random_batch(config), jnp.int32)
-    labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], -100)], axis=1)
+    labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], IGNORE_INDEX)], axis=1)
     batches = {"input_ids": ids[None], "labels": labels[None]}
     step_fn = jit_train_step(cfg, StepConfig(loss_chunk_size=args.loss_chunk), optimizer)
     start = time.perf_counter()

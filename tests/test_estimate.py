@@ -14,7 +14,8 @@ from jaxft.hf.config import config_to_hf
 from jaxft.parallel import MeshConfig
 from jaxft.peft import lora
 from jaxft.peft.tree import split
-from jaxft.recipes import estimate, skeleton
+from jaxft.analysis import memory as estimate
+from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
 
 # Big enough that real buffers (activations [8 x 256 tokens], [B, H, T, T] scores, 4M params) dominate the totals.

@@ -29,6 +29,7 @@ from jaxft.ops.rope import apply_rope, rope_tables
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_PROJ + MLP_PROJ
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 class InputError(JaxftError, ValueError):
     """Arrays given to the model API (token ids, positions, prompts) of the wrong shape, type or values; the

@@ -30,7 +30,7 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, embedding_table
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, path_str, split
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, leaf_paths, split
 from jaxft.peft.tree import summary as tree_summary
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -329,7 +329,7 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
             raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
         marked.update({"/".join(path) + "/" + leaf: None for leaf in group if leaf not in ADAPTER_KEYS})
     if lcfg.bias == "all":
-        marked.update({p: None for p in _leaf_paths(params) if p.endswith("/bias")})
+        marked.update({p: None for p in leaf_paths(params) if p.endswith("/bias")})
     if lcfg.trainable_token_indices:
         params["embed_tokens"].update(_trainable_rows(params["embed_tokens"], lcfg.trainable_token_indices))
     if marked:
@@ -376,14 +376,8 @@ def resize_embeddings(cfg: ModelConfig, params: dict, vocab_size: int) -> tuple[
 
 
 def _group_keys(params: dict):
-    for path in _leaf_paths(params):
+    for path in leaf_paths(params):
         yield path.rsplit("/", 1)[-1]
-
-
-def _leaf_paths(params: dict) -> list[str]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))[0]
-    return [path_str(p) for p, _ in leaves]
 
 
 def trainable_count(params: dict) -> int:
@@ -407,7 +401,7 @@ def trainable_count(params: dict) -> int:
                 visit(v)
 
     visit(params)
-    others = {p for p in _leaf_paths(trainable) if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
+    others = {p for p in leaf_paths(trainable) if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
     total += sum(int(np.prod(_get(params, p.split("/")).shape)) for p in others)
     return total
 

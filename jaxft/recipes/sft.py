@@ -19,7 +19,8 @@ from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, 
                                     save_checkpoint, stack_micro_batches, to_host, train_loop, train_state,
                                     write_run_dir)
 from jaxft.train.checkpoint import Checkpointer, base_reference
-from jaxft.train.loss import IGNORE_INDEX, cross_entropy
+from jaxft.data.chat import IGNORE_INDEX
+from jaxft.train.loss import cross_entropy
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
 

@@ -24,8 +24,8 @@ from jax.experimental import multihost_utils
 from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
 from jaxft.data import build_iterator, save_chat_template
-from jaxft.hf.checkpoint import (atomic_dir, check_output_dir, from_pretrained, occupied, to_hf_tensors,
-                                 write_pretrained, write_text_atomic)
+from jaxft.files import atomic_dir, check_output_dir, occupied, write_text_atomic
+from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
 from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import adapter_tensors, write_adapter
 from jaxft.hf.safetensors_io import CheckpointError
