@@ -38,6 +38,7 @@ from jaxft.errors import JaxftError
 from jaxft.models.llama import PARAM_AXES
 from jaxft.ops import nf4
 from jaxft.peft import lora
+from jaxft.peft.tree import path_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -131,7 +132,7 @@ def logical_axes(params: dict) -> dict:
     quantized kernel a dict of them per child (:func:`jaxft.ops.nf4.child_axes`). Undeclared leaves and
     declarations of the wrong length raise :class:`ParamAxesError` naming the leaf."""
     def leaf(path, x):
-        keys = _keys(path)
+        keys = path_names(path)
         axes = _declared_axes(keys)
         _check_fits(keys, axes, x.shape)
         if not _is_quantized(x):
@@ -175,10 +176,6 @@ def logical_spec(axes, shape, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
     return _spec(axes, shape, rule_table(rules), mesh)
 
 
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def param_shardings(params: dict, mesh, rules=DEFAULT_RULES) -> dict:
     """A tree of NamedShardings matching ``params`` (``None`` leaves stay ``None``), from the declared axes
     (:func:`logical_axes`); a quantized kernel gets one per child."""
@@ -206,7 +203,7 @@ def state_shardings(state: dict, mesh, rules=DEFAULT_RULES) -> dict:
     lives in host memory (``OptimConfig.offload_state``) keeps its memory kind.
     """
     trainable = param_shardings(state["trainable"], mesh, rules)
-    by_path = {tuple(_keys(p)): (s, x.shape) for (p, s), x in zip(
+    by_path = {path_names(p): (s, x.shape) for (p, s), x in zip(
         jax.tree_util.tree_flatten_with_path(trainable)[0], jax.tree.leaves(state["trainable"]))}
 
     def opt_leaf(path, x):

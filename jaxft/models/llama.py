@@ -31,6 +31,7 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_PROJ + MLP_PROJ
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
+
 class InputError(JaxftError, ValueError):
     """Arrays given to the model API (token ids, positions, prompts) of the wrong shape, type or values; the
     message names the argument, what it got and the shapes accepted."""
@@ -51,10 +52,9 @@ KERNEL_AXES = {  # (in, out) of each linear module's kernel
     "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
 }
-NORMS = ("input_layernorm", "post_attention_layernorm")
 PARAM_AXES: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {
     ("embed_tokens",): {"embedding": ("vocab", "embed")},
-    **{("layers", norm): {"scale": ("layer", "norm")} for norm in NORMS},
+    **{("layers", norm): {"scale": ("layer", "norm")} for norm in LAYER_NORMS},
     **{("layers", m): {"kernel": ("layer", *KERNEL_AXES[m]), "bias": ("layer", KERNEL_AXES[m][1])}
        for m in LINEAR_MODULES},
     ("norm",): {"scale": ("norm",)},
@@ -87,7 +87,7 @@ def has_bias(cfg: ModelConfig, module: str) -> bool:
 def param_axes(cfg: ModelConfig) -> dict:
     """The logical axes of every leaf :func:`init_params` creates (and a HF checkpoint of ``cfg`` holds), as a tree
     of the params' structure with a tuple of axis names per leaf."""
-    layers = {norm: dict(PARAM_AXES[("layers", norm)]) for norm in NORMS}
+    layers = {norm: dict(PARAM_AXES[("layers", norm)]) for norm in LAYER_NORMS}
     for name in LINEAR_MODULES:
         declared = PARAM_AXES[("layers", name)]
         layers[name] = {leaf: declared[leaf] for leaf in ("kernel", "bias") if leaf == "kernel" or has_bias(cfg, name)}

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.peft import lora
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, combine, path_str, split
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, combine, path_names, path_str, split
 from jaxft.train import loop
 from jaxft.train.optim import OptimConfig, make_optimizer
 
@@ -62,7 +62,7 @@ class Stack:
 
 
 def _is_member_const(path, _leaf) -> bool:
-    return path_str(path).rsplit("/", 1)[-1] in MEMBER_CONST_KEYS
+    return path_names(path)[-1] in MEMBER_CONST_KEYS
 
 
 def _lora_groups(tree: dict, path=()):
