@@ -63,25 +63,19 @@ def _member_records(metrics: dict, k: int, extra: dict) -> dict:
     return {**{name: value[k] for name, value in metrics.items()}, **extra}
 
 
-def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
-    """Each member's held-out loss, perplexity and token accuracy over the same batches (one vmapped pass per
-    batch), as ``sft.run`` evaluates."""
-    sums = [eval_fn(batch) for batch in batches]
-    return [evaluate(lambda member_sums: member_sums, [tuple(x[k] for x in batch_sums) for batch_sums in sums])
-            for k in range(n_members)]
-
-
-def _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, n_members: int):
-    """``run_eval(trainable, consts, base)``: every member's held-out metrics over the same first eval batches,
-    one compiled pass for all members per batch."""
+def _member_eval(model_cfg, objective, tc, eval_pipeline, batch_sharding, n_members: int):
+    """``run_eval(trainable, consts, base)``: every member's held-out metrics (the objective's, as ``sft.run``
+    evaluates) over the same first eval batches, one compiled pass for all members per batch."""
     @jax.jit
     def member_eval_sums(trainable, consts, base, batch):
-        eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
-        return multi.per_member(eval_sums, trainable, consts, base)
+        return multi.per_member(partial(objective.eval_sums, model_cfg, batch=batch), trainable, consts, base)
+
+    def members_metrics(sums: dict) -> list[dict]:
+        return [objective.eval_metrics(jax.tree.map(lambda x: x[k], sums)) for k in range(n_members)]
 
     def run_eval(trainable, consts, base):
-        batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
-        return _evaluate_members(lambda b: member_eval_sums(trainable, consts, base, b), batches, n_members)
+        batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding, objective.batch_keys)
+        return evaluate(lambda b: member_eval_sums(trainable, consts, base, b), batches, members_metrics)
 
     return run_eval
 
@@ -105,21 +99,21 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     loss_scale = sft.initial_loss_scale(model_cfg)
     state = multi.shard(multi.init_states(s, members, cfg.optim, loss_scale), mesh)
     consts, base = multi.shard(s.consts, mesh), parallel.shard_params(s.base, mesh)
-    step_fn = multi.jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size),
-                                   multi.member_optimizer(cfg.optim, 1.0), mesh, state, consts, base,
-                                   group=multi.default_group())
+    objective = cfg.objective()
+    step_fn = multi.jit_train_step(model_cfg, StepConfig(objective=objective), multi.member_optimizer(cfg.optim, 1.0),
+                                   mesh, state, consts, base, group=multi.default_group())
     batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
 
     for c, out in zip(cfgs, outs):  # every input has passed: now the folders are written
         sft._write_run_dir(c, out, None, overwrite)
 
-    run_eval = _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, len(cfgs))
+    run_eval = _member_eval(model_cfg, objective, tc, eval_pipeline, batch_sharding, len(cfgs))
     loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
     schedules = [make_schedule(c.optim) for c in cfgs]
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
     last, last_eval = [{} for _ in cfgs], None
     for step in range(1, tc.steps + 1):
-        batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
+        batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding, objective.batch_keys)
         state, metrics = step_fn(state, consts, base, batches)
         guard.check(step, metrics)  # one diverged member stops the sweep, as it does a sequential one
         speed = throughput.tick(*sft.count_tokens(batches))

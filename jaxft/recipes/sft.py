@@ -26,13 +26,11 @@ from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import adapter_tensors, write_adapter
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
-from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
 from jaxft.train.checkpoint import Checkpointer, base_reference, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
-from jaxft.train.loss import IGNORE_INDEX, cross_entropy
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate, read_metrics
 from jaxft.train.optim import make_optimizer, make_schedule
 
@@ -64,11 +62,12 @@ def trainable_predicate(cfg: RunConfig):
     return (lambda path, leaf: True) if cfg.method == "full" else None
 
 
-def stack_micro_batches(iterator, n: int, sharding) -> dict:
-    """``n`` host batches [B, T] -> one global [n, B, T] array per key, each process giving its local rows."""
+def stack_micro_batches(iterator, n: int, sharding, keys: tuple[str, ...]) -> dict:
+    """``n`` host batches [B, T] -> one global [n, B, T] array per key (an objective's ``batch_keys``), each process
+    giving its local rows."""
     local = [next(iterator) for _ in range(n)]
     out = {}
-    for key in ("input_ids", "labels", "segment_ids", "positions"):
+    for key in keys:
         stacked = np.stack([b[key] for b in local]).astype(np.int32)
         out[key] = jax.make_array_from_process_local_data(sharding, stacked)
     return out
@@ -219,8 +218,7 @@ def _validate(cfg: RunConfig, out: Path, resumed: Resumed | None) -> _Inputs:
     state = init_state(trainable, optimizer, seed=tc.seed, loss_scale=initial_loss_scale(model_cfg))
     state = jax.device_put(state, parallel.state_shardings(state, mesh))
     frozen = parallel.shard_params(frozen, mesh)
-    step_fn = jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size), optimizer, mesh, state,
-                             frozen)
+    step_fn = jit_train_step(model_cfg, StepConfig(objective=cfg.objective()), optimizer, mesh, state, frozen)
     base = base_reference(cfg.model)
     if resumed and resumed.step is not None:
         with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:
@@ -272,11 +270,12 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
     start = int(state["step"])
 
-    eval_step = _eval_step(model_cfg, tc.loss_chunk_size or 1024)
+    objective = cfg.objective()
+    eval_step = _eval_step(model_cfg, objective)
 
     def run_eval():
-        batches = _eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
-        return evaluate(lambda b: eval_step(state["trainable"], frozen, b), batches)
+        batches = _eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding, objective.batch_keys)
+        return evaluate(lambda b: eval_step(state["trainable"], frozen, b), batches, objective.eval_metrics)
 
     last, last_eval = _last_logged(out, start) if start else {}, None  # read before process 0 appends to the log
     logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
@@ -285,7 +284,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     schedule = make_schedule(cfg.optim)
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
     for step in range(start + 1, tc.steps + 1):
-        batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
+        batches = stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding, objective.batch_keys)
         state, metrics = step_fn(state, frozen, batches)
         guard.check(step, metrics)
         last = {**metrics, "lr": float(schedule(step - 1)), **throughput.tick(*count_tokens(batches))}
@@ -357,48 +356,20 @@ def _to_host(tree):
                                              else multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def eval_sums(model_cfg, params: dict, batch: dict, chunk_tokens: int = 1024):
-    """(loss sum, target count, correct count) of one batch [B, T]; a target is correct when the argmax logit is
-    its label (teacher-forced token accuracy), so every eval reports an accuracy whatever the task.
-
-    Logits come a slice of positions at a time, [B, c, V] with B * c ~ ``chunk_tokens``, so an evaluation never
-    holds [B, T, V]; slicing the position axis (not rows) keeps each slice's rows sharded as the batch is.
-    """
-    h, _ = hidden_states(model_cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"))
-    b, t, d = h.shape
-    c = max(1, min(t, chunk_tokens // b))
-    pad = -t % c
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    labels = jnp.pad(batch["labels"], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    h_slices = jnp.moveaxis(h.reshape(b, -1, c, d), 1, 0)              # [T / c, B, c, D]
-    label_slices = jnp.moveaxis(labels.reshape(b, -1, c), 1, 0)        # [T / c, B, c]
-
-    def add_slice(totals, xs):
-        h_slice, label_slice = xs
-        logits = logits_from_hidden(model_cfg, params, h_slice)        # [B, c, V] float32
-        loss_sum, n_targets = cross_entropy(logits, label_slice)
-        hits = (jnp.argmax(logits, axis=-1) == label_slice) & (label_slice != IGNORE_INDEX)
-        return (totals[0] + loss_sum, totals[1] + n_targets, totals[2] + jnp.sum(hits, dtype=jnp.float32)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(add_slice, (zero, zero, zero), (h_slices, label_slices))
-    return totals
-
-
-def _eval_step(model_cfg, chunk_tokens: int):
+def _eval_step(model_cfg, objective):
     @jax.jit
     def step(trainable, frozen, batch):
-        return eval_sums(model_cfg, combine(trainable, frozen), batch, chunk_tokens)
+        return objective.eval_sums(model_cfg, combine(trainable, frozen), batch)
 
     return step
 
 
-def _eval_batches(iterator, n: int, sharding):
+def _eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
     """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
     would score a different subset each time; it is rewound to its start instead."""
     iterator.set_state({**iterator.get_state(), "epoch": 0, "batch": 0})
     for _ in range(n):
-        yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding).items()}
+        yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding, keys).items()}
 
 
 def export_dir(cfg: RunConfig, out: Path) -> Path:
