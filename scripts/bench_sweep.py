@@ -160,11 +160,12 @@ def bench_step(args) -> dict:
 
     import jaxft
     from jaxft.train import loop, multi
+    from jaxft.train.objectives import CausalLM
     from jaxft.train.optim import OptimConfig, make_optimizer
 
     cfg, base, batch, members = _step_setup(args)
     chunk = 0 if args.workload == "demo-step" else 1024  # the demo trains with full logits (vocab of 31)
-    step_cfg, ocfg = loop.StepConfig(loss_chunk_size=chunk), OptimConfig(lr=members[0].lr)
+    step_cfg, ocfg = loop.StepConfig(objective=CausalLM(chunk_size=chunk)), OptimConfig(lr=members[0].lr)
     group = multi.default_group() if args.group is None else (args.group or None)
 
     def sequential():

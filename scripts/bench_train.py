@@ -198,6 +198,7 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     from jaxft.data.chat import IGNORE_INDEX
     from jaxft.peft.tree import split
     from jaxft.train.loop import StepConfig, init_state, jit_train_step
+    from jaxft.train.objectives import CausalLM
     from jaxft.train.optim import OptimConfig, make_optimizer
 
     cfg, params = jaxft_model(config, workload)
@@ -207,7 +208,7 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     ids = jnp.asarray(random_batch(config), jnp.int32)
     labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], IGNORE_INDEX)], axis=1)
     batches = {"input_ids": ids[None], "labels": labels[None]}
-    step_fn = jit_train_step(cfg, StepConfig(loss_chunk_size=args.loss_chunk), optimizer)
+    step_fn = jit_train_step(cfg, StepConfig(objective=CausalLM(chunk_size=args.loss_chunk)), optimizer)
     start = time.perf_counter()
     compiled = step_fn.lower(state, frozen, batches).compile()
     compile_s = time.perf_counter() - start
@@ -511,7 +512,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
     parser.add_argument("--pairs", type=int, default=3, help="alternating (jaxft, reference) run pairs")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--loss-chunk", type=int, help="StepConfig.loss_chunk_size (0 = full logits; default: the "
+    parser.add_argument("--loss-chunk", type=int, help="CausalLM.chunk_size (0 = full logits; default: the "
                                                          "config's)")
     parser.add_argument("--out", help="JSON path (default bench/results/train_<config>.json)")
     parser.add_argument("--baseline", help="also run jaxft from this other checkout (before/after comparisons)")

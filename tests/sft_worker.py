@@ -117,8 +117,8 @@ def main(spec_path: str):
     result = {"targets": [], "restore_bytes_read": None}
     stack = sft.stack_micro_batches
 
-    def stack_and_count(iterator, n, sharding):
-        batches = stack(iterator, n, sharding)
+    def stack_and_count(iterator, n, sharding, keys):
+        batches = stack(iterator, n, sharding, keys)
         local = sum(int(np.sum(s.data != -100)) for s in batches["labels"].addressable_shards)
         result["targets"].append(local)  # summed over local devices, each holding its own rows
         time.sleep(spec.get("pace_s", 0))

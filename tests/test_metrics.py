@@ -9,6 +9,7 @@ import pytest
 
 from jaxft.errors import JaxftError
 from jaxft.train.metrics import MetricsLogger, Throughput, evaluate, perplexity, read_metrics, write_curves
+from jaxft.train.objectives import CausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -131,14 +132,15 @@ def test_throughput_forgets_steps_older_than_the_window():
 
 
 def test_evaluate_weights_every_token_equally_across_batches():
-    batches = [(jnp.float32(10.0), jnp.int32(10)), (jnp.float32(0.0), jnp.int32(0)), (jnp.float32(2.0), jnp.int32(1))]
-    result = evaluate(lambda batch: batch, batches)  # a mean of per-batch means would give 1.5
+    batches = [{"loss_sum": jnp.float32(s), "n_targets": jnp.int32(n)} for s, n in ((10.0, 10), (0.0, 0), (2.0, 1))]
+    result = evaluate(lambda batch: batch, batches, CausalLM().eval_metrics)  # a mean of batch means gives 1.5
     assert result == {"loss": pytest.approx(12 / 11), "perplexity": pytest.approx(math.exp(12 / 11)), "tokens": 11}
 
 
 def test_evaluate_on_a_split_without_loss_tokens_is_an_error():
     with pytest.raises(JaxftError, match="no loss tokens"):
-        evaluate(lambda batch: batch, [(jnp.float32(0.0), jnp.int32(0))])
+        evaluate(lambda batch: batch, [{"loss_sum": jnp.float32(0.0), "n_targets": jnp.int32(0)}],
+                 CausalLM().eval_metrics)
 
 
 def test_perplexity_of_a_diverged_loss_is_inf():

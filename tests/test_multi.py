@@ -15,6 +15,7 @@ from jaxft.ops import nf4
 from jaxft.peft.tree import split
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.objectives import CausalLM
 from jaxft.train.optim import OptimConfig, make_optimizer
 
 CFG = jaxft.ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -26,7 +27,7 @@ MEMBERS = [
     multi.Member(jaxft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, use_rslora=True,
                                   target_modules="all-linear"), lr=5e-3, seed=2),
 ]
-STEP = StepConfig(loss_chunk_size=0)
+STEP = StepConfig(objective=CausalLM(chunk_size=0))
 
 
 def _batches(n_steps, micro=2, rows=4, t=16, seed=0):

@@ -8,6 +8,7 @@ import pytest
 import jaxft
 from jaxft.parallel import MeshConfig, batch_sharding, make_mesh, param_shardings, shard_params, state_shardings
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.objectives import CausalLM
 
 CFG = jaxft.ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=8, num_key_value_heads=2, head_dim=8)
@@ -38,13 +39,13 @@ def _losses(params, mesh_shape=None, steps=5):
     opt = optax.adamw(1e-2)
     state = init_state(trainable, opt)
     if mesh_shape is None:
-        step = jit_train_step(CFG, StepConfig(loss_chunk_size=32), opt)
+        step = jit_train_step(CFG, StepConfig(objective=CausalLM(chunk_size=32)), opt)
         put = lambda x: x  # noqa: E731
     else:
         mesh = make_mesh(MeshConfig(*mesh_shape))
         state = jax.device_put(state, state_shardings(state, mesh))
         frozen = shard_params(frozen, mesh)
-        step = jit_train_step(CFG, StepConfig(loss_chunk_size=32), opt, mesh, state, frozen)
+        step = jit_train_step(CFG, StepConfig(objective=CausalLM(chunk_size=32)), opt, mesh, state, frozen)
         put = lambda x: jax.device_put(x, batch_sharding(mesh, 3, accumulation_axis=True))  # noqa: E731
     ids, labels = _batches(steps)
     out = []

@@ -16,6 +16,7 @@ from jaxft.recipes import demo, sft, sweep
 from jaxft.recipes.config import RunConfig, load_run_config, read_run_tree
 from jaxft.recipes.grid import expand, parse_grid
 from jaxft.recipes.sweep_report import write_heatmap
+from jaxft.train.objectives import CausalLM
 from sft_worker import tiny_chat_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -275,7 +276,7 @@ def test_eval_sums_match_a_numpy_oracle():
     want_hits = ((logits.argmax(-1) == labels) & target).sum()
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels)}
     for chunk_tokens in (1024, 6):  # 6 tokens over 3 rows: slices of 2 positions, the last one padded
-        step = jax.jit(sft.eval_sums, static_argnums=(0, 3))
-        loss_sum, n_targets, hits = step(cfg, params, batch, chunk_tokens)
+        step = jax.jit(CausalLM(chunk_size=chunk_tokens).eval_sums, static_argnums=0)
+        loss_sum, n_targets, hits = (step(cfg, params, batch)[k] for k in ("loss_sum", "n_targets", "n_correct"))
         np.testing.assert_allclose(float(loss_sum), want_loss, rtol=1e-5)
         assert int(n_targets) == target.sum() and int(hits) == want_hits >= 4

@@ -9,7 +9,8 @@ import torch
 import jaxft
 from hf_oracle import build, random_ids, save
 from jaxft.parallel import MeshConfig, make_mesh, state_shardings
-from jaxft.train.loop import StepConfig, init_state, jit_train_step, token_loss_sum
+from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.objectives import CausalLM
 from jaxft.train.optim import OptimConfig, make_optimizer
 
 CFG = jaxft.ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -39,7 +40,7 @@ def _run(micro, per_micro, params, chunk):
     trainable, frozen = jaxft.split(params)
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state
     opt = optax.sgd(0.1)
-    step = jit_train_step(CFG, StepConfig(loss_chunk_size=chunk), opt)
+    step = jit_train_step(CFG, StepConfig(objective=CausalLM(chunk_size=chunk)), opt)
     state, metrics = step(init_state(trainable, opt), frozen, batches)
     return state, metrics
 
@@ -82,8 +83,8 @@ def test_full_finetuning_gradients_equal_torch_autograd(tmp_path):
     trainable, frozen = jaxft.split(params, lambda path, leaf: True)
 
     def loss(t):
-        s, n = token_loss_sum(cfg, jaxft.combine(t, frozen), batch, None, 8)
-        return s / n
+        objective = CausalLM(chunk_size=8)
+        return objective.loss_sum(cfg, jaxft.combine(t, frozen), batch) / objective.units(batch)
 
     grads = jax.grad(loss)(trainable)
     logits = model(torch.as_tensor(np.asarray(batch["input_ids"]))).logits

@@ -50,7 +50,7 @@ from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
-from jaxft.train.loop import BATCH_KEYS, StepConfig, init_state, token_loss_sum
+from jaxft.train.loop import StepConfig, init_state
 from jaxft.train.loss import VOCAB_BLOCK
 from jaxft.train.optim import HOST_MEMORY_KIND, make_optimizer
 
@@ -183,7 +183,7 @@ def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int
         trainable=train_bytes,
         optimizer=0 if offload else opt_bytes,
         optimizer_host=opt_bytes if offload else 0,
-        batch=len(BATCH_KEYS) * cfg.train.grad_accum * local.rows * cfg.data.max_length * 4,  # int32
+        batch=len(cfg.objective().batch_keys) * cfg.train.grad_accum * local.rows * cfg.data.max_length * 4,  # int32
         grads=train_bytes * (2 if cfg.train.grad_accum > 1 else 1),
         activations=_activations(cfg, model_cfg, local, mesh, rules),
         update=update + (opt_bytes if offload else 0),
@@ -198,7 +198,7 @@ class _Local:
     model_cfg: ModelConfig
     chunk: int  # cross-entropy rows per chunk on this device
     quant: QuantConfig | None  # the base's 4-bit format
-    lm_head_lora: bool  # an adapter on lm_head makes the loss take full logits, as token_loss_sum does
+    lm_head_lora: bool  # an adapter on lm_head makes the loss take full logits, as CausalLM.loss_sum does
 
 
 def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, processes: int) -> _Local:
@@ -276,12 +276,13 @@ def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> in
     batch, which it also keeps, are counted elsewhere), traced on the per-device shapes in ``model_cfg``."""
     params = _abstract_params(model_cfg, cfg, local.quant)
     trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
-    batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in BATCH_KEYS}
+    objective = dataclasses.replace(cfg.objective(), chunk_size=local.chunk)
+    batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in objective.batch_keys}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
     def pullback_leaves(trainable, frozen, batch, rng):
         def loss(t):
-            return token_loss_sum(model_cfg, combine(t, frozen), batch, rng, local.chunk)[0]
+            return objective.loss_sum(model_cfg, combine(t, frozen), batch, rng)
         return jax.tree.leaves(jax.vjp(loss, trainable)[1])
 
     jaxpr = jax.make_jaxpr(pullback_leaves)(trainable, frozen, batch, rng).jaxpr
@@ -354,11 +355,11 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
                                parallel.state_shardings(state, mesh, rules)["opt_state"])
         state["opt_state"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           state["opt_state"], on_host)
-    step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=cfg.train.loss_chunk_size), optimizer, mesh, state,
-                          frozen, rules)
+    objective = cfg.objective()
+    step = jit_train_step(model_cfg, StepConfig(objective=objective), optimizer, mesh, state, frozen, rules)
     rows = cfg.data.batch_size * jax.process_count()
     batch = {k: jax.ShapeDtypeStruct((cfg.train.grad_accum, rows, cfg.data.max_length), jnp.int32)
-             for k in BATCH_KEYS}
+             for k in objective.batch_keys}
     analysis = step.lower(state, frozen, batch).compile().memory_analysis()
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]

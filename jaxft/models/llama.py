@@ -228,6 +228,12 @@ def tied_head(cfg: ModelConfig, params: dict) -> bool:
     return cfg.tie_word_embeddings and "lm_head" not in params
 
 
+def plain_head(cfg: ModelConfig, params: dict) -> bool:
+    """The logits are exactly ``h @ lm_head_kernel(cfg, params)``: the head carries no adapter or other leaf that
+    :func:`logits_from_hidden` would apply, so a loss may contract the kernel block by block itself."""
+    return tied_head(cfg, params) or params["lm_head"].keys() <= {"kernel"}
+
+
 def lm_head_kernel(cfg: ModelConfig, params: dict) -> jnp.ndarray:
     """[D, V] base output projection (the transposed embedding when tied); an lm_head adapter is not included."""
     if tied_head(cfg, params):

@@ -13,6 +13,7 @@ from jaxft.data.config import DataConfig
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.lora import LoraConfig
+from jaxft.train.objectives import CausalLM
 from jaxft.train.optim import OptimConfig
 
 METHODS = ("lora", "qlora", "full")
@@ -87,6 +88,10 @@ class RunConfig:
         if "train" in changes and "optim" not in changes and self.optim.total_steps == self.train.steps:
             changes["optim"] = dataclasses.replace(self.optim, total_steps=None)  # it keeps following train.steps
         return dataclasses.replace(self, **changes)
+
+    def objective(self) -> CausalLM:
+        """What this run trains: next-token cross-entropy (the sft task), chunked per train.loss_chunk_size."""
+        return CausalLM(chunk_size=self.train.loss_chunk_size)
 
 
 def lookup(tree: dict, dotted: str):

@@ -34,6 +34,7 @@ from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, TrainConfig
 from jaxft.recipes.scoring import data_metrics
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.objectives import CausalLM
 from jaxft.train.optim import OptimConfig
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "[UNK]"]
@@ -140,7 +141,7 @@ def build_base(folder: Path, cfg: DemoConfig, log=print) -> Path:
         schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, cfg.pretrain_steps, 1e-3)
         optimizer = optax.adam(schedule)
         state = init_state(trainable, optimizer, cfg.seed)
-        step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=0), optimizer)
+        step = jit_train_step(model_cfg, StepConfig(objective=CausalLM(chunk_size=0)), optimizer)
         batches = _pretrain_batches(tokenizer, rng, cfg)
         start = time.perf_counter()
         for i in range(1, cfg.pretrain_steps + 1):

@@ -17,7 +17,6 @@ import jax
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
 from jaxft.peft import lora
-from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, covered, flat_keys
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, initial_loss_scale, load_base,
                                     load_inputs, publish, run_summary, stack_micro_batches, step_config, to_host,
@@ -64,25 +63,20 @@ def _member_records(metrics: dict, k: int, extra: dict) -> dict:
     return {**{name: value[k] for name, value in metrics.items()}, **extra}
 
 
-def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
-    """Each member's held-out loss, perplexity and token accuracy over the same batches (one vmapped pass per
-    batch), as ``sft.run`` evaluates."""
-    sums = [eval_fn(batch) for batch in batches]
-    return [evaluate(lambda member_sums: member_sums, [tuple(x[k] for x in batch_sums) for batch_sums in sums])
-            for k in range(n_members)]
-
-
-def _member_eval(model_cfg, tc, inputs, n_members: int):
-    """``run_eval(trainable, consts, base)``: every member's held-out metrics over the same first eval batches,
-    one compiled pass for all members per batch."""
+def _member_eval(model_cfg, objective, tc, inputs, n_members: int):
+    """``run_eval(trainable, consts, base)``: every member's held-out metrics (the objective's, as ``sft.run``
+    evaluates) over the same first eval batches, one compiled pass for all members per batch."""
     @jax.jit
     def member_eval_sums(trainable, consts, base, batch):
-        eval_sums = partial(sft.eval_sums, model_cfg, batch=batch, chunk_tokens=tc.loss_chunk_size or 1024)
-        return multi.per_member(eval_sums, trainable, consts, base)
+        return multi.per_member(partial(objective.eval_sums, model_cfg, batch=batch), trainable, consts, base)
+
+    def members_metrics(sums: dict) -> list[dict]:
+        return [objective.eval_metrics(jax.tree.map(lambda x: x[k], sums)) for k in range(n_members)]
 
     def run_eval(trainable, consts, base):
-        batches = eval_batches(inputs.eval_pipeline.iterator, tc.eval_batches, inputs.batch_sharding)
-        return _evaluate_members(lambda b: member_eval_sums(trainable, consts, base, b), batches, n_members)
+        batches = eval_batches(inputs.eval_pipeline.iterator, tc.eval_batches, inputs.batch_sharding,
+                               objective.batch_keys)
+        return evaluate(lambda b: member_eval_sums(trainable, consts, base, b), batches, members_metrics)
 
     return run_eval
 
@@ -135,12 +129,13 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     latest = Latest([{} for _ in cfgs])
     callbacks = [Every(1, _log_members(loggers, [make_schedule(c.optim) for c in cfgs], tc, latest))]
     if inputs.eval_pipeline:
-        run_eval = _member_eval(model_cfg, tc, inputs, len(cfgs))
+        run_eval = _member_eval(model_cfg, cfg.objective(), tc, inputs, len(cfgs))
         callbacks.append(Every(tc.eval_every, _eval_members(loggers, run_eval, consts, base, latest)))
     # one diverged member stops the sweep, as it does a sequential one
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
     state = train_loop(state, range(1, tc.steps + 1), lambda st, batches: step_fn(st, consts, base, batches),
-                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding),
+                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding,
+                                                   cfg.objective().batch_keys),
                        guard, throughput, callbacks)
     for logger in loggers:
         logger.close()

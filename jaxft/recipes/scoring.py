@@ -1,6 +1,6 @@
 """Exact match of greedy chat replies: the score a user of a task with checkable answers (the demo's) wants.
 
-Teacher-forced token accuracy (``sft.eval_sums``) is cheap and needs no generation; exact match generates, so it
+Teacher-forced token accuracy (``CausalLM.eval_sums``) is cheap and needs no generation; exact match generates, so it
 is opt-in (``jaxft eval --exact-match N``, ``jaxft sweep --exact-match N``) and scores the first N chats only.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from jaxft.data.formats import DataError
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate, stop_token_ids
-from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.skeleton import load_base
 from jaxft.train.metrics import evaluate
+from jaxft.train.objectives import CausalLM
 
 BATCH = 64  # prompts per generate call: bounds the KV cache however many chats are scored
 
@@ -29,8 +29,10 @@ def data_metrics(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConf
     of batches and the data pipeline's report."""
     pipeline = build_iterator(data, tokenizer, vocab_size=model_cfg.vocab_size)
     n_batches = pipeline.iterator.batches_per_epoch
-    step = jax.jit(partial(sft.eval_sums, model_cfg))
-    result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)))
+    objective = CausalLM()  # `jaxft eval` scores next-token prediction
+    step = jax.jit(partial(objective.eval_sums, model_cfg))
+    result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)),
+                      objective.eval_metrics)
     return {**result, "batches": n_batches, "data_report": pipeline.report.summary()}
 
 

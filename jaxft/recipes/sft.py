@@ -9,9 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, finished_summary, last_logged,
@@ -19,8 +17,6 @@ from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, 
                                     save_checkpoint, stack_micro_batches, to_host, train_loop, train_state,
                                     write_run_dir)
 from jaxft.train.checkpoint import Checkpointer, base_reference
-from jaxft.data.chat import IGNORE_INDEX
-from jaxft.train.loss import cross_entropy
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
 
@@ -57,7 +53,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
                                                                 base))]
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
     state = train_loop(state, range(start + 1, tc.steps + 1), lambda st, batches: step_fn(st, frozen, batches),
-                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding),
+                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding,
+                                                   cfg.objective().batch_keys),
                        guard, throughput, callbacks)
     checkpointer.close()
     logger.close()
@@ -88,46 +85,20 @@ def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
 
 def _evaluator(cfg: RunConfig, model_cfg, inputs, frozen: dict):
     """``run_eval(trainable)``: held-out loss, perplexity and token accuracy over the first eval batches."""
-    eval_step = _eval_step(model_cfg, cfg.train.loss_chunk_size or 1024)
+    objective = cfg.objective()
+    eval_step = _eval_step(model_cfg, objective)
 
     def run_eval(trainable):
-        batches = eval_batches(inputs.eval_pipeline.iterator, cfg.train.eval_batches, inputs.batch_sharding)
-        return evaluate(lambda b: eval_step(trainable, frozen, b), batches)
+        batches = eval_batches(inputs.eval_pipeline.iterator, cfg.train.eval_batches, inputs.batch_sharding,
+                               objective.batch_keys)
+        return evaluate(lambda b: eval_step(trainable, frozen, b), batches, objective.eval_metrics)
 
     return run_eval
 
 
-def eval_sums(model_cfg, params: dict, batch: dict, chunk_tokens: int = 1024):
-    """(loss sum, target count, correct count) of one batch [B, T]; a target is correct when the argmax logit is
-    its label (teacher-forced token accuracy), so every eval reports an accuracy whatever the task.
-
-    Logits come a slice of positions at a time, [B, c, V] with B * c ~ ``chunk_tokens``, so an evaluation never
-    holds [B, T, V]; slicing the position axis (not rows) keeps each slice's rows sharded as the batch is.
-    """
-    h, _ = hidden_states(model_cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"))
-    b, t, d = h.shape
-    c = max(1, min(t, chunk_tokens // b))
-    pad = -t % c
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    labels = jnp.pad(batch["labels"], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    h_slices = jnp.moveaxis(h.reshape(b, -1, c, d), 1, 0)              # [T / c, B, c, D]
-    label_slices = jnp.moveaxis(labels.reshape(b, -1, c), 1, 0)        # [T / c, B, c]
-
-    def add_slice(totals, xs):
-        h_slice, label_slice = xs
-        logits = logits_from_hidden(model_cfg, params, h_slice)        # [B, c, V] float32
-        loss_sum, n_targets = cross_entropy(logits, label_slice)
-        hits = (jnp.argmax(logits, axis=-1) == label_slice) & (label_slice != IGNORE_INDEX)
-        return (totals[0] + loss_sum, totals[1] + n_targets, totals[2] + jnp.sum(hits, dtype=jnp.float32)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(add_slice, (zero, zero, zero), (h_slices, label_slices))
-    return totals
-
-
-def _eval_step(model_cfg, chunk_tokens: int):
+def _eval_step(model_cfg, objective):
     @jax.jit
     def step(trainable, frozen, batch):
-        return eval_sums(model_cfg, combine(trainable, frozen), batch, chunk_tokens)
+        return objective.eval_sums(model_cfg, combine(trainable, frozen), batch)
 
     return step

@@ -190,11 +190,12 @@ def _check_batch_fits(cfg: RunConfig, mesh):
                               f"that makes the global batch a multiple of {shards}, or change mesh")
 
 
-def stack_micro_batches(iterator, n: int, sharding) -> dict:
-    """``n`` host batches [B, T] -> one global [n, B, T] array per key, each process giving its local rows."""
+def stack_micro_batches(iterator, n: int, sharding, keys: tuple[str, ...]) -> dict:
+    """``n`` host batches [B, T] -> one global [n, B, T] array per key (an objective's ``batch_keys``), each process
+    giving its local rows."""
     local = [next(iterator) for _ in range(n)]
     out = {}
-    for key in ("input_ids", "labels", "segment_ids", "positions"):
+    for key in keys:
         stacked = np.stack([b[key] for b in local]).astype(np.int32)
         out[key] = jax.make_array_from_process_local_data(sharding, stacked)
     return out
@@ -211,12 +212,12 @@ def count_tokens(batches: dict) -> tuple[int, int]:
     return int(_real_tokens(batches["segment_ids"])), int(np.prod(batches["segment_ids"].shape))
 
 
-def eval_batches(iterator, n: int, sharding):
+def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
     """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
     would score a different subset each time; it is rewound to its start instead."""
     iterator.set_state({**iterator.get_state(), "epoch": 0, "batch": 0})
     for _ in range(n):
-        yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding).items()}
+        yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding, keys).items()}
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -271,7 +272,7 @@ def trainable_predicate(cfg: RunConfig):
 
 def step_config(cfg: RunConfig) -> StepConfig:
     """What the train step computes per micro-batch, for every recipe's step."""
-    return StepConfig(loss_chunk_size=cfg.train.loss_chunk_size)
+    return StepConfig(objective=cfg.objective())
 
 
 class Training(NamedTuple):

@@ -1,1 +1,2 @@
-"""Training: losses (chunked cross-entropy), and the pieces a recipe wires into a jitted step."""
+"""Training: objectives and their losses (chunked cross-entropy, per-token log-probs), and the pieces a recipe wires
+into a jitted step."""

@@ -1,9 +1,9 @@
-"""The jitted train step: micro-batch accumulation, chunked cross-entropy, NaN guard, sharded in/out.
+"""The jitted train step: micro-batch accumulation, the objective's loss, NaN guard, sharded in/out.
 
 Gradients are taken only with respect to the trainable part of the tree (``jaxft.split``): frozen weights get
-neither gradients nor optimizer state. The loss is the token-level cross-entropy summed over every target token
-of the whole accumulated batch and divided by their total count, so accumulating A micro-batches gives the same
-update as one batch A times larger, however unevenly the targets fall.
+neither gradients nor optimizer state. The loss is the objective's (:mod:`jaxft.train.objectives`; next-token
+cross-entropy by default) summed over every unit of the whole accumulated batch and divided by their total count,
+so accumulating A micro-batches gives the same update as one batch A times larger, however unevenly the units fall.
 """
 from __future__ import annotations
 
@@ -16,55 +16,40 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.config import ModelConfig
-from jaxft.data.chat import IGNORE_INDEX
-from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden
 from jaxft.peft.tree import combine
-from jaxft.train.loss import chunked_cross_entropy, cross_entropy
-
-BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+from jaxft.train.objectives import CausalLM, Objective
 
 
 @dataclass(frozen=True)
 class StepConfig:
     """Static settings of the train step."""
 
-    loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy; 0 = full logits
+    objective: Objective = CausalLM()  # the loss, its batch keys and units (a frozen dataclass)
     skip_nonfinite: bool = True  # skip (and report) updates whose gradients are not finite
     activation_sharding: object = None  # sharding of [B, T, D] activations at layer boundaries (set per mesh)
     loss_scale_interval: int = 2000  # fp16: double the loss scale after this many finite steps in a row
 
 
-def token_loss_sum(cfg: ModelConfig, params: dict, batch: dict, rng, chunk_size: int, activation_sharding=None):
-    """(sum of per-token CE, number of target tokens) for one micro-batch ``[B, T]``."""
-    lm_head_lora = "lora_a" in params.get("lm_head", {})
-    body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
-    h, _ = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                         rng=body_rng, activation_sharding=activation_sharding)
-    if chunk_size and not lm_head_lora:
-        return chunked_cross_entropy(h, lm_head_kernel(cfg, params), batch["labels"], chunk_size=chunk_size)
-    return cross_entropy(logits_from_hidden(cfg, params, h, head_rng), batch["labels"])
-
-
 def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng, scale=1.0):
-    """Sum of per-micro-batch gradients of (loss sum / total targets), scanned over the leading [A] axis.
+    """Sum of per-micro-batch gradients of (loss sum / total units), scanned over the leading [A] axis.
 
     The loss is multiplied by ``scale`` before differentiation (fp16 loss scaling) and the result divided again.
     """
-    total = jnp.maximum(jnp.sum(batches["labels"] != IGNORE_INDEX), 1).astype(jnp.float32)
+    objective = step_cfg.objective
+    total = jnp.maximum(objective.units(batches), 1.0)  # a batch without units gives loss 0, not 0 / 0
 
     def micro(carry, xs):
         grads, loss = carry
         batch, key = xs
 
         def loss_fn(t):
-            loss_sum, _ = token_loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.loss_chunk_size,
-                                         step_cfg.activation_sharding)
+            loss_sum = objective.loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.activation_sharding)
             return loss_sum / total * scale
 
         value, g = jax.value_and_grad(loss_fn)(trainable)
         return (jax.tree.map(jnp.add, grads, g), loss + value), None
 
-    n_micro = batches["input_ids"].shape[0]
+    n_micro = jax.tree.leaves(batches)[0].shape[0]
     keys = jax.random.split(rng, n_micro) if rng is not None else None
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
@@ -93,7 +78,7 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
         trainable = jax.tree.map(keep_new, trainable, state["trainable"])
         opt_state = jax.tree.map(keep_new, opt_state, state["opt_state"])
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
-    metrics = {"loss": loss, "grad_norm": grad_norm, "n_targets": n_targets,
+    metrics = {"loss": loss, "grad_norm": grad_norm, "n_targets": n_targets,  # the objective's units
                "skipped": (~finite).astype(jnp.int32)}
     if "loss_scale" in state:
         good = jnp.where(finite, state["good_steps"] + 1, 0)

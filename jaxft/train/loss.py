@@ -10,6 +10,9 @@ Labels are already shifted by the data pipeline: ``labels[b, t]`` is the target 
 ``z_loss`` adds PaLM's auxiliary ``z_loss * logsumexp(logits)**2`` per target token, which keeps the softmax
 normalizer near 1 and the logits from drifting in low precision; 0 (the default) turns it off. It is a static
 Python float, like a config value.
+
+:func:`token_logprobs` gives the per-token log-probabilities of the labels from the same chunked pass (what
+preference, policy-gradient and distillation objectives score sequences with).
 """
 from __future__ import annotations
 
@@ -37,23 +40,48 @@ def chunked_cross_entropy(hidden, lm_head_kernel, labels, *, chunk_size: int, vo
                           z_loss: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray]:
     """hidden [B, T, D], lm_head_kernel [D, V], labels [B, T] -> (sum of token losses, number of targets), f32.
 
-    Never holds more than one [chunk_size, vocab_block] block of float32 logits: tokens are scanned in chunks of
-    ``chunk_size`` and, within a chunk, the vocabulary in blocks of ``vocab_block`` columns with an online
-    log-sum-exp (running max and rescaled sum), so memory does not grow with the number of tokens or with the
-    vocabulary. The backward pass is written by hand (:func:`_blocked_ce_bwd`): it recomputes each block's logits
-    once from the saved per-token log-normalizer and turns them straight into the hidden and kernel gradients.
+    Never holds more than one [chunk_size, vocab_block] block of float32 logits (see :func:`_token_statistics`), so
+    memory does not grow with the number of tokens or with the vocabulary.
+    """
+    log_normalizer, label_logit = _token_statistics(hidden, lm_head_kernel, labels, chunk_size=chunk_size,
+                                                    vocab_block=vocab_block)
+    is_target = labels != IGNORE_INDEX
+    loss_sum = jnp.sum(_token_losses(log_normalizer, label_logit, is_target, float(z_loss)))
+    return loss_sum, jnp.sum(is_target, dtype=jnp.float32)
+
+
+def token_logprobs(hidden, lm_head_kernel, labels, *, chunk_size: int, vocab_block: int = VOCAB_BLOCK
+                   ) -> jnp.ndarray:
+    """hidden [B, T, D], lm_head_kernel [D, V], labels [B, T] -> log p(label) [B, T] in float32, 0 where the label
+    is ``IGNORE_INDEX``: what DPO, PPO/GRPO and distillation score sequences with. Differentiable, from the same
+    chunked pass as :func:`chunked_cross_entropy` (one log-sum-exp per token)."""
+    log_normalizer, label_logit = _token_statistics(hidden, lm_head_kernel, labels, chunk_size=chunk_size,
+                                                    vocab_block=vocab_block)
+    return jnp.where(labels != IGNORE_INDEX, label_logit - log_normalizer, 0.0)
+
+
+def _token_statistics(hidden, lm_head_kernel, labels, *, chunk_size: int, vocab_block: int = VOCAB_BLOCK
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(log-normalizer logsumexp(logits), label logit), each [B, T] float32, of logits = hidden @ lm_head_kernel,
+    without materializing the logits; the label logit is 0 where the label is ``IGNORE_INDEX``.
+
+    Tokens are scanned in chunks of ``chunk_size`` and, within a chunk, the vocabulary in blocks of ``vocab_block``
+    columns with an online log-sum-exp (running max and rescaled sum). The backward pass is written by hand
+    (:func:`_blocked_stats_bwd`): it recomputes each block's logits once from the saved per-token log-normalizer
+    and turns them, with the two per-token cotangents, straight into the hidden and kernel gradients.
     B * T need not divide ``chunk_size`` (the tail chunk is padded with ignored labels), nor V ``vocab_block``
     (the last block is shifted left to end at V and its columns already seen are masked out).
     """
     d = hidden.shape[-1]
     tokens = hidden.reshape(-1, d)                                   # [N, D]
     targets = labels.reshape(-1)                                     # [N]
-    pad = -tokens.shape[0] % chunk_size
+    n = tokens.shape[0]
+    pad = -n % chunk_size
     tokens = jnp.pad(tokens, ((0, pad), (0, 0))).reshape(-1, chunk_size, d)                    # [C, chunk, D]
     targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk_size)  # [C, chunk]
     kernel = lm_head_kernel.astype(hidden.dtype)                     # the compute dtype, as in the model's head
-    loss_sum = _blocked_ce(tokens, kernel, targets, min(vocab_block, kernel.shape[1]), float(z_loss))
-    return loss_sum, jnp.sum(targets != IGNORE_INDEX, dtype=jnp.float32)
+    stats = _blocked_stats(tokens, kernel, targets, min(vocab_block, kernel.shape[1]))
+    return tuple(x.reshape(-1)[:n].reshape(labels.shape) for x in stats)
 
 
 def _vocab_blocks(vocab: int, block: int):
@@ -99,33 +127,27 @@ def _token_losses(log_normalizer, label_logit, is_target, z_loss):
     return jnp.where(is_target, token_loss, 0.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _blocked_ce(tokens, kernel, targets, block, z_loss):
-    return _blocked_ce_fwd(tokens, kernel, targets, block, z_loss)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_stats(tokens, kernel, targets, block):
+    return _blocked_stats_fwd(tokens, kernel, targets, block)[0]
 
 
-def _blocked_ce_fwd(tokens, kernel, targets, block, z_loss):
-    def chunk_step(total, chunk):
-        chunk_tokens, chunk_targets = chunk
-        log_normalizer, label_logit = _chunk_stats(chunk_tokens, chunk_targets, kernel, block)
-        losses = _token_losses(log_normalizer, label_logit, chunk_targets != IGNORE_INDEX, z_loss)
-        return total + jnp.sum(losses), log_normalizer
+def _blocked_stats_fwd(tokens, kernel, targets, block):
+    def chunk_step(_, chunk):
+        return None, _chunk_stats(*chunk, kernel, block)
 
-    total, log_normalizers = jax.lax.scan(chunk_step, jnp.zeros((), jnp.float32), (tokens, targets))
-    return total, (tokens, kernel, targets, log_normalizers)
+    _, (log_normalizers, label_logits) = jax.lax.scan(chunk_step, None, (tokens, targets))
+    return (log_normalizers, label_logits), (tokens, kernel, targets, log_normalizers)
 
 
-def _blocked_ce_bwd(block, z_loss, residuals, g):
-    """d loss / d logits = g * ((1 + 2 z lse) softmax - onehot(label)) on target tokens, 0 elsewhere; each block's
-    logits are recomputed once and contracted into d hidden (per chunk) and d kernel (accumulated over chunks)."""
+def _blocked_stats_bwd(block, residuals, cotangents):
+    """d / d logits = g_lse * softmax + g_label * onehot(label), per token; each block's logits are recomputed
+    once and contracted into d hidden (per chunk) and d kernel (accumulated over chunks)."""
     tokens, kernel, targets, log_normalizers = residuals
     starts, first_valid = _vocab_blocks(kernel.shape[1], block)
 
     def chunk_step(d_kernel, chunk):
-        chunk_tokens, chunk_targets, log_normalizer = chunk
-        is_target = chunk_targets != IGNORE_INDEX
-        softmax_weight = jnp.where(is_target, g * (1.0 + 2.0 * z_loss * log_normalizer), 0.0)
-        label_weight = jnp.where(is_target, g, 0.0)
+        chunk_tokens, chunk_targets, log_normalizer, softmax_weight, label_weight = chunk
         chunk_tokens_f32 = chunk_tokens.astype(jnp.float32)  # once per chunk, not per vocabulary block
 
         def vocab_step(carry, xs):
@@ -134,7 +156,7 @@ def _blocked_ce_bwd(block, z_loss, residuals, g):
             logits, owned, kernel_block = _block_logits(chunk_tokens, kernel, start, first, block)
             probs = jnp.exp(logits - log_normalizer[:, None])                                # 0 where not owned
             is_label = (chunk_targets[:, None] - start == jnp.arange(block)) & owned
-            d_logits = softmax_weight[:, None] * probs - jnp.where(is_label, label_weight[:, None], 0.0)
+            d_logits = softmax_weight[:, None] * probs + jnp.where(is_label, label_weight[:, None], 0.0)
             d_tokens = d_tokens + jnp.einsum("cv,dv->cd", d_logits, kernel_block.astype(jnp.float32))
             d_block = jnp.einsum("cd,cv->dv", chunk_tokens_f32, d_logits)
             old = jax.lax.dynamic_slice_in_dim(d_kernel, start, block, axis=1)
@@ -146,11 +168,11 @@ def _blocked_ce_bwd(block, z_loss, residuals, g):
         return d_kernel, d_tokens.astype(tokens.dtype)
 
     d_kernel = jnp.zeros(kernel.shape, jnp.float32)
-    d_kernel, d_tokens = jax.lax.scan(chunk_step, d_kernel, (tokens, targets, log_normalizers))
+    d_kernel, d_tokens = jax.lax.scan(chunk_step, d_kernel, (tokens, targets, log_normalizers, *cotangents))
     return d_tokens, d_kernel.astype(kernel.dtype), None
 
 
-_blocked_ce.defvjp(_blocked_ce_fwd, _blocked_ce_bwd)
+_blocked_stats.defvjp(_blocked_stats_fwd, _blocked_stats_bwd)
 
 
 def _token_loss_sum(logits, labels, z_loss: float):

@@ -34,27 +34,21 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 709.0 else math.inf  # exp(709.8) is the largest finite float64
 
 
-def evaluate(eval_step: Callable[[Any], tuple], batches: Iterable[Any]) -> dict[str, float]:
-    """Loss and perplexity over a held-out split, and token accuracy when the step counts correct tokens.
+def evaluate(eval_step: Callable[[Any], dict], batches: Iterable[Any], eval_metrics: Callable[[dict], Any]):
+    """``eval_metrics`` of the sums ``eval_step(batch)`` gives, added over ``batches`` (an objective's
+    ``eval_sums`` and ``eval_metrics``, :mod:`jaxft.train.objectives`).
 
-    ``eval_step(batch)`` returns ``(loss_sum, token_count)`` (what the chunked cross-entropy returns), or
-    ``(loss_sum, token_count, correct_count)``, so the mean weights every token equally however the loss mask
-    spreads tokens over batches; a mean of per-batch means would overweight short batches. The sums stay on the
-    device until the end: one host sync per evaluation, not per batch.
+    Sums, not per-batch means: the metrics weigh every token equally however the loss mask spreads tokens over
+    batches; a mean of per-batch means would overweight short batches. The sums stay on the device until the end:
+    one host sync per evaluation, not per batch.
     """
     sums = None
     for batch in batches:
         batch_sums = eval_step(batch)
-        sums = batch_sums if sums is None else tuple(a + b for a, b in zip(sums, batch_sums))
-    tokens = int(sums[1]) if sums is not None else 0
-    if tokens == 0:
-        raise DataError("evaluate", "no loss tokens", "the held-out batches contain no loss tokens (empty split, or "
-                        "every token masked)")
-    loss = float(sums[0]) / tokens
-    out = {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
-    if len(sums) > 2:
-        out["accuracy"] = float(sums[2]) / tokens
-    return out
+        sums = batch_sums if sums is None else jax.tree.map(lambda a, b: a + b, sums, batch_sums)
+    if sums is None:
+        raise DataError("evaluate", "no batches", "the held-out split gave no batches to evaluate")
+    return eval_metrics(sums)
 
 
 class Throughput:
