@@ -103,9 +103,9 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
     else the run's ``quant`` for QLoRA, else none."""
     qc = hf.get("quantization_config") or {}
     if qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        return dataclasses.replace(cfg.quant, quant_type=qc.get("bnb_4bit_quant_type", "nf4"), blocksize=64,
-                                   double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
-    return cfg.quant if cfg.method == "qlora" else None
+        return QuantConfig(quant_type=qc.get("bnb_4bit_quant_type", "nf4"), blocksize=64,
+                           double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
+    return cfg.quant
 
 
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
@@ -115,7 +115,7 @@ def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
             for m in LINEAR_MODULES:
                 params["layers"][m]["kernel"] = nf4.quantize(params["layers"][m]["kernel"], quant.blocksize,
                                                              quant.double_quant, quant.quant_type)
-        if cfg.method != "full":
+        if cfg.lora is not None:
             params = lora.add(model_cfg, params, cfg.lora, rng)
         return params
 
@@ -127,7 +127,7 @@ def param_counts(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> tuple[
     trainable, frozen = split(params, sft.trainable_predicate(cfg))
     n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
     n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
-    if cfg.method != "full":
+    if cfg.lora is not None:
         n_train -= _rank_padding(model_cfg, cfg.lora)
     return n_train, n_train + n_frozen
 
@@ -234,7 +234,7 @@ def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, pr
     chunk = cfg.train.loss_chunk_size
     # The chunked loss reshapes the global [B * T] tokens into chunks; each chunk's rows split over the batch shards.
     local_chunk = chunk // batch_shards if chunk and chunk % batch_shards == 0 else chunk
-    lm_head_lora = cfg.method != "full" and ("lm_head",) in lora.plan(model_cfg, cfg.lora)
+    lm_head_lora = cfg.lora is not None and ("lm_head",) in lora.plan(model_cfg, cfg.lora)
     return _Local(local_rows, local_cfg, local_chunk, quant, lm_head_lora)
 
 

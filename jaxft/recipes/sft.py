@@ -40,16 +40,15 @@ from jaxft.train.optim import make_optimizer, make_schedule
 def load_base(cfg: RunConfig, mesh=None):
     """(model config with the run's memory knobs, base params: 4-bit for QLoRA); with a mesh each process reads only
     its slices."""
-    quant = cfg.quant if cfg.method == "qlora" else None
-    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
-                                        mesh=mesh)
+    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
+                                        quant=cfg.quant, mesh=mesh)
     return cfg.train.apply(model_cfg), params
 
 
 def load_model(cfg: RunConfig, rng, mesh=None):
     """(model config, params with adapters for LoRA/QLoRA)."""
     model_cfg, params = load_base(cfg, mesh)
-    if cfg.method != "full":
+    if cfg.lora is not None:
         params = lora.add(model_cfg, params, cfg.lora, rng)
     return model_cfg, params
 
@@ -61,7 +60,7 @@ def initial_loss_scale(model_cfg) -> float | None:
 
 def trainable_predicate(cfg: RunConfig):
     """Full fine-tuning trains every leaf; otherwise the tree's own predicate (adapters + marked leaves)."""
-    return (lambda path, leaf: True) if cfg.method == "full" else None
+    return (lambda path, leaf: True) if cfg.full else None
 
 
 def stack_micro_batches(iterator, n: int, sharding) -> dict:
@@ -212,7 +211,7 @@ def _validate(cfg: RunConfig, out: Path, resumed: Resumed | None) -> _Inputs:
     _check_batch_fits(cfg, mesh)
     model_cfg, params = load_model(cfg, rng, mesh)
     trainable, frozen = split(params, trainable_predicate(cfg))
-    n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
+    n_trainable = lora.trainable_count(params) if not cfg.full else sum(
         x.size for x in jax.tree.leaves(trainable))
 
     optimizer = make_optimizer(cfg.optim)
@@ -403,13 +402,13 @@ def _eval_batches(iterator, n: int, sharding):
 
 def export_dir(cfg: RunConfig, out: Path) -> Path:
     """Where a run exports: ``model/`` for full fine-tuning, else ``adapter/``."""
-    return out / ("model" if cfg.method == "full" else "adapter")
+    return out / ("model" if cfg.full else "adapter")
 
 
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
     """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model,
     replacing an earlier export whole."""
-    if cfg.method == "full":
+    if cfg.full:
         return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
                             model_cfg=config_from_hf(read_json(Path(cfg.model) / "config.json")))
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
