@@ -6,6 +6,7 @@ section is the shorthand that files written before it use, and it loads to the s
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -105,6 +106,10 @@ class RunConfig:
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
+        if isinstance(self.model, ModelConfig) and peft:
+            raise ConfigError("model is an inline config: its weights start random and are trained in full, so "
+                              "there is no base for peft methods or quant to adapt; give peft: [] (or method: "
+                              "full), or point model at a trained model folder")
         if isinstance(self.model, ModelConfig) and self.tokenizer is None:
             raise ConfigError("model is an inline config (trained from scratch), so there is no model folder to "
                               "take the tokenizer from; set tokenizer: to a tokenizer folder")
@@ -223,9 +228,9 @@ def _set(tree: dict, dotted: str, raw: str, source: str) -> str:
     if path[0] == "peft" and len(path) == 2 and isinstance(value, dict):
         value = {"type": name, **value}  # --set lora={r: 4} replaces the entry's settings, keeping its type
     node = tree
-    for k in path[:-1]:
+    for k, inner in zip(path[:-1], path[1:]):
         node = node[k] if isinstance(k, int) else node.setdefault(k, {})
-        if not isinstance(node, dict):
+        if not isinstance(node, list if isinstance(inner, int) else dict):
             raise ConfigError(f"{source}: --set {dotted}: {k!r} is not a section")
     node[path[-1]] = value
     return name
@@ -289,7 +294,7 @@ def read_run_tree(path: str | Path, overrides: list[str] = (), origins: dict | N
     if "peft" not in tree:
         filled = {k: v for k, v in (("lora", to_dict(DEFAULT_LORA)), ("quant", to_dict(QuantConfig())))
                   if k not in tree}
-        tree.update(filled)
+        tree.update(copy.deepcopy(filled))  # a copy: a --set into the tree must not change what is compared below
     origins = {} if origins is None else origins
     tree = apply_overrides(tree, list(overrides), origins=origins)
     if "peft" in tree:  # a --set peft=[...] turned a shorthand file into the other form: drop what was filled in
@@ -304,7 +309,8 @@ def _check_one_form(tree: dict, source: str, origins: dict):
     """``peft`` (the canonical form) and the shorthand's ``method`` / ``lora`` keys choose the same thing."""
     for key in ("method", "lora"):
         if "peft" in tree and key in tree:
-            named = {k: (origins.get(k) or (source,))[0] for k in ("peft", key)}
+            named = {k: next((origin for at, (origin, _) in origins.items() if covered(at, [k])), source)
+                     for k in ("peft", key)}
             raise ConfigError(f"{named['peft']}: peft and {named[key]}: {key} are two forms of the run's methods; "
                               f"give peft (with quant for QLoRA) or method and lora, not both")
 

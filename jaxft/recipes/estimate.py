@@ -88,6 +88,9 @@ class AbstractModel(NamedTuple):
 
 def abstract_model(cfg: RunConfig) -> AbstractModel:
     """The run's model config and param tree (adapters, 4-bit base) from its config.json alone."""
+    if cfg.model_dir is None:  # an inline model config: trained from scratch, in full, unquantized
+        model_cfg = sft.inline_model_config(cfg)
+        return AbstractModel(model_cfg, _abstract_params(model_cfg, cfg, None), None)
     config_path = Path(cfg.model) / "config.json"
     if not config_path.exists():
         raise ConfigError(f"{cfg.model}: no config.json (the memory estimate reads the model's sizes from it)")

@@ -94,7 +94,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     for c, out in zip(cfgs, outs):
         sft._check_run_dir(c, out, resume=False, overwrite=overwrite)
     cfg, tc = cfgs[0], cfgs[0].train
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
     pipeline, eval_pipeline = sft._pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     sft._check_batch_fits(cfg, mesh)

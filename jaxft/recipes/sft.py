@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxft import parallel
-from jaxft.config import ConfigError
+from jaxft.config import ConfigError, ModelConfig
 from jaxft.data import build_iterator, save_chat_template
 from jaxft.hf.checkpoint import (atomic_dir, check_output_dir, from_pretrained, occupied, to_hf_tensors,
                                  write_pretrained, write_text_atomic)
@@ -26,7 +26,7 @@ from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import adapter_tensors, write_adapter
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
-from jaxft.models.llama import hidden_states, logits_from_hidden
+from jaxft.models.llama import hidden_states, init_params, logits_from_hidden
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
@@ -39,10 +39,19 @@ from jaxft.train.optim import make_optimizer, make_schedule
 
 def load_base(cfg: RunConfig, mesh=None):
     """(model config with the run's memory knobs, base params: 4-bit for QLoRA); with a mesh each process reads only
-    its slices."""
+    its slices. An inline model config (training from scratch) starts from ``init_params`` at train.seed, in the
+    run's dtype and compute_dtype as a folder's weights would be."""
+    if cfg.model_dir is None:
+        return inline_model_config(cfg), init_params(inline_model_config(cfg), jax.random.PRNGKey(cfg.train.seed),
+                                                     cfg.dtype)
     model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
                                         quant=cfg.quant, mesh=mesh)
     return cfg.train.apply(model_cfg), params
+
+
+def inline_model_config(cfg: RunConfig) -> ModelConfig:
+    """An inline model config with the run's compute dtype and memory knobs, as :func:`load_base` trains it."""
+    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype))
 
 
 def load_model(cfg: RunConfig, rng, mesh=None):
@@ -96,16 +105,21 @@ def _check_batch_fits(cfg: RunConfig, mesh):
                               f"that makes the global batch a multiple of {shards}, or change mesh")
 
 
+def base_config(cfg: RunConfig) -> ModelConfig:
+    """The base model's config as written: the inline one, or the model folder's config.json."""
+    return cfg.model if cfg.model_dir is None else config_from_hf(read_json(Path(cfg.model) / "config.json"))
+
+
 def check_model_folder(cfg: RunConfig):
     """Fails before anything is written, so a run fixed after this error needs no --overwrite."""
-    if not (Path(cfg.model) / "config.json").is_file():
+    if cfg.model_dir is not None and not (Path(cfg.model) / "config.json").is_file():
         raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
                           "`model` at a folder with config.json and *.safetensors")
 
 
 def _pipelines(cfg: RunConfig, tokenizer):
     """(train pipeline, eval pipeline or None); token ids the model has no embedding row for are refused here."""
-    vocab_size = config_from_hf(read_json(Path(cfg.model) / "config.json")).vocab_size
+    vocab_size = base_config(cfg).vocab_size
     build = partial(build_iterator, tokenizer=tokenizer, process_index=jax.process_index(),
                     process_count=jax.process_count(), vocab_size=vocab_size)
     return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
@@ -137,7 +151,7 @@ def _check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> 
     if resume:
         return _check_resume(cfg, out)
     check_output_dir(out, overwrite)
-    inputs = [Path(p) for p in (cfg.model, *cfg.data.paths, *(cfg.eval_data.paths if cfg.eval_data else ()))]
+    inputs = [Path(p) for p in (cfg.model_dir or cfg.tokenizer_dir, *cfg.data.paths, *(cfg.eval_data.paths if cfg.eval_data else ()))]
     inside = [str(p) for p in inputs if overwrite and occupied(out) and p.resolve().is_relative_to(out.resolve())]
     if inside:
         raise ConfigError(f"{out}: overwrite would delete this run's own inputs {inside}, which are inside it; "
@@ -205,7 +219,7 @@ def _validate(cfg: RunConfig, out: Path, resumed: Resumed | None) -> _Inputs:
     """Loads and checks every input (tokenizer, data, mesh, model, checkpoint, base) without writing anything."""
     tc = cfg.train
     rng = jax.random.PRNGKey(tc.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
     pipeline, eval_pipeline = _pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
@@ -410,7 +424,7 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
     replacing an earlier export whole."""
     if cfg.full:
         return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
-                            model_cfg=config_from_hf(read_json(Path(cfg.model) / "config.json")))
+                            model_cfg=base_config(cfg))
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
                         lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
 
