@@ -151,7 +151,8 @@ def _check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> 
     if resume:
         return _check_resume(cfg, out)
     check_output_dir(out, overwrite)
-    inputs = [Path(p) for p in (cfg.model_dir or cfg.tokenizer_dir, *cfg.data.paths, *(cfg.eval_data.paths if cfg.eval_data else ()))]
+    inputs = [Path(p) for p in (cfg.model_dir or cfg.tokenizer_dir, *cfg.data.paths,
+                                *(cfg.eval_data.paths if cfg.eval_data else ()))]
     inside = [str(p) for p in inputs if overwrite and occupied(out) and p.resolve().is_relative_to(out.resolve())]
     if inside:
         raise ConfigError(f"{out}: overwrite would delete this run's own inputs {inside}, which are inside it; "
