@@ -3,6 +3,7 @@ model: a folder or an inline config) and the `method:` shorthand load to the sam
 both; unknown types and contradictory forms are errors; an inline model trains from scratch and exports a model
 transformers loads."""
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -203,3 +204,10 @@ def test_an_inline_model_config_is_its_own_base_for_a_resume():
     check_base(reference, ModelConfig(**to_dict(model) | {"rope": model.rope}))  # an equal config, built anew
     with pytest.raises(BaseModelChanged, match="not the one these adapters were trained on"):
         check_base(reference, model.replace(hidden_size=64, head_dim=None))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_in_whichever_form_it_is_written(path):
+    cfg = load_run_config(path)
+    assert cfg.lora is not None and cfg.quantized == (path.name != "llama2-7b-lora-8gpu.yaml")  # the others: QLoRA
