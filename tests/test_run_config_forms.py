@@ -96,6 +96,10 @@ def test_method_and_quant_sets_work_on_a_canonical_file(tmp_path):
     # on the old form, method decides quantization and quant gives its settings, as before
     old = _write(tmp_path, OLD_FORM.format(method="lora"), "old.yaml")
     assert load_run_config(old, ["quant.blocksize=256"]).quant is None
+    for key in ("quant.type", "quant.quant_type"):  # either spelling, on a file with or without a quant section
+        assert load_run_config(path, ["method=qlora", f"{key}=fp4"]).quant == QuantConfig(quant_type="fp4")
+        bare = _write(tmp_path, "model: m\noutput_dir: o\ndata: {paths: [d.jsonl]}\nmethod: qlora\n", "bare.yaml")
+        assert load_run_config(bare, [f"{key}=fp4"]).quant == QuantConfig(quant_type="fp4")
     assert load_run_config(old, ["method=qlora", "quant.blocksize=256"]).quant == QuantConfig(
         quant_type="fp4", blocksize=256, double_quant=False)
 

@@ -244,7 +244,7 @@ def _set_method(tree: dict, method, source: str):
     entry = next((e for e in tree["peft"] if isinstance(e, dict) and e.get("type") == "lora"),
                  PEFT_UNION.as_dict(DEFAULT_LORA))
     tree["peft"] = [] if method == "full" else [entry]
-    tree["quant"] = (tree.get("quant") or {"type": QUANT_UNION.default}) if method == "qlora" else None
+    tree["quant"] = (tree.get("quant") or {}) if method == "qlora" else None  # {}: the default type, nf4
 
 
 def apply_overrides(tree: dict, overrides: list[str], source: str = "--set", origins: dict | None = None) -> dict:
@@ -292,8 +292,9 @@ def read_run_tree(path: str | Path, overrides: list[str] = (), origins: dict | N
             tree[f.name] = to_dict(f.default_factory())
     filled = {}
     if "peft" not in tree:
-        filled = {k: v for k, v in (("lora", to_dict(DEFAULT_LORA)), ("quant", to_dict(QuantConfig())))
-                  if k not in tree}
+        # quant without its type, so that --set quant.type=fp4 and quant.quant_type=fp4 both set it
+        quant = {k: v for k, v in to_dict(QuantConfig()).items() if k != QUANT_UNION.tag_field}
+        filled = {k: v for k, v in (("lora", to_dict(DEFAULT_LORA)), ("quant", quant)) if k not in tree}
         tree.update(copy.deepcopy(filled))  # a copy: a --set into the tree must not change what is compared below
     origins = {} if origins is None else origins
     tree = apply_overrides(tree, list(overrides), origins=origins)
