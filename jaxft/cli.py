@@ -22,7 +22,7 @@ MULTI_PROCESS_COMMANDS = ("train", "sweep", "eval")
 
 def _refuse_existing(folder: str | Path, flag: str = "--overwrite"):
     """The library's own check says overwrite=True; on the command line the answer is a flag."""
-    from jaxft.hf.checkpoint import occupied
+    from jaxft.files import occupied
 
     if occupied(folder):
         raise FileExistsError(f"{folder}: already exists and is not empty; pass {flag} to replace it, or choose "
@@ -144,6 +144,7 @@ def _template_flag(flag: str):
 def _generate(args) -> int:
     import jaxft
     from jaxft.data.chat import resolve_template
+    from jaxft.models.generate import stop_token_ids
 
     prompts = list(args.prompt or [])
     if args.file:
@@ -165,9 +166,9 @@ def _generate(args) -> int:
                 return 0
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        chat_template=template) if chat else tok.encode(p) for p in prompts]
-        stops = [tok.eos_token_id] if tok.eos_token_id is not None else None
         outs = jaxft.generate(cfg, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops, seed=args.seed)
+                              top_k=args.top_k, top_p=args.top_p,
+                              stop_token_ids=stop_token_ids(cfg, tok.eos_token_id), seed=args.seed)
         for p, out in zip(prompts, outs):
             print(f"{p}\t{tok.decode(out, skip_special_tokens=True)}" if not interactive
                   else tok.decode(out, skip_special_tokens=True))
@@ -179,7 +180,7 @@ def _export(args) -> int:
     import jaxft
     from jaxft.hf.config import read_json
     from jaxft.hf.peft_format import lora_config_from_peft
-    from jaxft.recipes.sft import write_export
+    from jaxft.recipes.skeleton import write_export
 
     out = Path(args.out)
     if not args.overwrite:
@@ -198,24 +199,24 @@ def _export(args) -> int:
 def _inspect(args) -> int:
     import jax
 
+    from jaxft.analysis import memory
     from jaxft.parallel import MeshConfig
-    from jaxft.recipes import estimate
     from jaxft.recipes.config import load_run_config
 
     cfg = load_run_config(args.config, args.set or [])
-    model = estimate.abstract_model(cfg)  # shapes only: no weights are read
-    n_train, n_total = estimate.param_counts(cfg, model.model_cfg, model.params)
+    model = memory.abstract_model(cfg)  # shapes only: no weights are read
+    n_train, n_total = memory.param_counts(cfg, model.model_cfg, model.params)
     print(f"trainable params: {n_train:,} || all params: {n_total:,} || trainable%: {100 * n_train / n_total:.4f}")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)  # a -1 takes the devices the run would have
     shapes = [cfg.mesh.shape(args.devices or jax.device_count()) if -1 in sizes else sizes]
     shapes += [s for s in args.mesh or [] if s not in shapes]
-    estimates = [estimate.estimate(cfg, s, processes=args.processes, model=model) for s in shapes]
+    estimates = [memory.estimate(cfg, s, processes=args.processes, model=model) for s in shapes]
     measured = None
     if args.compile:
         devices = jax.devices()
-        measured = [estimate.compiled_memory(cfg, MeshConfig(*s), devices[:_size(s)]) if _size(s) <= len(devices)
+        measured = [memory.compiled_memory(cfg, MeshConfig(*s), devices[:_size(s)]) if _size(s) <= len(devices)
                     else None for s in shapes]
-    print(estimate.format_table(estimates, measured))
+    print(memory.format_table(estimates, measured))
     if measured and None in measured:
         print(f"(-: that mesh needs more than the {len(jax.devices())} devices here, so it was not compiled)")
     return 0

@@ -1,7 +1,11 @@
 """Meshes, logical axes and the one rules table that maps them onto mesh axes.
 
 Every param dimension has a logical name (``embed``, ``mlp``, ``heads``, ``kv_heads``, ``vocab``, ``layer``,
-``lora_rank``, …) derived from its path in the tree. :data:`DEFAULT_RULES` maps logical names to mesh axes
+``lora_rank``, …), declared where the param is created: the model declares its own leaves
+(:data:`jaxft.models.llama.PARAM_AXES`), each method the leaves it adds, in terms of the group's model axes
+(:data:`METHOD_AXES`), and an NF4 kernel how its children follow the kernel's axes (:func:`jaxft.ops.nf4.child_axes`).
+:func:`logical_axes` assembles them; a leaf nobody declared is an error, never silently replicated.
+:data:`DEFAULT_RULES` maps logical names to mesh axes
 (``data``, ``fsdp``, ``tensor``). Changing parallelism means changing the rules or the mesh shape, never the model.
 A dimension that a mesh axis does not divide is replicated along that axis instead (e.g. 2 KV heads on a
 4-way tensor axis), so any mesh shape is valid for any model; XLA inserts the collectives.
@@ -10,9 +14,16 @@ A logical name may appear in the table more than once: later entries are fallbac
 the first pass over the leaf left unsharded, on mesh axes no other dimension of that leaf took. They keep FSDP
 sharding small leaves whose only large dimension is a tensor-parallel one: a LoRA B matrix is [rank, heads], and
 without the fallback a (1, 8, 1) mesh would replicate it on every device.
+
+Why not flax's logical-axis rules (``flax.linen.partitioning.logical_to_mesh_axes``)? They map names without the
+array's shape: a mesh axis that does not divide a dimension (2 KV heads on 4-way tensor) gives an invalid sharding
+instead of replication, a size-1 mesh axis still claims its dimension (so the fallback above never fires: a LoRA B
+on a (1, 8, 1) mesh stays on ``tensor``, i.e. replicated), and fallbacks go by rule order rather than dimension
+order (checked with flax 0.12.8). :func:`_spec` keeps those three behaviours, so it stays.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -23,7 +34,10 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxft.config import ConfigError
+from jaxft.errors import JaxftError
+from jaxft.models.llama import PARAM_AXES
 from jaxft.ops import nf4
+from jaxft.peft import lora
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -38,6 +52,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layer", None),
     ("lora_rank", None),
     ("norm", None),
+    ("trainable_tokens", None),  # the embedding rows trained in full (LoRA's trainable_token_indices)
     ("member", None),  # the leading axis of K adapters trained together (jaxft sweep --parallel)
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
@@ -45,12 +60,13 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "fsdp"),
 )
 
-# Logical axes of the (in, out) dims of each linear module's kernel.
-LINEAR_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
-}
+# Each method's declaration of the leaves it adds to a leaf group: ``axes(base) -> {leaf: axes}``, where ``base``
+# is the model's declaration for that group ({} for a group the model does not have).
+METHOD_AXES = (lora.adapter_axes,)
+
+
+class ParamAxesError(JaxftError, ValueError):
+    """A param leaf whose logical axes nobody declared, or whose declaration does not fit its shape."""
 
 
 @dataclass(frozen=True)
@@ -82,24 +98,50 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh
     return jax.make_mesh(cfg.shape(len(devices)), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of one param leaf, from its path."""
-    name = path[-1]
-    stacked = path[0] == "layers"
-    lead = ("layer",) if stacked else ()
-    module = path[1] if stacked else path[0]
-    if module == "embed_tokens":
-        axes = {"embedding": ("vocab", "embed"), "lora_embedding_a": ("vocab", "lora_rank"),
-                "lora_embedding_b": ("lora_rank", "embed"), "lora_scale": ()}.get(name)
-    elif module in LINEAR_AXES:
-        fan_in, fan_out = LINEAR_AXES[module]
-        axes = {"kernel": (fan_in, fan_out), "bias": (fan_out,), "lora_a": (fan_in, "lora_rank"),
-                "lora_b": ("lora_rank", fan_out), "lora_scale": (), "lora_dropout": (),
-                "lora_mask": ("lora_rank",), "lora_magnitude": (fan_out,)}.get(name)
-    else:  # norms
-        axes = ("norm",)
-    axes = lead + tuple(axes if axes is not None else ())
-    return axes if len(axes) == ndim else (None,) * ndim
+def _declared_axes(keys: tuple[str, ...]) -> tuple[str | None, ...]:
+    """The axes the model or a method declares for the leaf at ``keys``."""
+    group, leaf = keys[:-1], keys[-1]
+    base = PARAM_AXES.get(group, {})
+    if leaf in base:
+        return base[leaf]
+    for method_axes in METHOD_AXES:
+        added = method_axes(base)
+        if leaf in added:
+            return added[leaf]
+    raise ParamAxesError(
+        f"param {'/'.join(keys)}: no logical axes are declared for it, so it cannot be sharded on purpose; declare "
+        "them where the leaf is created: in jaxft.models.llama.PARAM_AXES for a model param, or in the axes function "
+        "of the method that adds it (e.g. jaxft.peft.lora.adapter_axes), listed in jaxft.parallel.METHOD_AXES")
+
+
+def _check_fits(keys: tuple[str, ...], axes: tuple, shape: tuple[int, ...]) -> None:
+    if len(axes) != len(shape):
+        raise ParamAxesError(f"param {'/'.join(keys)}: its declared logical axes {axes} name {len(axes)} dims, but "
+                             f"it has shape {tuple(shape)}; fix the declaration (or the code that made the leaf) so "
+                             "that there is one axis name per dim")
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, nf4.QuantizedTensor)
+
+
+def logical_axes(params: dict) -> dict:
+    """The declared logical axes of every leaf of ``params`` (the model's tree or any part of it: a split half,
+    one member's adapters, abstract shapes), as a tree of its structure: a tuple of axis names per array, and per
+    quantized kernel a dict of them per child (:func:`jaxft.ops.nf4.child_axes`). Undeclared leaves and
+    declarations of the wrong length raise :class:`ParamAxesError` naming the leaf."""
+    def leaf(path, x):
+        keys = _keys(path)
+        axes = _declared_axes(keys)
+        _check_fits(keys, axes, x.shape)
+        if not _is_quantized(x):
+            return axes
+        children = nf4.child_axes(x, axes)
+        for name, child in children.items():
+            _check_fits(keys + (name,), child, getattr(x, name).shape)
+        return children
+
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_quantized)
 
 
 def rule_table(rules) -> dict[str, list]:
@@ -138,23 +180,18 @@ def _keys(path) -> tuple[str, ...]:
 
 
 def param_shardings(params: dict, mesh, rules=DEFAULT_RULES) -> dict:
-    """A tree of NamedShardings matching ``params`` (``None`` leaves stay ``None``).
-
-    A quantized kernel's children that keep the kernel's [L, in-ish, out] layout shard like the kernel; its
-    small per-matrix state is replicated.
-    """
+    """A tree of NamedShardings matching ``params`` (``None`` leaves stay ``None``), from the declared axes
+    (:func:`logical_axes`); a quantized kernel gets one per child."""
     rules = rule_table(rules)
 
-    def leaf(path, x):
-        keys = _keys(path)
-        if isinstance(x, nf4.QuantizedTensor):
-            kernel_axes = _leaf_axes(keys, len(x.shape))
-            return jax.tree.map(
-                lambda c: NamedSharding(mesh, _spec(kernel_axes if c.ndim == len(kernel_axes) else (None,) * c.ndim,
-                                                    c.shape, rules, mesh)), x)
-        return NamedSharding(mesh, _spec(_leaf_axes(keys, x.ndim), x.shape, rules, mesh))
+    def leaf(x, axes):
+        if _is_quantized(x):
+            return dataclasses.replace(x, **{
+                name: NamedSharding(mesh, _spec(child, getattr(x, name).shape, rules, mesh))
+                for name, child in axes.items()})
+        return NamedSharding(mesh, _spec(axes, x.shape, rules, mesh))
 
-    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
+    return jax.tree.map(leaf, params, logical_axes(params), is_leaf=_is_quantized)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -168,20 +168,17 @@ def jaxft_model(config: dict, workload: str):
     """(cfg, params) with adapters / NF4 base as the workload asks."""
     import jax
 
-    from jaxft import ModelConfig, RopeConfig, nf4
+    from jaxft import ModelConfig, QuantConfig, RopeConfig
     from jaxft.models.llama import init_params
     from jaxft.peft import lora
+    from jaxft.recipes.skeleton import build_params
 
     rope = RopeConfig(**config["rope"]) if "rope" in config else RopeConfig()
     cfg = ModelConfig(**config["model"], rope=rope, dtype=config["dtype"])
-    params = init_params(cfg, jax.random.PRNGKey(0), dtype=config["dtype"])
-    if workload == "qlora":
-        for name in LINEARS:
-            params["layers"][name]["kernel"] = nf4.quantize(params["layers"][name]["kernel"], blocksize=64,
-                                                            double_quant=True, quant_type="nf4")
-    if workload in ("lora", "qlora"):
-        params = lora.add(cfg, params, lora.LoraConfig(**LORA, target_modules=LINEARS), jax.random.PRNGKey(1))
-    return cfg, params
+    base = init_params(cfg, jax.random.PRNGKey(0), dtype=config["dtype"])
+    quant = QuantConfig(quant_type="nf4", blocksize=64, double_quant=True) if workload == "qlora" else None
+    lcfg = lora.LoraConfig(**LORA, target_modules=LINEARS) if workload in ("lora", "qlora") else None
+    return cfg, build_params(cfg, base, jax.random.PRNGKey(1), quant=quant, lcfg=lcfg)
 
 
 def nf4_bytes_per_param(params: dict) -> float | None:
@@ -198,6 +195,7 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxft.data.chat import IGNORE_INDEX
     from jaxft.peft.tree import split
     from jaxft.train.loop import StepConfig, init_state, jit_train_step
     from jaxft.train.optim import OptimConfig, make_optimizer
@@ -207,7 +205,7 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     optimizer = make_optimizer(OptimConfig(lr=LR))
     state = init_state(trainable, optimizer)
     ids = jnp.asarray(random_batch(config), jnp.int32)
-    labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], -100)], axis=1)
+    labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], IGNORE_INDEX)], axis=1)
     batches = {"input_ids": ids[None], "labels": labels[None]}
     step_fn = jit_train_step(cfg, StepConfig(loss_chunk_size=args.loss_chunk), optimizer)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ import yaml
 from jaxft.config import ConfigError
 from jaxft.recipes import sweep
 from jaxft.recipes.config import load_run_config, read_run_tree
+from jaxft.recipes.grid import expand, parse_grid
 from jaxft.train.optim import make_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def test_a_bad_value_in_the_file_is_blamed_on_the_file_even_with_other_sets(run_
 ])
 def test_a_bad_grid_value_is_blamed_on_that_grid_item(run_yaml, tmp_path, grid, says):
     with pytest.raises(ConfigError) as info:
-        sweep.expand(read_run_tree(run_yaml), sweep.parse_grid(grid), tmp_path, str(run_yaml))
+        expand(read_run_tree(run_yaml), parse_grid(grid), tmp_path, str(run_yaml))
     assert str(info.value).startswith(says)
 
 

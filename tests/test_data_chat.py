@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxft.data import DataError, DataReport, Example, save_chat_template, tokenize_examples
-from jaxft.data.chat import ALPACA_TEMPLATE, BUILTIN_TEMPLATES, IGNORE, resolve_template
+from jaxft.data.chat import ALPACA_TEMPLATE, BUILTIN_TEMPLATES, IGNORE_INDEX as IGNORE, resolve_template
 from jaxft.hf.tokenizer import load_tokenizer
 
 import transformers  # noqa: E402

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from jaxft.data import DataReport, Example, clean
-from jaxft.data.mixture import MinHashIndex
+from jaxft.data.cleaning import MinHashIndex
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxft.data import DataConfig, DataError, DataReport, build_iterator, load_examples
-from jaxft.data.chat import IGNORE
+from jaxft.data.chat import IGNORE_INDEX as IGNORE
 from jaxft.hf.tokenizer import load_tokenizer
 from test_data_chat import build_tokenizer_folders
 

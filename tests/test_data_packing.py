@@ -9,7 +9,7 @@ import pytest
 from jaxft.errors import JaxftError
 import jaxft
 from jaxft.data import DataIterator, PackedIterator, Sample, best_fit_decreasing, mixture_plan, shard_indices
-from jaxft.data.chat import IGNORE, make_sample
+from jaxft.data.chat import IGNORE_INDEX as IGNORE, make_sample
 from jaxft.data.packing import rows_to_batch
 
 VOCAB = 97

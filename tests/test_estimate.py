@@ -14,7 +14,8 @@ from jaxft.hf.config import config_to_hf
 from jaxft.parallel import MeshConfig
 from jaxft.peft import lora
 from jaxft.peft.tree import split
-from jaxft.recipes import estimate, sft
+from jaxft.analysis import memory as estimate
+from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
 
 # Big enough that real buffers (activations [8 x 256 tokens], [B, H, T, T] scores, 4M params) dominate the totals.
@@ -85,7 +86,7 @@ def test_param_bytes_are_what_each_device_holds(tiny_dir):
     cfg = _tiny_config(tiny_dir, "qlora", quant={"blocksize": 32})
     _, abstract, _ = estimate.abstract_model(cfg)
     mesh = parallel.make_mesh(MeshConfig(1, 8, 1), jax.devices()[:8])
-    parts = split(_zeros(abstract), sft.trainable_predicate(cfg))
+    parts = split(_zeros(abstract), skeleton.trainable_predicate(cfg))
     held = [sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(parallel.shard_params(part, mesh)))
             for part in parts]
     predicted = estimate.estimate(cfg, (1, 8, 1))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxft.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy
+from jaxft.data.chat import IGNORE_INDEX
+from jaxft.train.loss import chunked_cross_entropy, cross_entropy
 
 B, T, D, V = 3, 37, 16, 50      # B * T = 111 tokens: not a multiple of any chunk size used below
 CHUNK = 32

@@ -11,7 +11,9 @@ import torch
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
+from jaxft.hf.bnb import from_bnb, to_bnb  # noqa: E402
 from jaxft.ops import nf4  # noqa: E402
+from jaxft.ops.dynamic_map import SIGNED_MAP  # noqa: E402
 
 ROW = (128, 96)  # [in, out]: in % 64 == 0 -> row layout
 FLAT = (96, 40)  # in % 64 != 0 -> flat layout (numel still a multiple of 64)
@@ -71,7 +73,7 @@ def _oracle_dequant(packed, state):
 def test_code_books_match_bitsandbytes():
     np.testing.assert_array_equal(nf4.CODES["nf4"], bnb_functional.get_4bit_type("nf4", device="cpu").numpy())
     np.testing.assert_array_equal(nf4.CODES["fp4"], bnb_functional.get_4bit_type("fp4", device="cpu").numpy())
-    np.testing.assert_array_equal(nf4.DYNAMIC_MAP, bnb_functional.create_dynamic_map(signed=True).numpy())
+    np.testing.assert_array_equal(SIGNED_MAP, bnb_functional.create_dynamic_map(signed=True).numpy())
 
 
 @pytest.mark.parametrize("shape", [ROW, FLAT, ODD], ids=["row", "flat", "odd"])
@@ -81,7 +83,7 @@ def test_bytes_and_state_match_bitsandbytes(quant_type, double_quant, shape):
     w = _matrix(shape)
     q = nf4.quantize(w, 64, double_quant, quant_type, torch_threads=THREADS)
     assert q.layout == ("row" if shape == ROW else "flat")
-    _assert_same_dict(nf4.to_bnb(q), _oracle_dict(*_oracle(w, 64, double_quant, quant_type)))
+    _assert_same_dict(to_bnb(q), _oracle_dict(*_oracle(w, 64, double_quant, quant_type)))
 
 
 @pytest.mark.parametrize("shape", [(256, 48), (200, 9)], ids=["row", "odd"])
@@ -90,14 +92,14 @@ def test_half_precision_and_blocksize_128_match_bitsandbytes(dtype, shape):
     w = _matrix(shape, dtype, seed=1)
     q = nf4.quantize(w, 128, True, "nf4", torch_threads=THREADS)
     assert q.dtype == dtype
-    _assert_same_dict(nf4.to_bnb(q), _oracle_dict(*_oracle(w, 128, True, "nf4")))
+    _assert_same_dict(to_bnb(q), _oracle_dict(*_oracle(w, 128, True, "nf4")))
 
 
 def test_offset_matches_torch_mean_over_32768_blocks():
     """With >= 32768 blocks torch's mean (bnb's offset) sums per thread; the offset and state still match."""
     w = _matrix((2048, 1088), seed=2)
     q = nf4.quantize(w, 64, True, "nf4", torch_threads=THREADS)
-    _assert_same_dict(nf4.to_bnb(q), _oracle_dict(*_oracle(w, 64, True, "nf4")))
+    _assert_same_dict(to_bnb(q), _oracle_dict(*_oracle(w, 64, True, "nf4")))
 
 
 @pytest.mark.parametrize("n", [7, 100, 192, 1000, 5000, 40000, 70001])
@@ -190,10 +192,10 @@ def test_quantize_and_dequantize_work_under_jit():
 def test_from_bnb_reads_the_oracle_dict_and_round_trips(shape, double_quant):
     w = _matrix(shape, seed=7)
     oracle = _oracle_dict(*_oracle(w, 64, double_quant, "fp4"))
-    q = nf4.from_bnb(oracle)
+    q = from_bnb(oracle)
     jax.tree_util.tree_map(np.testing.assert_array_equal, q,
                            nf4.quantize(w, 64, double_quant, "fp4", torch_threads=THREADS))
-    _assert_same_dict(nf4.to_bnb(q), oracle)
+    _assert_same_dict(to_bnb(q), oracle)
 
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
@@ -205,15 +207,15 @@ def test_from_bnb_reinterprets_packed_bytes_of_other_quant_storage(storage):
     raw = packed.view(torch.uint8).numpy().view(np.dtype(jnp.dtype(str(storage).removeprefix("torch."))))
     tensors = {"model.layers.0.q_proj.weight": raw}
     tensors.update({f"model.layers.0.q_proj.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()})
-    q = nf4.from_bnb(tensors, shape_out_in=(ROW[1], ROW[0]))
+    q = from_bnb(tensors, shape_out_in=(ROW[1], ROW[0]))
     np.testing.assert_array_equal(nf4.dequantize(q), nf4.dequantize(nf4.quantize(w, torch_threads=THREADS)))
 
 
 def test_to_bnb_quant_state_json_is_what_bnb_unpacks():
     q = nf4.quantize(_matrix(ODD))
-    state = json.loads(bytes(nf4.to_bnb(q)["weight.quant_state.bitsandbytes__nf4"]))
+    state = json.loads(bytes(to_bnb(q)["weight.quant_state.bitsandbytes__nf4"]))
     assert state["shape"] == [ODD[1], ODD[0]] and state["dtype"] == "float32" and state["nested_blocksize"] == 256
-    restored = bnb_functional.QuantState.from_dict({k: torch.from_numpy(v) for k, v in nf4.to_bnb(q).items()
+    restored = bnb_functional.QuantState.from_dict({k: torch.from_numpy(v) for k, v in to_bnb(q).items()
                                                     if k != "weight"}, device="cpu")
     assert restored.offset.item() == float(q.offset)
 
@@ -226,7 +228,7 @@ def test_nf4_double_quant_takes_at_most_052_bytes_per_param(shape):
 
 def test_to_bnb_rejects_stacked_tensors():
     with pytest.raises(ValueError, match="one matrix"):
-        nf4.to_bnb(nf4.quantize(jnp.ones((2, 64, 8))))
+        to_bnb(nf4.quantize(jnp.ones((2, 64, 8))))
 
 
 @pytest.mark.parametrize("kwargs, match", [({"blocksize": 48}, "blocksize"), ({"quant_type": "int4"}, "quant_type")])

@@ -9,8 +9,9 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxft.errors import JaxftError
-from jaxft.train.optim import (OPTIMIZERS, SIGNED_MAP, UNSIGNED_MAP, OptimConfig, QuantizedMoment, decay_mask,
-                               dynamic_map, make_optimizer, make_schedule, place_state, quantize_blockwise)
+from jaxft.ops.dynamic_map import SIGNED_MAP, UNSIGNED_MAP, dynamic_map
+from jaxft.train.optim import (OPTIMIZERS, OptimConfig, QuantizedMoment, decay_mask, make_optimizer, make_schedule,
+                               place_state, quantize_blockwise)
 
 STEPS = 5
 

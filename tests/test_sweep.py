@@ -11,9 +11,11 @@ import yaml
 
 import jaxft
 from jaxft.config import ConfigError
+from jaxft.data.chat import IGNORE_INDEX
 from jaxft.recipes import demo, sft, sweep
 from jaxft.recipes.config import DEFAULT_LORA, load_run_config, read_run_tree
-from jaxft.train.loss import IGNORE_INDEX
+from jaxft.recipes.grid import expand, parse_grid
+from jaxft.recipes.sweep_report import write_heatmap
 from sft_worker import tiny_chat_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,20 +39,20 @@ def tiny_config(tmp_path_factory):
 
 
 def test_grid_items_become_axes_with_aliases_and_seeds_last():
-    axes = sweep.parse_grid(["seeds=3", "lora.r=4,8", "lr=1e-4,3e-4", "alpha=2r,2*r,r"])
+    axes = parse_grid(["seeds=3", "lora.r=4,8", "lr=1e-4,3e-4", "alpha=2r,2*r,r"])
     assert [(a.key, a.items) for a in axes] == [
         ("lora.r", ("4", "8")), ("optim.lr", ("1e-4", "3e-4")), ("lora.lora_alpha", ("2r", "2*r", "r")),
         ("train.seed", ("0", "1", "2"))]
 
 
 def test_list_values_keep_their_commas():
-    (axis,) = sweep.parse_grid(["lora.target_modules=[q_proj,v_proj],all-linear"])
+    (axis,) = parse_grid(["lora.target_modules=[q_proj,v_proj],all-linear"])
     assert axis.items == ("[q_proj,v_proj]", "all-linear")
 
 
 def test_alpha_rule_is_resolved_against_each_points_r(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
-    runs = sweep.expand(base, sweep.parse_grid(["r=4,8", "alpha=2r,32", "seeds=2"]), tmp_path, "run.yaml")
+    runs = expand(base, parse_grid(["r=4,8", "alpha=2r,32", "seeds=2"]), tmp_path, "run.yaml")
     assert [r.name for r in runs][:4] == ["r4-a8-s0", "r4-a8-s1", "r4-a32-s0", "r4-a32-s1"]
     assert [(r.config.lora.r, r.config.lora.lora_alpha, r.config.train.seed) for r in runs[4:6]] == [
         (8, 16, 0), (8, 16, 1)]
@@ -60,7 +62,7 @@ def test_alpha_rule_is_resolved_against_each_points_r(tiny_config, tmp_path):
 
 def test_alpha_rule_without_an_r_axis_uses_the_configs_r(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
-    (run,) = sweep.expand(base, sweep.parse_grid(["alpha=1.5r"]), tmp_path, "run.yaml")
+    (run,) = expand(base, parse_grid(["alpha=1.5r"]), tmp_path, "run.yaml")
     assert run.config.lora.lora_alpha == 3 and run.name == "a3"
 
 
@@ -77,21 +79,21 @@ def test_alpha_rule_without_an_r_axis_uses_the_configs_r(tiny_config, tmp_path):
 ])
 def test_bad_grid_syntax_quotes_the_item(item, says):
     with pytest.raises(ConfigError, match=says) as info:
-        sweep.parse_grid([item])
+        parse_grid([item])
     assert repr(item) in str(info.value) or item in str(info.value)
 
 
 def test_repeated_grid_key_is_an_error():
     with pytest.raises(ConfigError, match=r"lora.r \(or an alias of it\) appears 2 times"):
-        sweep.parse_grid(["r=4", "lora.r=8"])
+        parse_grid(["r=4", "lora.r=8"])
 
 
 def test_values_that_give_the_same_run_are_an_error(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
     with pytest.raises(ConfigError, match=r"give the same run \(r8-a16\)"):
-        sweep.expand(base, sweep.parse_grid(["r=8", "alpha=2r,16"]), tmp_path, "run.yaml")
+        expand(base, parse_grid(["r=8", "alpha=2r,16"]), tmp_path, "run.yaml")
     with pytest.raises(ConfigError, match="4 given more than once"):
-        sweep.parse_grid(["r=4,8,4"])
+        parse_grid(["r=4,8,4"])
 
 
 def test_an_override_into_a_section_the_file_leaves_out_keeps_the_runs_defaults(tiny_config, tmp_path):
@@ -104,7 +106,7 @@ def test_an_override_into_a_section_the_file_leaves_out_keeps_the_runs_defaults(
     cfg = load_run_config(tmp_path / "no-lora.yaml", ["lora.r=8"])
     assert cfg.lora == default.replace(r=8)
     tree = read_run_tree(tmp_path / "no-lora.yaml")
-    runs = sweep.expand(tree, sweep.parse_grid(["r=4,8", "alpha=2r"]), tmp_path, "no-lora.yaml")
+    runs = expand(tree, parse_grid(["r=4,8", "alpha=2r"]), tmp_path, "no-lora.yaml")
     assert [r.config.lora for r in runs] == [default.replace(r=4, lora_alpha=8), default.replace(r=8, lora_alpha=16)]
 
 
@@ -116,7 +118,7 @@ def test_an_override_into_a_section_the_file_leaves_out_keeps_the_runs_defaults(
 def test_grid_values_of_the_wrong_type_are_refused_before_training(tiny_config, tmp_path, grid, says):
     tree = read_run_tree(tiny_config / "run.yaml")
     with pytest.raises(ConfigError, match=says):
-        sweep.expand(tree, sweep.parse_grid(grid), tmp_path, "run.yaml")
+        expand(tree, parse_grid(grid), tmp_path, "run.yaml")
 
 
 def test_whole_number_fields_take_yaml_exponents_and_whole_floats(tiny_config):
@@ -128,7 +130,7 @@ def test_whole_number_fields_take_yaml_exponents_and_whole_floats(tiny_config):
 def test_unknown_grid_key_is_named(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
     with pytest.raises(ConfigError, match=r"--grid lora.rank=4: unknown key\(s\) \['lora.rank'\] for LoraConfig"):
-        sweep.expand(base, sweep.parse_grid(["lora.rank=4,8"]), tmp_path, "run.yaml")
+        expand(base, parse_grid(["lora.rank=4,8"]), tmp_path, "run.yaml")
 
 
 READ = {"final_loss": lambda s: s["final_loss"], "eval_loss": lambda s: s["eval"]["loss"],
@@ -246,14 +248,14 @@ def test_parallel_sweep_trains_the_runs_together_and_tables_them(tiny_config):
 
 
 def test_grid_without_alpha_skips_the_heatmap_with_a_note(tmp_path):
-    note = sweep.write_heatmap(tmp_path / "heatmap.png", sweep.parse_grid(["lr=1e-3,1e-2", "seeds=2"]), [], [])
+    note = write_heatmap(tmp_path / "heatmap.png", parse_grid(["lr=1e-3,1e-2", "seeds=2"]), [], [])
     assert note == "No heatmap_r_alpha.png: the grid has no lora.r and no lora.lora_alpha dimension."
     assert not (tmp_path / "heatmap.png").exists()
 
 
 def test_exponent_values_are_numbers_in_names_and_table(tiny_config, tmp_path):
     base = yaml.safe_load((tiny_config / "run.yaml").read_text())
-    runs = sweep.expand(base, sweep.parse_grid(["lr=1e-3,3e-4"]), tmp_path, "run.yaml")
+    runs = expand(base, parse_grid(["lr=1e-3,3e-4"]), tmp_path, "run.yaml")
     assert [(r.name, r.values["optim.lr"], r.config.optim.lr) for r in runs] == [
         ("lr0.001", 0.001, 0.001), ("lr0.0003", 0.0003, 0.0003)]
 

@@ -1,24 +1,25 @@
 """SFT data: files -> canonical examples -> cleaned -> this process's shard -> ids + shifted labels -> packed batches.
 
 `build_iterator(DataConfig(...), tokenizer)` runs the whole pipeline; the stages are usable on their own:
-`formats.load_examples`, `mixture.clean`, `chat.tokenize_examples`, `packing.best_fit_decreasing`,
+`formats.load_examples`, `cleaning.clean`, `chat.tokenize_examples`, `packing.best_fit_decreasing`,
 `iterator.PackedIterator`. Label convention and batch layout: see `jaxft.data.chat` and `jaxft.data.iterator`.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from jaxft.data.chat import (BUILTIN_TEMPLATES, IGNORE, Sample, check_token_ids, resolve_template, save_chat_template,
-                             tokenize_examples)
+from jaxft.data.chat import (BUILTIN_TEMPLATES, IGNORE_INDEX, Sample, check_token_ids, resolve_template,
+                             save_chat_template, tokenize_examples)
+from jaxft.data.cleaning import clean
 from jaxft.data.config import DataConfig
 from jaxft.data.formats import DataError, DataReport, Example, load_examples
 from jaxft.data.iterator import DataIterator, PackedIterator, shard_indices
-from jaxft.data.mixture import clean, mixture_plan
+from jaxft.data.mixture import mixture_plan
 from jaxft.data.packing import best_fit_decreasing
 
 __all__ = ["BUILTIN_TEMPLATES", "DataConfig", "DataError", "DataIterator", "DataPipeline", "DataReport", "Example",
-           "IGNORE", "PackedIterator", "Sample", "best_fit_decreasing", "build_iterator", "check_token_ids", "clean",
-           "load_examples",
+           "IGNORE_INDEX", "PackedIterator", "Sample", "best_fit_decreasing", "build_iterator", "check_token_ids",
+           "clean", "load_examples",
            "mixture_plan", "resolve_template", "save_chat_template", "shard_indices", "tokenize_examples"]
 
 

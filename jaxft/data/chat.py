@@ -34,7 +34,7 @@ from jaxft.data.config import LOSS_STRATEGIES, TRUNCATION
 from jaxft.data.formats import DataError, DataReport, Example
 from jaxft.hf import chat_template as chat_template_lib
 
-IGNORE = -100
+IGNORE_INDEX = -100  # the label of a position without a target, as in PyTorch and Hugging Face
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _PROBE = "JAXFT-PROBE-7f3a"  # assistant content that no template writes itself: what precedes it is the header
 
@@ -297,9 +297,9 @@ def make_sample(ids, loss_mask: np.ndarray, source: str, max_length: int, trunca
                             "data.truncation to 'right', 'left' or 'drop'")
         keep = slice(None, max_length) if truncation == "right" else slice(len(ids) - max_length, None)
         ids, loss_mask = ids[keep], loss_mask[keep]
-    labels = np.full(len(ids), IGNORE, dtype=np.int32)
-    labels[:-1] = np.where(loss_mask[1:], ids[1:], IGNORE)
-    if not (labels != IGNORE).any():
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    labels[:-1] = np.where(loss_mask[1:], ids[1:], IGNORE_INDEX)
+    if not (labels != IGNORE_INDEX).any():
         raise DataError(source, "no loss tokens",
                         f"every label is -100 ({len(ids)} tokens, truncation={truncation!r}); the assistant "
                         "turns were truncated away or the template marks no assistant tokens")

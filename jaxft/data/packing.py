@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxft.data.chat import IGNORE, Sample
+from jaxft.data.chat import IGNORE_INDEX, Sample
 
 
 class _OpenSpaces:
@@ -90,7 +90,7 @@ def rows_to_batch(samples: Sequence[Sample], rows: Sequence[Sequence[int]], row_
     An empty row is all padding (segment 0, labels -100): it fills out the last batch of an epoch.
     """
     shape = (len(rows), row_length)
-    batch = {"input_ids": np.full(shape, pad_id, np.int32), "labels": np.full(shape, IGNORE, np.int32),
+    batch = {"input_ids": np.full(shape, pad_id, np.int32), "labels": np.full(shape, IGNORE_INDEX, np.int32),
              "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
     for r, row in enumerate(rows):
         start = 0

@@ -6,12 +6,8 @@ existing folder unless asked to.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -20,16 +16,17 @@ import ml_dtypes
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
+from jaxft.files import atomic_dir
+from jaxft.hf.bnb import BNB_SUFFIXES, from_bnb
 from jaxft.hf.config import config_from_hf, config_to_hf, read_json
+from jaxft.hf.names import EMBED_WEIGHT, LM_HEAD_WEIGHT, NORM_WEIGHT, layer_name
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from jaxft.models.llama import LINEAR_MODULES, has_bias, linear_shapes
+from jaxft.models.llama import LAYER_NORMS, LINEAR_MODULES, has_bias, linear_shapes
 from jaxft.ops import nf4
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
 class HFCheckpoint:
@@ -80,23 +77,15 @@ class HFCheckpoint:
         return self.location[name].get(name)
 
 
-def layer_name(i: int, module: str, leaf: str) -> str:
-    """HF name of a per-layer tensor, e.g. ``model.layers.3.self_attn.q_proj.weight``."""
-    if module.endswith("layernorm"):
-        return f"model.layers.{i}.{module}.weight"
-    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{i}.{block}.{module}.{'weight' if leaf == 'kernel' else 'bias'}"
-
-
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of this architecture with its torch-layout shape."""
     d = cfg.hidden_size
-    out = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    out = {EMBED_WEIGHT: (cfg.vocab_size, d), NORM_WEIGHT: (d,)}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, d)
+        out[LM_HEAD_WEIGHT] = (cfg.vocab_size, d)
     shapes = linear_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in LAYER_NORMS:
             out[layer_name(i, norm, "scale")] = (d,)
         for m in LINEAR_MODULES:
             fan_in, fan_out = shapes[m]
@@ -122,7 +111,7 @@ def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, prequantized: bool = Fal
         raise CheckpointError(f"{ckpt.folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
                               f"{missing[:5]}")
     extra = sorted(k for k in ckpt.keys() if k not in expected and not k.endswith(IGNORED_SUFFIXES)
-                   and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+                   and not (cfg.tie_word_embeddings and k == LM_HEAD_WEIGHT))
     if extra:
         raise CheckpointError(f"{ckpt.folder}: unexpected tensor(s) for a {cfg.model_type} model: {extra[:5]}")
     for name, shape in expected.items():
@@ -194,7 +183,7 @@ def _quantized_stack(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, quant: Q
         name = layer_name(i, module, "kernel")
         if prequantized:
             try:
-                q = nf4.from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
+                q = from_bnb({"weight" + k[len(name):]: np.asarray(ckpt.get(k))
                                   for k in [name] + [name + s for s in BNB_SUFFIXES] if k in ckpt})
             except ValueError as e:  # a quant state jaxft cannot read: name the file and tensor
                 raise CheckpointError(f"{ckpt.folder}: quantized tensor {name!r}: {e}") from None
@@ -213,7 +202,7 @@ def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, quant: QuantConfig 
     """The param tree; with ``quant`` (or a 4-bit checkpoint) linear kernels are 4-bit, the rest in ``dtype``."""
     dtype = jnp.dtype(dtype)
     layers = {norm: {"scale": jnp.asarray(_stacked(ckpt, cfg, norm, "scale", dtype))}
-              for norm in ("input_layernorm", "post_attention_layernorm")}
+              for norm in LAYER_NORMS}
     for m in LINEAR_MODULES:
         if quant is not None or prequantized:
             layers[m] = {"kernel": _quantized_stack(ckpt, cfg, m, quant, prequantized)}
@@ -222,10 +211,10 @@ def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, quant: QuantConfig 
         if has_bias(cfg, m):
             layers[m]["bias"] = jnp.asarray(_stacked(ckpt, cfg, m, "bias", dtype))
     whole = lambda name: jnp.asarray(cast_checked(ckpt.get(name), dtype, name, ckpt.folder))  # noqa: E731
-    params = {"embed_tokens": {"embedding": whole("model.embed_tokens.weight")}, "layers": layers,
-              "norm": {"scale": whole("model.norm.weight")}}
+    params = {"embed_tokens": {"embedding": whole(EMBED_WEIGHT)}, "layers": layers,
+              "norm": {"scale": whole(NORM_WEIGHT)}}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": whole("lm_head.weight").T}
+        params["lm_head"] = {"kernel": whole(LM_HEAD_WEIGHT).T}
     return params
 
 
@@ -336,16 +325,16 @@ def _stacked_reader(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str
 def param_readers(ckpt: HFCheckpoint, cfg: ModelConfig, dtype) -> dict:
     """The param tree with a ``(shape, read(index) -> block in dtype)`` pair per leaf instead of an array."""
     layers = {norm: {"scale": _stacked_reader(ckpt, cfg, norm, "scale", dtype)}
-              for norm in ("input_layernorm", "post_attention_layernorm")}
+              for norm in LAYER_NORMS}
     for m in LINEAR_MODULES:
         layers[m] = {"kernel": _stacked_reader(ckpt, cfg, m, "kernel", dtype)}
         if has_bias(cfg, m):
             layers[m]["bias"] = _stacked_reader(ckpt, cfg, m, "bias", dtype)
-    readers = {"embed_tokens": {"embedding": _tensor_reader(ckpt, "model.embed_tokens.weight", False, dtype)},
+    readers = {"embed_tokens": {"embedding": _tensor_reader(ckpt, EMBED_WEIGHT, False, dtype)},
                "layers": layers,
-               "norm": {"scale": _tensor_reader(ckpt, "model.norm.weight", False, dtype)}}
+               "norm": {"scale": _tensor_reader(ckpt, NORM_WEIGHT, False, dtype)}}
     if not cfg.tie_word_embeddings:
-        readers["lm_head"] = {"kernel": _tensor_reader(ckpt, "lm_head.weight", True, dtype)}
+        readers["lm_head"] = {"kernel": _tensor_reader(ckpt, LM_HEAD_WEIGHT, True, dtype)}
     return readers
 
 
@@ -382,10 +371,10 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
         raise ConfigError("save_pretrained writes dense weights, but these params hold 4-bit kernels: "
                           "merge adapters with jaxft.lora.merge (which dequantizes) first")
     _refuse_adapters(params)
-    out = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
-           "model.norm.weight": np.asarray(params["norm"]["scale"])}
+    out = {EMBED_WEIGHT: np.asarray(params["embed_tokens"]["embedding"]),
+           NORM_WEIGHT: np.asarray(params["norm"]["scale"])}
     if "lm_head" in params:  # also a tied model's head copied by modules_to_save (PEFT): written untied
-        out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+        out[LM_HEAD_WEIGHT] = np.asarray(params["lm_head"]["kernel"]).T
     for module, group in params["layers"].items():
         for leaf, stacked in group.items():
             stacked = np.asarray(stacked)
@@ -396,9 +385,10 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 def _refuse_adapters(params: dict):
     """Adapter leaves anywhere (embed_tokens, lm_head, layers) would be dropped silently by the HF layout."""
-    from jaxft.peft.lora import ADAPTER_KEYS, _leaf_paths
+    from jaxft.peft.lora import ADAPTER_KEYS
+    from jaxft.peft.tree import leaf_paths
 
-    paths = _leaf_paths(params)
+    paths = leaf_paths(params)
     groups = sorted({p.rsplit("/", 1)[0] for p in paths if p.rsplit("/", 1)[-1] in ADAPTER_KEYS})
     if groups:
         raise ConfigError(f"save_pretrained: these params carry adapters on {', '.join(groups)}, which a Hugging Face "
@@ -418,77 +408,6 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
     return shards + [current]
 
 
-def occupied(path) -> bool:
-    """A file or a non-empty folder is at ``path``: writing there would replace something the user has."""
-    path = Path(path)
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def check_output_dir(out_dir, overwrite: bool) -> Path:
-    """``out_dir`` as a Path, unless something is there and ``overwrite`` is off; reads only."""
-    out = Path(out_dir)
-    if occupied(out) and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty; pass overwrite=True to replace it")
-    return out
-
-
-def _temp_beside(path: Path, make) -> Path:
-    """A new ``.<name>.<random>`` path beside ``path``, made by ``make`` (mkdir or an exclusive open). Unlike
-    tempfile's, its permissions follow the umask, as the folder or file that replaces ``path`` should."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        try:
-            make(tmp)
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def prepare_output_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
-    """(final dir, empty temporary dir beside it). An existing non-empty ``out_dir`` needs ``overwrite``."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, _temp_beside(out, Path.mkdir)
-
-
-def publish_dir(tmp: Path, out: Path):
-    """Move a fully written temporary dir into place, so readers never see half a checkpoint."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir, overwrite: bool = False):
-    """``with atomic_dir(out) as tmp:`` write the folder's files into ``tmp``; on leaving the block it replaces
-    ``out`` whole, in one rename, and on an error it is removed, so ``out`` is never half written or mixed."""
-    out, tmp = prepare_output_dir(out_dir, overwrite)
-    try:
-        yield tmp
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``: a reader (or a run killed
-    mid-write) sees the old file or the new one, never a truncated one."""
-    path = Path(path)
-    tmp = _temp_beside(path, lambda p: p.open("x").close())
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_pretrained(cfg: ModelConfig, params: dict, out_dir, *, max_shard_bytes: int = 5 * 2**30,
                     overwrite: bool = False) -> Path:
     """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``), atomically."""
@@ -504,9 +423,9 @@ def write_pretrained(cfg: ModelConfig, tensors: dict[str, np.ndarray], folder: P
     :func:`atomic_dir` publishes, so that other files, e.g. a tokenizer, can join them before it appears). The
     embedding's dtype is the checkpoint's ``torch_dtype``. A tree with its own head (``modules_to_save`` on a tied
     model trains a copy) is written untied."""
-    if "lm_head.weight" in tensors:
+    if LM_HEAD_WEIGHT in tensors:
         cfg = cfg.replace(tie_word_embeddings=False)
-    dtype = str(tensors["model.embed_tokens.weight"].dtype)
+    dtype = str(tensors[EMBED_WEIGHT].dtype)
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:

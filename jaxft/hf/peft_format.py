@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig
-from jaxft.hf.checkpoint import atomic_dir
+from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
+from jaxft.hf.names import module_name
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from jaxft.models.llama import ATTN_PROJ
 from jaxft.peft import lora
 from jaxft.peft.tree import MARKER
 
@@ -37,15 +37,6 @@ class Entry:
     layer: int | None  # index on the stacked axis
     rank: int | None  # real rank for lora_a / lora_b (drops padding)
     transpose: bool
-
-
-def module_key(group: tuple[str, ...], layer: int | None) -> str:
-    if group[0] == "layers":
-        block = "self_attn" if group[1] in ATTN_PROJ else "mlp"
-        if group[1].endswith("layernorm"):
-            return f"model.layers.{layer}.{group[1]}"
-        return f"model.layers.{layer}.{block}.{group[1]}"
-    return {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}[group[0]]
 
 
 def _ranks(group: dict) -> list[int]:
@@ -67,16 +58,16 @@ def entries(params: dict) -> list[Entry]:
             for layer, r in zip(layers, _ranks(group)):
                 if r == 0:
                     continue
-                key = PREFIX + module_key(path, layer)
+                key = PREFIX + module_name(path, layer)
                 out.append(Entry(f"{key}.lora_A.weight", path + ("lora_a",), layer, r, True))
                 out.append(Entry(f"{key}.lora_B.weight", path + ("lora_b",), layer, r, True))
                 if "lora_magnitude" in group:
                     out.append(Entry(f"{key}.lora_magnitude_vector", path + ("lora_magnitude",), layer, None, False))
         if "trainable_rows" in group:
-            out.append(Entry(f"{PREFIX}{module_key(path, None)}.token_adapter.trainable_tokens_delta",
+            out.append(Entry(f"{PREFIX}{module_name(path, None)}.token_adapter.trainable_tokens_delta",
                              path + ("trainable_rows",), None, None, False))
         if "lora_embedding_a" in group:
-            key = PREFIX + module_key(path, None)
+            key = PREFIX + module_name(path, None)
             out.append(Entry(f"{key}.lora_embedding_A", path + ("lora_embedding_a",), None, None, True))
             out.append(Entry(f"{key}.lora_embedding_B", path + ("lora_embedding_b",), None, None, True))
     n_layers = params["layers"]["q_proj"]["kernel"].shape[0]
@@ -89,7 +80,7 @@ def entries(params: dict) -> list[Entry]:
         if leaf == "bias" and "lora_a" in group:
             leaf = "base_layer.bias"  # PEFT's name for the bias of a LoRA-wrapped layer
         for layer in (range(n_layers) if path[0] == "layers" else [None]):
-            out.append(Entry(f"{PREFIX}{module_key(path[:-1], layer)}.{leaf}", path, layer, None,
+            out.append(Entry(f"{PREFIX}{module_name(path[:-1], layer)}.{leaf}", path, layer, None,
                              path[-1] == "kernel"))
     return out
 
@@ -137,7 +128,7 @@ def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, base_model_nam
 
 def write_adapter(tensors: dict, lcfg: lora.LoraConfig, folder: Path, base_model_name_or_path: str | None = None):
     """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
-    ``folder`` (one that :func:`~jaxft.hf.checkpoint.atomic_dir` publishes together with a tokenizer)."""
+    ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer)."""
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
 

@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxft.errors import JaxftError
+from jaxft.files import atomic_file
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -112,10 +113,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data buffer 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays:
             f.write(a.tobytes())
-    os.replace(tmp, path)

@@ -8,10 +8,7 @@ Llama-family checkpoints:
   `add_bos_token`/`add_eos_token` flags of `tokenizer_config.json` in that case: the post-processor
   stored in `tokenizer.json` decides whether BOS/EOS are added, so we do the same.
 * A folder with only a sentencepiece `tokenizer.model` is converted the way transformers 5's
-  `LlamaTokenizer` converts it: a byte-fallback BPE whose merges are derived from the piece ranks, a
-  `Metaspace` pre-tokenizer (prefix space on the first piece only unless `legacy: true`) and a post-processor
-  built from `add_bos_token`/`add_eos_token`. Encoding with sentencepiece itself would differ from
-  AutoTokenizer on leading spaces and on special tokens written in the text.
+  `LlamaTokenizer` converts it (`jaxft.hf.sentencepiece_conversion`).
 
 Named special tokens are registered as added tokens, as transformers does, so "<s>" in a text encodes
 as the BOS id rather than as characters. Nothing from the folder is unpickled or executed; chat
@@ -28,13 +25,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import sentencepiece
-from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
 
 from jaxft.errors import JaxftError
 from jaxft.hf import chat_template as chat_template_lib
+from jaxft.hf import sentencepiece_conversion
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer"]
 
@@ -48,8 +44,6 @@ LEGACY_CHAT_TEMPLATE_JSON = "chat_template.json"
 
 # The named special tokens transformers 5 exposes to chat templates (`tokenizer.special_tokens_map`).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# transformers' `LlamaTokenizer.__init__` defaults, used when a sentencepiece folder's config doesn't name them.
-_SENTENCEPIECE_DEFAULT_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 # A template name that is safe as a file name; a `chat_template=` argument of this shape is a name, not source.
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
@@ -107,115 +101,6 @@ def _extra_special_tokens(config: dict) -> list[str]:
     if isinstance(value, Mapping):
         value = list(value.values())
     return [content for content in map(_token_content, value) if content is not None]
-
-
-def _generate_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a sentencepiece vocabulary, ranked like transformers' `generate_merges`.
-
-    A piece that splits into two vocabulary pieces yields a merge ranked by the piece's own id, ties
-    broken by the split's lengths; this is how transformers 5 turns an SPM-BPE model into a `tokenizers` BPE.
-    """
-    merges = []
-    for piece, rank in vocab.items():
-        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
-        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        merges.extend((left, right, rank) for left, right in splits)
-    merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])))
-    return [(left, right) for left, right, _ in merges]
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
-    """Yield `(field, wire_type, value)` of one protobuf message (just enough wire format for ModelProto)."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _read_varint(data, pos)
-        elif wire_type == 1:
-            value, pos = data[pos : pos + 8], pos + 8
-        elif wire_type == 2:
-            length, pos = _read_varint(data, pos)
-            value, pos = data[pos : pos + length], pos + length
-        elif wire_type == 5:
-            value, pos = data[pos : pos + 4], pos + 4
-        else:
-            raise TokenizerError(f"tokenizer.model: unsupported protobuf wire type {wire_type} (a damaged or non-"
-                                 "SentencePiece file?)")
-        yield field, wire_type, value
-
-
-_SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4
-
-
-def _sentencepiece_piece_types(serialized_model: bytes) -> list[int]:
-    """Piece types from a serialized `ModelProto` (`pieces` is field 1, a piece's `type` its field 3).
-
-    The sentencepiece Python API can tell control pieces apart but not user-defined ones, which
-    transformers turns into (non-special) added tokens, so we read the types from the proto.
-    """
-    types = []
-    for field, wire_type, piece in _protobuf_fields(serialized_model):
-        if field == 1 and wire_type == 2:
-            piece_type = _SPM_NORMAL
-            for piece_field, _, value in _protobuf_fields(piece):
-                if piece_field == 3:
-                    piece_type = value
-            types.append(piece_type)
-    return types
-
-
-def _sentencepiece_backend(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[AddedToken]]:
-    """Convert `tokenizer.model` as transformers 5's `LlamaTokenizer` does; also return its control/user tokens."""
-    try:
-        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
-        piece_types = _sentencepiece_piece_types(processor.serialized_model_proto())
-    except (RuntimeError, OSError, ValueError, IndexError) as err:
-        raise TokenizerError(f"{model_path}: not a valid sentencepiece model ({err})") from err
-    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    backend = BackendTokenizer(
-        BPE(vocab=vocab, merges=_generate_merges(vocab), fuse_unk=True, byte_fallback=True, dropout=None)
-    )
-    add_prefix_space = config.get("add_prefix_space")
-    add_prefix_space = True if add_prefix_space is None else add_prefix_space
-    if not add_prefix_space:
-        prepend_scheme = "never"
-    else:
-        prepend_scheme = "always" if config.get("legacy", False) else "first"
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix_space:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))
-    backend.decoder = decoders.Sequence(steps)
-    spm_tokens = [
-        AddedToken(piece, normalized=False, special=piece_type == _SPM_CONTROL)
-        for piece, piece_type in zip(pieces, piece_types)
-        if piece_type in (_SPM_CONTROL, _SPM_USER_DEFINED)
-    ]
-    return backend, spm_tokens
-
-
-def _bos_eos_post_processor(backend: BackendTokenizer, config: dict, named: Mapping[str, str]):
-    """The post-processor transformers builds from `add_bos_token`/`add_eos_token` (both default to False)."""
-    bos, eos = named.get("bos_token"), named.get("eos_token")
-    prefix = [bos] if config.get("add_bos_token", False) and bos is not None else []
-    suffix = [eos] if config.get("add_eos_token", False) and eos is not None else []
-    single = " ".join([f"{t}:0" for t in prefix] + ["$A:0"] + [f"{t}:0" for t in suffix])
-    pair = " ".join([single] + [f"{t}:1" for t in prefix] + ["$B:1"] + [f"{t}:1" for t in suffix])
-    special = [(t, backend.token_to_id(t)) for t in dict.fromkeys(prefix + suffix)]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 def _special_added_token(content: str) -> AddedToken:
@@ -539,9 +424,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         spm_tokens: list[AddedToken] = []
         defaults = {}
     elif (folder / SENTENCEPIECE_MODEL).is_file():
-        backend, spm_tokens = _sentencepiece_backend(folder / SENTENCEPIECE_MODEL, config)
+        try:
+            backend, spm_tokens = sentencepiece_conversion.convert(folder / SENTENCEPIECE_MODEL, config)
+        except ValueError as err:
+            raise TokenizerError(str(err)) from err
         sentencepiece_model = (folder / SENTENCEPIECE_MODEL).read_bytes()
-        defaults = _SENTENCEPIECE_DEFAULT_TOKENS
+        defaults = sentencepiece_conversion.DEFAULT_TOKENS
     else:
         raise TokenizerError(f"{folder}: no {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL} found")
     # transformers' encode() neither pads nor truncates unless asked, whatever tokenizer.json says.
@@ -556,7 +444,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     extra = [_special_added_token(content) for content in _extra_special_tokens(config)] or spm_tokens
     _register_added_tokens(backend, config, [*map(_special_added_token, named.values()), *extra])
     if sentencepiece_model is not None:
-        backend.post_processor = _bos_eos_post_processor(backend, config, named)
+        backend.post_processor = sentencepiece_conversion.bos_eos_post_processor(backend, config, named)
     return Tokenizer(
         backend,
         special_tokens=named,

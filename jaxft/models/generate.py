@@ -143,6 +143,12 @@ def check_vocab(cfg: ModelConfig, rows: list[list[int]]):
                              "was it encoded with another model's tokenizer?")
 
 
+def stop_token_ids(cfg: ModelConfig, eos_token_id: int | None) -> list[int]:
+    """The tokens that end a reply: the model's EOS ids (config.json / generation config) and the tokenizer's EOS
+    token (a chat model's end-of-turn token is often only the latter)."""
+    return sorted(set(cfg.eos_token_ids) | ({eos_token_id} - {None}))
+
+
 def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None, rng: jax.Array | None = None

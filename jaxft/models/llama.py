@@ -29,6 +29,7 @@ from jaxft.ops.rope import apply_rope, rope_tables
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTN_PROJ + MLP_PROJ
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 class InputError(JaxftError, ValueError):
     """Arrays given to the model API (token ids, positions, prompts) of the wrong shape, type or values; the
@@ -42,14 +43,37 @@ REMAT_POLICIES = {
 }
 
 
+# The logical axes of every param's dims, declared once, by leaf group (its path in the tree) and leaf:
+# init_params reads each leaf's shape off these names (axis_sizes), and jaxft.parallel shards each leaf by them
+# (a method's leaves declare their own axes in terms of these). Stacked groups lead with "layer".
+KERNEL_AXES = {  # (in, out) of each linear module's kernel
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
+}
+NORMS = ("input_layernorm", "post_attention_layernorm")
+PARAM_AXES: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {
+    ("embed_tokens",): {"embedding": ("vocab", "embed")},
+    **{("layers", norm): {"scale": ("layer", "norm")} for norm in NORMS},
+    **{("layers", m): {"kernel": ("layer", *KERNEL_AXES[m]), "bias": ("layer", KERNEL_AXES[m][1])}
+       for m in LINEAR_MODULES},
+    ("norm",): {"scale": ("norm",)},
+    ("lm_head",): {"kernel": KERNEL_AXES["lm_head"]},
+}
+
+
+def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The size of each logical axis of the model's params."""
+    hd = cfg.head_dim
+    return {"layer": cfg.num_hidden_layers, "vocab": cfg.vocab_size, "embed": cfg.hidden_size,
+            "norm": cfg.hidden_size, "heads": cfg.num_attention_heads * hd, "kv_heads": cfg.num_key_value_heads * hd,
+            "mlp": cfg.intermediate_size}
+
+
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) of every linear module of one layer."""
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return {
-        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
-    }
+    sizes = axis_sizes(cfg)
+    return {m: tuple(sizes[axis] for axis in KERNEL_AXES[m]) for m in LINEAR_MODULES}
 
 
 def has_bias(cfg: ModelConfig, module: str) -> bool:
@@ -60,26 +84,37 @@ def has_bias(cfg: ModelConfig, module: str) -> bool:
     return cfg.mlp_bias
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 0.02) -> dict:
-    """Random params like HF's ``_init_weights``: N(0, std) matrices, unit norms, zero biases."""
-    n_layers, d = cfg.num_hidden_layers, cfg.hidden_size
-    keys = iter(jax.random.split(rng, len(LINEAR_MODULES) + 2))
-
-    def normal(shape):
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
-    layers = {"input_layernorm": {"scale": jnp.ones((n_layers, d), dtype)},
-              "post_attention_layernorm": {"scale": jnp.ones((n_layers, d), dtype)}}
-    for name, (fan_in, fan_out) in linear_shapes(cfg).items():
-        layers[name] = {"kernel": normal((n_layers, fan_in, fan_out))}
-        if has_bias(cfg, name):
-            layers[name]["bias"] = jnp.zeros((n_layers, fan_out), dtype)
-    params = {"embed_tokens": {"embedding": normal((cfg.vocab_size, d))},
-              "layers": layers,
-              "norm": {"scale": jnp.ones((d,), dtype)}}
+def param_axes(cfg: ModelConfig) -> dict:
+    """The logical axes of every leaf :func:`init_params` creates (and a HF checkpoint of ``cfg`` holds), as a tree
+    of the params' structure with a tuple of axis names per leaf."""
+    layers = {norm: dict(PARAM_AXES[("layers", norm)]) for norm in NORMS}
+    for name in LINEAR_MODULES:
+        declared = PARAM_AXES[("layers", name)]
+        layers[name] = {leaf: declared[leaf] for leaf in ("kernel", "bias") if leaf == "kernel" or has_bias(cfg, name)}
+    tree = {"embed_tokens": dict(PARAM_AXES[("embed_tokens",)]), "layers": layers, "norm": dict(PARAM_AXES[("norm",)])}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": normal((d, cfg.vocab_size))}
-    return params
+        tree["lm_head"] = dict(PARAM_AXES[("lm_head",)])
+    return tree
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 0.02) -> dict:
+    """Random params like HF's ``_init_weights``: N(0, std) matrices, unit norms, zero biases; every leaf's shape
+    is read off its declared axes (:func:`param_axes`)."""
+    sizes = axis_sizes(cfg)
+    keys = dict(zip(LINEAR_MODULES + ("embed_tokens", "lm_head"), jax.random.split(rng, len(LINEAR_MODULES) + 2)))
+
+    def create(group: str, leaf: str, axes: tuple[str, ...]):
+        shape = tuple(sizes[axis] for axis in axes)
+        if leaf == "scale":
+            return jnp.ones(shape, dtype)
+        if leaf == "bias":
+            return jnp.zeros(shape, dtype)
+        return (std * jax.random.normal(keys[group], shape, jnp.float32)).astype(dtype)
+
+    def fill(tree: dict, group: str = "") -> dict:
+        return {k: fill(v, k) if isinstance(v, dict) else create(group, k, v) for k, v in tree.items()}
+
+    return fill(param_axes(cfg))
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:

@@ -31,21 +31,23 @@ rather than stored, so ``jax.lax.scan`` can slice a stacked tensor into per-laye
 ``.astype``, which the linear layer calls) works on each slice.
 
 This module never imports torch or bitsandbytes; code books are copied (NF4/FP4 tables) or recomputed (8-bit dynamic
-map) from bnb's source.
+map, :mod:`jaxft.ops.dynamic_map`) from bnb's source. Reading and writing transformers' bnb state dicts is
+:mod:`jaxft.hf.bnb`'s.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax import lax
 
-__all__ = ["BLOCKSIZES", "QUANT_TYPES", "QuantizedTensor", "dequantize", "from_bnb", "nbytes", "quantize", "stack",
-           "to_bnb"]
+from jaxft.ops.dynamic_map import SIGNED_MAP
+
+__all__ = ["BLOCKSIZES", "QUANT_TYPES", "QuantizedTensor", "check_options", "dequantize", "layout_for", "nbytes",
+           "quantize", "stack", "torch_order"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
 QUANT_TYPES = ("nf4", "fp4")
@@ -77,34 +79,10 @@ def _bucketize_tables(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _BUCKETS = {name: _bucketize_tables(code) for name, code in CODES.items()}
 
 
-def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """torch.linspace(start, end, steps, dtype=float32) on CPU: an f32 step, the first half ``start + i * step`` and
-    the second ``end - (steps - 1 - i) * step``, each a fused multiply-add (one rounding; exact here in f64)."""
-    step = np.float64((_f32(end) - _f32(start)) / _f32(steps - 1))
-    idx = np.arange(steps)
-    lo = np.float64(_f32(start)) + step * idx
-    hi = np.float64(_f32(end)) - step * (steps - 1 - idx)
-    return np.where(idx < steps // 2, lo, hi).astype(np.float32)
-
-
-def _dynamic_map() -> np.ndarray:
-    """bitsandbytes.functional.create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), in f32."""
-    data = []
-    for i in range(7):
-        bounds = _linspace_f32(0.1, 1.0, 2 ** i + 1)
-        means = (bounds[:-1] + bounds[1:]) / _f32(2)
-        scale = _f32(10.0 ** (i - 6))
-        data += list(scale * means) + list(-scale * means)
-    return np.array(sorted(data + [0.0, 1.0]), np.float32)
-
-
-DYNAMIC_MAP = _dynamic_map()
-
-
 def _dynamic_lut() -> np.ndarray:
     """bnb's CPU 8-bit quantizer looks codes up in a 65536-entry table over [-1, 1] (not a true nearest search):
     entry i holds the first code whose f32 midpoint is >= -1 + 2i/65535."""
-    mids = (_f32(0.5) * (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:])).astype(np.float32)
+    mids = (_f32(0.5) * (SIGNED_MAP[:-1] + SIGNED_MAP[1:])).astype(np.float32)
     grid = (_f32(-1.0) + (_f32(2.0) * np.arange(65536, dtype=np.float32)) / _f32(65535)).astype(np.float32)
     return np.searchsorted(mids, grid, side="left").astype(np.uint8)
 
@@ -112,7 +90,7 @@ def _dynamic_lut() -> np.ndarray:
 _DYNAMIC_LUT = _dynamic_lut()
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class QuantizedTensor:
     """A bnb 4-bit weight in JAX layout; a pytree whose children are arrays and whose aux data is static.
 
@@ -129,11 +107,11 @@ class QuantizedTensor:
     absmax: jax.Array
     nested_absmax: Optional[jax.Array]
     offset: Optional[jax.Array]
-    matrix_shape: tuple[int, int]
-    dtype_name: str
-    blocksize: int
-    quant_type: str
-    layout: str
+    matrix_shape: tuple[int, int] = struct.field(pytree_node=False)
+    dtype_name: str = struct.field(pytree_node=False)
+    blocksize: int = struct.field(pytree_node=False)
+    quant_type: str = struct.field(pytree_node=False)
+    layout: str = struct.field(pytree_node=False)
 
     @property
     def double_quant(self) -> bool:
@@ -161,19 +139,25 @@ class QuantizedTensor:
         return dequantize(self, dtype)
 
 
-jax.tree_util.register_dataclass(
-    QuantizedTensor, data_fields=["packed", "absmax", "nested_absmax", "offset"],
-    meta_fields=["matrix_shape", "dtype_name", "blocksize", "quant_type", "layout"])
+def child_axes(q: QuantizedTensor, kernel_axes: tuple) -> dict[str, tuple]:
+    """The logical axes of each child of ``q``, given those of the ``[..., in, out]`` kernel it stores: in the
+    "row" layout the codes and block absmax keep the kernel's axis order (their in-dim counts byte pairs or blocks),
+    so they shard like the kernel; the per-matrix double-quant state and the "flat" layout's blocks have no
+    matrix axis (``None``: replicated)."""
+    lead = tuple(kernel_axes[:-2])
+    blocks = tuple(kernel_axes) if q.layout == "row" else (*lead, None)
+    axes = {"packed": blocks, "absmax": blocks, "nested_absmax": (*lead, None), "offset": lead}
+    return {name: child for name, child in axes.items() if getattr(q, name) is not None}
 
 
-def _check_options(blocksize: int, quant_type: str) -> None:
+def check_options(blocksize: int, quant_type: str) -> None:
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} (as in bitsandbytes), got {blocksize!r}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
-def _layout(n_in: int, blocksize: int) -> str:
+def layout_for(n_in: int, blocksize: int) -> str:
     return "row" if n_in % blocksize == 0 else "flat"
 
 
@@ -318,7 +302,7 @@ def _quantize_8bit(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes.reshape(*x.shape[:-1], -1)[..., :n], absmax
 
 
-def _torch_order(absmax: jax.Array, layout: str) -> jax.Array:
+def torch_order(absmax: jax.Array, layout: str) -> jax.Array:
     """Block statistics in bnb's flat order: the row layout's [..., in/bs, out] is transposed torch order."""
     if layout == "flat":
         return absmax
@@ -327,7 +311,7 @@ def _torch_order(absmax: jax.Array, layout: str) -> jax.Array:
 
 def _double_quantize(absmax: jax.Array, layout: str, torch_threads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(uint8 codes of absmax - offset in ``absmax``'s layout, nested absmax, offset), as bnb's compress_statistics."""
-    flat = _torch_order(absmax, layout)
+    flat = torch_order(absmax, layout)
     lead = flat.shape[:-1]
     rows = flat.reshape(-1, flat.shape[-1])
     offset = jax.vmap(lambda row: _torch_mean(row, torch_threads))(rows).reshape(lead)
@@ -339,7 +323,7 @@ def _double_quantize(absmax: jax.Array, layout: str, torch_threads: int) -> tupl
 
 def _quantize(w: jax.Array, blocksize: int, double_quant: bool, quant_type: str, torch_threads: int):
     w = jnp.asarray(w).astype(jnp.float32)
-    layout = _layout(w.shape[-2], blocksize)
+    layout = layout_for(w.shape[-2], blocksize)
     quantize_layout = _quantize_rows if layout == "row" else _quantize_flat
     packed, absmax = quantize_layout(w, blocksize, quant_type)
     nested = offset = None
@@ -359,7 +343,7 @@ def quantize(w, blocksize: int = 64, double_quant: bool = True, quant_type: str 
     at least 32768 blocks per matrix: bnb's offset is torch's CPU mean, whose summation order then depends on
     ``torch.get_num_threads()``; pass that value to reproduce a given bnb run bit for bit.  Jit-able.
     """
-    _check_options(blocksize, quant_type)
+    check_options(blocksize, quant_type)
     dtype = jnp.dtype(w.dtype)
     if dtype.name not in FLOAT_DTYPES:
         raise ValueError(f"quantize needs a float32/bfloat16/float16 weight (as bitsandbytes), got {dtype.name}")
@@ -367,7 +351,7 @@ def quantize(w, blocksize: int = 64, double_quant: bool = True, quant_type: str 
         raise ValueError(f"quantize needs a [..., in, out] matrix, got shape {tuple(w.shape)}")
     children = _quantize_jit(w, blocksize, double_quant, quant_type, torch_threads)
     return QuantizedTensor(*children, matrix_shape=tuple(w.shape[-2:]), dtype_name=dtype.name, blocksize=blocksize,
-                           quant_type=quant_type, layout=_layout(w.shape[-2], blocksize))
+                           quant_type=quant_type, layout=layout_for(w.shape[-2], blocksize))
 
 
 # ---------------------------------------------------------------- dequantization
@@ -387,7 +371,7 @@ def _block_scales(q: QuantizedTensor) -> jax.Array:
         torch_index = jnp.arange(q.absmax.shape[-1])
         offset = q.offset[..., None]
     nested = q.nested_absmax[..., torch_index // NESTED_BLOCKSIZE]
-    product = jnp.asarray(DYNAMIC_MAP)[q.absmax] * nested
+    product = jnp.asarray(SIGNED_MAP)[q.absmax] * nested
     # The select keeps LLVM from contracting multiply + add into an FMA: two roundings as bnb, eager or compiled
     # (it only differs from ``product`` for a NaN nested absmax, which no finite weight produces).
     return jnp.where(product == product, product, 0.0) + offset
@@ -431,93 +415,3 @@ def stack(qs: list[QuantizedTensor]) -> QuantizedTensor:
         raise ValueError("stack needs QuantizedTensors with identical shape, dtype, blocksize, quant_type and "
                          "double quantization")
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *qs)
-
-
-# ---------------------------------------------------------------- bitsandbytes / transformers serialization
-
-def _quant_state_key(quant_type: str) -> str:
-    return f"quant_state.bitsandbytes__{quant_type}"
-
-
-def to_bnb(q: QuantizedTensor, prefix: str = "weight") -> dict[str, np.ndarray]:
-    """One matrix as transformers saves a bnb ``Linear4bit`` weight (torch layout, fresh numpy arrays, uint8 storage).
-
-    Keys ``{prefix}``, ``.absmax``, ``.quant_map``, with double quantization ``.nested_absmax`` and
-    ``.nested_quant_map``, and ``.quant_state.bitsandbytes__{nf4,fp4}``: the JSON bnb's
-    ``QuantState.as_dict(packed=True)`` writes for the non-tensor fields, as uint8 bytes.
-    """
-    if q.lead_shape:
-        raise ValueError(f"to_bnb takes one matrix; this tensor has leading dims {q.lead_shape} (index it first)")
-    n_in, n_out = q.matrix_shape
-    packed = np.array(q.packed)
-    if q.layout == "row":
-        packed = packed.T
-    out = {prefix: packed.reshape(-1, 1),
-           f"{prefix}.absmax": np.array(_torch_order(q.absmax, q.layout)),
-           f"{prefix}.quant_map": CODES[q.quant_type].copy()}
-    state = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": q.dtype_name, "shape": [n_out, n_in]}
-    if q.double_quant:
-        out[f"{prefix}.nested_absmax"] = np.array(q.nested_absmax)
-        out[f"{prefix}.nested_quant_map"] = DYNAMIC_MAP.copy()
-        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
-                     nested_offset=float(np.asarray(q.offset)))
-    out[f"{prefix}.{_quant_state_key(q.quant_type)}"] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
-    return out
-
-
-def _read_quant_state(tensors: dict) -> tuple[str, dict]:
-    """(key prefix, decoded JSON) of the single packed quant-state entry."""
-    keys = [k for k in tensors if any(k.endswith(_quant_state_key(t)) for t in QUANT_TYPES)]
-    if len(keys) != 1:
-        raise ValueError(f"expected exactly one '*.quant_state.bitsandbytes__nf4|fp4' entry, found {keys}")
-    key = keys[0]
-    prefix = key[: -len(_quant_state_key("nf4"))].rstrip(".")
-    return prefix, json.loads(_raw_bytes(tensors[key]).tobytes().decode("utf-8"))
-
-
-def _raw_bytes(x) -> np.ndarray:
-    """The array's bytes as uint8 (bnb may store packed codes in any ``bnb_4bit_quant_storage`` dtype)."""
-    return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
-
-
-def _check_code(tensors: dict, key: str, expected: np.ndarray) -> None:
-    if key in tensors and not np.array_equal(np.asarray(tensors[key], np.float32), expected):
-        raise ValueError(f"{key} is not bitsandbytes' standard code book; only the standard ones are supported")
-
-
-def from_bnb(tensors: dict, shape_out_in: Optional[tuple[int, int]] = None) -> QuantizedTensor:
-    """A bnb/transformers 4-bit weight dict (as :func:`to_bnb` writes, any key prefix) as a JAX-layout tensor.
-
-    The packed JSON gives shape, dtype, blocksize and quant_type; ``shape_out_in`` (torch order) is only needed when
-    the JSON has no shape, and must agree with it otherwise.
-    """
-    prefix, state = _read_quant_state(tensors)
-    quant_type, blocksize = state["quant_type"], int(state["blocksize"])
-    _check_options(blocksize, quant_type)
-    shape = state.get("shape") or shape_out_in
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"need a 2-D [out, in] shape, quant state has {state.get('shape')!r}")
-    if shape_out_in is not None and tuple(shape) != tuple(shape_out_in):
-        raise ValueError(f"shape_out_in {tuple(shape_out_in)} disagrees with the quant state's {tuple(shape)}")
-    if state["dtype"] not in FLOAT_DTYPES:
-        raise ValueError(f"unsupported original dtype {state['dtype']!r}")
-    n_out, n_in = (int(s) for s in shape)
-    _check_code(tensors, f"{prefix}.quant_map", CODES[quant_type])
-    layout = _layout(n_in, blocksize)
-    packed = _raw_bytes(tensors[prefix])[: -(-n_in * n_out // 2)]
-    absmax = np.asarray(tensors[f"{prefix}.absmax"]).reshape(-1)
-    nested = offset = None
-    if f"{prefix}.nested_absmax" in tensors:
-        if int(state["nested_blocksize"]) != NESTED_BLOCKSIZE:
-            raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {state['nested_blocksize']}")
-        _check_code(tensors, f"{prefix}.nested_quant_map", DYNAMIC_MAP)
-        nested = jnp.asarray(np.asarray(tensors[f"{prefix}.nested_absmax"], np.float32).reshape(-1))
-        offset = jnp.asarray(np.float32(state["nested_offset"]))
-        absmax = absmax.astype(np.uint8)
-    else:
-        absmax = absmax.astype(np.float32)
-    if layout == "row":
-        packed = packed.reshape(n_out, n_in // 2).T
-        absmax = absmax.reshape(n_out, n_in // blocksize).T
-    return QuantizedTensor(jnp.asarray(packed), jnp.asarray(absmax), nested, offset, matrix_shape=(n_in, n_out),
-                           dtype_name=state["dtype"], blocksize=blocksize, quant_type=quant_type, layout=layout)

@@ -30,7 +30,7 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, embedding_table
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, path_str, split
+from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, leaf_paths, split
 from jaxft.peft.tree import summary as tree_summary
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -258,6 +258,26 @@ def _embedding_adapters(key, lcfg: LoraConfig, g: GroupPlan, vocab: int, dim: in
             "lora_scale": jnp.asarray(lcfg.scaling(r, alpha), jnp.float32)}
 
 
+def adapter_axes(base: dict[str, tuple]) -> dict[str, tuple]:
+    """The logical axes of the leaves :func:`add` puts into a leaf group, given the axes the model declares for
+    the group's own leaves (``base``, e.g. ``{"kernel": ("layer", "embed", "heads"), "bias": ...}``).
+
+    A linear group's adapters keep the kernel's leading axes, its fan-in (A) and fan-out (B, the DoRA magnitude);
+    the embedding's keep its vocabulary and width; trained token rows are rows of the table. ``modules_to_save``
+    copies, an untied head copy and trained biases are the model's own leaves, declared by the model.
+    """
+    if "kernel" in base:
+        *lead, fan_in, fan_out = base["kernel"]
+        lead = tuple(lead)
+        return {"lora_a": (*lead, fan_in, "lora_rank"), "lora_b": (*lead, "lora_rank", fan_out), "lora_scale": lead,
+                "lora_dropout": lead, "lora_mask": (*lead, "lora_rank"), "lora_magnitude": (*lead, fan_out)}
+    if "embedding" in base:
+        vocab, width = base["embedding"]
+        return {"lora_embedding_a": (vocab, "lora_rank"), "lora_embedding_b": ("lora_rank", width), "lora_scale": (),
+                "trainable_rows": ("trainable_tokens", width), "trainable_row_ids": ("trainable_tokens",)}
+    return {}
+
+
 def _get(tree: dict, path):
     for k in path:
         tree = tree[k]
@@ -309,7 +329,7 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
             raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
         marked.update({"/".join(path) + "/" + leaf: None for leaf in group if leaf not in ADAPTER_KEYS})
     if lcfg.bias == "all":
-        marked.update({p: None for p in _leaf_paths(params) if p.endswith("/bias")})
+        marked.update({p: None for p in leaf_paths(params) if p.endswith("/bias")})
     if lcfg.trainable_token_indices:
         params["embed_tokens"].update(_trainable_rows(params["embed_tokens"], lcfg.trainable_token_indices))
     if marked:
@@ -356,14 +376,8 @@ def resize_embeddings(cfg: ModelConfig, params: dict, vocab_size: int) -> tuple[
 
 
 def _group_keys(params: dict):
-    for path in _leaf_paths(params):
+    for path in leaf_paths(params):
         yield path.rsplit("/", 1)[-1]
-
-
-def _leaf_paths(params: dict) -> list[str]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))[0]
-    return [path_str(p) for p, _ in leaves]
 
 
 def trainable_count(params: dict) -> int:
@@ -387,7 +401,7 @@ def trainable_count(params: dict) -> int:
                 visit(v)
 
     visit(params)
-    others = {p for p in _leaf_paths(trainable) if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
+    others = {p for p in leaf_paths(trainable) if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
     total += sum(int(np.prod(_get(params, p.split("/")).shape)) for p in others)
     return total
 

@@ -1,4 +1,4 @@
-"""One predicate decides what is trained: it drives ``split``, the gradients and the optax mask.
+"""One predicate decides what is trained: it drives ``split`` and so the gradients and the optimizer state.
 
 A leaf is trainable when its key is an adapter weight (``lora_a``, ``lora_b``, ``lora_magnitude``, …) or when its
 path is listed in ``params["trainable"]`` — a dict of ``"a/b/leaf" -> None`` that methods such as
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxft.ops.nf4 import QuantizedTensor
 
@@ -17,8 +18,19 @@ TRAINABLE_KEYS = frozenset({"lora_a", "lora_b", "lora_magnitude", "lora_embeddin
 MARKER = "trainable"
 
 
+def path_names(path) -> tuple[str, ...]:
+    """A jax key path as one name per step: dict key, attribute (namedtuple field) or sequence index."""
+    return tuple(jax.tree_util.keystr((entry,), simple=True) for entry in path)
+
+
 def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """A jax key path as the ``"a/b/leaf"`` string that marks, messages and file layouts use."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def leaf_paths(params: dict) -> list[str]:
+    """The ``"a/b/leaf"`` path of every array (or 4-bit tensor) of a nested-dict tree; ``None`` holes skipped."""
+    return [path for path, leaf in traverse_util.flatten_dict(params, sep="/").items() if leaf is not None]
 
 
 def is_trainable(params: dict):
@@ -48,12 +60,6 @@ def split(params: dict, predicate=None) -> tuple[dict, dict]:
 def combine(trainable: dict, frozen: dict) -> dict:
     """Inverse of :func:`split`."""
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
-
-
-def optax_mask(params: dict, predicate=None) -> dict:
-    """The same predicate as a boolean tree, for ``optax.masked`` when a tree holds both parts."""
-    predicate = predicate or is_trainable(params)
-    return jax.tree_util.tree_map_with_path(lambda p, x: predicate(p, x), params, is_leaf=_is_quantized)
 
 
 def nbytes(tree) -> int:

@@ -16,7 +16,7 @@ import yaml
 from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, MODEL_UNION, PATH_FIELD, QUANT_UNION, REMAT_POLICIES,
                           ConfigError, ModelConfig, QuantConfig, TaggedUnion, from_dict, to_dict)
 from jaxft.data.config import DataConfig
-from jaxft.hf.checkpoint import write_text_atomic
+from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.train.optim import OptimConfig

@@ -20,9 +20,10 @@ import numpy as np
 import optax
 
 from jaxft.config import ModelConfig
-from jaxft.data.chat import CHATML_TEMPLATE
+from jaxft.data.chat import CHATML_TEMPLATE, IGNORE_INDEX
 from jaxft.data.config import DataConfig
-from jaxft.hf.checkpoint import from_pretrained, publish_dir, save_pretrained
+from jaxft.files import atomic_dir
+from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.generate import generate
@@ -122,38 +123,33 @@ def _pretrain_batches(tokenizer, rng, cfg: DemoConfig, row: int = 33):
                 p = problems(rng, 1, cfg)[0]
                 stream += tokenizer.encode(raw_text(p), add_special_tokens=False)
             ids[r] = stream[:row]
-        labels = np.concatenate([ids[:, 1:], np.full((cfg.batch_size, 1), -100, np.int32)], axis=1)
+        labels = np.concatenate([ids[:, 1:], np.full((cfg.batch_size, 1), IGNORE_INDEX, np.int32)], axis=1)
         yield {"input_ids": jnp.asarray(ids[None]), "labels": jnp.asarray(labels[None])}
 
 
 def build_base(folder: Path, cfg: DemoConfig, log=print) -> Path:
     """Pretrain the tiny base (full fine-tuning from random init) and save it as a HF folder."""
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    corpus = [raw_text(p) for p in problems(rng, 2000, cfg)]
-    build_tokenizer(tmp, corpus)
-    tokenizer = load_tokenizer(tmp)
-    model_cfg = model_config(len(tokenizer))
-    params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    trainable, frozen = split(params, lambda path, leaf: True)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, cfg.pretrain_steps, 1e-3)
-    optimizer = optax.adam(schedule)
-    state = init_state(trainable, optimizer, cfg.seed)
-    step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=0), optimizer)
-    batches = _pretrain_batches(tokenizer, rng, cfg)
-    start = time.perf_counter()
-    for i in range(1, cfg.pretrain_steps + 1):
-        state, metrics = step(state, frozen, next(batches))
-        if i % 100 == 0 or i == cfg.pretrain_steps:
-            log(f"  pretrain step {i:4d}/{cfg.pretrain_steps}  loss {float(metrics['loss']):.3f}  "
-                f"({time.perf_counter() - start:.0f} s)")
-    params = jax.device_get(state["trainable"])
-    save_pretrained(model_cfg, params, tmp / "model", overwrite=True)
-    for f in (tmp / "model").iterdir():
-        f.rename(tmp / f.name)
-    (tmp / "model").rmdir()
-    publish_dir(tmp, folder)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        rng = np.random.default_rng(cfg.seed)
+        corpus = [raw_text(p) for p in problems(rng, 2000, cfg)]
+        build_tokenizer(tmp, corpus)
+        tokenizer = load_tokenizer(tmp)
+        model_cfg = model_config(len(tokenizer))
+        params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
+        trainable, frozen = split(params, lambda path, leaf: True)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, cfg.pretrain_steps, 1e-3)
+        optimizer = optax.adam(schedule)
+        state = init_state(trainable, optimizer, cfg.seed)
+        step = jit_train_step(model_cfg, StepConfig(loss_chunk_size=0), optimizer)
+        batches = _pretrain_batches(tokenizer, rng, cfg)
+        start = time.perf_counter()
+        for i in range(1, cfg.pretrain_steps + 1):
+            state, metrics = step(state, frozen, next(batches))
+            if i % 100 == 0 or i == cfg.pretrain_steps:
+                log(f"  pretrain step {i:4d}/{cfg.pretrain_steps}  loss {float(metrics['loss']):.3f}  "
+                    f"({time.perf_counter() - start:.0f} s)")
+        params = jax.device_get(state["trainable"])
+        write_pretrained(model_cfg, to_hf_tensors(model_cfg, params), tmp)
     return folder
 
 

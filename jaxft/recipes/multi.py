@@ -16,12 +16,13 @@ import jax
 
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
-from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.peft import lora
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, covered, flat_keys
+from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, initial_loss_scale, load_base,
+                                    load_inputs, publish, run_summary, stack_micro_batches, step_config, to_host,
+                                    train_loop, write_run_dir)
 from jaxft.train import multi
-from jaxft.train.loop import StepConfig
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
 
@@ -72,7 +73,7 @@ def _evaluate_members(eval_fn, batches, n_members: int) -> list[dict]:
             for k in range(n_members)]
 
 
-def _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, n_members: int):
+def _member_eval(model_cfg, tc, inputs, n_members: int):
     """``run_eval(trainable, consts, base)``: every member's held-out metrics over the same first eval batches,
     one compiled pass for all members per batch."""
     @jax.jit
@@ -81,10 +82,33 @@ def _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, n_members: int):
         return multi.per_member(eval_sums, trainable, consts, base)
 
     def run_eval(trainable, consts, base):
-        batches = sft._eval_batches(eval_pipeline.iterator, tc.eval_batches, batch_sharding)
+        batches = eval_batches(inputs.eval_pipeline.iterator, tc.eval_batches, inputs.batch_sharding)
         return _evaluate_members(lambda b: member_eval_sums(trainable, consts, base, b), batches, n_members)
 
     return run_eval
+
+
+def _log_members(loggers: list[MetricsLogger], schedules: list, tc, latest: Latest):
+    """Each member's train record into its own log: one transfer of all members' metrics, on logging steps only."""
+    def log(result):
+        logging = result.step % tc.log_every == 0 or result.step == tc.steps
+        host = jax.device_get(result.metrics) if logging else None
+        for k, logger in enumerate(loggers):
+            if logging:
+                latest.train[k] = _member_records(host, k, {"lr": float(schedules[k](result.step - 1)),
+                                                            **result.speed})
+            logger.log(result.step, latest.train[k])
+
+    return log
+
+
+def _eval_members(loggers: list[MetricsLogger], run_eval, consts: dict, base: dict, latest: Latest):
+    def log(result):
+        latest.eval = run_eval(result.state["trainable"], consts, base)
+        for logger, member_result in zip(loggers, latest.eval):
+            logger.log_eval(result.step, member_result)
+
+    return log
 
 
 def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict]:
@@ -92,54 +116,39 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     check_members(cfgs)
     outs = [Path(c.output_dir) for c in cfgs]
     for c, out in zip(cfgs, outs):
-        sft._check_run_dir(c, out, resume=False, overwrite=overwrite)
+        check_run_dir(c, out, resume=False, overwrite=overwrite)
     cfg, tc = cfgs[0], cfgs[0].train
-    tokenizer = load_tokenizer(cfg.tokenizer_dir)
-    pipeline, eval_pipeline = sft._pipelines(cfg, tokenizer)
-    mesh = parallel.make_mesh(cfg.mesh)
-    sft._check_batch_fits(cfg, mesh)
-    model_cfg, base = sft.load_base(cfg, mesh)
+    inputs = load_inputs(cfg)
+    model_cfg, base = load_base(cfg, inputs.mesh)
     members = _members(cfgs)
     s = multi.stack(model_cfg, base, members)
     n_trainable = [lora.trainable_count(multi.member_params(s, s.trainable, k)) for k in range(len(cfgs))]
 
-    loss_scale = sft.initial_loss_scale(model_cfg)
-    state = multi.shard(multi.init_states(s, members, cfg.optim, loss_scale), mesh)
-    consts, base = multi.shard(s.consts, mesh), parallel.shard_params(s.base, mesh)
-    step_fn = multi.jit_train_step(model_cfg, StepConfig(loss_chunk_size=tc.loss_chunk_size),
-                                   multi.member_optimizer(cfg.optim, 1.0), mesh, state, consts, base,
-                                   group=multi.default_group())
-    batch_sharding = parallel.batch_sharding(mesh, 3, accumulation_axis=True)
+    state = multi.shard(multi.init_states(s, members, cfg.optim, initial_loss_scale(model_cfg)), inputs.mesh)
+    consts, base = multi.shard(s.consts, inputs.mesh), parallel.shard_params(s.base, inputs.mesh)
+    step_fn = multi.jit_train_step(model_cfg, step_config(cfg), multi.member_optimizer(cfg.optim, 1.0),
+                                   inputs.mesh, state, consts, base, group=multi.default_group())
 
     for c, out in zip(cfgs, outs):  # every input has passed: now the folders are written
-        sft._write_run_dir(c, out, None, overwrite)
+        write_run_dir(c, out, None, overwrite)
 
-    run_eval = _member_eval(model_cfg, tc, eval_pipeline, batch_sharding, len(cfgs))
     loggers = [MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every) for out in outs]
-    schedules = [make_schedule(c.optim) for c in cfgs]
+    latest = Latest([{} for _ in cfgs])
+    callbacks = [Every(1, _log_members(loggers, [make_schedule(c.optim) for c in cfgs], tc, latest))]
+    if inputs.eval_pipeline:
+        run_eval = _member_eval(model_cfg, tc, inputs, len(cfgs))
+        callbacks.append(Every(tc.eval_every, _eval_members(loggers, run_eval, consts, base, latest)))
+    # one diverged member stops the sweep, as it does a sequential one
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
-    last, last_eval = [{} for _ in cfgs], None
-    for step in range(1, tc.steps + 1):
-        batches = sft.stack_micro_batches(pipeline.iterator, tc.grad_accum, batch_sharding)
-        state, metrics = step_fn(state, consts, base, batches)
-        guard.check(step, metrics)  # one diverged member stops the sweep, as it does a sequential one
-        speed = throughput.tick(*sft.count_tokens(batches))
-        logging = step % tc.log_every == 0 or step == tc.steps
-        host = jax.device_get(metrics) if logging else None  # one transfer for all members, on logging steps only
-        for k, logger in enumerate(loggers):
-            if logging:
-                last[k] = _member_records(host, k, {"lr": float(schedules[k](step - 1)), **speed})
-            logger.log(step, last[k])
-        if eval_pipeline and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
-            last_eval = run_eval(state["trainable"], consts, base)
-            for logger, result in zip(loggers, last_eval):
-                logger.log_eval(step, result)
+    state = train_loop(state, range(1, tc.steps + 1), lambda st, batches: step_fn(st, consts, base, batches),
+                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding),
+                       guard, throughput, callbacks)
     for logger in loggers:
         logger.close()
     guard.finish()
 
-    trainable = sft._to_host(state["trainable"])
-    return [sft.publish(c, out, sft.run_summary(tc, n_trainable[k], last[k], throughput, pipeline.report,
-                                                last_eval[k] if last_eval else None),
-                        multi.member_params(s, trainable, k), tokenizer, pipeline.chat_template)
+    trainable = to_host(state["trainable"])
+    return [publish(c, out, run_summary(tc, n_trainable[k], latest.train[k], throughput, inputs.pipeline.report,
+                                        latest.eval[k] if latest.eval else None),
+                    multi.member_params(s, trainable, k), inputs.tokenizer, inputs.pipeline.chat_template)
             for k, (c, out) in enumerate(zip(cfgs, outs))]

@@ -15,9 +15,10 @@ from jaxft.data import DataConfig, build_iterator, load_examples, resolve_templa
 from jaxft.data.formats import DataError
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
-from jaxft.models.generate import generate
+from jaxft.models.generate import generate, stop_token_ids
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig
+from jaxft.recipes.skeleton import load_base
 from jaxft.train.metrics import evaluate
 
 BATCH = 64  # prompts per generate call: bounds the KV cache however many chats are scored
@@ -48,12 +49,12 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
     prompts = [tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, chat_template=template)
                for chat in chats]
     references = [chat[-1]["content"].strip() for chat in chats]
-    stops = set(model_cfg.eos_token_ids or ()) | ({tokenizer.eos_token_id} - {None})
+    stops = stop_token_ids(model_cfg, tokenizer.eos_token_id)
     longest = max(len(tokenizer.encode(ref, add_special_tokens=False)) for ref in references)
     hits = 0
     for start in range(0, len(prompts), BATCH):
         outputs = generate(model_cfg, params, prompts[start:start + BATCH], max_new_tokens=longest + 8,
-                           stop_token_ids=sorted(stops))
+                           stop_token_ids=stops)
         for reference, out in zip(references[start:start + BATCH], outputs):
             stopped = bool(out) and out[-1] in stops
             hits += stopped and tokenizer.decode(out[:-1], skip_special_tokens=True).strip() == reference
@@ -65,5 +66,5 @@ def load_trained(cfg: RunConfig, export: str | Path):
     exported model of full fine-tuning."""
     if cfg.full:
         return from_pretrained(export, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
-    model_cfg, params = sft.load_base(cfg)
+    model_cfg, params = load_base(cfg)
     return model_cfg, load_adapter(export, params)

@@ -43,10 +43,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from jaxft.config import ModelConfig, to_dict
 from jaxft.errors import JaxftError
 from jaxft.hf.safetensors_io import CheckpointError
+from jaxft.peft.tree import path_names
 
 _STATE, _LAYOUT, _EXTRA = "state", "layout", "extra"
 
@@ -215,29 +217,14 @@ class Checkpointer:
         self.close()
 
 
-def _entry_name(entry: Any) -> str:
-    """One path step as a string: a dict key, a namedtuple field, or a sequence index."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _leaf_paths(tree: Any, is_leaf=None) -> tuple[list[tuple[str, ...]], list[Any], Any]:
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    paths = [tuple(_entry_name(e) for e in path) for path, _ in path_leaves]
-    return paths, [leaf for _, leaf in path_leaves], treedef
+    return [path_names(path) for path, _ in path_leaves], [leaf for _, leaf in path_leaves], treedef
 
 
 def _nest(paths: list[tuple[str, ...]], leaves: list[Any]) -> dict:
     """A nested dict of the leaves: the one tree shape every orbax release saves and restores unchanged."""
-    root: dict = {}
-    for path, leaf in zip(paths, leaves):
-        node = root
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = leaf
-    return root
+    return traverse_util.unflatten_dict(dict(zip(paths, leaves)))
 
 
 def _flatten_state(state: Any) -> tuple[dict, dict]:

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.config import ModelConfig
+from jaxft.data.chat import IGNORE_INDEX
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden
 from jaxft.peft.tree import combine
-from jaxft.train.loss import IGNORE_INDEX, chunked_cross_entropy, cross_entropy
+from jaxft.train.loss import chunked_cross_entropy, cross_entropy
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 

@@ -18,7 +18,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from jaxft.data.chat import IGNORE_INDEX
 
 
 def cross_entropy(logits, labels, *, z_loss: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray]:

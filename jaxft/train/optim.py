@@ -26,6 +26,8 @@ import numpy as np
 import optax
 
 from jaxft.config import ConfigError
+from jaxft.ops.dynamic_map import SIGNED_MAP, UNSIGNED_MAP
+from jaxft.peft.tree import path_names
 
 OPTIMIZERS = ("adamw", "adam8bit", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -113,7 +115,7 @@ def decay_mask(params):
     (frozen) leaves stay ``None``.
     """
     def decays(path, leaf) -> bool:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        keys = path_names(path)
         return leaf.ndim >= 2 and keys[-1] not in ("scale", "bias") and not any("norm" in k for k in keys)
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -146,9 +148,8 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 #
 # Each moment leaf is flattened, padded to a multiple of BLOCK_SIZE and cut into blocks; a block keeps its absmax
 # in float32 and every value as the uint8 index of the nearest entry of a 256-entry code table, applied to
-# value / absmax. The tables are bitsandbytes' dynamic maps: a value's leading zeros act as a decimal exponent
-# (1e-6 .. 1) and the remaining bits are a linear fraction inside that decade, so relative precision holds across
-# six decades where a linear int8 code would round everything below absmax / 255 to zero.
+# value / absmax. The tables are bitsandbytes' dynamic maps (:mod:`jaxft.ops.dynamic_map`), precise across six
+# decades below the block's absmax.
 #
 # m is signed and uses the signed map. For v we store sqrt(v) with the unsigned map: the update divides by
 # sqrt(v), so this quantizes the quantity the update uses, and v spans the square of the gradient's range, twice
@@ -158,24 +159,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------------------------------------------
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
-
-
-def dynamic_map(signed: bool) -> np.ndarray:
-    """bitsandbytes' 256-entry dynamic quantization map, sorted, in [-1, 1] (signed) or [0, 1] (unsigned).
-
-    Decade ``k`` (values ``10**(k-6) * [0.1, 1)``) holds ``2**k`` evenly spaced values per sign (``2**(k+1)``
-    unsigned): finer near the block's absmax, coarser but still present six decades below it. 0 and 1 are exact.
-    """
-    values = [0.0, 1.0]
-    for k in range(7):
-        edges = np.linspace(0.1, 1.0, 2 ** (k if signed else k + 1) + 1)
-        mids = 10.0 ** (k - 6) * (edges[:-1] + edges[1:]) / 2
-        values += [*mids, *(-mids if signed else [])]
-    return np.sort(np.asarray(values, np.float32))
-
-
-SIGNED_MAP = dynamic_map(signed=True)
-UNSIGNED_MAP = dynamic_map(signed=False)
 
 
 class QuantizedMoment(NamedTuple):

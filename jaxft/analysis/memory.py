@@ -43,12 +43,12 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
 from jaxft.hf.config import config_from_hf, read_json
-from jaxft.models.llama import LINEAR_MODULES, init_params, linear_shapes
+from jaxft.models.llama import init_params, linear_shapes
 from jaxft.ops import nf4
 from jaxft.ops.blockwise_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
-from jaxft.recipes import sft
+from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
 from jaxft.train.loop import BATCH_KEYS, StepConfig, init_state, token_loss_sum
 from jaxft.train.loss import VOCAB_BLOCK
@@ -79,7 +79,7 @@ class MemoryEstimate:
 
 
 class AbstractModel(NamedTuple):
-    """A run's model as shapes: what ``sft.load_model`` would build, without reading a weight."""
+    """A run's model as shapes: what ``skeleton.load_model`` would build, without reading a weight."""
 
     model_cfg: ModelConfig
     params: dict  # ShapeDtypeStruct leaves (NF4 kernels as QuantizedTensors of them), adapters included
@@ -89,7 +89,7 @@ class AbstractModel(NamedTuple):
 def abstract_model(cfg: RunConfig) -> AbstractModel:
     """The run's model config and param tree (adapters, 4-bit base) from its config.json alone."""
     if cfg.model_dir is None:  # an inline model config: trained from scratch, in full, unquantized
-        model_cfg = sft.inline_model_config(cfg)
+        model_cfg = skeleton.inline_model_config(cfg)
         return AbstractModel(model_cfg, _abstract_params(model_cfg, cfg, None), None)
     config_path = Path(cfg.model) / "config.json"
     if not config_path.exists():
@@ -113,21 +113,15 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
 
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
     def build(rng):
-        params = init_params(model_cfg, rng, cfg.dtype)
-        if quant is not None:
-            for m in LINEAR_MODULES:
-                params["layers"][m]["kernel"] = nf4.quantize(params["layers"][m]["kernel"], quant.blocksize,
-                                                             quant.double_quant, quant.quant_type)
-        if cfg.lora is not None:
-            params = lora.add(model_cfg, params, cfg.lora, rng)
-        return params
+        return skeleton.build_params(model_cfg, init_params(model_cfg, rng, cfg.dtype), rng, quant=quant,
+                                     lcfg=skeleton.adapter_config(cfg))
 
     return jax.eval_shape(build, jax.random.PRNGKey(0))
 
 
 def param_counts(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> tuple[int, int]:
     """(trainable, total) parameters; LoRA rank padding (per-layer ranks) is not counted as trainable."""
-    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
     n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
     n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
     if cfg.lora is not None:
@@ -176,7 +170,7 @@ def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int
     """
     mesh = abstract_mesh(mesh_shape)
     model_cfg, params, quant = model or abstract_model(cfg)
-    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
     optimizer = make_optimizer(dataclasses.replace(cfg.optim, offload_state=False))
     state = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
     state_sh = parallel.state_shardings(state, mesh, rules)
@@ -284,7 +278,7 @@ def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> in
     """Bytes of the new buffers the VJP of one micro-batch's loss keeps for the backward pass (params and the
     batch, which it also keeps, are counted elsewhere), traced on the per-device shapes in ``model_cfg``."""
     params = _abstract_params(model_cfg, cfg, local.quant)
-    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
     batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
@@ -354,9 +348,9 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
     devices = jax.devices() if devices is None else devices
     mesh = parallel.make_mesh(mesh_cfg, devices)
     model_cfg, params, _ = abstract_model(cfg)
-    trainable, frozen = split(params, sft.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
     optimizer = make_optimizer(cfg.optim)
-    loss_scale = sft.initial_loss_scale(model_cfg)
+    loss_scale = skeleton.initial_loss_scale(model_cfg)
     state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed, loss_scale=loss_scale), trainable)
     if cfg.optim.offload_state:  # abstract state says where it lives, as the run's (host-resident) state does
         on_host = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND),

@@ -1,0 +1,466 @@
+"""The stages every training recipe shares, as plain functions; a recipe (``sft.run``, ``multi.run_parallel``) is a
+short script that calls them in order:
+
+    check_run_dir -> load_inputs (tokenizer, data, mesh) -> load_model / build_params -> train_state
+    -> restore_checkpoint (a resume) -> write_run_dir -> train_loop with its callbacks on a cadence (log, eval,
+    save: ``Every(n, fn)``) -> run_summary -> publish (export, summary.json)
+
+Every input is loaded and checked before the run folder is written, so a refused run leaves it as it was.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxft import parallel
+from jaxft.config import ConfigError, ModelConfig, QuantConfig
+from jaxft.data import build_iterator, save_chat_template
+from jaxft.files import atomic_dir, check_output_dir, occupied, write_text_atomic
+from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
+from jaxft.hf.config import config_from_hf, read_json
+from jaxft.hf.peft_format import adapter_tensors, write_adapter
+from jaxft.hf.safetensors_io import CheckpointError
+from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.models.llama import LINEAR_MODULES, init_params
+from jaxft.ops import nf4
+from jaxft.peft import lora
+from jaxft.peft.tree import split
+from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
+from jaxft.train.checkpoint import Checkpointer, check_base
+from jaxft.train.loop import StepConfig, init_state, jit_train_step
+from jaxft.train.metrics import SkipGuard, Throughput, read_metrics
+from jaxft.train.optim import make_optimizer
+
+# ------------------------------------------------------------------------------------------------ run folder
+
+
+def check_model_folder(cfg: RunConfig):
+    """Fails before anything is written, so a run fixed after this error needs no --overwrite."""
+    if cfg.model_dir is not None and not (Path(cfg.model) / "config.json").is_file():
+        raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
+                          "`model` at a folder with config.json and *.safetensors")
+
+
+# What a resume may change: how the run is executed, logged, evaluated and saved, never what is trained. The mesh
+# is here because a resume on another mesh continues the same run (within float tolerance, tests/test_resume.py),
+# and the model path because check_base compares the base's bytes wherever the folder now is.
+RESUME_MAY_CHANGE = ("output_dir", "model", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.save_every", "train.keep_last", "train.tensorboard", "train.remat", "train.attention",
+                     "train.max_skipped_steps", "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The run a ``resume`` continues, as read from its folder before anything is loaded or written."""
+
+    changes: dict   # "section.key" -> [old, new]: the changes to config.yaml this resume makes (all allowed ones)
+    step: int | None  # its newest complete checkpoint; None when it stopped before the first one
+    finished: bool  # that checkpoint is at train.steps and summary.json reports it: nothing is left to do
+
+
+def check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Resumed | None:
+    """Reads only: refuses an output_dir this run may not use, before anything is loaded."""
+    check_model_folder(cfg)
+    if resume and overwrite:
+        raise ConfigError(f"{out}: resume continues the run in output_dir and overwrite replaces it; pass one of "
+                          "--resume / --overwrite")
+    if resume:
+        return _check_resume(cfg, out)
+    check_output_dir(out, overwrite)
+    inputs = [Path(p) for p in (cfg.model_dir or cfg.tokenizer_dir, *cfg.data.paths,
+                                *(cfg.eval_data.paths if cfg.eval_data else ()))]
+    inside = [str(p) for p in inputs if overwrite and occupied(out) and p.resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ConfigError(f"{out}: overwrite would delete this run's own inputs {inside}, which are inside it; "
+                          "choose another output_dir or move them out first")
+    return None
+
+
+def _check_resume(cfg: RunConfig, out: Path) -> Resumed:
+    """The run in ``out`` may be continued with ``cfg``: its config.yaml differs only in RESUME_MAY_CHANGE keys
+    (every other difference is named, old and new value), and train.steps does not go below its checkpoint."""
+    saved = out / "config.yaml"
+    if not (out / "checkpoints").is_dir() or not saved.is_file():
+        missing = "checkpoints/ folder" if saved.is_file() else "config.yaml"
+        raise FileNotFoundError(f"{out}: nothing to resume (no {missing} there); start the run without --resume")
+    with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:
+        step = checkpoints.latest_step()
+    may_change = RESUME_MAY_CHANGE if step is not None else tuple(k for k in RESUME_MAY_CHANGE if k != "model")
+    changes = config_changes(load_run_config(saved), cfg)  # without a checkpoint no base fingerprint checks "model"
+    changes.pop("optim.total_steps", None)  # it follows train.steps (RunConfig), which is the change to name
+    refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()
+               if not covered(k, may_change)]
+    if refused:
+        raise ConfigError(f"{out}: --resume with a config that changes what this run trains: {'; '.join(refused)} "
+                          f"(old -> new; {saved} holds the run's config). Resume with that config, e.g. `jaxft train "
+                          f"{saved} --resume`, or train the new config into another output_dir. A resume may change "
+                          f"only {', '.join(may_change)}")
+    if step is not None and cfg.train.steps < step:
+        raise ConfigError(f"{out}: train.steps {cfg.train.steps} is below the step this run has reached, checkpoint "
+                          f"{step}; resume with train.steps >= {step} (--set train.steps={step} finishes it there)")
+    return Resumed(changes, step, step == cfg.train.steps and _summary_steps(out) == step)
+
+
+def _summary_steps(out: Path) -> int | None:
+    """The steps summary.json reports, or None without one: a run resumed for more steps that stopped after its last
+    checkpoint but before its export still holds the shorter run's summary, and is not finished."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()).get("steps") if path.is_file() else None
+
+
+def finished_summary(cfg: RunConfig, out: Path, resumed: Resumed) -> dict:
+    """A finished run is left as it is: its summary, and a note on how to train it further."""
+    if jax.process_index() == 0:  # one note for the whole job
+        print(f"{out}: this run is finished (checkpoint {resumed.step} = train.steps, and summary.json); nothing to "
+              f"do, nothing was changed. To train it further, resume with more steps, e.g. --resume --set "
+              f"train.steps={2 * cfg.train.steps}.", file=sys.stderr)
+    return json.loads((out / "summary.json").read_text())
+
+
+def write_run_dir(cfg: RunConfig, out: Path, resumed: Resumed | None, overwrite: bool):
+    """The write phase's first step, once every input has passed: a new run's folder appears with its config.yaml in
+    one rename (with overwrite, replacing the earlier run whole); a resume saves its allowed config changes."""
+    if jax.process_count() > 1:  # every process has checked its inputs before process 0 writes
+        multihost_utils.sync_global_devices("sft: inputs checked")
+    if jax.process_index() == 0:
+        if resumed is None:
+            with atomic_dir(out, overwrite) as tmp:
+                dump_run_config(cfg, tmp / "config.yaml")
+        elif resumed.changes:
+            dump_run_config(cfg, out / "config.yaml")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sft: run folder written")
+
+
+def last_logged(out: Path, step: int) -> dict:
+    """The last train record up to ``step`` in metrics.jsonl: a run resumed at its final checkpoint trains no step,
+    and its summary still reports the loss it ended with."""
+    path = out / "metrics.jsonl"
+    records = [r for r in read_metrics(path) if r["split"] == "train" and r["step"] <= step] if path.exists() else []
+    return records[-1] if records else {}
+
+
+# ------------------------------------------------------------------------------------------------ data and mesh
+
+
+class Inputs(NamedTuple):
+    """What every recipe reads before its model: tokenizer, data pipelines, mesh and how batches lie on it."""
+
+    tokenizer: Any
+    pipeline: Any
+    eval_pipeline: Any  # None without eval_data
+    mesh: Any
+    batch_sharding: Any  # of the stacked [micro-batches, B, T] arrays
+
+
+def load_inputs(cfg: RunConfig) -> Inputs:
+    """Tokenizer, train and eval pipelines, and the mesh, checked against each other; nothing is written."""
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    pipeline, eval_pipeline = _pipelines(cfg, tokenizer)
+    mesh = parallel.make_mesh(cfg.mesh)
+    _check_batch_fits(cfg, mesh)
+    return Inputs(tokenizer, pipeline, eval_pipeline, mesh, parallel.batch_sharding(mesh, 3, accumulation_axis=True))
+
+
+def _pipelines(cfg: RunConfig, tokenizer):
+    """(train pipeline, eval pipeline or None); token ids the model has no embedding row for are refused here."""
+    vocab_size = base_config(cfg).vocab_size
+    build = partial(build_iterator, tokenizer=tokenizer, process_index=jax.process_index(),
+                    process_count=jax.process_count(), vocab_size=vocab_size)
+    return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
+
+
+def _check_batch_fits(cfg: RunConfig, mesh):
+    """Batch rows (train and eval) are split over the data and fsdp axes; say so before jit fails with a tiling
+    message, which for the eval batches would come only at the first evaluation."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for section, data in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        rows = data.batch_size * jax.process_count() if data else 0
+        if rows % shards:
+            raise ConfigError(f"{section}.batch_size {data.batch_size} x {jax.process_count()} process(es) = {rows} "
+                              f"rows do not split over the mesh's data x fsdp = {shards} devices; use a batch_size "
+                              f"that makes the global batch a multiple of {shards}, or change mesh")
+
+
+def stack_micro_batches(iterator, n: int, sharding) -> dict:
+    """``n`` host batches [B, T] -> one global [n, B, T] array per key, each process giving its local rows."""
+    local = [next(iterator) for _ in range(n)]
+    out = {}
+    for key in ("input_ids", "labels", "segment_ids", "positions"):
+        stacked = np.stack([b[key] for b in local]).astype(np.int32)
+        out[key] = jax.make_array_from_process_local_data(sharding, stacked)
+    return out
+
+
+@jax.jit
+def _real_tokens(segment_ids):
+    return jnp.sum(segment_ids != 0, dtype=jnp.int32)
+
+
+def count_tokens(batches: dict) -> tuple[int, int]:
+    """(real tokens, token slots) of a global batch: padding (segment id 0, ``jaxft.data.packing``) is no token of
+    the data, so tokens/s counts only the rest. Summed on the devices, so every process gets the global count."""
+    return int(_real_tokens(batches["segment_ids"])), int(np.prod(batches["segment_ids"].shape))
+
+
+def eval_batches(iterator, n: int, sharding):
+    """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
+    would score a different subset each time; it is rewound to its start instead."""
+    iterator.set_state({**iterator.get_state(), "epoch": 0, "batch": 0})
+    for _ in range(n):
+        yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding).items()}
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def load_base(cfg: RunConfig, mesh=None):
+    """(model config with the run's memory knobs, base params: 4-bit for QLoRA); with a mesh each process reads only
+    its slices. An inline model config (training from scratch) starts from ``init_params`` at train.seed, in the
+    run's dtype and compute_dtype as a folder's weights would be."""
+    if cfg.model_dir is None:
+        return inline_model_config(cfg), init_params(inline_model_config(cfg), jax.random.PRNGKey(cfg.train.seed),
+                                                     cfg.dtype)
+    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
+                                        quant=cfg.quant, mesh=mesh)
+    return cfg.train.apply(model_cfg), params
+
+
+def inline_model_config(cfg: RunConfig) -> ModelConfig:
+    """An inline model config with the run's compute dtype and memory knobs, as :func:`load_base` trains it."""
+    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype))
+
+
+def base_config(cfg: RunConfig) -> ModelConfig:
+    """The base model's config as written: the inline one, or the model folder's config.json."""
+    return cfg.model if cfg.model_dir is None else config_from_hf(read_json(Path(cfg.model) / "config.json"))
+
+
+def adapter_config(cfg: RunConfig) -> lora.LoraConfig | None:
+    """The adapters this run trains; None for full fine-tuning."""
+    return cfg.lora
+
+
+def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
+                 lcfg: lora.LoraConfig | None = None) -> dict:
+    """A run's params over its base: every linear kernel in 4-bit per ``quant`` (a base built in memory; the loader
+    gives a QLoRA run's base already 4-bit), then ``lcfg``'s adapters. Pure, so ``jax.eval_shape`` of it gives the
+    run's param shapes without a weight (the memory estimate)."""
+    if quant is not None:
+        layers = dict(base["layers"])
+        for m in LINEAR_MODULES:
+            layers[m] = {**layers[m], "kernel": nf4.quantize(layers[m]["kernel"], quant.blocksize, quant.double_quant,
+                                                             quant.quant_type)}
+        base = {**base, "layers": layers}
+    return lora.add(model_cfg, base, lcfg, rng) if lcfg is not None else base
+
+
+def load_model(cfg: RunConfig, rng, mesh=None):
+    """(model config, params with adapters for LoRA/QLoRA)."""
+    model_cfg, base = load_base(cfg, mesh)
+    return model_cfg, build_params(model_cfg, base, rng, lcfg=adapter_config(cfg))
+
+
+def initial_loss_scale(model_cfg) -> float | None:
+    """fp16 compute trains with dynamic loss scaling from 2**15; other dtypes need none."""
+    return 2.0 ** 15 if model_cfg.dtype == "float16" else None
+
+
+def trainable_predicate(cfg: RunConfig):
+    """Full fine-tuning trains every leaf; otherwise the tree's own predicate (adapters + marked leaves)."""
+    return (lambda path, leaf: True) if cfg.full else None
+
+
+# ------------------------------------------------------------------------------------------------ train state
+
+
+def step_config(cfg: RunConfig) -> StepConfig:
+    """What the train step computes per micro-batch, for every recipe's step."""
+    return StepConfig(loss_chunk_size=cfg.train.loss_chunk_size)
+
+
+class Training(NamedTuple):
+    """A single run's sharded train state, frozen params and jitted step ``step_fn(state, frozen, batches)``."""
+
+    state: dict
+    frozen: dict
+    step_fn: Any
+    n_trainable: int  # without rank padding, as PEFT counts
+
+
+def train_state(cfg: RunConfig, model_cfg, params: dict, mesh) -> Training:
+    """Split ``params`` into trained and frozen leaves, build the optimizer and its state on ``mesh``, and jit the
+    step (state donated)."""
+    trainable, frozen = split(params, trainable_predicate(cfg))
+    n_trainable = lora.trainable_count(params) if not cfg.full else sum(
+        x.size for x in jax.tree.leaves(trainable))
+    optimizer = make_optimizer(cfg.optim)
+    state = init_state(trainable, optimizer, seed=cfg.train.seed, loss_scale=initial_loss_scale(model_cfg))
+    state = jax.device_put(state, parallel.state_shardings(state, mesh))
+    frozen = parallel.shard_params(frozen, mesh)
+    step_fn = jit_train_step(model_cfg, step_config(cfg), optimizer, mesh, state, frozen)
+    return Training(state, frozen, step_fn, n_trainable)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def restore_checkpoint(cfg: RunConfig, out: Path, state: dict, iterator, base: dict) -> dict:
+    """The state of the run's newest checkpoint, laid out as ``state`` is; the base must be the one it trained on,
+    and the data ``iterator`` continues from this process's saved position."""
+    with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:
+        state, extra = checkpoints.restore(jax.tree.map(lambda x: x.sharding, state))
+    check_base(extra["base"], cfg.model, current=base)
+    iterator.set_state(_own_iterator_state(extra["iterators"], out))
+    return state
+
+
+def save_checkpoint(checkpointer: Checkpointer, last_step: int, iterator, base: dict) -> Callable:
+    """A callback saving the state with every process's data position and the base's fingerprint; the last step's
+    save is forced and waited for."""
+    def save(result: StepResult):
+        checkpointer.save(result.step, result.state, {"iterators": iterator_states(iterator), "base": base},
+                          force=result.step == last_step)
+
+    return save
+
+
+def iterator_states(iterator) -> list[dict]:
+    """Every process's data position, gathered from all processes: only process 0 writes a checkpoint's JSON,
+    and each process resumes from its own entry (their shards, and so their positions, differ)."""
+    state = iterator.get_state()
+    if jax.process_count() == 1:
+        return [state]
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size])).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
+
+
+def _own_iterator_state(states: list[dict], out: Path) -> dict:
+    if len(states) != jax.process_count():
+        raise CheckpointError(f"{out}: the checkpoint holds the data positions of {len(states)} process(es), but "
+                              f"this run has {jax.process_count()}; resume with the process count that wrote it "
+                              "(each process's data shard depends on it)")
+    return states[jax.process_index()]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+class StepResult(NamedTuple):
+    """What a callback sees after a step."""
+
+    step: int
+    state: Any  # after the step
+    metrics: dict  # the step's metrics, on the devices
+    speed: dict  # Throughput.tick's tokens/s, step time and padding
+
+
+@dataclass(frozen=True)
+class Every:
+    """``fn(result)`` after every ``n``-th step and after the last step (only after the last when ``n`` is 0 or
+    None)."""
+
+    n: int | None
+    fn: Callable[[StepResult], None]
+
+    def due(self, step: int, last_step: int) -> bool:
+        return bool(self.n) and step % self.n == 0 or step == last_step
+
+
+@dataclass
+class Latest:
+    """The newest train and eval records a recipe's callbacks logged, for its summary."""
+
+    train: Any
+    eval: Any = None
+
+
+def train_loop(state, steps: range, update: Callable, next_batches: Callable, guard: SkipGuard,
+               throughput: Throughput, callbacks: list[Every]):
+    """``state, metrics = update(state, next_batches())`` for each step, with the non-finite guard and the
+    throughput, then the callbacks due at this step, in order; returns the final state."""
+    for step in steps:
+        batches = next_batches()
+        state, metrics = update(state, batches)
+        guard.check(step, metrics)
+        result = StepResult(step, state, metrics, throughput.tick(*count_tokens(batches)))
+        for callback in callbacks:
+            if callback.due(step, steps.stop - 1):
+                callback.fn(result)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ summary, export
+
+
+def run_summary(tc, n_trainable: int, last: dict, throughput: Throughput, report, eval_result: dict | None) -> dict:
+    """What summary.json reports of a run (``sft.run``, and each member of a parallel run)."""
+    summary = {"steps": tc.steps, "trainable_params": int(n_trainable),
+               "final_loss": float(last.get("loss", float("nan"))) if last else None,
+               "tokens_per_s": last.get("tokens_per_s"), "padding": throughput.padding,
+               "data_report": report.summary()}
+    return {**summary, "eval": eval_result} if eval_result else summary
+
+
+def publish(cfg: RunConfig, out: Path, summary: dict, params: dict, tokenizer, chat_template: str | None) -> dict:
+    """Process 0 exports the run and writes summary.json; every process returns with the folder complete (a sweep
+    then reads the export) and the summary naming the export."""
+    summary = {**summary, "export": str(export_dir(cfg, out))}
+    if jax.process_index() == 0:
+        _export(cfg, params, tokenizer, chat_template, out)
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"run folder written: {out}")
+    return summary
+
+
+def to_host(tree):
+    """numpy copies of a tree's arrays on every process; arrays spread over several processes are gathered first
+    (a collective: every process calls this with the same tree)."""
+    return jax.tree.map(lambda x: np.asarray(x if x.is_fully_addressable
+                                             else multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def export_dir(cfg: RunConfig, out: Path) -> Path:
+    """Where a run exports: ``model/`` for full fine-tuning, else ``adapter/``."""
+    return out / ("model" if cfg.full else "adapter")
+
+
+def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
+    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model,
+    replacing an earlier export whole."""
+    if cfg.full:
+        return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
+                            model_cfg=base_config(cfg))
+    return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
+                        lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
+
+
+def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, base_model: str | None = None,
+                 chat_template: str | None = None, overwrite: bool = False) -> Path:
+    """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
+    adapter (``lcfg``, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
+    ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
+    tensors = adapter_tensors(params) if lcfg else to_hf_tensors(model_cfg, params)
+    with atomic_dir(out, overwrite) as tmp:
+        if lcfg:
+            write_adapter(tensors, lcfg, tmp, base_model)
+        else:
+            write_pretrained(model_cfg, tensors, tmp)
+        tokenizer.save(tmp)
+        if chat_template:
+            save_chat_template(chat_template, tmp)
+    return Path(out)
