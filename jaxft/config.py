@@ -128,11 +128,63 @@ class QuantConfig:
     double_quant: bool = True
 
     def __post_init__(self):
-        if self.quant_type not in ("nf4", "fp4"):
+        if self.quant_type not in QUANT_UNION.members:
             raise ConfigError(f"quant.quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"quant.blocksize must be a power of two in 32..4096 (bitsandbytes), got "
                               f"{self.blocksize}")
+
+
+class TaggedUnion:
+    """One config slot that takes one of several kinds, chosen by a ``type:`` key (``peft: [{type: lora, r: 16}]``).
+
+    ``members`` maps each type name to its dataclass; a next kind is one more entry. ``tag_field`` names a field
+    that the type fills (``model: {type: qwen2}`` is ``ModelConfig(model_type="qwen2")``), so a section written
+    with that field instead of ``type`` means the same; ``default`` is the type of a section without either. A
+    field holds a union when its metadata is ``{"union": the union}`` (:func:`from_dict`, :func:`to_dict`).
+    """
+
+    def __init__(self, name: str, members: dict, *, tag_field: str | None = None, default: str | None = None):
+        self.name, self.members, self.tag_field, self.default = name, dict(members), tag_field, default
+
+    def type_of(self, value) -> str:
+        """The type name of a built member (``"lora"`` for a ``LoraConfig``)."""
+        if self.tag_field is not None:
+            return getattr(value, self.tag_field)
+        for name, cls in self.members.items():
+            if isinstance(value, cls):
+                return name
+        raise ConfigError(f"{self.name}: {type(value).__name__} is none of the known types {sorted(self.members)}")
+
+    def split_tag(self, data: dict, where: str) -> tuple[str, dict]:
+        """(type name, the section's other keys) of a section as written; an unknown type lists the known ones."""
+        data = dict(data)
+        tag = data.pop("type", None)
+        if self.tag_field is not None:
+            if tag is not None and data.get(self.tag_field, tag) != tag:
+                raise ConfigError(f"{where}: type {tag!r} and {self.tag_field} {data[self.tag_field]!r} disagree; "
+                                  "give one of them")
+            tag = data.pop(self.tag_field, tag)
+        tag = self.default if tag is None else tag
+        if tag is None:
+            raise ConfigError(f"{where}: a {self.name} entry needs a type; known types are {sorted(self.members)}")
+        if tag not in self.members:
+            raise ConfigError(f"{where}: unknown {self.name} type {tag!r}; known types are {sorted(self.members)}")
+        if self.tag_field is not None:
+            data[self.tag_field] = tag
+        return tag, data
+
+    def as_dict(self, value) -> dict:
+        """A member as its section: ``type`` first, then its fields (the tag field is the type)."""
+        fields = to_dict(value)
+        fields.pop(self.tag_field, None)
+        return {"type": self.type_of(value), **fields}
+
+
+# The kinds of a run's ``model:`` (inline: trained from scratch) and ``quant:`` sections, by their ``type:``.
+MODEL_UNION = TaggedUnion("model", {name: ModelConfig for name in SUPPORTED_MODEL_TYPES}, tag_field="model_type",
+                          default="llama")
+QUANT_UNION = TaggedUnion("quant", {"nf4": QuantConfig, "fp4": QuantConfig}, tag_field="quant_type", default="nf4")
 
 
 # Dataclass field metadata: ~ and $VARS are expanded when a config is built from a file (a template only when it
@@ -157,18 +209,23 @@ def from_dict(cls, data: dict, *, source: str = "<dict>", origins: dict | None =
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(source, origins, _prefix[:-1])}: expected a mapping for {cls.__name__}, got "
                           f"{type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    # InitVars are keys too: a config's shorthand for its fields (RunConfig's ``method:``)
+    hints = {name: hint.type if isinstance(hint, dataclasses.InitVar) else hint
+             for name, hint in typing.get_type_hints(cls).items()}
+    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(hints))
     if unknown:
         blame = {(_origin(origins, _prefix + k)[1] or (source,))[0] for k in unknown}
         raise ConfigError(f"{'; '.join(sorted(blame))}: unknown key(s) {[_prefix + k for k in unknown]} for "
-                          f"{cls.__name__}; known keys are {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
+                          f"{cls.__name__}; known keys are {sorted(hints)}")
     kwargs = {}
     for name, value in data.items():
         where = _where(source, origins, _prefix + name)
         sub = _nested_dataclass(hints[name])
-        if sub is not None and isinstance(value, dict):
+        union = metadata.get(name, {}).get("union")
+        if union is not None and isinstance(value, (dict, list)):
+            value = _union_value(union, value, source, origins, _prefix, name)
+        elif sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, source=source, origins=origins, _prefix=f"{_prefix}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
@@ -176,7 +233,7 @@ def from_dict(cls, data: dict, *, source: str = "<dict>", origins: dict | None =
             value = _as_float(value, where)
         elif _whole_number_field(hints[name]) and value is not None:
             value = _as_int(value, where)
-        value = _expanded(value, fields[name].metadata.get("path"))
+        value = _expanded(value, metadata.get(name, {}).get("path"))
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -184,6 +241,25 @@ def from_dict(cls, data: dict, *, source: str = "<dict>", origins: dict | None =
         raise ConfigError(f"{_where(source, origins, _prefix[:-1])}: {cls.__name__}: {e}") from None
     except ConfigError as e:  # a value __post_init__ refused: blame the override that made it wrong, else the file
         raise ConfigError(f"{_blame(cls, data, source, origins, _prefix)}: {e}") from None
+
+
+def _union_value(union: TaggedUnion, value, source: str, origins: dict, prefix: str, name: str):
+    """A union section built as the member its ``type`` names; a list of them (``peft:``) becomes a tuple whose
+    entries are named by their type (``lora.r``, not ``peft.0.r``), so each type appears at most once."""
+    if isinstance(value, dict):
+        tag, rest = union.split_tag(value, _where(source, origins, f"{prefix}{name}.type"))
+        return from_dict(union.members[tag], rest, source=source, origins=origins, _prefix=f"{prefix}{name}.")
+    built, seen = [], set()
+    for i, entry in enumerate(value):
+        where = _where(source, origins, f"{prefix}{name}.{i}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with a type, got {entry!r}")
+        tag, rest = union.split_tag(entry, f"{where}.type")
+        if tag in seen:
+            raise ConfigError(f"{where}: a second {tag} entry; each {name} type may appear once")
+        seen.add(tag)
+        built.append(from_dict(union.members[tag], rest, source=source, origins=origins, _prefix=f"{prefix}{tag}."))
+    return tuple(built)
 
 
 def _expanded(value, kind: str | None):
@@ -247,7 +323,12 @@ def to_dict(obj) -> dict:
     out = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+        union = f.metadata.get("union")
+        if union is not None and isinstance(value, tuple):
+            value = [union.as_dict(v) for v in value]
+        elif union is not None and dataclasses.is_dataclass(value):
+            value = union.as_dict(value)
+        elif dataclasses.is_dataclass(value):
             value = to_dict(value)
         elif isinstance(value, tuple):
             value = list(value)

@@ -97,6 +97,13 @@ BAD_INPUTS = [
     (["train", "{unknown}"], UNKNOWN_KEY),
     (["train", "{evil}"], PYTHON_TAG),
     (["train", "{config}", "--set", "lora.r"], NOT_KEY_VALUE),
+    (["train", "{config}", "--set", "task={{type: dpo}}"], "--set task={{type: dpo}}: task.type: unknown task type "
+                                                           "'dpo'; known types are ['sft']"),
+    (["train", "{config}", "--set", "method=qlora", "--set", "quant.type=int8"],
+     "--set quant.type=int8: unknown quant type 'int8'; known types are ['fp4', 'nf4']"),
+    (["train", "{config}", "--set", "model={{type: gpt2}}"], "--set model={{type: gpt2}}: model.type: unknown model "
+                                                             "type 'gpt2'; known types are ['llama', 'mistral', 'qwen2']"),
+    (["train", "{config}", "--set", "peft=[]"], "--set peft=[]: peft and {config}: method are two forms"),
     (["train", "{config}", "--set", "lora.r=[8"], "lora.r=[8: the value is not plain YAML"),
     (["train", "{config}", "--set", "model={no_config_json}", "--set", "output_dir={taken}/../fresh"], NO_CONFIG_JSON),
     (["train", "{config}", "--set", "output_dir={taken}"], TAKEN),

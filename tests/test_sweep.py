@@ -13,7 +13,7 @@ import jaxft
 from jaxft.config import ConfigError
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.recipes import demo, sft, sweep
-from jaxft.recipes.config import RunConfig, load_run_config, read_run_tree
+from jaxft.recipes.config import DEFAULT_LORA, load_run_config, read_run_tree
 from jaxft.recipes.grid import expand, parse_grid
 from jaxft.recipes.sweep_report import write_heatmap
 from jaxft.train.objectives import CausalLM
@@ -103,7 +103,7 @@ def test_an_override_into_a_section_the_file_leaves_out_keeps_the_runs_defaults(
     config = yaml.safe_load((tiny_config / "run.yaml").read_text())
     del config["lora"]
     (tmp_path / "no-lora.yaml").write_text(yaml.safe_dump(config))
-    default = RunConfig.__dataclass_fields__["lora"].default_factory()
+    default = DEFAULT_LORA
     cfg = load_run_config(tmp_path / "no-lora.yaml", ["lora.r=8"])
     assert cfg.lora == default.replace(r=8)
     tree = read_run_tree(tmp_path / "no-lora.yaml")

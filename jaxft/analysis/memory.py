@@ -88,6 +88,9 @@ class AbstractModel(NamedTuple):
 
 def abstract_model(cfg: RunConfig) -> AbstractModel:
     """The run's model config and param tree (adapters, 4-bit base) from its config.json alone."""
+    if cfg.model_dir is None:  # an inline model config: trained from scratch, in full, unquantized
+        model_cfg = skeleton.inline_model_config(cfg)
+        return AbstractModel(model_cfg, _abstract_params(model_cfg, cfg, None), None)
     config_path = Path(cfg.model) / "config.json"
     if not config_path.exists():
         raise ConfigError(f"{cfg.model}: no config.json (the memory estimate reads the model's sizes from it)")
@@ -103,9 +106,9 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
     else the run's ``quant`` for QLoRA, else none."""
     qc = hf.get("quantization_config") or {}
     if qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        return dataclasses.replace(cfg.quant, quant_type=qc.get("bnb_4bit_quant_type", "nf4"), blocksize=64,
-                                   double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
-    return cfg.quant if cfg.method == "qlora" else None
+        return QuantConfig(quant_type=qc.get("bnb_4bit_quant_type", "nf4"), blocksize=64,
+                           double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
+    return cfg.quant
 
 
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
@@ -121,7 +124,7 @@ def param_counts(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> tuple[
     trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
     n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
     n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
-    if cfg.method != "full":
+    if cfg.lora is not None:
         n_train -= _rank_padding(model_cfg, cfg.lora)
     return n_train, n_train + n_frozen
 
@@ -228,7 +231,7 @@ def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, pr
     chunk = cfg.train.loss_chunk_size
     # The chunked loss reshapes the global [B * T] tokens into chunks; each chunk's rows split over the batch shards.
     local_chunk = chunk // batch_shards if chunk and chunk % batch_shards == 0 else chunk
-    lm_head_lora = cfg.method != "full" and ("lm_head",) in lora.plan(model_cfg, cfg.lora)
+    lm_head_lora = cfg.lora is not None and ("lm_head",) in lora.plan(model_cfg, cfg.lora)
     return _Local(local_rows, local_cfg, local_chunk, quant, lm_head_lora)
 
 

@@ -1,14 +1,20 @@
-"""One YAML file describes a whole run: :class:`RunConfig` and its loader with ``--set`` overrides."""
+"""One YAML file describes a whole run: :class:`RunConfig` and its loader with ``--set`` overrides.
+
+The canonical form names each choice by a ``type:`` (``task: {type: sft}``, ``peft: [{type: lora, r: 16}]``,
+``quant: {type: nf4}``, ``model:`` a folder or ``{type: llama, ...}``); ``method: lora|qlora|full`` with a ``lora:``
+section is the shorthand that files written before it use, and it loads to the same run.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, PATH_FIELD, REMAT_POLICIES, ConfigError, ModelConfig,
-                          QuantConfig, from_dict, to_dict)
+from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, MODEL_UNION, PATH_FIELD, QUANT_UNION, REMAT_POLICIES,
+                          ConfigError, ModelConfig, QuantConfig, TaggedUnion, from_dict, to_dict)
 from jaxft.data.config import DataConfig
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
@@ -16,7 +22,18 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.train.objectives import CausalLM
 from jaxft.train.optim import OptimConfig
 
-METHODS = ("lora", "qlora", "full")
+METHODS = ("lora", "qlora", "full")  # the ``method:`` shorthand
+DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # the LoRA a run trains by default
+
+
+@dataclass(frozen=True)
+class SftTask:
+    """Supervised fine-tuning: next-token cross-entropy on the assistant turns the data marks as targets."""
+
+
+# What a run can be asked to do, and the fine-tuning methods it can stack: a next kind is one more entry.
+TASK_UNION = TaggedUnion("task", {"sft": SftTask}, default="sft")
+PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig})
 
 
 @dataclass(frozen=True)
@@ -57,24 +74,46 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A fine-tuning run: base model folder, method, adapters, quantization, optimizer, data, mesh, loop."""
+    """A run: base model (an HF folder, or an inline config trained from scratch), task, fine-tuning methods
+    (``peft``; none is full fine-tuning), quantization of the frozen base, optimizer, data, mesh, loop.
 
-    model: str = field(metadata=PATH_FIELD)
+    ``method`` and ``lora`` are the shorthand: without ``peft``, ``method`` (default lora) decides the methods and
+    the quantization, ``lora`` gives the LoRA settings and ``quant`` the 4-bit settings, as in files written before
+    ``peft``. With ``peft``, ``lora=`` replaces its LoRA entry (``dataclasses.replace(cfg, lora=...)``). After
+    construction ``cfg.lora`` is the LoRA entry or None.
+    """
+
+    model: str | ModelConfig = field(metadata={**PATH_FIELD, "union": MODEL_UNION})
     output_dir: str = field(metadata=PATH_FIELD)
     data: DataConfig
-    method: str = "lora"
+    tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
+    task: SftTask = field(default_factory=SftTask, metadata={"union": TASK_UNION})
+    peft: tuple[LoraConfig, ...] | None = field(default=None, metadata={"union": PEFT_UNION})
+    method: InitVar[str | None] = None
     dtype: str = "float32"
     compute_dtype: str | None = None
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: InitVar[LoraConfig | None] = None
+    quant: QuantConfig | None = field(default=None, metadata={"union": QUANT_UNION})
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_data: DataConfig | None = None
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"method {self.method!r} is unknown; expected one of {METHODS}")
+    def __post_init__(self, method, lora):
+        peft, quant = _methods(self.peft, self.quant, method, lora)
+        object.__setattr__(self, "peft", peft)
+        object.__setattr__(self, "quant", quant)
+        object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
+        if quant is not None and not peft:
+            raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
+                              "the base itself); add a peft method such as {type: lora} or drop quant")
+        if isinstance(self.model, ModelConfig) and peft:
+            raise ConfigError("model is an inline config: its weights start random and are trained in full, so "
+                              "there is no base for peft methods or quant to adapt; give peft: [] (or method: "
+                              "full), or point model at a trained model folder")
+        if isinstance(self.model, ModelConfig) and self.tokenizer is None:
+            raise ConfigError("model is an inline config (trained from scratch), so there is no model folder to "
+                              "take the tokenizer from; set tokenizer: to a tokenizer folder")
         # The schedule ends where training ends: a total left out follows train.steps, a different one is refused.
         # 0 is how run folders written before this rule recorded "not set"; they still load and resume.
         if self.optim.total_steps in (None, 0):
@@ -83,6 +122,26 @@ class RunConfig:
             raise ConfigError(f"optim.total_steps is {self.optim.total_steps} but train.steps is {self.train.steps}: "
                               "the learning-rate schedule would end at another step than training; leave "
                               "optim.total_steps out (it follows train.steps) or make the two equal")
+
+    @property
+    def full(self) -> bool:
+        """Full fine-tuning: no method, the base's own weights train."""
+        return not self.peft
+
+    @property
+    def quantized(self) -> bool:
+        """The frozen base is stored in 4 bits (QLoRA)."""
+        return self.quant is not None
+
+    @property
+    def model_dir(self) -> str | None:
+        """The base model's HF folder; None for an inline model config (trained from scratch)."""
+        return None if isinstance(self.model, ModelConfig) else self.model
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """Where the tokenizer is read from: ``tokenizer:``, else the model folder."""
+        return self.tokenizer or self.model
 
     def replace(self, **changes) -> "RunConfig":
         if "train" in changes and "optim" not in changes and self.optim.total_steps == self.train.steps:
@@ -94,30 +153,103 @@ class RunConfig:
         return CausalLM(chunk_size=self.train.loss_chunk_size)
 
 
+def _methods(peft, quant, method, lora) -> tuple[tuple, QuantConfig | None]:
+    """(methods, quantization) from either form; see :class:`RunConfig`."""
+    if peft is None:
+        method = "lora" if method is None else method
+        if method not in METHODS:
+            raise ConfigError(f"method {method!r} is unknown; expected one of {METHODS}")
+        methods = () if method == "full" else (DEFAULT_LORA if lora is None else lora,)
+        return methods, (quant or QuantConfig()) if method == "qlora" else None
+    if method is not None:
+        raise ConfigError(f"method {method!r} and peft both choose the fine-tuning methods; give peft (with quant "
+                          "for QLoRA) or method, not both")
+    peft = tuple(peft)
+    for entry in peft:
+        PEFT_UNION.type_of(entry)  # an object of no known method type is refused here, naming the known ones
+    if lora is not None:
+        if not any(isinstance(m, LoraConfig) for m in peft):
+            raise ConfigError("lora settings were given, but peft has no lora entry to take them; add {type: lora} "
+                              "to peft")
+        peft = tuple(lora if isinstance(m, LoraConfig) else m for m in peft)
+    return peft, quant
+
+
 def lookup(tree: dict, dotted: str):
-    """The value at ``lora.r`` in a nested dict, or ``ABSENT``."""
-    for k in dotted.split("."):
-        if not isinstance(tree, dict) or k not in tree:
+    """The value at ``lora.r`` in a nested run config dict (a method's key in its ``peft`` entry), or ``ABSENT``."""
+    try:
+        path, _ = _route(tree, dotted, "")
+    except ConfigError:
+        return ABSENT
+    for k in path:
+        if isinstance(k, int) and isinstance(tree, list) and k < len(tree):
+            tree = tree[k]
+        elif isinstance(tree, dict) and k in tree:
+            tree = tree[k]
+        else:
             return ABSENT
-        tree = tree[k]
     return tree
 
 
-def _set(tree: dict, dotted: str, raw: str, source: str):
+def _route(tree: dict, dotted: str, source: str) -> tuple[list, str]:
+    """(where ``dotted`` lives in ``tree``, its name): a method's settings are named ``<type>.<key>`` (``lora.r``),
+    also written ``peft.<type>.<key>`` or ``peft.<index>.<key>``; a tree with a ``peft`` list keeps them in its
+    entry of that type, a shorthand tree (``method:``, ``lora:``) in its ``lora`` section."""
+    keys = dotted.split(".")
+    entries = tree.get("peft")
+    if keys[0] == "peft" and len(keys) > 1:
+        types = [e.get("type") if isinstance(e, dict) else None for e in entries] if isinstance(entries, list) else [
+            "lora"]
+        if keys[1].isdigit() and int(keys[1]) < len(types):
+            keys = [types[int(keys[1])], *keys[2:]]
+        elif keys[1] in PEFT_UNION.members:
+            keys = keys[1:]
+        else:
+            raise ConfigError(f"{source} {dotted}: peft.{keys[1]} is neither an entry's index nor a method type; "
+                              f"this config's peft entries are {types}")
+    if keys[0] in PEFT_UNION.members and isinstance(entries, list):
+        index = next((i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("type") == keys[0]), None)
+        if index is None:
+            raise ConfigError(f"{source} {dotted}: this config's peft list has no {keys[0]} entry; add "
+                              f"{{type: {keys[0]}}} to peft first")
+        return ["peft", index, *keys[1:]], ".".join(keys)
+    return keys, ".".join(keys)
+
+
+def _set(tree: dict, dotted: str, raw: str, source: str) -> str:
+    """Sets the key an override names and returns its name (:func:`_route`)."""
     if "=" in dotted:
         raise ConfigError(f"{source}: bad override {dotted!r}")
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{source}: --set {dotted}: {k!r} is not a section")
     try:
-        node[keys[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or e
         raise ConfigError(f"{source}: {dotted}={raw}: the value is not plain YAML ({problem}); quote strings, write "
                           "lists as [a, b]; tags such as !!python/... are refused") from None
+    if dotted == "method" and isinstance(tree.get("peft"), list):
+        _set_method(tree, value, source)
+        return dotted
+    path, name = _route(tree, dotted, source)
+    if path[0] == "peft" and len(path) == 2 and isinstance(value, dict):
+        value = {"type": name, **value}  # --set lora={r: 4} replaces the entry's settings, keeping its type
+    node = tree
+    for k, inner in zip(path[:-1], path[1:]):
+        node = node[k] if isinstance(k, int) else node.setdefault(k, {})
+        if not isinstance(node, list if isinstance(inner, int) else dict):
+            raise ConfigError(f"{source}: --set {dotted}: {k!r} is not a section")
+    node[path[-1]] = value
+    return name
+
+
+def _set_method(tree: dict, method, source: str):
+    """``--set method=...`` on a tree with a ``peft`` list: its meaning in that form (full: no method; lora: the
+    LoRA entry alone, unquantized; qlora: the LoRA entry over a 4-bit base)."""
+    if method not in METHODS:
+        raise ConfigError(f"{source} method={method}: method {method!r} is unknown; expected one of {METHODS}")
+    entry = next((e for e in tree["peft"] if isinstance(e, dict) and e.get("type") == "lora"),
+                 PEFT_UNION.as_dict(DEFAULT_LORA))
+    tree["peft"] = [] if method == "full" else [entry]
+    tree["quant"] = (tree.get("quant") or {}) if method == "qlora" else None  # {}: the default type, nf4
 
 
 def apply_overrides(tree: dict, overrides: list[str], source: str = "--set", origins: dict | None = None) -> dict:
@@ -129,9 +261,9 @@ def apply_overrides(tree: dict, overrides: list[str], source: str = "--set", ori
         if not sep or not key:
             raise ConfigError(f"{source}: {item!r} is not key=value (e.g. lora.r=8)")
         before = lookup(tree, key.strip())
-        _set(tree, key.strip(), value, source)
+        name = _set(tree, key.strip(), value, source)
         if origins is not None:
-            origins[key.strip()] = (f"{source} {item}", before)
+            origins[name] = (f"{source} {item}", before)
     return tree
 
 
@@ -157,12 +289,36 @@ def read_yaml(path: str | Path) -> dict:
 def read_run_tree(path: str | Path, overrides: list[str] = (), origins: dict | None = None) -> dict:
     """A YAML run config as a dict with ``--set`` overrides applied. The sections the file leaves out are first
     filled in with the run's defaults, so that ``--set lora.r=8`` changes r alone: without that, the lora section
-    would be built from LoraConfig's own defaults (alpha 8, q/v only) instead of the run's (alpha 32, all-linear)."""
+    would be built from LoraConfig's own defaults (alpha 8, q/v only) instead of the run's (alpha 32, all-linear).
+    A file in the shorthand form (no ``peft``) gets the shorthand's sections, ``lora`` and ``quant``."""
     tree = read_yaml(path)
     for f in dataclasses.fields(RunConfig):
-        if f.name not in tree and f.default_factory is not dataclasses.MISSING:
+        if f.name not in tree and f.default_factory is not dataclasses.MISSING and "union" not in f.metadata:
             tree[f.name] = to_dict(f.default_factory())
-    return apply_overrides(tree, list(overrides), origins=origins)
+    filled = {}
+    if "peft" not in tree:
+        # quant without its type, so that --set quant.type=fp4 and quant.quant_type=fp4 both set it
+        quant = {k: v for k, v in to_dict(QuantConfig()).items() if k != QUANT_UNION.tag_field}
+        filled = {k: v for k, v in (("lora", to_dict(DEFAULT_LORA)), ("quant", quant)) if k not in tree}
+        tree.update(copy.deepcopy(filled))  # a copy: a --set into the tree must not change what is compared below
+    origins = {} if origins is None else origins
+    tree = apply_overrides(tree, list(overrides), origins=origins)
+    if "peft" in tree:  # a --set peft=[...] turned a shorthand file into the other form: drop what was filled in
+        for k, v in filled.items():
+            if tree.get(k) == v:
+                del tree[k]
+    _check_one_form(tree, str(path), origins)
+    return tree
+
+
+def _check_one_form(tree: dict, source: str, origins: dict):
+    """``peft`` (the canonical form) and the shorthand's ``method`` / ``lora`` keys choose the same thing."""
+    for key in ("method", "lora"):
+        if "peft" in tree and key in tree:
+            named = {k: next((origin for at, (origin, _) in origins.items() if covered(at, [k])), source)
+                     for k in ("peft", key)}
+            raise ConfigError(f"{named['peft']}: peft and {named[key]}: {key} are two forms of the run's methods; "
+                              f"give peft (with quant for QLoRA) or method and lora, not both")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -190,11 +346,16 @@ def covered(key: str, keys) -> bool:
 
 
 def flat_keys(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as ``{"section.key": value}``; an empty or ``None`` section stays one key."""
+    """A nested config dict as ``{"section.key": value}``; an empty or ``None`` section stays one key. A list of
+    typed sections (``peft``) is the list of its types, and each entry's keys are named by its type (``lora.r``)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
             out.update(flat_keys(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "type" in v for v in value):
+            out[f"{prefix}{key}"] = [v["type"] for v in value]
+            for entry in value:
+                out.update(flat_keys({k: v for k, v in entry.items() if k != "type"}, f"{prefix}{entry['type']}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -38,9 +38,10 @@ def check_members(cfgs: list[RunConfig]) -> None:
     """ConfigError unless the configs can share one program; the message names the first differing key."""
     if not cfgs:
         raise ConfigError("run_parallel needs at least one run config")
-    if cfgs[0].method == "full":
-        raise ConfigError("parallel runs train adapters over one shared frozen base: method must be 'lora' or "
-                          "'qlora', not 'full'; run full fine-tuning sweeps without --parallel")
+    if cfgs[0].lora is None:
+        raise ConfigError("parallel runs train LoRA adapters over one shared frozen base: the runs need a lora "
+                          "method (method lora or qlora), not full fine-tuning; run full fine-tuning sweeps without "
+                          "--parallel")
     if cfgs[0].optim.offload_state:
         raise ConfigError("optim.offload_state is not supported in parallel runs; set it to false or run the "
                           "configs separately")

@@ -66,7 +66,7 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
 def load_trained(cfg: RunConfig, export: str | Path):
     """(model config, params) of a finished run: its base (4-bit for QLoRA) plus the exported adapter, or the
     exported model of full fine-tuning."""
-    if cfg.method == "full":
+    if cfg.full:
         return from_pretrained(export, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
     model_cfg, params = load_base(cfg)
     return model_cfg, load_adapter(export, params)

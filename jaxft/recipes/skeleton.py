@@ -30,7 +30,7 @@ from jaxft.hf.config import config_from_hf, read_json
 from jaxft.hf.peft_format import adapter_tensors, write_adapter
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
-from jaxft.models.llama import LINEAR_MODULES
+from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
 from jaxft.peft import lora
 from jaxft.peft.tree import split
@@ -45,7 +45,7 @@ from jaxft.train.optim import make_optimizer
 
 def check_model_folder(cfg: RunConfig):
     """Fails before anything is written, so a run fixed after this error needs no --overwrite."""
-    if not (Path(cfg.model) / "config.json").is_file():
+    if cfg.model_dir is not None and not (Path(cfg.model) / "config.json").is_file():
         raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
                           "`model` at a folder with config.json and *.safetensors")
 
@@ -76,7 +76,8 @@ def check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> R
     if resume:
         return _check_resume(cfg, out)
     check_output_dir(out, overwrite)
-    inputs = [Path(p) for p in (cfg.model, *cfg.data.paths, *(cfg.eval_data.paths if cfg.eval_data else ()))]
+    inputs = [Path(p) for p in (cfg.model_dir or cfg.tokenizer_dir, *cfg.data.paths,
+                                *(cfg.eval_data.paths if cfg.eval_data else ()))]
     inside = [str(p) for p in inputs if overwrite and occupied(out) and p.resolve().is_relative_to(out.resolve())]
     if inside:
         raise ConfigError(f"{out}: overwrite would delete this run's own inputs {inside}, which are inside it; "
@@ -163,7 +164,7 @@ class Inputs(NamedTuple):
 
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Tokenizer, train and eval pipelines, and the mesh, checked against each other; nothing is written."""
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
     pipeline, eval_pipeline = _pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
@@ -172,7 +173,7 @@ def load_inputs(cfg: RunConfig) -> Inputs:
 
 def _pipelines(cfg: RunConfig, tokenizer):
     """(train pipeline, eval pipeline or None); token ids the model has no embedding row for are refused here."""
-    vocab_size = config_from_hf(read_json(Path(cfg.model) / "config.json")).vocab_size
+    vocab_size = base_config(cfg).vocab_size
     build = partial(build_iterator, tokenizer=tokenizer, process_index=jax.process_index(),
                     process_count=jax.process_count(), vocab_size=vocab_size)
     return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
@@ -225,16 +226,29 @@ def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
 
 def load_base(cfg: RunConfig, mesh=None):
     """(model config with the run's memory knobs, base params: 4-bit for QLoRA); with a mesh each process reads only
-    its slices."""
-    quant = cfg.quant if cfg.method == "qlora" else None
-    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, quant=quant,
-                                        mesh=mesh)
+    its slices. An inline model config (training from scratch) starts from ``init_params`` at train.seed, in the
+    run's dtype and compute_dtype as a folder's weights would be."""
+    if cfg.model_dir is None:
+        return inline_model_config(cfg), init_params(inline_model_config(cfg), jax.random.PRNGKey(cfg.train.seed),
+                                                     cfg.dtype)
+    model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
+                                        quant=cfg.quant, mesh=mesh)
     return cfg.train.apply(model_cfg), params
+
+
+def inline_model_config(cfg: RunConfig) -> ModelConfig:
+    """An inline model config with the run's compute dtype and memory knobs, as :func:`load_base` trains it."""
+    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype))
+
+
+def base_config(cfg: RunConfig) -> ModelConfig:
+    """The base model's config as written: the inline one, or the model folder's config.json."""
+    return cfg.model if cfg.model_dir is None else config_from_hf(read_json(Path(cfg.model) / "config.json"))
 
 
 def adapter_config(cfg: RunConfig) -> lora.LoraConfig | None:
     """The adapters this run trains; None for full fine-tuning."""
-    return None if cfg.method == "full" else cfg.lora
+    return cfg.lora
 
 
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
@@ -264,7 +278,7 @@ def initial_loss_scale(model_cfg) -> float | None:
 
 def trainable_predicate(cfg: RunConfig):
     """Full fine-tuning trains every leaf; otherwise the tree's own predicate (adapters + marked leaves)."""
-    return (lambda path, leaf: True) if cfg.method == "full" else None
+    return (lambda path, leaf: True) if cfg.full else None
 
 
 # ------------------------------------------------------------------------------------------------ train state
@@ -288,7 +302,7 @@ def train_state(cfg: RunConfig, model_cfg, params: dict, mesh) -> Training:
     """Split ``params`` into trained and frozen leaves, build the optimizer and its state on ``mesh``, and jit the
     step (state donated)."""
     trainable, frozen = split(params, trainable_predicate(cfg))
-    n_trainable = lora.trainable_count(params) if cfg.method != "full" else sum(
+    n_trainable = lora.trainable_count(params) if not cfg.full else sum(
         x.size for x in jax.tree.leaves(trainable))
     optimizer = make_optimizer(cfg.optim)
     state = init_state(trainable, optimizer, seed=cfg.train.seed, loss_scale=initial_loss_scale(model_cfg))
@@ -423,15 +437,15 @@ def to_host(tree):
 
 def export_dir(cfg: RunConfig, out: Path) -> Path:
     """Where a run exports: ``model/`` for full fine-tuning, else ``adapter/``."""
-    return out / ("model" if cfg.method == "full" else "adapter")
+    return out / ("model" if cfg.full else "adapter")
 
 
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
     """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model,
     replacing an earlier export whole."""
-    if cfg.method == "full":
+    if cfg.full:
         return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
-                            model_cfg=config_from_hf(read_json(Path(cfg.model) / "config.json")))
+                            model_cfg=base_config(cfg))
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
                         lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
 

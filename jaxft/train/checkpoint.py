@@ -45,6 +45,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jaxft.config import ModelConfig, to_dict
 from jaxft.errors import JaxftError
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.peft.tree import path_names
@@ -312,7 +313,9 @@ def _header_fingerprint(path: Path) -> str:
 _BYTES = "sha256 of the bytes"  # the reference's "weights" entry; references without it fingerprint headers only
 
 
-def _base_fingerprints(model_dir: Path, headers_only: bool = False) -> dict[str, str]:
+def _base_fingerprints(model_dir: Path | ModelConfig, headers_only: bool = False) -> dict[str, str]:
+    if isinstance(model_dir, ModelConfig):  # an inline config (a model trained from scratch) is its own base
+        return {"model config": hashlib.sha256(json.dumps(to_dict(model_dir), sort_keys=True).encode()).hexdigest()}
     config = model_dir / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: expected a Hugging Face model folder as the base")
@@ -326,15 +329,21 @@ def _combined(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def base_reference(model_dir: str | Path) -> dict:
+def base_reference(model_dir: str | Path | ModelConfig) -> dict:
     """What a checkpoint records about its frozen base instead of a copy: the folder's absolute path, one sha256
-    identifying it, and per-file fingerprints (the sha256 of config.json's and of each safetensors file's bytes)."""
-    model_dir = Path(model_dir).resolve()
+    identifying it, and per-file fingerprints (the sha256 of config.json's and of each safetensors file's bytes).
+    A model trained from scratch has no folder: its inline config is the base, fingerprinted whole."""
+    model_dir = _base_location(model_dir)
     files = _base_fingerprints(model_dir)
     return {"path": str(model_dir), "sha256": _combined(files), "files": files, "weights": _BYTES}
 
 
-def check_base(reference: dict, model_dir: str | Path | None = None, *, current: dict | None = None) -> None:
+def _base_location(model_dir: str | Path | ModelConfig) -> Path | ModelConfig:
+    return model_dir if isinstance(model_dir, ModelConfig) else Path(model_dir).resolve()
+
+
+def check_base(reference: dict, model_dir: str | Path | ModelConfig | None = None, *,
+               current: dict | None = None) -> None:
     """Raises :class:`BaseModelChanged` unless ``model_dir`` (default: the recorded path) holds the base that
     ``reference`` (from :func:`base_reference`) describes. Adapters resumed onto another base train a different
     model without any error, so this check runs before a resume or an adapter merge. ``current``, the
@@ -343,7 +352,7 @@ def check_base(reference: dict, model_dir: str | Path | None = None, *, current:
     A reference written before weights were hashed (no ``weights`` entry) is checked as it was recorded, by
     config.json and the safetensors headers, with a warning that weights changed in place go unnoticed: refusing
     would strand every run started before, and the header check still catches another model or a re-quantization."""
-    model_dir = Path(reference["path"] if model_dir is None else model_dir).resolve()
+    model_dir = _base_location(reference["path"] if model_dir is None else model_dir)
     headers_only = reference.get("weights") != _BYTES
     if headers_only:
         warnings.warn(f"the checkpoint's record of its base ({reference['path']}) predates hashing the weights, so "
