@@ -30,6 +30,9 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 class SftTask:
     """Supervised fine-tuning: next-token cross-entropy on the assistant turns the data marks as targets."""
 
+    def objective(self, train: TrainConfig) -> CausalLM:
+        return CausalLM(chunk_size=train.loss_chunk_size)
+
 
 # What a run can be asked to do, and the fine-tuning methods it can stack: a next kind is one more entry.
 TASK_UNION = TaggedUnion("task", {"sft": SftTask}, default="sft")
@@ -148,9 +151,9 @@ class RunConfig:
             changes["optim"] = dataclasses.replace(self.optim, total_steps=None)  # it keeps following train.steps
         return dataclasses.replace(self, **changes)
 
-    def objective(self) -> CausalLM:
-        """What this run trains: next-token cross-entropy (the sft task), chunked per train.loss_chunk_size."""
-        return CausalLM(chunk_size=self.train.loss_chunk_size)
+    def objective(self):
+        """What this run's step minimizes and its evaluation reports: its task's objective."""
+        return self.task.objective(self.train)
 
 
 def _methods(peft, quant, method, lora) -> tuple[tuple, QuantConfig | None]:
