@@ -340,9 +340,11 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 
 def spawn(args, stack: str, workload: str) -> dict:
-    """Run one measurement in a fresh process and return its result dict (``baseline``: jaxft from another tree)."""
+    """Run one measurement in a fresh process and return its result dict (``baseline``: jaxft from another tree,
+    measured by that tree's own copy of this script, since the worker calls the API of the tree it measures)."""
     root = args.baseline if stack == "baseline" else str(ROOT)
-    command = [sys.executable, __file__, "--worker", "torch" if stack == "torch" else "jaxft",
+    script = Path(root) / "scripts" / Path(__file__).name if stack == "baseline" else Path(__file__)
+    command = [sys.executable, str(script), "--worker", "torch" if stack == "torch" else "jaxft",
                "--workload", workload, "--config", args.config, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
                "--jaxft-root", root]
