@@ -10,10 +10,10 @@ import optax
 import pytest
 
 import jaxft
+from jaxft.data.chat import IGNORE_INDEX
 from jaxft.models.llama import hidden_states, logits_from_hidden
 from jaxft.parallel import MeshConfig, batch_sharding, make_mesh, shard_params, state_shardings
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
-from jaxft.data.chat import IGNORE_INDEX
 from jaxft.train.loss import token_logprobs
 from jaxft.train.metrics import evaluate
 from jaxft.train.objectives import CausalLM

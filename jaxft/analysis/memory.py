@@ -50,7 +50,7 @@ from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
-from jaxft.train.loop import StepConfig, init_state
+from jaxft.train.loop import init_state
 from jaxft.train.loss import VOCAB_BLOCK
 from jaxft.train.optim import HOST_MEMORY_KIND, make_optimizer
 
@@ -358,11 +358,10 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
                                parallel.state_shardings(state, mesh, rules)["opt_state"])
         state["opt_state"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           state["opt_state"], on_host)
-    objective = cfg.objective()
-    step = jit_train_step(model_cfg, StepConfig(objective=objective), optimizer, mesh, state, frozen, rules)
+    step = jit_train_step(model_cfg, skeleton.step_config(cfg), optimizer, mesh, state, frozen, rules)
     rows = cfg.data.batch_size * jax.process_count()
     batch = {k: jax.ShapeDtypeStruct((cfg.train.grad_accum, rows, cfg.data.max_length), jnp.int32)
-             for k in objective.batch_keys}
+             for k in cfg.objective().batch_keys}
     analysis = step.lower(state, frozen, batch).compile().memory_analysis()
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]

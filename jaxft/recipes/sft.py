@@ -84,7 +84,7 @@ def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
 
 
 def _evaluator(cfg: RunConfig, model_cfg, inputs, frozen: dict):
-    """``run_eval(trainable)``: held-out loss, perplexity and token accuracy over the first eval batches."""
+    """``run_eval(trainable)``: the objective's held-out metrics over the first eval batches."""
     objective = cfg.objective()
     eval_step = _eval_step(model_cfg, objective)
 

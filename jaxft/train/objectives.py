@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
+from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
-from jaxft.data.chat import IGNORE_INDEX
 from jaxft.train.loss import chunked_cross_entropy, cross_entropy
 from jaxft.train.metrics import perplexity
 
