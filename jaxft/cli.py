@@ -44,6 +44,9 @@ def _at_least(minimum: int):
 
 
 def _train(args) -> int:
+    """Full fine-tuning, LoRA or QLoRA SFT from a HF model folder, as one YAML file describes it (see configs/). The
+    resolved config, metrics.jsonl, curves.png, checkpoints and the exported adapter land in output_dir.
+    """
     from jaxft.recipes import sft
     from jaxft.recipes.config import load_run_config
 
@@ -57,6 +60,10 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
+    """Pretrain a tiny Llama-style base on generated text (cached), quantize it to NF4, QLoRA fine-tune it on a chat
+    task with exactly checkable answers (increment every digit), and print exact match before/after on held-out
+    problems.
+    """
     from jaxft.recipes import demo
 
     cfg = demo.DemoConfig.quick() if args.quick else demo.DemoConfig()
@@ -70,6 +77,12 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
+    """Train the run config once per point of a grid, one run after another, and compare: sweep.csv, sweep.md and
+    sweep.json (final train loss, eval loss, eval token accuracy, tokens/s as mean ± std over seeds; trainable
+    params), loss_curves.png (one curve per config) and heatmap_r_alpha.png (the eval metric over lora.r x
+    lora.lora_alpha). Runs land in OUT/<name>, e.g. OUT/r8-a16-s0, each an ordinary run folder; the resolved grid is
+    saved as OUT/sweep.yaml.
+    """
     from jaxft.recipes import sweep
 
     result = sweep.run(args.config, args.grid, sets=args.set or [], out=args.out, overwrite=args.overwrite,
@@ -113,6 +126,10 @@ def _tokenizer_folder(model: str, adapter: str | None) -> str:
 
 
 def _eval(args) -> int:
+    """Evaluate a HF model folder, with a PEFT adapter if given, on SFT data files (the formats train reads: chat
+    messages, prompt/completion, text) over one pass: mean cross-entropy of the target tokens (assistant turns for
+    chats), perplexity, and token accuracy (argmax = label, teacher-forced). Prints JSON.
+    """
     import jaxft
     from jaxft.data import DataConfig
     from jaxft.recipes.scoring import chat_exact_match, data_metrics
@@ -142,6 +159,7 @@ def _template_flag(flag: str):
 
 
 def _generate(args) -> int:
+    """Batch generation for --prompt/--file, or an interactive prompt when neither is given (Ctrl-D ends)."""
     import jaxft
     from jaxft.data.chat import resolve_template
     from jaxft.models.generate import stop_token_ids
@@ -177,6 +195,9 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
+    """Write the adapter in PEFT format, or with --merged a dense HF model with the adapter folded in; the tokenizer
+    and chat template go along.
+    """
     import jaxft
     from jaxft.hf.config import read_json
     from jaxft.hf.peft_format import lora_config_from_peft
@@ -197,6 +218,11 @@ def _export(args) -> int:
 
 
 def _inspect(args) -> int:
+    """Build the model of a run config from its config.json alone (adapters, 4-bit base; no weights are read) and
+    print trainable vs total params and an estimate of the train step's memory per device, term by term, for the
+    configured mesh and any --mesh shapes. The estimate needs no devices; --compile checks it against XLA's
+    memory_analysis() of the real step compiled on the devices here.
+    """
     import jax
 
     from jaxft.analysis import memory
@@ -235,30 +261,27 @@ def _mesh_shape(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
+def _command(sub, name: str, run, **texts) -> argparse.ArgumentParser:
+    """A sub-command whose parsed arguments go to ``run``; its description is ``run``'s docstring (as in click)."""
+    p = sub.add_parser(name, description=run.__doc__, **texts)
+    p.set_defaults(func=run)
+    return p
+
+
 def _train_command(sub):
     """``jaxft train``'s arguments."""
-    p = sub.add_parser("train", help="fine-tune per a YAML run config",
-                       description="Full fine-tuning, LoRA or QLoRA SFT from a HF model folder, as one YAML file "
-                       "describes it (see configs/). The resolved config, metrics.jsonl, curves.png, checkpoints "
-                       "and the exported adapter land in output_dir.")
+    p = _command(sub, "train", _train, help="fine-tune per a YAML run config")
     p.add_argument("config", help="YAML run config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. lora.r=8")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
-    p.set_defaults(func=_train)
 
 
 def _sweep_command(sub):
     """``jaxft sweep``'s arguments."""
-    p = sub.add_parser("sweep", help="train a grid of run configs and compare them",
-                       description="Train the run config once per point of a grid, one run after another, and "
-                       "compare: sweep.csv, sweep.md and sweep.json (final train loss, eval loss, eval token "
-                       "accuracy, tokens/s as mean ± std over seeds; trainable params), loss_curves.png (one curve "
-                       "per config) and heatmap_r_alpha.png (the eval metric over lora.r x lora.lora_alpha). Runs "
-                       "land in OUT/<name>, e.g. OUT/r8-a16-s0, each an ordinary run folder; the resolved grid is "
-                       "saved as OUT/sweep.yaml.",
-                       epilog="example: jaxft sweep configs/demo-cpu.yaml --grid lora.r=4,8,16 alpha=2r "
-                       "optim.lr=1e-3,3e-3 seeds=3")
+    p = _command(sub, "sweep", _sweep, help="train a grid of run configs and compare them",
+                 epilog="example: jaxft sweep configs/demo-cpu.yaml --grid lora.r=4,8,16 alpha=2r "
+                 "optim.lr=1e-3,3e-3 seeds=3")
     p.add_argument("config", help="YAML run config (the base of every run)")
     p.add_argument("--grid", action="extend", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="grid dimensions: KEY=V1,V2,... with YAML values (r, alpha, lr, dropout are short for "
@@ -273,18 +296,13 @@ def _sweep_command(sub):
                    "(jaxft.recipes.multi) instead of one after another")
     p.add_argument("--exact-match", type=_at_least(0), default=0, metavar="N", help="also score each run's greedy "
                    "replies to the first N chats of eval_data: the share exactly equal to the reference answer")
-    p.set_defaults(func=_sweep)
 
 
 def _eval_command(sub):
     """``jaxft eval``'s arguments."""
-    p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model (+ adapter) on data",
-                       description="Evaluate a HF model folder, with a PEFT adapter if given, on SFT data files "
-                       "(the formats train reads: chat messages, prompt/completion, text) over one pass: mean "
-                       "cross-entropy of the target tokens (assistant turns for chats), perplexity, and token "
-                       "accuracy (argmax = label, teacher-forced). Prints JSON.",
-                       epilog="example: jaxft eval BASE --adapter runs/demo-cpu/adapter --quant nf4 "
-                       "--data jaxft-demo/data/eval.jsonl")
+    p = _command(sub, "eval", _eval, help="loss, perplexity and token accuracy of a model (+ adapter) on data",
+                 epilog="example: jaxft eval BASE --adapter runs/demo-cpu/adapter --quant nf4 "
+                 "--data jaxft-demo/data/eval.jsonl")
     p.add_argument("model", help="HF model folder (the base)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply (e.g. a run's output_dir/adapter)")
     p.add_argument("--quant", choices=["nf4", "fp4"], help="load the base in 4 bits (as QLoRA trained it)")
@@ -295,26 +313,19 @@ def _eval_command(sub):
     p.add_argument("--exact-match", type=_at_least(0), default=0, metavar="N", help="also generate greedy replies "
                    "to the first N chats and report the share exactly equal to the reference answer (e.g. the demo "
                    "task)")
-    p.set_defaults(func=_eval)
 
 
 def _demo_command(sub):
     """``jaxft demo``'s arguments."""
-    p = sub.add_parser("demo", help="run the offline end-to-end demo",
-                       description="Pretrain a tiny Llama-style base on generated text (cached), quantize it to "
-                       "NF4, QLoRA fine-tune it on a chat task with exactly checkable answers (increment every digit), "
-                       "and print exact match before/after on held-out problems.")
+    p = _command(sub, "demo", _demo, help="run the offline end-to-end demo")
     p.add_argument("--out", default="jaxft-demo", help="output folder (default: ./jaxft-demo)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=_demo)
 
 
 def _generate_command(sub):
     """``jaxft generate``'s arguments."""
-    p = sub.add_parser("generate", help="generate from a model (+ adapter)",
-                       description="Batch generation for --prompt/--file, or an interactive prompt when neither "
-                       "is given (Ctrl-D ends).")
+    p = _command(sub, "generate", _generate, help="generate from a model (+ adapter)")
     p.add_argument("model", help="HF model folder (the base)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply")
     p.add_argument("--quant", choices=["nf4", "fp4"], help="load the base in 4 bits")
@@ -329,30 +340,21 @@ def _generate_command(sub):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.set_defaults(func=_generate)
 
 
 def _export_command(sub):
     """``jaxft export``'s arguments."""
-    p = sub.add_parser("export", help="export an adapter (PEFT format) or a merged HF model",
-                       description="Write the adapter in PEFT format, or with --merged a dense HF model with the "
-                       "adapter folded in; the tokenizer and chat template go along.")
+    p = _command(sub, "export", _export, help="export an adapter (PEFT format) or a merged HF model")
     p.add_argument("model", help="HF model folder (the base)")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base weights")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_export)
 
 
 def _inspect_command(sub):
     """``jaxft inspect``'s arguments."""
-    p = sub.add_parser("inspect", help="parameter counts and per-device memory of a run config",
-                       description="Build the model of a run config from its config.json alone (adapters, 4-bit "
-                       "base; no weights are read) and print trainable vs total params and an estimate of the train "
-                       "step's memory per device, term by term, for the configured mesh and any --mesh shapes. The "
-                       "estimate needs no devices; --compile checks it against XLA's memory_analysis() of the real "
-                       "step compiled on the devices here.")
+    p = _command(sub, "inspect", _inspect, help="parameter counts and per-device memory of a run config")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--mesh", action="append", type=_mesh_shape, metavar="DATA,FSDP,TENSOR",
@@ -363,7 +365,6 @@ def _inspect_command(sub):
                    help="processes the run has; each feeds data.batch_size rows (default: 1)")
     p.add_argument("--compile", action="store_true",
                    help="also compile the real step on the devices here and print its memory_analysis()")
-    p.set_defaults(func=_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,9 +8,9 @@ median of the per-pair ratios jaxft tokens/s / reference tokens/s, so machine lo
 Workloads (``--config``):
 
 * ``bench-32m``: Llama-style, vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 KV heads, untied
-  embeddings, float32, batch 8 x 256 random ids, 2 threads, full logits (``loss_chunk_size=0``: [2048, 8192] float32
-  logits are 64 MiB, and chunking them would only add a recomputation of the lm_head matmul, ~6% of the step's
-  FLOPs; PyTorch materializes them too). ``lora``: r=16, alpha=32 on all 7 linears per block,
+  embeddings, float32, batch 8 x 256 random ids, 2 threads, full logits (``CausalLM(chunk_size=0)``: [2048, 8192]
+  float32 logits are 64 MiB, and chunking them would only add a recomputation of the lm_head matmul, ~6% of the
+  step's FLOPs; PyTorch materializes them too). ``lora``: r=16, alpha=32 on all 7 linears per block,
   AdamW on the adapters; ``qlora``: the same on an NF4 + double-quant base (bitsandbytes on the reference side);
   ``full``: AdamW on every parameter.
 * ``1b``: Llama-3.2-1B shapes (tied embeddings, llama3 RoPE), bfloat16, batch 4 x 2048, chunked cross-entropy

@@ -124,7 +124,7 @@ def resolve_template(tokenizer, template: str | None) -> str:
 
 def save_chat_template(template: str, out_dir: str | Path) -> Path:
     """Write the template a run trained with as `chat_template.jinja`, where transformers and
-    `jaxft.hf.load_tokenizer` look for it, so the exported adapter chats the way it was trained."""
+    `jaxft.hf.tokenizer.load_tokenizer` look for it, so the exported adapter chats the way it was trained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CHAT_TEMPLATE_FILE

@@ -40,7 +40,7 @@ class DataConfig:
     seed: int = 0
     weights: tuple[float, ...] | None = None
     skip_bad_records: bool = False
-    # Cleaning; see jaxft.data.mixture.clean.
+    # Cleaning; see jaxft.data.cleaning.clean.
     normalize_unicode: str | None = "NFC"
     dedup: str | None = "exact"
     near_dup_threshold: float = 0.85

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,18 @@ def _content(message: Mapping, where: str, location: str) -> str | None:
                     f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
 
 
+def _turn_role(turn: Any, role_key: str, roles: Sequence[str], where: str, location: str) -> str:
+    """A chat turn's role, read from ``turn[role_key]``, which must be one of ``roles`` (for both chat formats)."""
+    if not isinstance(turn, Mapping):
+        raise DataError(location, "bad message", f"{where} must be an object, got {type(turn).__name__}")
+    role = turn.get(role_key)
+    if role is None:
+        raise DataError(location, "missing role", f"{where} has no {role_key!r} (keys: {sorted(turn)})")
+    if role not in roles:
+        raise DataError(location, "unknown role", f"{where}.{role_key} is {role!r}; expected one of {list(roles)}")
+    return role
+
+
 def validate_messages(messages: Any, key: str, location: str) -> list[dict]:
     """Check roles and contents; returns messages with `None` fields removed and text parts joined."""
     if not isinstance(messages, list) or not messages:
@@ -242,13 +254,7 @@ def validate_messages(messages: Any, key: str, location: str) -> list[dict]:
     clean = []
     for i, message in enumerate(messages):
         where = f"{key}[{i}]"
-        if not isinstance(message, Mapping):
-            raise DataError(location, "bad message", f"{where} must be an object, got {type(message).__name__}")
-        role = message.get("role")
-        if role is None:
-            raise DataError(location, "missing role", f"{where} has no 'role' (keys: {sorted(message)})")
-        if role not in ROLES:
-            raise DataError(location, "unknown role", f"{where}.role is {role!r}; expected one of {list(ROLES)}")
+        role = _turn_role(message, "role", ROLES, where, location)
         content = _content(message, where, location)
         has_tool_calls = bool(message.get("tool_calls"))
         if content is None and not has_tool_calls:
@@ -275,15 +281,7 @@ def _from_sharegpt(record: Mapping, location: str) -> Example:
         raise DataError(location, "bad 'conversations'", f"expected a non-empty list, got {turns!r:.80}")
     messages = []
     for i, turn in enumerate(turns):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, Mapping):
-            raise DataError(location, "bad message", f"{where} must be an object, got {type(turn).__name__}")
-        speaker = turn.get("from")
-        if speaker is None:
-            raise DataError(location, "missing role", f"{where} has no 'from' (keys: {sorted(turn)})")
-        if speaker not in SHAREGPT_ROLES:
-            raise DataError(location, "unknown role",
-                            f"{where}.from is {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+        speaker = _turn_role(turn, "from", sorted(SHAREGPT_ROLES), f"conversations[{i}]", location)
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
     messages = validate_messages(messages, "conversations", location)  # before the system prompt: indices match
     system = _string(record, "system", location, required=False)

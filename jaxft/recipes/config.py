@@ -43,27 +43,27 @@ PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig})
 class TrainConfig:
     """Loop settings: length, accumulation, cadence of logging / eval / checkpoints, memory knobs."""
 
-    steps: int = 100
-    grad_accum: int = 1
+    # A count's least valid value is its field's "minimum"; __post_init__ checks them all.
+    steps: int = field(default=100, metadata={"minimum": 1})
+    grad_accum: int = field(default=1, metadata={"minimum": 1})
     seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end (when there is eval data)
-    eval_batches: int = 8
-    save_every: int = 0  # 0: checkpoint only at the end
-    keep_last: int = 3
-    loss_chunk_size: int = 1024
+    log_every: int = field(default=10, metadata={"minimum": 1})
+    eval_every: int = field(default=0, metadata={"minimum": 0})  # 0: evaluate only at the end (when there is eval data)
+    eval_batches: int = field(default=8, metadata={"minimum": 1})
+    save_every: int = field(default=0, metadata={"minimum": 0})  # 0: checkpoint only at the end
+    keep_last: int = field(default=3, metadata={"minimum": 1})
+    loss_chunk_size: int = field(default=1024, metadata={"minimum": 0})
     remat: str = "none"
     attention: str = "plain"  # "blockwise": memory linear in sequence length (cuDNN's fused kernel on GPU)
     tensorboard: bool = False
-    max_skipped_steps: int = 25  # stop after this many updates in a row dropped for non-finite gradients
+    # Stop after this many updates in a row dropped for non-finite gradients.
+    max_skipped_steps: int = field(default=25, metadata={"minimum": 1})
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_every", "eval_batches", "keep_last", "max_skipped_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "loss_chunk_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            minimum, value = f.metadata.get("minimum"), getattr(self, f.name)
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"train.{f.name} must be >= {minimum}, got {value}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"train.remat {self.remat!r} is unknown; expected one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

@@ -115,7 +115,7 @@ def build_tokenizer(folder: Path, corpus: list[str]):
 
 
 def _pretrain_batches(tokenizer, rng, cfg: DemoConfig, row: int = 33):
-    """Endless [1, B, row] batches of packed raw-text reversal lines (plain next-token loss)."""
+    """Endless [1, B, row] batches of packed raw-text increment lines (plain next-token loss)."""
     while True:
         ids = np.zeros((cfg.batch_size, row), np.int32)
         for r in range(cfg.batch_size):
