@@ -115,14 +115,19 @@ def main(spec_path: str):
     from jaxft.recipes.config import load_run_config
 
     result = {"targets": [], "restore_bytes_read": None}
-    stack = sft.stack_micro_batches
+    make_source = sft.next_batches
 
-    def stack_and_count(iterator, n, sharding, keys):
-        batches = stack(iterator, n, sharding, keys)
-        local = sum(int(np.sum(s.data != -100)) for s in batches["labels"].addressable_shards)
-        result["targets"].append(local)  # summed over local devices, each holding its own rows
-        time.sleep(spec.get("pace_s", 0))
-        return batches
+    def counted_source(cfg, inputs):
+        source = make_source(cfg, inputs)
+
+        def next_and_count():
+            batches = source()
+            local = sum(int(np.sum(s.data != -100)) for s in batches["labels"].addressable_shards)
+            result["targets"].append(local)  # summed over local devices, each holding its own rows
+            time.sleep(spec.get("pace_s", 0))
+            return batches
+
+        return next_and_count
 
     restore = sft.Checkpointer.restore
 
@@ -132,7 +137,7 @@ def main(spec_path: str):
         result["restore_bytes_read"] = _rchar() - before
         return out
 
-    sft.stack_micro_batches = stack_and_count
+    sft.next_batches = counted_source
     sft.Checkpointer.restore = measured_restore
     summary = sft.run(load_run_config(spec["config"]), resume=spec.get("resume", False))
     result["final_loss"] = summary["final_loss"]

@@ -114,7 +114,7 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
     def build(rng):
         return skeleton.build_params(model_cfg, init_params(model_cfg, rng, cfg.dtype), rng, quant=quant,
-                                     lcfg=skeleton.adapter_config(cfg))
+                                     lcfg=cfg.lora)
 
     return jax.eval_shape(build, jax.random.PRNGKey(0))
 

@@ -19,8 +19,8 @@ from jaxft.config import ConfigError, to_dict
 from jaxft.peft import lora
 from jaxft.recipes.config import RunConfig, covered, flat_keys
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, initial_loss_scale, load_base,
-                                    load_inputs, publish, run_summary, stack_micro_batches, step_config, to_host,
-                                    train_loop, write_run_dir)
+                                    load_inputs, next_batches, publish, run_summary, step_config,
+                                    to_host, train_loop, write_run_dir)
 from jaxft.train import multi
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
@@ -135,9 +135,7 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     # one diverged member stops the sweep, as it does a sequential one
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps, [str(c.output_dir) for c in cfgs])
     state = train_loop(state, range(1, tc.steps + 1), lambda st, batches: step_fn(st, consts, base, batches),
-                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding,
-                                                   cfg.objective().batch_keys),
-                       guard, throughput, callbacks)
+                       next_batches(cfg, inputs), guard, throughput, callbacks)
     for logger in loggers:
         logger.close()
     guard.finish()

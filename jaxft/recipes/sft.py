@@ -13,9 +13,8 @@ import jax
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, finished_summary, last_logged,
-                                    load_inputs, load_model, publish, restore_checkpoint, run_summary,
-                                    save_checkpoint, stack_micro_batches, to_host, train_loop, train_state,
-                                    write_run_dir)
+                                    load_inputs, load_model, next_batches, publish, restore_checkpoint,
+                                    run_summary, save_checkpoint, to_host, train_loop, train_state, write_run_dir)
 from jaxft.train.checkpoint import Checkpointer, base_reference
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
 from jaxft.train.optim import make_schedule
@@ -53,9 +52,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
                                                                 base))]
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
     state = train_loop(state, range(start + 1, tc.steps + 1), lambda st, batches: step_fn(st, frozen, batches),
-                       lambda: stack_micro_batches(inputs.pipeline.iterator, tc.grad_accum, inputs.batch_sharding,
-                                                   cfg.objective().batch_keys),
-                       guard, throughput, callbacks)
+                       next_batches(cfg, inputs), guard, throughput, callbacks)
     checkpointer.close()
     logger.close()
     guard.finish()  # a run in which no update was applied is not a success

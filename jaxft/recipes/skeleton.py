@@ -213,6 +213,12 @@ def count_tokens(batches: dict) -> tuple[int, int]:
     return int(_real_tokens(batches["segment_ids"])), int(np.prod(batches["segment_ids"].shape))
 
 
+def next_batches(cfg: RunConfig, inputs: Inputs) -> Callable[[], dict]:
+    """The loop's batch source: ``train.grad_accum`` micro-batches of the objective's keys, stacked on the mesh."""
+    keys = cfg.objective().batch_keys
+    return lambda: stack_micro_batches(inputs.pipeline.iterator, cfg.train.grad_accum, inputs.batch_sharding, keys)
+
+
 def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
     """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
     would score a different subset each time; it is rewound to its start instead."""
@@ -229,8 +235,8 @@ def load_base(cfg: RunConfig, mesh=None):
     its slices. An inline model config (training from scratch) starts from ``init_params`` at train.seed, in the
     run's dtype and compute_dtype as a folder's weights would be."""
     if cfg.model_dir is None:
-        return inline_model_config(cfg), init_params(inline_model_config(cfg), jax.random.PRNGKey(cfg.train.seed),
-                                                     cfg.dtype)
+        model_cfg = inline_model_config(cfg)
+        return model_cfg, init_params(model_cfg, jax.random.PRNGKey(cfg.train.seed), cfg.dtype)
     model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
                                         quant=cfg.quant, mesh=mesh)
     return cfg.train.apply(model_cfg), params
@@ -244,11 +250,6 @@ def inline_model_config(cfg: RunConfig) -> ModelConfig:
 def base_config(cfg: RunConfig) -> ModelConfig:
     """The base model's config as written: the inline one, or the model folder's config.json."""
     return cfg.model if cfg.model_dir is None else config_from_hf(read_json(Path(cfg.model) / "config.json"))
-
-
-def adapter_config(cfg: RunConfig) -> lora.LoraConfig | None:
-    """The adapters this run trains; None for full fine-tuning."""
-    return cfg.lora
 
 
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
@@ -268,7 +269,7 @@ def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig 
 def load_model(cfg: RunConfig, rng, mesh=None):
     """(model config, params with adapters for LoRA/QLoRA)."""
     model_cfg, base = load_base(cfg, mesh)
-    return model_cfg, build_params(model_cfg, base, rng, lcfg=adapter_config(cfg))
+    return model_cfg, build_params(model_cfg, base, rng, lcfg=cfg.lora)
 
 
 def initial_loss_scale(model_cfg) -> float | None:
