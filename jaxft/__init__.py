@@ -11,8 +11,10 @@ from jaxft.models.llama import forward, init_params
 from jaxft.ops import nf4
 from jaxft.peft import lora
 from jaxft.peft.lora import LoraConfig
-from jaxft.peft.tree import combine, split
+from jaxft.peft.methods import merge, unmerge
+from jaxft.peft.tree import Trainable, combine, split
 
 __all__ = ["CheckpointError", "ConfigError", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig",
            "Tokenizer", "TokenizerError", "combine", "forward", "from_pretrained", "generate", "init_params",
-           "load_adapter", "load_tokenizer", "lora", "nf4", "peft_format", "save_adapter", "save_pretrained", "split"]
+           "load_adapter", "load_tokenizer", "lora", "merge", "nf4", "peft_format", "save_adapter", "save_pretrained",
+           "split", "Trainable", "unmerge"]

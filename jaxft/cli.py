@@ -209,7 +209,7 @@ def _export(args) -> int:
     cfg, params = _load(args.model, args.adapter, None)
     tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))  # before anything is written
     if args.merged:
-        write_export(out, jaxft.lora.merge(params), tok, model_cfg=cfg, overwrite=args.overwrite)
+        write_export(out, jaxft.merge(params), tok, model_cfg=cfg, overwrite=args.overwrite)
     else:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
         write_export(out, params, tok, lcfg=lcfg, base_model=str(Path(args.model).resolve()), overwrite=args.overwrite)

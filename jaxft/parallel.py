@@ -3,7 +3,7 @@
 Every param dimension has a logical name (``embed``, ``mlp``, ``heads``, ``kv_heads``, ``vocab``, ``layer``,
 ``lora_rank``, …), declared where the param is created: the model declares its own leaves
 (:data:`jaxft.models.llama.PARAM_AXES`), each method the leaves it adds, in terms of the group's model axes
-(:data:`METHOD_AXES`), and an NF4 kernel how its children follow the kernel's axes (:func:`jaxft.ops.nf4.child_axes`).
+(``Method.axes`` in :mod:`jaxft.ops.registry`), and an NF4 kernel how its children follow the kernel's axes (:func:`jaxft.ops.nf4.child_axes`).
 :func:`logical_axes` assembles them; a leaf nobody declared is an error, never silently replicated.
 :data:`DEFAULT_RULES` maps logical names to mesh axes
 (``data``, ``fsdp``, ``tensor``). Changing parallelism means changing the rules or the mesh shape, never the model.
@@ -37,7 +37,7 @@ from jaxft.config import ConfigError
 from jaxft.errors import JaxftError
 from jaxft.models.llama import PARAM_AXES
 from jaxft.ops import nf4
-from jaxft.peft import lora
+from jaxft.ops.registry import REGISTRY
 from jaxft.peft.tree import path_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -60,11 +60,6 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "fsdp"),
     ("vocab", "fsdp"),
 )
-
-# Each method's declaration of the leaves it adds to a leaf group: ``axes(base) -> {leaf: axes}``, where ``base``
-# is the model's declaration for that group ({} for a group the model does not have).
-METHOD_AXES = (lora.adapter_axes,)
-
 
 class ParamAxesError(JaxftError, ValueError):
     """A param leaf whose logical axes nobody declared, or whose declaration does not fit its shape."""
@@ -102,17 +97,15 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh
 def _declared_axes(keys: tuple[str, ...]) -> tuple[str | None, ...]:
     """The axes the model or a method declares for the leaf at ``keys``."""
     group, leaf = keys[:-1], keys[-1]
-    base = PARAM_AXES.get(group, {})
-    if leaf in base:
-        return base[leaf]
-    for method_axes in METHOD_AXES:
-        added = method_axes(base)
-        if leaf in added:
-            return added[leaf]
+    declared = PARAM_AXES.get(group, {})
+    if group and group[-1] in REGISTRY:  # a method's namespace: it declares its leaves from the model's group
+        declared = REGISTRY[group[-1]].axes(PARAM_AXES.get(group[:-1], {}))
+    if leaf in declared:
+        return declared[leaf]
     raise ParamAxesError(
         f"param {'/'.join(keys)}: no logical axes are declared for it, so it cannot be sharded on purpose; declare "
-        "them where the leaf is created: in jaxft.models.llama.PARAM_AXES for a model param, or in the axes function "
-        "of the method that adds it (e.g. jaxft.peft.lora.adapter_axes), listed in jaxft.parallel.METHOD_AXES")
+        "them where the leaf is created: in jaxft.models.llama.PARAM_AXES for a model param, or in the axes method "
+        "of the registered method that adds it (jaxft.ops.registry.Method.axes)")
 
 
 def _check_fits(keys: tuple[str, ...], axes: tuple, shape: tuple[int, ...]) -> None:

@@ -44,7 +44,8 @@ def case(request, tmp_path_factory):
     pm.save_pretrained(root / "adapter")
     cfg, base_params = jaxft.from_pretrained(root / "base")
     params = jaxft.load_adapter(root / "adapter", base_params)
-    return request.param, pm, cfg, base_params, params
+    lcfg = jaxft.hf.peft_format.lora_config_from_peft(pm.peft_config["default"].to_dict(), "peft")
+    return request.param, pm, cfg, base_params, params, lcfg
 
 
 def _ids():
@@ -56,7 +57,7 @@ def _labels():
 
 
 def test_adapter_changes_logits_and_matches_peft(case):
-    name, pm, cfg, base_params, params = case
+    name, pm, cfg, base_params, params, lcfg = case
     ids = _ids()
     with torch.no_grad():
         ref = pm(torch.as_tensor(ids)).logits.numpy()
@@ -67,8 +68,8 @@ def test_adapter_changes_logits_and_matches_peft(case):
 
 
 def test_trainable_count_equals_peft(case):
-    name, pm, cfg, base_params, params = case
-    assert jaxft.lora.trainable_count(params) == pm.get_nb_trainable_parameters()[0]
+    name, pm, cfg, base_params, params, lcfg = case
+    assert jaxft.peft.methods.trainable_count(params, lcfg.trainable(cfg, params)) == pm.get_nb_trainable_parameters()[0]
 
 
 def _torch_grads(pm):
@@ -85,8 +86,8 @@ def _torch_grads(pm):
     return grads
 
 
-def _jax_grads(cfg, params):
-    trainable, frozen = jaxft.split(params)
+def _jax_grads(cfg, params, spec):
+    trainable, frozen = jaxft.split(params, spec)
     ids, labels = jnp.asarray(_ids()), jnp.asarray(_labels())
 
     def loss(trainable):
@@ -97,8 +98,8 @@ def _jax_grads(cfg, params):
 
 
 def test_gradients_match_torch_autograd_through_peft(case):
-    name, pm, cfg, base_params, params = case
-    ours = adapter_tensors(_jax_grads(cfg, params))
+    name, pm, cfg, base_params, params, lcfg = case
+    ours = adapter_tensors(_jax_grads(cfg, params, lcfg.trainable(cfg, params)), lcfg)
     ref = _torch_grads(pm)
     assert ours, "no trainable tensors"
     for tensor_name, g in ours.items():
@@ -108,8 +109,7 @@ def test_gradients_match_torch_autograd_through_peft(case):
 
 
 def test_saved_adapter_loads_in_peft_with_same_logits(case, tmp_path):
-    name, pm, cfg, base_params, params = case
-    lcfg = jaxft.hf.peft_format.lora_config_from_peft(pm.peft_config["default"].to_dict(), "peft")
+    name, pm, cfg, base_params, params, lcfg = case
     jaxft.save_adapter(params, lcfg, tmp_path / "ours")
     model_type = CASES[name][0]
     reloaded = peft.PeftModel.from_pretrained(build(model_type, seed=0), tmp_path / "ours")
@@ -119,8 +119,8 @@ def test_saved_adapter_loads_in_peft_with_same_logits(case, tmp_path):
 
 
 def test_merged_logits_equal_unmerged(case):
-    name, pm, cfg, base_params, params = case
-    merged = jaxft.lora.merge(params)
+    name, pm, cfg, base_params, params, lcfg = case
+    merged = jaxft.merge(params)
     assert not any("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
     ids = jnp.asarray(_ids())
     np.testing.assert_allclose(np.asarray(jaxft.forward(cfg, merged, ids)),

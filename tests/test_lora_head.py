@@ -36,11 +36,11 @@ def test_save_pretrained_refuses_head_adapters_and_merged_equals_peft_merge(name
     cfg, base = jaxft.from_pretrained(tmp_path / "base")
     params = jaxft.load_adapter(tmp_path / "adapter", base)
     group = "embed_tokens" if "embed" in name or "tokens" in name else "lm_head"
-    with pytest.raises(ConfigError, match=rf"adapters on [^;]*{group}.*jaxft\.lora\.merge"):
+    with pytest.raises(ConfigError, match=rf"adapters on [^;]*{group}.*jaxft\.merge"):
         jaxft.save_pretrained(cfg, params, tmp_path / "unmerged")
     assert not (tmp_path / "unmerged").exists()
 
-    jaxft.save_pretrained(cfg, jaxft.lora.merge(params), tmp_path / "merged")
+    jaxft.save_pretrained(cfg, jaxft.merge(params), tmp_path / "merged")
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     ref = pm.merge_and_unload()
     base_logits = torch_logits(build("llama", **model_kwargs), _ids())
@@ -48,9 +48,9 @@ def test_save_pretrained_refuses_head_adapters_and_merged_equals_peft_merge(name
     np.testing.assert_allclose(torch_logits(ours, _ids()), torch_logits(ref, _ids()), atol=1e-4, rtol=0)
 
 
-def _train_a_little(cfg, params, steps=3, lr=2.0):
+def _train_a_little(cfg, params, spec=jaxft.Trainable(), steps=3, lr=2.0):
     """A few plain gradient steps, so the copied head and the LoRA weights hold trained, non-trivial values."""
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, spec)
     ids = jnp.asarray(random_ids((2, 10), seed=5))
 
     def loss(t):
@@ -73,14 +73,14 @@ def _tied_model_with(module: str, folder):
     assert cfg.tie_word_embeddings and "lm_head" not in base
     lcfg = jaxft.LoraConfig(**lora_kwargs)
     params = jaxft.lora.add(cfg, base, lcfg, jax.random.PRNGKey(0))
-    assert jaxft.lora.trainable_count(params) == pm.get_nb_trainable_parameters()[0]
+    assert jaxft.peft.methods.trainable_count(params, lcfg.trainable(cfg, params)) == pm.get_nb_trainable_parameters()[0]
     return cfg, base, lcfg, params
 
 
 def test_modules_to_save_lm_head_on_tied_model_matches_peft(tmp_path):
     cfg, base, lcfg, params = _tied_model_with("lm_head", tmp_path)   # trains 8,192 head + 1,024 LoRA
 
-    params = _train_a_little(cfg, params)
+    params = _train_a_little(cfg, params, lcfg.trainable(cfg, params))
     embedding = np.asarray(base["embed_tokens"]["embedding"])
     np.testing.assert_array_equal(np.asarray(params["embed_tokens"]["embedding"]), embedding)  # input side frozen
     assert np.max(np.abs(np.asarray(params["lm_head"]["kernel"]) - embedding.T)) > 1e-2, "the head copy trained"
@@ -94,7 +94,7 @@ def test_modules_to_save_lm_head_on_tied_model_matches_peft(tmp_path):
     again = jaxft.load_adapter(tmp_path / "adapter", base)
     np.testing.assert_allclose(np.asarray(jaxft.forward(cfg, again, jnp.asarray(_ids()))), ours, atol=1e-5, rtol=0)
 
-    jaxft.save_pretrained(cfg, jaxft.lora.merge(params), tmp_path / "merged")   # written untied, with its own head
+    jaxft.save_pretrained(cfg, jaxft.merge(params), tmp_path / "merged")   # written untied, with its own head
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     assert not merged.config.tie_word_embeddings
     np.testing.assert_allclose(torch_logits(merged, _ids()), ours, atol=1e-4, rtol=0)
@@ -104,7 +104,7 @@ def test_modules_to_save_embed_tokens_on_tied_model_keeps_the_head_on_the_base_w
     """PEFT trains a copy of embed_tokens while the tied lm_head keeps the original weight."""
     cfg, base, lcfg, params = _tied_model_with("embed_tokens", tmp_path)
 
-    params = _train_a_little(cfg, params)
+    params = _train_a_little(cfg, params, lcfg.trainable(cfg, params))
     embedding = np.asarray(base["embed_tokens"]["embedding"])
     assert np.max(np.abs(np.asarray(params["embed_tokens"]["embedding"]) - embedding)) > 1e-2, "embedding trained"
     np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), embedding.T)   # the head stays the base's

@@ -21,9 +21,9 @@ def test_default_init_leaves_logits_unchanged(base):
     params = jaxft.lora.add(CFG, base, jaxft.LoraConfig(r=4, target_modules="all-linear"), jax.random.PRNGKey(1))
     ids = jnp.asarray(random_ids((1, 6), vocab=64))
     np.testing.assert_array_equal(jaxft.forward(CFG, params, ids), jaxft.forward(CFG, base, ids))
-    a = params["layers"]["q_proj"]["lora_a"]
+    a = params["layers"]["q_proj"]["lora"]["a"]
     assert a.shape == (3, 32, 4) and float(jnp.max(jnp.abs(a))) <= 1 / np.sqrt(32)
-    assert float(jnp.max(jnp.abs(params["layers"]["q_proj"]["lora_b"]))) == 0.0
+    assert float(jnp.max(jnp.abs(params["layers"]["q_proj"]["lora"]["b"]))) == 0.0
 
 
 def test_base_tree_is_not_modified(base):
@@ -59,8 +59,8 @@ def test_training_changes_only_adapter_leaves(base):
     flat_before = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     changed = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(trained)[0]
                if not np.array_equal(np.asarray(x), np.asarray(flat_before[p]))}
-    assert changed == {"['layers']['q_proj']['lora_a']", "['layers']['q_proj']['lora_b']",
-                       "['layers']['down_proj']['lora_a']", "['layers']['down_proj']['lora_b']"}
+    assert changed == {"['layers']['q_proj']['lora']['a']", "['layers']['q_proj']['lora']['b']",
+                       "['layers']['down_proj']['lora']['a']", "['layers']['down_proj']['lora']['b']"}
     n_state = sum(x.size for x in jax.tree.leaves(state))
     n_trainable = sum(x.size for x in jax.tree.leaves(jaxft.split(params)[0]))
     assert n_state == 2 * n_trainable + 1  # Adam's mu and nu for adapters only, plus the step count
@@ -70,24 +70,24 @@ def test_rank_padding_gets_zero_gradient_and_stays_zero(base):
     lcfg = jaxft.LoraConfig(r=4, target_modules=["v_proj"], rank_pattern={"layers.0.self_attn.v_proj": 2},
                             layers_to_transform=[0, 2], init_lora_weights=False)
     params = jaxft.lora.add(CFG, base, lcfg, jax.random.PRNGKey(3))
-    mask = np.asarray(params["layers"]["v_proj"]["lora_mask"])
+    mask = np.asarray(params["layers"]["v_proj"]["lora"]["mask"])
     np.testing.assert_array_equal(mask.sum(-1), [2, 0, 4])
     trained, _, grads = _train_steps(params)
-    for leaf in ("lora_a", "lora_b"):
-        g = np.asarray(grads["layers"]["v_proj"][leaf])
-        w = np.asarray(trained["layers"]["v_proj"][leaf])
-        pad = (mask == 0)[:, None, :] if leaf == "lora_a" else (mask == 0)[:, :, None]
+    for leaf in ("a", "b"):
+        g = np.asarray(grads["layers"]["v_proj"]["lora"][leaf])
+        w = np.asarray(trained["layers"]["v_proj"]["lora"][leaf])
+        pad = (mask == 0)[:, None, :] if leaf == "a" else (mask == 0)[:, :, None]
         pad = np.broadcast_to(pad, g.shape)
         assert np.all(g[pad] == 0) and np.all(w[pad] == 0)
         assert np.any(g[~pad] != 0)
-    assert jaxft.lora.trainable_count(params) == (2 + 4) * (32 + 16)
+    assert jaxft.peft.methods.trainable_count(params) == (2 + 4) * (32 + 16)
 
 
 def test_unmerge_restores_base_weights(base):
     lcfg = jaxft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     params = jaxft.lora.add(CFG, base, lcfg, jax.random.PRNGKey(4))
-    merged = jaxft.lora.merge(params)
-    restored = jaxft.lora.unmerge(merged, jaxft.lora.adapter_tree(params))
+    merged = jaxft.merge(params)
+    restored = jaxft.unmerge(merged, jaxft.peft.methods.adapter_tree(params))
     for m in ("q_proj", "down_proj"):
         np.testing.assert_allclose(restored["layers"][m]["kernel"], base["layers"][m]["kernel"], atol=1e-6)
     ids = jnp.asarray(random_ids((1, 5), vocab=64))
@@ -156,8 +156,8 @@ def test_dora_file_without_magnitudes_is_rejected(tmp_path, base):
 
 def test_summary_reports_trainable_share(base):
     params = jaxft.lora.add(CFG, base, jaxft.LoraConfig(r=4), jax.random.PRNGKey(0))
-    text = jaxft.lora.summary(params)
-    assert f"trainable params: {jaxft.lora.trainable_count(params):,}" in text
+    text = jaxft.peft.methods.summary(params)
+    assert f"trainable params: {jaxft.peft.methods.trainable_count(params):,}" in text
 
 
 def test_resized_vocabulary_keeps_old_logits_and_trains_only_the_new_rows(base):
@@ -167,7 +167,7 @@ def test_resized_vocabulary_keeps_old_logits_and_trains_only_the_new_rows(base):
     lcfg = jaxft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[64, 65])
     params = jaxft.lora.add(cfg, grown, lcfg, jax.random.PRNGKey(0))
     trainable, _ = jaxft.split(params)
-    assert trainable["embed_tokens"]["trainable_rows"].shape == (2, 32)
+    assert trainable["embed_tokens"]["trainable_tokens"]["rows"].shape == (2, 32)
     assert trainable["embed_tokens"]["embedding"] is None
     with pytest.raises(jaxft.ConfigError, match="resize the embeddings first"):
         jaxft.lora.add(CFG, base, lcfg, jax.random.PRNGKey(0))

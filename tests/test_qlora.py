@@ -99,7 +99,7 @@ def test_merge_into_nf4_base_warns_and_matches_unmerged(bases):
     cfg, params = jaxft.from_pretrained(root / "base", quant="nf4")
     params = jaxft.lora.add(cfg, params, jaxft.LoraConfig(r=4, init_lora_weights=False), jax.random.PRNGKey(1))
     with pytest.warns(UserWarning, match="dequantized to float32"):
-        merged = jaxft.lora.merge(params)
+        merged = jaxft.merge(params)
     ids = jnp.asarray(random_ids((1, 8)))
     np.testing.assert_allclose(jaxft.forward(cfg, merged, ids), jaxft.forward(cfg, params, ids), atol=1e-4)
 

@@ -114,14 +114,14 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
     def build(rng):
         return skeleton.build_params(model_cfg, init_params(model_cfg, rng, cfg.dtype), rng, quant=quant,
-                                     lcfg=cfg.lora)
+                                     peft=cfg.peft)
 
     return jax.eval_shape(build, jax.random.PRNGKey(0))
 
 
 def param_counts(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> tuple[int, int]:
     """(trainable, total) parameters; LoRA rank padding (per-layer ranks) is not counted as trainable."""
-    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_spec(cfg, model_cfg, params))
     n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
     n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
     if cfg.lora is not None:
@@ -170,7 +170,7 @@ def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int
     """
     mesh = abstract_mesh(mesh_shape)
     model_cfg, params, quant = model or abstract_model(cfg)
-    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_spec(cfg, model_cfg, params))
     optimizer = make_optimizer(dataclasses.replace(cfg.optim, offload_state=False))
     state = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
     state_sh = parallel.state_shardings(state, mesh, rules)
@@ -278,7 +278,7 @@ def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> in
     """Bytes of the new buffers the VJP of one micro-batch's loss keeps for the backward pass (params and the
     batch, which it also keeps, are counted elsewhere), traced on the per-device shapes in ``model_cfg``."""
     params = _abstract_params(model_cfg, cfg, local.quant)
-    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_spec(cfg, model_cfg, params))
     objective = dataclasses.replace(cfg.objective(), chunk_size=local.chunk)
     batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in objective.batch_keys}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -349,7 +349,7 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
     devices = jax.devices() if devices is None else devices
     mesh = parallel.make_mesh(mesh_cfg, devices)
     model_cfg, params, _ = abstract_model(cfg)
-    trainable, frozen = split(params, skeleton.trainable_predicate(cfg))
+    trainable, frozen = split(params, skeleton.trainable_spec(cfg, model_cfg, params))
     optimizer = make_optimizer(cfg.optim)
     loss_scale = skeleton.initial_loss_scale(model_cfg)
     state = jax.eval_shape(lambda t: init_state(t, optimizer, seed=cfg.train.seed, loss_scale=loss_scale), trainable)

@@ -385,15 +385,14 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 def _refuse_adapters(params: dict):
     """Adapter leaves anywhere (embed_tokens, lm_head, layers) would be dropped silently by the HF layout."""
-    from jaxft.peft.lora import ADAPTER_KEYS
+    from jaxft.peft.methods import adapter_tree
     from jaxft.peft.tree import leaf_paths
 
-    paths = leaf_paths(params)
-    groups = sorted({p.rsplit("/", 1)[0] for p in paths if p.rsplit("/", 1)[-1] in ADAPTER_KEYS})
+    groups = sorted({p.rsplit("/", 2)[0] for p in leaf_paths(adapter_tree(params))})
     if groups:
         raise ConfigError(f"save_pretrained: these params carry adapters on {', '.join(groups)}, which a Hugging Face "
                           "model folder has no place for; save them with jaxft.save_adapter, or fold them into the "
-                          "weights first: jaxft.save_pretrained(cfg, jaxft.lora.merge(params), out_dir)")
+                          "weights first: jaxft.save_pretrained(cfg, jaxft.merge(params), out_dir)")
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

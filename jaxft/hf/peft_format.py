@@ -21,8 +21,9 @@ from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
 from jaxft.hf.names import module_name
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from jaxft.ops.registry import REGISTRY
 from jaxft.peft import lora
-from jaxft.peft.tree import MARKER
+from jaxft.peft.tree import leaf_paths
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -35,49 +36,61 @@ class Entry:
     name: str
     path: tuple[str, ...]  # leaf path in the param tree
     layer: int | None  # index on the stacked axis
-    rank: int | None  # real rank for lora_a / lora_b (drops padding)
+    rank: int | None  # real rank for LoRA's a / b (drops padding)
     transpose: bool
 
 
-def _ranks(group: dict) -> list[int]:
-    a = group["lora_a"]
-    if "lora_mask" in group:
-        return [int(x) for x in np.asarray(group["lora_mask"]).sum(-1).reshape(-1)]
+def _ranks(p: dict) -> list[int]:
+    """Each layer's real rank of a ``lora`` namespace."""
+    a = p["a"]
+    if "mask" in p:
+        return [int(x) for x in np.asarray(p["mask"]).sum(-1).reshape(-1)]
     return [a.shape[-1]] * (a.shape[0] if a.ndim == 3 else 1)
 
 
-def entries(params: dict) -> list[Entry]:
-    """Every tensor the adapter file holds for this (adapter-carrying) tree."""
+def _lora_entries(path: tuple, p: dict, stacked: bool) -> list[Entry]:
+    """A linear group's ``lora`` namespace (``path`` is the group's): A, B and DoRA's magnitude, per layer."""
+    out = []
+    for layer, r in zip(range(p["a"].shape[0]) if stacked else [None], _ranks(p)):
+        if r == 0:
+            continue
+        key = PREFIX + module_name(path, layer)
+        out.append(Entry(f"{key}.lora_A.weight", path + ("lora", "a"), layer, r, True))
+        out.append(Entry(f"{key}.lora_B.weight", path + ("lora", "b"), layer, r, True))
+        if "magnitude" in p:
+            out.append(Entry(f"{key}.lora_magnitude_vector", path + ("lora", "magnitude"), layer, None, False))
+    return out
+
+
+def _embedding_entries(path: tuple, group: dict) -> list[Entry]:
+    out, key = [], PREFIX + module_name(path, None)
+    if "trainable_tokens" in group:
+        out.append(Entry(f"{key}.token_adapter.trainable_tokens_delta", path + ("trainable_tokens", "rows"), None,
+                         None, False))
+    if "lora" in group:
+        out.append(Entry(f"{key}.lora_embedding_A", path + ("lora", "a"), None, None, True))
+        out.append(Entry(f"{key}.lora_embedding_B", path + ("lora", "b"), None, None, True))
+    return out
+
+
+def entries(params: dict, lcfg: lora.LoraConfig) -> list[Entry]:
+    """Every tensor the adapter file holds for this tree (with ``lcfg``'s adapters added): the adapters, then the
+    leaves ``lcfg`` trains whole (``modules_to_save``, biases)."""
+    _check_methods(params)
     out = []
     groups = [(("layers", k), v) for k, v in params["layers"].items()]
-    groups += [((k,), v) for k, v in params.items() if k not in ("layers", MARKER)]
+    groups += [((k,), v) for k, v in params.items() if k != "layers"]
     for path, group in groups:
-        stacked = path[0] == "layers"
-        layers = range(group["lora_a"].shape[0]) if stacked and "lora_a" in group else [None]
-        if "lora_a" in group:
-            for layer, r in zip(layers, _ranks(group)):
-                if r == 0:
-                    continue
-                key = PREFIX + module_name(path, layer)
-                out.append(Entry(f"{key}.lora_A.weight", path + ("lora_a",), layer, r, True))
-                out.append(Entry(f"{key}.lora_B.weight", path + ("lora_b",), layer, r, True))
-                if "lora_magnitude" in group:
-                    out.append(Entry(f"{key}.lora_magnitude_vector", path + ("lora_magnitude",), layer, None, False))
-        if "trainable_rows" in group:
-            out.append(Entry(f"{PREFIX}{module_name(path, None)}.token_adapter.trainable_tokens_delta",
-                             path + ("trainable_rows",), None, None, False))
-        if "lora_embedding_a" in group:
-            key = PREFIX + module_name(path, None)
-            out.append(Entry(f"{key}.lora_embedding_A", path + ("lora_embedding_a",), None, None, True))
-            out.append(Entry(f"{key}.lora_embedding_B", path + ("lora_embedding_b",), None, None, True))
+        if "embedding" in group:
+            out += _embedding_entries(path, group)
+        elif "lora" in group:
+            out += _lora_entries(path, group["lora"], stacked=path[0] == "layers")
     n_layers = params["layers"]["q_proj"]["kernel"].shape[0]
-    for marked in (params.get(MARKER) or {}):
-        path = tuple(marked.split("/"))
-        group = params
-        for k in path[:-1]:
-            group = group[k]
+    for whole in sorted(lora.trainable(lora.structure_config(params), params, lcfg).paths):
+        path = tuple(whole.split("/"))
+        group = _get(params, path[:-1])
         leaf = "bias" if path[-1] == "bias" else "weight"
-        if leaf == "bias" and "lora_a" in group:
+        if leaf == "bias" and "lora" in group:
             leaf = "base_layer.bias"  # PEFT's name for the bias of a LoRA-wrapped layer
         for layer in (range(n_layers) if path[0] == "layers" else [None]):
             out.append(Entry(f"{PREFIX}{module_name(path[:-1], layer)}.{leaf}", path, layer, None,
@@ -91,20 +104,32 @@ def _get(tree, path):
     return tree
 
 
+def _is_lora(e: Entry) -> bool:
+    return "lora" in e.path
+
+
 def _extract(params: dict, e: Entry) -> np.ndarray:
-    x = np.asarray(_get(params, e.path).astype(jnp.float32) if e.path[-1].startswith("lora") else
-                   _get(params, e.path))
+    x = np.asarray(_get(params, e.path).astype(jnp.float32) if _is_lora(e) else _get(params, e.path))
     if e.layer is not None:
         x = x[e.layer]
-    if e.path[-1] == "lora_a":
+    if e.rank is not None and e.path[-1] == "a":
         x = x[:, :e.rank]
-    elif e.path[-1] == "lora_b":
+    elif e.rank is not None and e.path[-1] == "b":
         x = x[:e.rank]
     return np.ascontiguousarray(x.T if e.transpose else x)
 
 
-def adapter_tensors(params: dict) -> dict[str, np.ndarray]:
-    return {e.name: _extract(params, e) for e in entries(params)}
+def adapter_tensors(params: dict, lcfg: lora.LoraConfig) -> dict[str, np.ndarray]:
+    return {e.name: _extract(params, e) for e in entries(params, lcfg)}
+
+
+def _check_methods(params: dict) -> None:
+    """PEFT's LoRA format holds LoRA and trainable tokens; a tree carrying any other method has no file here."""
+    found = {name for path in leaf_paths(params) for name in path.split("/") if name in REGISTRY}
+    other = found - {"lora", "trainable_tokens"}
+    if other:
+        raise ConfigError(f"the params carry method(s) {sorted(other)}, which PEFT's LoRA adapter format cannot "
+                          "hold; merge them (jaxft.merge) and save the full model instead")
 
 
 def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -120,7 +145,7 @@ def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None 
 def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, base_model_name_or_path: str | None = None,
                  overwrite: bool = False) -> Path:
     """Write a PEFT adapter folder (atomically; an existing folder needs ``overwrite``)."""
-    tensors = adapter_tensors(params)
+    tensors = adapter_tensors(params, lcfg)
     with atomic_dir(out_dir, overwrite) as tmp:
         write_adapter(tensors, lcfg, tmp, base_model_name_or_path)
     return Path(out_dir)
@@ -154,7 +179,7 @@ def _shape_problem(folder: Path, e: Entry, found: tuple, expected: tuple) -> str
     """Which file is wrong: a rank that differs from adapter_config.json's r while the other dimension fits is the
     config's disagreement with the tensors (an adapter saved with an edited or mismatched config); any other
     difference is a tensor that does not fit this base model."""
-    rank_axis = {"lora_a": 0, "lora_b": 1}.get(e.path[-1])  # PEFT stores lora_A [r, in] and lora_B [out, r]
+    rank_axis = {"a": 0, "b": 1}.get(e.path[-1]) if e.rank else None  # PEFT: lora_A [r, in], lora_B [out, r]
     if (rank_axis is not None and len(found) == len(expected) == 2 and found[1 - rank_axis] == expected[1 - rank_axis]
             and found[rank_axis] != expected[rank_axis]):
         return (f"{folder / CONFIG_FILE} says r = {e.rank} for {e.name.rsplit('.', 2)[0]} (its r, or rank_pattern "
@@ -177,7 +202,7 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (found {found}; pickle adapter files are never loaded)")
     st = SafetensorsFile(weights)
     params = lora.add(cfg or lora.structure_config(base_params), base_params, lcfg, jax.random.PRNGKey(0))
-    wanted = entries(params)
+    wanted = entries(params, lcfg)
     missing = [e.name for e in wanted if e.name not in st.keys()]
     if missing:
         hint = " (a DoRA adapter file without magnitude vectors?)" if any("magnitude" in m for m in missing) else ""
@@ -190,12 +215,12 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
             raise CheckpointError(_shape_problem(folder, e, value.shape, expected))
         updates.setdefault(e.path, []).append((e, value.T if e.transpose else value))
     for path, items in updates.items():
-        array = np.array(_get(params, path), dtype=np.float32 if path[-1].startswith("lora") else None)
+        array = np.array(_get(params, path), dtype=np.float32 if "lora" in path else None)
         for e, value in items:
             target = array if e.layer is None else array[e.layer]
-            if e.path[-1] == "lora_a":
+            if e.rank is not None and e.path[-1] == "a":
                 target[:, :e.rank] = value
-            elif e.path[-1] == "lora_b":
+            elif e.rank is not None and e.path[-1] == "b":
                 target[:e.rank] = value
             else:
                 target[...] = value

@@ -1,17 +1,21 @@
 """The one linear layer (and embedding lookup) every projection in the model goes through.
 
 A linear leaf group is a dict: ``{"kernel": W [in, out] (dense array or NF4 pytree), "bias"?: [out]}`` plus,
-when a fine-tuning method is on, its leaves (see :mod:`jaxft.peft.lora`). Inside the scanned layer body the
-group holds one layer's slices, so an NF4 kernel is dequantized one layer at a time. The model never knows
-which method is on.
+when fine-tuning methods are on, their namespaces (see :mod:`jaxft.ops.registry`). Inside the scanned layer body
+the group holds one layer's slices, so an NF4 kernel is dequantized one layer at a time. The model never knows
+which method is on. The fused LoRA and DoRA computations live here; the LoRA method (``jaxft.peft.lora``) calls
+them.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft.ops import nf4
+from jaxft.ops.registry import methods_in
 
 
 def dense_kernel(kernel, dtype) -> jnp.ndarray:
@@ -119,59 +123,63 @@ def _dense_linear_bwd(residuals, dy):
 _dense_linear.defvjp(_dense_linear_fwd, _dense_linear_bwd, symbolic_zeros=True)
 
 
-def linear(p: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray:
-    """y = x @ W (+ b) (+ LoRA / DoRA) for x [..., in] in its own (compute) dtype.
-
-    LoRA: y += s · (drop(x) @ A) @ B. DoRA (PEFT's formulation): with n = ‖W + s·A·B‖ per output column under
-    stop_gradient, y = (m / n) ⊙ (x @ W + s · drop(x) @ A @ B) + b. Dropout acts on the adapter input only and
-    only when an ``rng`` is given (training).
-    """
-    dtype = x.dtype
-    if "lora_a" not in p:
-        y = _dense_linear(x, p["kernel"])
-    else:
-        a, b = p["lora_a"].astype(dtype), p["lora_b"].astype(dtype)
-        if "lora_mask" in p:  # rank padding multiplies to zero, so it also gets zero gradient
-            mask = p["lora_mask"].astype(dtype)
-            a, b = a * mask[None, :], b * mask[:, None]
-        scale = p["lora_scale"].astype(dtype)
-        x_drop = x
-        if rng is not None and "lora_dropout" in p:
-            x_drop = _dropout(x, p["lora_dropout"], rng)
-        if "lora_magnitude" in p:
-            y = _dora(p, x, x_drop, a, b, scale)
-        else:
-            y = _lora_linear(x, None if x_drop is x else x_drop, p["kernel"], a, b, scale)
-    if "bias" in p:
-        y = y + p["bias"].astype(dtype)
-    return y
+def base_linear(group: dict, x: jnp.ndarray) -> jnp.ndarray:
+    """x @ W (+ b) of the group's own kernel and bias, in x's (compute) dtype."""
+    return with_bias(group, _dense_linear(x, group["kernel"]))
 
 
-def _dora(p: dict, x, x_drop, a, b, scale) -> jnp.ndarray:
-    w = dense_kernel(p["kernel"], x.dtype)
+def with_bias(group: dict, y: jnp.ndarray) -> jnp.ndarray:
+    return y + group["bias"].astype(y.dtype) if "bias" in group else y
+
+
+def linear(group: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray:
+    """y = x @ W (+ b) for x [..., in], composed with every registered method present in the group (LoRA, DoRA,
+    ...: see :mod:`jaxft.ops.registry`). ``rng`` is given only in training (a method's dropout)."""
+    inner = None
+    for method in methods_in(group):
+        inner = functools.partial(method.linear, group[method.name], group, rng=rng, inner=inner)
+    return base_linear(group, x) if inner is None else inner(x)
+
+
+def lora_linear(x, kernel, a, b, scale, dropout=None, rng=None) -> jnp.ndarray:
+    """x @ W + s · (drop(x) @ A) @ B on the fused hand-written backward pass (W dense or NF4, not trained).
+    Dropout (rate ``dropout``) acts on the adapter input only, and only when an ``rng`` is given."""
+    x_drop = None if rng is None or dropout is None else _dropout(x, dropout, rng)
+    return _lora_linear(x, x_drop, kernel, a, b, scale)
+
+
+def lora_delta(x, a, b, scale, dropout=None, rng=None) -> jnp.ndarray:
+    """s · (drop(x) @ A) @ B alone: LoRA over another method's output (autodiff's backward, not the fused one)."""
+    x_drop = x if rng is None or dropout is None else _dropout(x, dropout, rng)
+    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_drop, a), b) * scale
+
+
+def dora_linear(x, kernel, a, b, scale, magnitude, dropout=None, rng=None) -> jnp.ndarray:
+    """DoRA (PEFT's formulation): with n = ‖W + s·A·B‖ per output column under stop_gradient,
+    y = (m / n) ⊙ (x @ W + s · drop(x) @ A @ B)."""
+    x_drop = x if rng is None or dropout is None else _dropout(x, dropout, rng)
+    w = dense_kernel(kernel, x.dtype)
     y = jnp.einsum("...i,io->...o", x, w)
     lora = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_drop, a), b) * scale
     delta = jnp.einsum("ir,ro->io", a, b) * scale
     norm = jax.lax.stop_gradient(jnp.linalg.norm((w + delta).astype(jnp.float32), axis=0))
-    magnitude = p["lora_magnitude"]
-    if "lora_mask" in p:  # a layer without adapter keeps its magnitude fixed (= ‖W‖): no gradient
-        magnitude = jnp.where(jnp.any(p["lora_mask"] > 0), magnitude, jax.lax.stop_gradient(magnitude))
     ratio = (magnitude / norm).astype(x.dtype)
     base = y if x_drop is x else jnp.einsum("...i,io->...o", x_drop, w)
     return y + (ratio - 1) * base + ratio * lora
 
 
-def embedding_table(p: dict) -> jnp.ndarray:
-    """[V, D] embedding with any trained rows (PEFT's TrainableTokens) written over the frozen ones."""
-    if "trainable_rows" not in p:
-        return p["embedding"]
-    return p["embedding"].at[p["trainable_row_ids"]].set(p["trainable_rows"].astype(p["embedding"].dtype))
+def embedding_table(group: dict) -> jnp.ndarray:
+    """[V, D] embedding as the model sees it: the table with every present method's change (PEFT's
+    TrainableTokens writes its trained rows over the frozen ones)."""
+    table = group["embedding"]
+    for method in methods_in(group):
+        table = method.table(group[method.name], table)
+    return table
 
 
-def embed(p: dict, ids: jnp.ndarray, dtype) -> jnp.ndarray:
-    """Embedding lookup [..., D]; with a LoRA embedding adapter, + s · A[ids] @ B (PEFT's ``lora_embedding``)."""
-    x = embedding_table(p)[ids].astype(dtype)
-    if "lora_embedding_a" in p:
-        a_rows = p["lora_embedding_a"][ids].astype(dtype)
-        x = x + jnp.einsum("...r,rd->...d", a_rows, p["lora_embedding_b"].astype(dtype)) * p["lora_scale"].astype(dtype)
+def embed(group: dict, ids: jnp.ndarray, dtype) -> jnp.ndarray:
+    """Embedding lookup [..., D] in ``dtype``, with every present method's change (LoRA's ``lora_embedding``)."""
+    x = embedding_table(group)[ids].astype(dtype)
+    for method in methods_in(group):
+        x = method.embed(group[method.name], ids, x)
     return x

@@ -1,13 +1,17 @@
 """LoRA (and rsLoRA, DoRA) as a transformation of the param tree, with PEFT's configuration semantics.
 
-``add`` puts adapter leaves next to the frozen kernel of every targeted linear group::
+``add`` puts a ``lora`` namespace next to the frozen kernel of every targeted linear group::
 
     {"kernel": W [L, in, out] (dense or NF4), "bias"?,
-     "lora_a": [L, in, r_max], "lora_b": [L, r_max, out],   # trainable
-     "lora_scale": [L],                                     # alpha/r (or alpha/sqrt(r)); 0 where a layer has none
-     "lora_mask"?: [L, r_max],      # only when ranks differ per layer or some layers are skipped
-     "lora_dropout"?: [L],          # only when lora_dropout > 0
-     "lora_magnitude"?: [L, out]}   # DoRA
+     "lora": {"a": [L, in, r_max], "b": [L, r_max, out],   # trained
+              "scale": [L],                                # alpha/r (or alpha/sqrt(r)); 0 where a layer has none
+              "mask"?: [L, r_max],      # only when ranks differ per layer or some layers are skipped
+              "dropout"?: [L],          # only when lora_dropout > 0
+              "magnitude"?: [L, out]}}  # DoRA (PEFT's LoraVariant: the leaf selects the variant), trained
+
+and ``{"lora": {"a": [V, r], "b": [r, D], "scale": []}}`` beside an embedding table; PEFT's TrainableTokens is its
+own method, ``trainable_tokens: {"rows": [n, D] (trained), "ids": [n]}`` beside the table. Both are registered
+methods (:mod:`jaxft.ops.registry`): their forward, axes, merge and counts live in the classes below.
 
 Layers are scanned, so every layer has the same shapes: ranks are padded to the largest and masked. Masked
 entries multiply to zero in the forward pass, so they get exactly zero gradient and never reach an exported file.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 
 import jax
@@ -29,13 +32,12 @@ import numpy as np
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
-from jaxft.ops.linear import dense_kernel, embedding_table
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, leaf_paths, split
-from jaxft.peft.tree import summary as tree_summary
+from jaxft.ops.linear import dense_kernel, dora_linear, embedding_table, lora_delta, lora_linear, with_bias
+from jaxft.ops.registry import REGISTRY, Method, own_leaves, register
+from jaxft.peft.tree import Trainable, leaf_paths
 
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-ADAPTER_KEYS = TRAINABLE_KEYS | {"lora_scale", "lora_mask", "lora_dropout", "trainable_row_ids"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ class LoraConfig:
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def add(self, cfg: ModelConfig, params: dict, rng) -> dict:
+        """The method step of a run (``recipes.skeleton.build_params``): :func:`add` with this config."""
+        return add(cfg, params, self, rng)
+
+    def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
+        """What this config trains besides the adapters: :func:`trainable`."""
+        return trainable(cfg, params, self)
 
 
 @dataclass(frozen=True)
@@ -216,28 +226,28 @@ def _linear_adapters(key, lcfg: LoraConfig, group: dict, g: GroupPlan, fan_in: i
         b_all.append(jnp.zeros((r_max, fan_out)).at[:r].set(b[:r]))
     a, b = jnp.stack(a_all), jnp.stack(b_all)
     scale = jnp.asarray([lcfg.scaling(r, al) if r else 0.0 for r, al in zip(g.ranks, g.alphas)], jnp.float32)
-    out = {"lora_a": a, "lora_b": b, "lora_scale": scale}
+    out = {"a": a, "b": b, "scale": scale}
     if any(r != r_max for r in g.ranks):
-        out["lora_mask"] = jnp.asarray([[1.0] * r + [0.0] * (r_max - r) for r in g.ranks], jnp.float32)
+        out["mask"] = jnp.asarray([[1.0] * r + [0.0] * (r_max - r) for r in g.ranks], jnp.float32)
     if lcfg.lora_dropout > 0:
-        out["lora_dropout"] = jnp.full((len(g.ranks),), lcfg.lora_dropout, jnp.float32)
+        out["dropout"] = jnp.full((len(g.ranks),), lcfg.lora_dropout, jnp.float32)
     if lcfg.use_dora:
         w = dense_kernel(group["kernel"], jnp.float32)
         if not stacked:
             w = w[None]
-        out["lora_magnitude"] = dora_norm(w, masked(out))
+        out["magnitude"] = dora_norm(w, masked(out))
     if not stacked:
         out = {k: v[0] for k, v in out.items()}
     return out
 
 
 def masked(p: dict) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """(A, B, scale) of a group with the rank padding zeroed out."""
-    a, b = p["lora_a"], p["lora_b"]
-    if "lora_mask" in p:
-        mask = p["lora_mask"]
+    """(A, B, scale) of a ``lora`` namespace with the rank padding zeroed out."""
+    a, b = p["a"], p["b"]
+    if "mask" in p:
+        mask = p["mask"]
         a, b = a * mask[..., None, :], b * mask[..., :, None]
-    return a, b, p["lora_scale"]
+    return a, b, p["scale"]
 
 
 def dora_norm(w: jnp.ndarray, lora: tuple) -> jnp.ndarray:
@@ -254,28 +264,106 @@ def _embedding_adapters(key, lcfg: LoraConfig, g: GroupPlan, vocab: int, dim: in
         a, b = jax.random.normal(ka, (vocab, r)), jax.random.normal(kb, (r, dim))
     else:  # PEFT: A zero, B normal for embeddings (the reverse of linear layers)
         a, b = jnp.zeros((vocab, r)), jax.random.normal(kb, (r, dim))
-    return {"lora_embedding_a": a, "lora_embedding_b": b,
-            "lora_scale": jnp.asarray(lcfg.scaling(r, alpha), jnp.float32)}
+    return {"a": a, "b": b, "scale": jnp.asarray(lcfg.scaling(r, alpha), jnp.float32)}
 
 
-def adapter_axes(base: dict[str, tuple]) -> dict[str, tuple]:
-    """The logical axes of the leaves :func:`add` puts into a leaf group, given the axes the model declares for
-    the group's own leaves (``base``, e.g. ``{"kernel": ("layer", "embed", "heads"), "bias": ...}``).
+class Lora(Method):
+    """LoRA and rsLoRA (the scale says which), with DoRA as its variant: a ``magnitude`` leaf selects it, as PEFT's
+    ``LoraVariant`` does. On a linear group it is the first method (it fuses with the base matmul); on an
+    embedding group it adds s · A[ids] @ B after the lookup (PEFT's ``lora_embedding``)."""
 
-    A linear group's adapters keep the kernel's leading axes, its fan-in (A) and fan-out (B, the DoRA magnitude);
-    the embedding's keep its vocabulary and width; trained token rows are rows of the table. ``modules_to_save``
-    copies, an untied head copy and trained biases are the model's own leaves, declared by the model.
-    """
-    if "kernel" in base:
-        *lead, fan_in, fan_out = base["kernel"]
-        lead = tuple(lead)
-        return {"lora_a": (*lead, fan_in, "lora_rank"), "lora_b": (*lead, "lora_rank", fan_out), "lora_scale": lead,
-                "lora_dropout": lead, "lora_mask": (*lead, "lora_rank"), "lora_magnitude": (*lead, fan_out)}
-    if "embedding" in base:
+    name = "lora"
+    trained = frozenset({"a", "b", "magnitude"})
+
+    def axes(self, base):
+        if "kernel" in base:
+            *lead, fan_in, fan_out = base["kernel"]
+            lead = tuple(lead)
+            return {"a": (*lead, fan_in, "lora_rank"), "b": (*lead, "lora_rank", fan_out), "scale": lead,
+                    "dropout": lead, "mask": (*lead, "lora_rank"), "magnitude": (*lead, fan_out)}
         vocab, width = base["embedding"]
-        return {"lora_embedding_a": (vocab, "lora_rank"), "lora_embedding_b": ("lora_rank", width), "lora_scale": (),
-                "trainable_rows": ("trainable_tokens", width), "trainable_row_ids": ("trainable_tokens",)}
-    return {}
+        return {"a": (vocab, "lora_rank"), "b": ("lora_rank", width), "scale": ()}
+
+    def linear(self, p, group, x, rng, inner):
+        a, b, scale = (t.astype(x.dtype) for t in masked(p))
+        dropout = p.get("dropout")
+        if "magnitude" in p:
+            if inner is not None:
+                raise ConfigError("DoRA normalizes the base kernel's columns, so no method may come before it")
+            magnitude = p["magnitude"]
+            if "mask" in p:  # a layer without adapter keeps its magnitude fixed (= ||W||): no gradient
+                magnitude = jnp.where(jnp.any(p["mask"] > 0), magnitude, jax.lax.stop_gradient(magnitude))
+            return with_bias(group, dora_linear(x, group["kernel"], a, b, scale, magnitude, dropout, rng))
+        if inner is None:
+            return with_bias(group, lora_linear(x, group["kernel"], a, b, scale, dropout, rng))
+        return inner(x) + lora_delta(x, a, b, scale, dropout, rng)
+
+    def embed(self, p, ids, x):
+        dtype = x.dtype
+        return x + jnp.einsum("...r,rd->...d", p["a"][ids].astype(dtype), p["b"].astype(dtype)) * p["scale"].astype(
+            dtype)
+
+    def merge(self, p, group):
+        if "embedding" in group:
+            return {**group, "embedding": group["embedding"] + (p["a"] @ p["b"]) * p["scale"]}
+        w = group["kernel"]
+        lora = masked(p)
+        a, b, s = lora
+        merged = w + jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]
+        if "magnitude" in p:
+            ratio = p["magnitude"] / dora_norm(w, lora)
+            merged = jnp.where(_layers_on(p)[..., None, None], merged * ratio[..., None, :], w)
+        return {**group, "kernel": merged}
+
+    def unmerge(self, p, group):
+        if "magnitude" in p:
+            raise ConfigError("cannot unmerge DoRA: the merged weight no longer holds ||W + s·A·B||; keep the "
+                              "unmerged params (merge returns a new tree) instead")
+        if "embedding" in group:
+            return {**group, "embedding": group["embedding"] - (p["a"] @ p["b"]) * p["scale"]}
+        a, b, s = masked(p)
+        return {**group, "kernel": group["kernel"] - jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]}
+
+    def count(self, p):
+        """Without rank padding, as PEFT's ``get_nb_trainable_parameters`` counts."""
+        a, b = p["a"], p["b"]
+        lead = int(np.prod(a.shape[:-2]))
+        active = int(jnp.sum(p["mask"])) if "mask" in p else a.shape[-1] * lead
+        total = active * (a.shape[-2] + b.shape[-1])
+        if "magnitude" in p:
+            total += int(jnp.sum(_layers_on(p))) * p["magnitude"].shape[-1]
+        return total
+
+
+class TrainableTokens(Method):
+    """PEFT's TrainableTokens: the listed embedding rows, copied, replace the frozen ones and are trained."""
+
+    name = "trainable_tokens"
+    trained = frozenset({"rows"})
+
+    def axes(self, base):
+        _, width = base["embedding"]
+        return {"rows": ("trainable_tokens", width), "ids": ("trainable_tokens",)}
+
+    def table(self, p, table):
+        return table.at[p["ids"]].set(p["rows"].astype(table.dtype))
+
+    def merge(self, p, group):
+        return {**group, "embedding": self.table(p, group["embedding"])}
+
+    def unmerge(self, p, group):
+        """The table keeps the trained rows: re-attached, they overwrite the same rows, so the forward is the same."""
+        return group
+
+
+register(TrainableTokens())  # before LoRA: on an embedding its rows are written before LoRA's lookup adds to them
+register(Lora())
+
+
+def _layers_on(p: dict) -> jnp.ndarray:
+    if "mask" in p:
+        return jnp.any(p["mask"] > 0, axis=-1)
+    return jnp.ones(p["scale"].shape, bool)
 
 
 def _get(tree: dict, path):
@@ -303,38 +391,46 @@ def _saved_groups(cfg: ModelConfig, lcfg: LoraConfig) -> list[tuple[str, ...]]:
 
 
 def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dict:
-    """A new tree with adapters added per ``lcfg``; the base leaves are shared, not copied or changed."""
+    """A new tree with adapters added per ``lcfg``; the base leaves are shared, not copied or changed. What trains
+    besides the adapters (``modules_to_save``, ``bias``) is :func:`trainable`'s answer, kept beside the tree."""
     params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
-    if any(k in ADAPTER_KEYS for k in _group_keys(params)):
-        raise ConfigError("these params already have adapters; merge them (lora.merge) before adding new ones")
+    if any(name in (Lora.name, TrainableTokens.name) for path in leaf_paths(params) for name in path.split("/")):
+        raise ConfigError("these params already have adapters; merge them (jaxft.merge) before adding new ones")
     groups = plan(cfg, lcfg)
-    marked = dict(params.get(MARKER) or {})
     for path, rng_group in zip(groups, jax.random.split(rng, len(groups))):
         g, group = groups[path], _get(params, path)
         if g.kind == "embedding":
-            group.update(_embedding_adapters(rng_group, lcfg, g, *group["embedding"].shape))
+            group["lora"] = _embedding_adapters(rng_group, lcfg, g, *group["embedding"].shape)
             continue
         fan_in, fan_out = group["kernel"].shape[-2:]
-        group.update(_linear_adapters(rng_group, lcfg, group, g, fan_in, fan_out, stacked=path[0] == "layers"))
-        if lcfg.bias == "lora_only" and "bias" in group:
-            if 0 in g.ranks:
-                raise ConfigError(f"bias='lora_only' with adapters on some layers of {path[-1]} only: stacked "
-                                  "biases are trained in every layer or none")
-            marked["/".join(path) + "/bias"] = None
+        group["lora"] = _linear_adapters(rng_group, lcfg, group, g, fan_in, fan_out, stacked=path[0] == "layers")
+        if lcfg.bias == "lora_only" and "bias" in group and 0 in g.ranks:
+            raise ConfigError(f"bias='lora_only' with adapters on some layers of {path[-1]} only: stacked "
+                              "biases are trained in every layer or none")
     for path in _saved_groups(cfg, lcfg):
         if path in (("lm_head",), ("embed_tokens",)) and cfg.tie_word_embeddings and "lm_head" not in params:
             params["lm_head"] = _untied_head(params["embed_tokens"])
-        group = _get(params, path)
-        if any(isinstance(v, nf4.QuantizedTensor) for v in group.values()):
+        if any(isinstance(v, nf4.QuantizedTensor) for v in _get(params, path).values()):
             raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
-        marked.update({"/".join(path) + "/" + leaf: None for leaf in group if leaf not in ADAPTER_KEYS})
-    if lcfg.bias == "all":
-        marked.update({p: None for p in leaf_paths(params) if p.endswith("/bias")})
     if lcfg.trainable_token_indices:
-        params["embed_tokens"].update(_trainable_rows(params["embed_tokens"], lcfg.trainable_token_indices))
-    if marked:
-        params[MARKER] = marked
+        params["embed_tokens"]["trainable_tokens"] = _trainable_rows(params["embed_tokens"],
+                                                                      lcfg.trainable_token_indices)
     return params
+
+
+def trainable(cfg: ModelConfig, params: dict, lcfg: LoraConfig) -> Trainable:
+    """What trains in ``params`` (after :func:`add`) besides the adapters: the leaves of ``modules_to_save``'s
+    groups, and biases per ``bias`` ("all": every bias; "lora_only": those of groups with an adapter)."""
+    paths = set()
+    for path in _saved_groups(cfg, lcfg):
+        paths.update("/".join(path + (leaf,)) for leaf in own_leaves(_get(params, path)))
+    for path in leaf_paths(params):
+        *group, leaf = path.split("/")
+        if leaf != "bias" or group[-1] in REGISTRY:  # a method's own "bias" leaf is the method's business
+            continue
+        if lcfg.bias == "all" or (lcfg.bias == "lora_only" and Lora.name in _get(params, group)):
+            paths.add(path)
+    return Trainable(frozenset(paths))
 
 
 def _untied_head(embed_group: dict) -> dict:
@@ -346,14 +442,14 @@ def _untied_head(embed_group: dict) -> dict:
 
 
 def _trainable_rows(group: dict, indices) -> dict:
-    """PEFT's TrainableTokens: the listed embedding rows, copied, replace the frozen ones and are trained."""
+    """The ``trainable_tokens`` namespace: copies of the listed rows and their ids."""
     vocab = group["embedding"].shape[0]
     bad = [i for i in indices if not 0 <= i < vocab]
     if bad or len(set(indices)) != len(indices):
         raise ConfigError(f"trainable_token_indices {list(indices)}: indices must be distinct and in [0, {vocab}); "
                           "resize the embeddings first (lora.resize_embeddings) for new tokens")
     ids = jnp.asarray(indices, jnp.int32)
-    return {"trainable_rows": group["embedding"][ids], "trainable_row_ids": ids}
+    return {"rows": group["embedding"][ids], "ids": ids}
 
 
 def resize_embeddings(cfg: ModelConfig, params: dict, vocab_size: int) -> tuple[ModelConfig, dict]:
@@ -375,122 +471,6 @@ def resize_embeddings(cfg: ModelConfig, params: dict, vocab_size: int) -> tuple[
     return cfg.replace(vocab_size=vocab_size), params
 
 
-def _group_keys(params: dict):
-    for path in leaf_paths(params):
-        yield path.rsplit("/", 1)[-1]
-
-
-def trainable_count(params: dict) -> int:
-    """Trainable parameters without rank padding: equals PEFT's ``get_nb_trainable_parameters()[0]``."""
-    trainable, _ = split(params)
-    total = 0
-
-    def visit(group: dict):
-        nonlocal total
-        if "lora_a" in group:
-            a, b = group["lora_a"], group["lora_b"]
-            active = (jnp.sum(group["lora_mask"]) if "lora_mask" in group else
-                      a.shape[-1] * int(np.prod(a.shape[:-2])))
-            layers_on = (jnp.sum(jnp.any(group["lora_mask"] > 0, axis=-1)) if "lora_mask" in group else
-                         int(np.prod(a.shape[:-2])))
-            total += int(active) * (a.shape[-2] + b.shape[-1])
-            if "lora_magnitude" in group:
-                total += int(layers_on) * group["lora_magnitude"].shape[-1]
-        for k, v in group.items():
-            if isinstance(v, dict):
-                visit(v)
-
-    visit(params)
-    others = {p for p in leaf_paths(trainable) if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b", "lora_magnitude")}
-    total += sum(int(np.prod(_get(params, p.split("/")).shape)) for p in others)
-    return total
-
-
-def merge(params: dict) -> dict:
-    """Fold every adapter into its base weight: W + s·A·B (DoRA: m ⊙ (W + s·A·B) / ‖W + s·A·B‖).
-
-    Merging into an NF4 base dequantizes that weight to float32, says so, and reports the rounding drift it
-    measured (the merged weight against dequant(W) + s·A·B computed separately).
-    """
-    def merge_group(group: dict) -> dict:
-        if "embedding" in group:
-            e = embedding_table(group)
-            if "lora_embedding_a" in group:
-                delta = (group["lora_embedding_a"] @ group["lora_embedding_b"]) * group["lora_scale"]
-                e = (e.astype(jnp.float32) + delta).astype(e.dtype)
-            return {"embedding": e}
-        if "lora_a" not in group:
-            return {k: merge_group(v) if isinstance(v, dict) else v for k, v in group.items()}
-        kernel = group["kernel"]
-        quantized = isinstance(kernel, nf4.QuantizedTensor)
-        w = dense_kernel(kernel, jnp.float32)
-        lora = masked(group)
-        a, b, s = lora
-        merged = w + jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]
-        if "lora_magnitude" in group:
-            on = _layers_on(group)
-            ratio = group["lora_magnitude"] / dora_norm(w, lora)
-            merged = jnp.where(on[..., None, None], merged * ratio[..., None, :], w)
-        out_dtype = jnp.float32 if quantized else kernel.dtype
-        out = {k: v for k, v in group.items() if k not in ADAPTER_KEYS}
-        out["kernel"] = merged.astype(out_dtype)
-        if quantized:
-            drift = float(jnp.max(jnp.abs(out["kernel"].astype(jnp.float32) - merged)))
-            warnings.warn(f"merging LoRA into an NF4 base: the {kernel.shape} kernel was dequantized to float32 "
-                          f"(max drift from rounding: {drift:.3g}); the merged model is dense", stacklevel=3)
-        return out
-
-    merged = merge_group({k: v for k, v in params.items() if k != MARKER})
-    return merged
-
-
-def _layers_on(group: dict) -> jnp.ndarray:
-    if "lora_mask" in group:
-        return jnp.any(group["lora_mask"] > 0, axis=-1)
-    return jnp.ones(group["lora_scale"].shape, bool)
-
-
-def adapter_tree(params: dict) -> dict:
-    """Only the adapter leaves (trainable and constants), as the structure ``unmerge`` takes back."""
-    out = {MARKER: params[MARKER]} if params.get(MARKER) else {}
-    for k, v in params.items():
-        if isinstance(v, dict) and k != MARKER:
-            sub = adapter_tree(v)
-            if sub:
-                out[k] = sub
-        elif k in ADAPTER_KEYS:
-            out[k] = v
-    return out
-
-
-def unmerge(merged: dict, adapters: dict) -> dict:
-    """Subtract merged adapters again: W = W' − s·A·B, returning the tree with the adapters re-attached."""
-    out = dict(merged)
-    for k, sub in adapters.items():
-        if k in ADAPTER_KEYS or k == MARKER:
-            out[k] = sub
-            continue
-        if "lora_magnitude" in sub:
-            raise ConfigError(f"cannot unmerge DoRA from {k}: the merged weight no longer holds ‖W + s·A·B‖; "
-                              "keep the unmerged params (merge returns a new tree) instead")
-        group = dict(out[k])
-        if "lora_a" in sub:
-            a, b, s = masked(sub)
-            kernel = group["kernel"]
-            group["kernel"] = (kernel.astype(jnp.float32)
-                               - jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]).astype(kernel.dtype)
-            group.update(sub)
-        elif "lora_embedding_a" in sub:
-            e = group["embedding"]
-            delta = (sub["lora_embedding_a"] @ sub["lora_embedding_b"]) * sub["lora_scale"]
-            group["embedding"] = (e.astype(jnp.float32) - delta).astype(e.dtype)
-            group.update(sub)
-        else:
-            group = unmerge(group, sub)
-        out[k] = group
-    return out
-
-
 def structure_config(params: dict) -> ModelConfig:
     """The shape facts LoRA planning needs (layer count, vocab, tied head), read off a param tree.
 
@@ -502,8 +482,3 @@ def structure_config(params: dict) -> ModelConfig:
                        intermediate_size=params["layers"]["gate_proj"]["kernel"].shape[-1],
                        num_hidden_layers=params["layers"]["q_proj"]["kernel"].shape[0],
                        num_attention_heads=1, tie_word_embeddings="lm_head" not in params)
-
-
-def summary(params: dict) -> str:
-    """Trainable vs total parameters and bytes, with rank padding not counted as trainable."""
-    return tree_summary(params, trainable_count(params))

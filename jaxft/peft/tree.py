@@ -1,21 +1,20 @@
 """One predicate decides what is trained: it drives ``split`` and so the gradients and the optimizer state.
 
-A leaf is trainable when its key is an adapter weight (``lora_a``, ``lora_b``, ``lora_magnitude``, …) or when its
-path is listed in ``params["trainable"]`` — a dict of ``"a/b/leaf" -> None`` that methods such as
-``modules_to_save`` or ``bias="all"`` fill. Its values are ``None``, so it holds no arrays: it lives in the
-tree's structure (static under ``jit``) and travels with the params through every tree transformation.
+The predicate is a :class:`Trainable`, kept beside the params (never inside them): a leaf trains when a registered
+method declares it trained (LoRA's ``a``, ``b``, ``magnitude``, ...: see :mod:`jaxft.ops.registry`), or when its
+``"a/b/leaf"`` path is selected whole (``modules_to_save``, ``bias="all"``, BitFit), or always (full fine-tuning).
+It is hashable, so it is static under ``jit`` and a run's state can carry it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 from flax import traverse_util
 
 from jaxft.ops.nf4 import QuantizedTensor
-
-TRAINABLE_KEYS = frozenset({"lora_a", "lora_b", "lora_magnitude", "lora_embedding_a", "lora_embedding_b",
-                            "trainable_rows"})
-MARKER = "trainable"
+from jaxft.ops.registry import REGISTRY
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -33,24 +32,32 @@ def leaf_paths(params: dict) -> list[str]:
     return [path for path, leaf in traverse_util.flatten_dict(params, sep="/").items() if leaf is not None]
 
 
-def is_trainable(params: dict):
-    """The predicate ``(path, leaf) -> bool`` for this tree."""
-    marked = frozenset(params.get(MARKER) or ())
+@dataclass(frozen=True)
+class Trainable:
+    """What trains: every leaf a registered method declares trained, plus the leaves at ``paths`` (``"a/b/leaf"``),
+    or every leaf (``everything``: full fine-tuning). Called as the predicate ``(key path, leaf) -> bool``."""
 
-    def predicate(path, _leaf) -> bool:
-        name = path_str(path)
-        return name.rsplit("/", 1)[-1] in TRAINABLE_KEYS or name in marked
+    paths: frozenset[str] = frozenset()
+    everything: bool = False
 
-    return predicate
+    def __call__(self, path, _leaf=None) -> bool:
+        names = path_names(path)
+        if self.everything or (len(names) > 1 and names[-1] in getattr(REGISTRY.get(names[-2]), "trained", ())):
+            return True
+        return path_str(path) in self.paths
+
+    def __or__(self, other: "Trainable") -> "Trainable":
+        return Trainable(self.paths | other.paths, self.everything or other.everything)
+
 
 
 def _is_quantized(x) -> bool:
     return isinstance(x, QuantizedTensor)
 
 
-def split(params: dict, predicate=None) -> tuple[dict, dict]:
-    """(trainable, frozen): two trees of the same structure, ``None`` where the other one holds the leaf."""
-    predicate = predicate or is_trainable(params)
+def split(params: dict, predicate=Trainable()) -> tuple[dict, dict]:
+    """(trainable, frozen): two trees of the same structure, ``None`` where the other one holds the leaf. The
+    default trains the leaves methods declare trained; pass a run's :class:`Trainable` for more."""
     keep = jax.tree_util.tree_map_with_path(lambda p, x: predicate(p, x), params, is_leaf=_is_quantized)
     trainable = jax.tree.map(lambda x, k: x if k else None, params, keep, is_leaf=_is_quantized)
     frozen = jax.tree.map(lambda x, k: None if k else x, params, keep, is_leaf=_is_quantized)
@@ -64,17 +71,3 @@ def combine(trainable: dict, frozen: dict) -> dict:
 
 def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def summary(params: dict, trainable_count: int | None = None) -> str:
-    """A one-line count of trainable vs total parameters and bytes.
-
-    ``trainable_count`` overrides the raw leaf count where padding (ranks padded to the largest) is not real.
-    """
-    trainable, frozen = split(params)
-    n_train = sum(x.size for x in jax.tree.leaves(trainable)) if trainable_count is None else trainable_count
-    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
-    total = n_train + n_frozen
-    return (f"trainable params: {n_train:,} || all params: {total:,} || trainable%: {100 * n_train / total:.4f} "
-            f"|| trainable bytes: {nbytes(trainable):,} || frozen bytes: {nbytes(frozen):,}")
-

@@ -16,7 +16,7 @@ import jax
 
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
-from jaxft.peft import lora
+from jaxft.peft.methods import trainable_count
 from jaxft.recipes.config import RunConfig, covered, flat_keys
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, initial_loss_scale, load_base,
                                     load_inputs, next_batches, publish, run_summary, step_config,
@@ -116,7 +116,8 @@ def run_parallel(cfgs: list[RunConfig], *, overwrite: bool = False) -> list[dict
     model_cfg, base = load_base(cfg, inputs.mesh)
     members = _members(cfgs)
     s = multi.stack(model_cfg, base, members)
-    n_trainable = [lora.trainable_count(multi.member_params(s, s.trainable, k)) for k in range(len(cfgs))]
+    member_params = [multi.member_params(s, s.trainable, k) for k in range(len(cfgs))]
+    n_trainable = [trainable_count(p, c.lora.trainable(model_cfg, p)) for c, p in zip(cfgs, member_params)]
 
     state = multi.shard(multi.init_states(s, members, cfg.optim, initial_loss_scale(model_cfg)), inputs.mesh)
     consts, base = multi.shard(s.consts, inputs.mesh), parallel.shard_params(s.base, inputs.mesh)

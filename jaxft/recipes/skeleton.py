@@ -32,8 +32,8 @@ from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
-from jaxft.peft import lora
-from jaxft.peft.tree import split
+from jaxft.peft.methods import merge, trainable_count
+from jaxft.peft.tree import Trainable, split
 from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
 from jaxft.train.checkpoint import Checkpointer, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
@@ -253,23 +253,25 @@ def base_config(cfg: RunConfig) -> ModelConfig:
 
 
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
-                 lcfg: lora.LoraConfig | None = None) -> dict:
+                 peft: tuple = ()) -> dict:
     """A run's params over its base: every linear kernel in 4-bit per ``quant`` (a base built in memory; the loader
-    gives a QLoRA run's base already 4-bit), then ``lcfg``'s adapters. Pure, so ``jax.eval_shape`` of it gives the
-    run's param shapes without a weight (the memory estimate)."""
+    gives a QLoRA run's base already 4-bit), then each ``peft`` method's leaves (``method.add``). Pure, so
+    ``jax.eval_shape`` of it gives the run's param shapes without a weight (the memory estimate)."""
     if quant is not None:
         layers = dict(base["layers"])
         for m in LINEAR_MODULES:
             layers[m] = {**layers[m], "kernel": nf4.quantize(layers[m]["kernel"], quant.blocksize, quant.double_quant,
                                                              quant.quant_type)}
         base = {**base, "layers": layers}
-    return lora.add(model_cfg, base, lcfg, rng) if lcfg is not None else base
+    for method, method_rng in zip(peft, [rng] if len(peft) == 1 else jax.random.split(rng, len(peft))):
+        base = method.add(model_cfg, base, method_rng)
+    return base
 
 
 def load_model(cfg: RunConfig, rng, mesh=None):
     """(model config, params with adapters for LoRA/QLoRA)."""
     model_cfg, base = load_base(cfg, mesh)
-    return model_cfg, build_params(model_cfg, base, rng, lcfg=cfg.lora)
+    return model_cfg, build_params(model_cfg, base, rng, peft=cfg.peft)
 
 
 def initial_loss_scale(model_cfg) -> float | None:
@@ -277,9 +279,13 @@ def initial_loss_scale(model_cfg) -> float | None:
     return 2.0 ** 15 if model_cfg.dtype == "float16" else None
 
 
-def trainable_predicate(cfg: RunConfig):
-    """Full fine-tuning trains every leaf; otherwise the tree's own predicate (adapters + marked leaves)."""
-    return (lambda path, leaf: True) if cfg.full else None
+def trainable_spec(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> Trainable:
+    """What the run trains in ``params`` (its base with every method added): everything for full fine-tuning,
+    else each method's trained leaves and the whole leaves its config selects (``modules_to_save``, ``bias``)."""
+    spec = Trainable(everything=cfg.full)
+    for method in cfg.peft:
+        spec = spec | method.trainable(model_cfg, params)
+    return spec
 
 
 # ------------------------------------------------------------------------------------------------ train state
@@ -297,20 +303,21 @@ class Training(NamedTuple):
     frozen: dict
     step_fn: Any
     n_trainable: int  # without rank padding, as PEFT counts
+    trainable: Trainable  # what trains: static, beside the params
 
 
 def train_state(cfg: RunConfig, model_cfg, params: dict, mesh) -> Training:
     """Split ``params`` into trained and frozen leaves, build the optimizer and its state on ``mesh``, and jit the
     step (state donated)."""
-    trainable, frozen = split(params, trainable_predicate(cfg))
-    n_trainable = lora.trainable_count(params) if not cfg.full else sum(
-        x.size for x in jax.tree.leaves(trainable))
+    spec = trainable_spec(cfg, model_cfg, params)
+    trainable, frozen = split(params, spec)
+    n_trainable = trainable_count(params, spec) if not cfg.full else sum(x.size for x in jax.tree.leaves(trainable))
     optimizer = make_optimizer(cfg.optim)
     state = init_state(trainable, optimizer, seed=cfg.train.seed, loss_scale=initial_loss_scale(model_cfg))
     state = jax.device_put(state, parallel.state_shardings(state, mesh))
     frozen = parallel.shard_params(frozen, mesh)
     step_fn = jit_train_step(model_cfg, step_config(cfg), optimizer, mesh, state, frozen)
-    return Training(state, frozen, step_fn, n_trainable)
+    return Training(state, frozen, step_fn, n_trainable, spec)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -437,16 +444,21 @@ def to_host(tree):
 
 
 def export_dir(cfg: RunConfig, out: Path) -> Path:
-    """Where a run exports: ``model/`` for full fine-tuning, else ``adapter/``."""
-    return out / ("model" if cfg.full else "adapter")
+    """Where a run exports: ``adapter/`` for a LoRA run (PEFT's format), else ``model/`` (full fine-tuning, or
+    methods PEFT's LoRA format cannot hold, merged into the weights)."""
+    return out / ("adapter" if _exports_adapter(cfg) else "model")
+
+
+def _exports_adapter(cfg: RunConfig) -> bool:
+    return cfg.lora is not None and len(cfg.peft) == 1
 
 
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
-    """The adapter (PEFT format) with tokenizer and chat template; full fine-tuning exports the whole model,
-    replacing an earlier export whole."""
-    if cfg.full:
-        return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
-                            model_cfg=base_config(cfg))
+    """The adapter (PEFT format) with tokenizer and chat template; other runs export the whole model (methods
+    merged in), replacing an earlier export whole."""
+    if not _exports_adapter(cfg):
+        return write_export(export_dir(cfg, out), merge(params), tokenizer, chat_template=chat_template,
+                            overwrite=True, model_cfg=base_config(cfg))
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
                         lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
 
@@ -456,7 +468,7 @@ def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, bas
     """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
     adapter (``lcfg``, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
     ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
-    tensors = adapter_tensors(params) if lcfg else to_hf_tensors(model_cfg, params)
+    tensors = adapter_tensors(params, lcfg) if lcfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
         if lcfg:
             write_adapter(tensors, lcfg, tmp, base_model)

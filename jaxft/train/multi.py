@@ -3,8 +3,8 @@
 Each member's adapters are the tree ``lora.add`` gives for its own config; the K trees are padded to a common
 shape and stacked on a leading ``member`` axis::
 
-    trainable: {"layers": {"q_proj": {"lora_a": [K, L, in, R], "lora_b": [K, L, R, out]}, ...}}
-    consts:    {"layers": {"q_proj": {"lora_scale": [K, L], "lora_mask": [K, L, R], "lora_dropout"?: [K, L]}}}
+    trainable: {"layers": {"q_proj": {"lora": {"a": [K, L, in, R], "b": [K, L, R, out]}}, ...}}
+    consts:    {"layers": {"q_proj": {"lora": {"scale": [K, L], "mask": [K, L, R], "dropout"?: [K, L]}}}}
     base:      the frozen weights, shared (no member axis)
 
 R is the largest rank of a group over the members. A member of smaller rank gets zero-padded A/B and a rank mask,
@@ -32,12 +32,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.peft import lora
-from jaxft.peft.tree import MARKER, TRAINABLE_KEYS, combine, path_names, path_str, split
+from jaxft.ops.registry import REGISTRY
+from jaxft.peft.tree import combine, path_names, path_str, split
 from jaxft.train import loop
 from jaxft.train.optim import OptimConfig, make_optimizer
-
-# Adapter leaves that are not trained but differ per member (scale alpha/r, rank mask, dropout rate, …).
-MEMBER_CONST_KEYS = lora.ADAPTER_KEYS - TRAINABLE_KEYS
 
 
 @dataclass(frozen=True)
@@ -62,15 +60,17 @@ class Stack:
 
 
 def _is_member_const(path, _leaf) -> bool:
-    return path_names(path)[-1] in MEMBER_CONST_KEYS
+    """A method's leaf that is not trained but differs per member (LoRA's scale alpha/r, rank mask, dropout)."""
+    *_, namespace, leaf = path_names(path)
+    return namespace in REGISTRY and leaf not in REGISTRY[namespace].trained
 
 
 def _lora_groups(tree: dict, path=()):
-    """(path, group) of every linear leaf group carrying LoRA."""
+    """(path, namespace) of the ``lora`` namespace of every linear leaf group carrying LoRA."""
     for key, value in tree.items():
-        if isinstance(value, dict) and key != MARKER:
-            if "lora_a" in value:
-                yield path + (key,), value
+        if isinstance(value, dict):
+            if "lora" in value and "kernel" in value:
+                yield path + (key, "lora"), value["lora"]
             else:
                 yield from _lora_groups(value, path + (key,))
 
@@ -85,14 +85,14 @@ def _pad_group(group: dict, rank: int, with_mask: bool, with_dropout: bool) -> d
     """A group padded to ``rank`` with its own ranks masked; a member without dropout gets rate 0 (exact
     identity) when others have some, so that every member's tree has the same leaves."""
     out = dict(group)
-    own_rank = group["lora_a"].shape[-1]
-    out["lora_a"] = _pad_to(group["lora_a"], -1, rank)
-    out["lora_b"] = _pad_to(group["lora_b"], -2, rank)
+    own_rank = group["a"].shape[-1]
+    out["a"] = _pad_to(group["a"], -1, rank)
+    out["b"] = _pad_to(group["b"], -2, rank)
     if with_mask:
-        own_mask = group.get("lora_mask", np.ones(group["lora_scale"].shape + (own_rank,), np.float32))
-        out["lora_mask"] = _pad_to(own_mask, -1, rank)
-    if with_dropout and "lora_dropout" not in group:
-        out["lora_dropout"] = np.zeros(group["lora_scale"].shape, np.float32)
+        own_mask = group.get("mask", np.ones(group["scale"].shape + (own_rank,), np.float32))
+        out["mask"] = _pad_to(own_mask, -1, rank)
+    if with_dropout and "dropout" not in group:
+        out["dropout"] = np.zeros(group["scale"].shape, np.float32)
     return out
 
 
@@ -107,15 +107,15 @@ def _padded(trees: list[dict]) -> list[dict]:
     groups = [dict(_lora_groups(t)) for t in trees]
     for i, g in enumerate(groups[1:], 1):
         if g.keys() != groups[0].keys():
-            raise ConfigError(f"member {i} puts LoRA on {sorted('/'.join(p) for p in g)} but member 0 on "
-                              f"{sorted('/'.join(p) for p in groups[0])}; members must target the same modules")
+            raise ConfigError(f"member {i} puts LoRA on {sorted('/'.join(p[:-1]) for p in g)} but member 0 on "
+                              f"{sorted('/'.join(p[:-1]) for p in groups[0])}; members must target the same modules")
     # New dicts (same leaves): groups are replaced in place below, and the callers' trees must stay unpadded.
     trees = [jax.tree.map(lambda x: x, t, is_leaf=lambda x: not isinstance(x, dict)) for t in trees]
     for path in groups[0]:
         member_groups = [g[path] for g in groups]
-        ranks = [g["lora_a"].shape[-1] for g in member_groups]
-        with_mask = len(set(ranks)) > 1 or any("lora_mask" in g for g in member_groups)
-        with_dropout = any("lora_dropout" in g for g in member_groups)
+        ranks = [g["a"].shape[-1] for g in member_groups]
+        with_mask = len(set(ranks)) > 1 or any("mask" in g for g in member_groups)
+        with_dropout = any("dropout" in g for g in member_groups)
         for tree, group in zip(trees, member_groups):
             _set(tree, path, _pad_group(group, max(ranks), with_mask, with_dropout))
     return trees
@@ -138,9 +138,10 @@ def stack(model_cfg: ModelConfig, base: dict, members: list[Member]) -> Stack:
     if not members:
         raise ConfigError("multi-adapter training needs at least one member")
     own = [lora.add(model_cfg, base, m.lora, jax.random.PRNGKey(m.seed)) for m in members]
-    own_trainable, own_frozen = zip(*(split(p) for p in own))
+    specs = [m.lora.trainable(model_cfg, p) for m, p in zip(members, own)]
+    own_trainable, own_frozen = zip(*(split(p, spec) for p, spec in zip(own, specs)))
     own_shapes = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in own_trainable]
-    trainable, frozen = zip(*(split(p) for p in _padded(own)))
+    trainable, frozen = zip(*(split(p, spec) for p, spec in zip(_padded(own), specs)))
     consts, bases = zip(*(split(f, _is_member_const) for f in frozen))
     _check_same_layout(list(trainable), "trainable adapters")
     _check_same_layout(list(consts), "adapter constants")
