@@ -177,8 +177,8 @@ def jaxft_model(config: dict, workload: str):
     cfg = ModelConfig(**config["model"], rope=rope, dtype=config["dtype"])
     base = init_params(cfg, jax.random.PRNGKey(0), dtype=config["dtype"])
     quant = QuantConfig(quant_type="nf4", blocksize=64, double_quant=True) if workload == "qlora" else None
-    lcfg = lora.LoraConfig(**LORA, target_modules=LINEARS) if workload in ("lora", "qlora") else None
-    return cfg, build_params(cfg, base, jax.random.PRNGKey(1), quant=quant, lcfg=lcfg)
+    peft = (lora.LoraConfig(**LORA, target_modules=LINEARS),) if workload in ("lora", "qlora") else ()
+    return cfg, build_params(cfg, base, jax.random.PRNGKey(1), quant=quant, peft=peft)
 
 
 def nf4_bytes_per_param(params: dict) -> float | None:
@@ -196,13 +196,13 @@ def run_jaxft(config: dict, workload: str, args) -> dict:
     import jax.numpy as jnp
 
     from jaxft.data.chat import IGNORE_INDEX
-    from jaxft.peft.tree import split
+    from jaxft.peft.tree import Trainable, split
     from jaxft.train.loop import StepConfig, init_state, jit_train_step
     from jaxft.train.objectives import CausalLM
     from jaxft.train.optim import OptimConfig, make_optimizer
 
     cfg, params = jaxft_model(config, workload)
-    trainable, frozen = split(params, (lambda *_: True) if workload == "full" else None)
+    trainable, frozen = split(params, Trainable(everything=workload == "full"))
     optimizer = make_optimizer(OptimConfig(lr=LR))
     state = init_state(trainable, optimizer)
     ids = jnp.asarray(random_batch(config), jnp.int32)

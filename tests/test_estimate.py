@@ -13,6 +13,7 @@ from jaxft.config import ModelConfig, from_dict
 from jaxft.hf.config import config_to_hf
 from jaxft.parallel import MeshConfig
 from jaxft.peft import lora
+from jaxft.peft.methods import trainable_count
 from jaxft.peft.tree import split
 from jaxft.analysis import memory as estimate
 from jaxft.recipes import skeleton
@@ -84,9 +85,9 @@ def test_run_config_attention_reaches_the_model(tiny_dir):
 
 def test_param_bytes_are_what_each_device_holds(tiny_dir):
     cfg = _tiny_config(tiny_dir, "qlora", quant={"blocksize": 32})
-    _, abstract, _ = estimate.abstract_model(cfg)
+    model_cfg, abstract, _ = estimate.abstract_model(cfg)
     mesh = parallel.make_mesh(MeshConfig(1, 8, 1), jax.devices()[:8])
-    parts = split(_zeros(abstract), skeleton.trainable_predicate(cfg))
+    parts = split(_zeros(abstract), skeleton.trainable_spec(cfg, model_cfg, abstract))
     held = [sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(parallel.shard_params(part, mesh)))
             for part in parts]
     predicted = estimate.estimate(cfg, (1, 8, 1))
@@ -100,8 +101,8 @@ def test_param_counts_leave_out_rank_padding(tiny_dir):
     base = _zeros(jax.eval_shape(lambda: jaxft.init_params(model_cfg, jax.random.PRNGKey(0))))
     params = lora.add(model_cfg, base, cfg.lora, jax.random.PRNGKey(0))
     n_frozen = sum(x.size for x in jax.tree.leaves(split(params)[1]))
-    assert estimate.param_counts(cfg, model_cfg, abstract) == (lora.trainable_count(params),
-                                                               lora.trainable_count(params) + n_frozen)
+    assert estimate.param_counts(cfg, model_cfg, abstract) == (trainable_count(params),
+                                                               trainable_count(params) + n_frozen)
 
 
 @pytest.mark.slow

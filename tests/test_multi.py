@@ -93,16 +93,16 @@ def test_exported_member_has_its_own_rank_and_scale(dense_runs):
     _, (_, trainable, s) = dense_runs
     for k, m in enumerate(MEMBERS):
         q_proj = multi.member_params(s, trainable, k)["layers"]["q_proj"]
-        assert q_proj["lora_a"].shape[-1] == q_proj["lora_b"].shape[-2] == m.lora.r
-        np.testing.assert_allclose(q_proj["lora_scale"], m.lora.scaling(m.lora.r, m.lora.lora_alpha))
+        assert q_proj["lora"]["a"].shape[-1] == q_proj["lora"]["b"].shape[-2] == m.lora.r
+        np.testing.assert_allclose(q_proj["lora"]["scale"], m.lora.scaling(m.lora.r, m.lora.lora_alpha))
 
 
 def test_padded_rank_rows_stay_exactly_zero(dense_runs):
     _, (_, trainable, _) = dense_runs
-    for group in (g for g in trainable["layers"].values() if g.get("lora_a") is not None):
+    for group in (g["lora"] for g in trainable["layers"].values() if g.get("lora") is not None):
         for k, m in enumerate(MEMBERS):
-            assert not np.any(np.asarray(group["lora_a"][k, ..., m.lora.r:]))
-            assert not np.any(np.asarray(group["lora_b"][k, ..., m.lora.r:, :]))
+            assert not np.any(np.asarray(group["a"][k, ..., m.lora.r:]))
+            assert not np.any(np.asarray(group["b"][k, ..., m.lora.r:, :]))
 
 
 @pytest.mark.slow
@@ -140,7 +140,7 @@ def test_members_on_a_mesh_match_the_unsharded_step(member_rule):
         state, metrics = step(state, consts, frozen, jax.device_put(batch, batch_sharding))
         losses.append(np.asarray(metrics["loss"]))
     np.testing.assert_allclose(np.stack(losses, axis=1), want, atol=2e-6, rtol=0)
-    assert state["trainable"]["layers"]["q_proj"]["lora_a"].sharding.spec[0] == member_rule
+    assert state["trainable"]["layers"]["q_proj"]["lora"]["a"].sharding.spec[0] == member_rule
 
 
 @pytest.mark.parametrize("name", multi.WHOLE_LEAF_OPTIMIZERS)
@@ -200,8 +200,8 @@ def test_run_parallel_writes_each_members_run_folder_and_adapter(sweep):
         assert json.loads((out / "summary.json").read_text())["final_loss"] == pytest.approx(summary["final_loss"])
         assert summary["eval"]["tokens"] > 0 and summary["tokens_per_s"] > 0
         params = jaxft.load_adapter(summary["export"], base)
-        assert params["layers"]["q_proj"]["lora_a"].shape[-1] == cfg.lora.r
-        assert summary["trainable_params"] == jaxft.lora.trainable_count(params)
+        assert params["layers"]["q_proj"]["lora"]["a"].shape[-1] == cfg.lora.r
+        assert summary["trainable_params"] == jaxft.peft.methods.trainable_count(params)
     with pytest.raises(FileExistsError):
         run_parallel(cfgs)
 

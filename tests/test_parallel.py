@@ -83,7 +83,7 @@ def test_fsdp_alone_shards_every_lora_matrix_through_the_fallback_rules():
     mesh = make_mesh(MeshConfig(1, 8, 1))
     trainable, frozen = jaxft.split(_params(quant=False))
     adapters = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(shard_params(trainable, mesh))[0]
-                if p[-1].key in ("lora_a", "lora_b")]
+                if p[-2].key == "lora" and p[-1].key in ("a", "b")]
     assert len(adapters) == 14
     for path, leaf in adapters:
         assert leaf.addressable_shards[0].data.size * 8 == leaf.size, jax.tree_util.keystr(path)
@@ -113,5 +113,5 @@ def test_state_shardings_keep_offloaded_optimizer_state_in_host_memory():
     shardings = state_shardings(state, mesh)
     assert {s.memory_kind for s in jax.tree.leaves(shardings["opt_state"])} == {"pinned_host"}
     assert {s.memory_kind for s in jax.tree.leaves(shardings["trainable"])} == {"device"}
-    mu = shardings["opt_state"][1].mu["layers"]["q_proj"]["lora_a"]  # (clip, adam, schedule) states
-    assert mu.spec == shardings["trainable"]["layers"]["q_proj"]["lora_a"].spec != jax.sharding.PartitionSpec()
+    mu = shardings["opt_state"][1].mu["layers"]["q_proj"]["lora"]["a"]  # (clip, adam, schedule) states
+    assert mu.spec == shardings["trainable"]["layers"]["q_proj"]["lora"]["a"].spec != jax.sharding.PartitionSpec()

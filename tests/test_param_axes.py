@@ -95,29 +95,29 @@ def test_every_leaf_has_declared_axes_naming_dims_of_their_meaning(name):
 # The logical meaning of each dimension, written by hand: [L] stacks layers; kernels are [in, out].
 EXPECTED = {
     "embed_tokens/embedding": ("vocab", "embed"),
-    "embed_tokens/lora_embedding_a": ("vocab", "lora_rank"),
-    "embed_tokens/lora_embedding_b": ("lora_rank", "embed"),
-    "embed_tokens/trainable_rows": ("trainable_tokens", "embed"),
-    "embed_tokens/trainable_row_ids": ("trainable_tokens",),
+    "embed_tokens/lora/a": ("vocab", "lora_rank"),
+    "embed_tokens/lora/b": ("lora_rank", "embed"),
+    "embed_tokens/trainable_tokens/rows": ("trainable_tokens", "embed"),
+    "embed_tokens/trainable_tokens/ids": ("trainable_tokens",),
     "layers/input_layernorm/scale": ("layer", "norm"),
     "layers/q_proj/kernel": ("layer", "embed", "heads"),
     "layers/k_proj/bias": ("layer", "kv_heads"),
     "layers/o_proj/kernel": ("layer", "heads", "embed"),
     "layers/down_proj/kernel": ("layer", "mlp", "embed"),
-    "layers/v_proj/lora_a": ("layer", "embed", "lora_rank"),
-    "layers/v_proj/lora_b": ("layer", "lora_rank", "kv_heads"),
-    "layers/o_proj/lora_b": ("layer", "lora_rank", "embed"),
-    "layers/gate_proj/lora_dropout": ("layer",),
-    "layers/up_proj/lora_scale": ("layer",),
+    "layers/v_proj/lora/a": ("layer", "embed", "lora_rank"),
+    "layers/v_proj/lora/b": ("layer", "lora_rank", "kv_heads"),
+    "layers/o_proj/lora/b": ("layer", "lora_rank", "embed"),
+    "layers/gate_proj/lora/dropout": ("layer",),
+    "layers/up_proj/lora/scale": ("layer",),
     "norm/scale": ("norm",),
     "lm_head/kernel": ("embed", "vocab"),
-    "lm_head/lora_a": ("embed", "lora_rank"),
-    "lm_head/lora_b": ("lora_rank", "vocab"),
-    "lm_head/lora_scale": (),
+    "lm_head/lora/a": ("embed", "lora_rank"),
+    "lm_head/lora/b": ("lora_rank", "vocab"),
+    "lm_head/lora/scale": (),
 }
 EXPECTED_DORA = {
-    "layers/up_proj/lora_magnitude": ("layer", "mlp"),
-    "layers/down_proj/lora_mask": ("layer", "lora_rank"),
+    "layers/up_proj/lora/magnitude": ("layer", "mlp"),
+    "layers/down_proj/lora/mask": ("layer", "lora_rank"),
     "layers/o_proj/bias": ("layer", "embed"),
     "lm_head/kernel": ("embed", "vocab"),  # the trained copy that untied the head
 }
@@ -192,7 +192,7 @@ def test_trainable_token_rows_shard_like_the_table_width_and_give_the_same_loss_
     want = jax.jit(jax.value_and_grad(loss))(trainable, frozen)
     mesh = parallel.make_mesh(parallel.MeshConfig(2, 4, 1))
     sharded = parallel.shard_params(trainable, mesh)
-    assert sharded["embed_tokens"]["trainable_rows"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert sharded["embed_tokens"]["trainable_tokens"]["rows"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     got = jax.jit(jax.value_and_grad(loss))(sharded, parallel.shard_params(frozen, mesh))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     for path, g in _flat(got[1]).items():

@@ -60,7 +60,7 @@ def test_nonfinite_gradients_skip_the_update(offload):
     params = _lora_params()
     trainable, frozen = jaxft.split(params)
     trainable = jax.tree.map(lambda x: x, trainable)
-    trainable["layers"]["q_proj"]["lora_a"] = trainable["layers"]["q_proj"]["lora_a"].at[0, 0, 0].set(jnp.nan)
+    trainable["layers"]["q_proj"]["lora"]["a"] = trainable["layers"]["q_proj"]["lora"]["a"].at[0, 0, 0].set(jnp.nan)
     opt = make_optimizer(OptimConfig(lr=1e-2, offload_state=offload))
     state = init_state(trainable, opt)
     before = jax.tree.map(np.asarray, {"trainable": state["trainable"], "opt_state": state["opt_state"]})
