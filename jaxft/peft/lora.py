@@ -38,6 +38,11 @@ from jaxft.peft.tree import Trainable, leaf_paths
 
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# The trained leaves' names before the method registry (jaxft up to b4e718f kept them beside the kernel or table),
+# each with its path inside today's group: training checkpoints written then restore through this table. Frozen
+# leaves (lora_scale, lora_mask, lora_dropout, trainable_row_ids) were never saved, so they need no entry.
+OLD_LEAF_NAMES = {"lora_a": "lora/a", "lora_b": "lora/b", "lora_magnitude": "lora/magnitude",
+                  "lora_embedding_a": "lora/a", "lora_embedding_b": "lora/b", "trainable_rows": "trainable_tokens/rows"}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ A checkpoint is one orbax step directory with three items:
   trainable tree) and of namedtuples (optax states) has changed between releases; a dict of arrays round-trips in
   all of them, and the tree structure is rebuilt from the caller's restore target.
 - ``layout``: each leaf's path, shape and dtype (JSON), so a restore can check its target against the checkpoint
-  and name the paths that differ before orbax reads a byte.
+  and name the paths that differ before orbax reads a byte. It also lets a checkpoint written before the method
+  registry, whose trained leaves had the names of :data:`jaxft.peft.lora.OLD_LEAF_NAMES` (``lora_a`` where today's
+  tree holds ``lora/a``), restore into today's state: each target leaf missing from the layout is looked up under
+  its old name.
 - ``extra``: the caller's JSON (data-iterator state, run config, :func:`base_reference` of the frozen base).
 
 The frozen base is never copied into a checkpoint: ``extra`` carries its path and a sha256 of each of its files'
@@ -48,6 +51,7 @@ from flax import traverse_util
 from jaxft.config import ModelConfig, to_dict
 from jaxft.errors import JaxftError
 from jaxft.hf.safetensors_io import CheckpointError
+from jaxft.peft.lora import OLD_LEAF_NAMES
 from jaxft.peft.tree import path_names
 
 _STATE, _LAYOUT, _EXTRA = "state", "layout", "extra"
@@ -239,17 +243,20 @@ def _abstract_state(target: Any, layout: dict, where: str):
     back into ``target``'s structure. Mismatches are reported all at once, by path."""
     paths, leaves, treedef = _leaf_paths(target, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     names = ["/".join(p) for p in paths]
-    missing = [n for n in names if n not in layout]
     target_names = set(names)
-    unexpected = [n for n in layout if n not in target_names]
+    saved_paths = [_saved_path(p, layout, target_names) for p in paths]
+    saved_names = ["/".join(p) for p in saved_paths]
+    missing = [n for n, s in zip(names, saved_names) if s not in layout]
+    restored_names = set(saved_names)
+    unexpected = [n for n in layout if n not in restored_names]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {where} does not fit the restore target: target leaves not in the "
                               f"checkpoint: {missing or 'none'}; checkpoint leaves not in the target: "
                               f"{unexpected or 'none'}. The trainable set (LoRA targets, rank) or the optimizer must "
                               "match the saved run's.")
     abstract, problems = [], []
-    for name, leaf in zip(names, leaves):
-        saved_shape, saved_dtype = tuple(layout[name]["shape"]), layout[name]["dtype"]
+    for name, saved_name, leaf in zip(names, saved_names, leaves):
+        saved_shape, saved_dtype = tuple(layout[saved_name]["shape"]), layout[saved_name]["dtype"]
         if isinstance(leaf, jax.sharding.Sharding):
             leaf = jax.ShapeDtypeStruct(saved_shape, saved_dtype, sharding=leaf)
         sharding = getattr(leaf, "sharding", None)
@@ -265,14 +272,28 @@ def _abstract_state(target: Any, layout: dict, where: str):
 
     def rebuild(nested: dict) -> Any:
         restored = []
-        for path in paths:
+        for path in saved_paths:
             node = nested
             for name in path:
                 node = node[name]
             restored.append(node)
         return jax.tree_util.tree_unflatten(treedef, restored)
 
-    return _nest(paths, abstract), rebuild
+    return _nest(saved_paths, abstract), rebuild
+
+
+def _saved_path(path: tuple[str, ...], layout: dict, target_names: set[str]) -> tuple[str, ...]:
+    """Where the checkpoint holds the target leaf at ``path``: the same path, or in a checkpoint written before the
+    method registry the leaf's old name in the same group (``.../q_proj/lora_a`` for ``.../q_proj/lora/a``). An old
+    name that is itself a target leaf is that leaf's, never another's."""
+    if "/".join(path) in layout:
+        return path
+    for old, new in OLD_LEAF_NAMES.items():
+        tail = tuple(new.split("/"))
+        former = (*path[:-len(tail)], old)
+        if path[-len(tail):] == tail and "/".join(former) in layout and "/".join(former) not in target_names:
+            return former
+    return path
 
 
 def _json_snapshot(extra: dict) -> dict:
