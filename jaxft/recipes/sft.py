@@ -33,7 +33,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         return finished_summary(cfg, out, resumed)
     inputs = load_inputs(cfg)
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
-    state, frozen, step_fn, n_trainable = train_state(cfg, model_cfg, params, inputs.mesh)
+    state, frozen, step_fn, n_trainable, _ = train_state(cfg, model_cfg, params, inputs.mesh)
     base = base_reference(cfg.model)
     if resumed and resumed.step is not None:
         state = restore_checkpoint(cfg, out, state, inputs.pipeline.iterator, base)
