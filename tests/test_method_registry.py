@@ -185,6 +185,13 @@ def test_split_trains_the_scale_and_the_lora_factors_only(channel_scale):
     assert trainable_count(params) == layers * fan_out + n_lora
 
 
+def test_save_adapter_refuses_a_method_without_a_peft_format_naming_it_and_the_way_out(channel_scale, tmp_path):
+    lcfg = jaxft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"])
+    with pytest.raises(jaxft.ConfigError, match=rf"method '{NAME}' has no PEFT adapter format.*jaxft\.merge"):
+        jaxft.save_adapter(_with_lora_and_scale(), lcfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_gradients_through_lora_inside_the_scale_are_autodiff_of_the_direct_computation(channel_scale):
     """LoRA keeps its fused hand-written backward pass inside the outer method; the gradients of a, b and the
     scale equal jax's autodiff of the computation written out."""

@@ -1,9 +1,11 @@
 """PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's tensor names.
 
-Names (torch layout): ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` [r, in],
-``...lora_B.weight`` [out, r], ``...lora_magnitude_vector`` [out] (DoRA), ``base_model.model.model.embed_tokens.
-lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [hidden, r], and fully trained modules
-(``modules_to_save``, biases) under their module's name. Only real ranks are written, never rank padding.
+Each registered method names its own tensors (``Method.peft_tensors``), after the module's PEFT name: LoRA's are
+(torch layout) ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` [r, in], ``...lora_B.weight``
+[out, r], ``...lora_magnitude_vector`` [out] (DoRA), ``base_model.model.model.embed_tokens.lora_embedding_A``
+[r, vocab] / ``lora_embedding_B`` [hidden, r]. Fully trained modules (``modules_to_save``, biases) are written
+under their module's name. Only real ranks are written, never rank padding. A method without a PEFT format is
+refused with the way out (merge it and save the full model).
 """
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
 from jaxft.hf.names import module_name
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from jaxft.ops.registry import REGISTRY
+from jaxft.ops.registry import methods_in
 from jaxft.peft import lora
-from jaxft.peft.tree import leaf_paths
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -36,55 +37,36 @@ class Entry:
     name: str
     path: tuple[str, ...]  # leaf path in the param tree
     layer: int | None  # index on the stacked axis
-    rank: int | None  # real rank for LoRA's a / b (drops padding)
     transpose: bool
+    rank: int | None = None  # the real entries of rank_axis (LoRA's rank without padding)
+    rank_axis: int | None = None
+
+    def real(self, x: np.ndarray) -> tuple:
+        """The index of the entries of ``x`` (the leaf's slice for ``layer``) that the file holds."""
+        index = [slice(None)] * x.ndim
+        if self.rank is not None:
+            index[self.rank_axis] = slice(0, self.rank)
+        return tuple(index)
 
 
-def _ranks(p: dict) -> list[int]:
-    """Each layer's real rank of a ``lora`` namespace."""
-    a = p["a"]
-    if "mask" in p:
-        return [int(x) for x in np.asarray(p["mask"]).sum(-1).reshape(-1)]
-    return [a.shape[-1]] * (a.shape[0] if a.ndim == 3 else 1)
-
-
-def _lora_entries(path: tuple, p: dict, stacked: bool) -> list[Entry]:
-    """A linear group's ``lora`` namespace (``path`` is the group's): A, B and DoRA's magnitude, per layer."""
+def _method_entries(path: tuple, group: dict) -> list[Entry]:
+    """The tensors every method in the group declares (``Method.peft_tensors``), under the module's PEFT name."""
     out = []
-    for layer, r in zip(range(p["a"].shape[0]) if stacked else [None], _ranks(p)):
-        if r == 0:
-            continue
-        key = PREFIX + module_name(path, layer)
-        out.append(Entry(f"{key}.lora_A.weight", path + ("lora", "a"), layer, r, True))
-        out.append(Entry(f"{key}.lora_B.weight", path + ("lora", "b"), layer, r, True))
-        if "magnitude" in p:
-            out.append(Entry(f"{key}.lora_magnitude_vector", path + ("lora", "magnitude"), layer, None, False))
-    return out
-
-
-def _embedding_entries(path: tuple, group: dict) -> list[Entry]:
-    out, key = [], PREFIX + module_name(path, None)
-    if "trainable_tokens" in group:
-        out.append(Entry(f"{key}.token_adapter.trainable_tokens_delta", path + ("trainable_tokens", "rows"), None,
-                         None, False))
-    if "lora" in group:
-        out.append(Entry(f"{key}.lora_embedding_A", path + ("lora", "a"), None, None, True))
-        out.append(Entry(f"{key}.lora_embedding_B", path + ("lora", "b"), None, None, True))
+    for method in methods_in(group):
+        for t in method.peft_tensors(group[method.name], group, stacked=path[0] == "layers"):
+            out.append(Entry(f"{PREFIX}{module_name(path, t.layer)}.{t.suffix}", path + (method.name, t.leaf),
+                             t.layer, t.transpose, t.rank, t.rank_axis))
     return out
 
 
 def entries(params: dict, lcfg: lora.LoraConfig) -> list[Entry]:
-    """Every tensor the adapter file holds for this tree (with ``lcfg``'s adapters added): the adapters, then the
-    leaves ``lcfg`` trains whole (``modules_to_save``, biases)."""
-    _check_methods(params)
+    """Every tensor the adapter file holds for this tree (with ``lcfg``'s adapters added): the methods' tensors,
+    then the leaves ``lcfg`` trains whole (``modules_to_save``, biases)."""
     out = []
     groups = [(("layers", k), v) for k, v in params["layers"].items()]
     groups += [((k,), v) for k, v in params.items() if k != "layers"]
     for path, group in groups:
-        if "embedding" in group:
-            out += _embedding_entries(path, group)
-        elif "lora" in group:
-            out += _lora_entries(path, group["lora"], stacked=path[0] == "layers")
+        out += _method_entries(path, group)
     n_layers = params["layers"]["q_proj"]["kernel"].shape[0]
     for whole in sorted(lora.trainable(lora.structure_config(params), params, lcfg).paths):
         path = tuple(whole.split("/"))
@@ -93,8 +75,7 @@ def entries(params: dict, lcfg: lora.LoraConfig) -> list[Entry]:
         if leaf == "bias" and "lora" in group:
             leaf = "base_layer.bias"  # PEFT's name for the bias of a LoRA-wrapped layer
         for layer in (range(n_layers) if path[0] == "layers" else [None]):
-            out.append(Entry(f"{PREFIX}{module_name(path[:-1], layer)}.{leaf}", path, layer, None,
-                             path[-1] == "kernel"))
+            out.append(Entry(f"{PREFIX}{module_name(path[:-1], layer)}.{leaf}", path, layer, path[-1] == "kernel"))
     return out
 
 
@@ -104,32 +85,17 @@ def _get(tree, path):
     return tree
 
 
-def _is_lora(e: Entry) -> bool:
-    return "lora" in e.path
-
-
 def _extract(params: dict, e: Entry) -> np.ndarray:
-    x = np.asarray(_get(params, e.path).astype(jnp.float32) if _is_lora(e) else _get(params, e.path))
+    x = np.asarray(_get(params, e.path))
     if e.layer is not None:
         x = x[e.layer]
-    if e.rank is not None and e.path[-1] == "a":
-        x = x[:, :e.rank]
-    elif e.rank is not None and e.path[-1] == "b":
-        x = x[:e.rank]
+    x = x[e.real(x)]
     return np.ascontiguousarray(x.T if e.transpose else x)
 
 
 def adapter_tensors(params: dict, lcfg: lora.LoraConfig) -> dict[str, np.ndarray]:
     return {e.name: _extract(params, e) for e in entries(params, lcfg)}
 
-
-def _check_methods(params: dict) -> None:
-    """PEFT's LoRA format holds LoRA and trainable tokens; a tree carrying any other method has no file here."""
-    found = {name for path in leaf_paths(params) for name in path.split("/") if name in REGISTRY}
-    other = found - {"lora", "trainable_tokens"}
-    if other:
-        raise ConfigError(f"the params carry method(s) {sorted(other)}, which PEFT's LoRA adapter format cannot "
-                          "hold; merge them (jaxft.merge) and save the full model instead")
 
 
 def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -179,7 +145,7 @@ def _shape_problem(folder: Path, e: Entry, found: tuple, expected: tuple) -> str
     """Which file is wrong: a rank that differs from adapter_config.json's r while the other dimension fits is the
     config's disagreement with the tensors (an adapter saved with an edited or mismatched config); any other
     difference is a tensor that does not fit this base model."""
-    rank_axis = {"a": 0, "b": 1}.get(e.path[-1]) if e.rank else None  # PEFT: lora_A [r, in], lora_B [out, r]
+    rank_axis = None if e.rank is None else (1 - e.rank_axis if e.transpose else e.rank_axis)  # in the file
     if (rank_axis is not None and len(found) == len(expected) == 2 and found[1 - rank_axis] == expected[1 - rank_axis]
             and found[rank_axis] != expected[rank_axis]):
         return (f"{folder / CONFIG_FILE} says r = {e.rank} for {e.name.rsplit('.', 2)[0]} (its r, or rank_pattern "
@@ -215,14 +181,9 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
             raise CheckpointError(_shape_problem(folder, e, value.shape, expected))
         updates.setdefault(e.path, []).append((e, value.T if e.transpose else value))
     for path, items in updates.items():
-        array = np.array(_get(params, path), dtype=np.float32 if "lora" in path else None)
+        array = np.array(_get(params, path))
         for e, value in items:
             target = array if e.layer is None else array[e.layer]
-            if e.rank is not None and e.path[-1] == "a":
-                target[:, :e.rank] = value
-            elif e.rank is not None and e.path[-1] == "b":
-                target[:e.rank] = value
-            else:
-                target[...] = value
-        _get(params, path[:-1])[path[-1]] = jnp.asarray(array, _get(params, path).dtype)
+            target[e.real(target)] = value
+        _get(params, path[:-1])[path[-1]] = jnp.asarray(array)
     return params

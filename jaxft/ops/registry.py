@@ -14,13 +14,24 @@ trees with the same declarations (split, merge, unmerge, counts), ``jaxft.parall
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
 from jaxft.config import ConfigError
 
 BASE_LEAVES = frozenset({"kernel", "bias", "embedding", "scale"})  # the model's own leaves of a group
+
+
+class PeftTensor(NamedTuple):
+    """One tensor of a method in PEFT's adapter file, named ``<the module's HF name>.<suffix>``."""
+
+    suffix: str  # e.g. "lora_A.weight"
+    leaf: str  # the method's leaf that holds it
+    layer: int | None  # index on the stacked layer axis (None: an unstacked group)
+    transpose: bool = False  # torch keeps the two dims the other way round ([out, in])
+    rank: int | None = None  # only the first ``rank`` entries of ``rank_axis`` are real (the rest is padding)
+    rank_axis: int | None = None  # of the leaf's slice for ``layer``, in jax's layout
 
 
 class Method(abc.ABC):
@@ -60,6 +71,11 @@ class Method(abc.ABC):
     def unmerge(self, p: dict, group: dict) -> dict:
         """The inverse of :meth:`merge`: the group's own leaves with this method taken out again."""
         raise ConfigError(f"method {self.name!r} cannot be unmerged from merged weights")
+
+    def peft_tensors(self, p: dict, group: dict, stacked: bool) -> list[PeftTensor]:
+        """Its tensors in PEFT's adapter format (``stacked``: the group's leaves lead with the layer axis)."""
+        raise ConfigError(f"method {self.name!r} has no PEFT adapter format; merge it into the weights "
+                          "(jaxft.merge) and save the full model instead")
 
     def count(self, p: dict) -> int:
         """Parameters it really trains (a method with padding, as LoRA's ranks, counts without it)."""

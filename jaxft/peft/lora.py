@@ -33,7 +33,7 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, dora_linear, embedding_table, lora_delta, lora_linear, with_bias
-from jaxft.ops.registry import REGISTRY, Method, own_leaves, register
+from jaxft.ops.registry import REGISTRY, Method, PeftTensor, own_leaves, register
 from jaxft.peft.tree import Trainable, leaf_paths
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -329,6 +329,20 @@ class Lora(Method):
         a, b, s = masked(p)
         return {**group, "kernel": group["kernel"] - jnp.einsum("...ir,...ro->...io", a, b) * s[..., None, None]}
 
+    def peft_tensors(self, p, group, stacked):
+        """``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r] (real ranks only) and DoRA's
+        ``lora_magnitude_vector`` per layer; ``lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [dim, r]."""
+        if "embedding" in group:
+            return [PeftTensor("lora_embedding_A", "a", None, True), PeftTensor("lora_embedding_B", "b", None, True)]
+        out = []
+        for layer, r in zip(range(p["a"].shape[0]) if stacked else [None], _ranks(p)):
+            if r:
+                out += [PeftTensor("lora_A.weight", "a", layer, True, r, rank_axis=1),
+                        PeftTensor("lora_B.weight", "b", layer, True, r, rank_axis=0)]
+            if r and "magnitude" in p:
+                out.append(PeftTensor("lora_magnitude_vector", "magnitude", layer))
+        return out
+
     def count(self, p):
         """Without rank padding, as PEFT's ``get_nb_trainable_parameters`` counts."""
         a, b = p["a"], p["b"]
@@ -360,9 +374,20 @@ class TrainableTokens(Method):
         """The table keeps the trained rows: re-attached, they overwrite the same rows, so the forward is the same."""
         return group
 
+    def peft_tensors(self, p, group, stacked):
+        return [PeftTensor("token_adapter.trainable_tokens_delta", "rows", None)]
+
 
 register(TrainableTokens())  # before LoRA: on an embedding its rows are written before LoRA's lookup adds to them
 register(Lora())
+
+
+def _ranks(p: dict) -> list[int]:
+    """Each layer's real rank of a linear group's ``lora`` namespace (0: no adapter in that layer)."""
+    a = p["a"]
+    if "mask" in p:
+        return [int(x) for x in np.asarray(p["mask"]).sum(-1).reshape(-1)]
+    return [a.shape[-1]] * (a.shape[0] if a.ndim == 3 else 1)
 
 
 def _layers_on(p: dict) -> jnp.ndarray:
