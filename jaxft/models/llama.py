@@ -247,7 +247,7 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     if inputs_embeds is None:
         x = embed(params["embed_tokens"], input_ids, dtype)
     else:
-        x = jnp.asarray(inputs_embeds).astype(dtype)
+        x = jnp.asarray(inputs_embeds, dtype)
     cos, sin = rope_tables(cfg, positions, dtype)
     if cache is None:
         q_index = k_index = jnp.broadcast_to(jnp.arange(t), (b, t))
