@@ -40,8 +40,8 @@ class LogitRegression:
 
         from jaxft.models.llama import hidden_states, logits_from_hidden
 
-        h, _ = hidden_states(cfg, params, batch["input_ids"], segment_ids=batch["segment_ids"], rng=rng,
-                             activation_sharding=activation_sharding)
+        h = hidden_states(cfg, params, batch["input_ids"], segment_ids=batch["segment_ids"], rng=rng,
+                          activation_sharding=activation_sharding).hidden
         target = (batch["labels"] != -100).astype(jnp.float32)
         error = jnp.square(logits_from_hidden(cfg, params, h)[..., self.token] - target)
         return jnp.where(batch["segment_ids"] != 0, error, 0.0)

@@ -101,8 +101,8 @@ class LogitRegression:
         return jnp.sum(batches["segment_ids"] != 0, dtype=jnp.int32).astype(jnp.float32)
 
     def squared_errors(self, cfg, params, batch, rng=None, activation_sharding=None):
-        h, _ = hidden_states(cfg, params, batch["input_ids"], segment_ids=batch["segment_ids"], rng=rng,
-                             activation_sharding=activation_sharding)
+        h = hidden_states(cfg, params, batch["input_ids"], segment_ids=batch["segment_ids"], rng=rng,
+                          activation_sharding=activation_sharding).hidden
         logit = logits_from_hidden(cfg, params, h)[..., self.token]
         return jnp.where(batch["segment_ids"] != 0, jnp.square(logit - batch["targets"]), 0.0)
 

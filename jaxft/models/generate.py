@@ -3,6 +3,8 @@
 The cache is a dict ``{"k", "v": [L, B, S, KVH, hd], "segment_ids": [B, S], "index": slot of the next token}``.
 Prompt padding gets segment id 0, so real tokens never attend to it (the mask rule of
 :mod:`jaxft.ops.attention`), and positions count real tokens only, as HF derives them from the attention mask.
+Hooks (:class:`jaxft.models.hooks.Hooks`) apply at every step; prefix keys/values are added to each step's keys
+rather than stored in the cache.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import ModelConfig
+from jaxft.models.hooks import Hooks
 from jaxft.models.llama import InputError, hidden_states, logits_from_hidden
 
 
@@ -24,10 +27,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
             "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.array(0, jnp.int32)}
 
 
-def forward_cached(cfg: ModelConfig, params: dict, input_ids, positions, segment_ids, cache: dict):
+def forward_cached(cfg: ModelConfig, params: dict, input_ids, positions, segment_ids, cache: dict,
+                   hooks: Hooks = Hooks()):
     """Logits [B, T, V] of ``input_ids`` written at ``cache["index"]``, and the updated cache."""
-    h, cache = hidden_states(cfg, params, input_ids, positions, segment_ids, cache=cache)
-    return logits_from_hidden(cfg, params, h), cache
+    out = hidden_states(cfg, params, input_ids, positions, segment_ids, hooks=hooks, cache=cache)
+    return logits_from_hidden(cfg, params, out.hidden), out.cache
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +66,12 @@ def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: floa
     return logits
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(cfg, params, ids, mask, stop_ids, pad_id, rng, *, max_new_tokens, temperature, top_k, top_p):
+@partial(jax.jit, static_argnames=("cfg", "hooks", "max_new_tokens", "temperature", "top_k", "top_p"))
+def _generate(cfg, params, ids, mask, stop_ids, pad_id, rng, *, hooks, max_new_tokens, temperature, top_k, top_p):
     batch, width = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     cache = init_cache(cfg, batch, width + max_new_tokens)
-    logits, cache = forward_cached(cfg, params, ids, positions, mask, cache)
+    logits, cache = forward_cached(cfg, params, ids, positions, mask, cache, hooks)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     state = (0, logits[:, -1], positions[:, -1], cache, out, jnp.zeros(batch, bool), rng)
 
@@ -87,7 +91,7 @@ def _generate(cfg, params, ids, mask, stop_ids, pad_id, rng, *, max_new_tokens, 
         done = done | jnp.isin(token, stop_ids)
         pos = last_pos + 1
         logits, cache = forward_cached(cfg, params, token[:, None], pos[:, None], jnp.ones((batch, 1), jnp.int32),
-                                       cache)
+                                       cache, hooks)
         return step + 1, logits[:, -1], pos, cache, out, done, rng
 
     step, *_, out, done, _ = jax.lax.while_loop(cond, body, state)
@@ -151,14 +155,15 @@ def stop_token_ids(cfg: ModelConfig, eos_token_id: int | None) -> list[int]:
 
 def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
-             pad_token_id: int | None = None, seed: int | None = None, rng: jax.Array | None = None
-             ) -> list[list[int]]:
+             pad_token_id: int | None = None, seed: int | None = None, rng: jax.Array | None = None,
+             hooks: Hooks = Hooks()) -> list[list[int]]:
     """New tokens for each prompt, up to and including a stop token. ``prompt_ids`` is one prompt [T] or a batch
     [B, T]: a list of ints, a list of lists (of different lengths), or a 1-D / 2-D integer numpy / jax array.
 
     ``temperature=0`` is greedy; otherwise tokens are sampled after temperature / top-k / top-p filtering, from
     ``seed`` (default 0; the same seed gives the same sample) or an explicit ``rng`` key.
-    Stop tokens default to the config's EOS ids.
+    Stop tokens default to the config's EOS ids. ``hooks`` apply at every step (a batch-shaped prefix is [B, ...]
+    with B the number of prompts); their taps are not returned.
     """
     rows = prompt_rows(prompt_ids)
     if max_new_tokens <= 0:
@@ -173,7 +178,7 @@ def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int 
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     ids, mask = left_pad(rows, pad)
     out = _generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops or (-1,), jnp.int32),
-                    jnp.int32(pad), jax.random.PRNGKey(seed or 0) if rng is None else rng,
+                    jnp.int32(pad), jax.random.PRNGKey(seed or 0) if rng is None else rng, hooks=hooks,
                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p))
     result = []

@@ -15,12 +15,15 @@ Module names are Hugging Face's, so PEFT-style ``target_modules`` read naturally
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
 from jaxft.errors import JaxftError
-from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention
+from jaxft.models.hooks import Hooks
+from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention, with_prefix_slots
 from jaxft.ops.blockwise_attention import platform_attention
 from jaxft.ops.linear import embed, embedding_table, linear
 from jaxft.ops.mlp import swiglu
@@ -139,10 +142,18 @@ def default_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return index - segment_start
 
 
-def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, rng=None, kv_cache=None, cache_start=None):
+class DecoderOutput(NamedTuple):
+    """What :func:`hidden_states` returns."""
+    hidden: jax.Array            # [B, T, D] after the final norm, in the compute dtype
+    cache: dict | None           # the updated KV cache, when one was given
+    taps: jax.Array | None       # [L, B, T, D] every layer's output before the final norm, with Hooks(taps=True)
+
+
+def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, hooks: Hooks, rng=None, kv_cache=None, cache_start=None):
     """One decoder layer. x: [B, T, D]. With a KV cache ([B, S, KVH, hd] each) new K/V are written at cache_start.
 
-    ``attend(q, k, v)`` is the attention implementation with this layer's mask already bound.
+    ``attend(q, k, v)`` is the attention implementation with this layer's mask (and prefix) already bound;
+    ``hooks.after_attention`` / ``hooks.after_mlp`` transform the two outputs before their residual adds.
 
     ``rng`` (training only) gives each linear module its own dropout key.
     """
@@ -163,29 +174,80 @@ def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, rng=None, kv_cache=N
         v_heads = jax.lax.dynamic_update_slice_in_dim(v_cache, v_heads.astype(v_cache.dtype), cache_start, axis=1)
         kv_cache = (k_heads, v_heads)
     attn = attend(q_heads, k_heads.astype(x.dtype), v_heads.astype(x.dtype))
-    x = x + proj("o_proj", attn.reshape(b, t, -1))
+    x = x + _after(hooks.after_attention, lp, proj("o_proj", attn.reshape(b, t, -1)))
     h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    x = x + proj("down_proj", swiglu(proj("gate_proj", h), proj("up_proj", h)))
+    x = x + _after(hooks.after_mlp, lp, proj("down_proj", swiglu(proj("gate_proj", h), proj("up_proj", h))))
     return x, kv_cache
 
 
-def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, cache=None,
-                  rng=None, activation_sharding=None):
-    """Final-norm hidden states [B, T, D] (compute dtype), and the updated cache when one is given.
+def _after(hook, lp: dict, out):
+    """``hook(lp, out)`` in ``out``'s shape and dtype (the residual stream's); ``out`` itself without a hook."""
+    if hook is None:
+        return out
+    changed = hook(lp, out)
+    if changed.shape != out.shape:
+        raise InputError(f"hook {getattr(hook, '__name__', hook)!r} returned shape {list(changed.shape)}; it must "
+                         f"return the shape of the output it was given, {list(out.shape)}")
+    return changed.astype(out.dtype)
 
+
+def _prefix_keys_values(cfg: ModelConfig, hooks: Hooks, lp: dict, batch: int, dtype):
+    """The prefix hook's (k, v) for one layer as [B, P, KVH, hd] each, or None without the hook."""
+    if hooks.prefix is None:
+        return None
+    k, v = hooks.prefix(lp)
+    kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
+    for name, a in (("k", k), ("v", v)):
+        if a.ndim not in (3, 4) or a.shape[-2:] != kv_shape or a.shape[-3] != k.shape[-3] or (
+                a.ndim == 4 and a.shape[0] != batch):
+            raise InputError(f"hooks.prefix returned {name} of shape {list(a.shape)}; expected [P, {kv_shape[0]}, "
+                             f"{kv_shape[1]}] or [{batch}, P, {kv_shape[0]}, {kv_shape[1]}] ([B, P, KVH, hd]), "
+                             "the same P for k and v")
+    return tuple(jnp.broadcast_to(a, (batch, *a.shape[-3:])).astype(dtype) for a in (k, v))
+
+
+def _attention(cfg: ModelConfig, mask_inputs: tuple, prefix=None):
+    """``attend(q, k, v)``: this layer's attention with its mask bound. ``prefix`` (k, v), each [B, P, KVH, hd],
+    go in front of the keys and values, in slots the mask rule shows to every non-padding query."""
+    with_prefix = prefix is not None
+    if with_prefix:
+        q_index, k_index, q_segment, k_segment, window = mask_inputs
+        k_index, k_segment = with_prefix_slots(k_index, k_segment, prefix[0].shape[1])
+        mask_inputs = (q_index, k_index, q_segment, k_segment, window)
+
+    def keys_values(k, v):
+        if not with_prefix:
+            return k, v
+        return jnp.concatenate([prefix[0], k], axis=1), jnp.concatenate([prefix[1], v], axis=1)
+
+    if cfg.attention == "blockwise":
+        return lambda q, k, v: platform_attention(q, *keys_values(k, v), *mask_inputs, with_prefix=with_prefix)
+    mask = attention_mask(*mask_inputs, with_prefix=with_prefix)
+    return lambda q, k, v: lse_attention(q, *keys_values(k, v), mask)
+
+
+def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, inputs_embeds=None,
+                  hooks: Hooks = Hooks(), cache=None, rng=None, activation_sharding=None) -> DecoderOutput:
+    """Final-norm hidden states [B, T, D] (compute dtype), the updated cache when one is given, and the taps.
+
+    ``inputs_embeds`` [B, T, D] (float) replace the embedding lookup of ``input_ids`` (then None): prompt tuning.
     ``segment_ids`` [B, T] (default: one segment) keep packed documents apart; 0 marks padding.
     ``positions`` [B, T] (default: restart at each segment) drive RoPE.
+    ``hooks`` (:class:`jaxft.models.hooks.Hooks`): prefix keys/values, transforms after attention / the MLP, taps.
     ``cache`` (see :mod:`jaxft.models.generate`) holds K/V [L, B, S, KVH, hd], the key slots' segment ids and
     ``index``, the slot where ``input_ids`` start. ``rng`` turns on adapter dropout (training).
     ``activation_sharding`` (a sharding of [B, T, D]) constrains the residual stream at every layer boundary.
     """
     dtype = jnp.dtype(cfg.dtype)
+    b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if segment_ids is None:
-        segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        segment_ids = jnp.ones((b, t), jnp.int32)
     if positions is None:
         positions = default_positions(segment_ids)
-    b, t = input_ids.shape
-    x = embed(params["embed_tokens"], input_ids, dtype)
+    if inputs_embeds is None:
+        x = embed(params["embed_tokens"], input_ids, dtype)
+    else:
+        x = jnp.asarray(inputs_embeds, dtype)
     cos, sin = rope_tables(cfg, positions, dtype)
     if cache is None:
         q_index = k_index = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -200,27 +262,20 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
         if activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, activation_sharding)
         lp, window, layer_rng, kv = layer
-        mask_inputs = (q_index, k_index, segment_ids, k_segment, window)
-        if cfg.attention == "blockwise":
-            def attend(q, k, v):
-                return platform_attention(q, k, v, *mask_inputs)
-        else:
-            mask = attention_mask(*mask_inputs)
-
-            def attend(q, k, v):
-                return lse_attention(q, k, v, mask)
-        x, kv = _block(cfg, lp, x, cos, sin, attend, layer_rng, kv, None if cache is None else cache["index"])
-        return x, kv
+        attend = _attention(cfg, (q_index, k_index, segment_ids, k_segment, window),
+                            _prefix_keys_values(cfg, hooks, lp, b, dtype))
+        x, kv = _block(cfg, lp, x, cos, sin, attend, hooks, layer_rng, kv, None if cache is None else cache["index"])
+        return x, (kv, x if hooks.taps else None)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
     kv_in = None if cache is None else (cache["k"], cache["v"])
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
-    x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_windows(cfg), layer_rngs, kv_in))
+    x, (kv_out, taps) = jax.lax.scan(body, x, (params["layers"], layer_windows(cfg), layer_rngs, kv_in))
     x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
-    if cache is None:
-        return x, None
-    return x, {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segment, "index": cache["index"] + t}
+    if cache is not None:
+        cache = {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segment, "index": cache["index"] + t}
+    return DecoderOutput(x, cache, taps)
 
 
 def tied_head(cfg: ModelConfig, params: dict) -> bool:
@@ -249,25 +304,49 @@ def logits_from_hidden(cfg: ModelConfig, params: dict, h: jnp.ndarray, rng=None)
     return linear(params["lm_head"], h, rng).astype(jnp.float32)
 
 
-def check_inputs(input_ids, positions=None, segment_ids=None, where: str = "forward") -> tuple:
-    """The three as arrays, after checking ``input_ids`` is [B, T] integers and ``positions`` / ``segment_ids``
-    (when given) are integers of that shape. Works on tracers (only shapes and dtypes are read)."""
-    ids = jnp.asarray(input_ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise InputError(f"{where}: input_ids must be integer token ids of shape [B, T] (one sequence: ids[None] or "
-                         f"[ids]); got shape {list(ids.shape)} of {ids.dtype}")
+def check_inputs(input_ids, positions=None, segment_ids=None, where: str = "forward", inputs_embeds=None,
+                 hidden_size: int | None = None) -> tuple:
+    """(input_ids, positions, segment_ids, inputs_embeds) as arrays (None where not given), after checking that
+    exactly one of ``input_ids`` ([B, T] integers) and ``inputs_embeds`` ([B, T, hidden_size] floats) is given and
+    ``positions`` / ``segment_ids`` (when given) are integers of that [B, T]. Works on tracers (only shapes and
+    dtypes are read)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError(f"{where}: give exactly one of input_ids (token ids [B, T]) and inputs_embeds (embeddings "
+                         f"[B, T, D]); got {'both' if input_ids is not None else 'neither'}")
+    ids = embeds = None
+    if inputs_embeds is None:
+        ids = jnp.asarray(input_ids)
+        if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise InputError(f"{where}: input_ids must be integer token ids of shape [B, T] (one sequence: ids[None] "
+                             f"or [ids]); got shape {list(ids.shape)} of {ids.dtype}")
+        shape, source = ids.shape, "input_ids"
+    else:
+        embeds = jnp.asarray(inputs_embeds)
+        width = embeds.shape[-1] if hidden_size is None else hidden_size
+        if embeds.ndim != 3 or embeds.shape[-1] != width or not jnp.issubdtype(embeds.dtype, jnp.floating):
+            raise InputError(f"{where}: inputs_embeds must be floating-point embeddings of shape [B, T, {width}] "
+                             f"(the model's hidden_size); got shape {list(embeds.shape)} of {embeds.dtype}")
+        shape, source = embeds.shape[:2], "inputs_embeds' [B, T]"
     given = [None if x is None else jnp.asarray(x) for x in (positions, segment_ids)]
     for name, x in zip(("positions", "segment_ids"), given):
-        if x is not None and (x.shape != ids.shape or not jnp.issubdtype(x.dtype, jnp.integer)):
-            raise InputError(f"{where}: {name} must be integers of shape [B, T], the shape of input_ids "
-                             f"{list(ids.shape)}; got shape {list(x.shape)} of {x.dtype}")
-    return ids, *given
+        if x is not None and (x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer)):
+            raise InputError(f"{where}: {name} must be integers of shape [B, T], the shape of {source} "
+                             f"{list(shape)}; got shape {list(x.shape)} of {x.dtype}")
+    return ids, *given, embeds
 
 
-def forward(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, rng=None) -> jnp.ndarray:
-    """Logits [B, T, V] in float32 for ``input_ids`` [B, T] (integers); ``positions`` and ``segment_ids``, when
-    given, are [B, T] integers too. Pass ``rng`` only in training (adapter dropout)."""
-    input_ids, positions, segment_ids = check_inputs(input_ids, positions, segment_ids)
+def forward(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, inputs_embeds=None,
+            hooks: Hooks = Hooks(), rng=None) -> jnp.ndarray:
+    """Logits [B, T, V] in float32 for ``input_ids`` [B, T] (integers) or ``inputs_embeds`` [B, T, D] (floats, then
+    ``input_ids`` is None); ``positions`` and ``segment_ids``, when given, are [B, T] integers too. ``hooks`` as in
+    :func:`hidden_states`, but taps come only from there. Pass ``rng`` only in training (adapter dropout)."""
+    if hooks.taps:
+        raise InputError("forward returns logits only; read the taps of Hooks(taps=True) from "
+                         "hidden_states(...).taps")
+    input_ids, positions, segment_ids, inputs_embeds = check_inputs(input_ids, positions, segment_ids,
+                                                                    inputs_embeds=inputs_embeds,
+                                                                    hidden_size=cfg.hidden_size)
     body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
-    h, _ = hidden_states(cfg, params, input_ids, positions, segment_ids, rng=body_rng)
+    h = hidden_states(cfg, params, input_ids, positions, segment_ids, inputs_embeds=inputs_embeds, hooks=hooks,
+                      rng=body_rng).hidden
     return logits_from_hidden(cfg, params, h, head_rng)

@@ -5,6 +5,12 @@ a query at slot ``qi`` (segment ``qs``) may see key slot ``ki`` (segment ``ks``)
 ``ki <= qi`` and ``qs == ks`` and ``qi - ki < window``. Segment id 0 marks padding; padding only sees padding,
 so no softmax row is empty.
 
+Prefix keys (prefix tuning: extra keys/values in front of a layer's own) sit in slots of the reserved segment
+``PREFIX_SEGMENT`` (index ``PREFIX_INDEX``, before every token), and every non-padding query sees all of them,
+whatever its segment, position or window: ``ks == PREFIX_SEGMENT and qs != 0``, or-ed with the rule above. That
+term is traced only when the caller says the keys hold prefix slots (``with_prefix``, static), so attention without
+a prefix runs the three-term rule alone. Padding queries still see only padding.
+
 ``dot_product_attention`` is the plain reference (autodiff saves its float32 probabilities for the backward pass);
 ``lse_attention`` computes the same values with a hand-written backward pass that keeps only q, k, v, the output
 and the per-row log-sum-exp, and recomputes the probabilities (one extra QK^T matmul). In the scan over layers the
@@ -18,14 +24,28 @@ import jax.numpy as jnp
 
 NO_WINDOW = jnp.iinfo(jnp.int32).max
 MASKED = jnp.finfo(jnp.float32).min
+# Segment ids of tokens are >= 0 (0: padding), so negative ids are free to mark key slots that are not tokens.
+PREFIX_SEGMENT = -1
+PREFIX_INDEX = -1
 
 
-def attention_mask(q_index, k_index, q_segment, k_segment, window) -> jnp.ndarray:
-    """Boolean [B, Tq, Tk]. q_index/q_segment: [B, Tq]; k_index/k_segment: [B, Tk]; window: int32 scalar."""
+def attention_mask(q_index, k_index, q_segment, k_segment, window, with_prefix: bool = False) -> jnp.ndarray:
+    """Boolean [B, Tq, Tk]. q_index/q_segment: [B, Tq]; k_index/k_segment: [B, Tk]; window: int32 scalar.
+    ``with_prefix`` (static): some key slots are prefix slots (:func:`with_prefix_slots`)."""
     causal = k_index[:, None, :] <= q_index[:, :, None]
     same_segment = q_segment[:, :, None] == k_segment[:, None, :]
     in_window = (q_index[:, :, None] - k_index[:, None, :]) < window
-    return causal & same_segment & in_window
+    visible = causal & same_segment & in_window
+    if with_prefix:
+        visible = visible | ((k_segment[:, None, :] == PREFIX_SEGMENT) & (q_segment[:, :, None] != 0))
+    return visible
+
+
+def with_prefix_slots(k_index, k_segment, length: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``k_index`` / ``k_segment`` [B, Tk] with ``length`` prefix slots in front: [B, length + Tk] each."""
+    b = k_index.shape[0]
+    return (jnp.concatenate([jnp.full((b, length), PREFIX_INDEX, k_index.dtype), k_index], axis=1),
+            jnp.concatenate([jnp.full((b, length), PREFIX_SEGMENT, k_segment.dtype), k_segment], axis=1))
 
 
 def dot_product_attention(q, k, v, mask) -> jnp.ndarray:

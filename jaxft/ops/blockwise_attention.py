@@ -19,6 +19,8 @@ A query row that may see no key at all (impossible under the segment-0-padding c
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -31,8 +33,10 @@ _PAD_INDEX = jnp.iinfo(jnp.int32).max
 
 
 def blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, *,
-                        block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> jnp.ndarray:
-    """q: [B, Tq, H, hd]; k, v: [B, Tk, KVH, hd]; index/segment: [B, Tq] and [B, Tk]; window: int32 scalar.
+                        block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+                        with_prefix: bool = False) -> jnp.ndarray:
+    """q: [B, Tq, H, hd]; k, v: [B, Tk, KVH, hd]; index/segment: [B, Tq] and [B, Tk]; window: int32 scalar;
+    ``with_prefix``: some key slots are prefix slots (see :func:`jaxft.ops.attention.attention_mask`).
 
     Returns [B, Tq, H, hd] in q's dtype, equal to the plain attention under the same mask rule. Lengths need not
     divide the block sizes (the tail block is padded and masked); a block larger than its sequence shrinks to it.
@@ -52,12 +56,13 @@ def blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window,
     ki_blocks = _to_blocks(k_index.astype(jnp.int32), bk, _PAD_INDEX)  # [nk, B, bk]
     ks_blocks = _to_blocks(k_segment.astype(jnp.int32), bk, 0)
     out_blocks = _flash(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks,
-                        jnp.asarray(window, jnp.int32))
+                        jnp.asarray(window, jnp.int32), with_prefix)
     out = jnp.moveaxis(out_blocks, 0, 1).reshape(b, -1, h, hd)
     return out[:, :tq]
 
 
-def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window) -> jnp.ndarray:
+def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, *, with_prefix: bool = False
+                       ) -> jnp.ndarray:
     """Same contract as :func:`blockwise_attention`; picks the fastest correct kernel for the running backend.
 
     GPU with bf16/fp16 and a head dim cuDNN accepts: cuDNN's fused attention. Our mask (traced per-layer window,
@@ -70,14 +75,16 @@ def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window) 
     head_dim = q.shape[-1]
     if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128):
-        return fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation="cudnn")
-    return blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window)
+        return fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation="cudnn",
+                               with_prefix=with_prefix)
+    return blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, with_prefix=with_prefix)
 
 
-def fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation=None):
+def fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation=None, *,
+                    with_prefix: bool = False):
     """Our mask handed to ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``None`` lets jax pick, XLA on CPU, which
     is how the tests check this wiring — layouts, grouped KV heads, mask broadcast — without a GPU)."""
-    mask = attention_mask(q_index, k_index, q_segment, k_segment, window)
+    mask = attention_mask(q_index, k_index, q_segment, k_segment, window, with_prefix)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
@@ -91,9 +98,9 @@ def _to_blocks(x, block: int, pad_value):
     return jnp.moveaxis(x, 1, 0)
 
 
-def _tile_mask(qi, ki, qs, ks, window):
+def _tile_mask(qi, ki, qs, ks, window, with_prefix):
     """[B, bq, 1, 1, bk]: the mask of one tile, broadcastable over the (KVH, G) head axes of the scores."""
-    return attention_mask(qi, ki, qs, ks, window)[:, :, None, None, :]
+    return attention_mask(qi, ki, qs, ks, window, with_prefix)[:, :, None, None, :]
 
 
 def _scores(q_blk, k_blk):
@@ -102,13 +109,14 @@ def _scores(q_blk, k_blk):
     return scores * (q_blk.shape[-1] ** -0.5)
 
 
-@jax.custom_vjp
-def _flash(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window):
+@partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, with_prefix):
     """Blocked attention output [nq, B, bq, KVH, G, hd] (see :func:`blockwise_attention` for the blocked layouts)."""
-    return _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window)[0]
+    return _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window,
+                          with_prefix)[0]
 
 
-def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window):
+def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, with_prefix):
     """Online softmax: per query block, one pass over key blocks keeping a running max, sum and weighted values."""
 
     def query_block(_, q_side):
@@ -117,7 +125,7 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks
 
         def key_block(carry, k_side):
             k_blk, v_blk, ki, ks = k_side
-            mask = _tile_mask(qi, ki, qs, ks, window)
+            mask = _tile_mask(qi, ki, qs, ks, window, with_prefix)
 
             def update(carry):
                 row_max, row_sum, acc = carry
@@ -147,7 +155,7 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks
     return out_blocks, residuals
 
 
-def _flash_backward(residuals, d_out_blocks):
+def _flash_backward(with_prefix, residuals, d_out_blocks):
     """FlashAttention-2 backward: per key block, recompute each tile's probabilities from the saved log-sum-exp.
 
     dK and dV of one key block accumulate over query blocks in the inner carry; dQ contributions come out per query
@@ -164,7 +172,7 @@ def _flash_backward(residuals, d_out_blocks):
 
         def query_block(carry, q_side):
             q_blk, d_out, lse, delta, qi, qs = q_side
-            mask = _tile_mask(qi, ki, qs, ks, window)
+            mask = _tile_mask(qi, ki, qs, ks, window, with_prefix)
 
             def grads(carry):
                 dk, dv = carry

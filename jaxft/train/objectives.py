@@ -67,8 +67,8 @@ class CausalLM:
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
         body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
-        h, _ = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                             rng=body_rng, activation_sharding=activation_sharding)
+        h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
+                          rng=body_rng, activation_sharding=activation_sharding).hidden
         if self.chunk_size and plain_head(cfg, params):
             return chunked_cross_entropy(h, lm_head_kernel(cfg, params), batch["labels"], chunk_size=self.chunk_size,
                                          z_loss=self.z_loss)[0]
@@ -80,7 +80,7 @@ class CausalLM:
 
         Slicing the position axis (not rows) keeps each slice's rows sharded as the batch is.
         """
-        h, _ = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"))
+        h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids")).hidden
         b, t, d = h.shape
         c = max(1, min(t, (self.chunk_size or EVAL_CHUNK_TOKENS) // b))
         pad = -t % c

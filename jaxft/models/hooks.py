@@ -1,0 +1,36 @@
+"""Extension points of the decoder's forward pass, behind one static structure.
+
+A :class:`Hooks` is hashable and holds functions, never arrays, so it is a static argument under ``jit`` (a new
+``Hooks`` retraces, as a new config does). What a hook trains lives in the params: a group under
+``params["layers"]`` is stacked on [L] and scanned with the layer, so each hook receives its layer's slice ``lp``
+(for example ``lp["prefix"]["k"]``). ``Hooks()`` (every field off) traces exactly the plain model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Hooks into :func:`jaxft.models.llama.hidden_states` (input embeddings are its ``inputs_embeds`` argument).
+
+    ``prefix(lp) -> (k, v)``, each [P, KVH, hd] or [B, P, KVH, hd]: keys and values put in front of the layer's
+    own in its attention (prefix tuning), used as given (no RoPE, as PEFT's prefix ``past_key_values``). Every
+    non-padding query sees all P of them, whatever its segment, position or sliding window; padding does not (the
+    mask rule of :mod:`jaxft.ops.attention`). With a KV cache they are not stored in it: each step adds them again.
+
+    ``after_attention(lp, out) -> out``: the attention output after ``o_proj`` [B, T, D], before the residual add.
+
+    ``after_mlp(lp, out) -> out``: the MLP output after ``down_proj`` [B, T, D], before the residual add
+    (bottleneck adapters: ``out + relu(out @ W1) @ W2``).
+
+    ``taps``: also return every layer's output hidden state [L, B, T, D], before the final norm (the last one is
+    not HF's last ``hidden_states`` entry, which is after the norm). Off by default: it keeps L activations alive.
+    """
+    prefix: Callable[[dict], tuple[jax.Array, jax.Array]] | None = None
+    after_attention: Callable[[dict, jax.Array], jax.Array] | None = None
+    after_mlp: Callable[[dict, jax.Array], jax.Array] | None = None
+    taps: bool = False
