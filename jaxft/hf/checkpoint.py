@@ -369,7 +369,7 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     if any(isinstance(x, nf4.QuantizedTensor) for x in jax.tree.leaves(
             params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))):
         raise ConfigError("save_pretrained writes dense weights, but these params hold 4-bit kernels: "
-                          "merge adapters with jaxft.lora.merge (which dequantizes) first")
+                          "merge adapters with jaxft.merge (which dequantizes) first")
     _refuse_adapters(params)
     out = {EMBED_WEIGHT: np.asarray(params["embed_tokens"]["embedding"]),
            NORM_WEIGHT: np.asarray(params["norm"]["scale"])}
