@@ -77,7 +77,7 @@ def _lora_config():
 def test_build_params_quantizes_every_linear_kernel_then_adds_the_adapters():
     base = jaxft.init_params(MODEL, jax.random.PRNGKey(0))
     rng, quant = jax.random.PRNGKey(3), jaxft.QuantConfig(quant_type="fp4", blocksize=32, double_quant=False)
-    built = build_params(MODEL, base, rng, quant=quant, lcfg=_lora_config())
+    built = build_params(MODEL, base, rng, quant=quant, peft=(_lora_config(),))
 
     by_hand = jax.tree.map(lambda x: x, base)
     for m in LINEAR_MODULES:
@@ -92,7 +92,7 @@ def test_build_params_quantizes_every_linear_kernel_then_adds_the_adapters():
 def test_build_params_without_quant_or_adapters_is_the_base_and_traces_to_the_same_shapes():
     base = jaxft.init_params(MODEL, jax.random.PRNGKey(0))
     assert build_params(MODEL, base, jax.random.PRNGKey(1)) is base
-    concrete = build_params(MODEL, base, jax.random.PRNGKey(1), quant=jaxft.QuantConfig(), lcfg=_lora_config())
-    abstract = jax.eval_shape(lambda p, k: build_params(MODEL, p, k, quant=jaxft.QuantConfig(), lcfg=_lora_config()),
+    concrete = build_params(MODEL, base, jax.random.PRNGKey(1), quant=jaxft.QuantConfig(), peft=(_lora_config(),))
+    abstract = jax.eval_shape(lambda p, k: build_params(MODEL, p, k, quant=jaxft.QuantConfig(), peft=(_lora_config(),)),
                               base, jax.random.PRNGKey(1))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype), concrete)
