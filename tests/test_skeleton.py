@@ -93,6 +93,7 @@ def test_build_params_without_quant_or_adapters_is_the_base_and_traces_to_the_sa
     base = jaxft.init_params(MODEL, jax.random.PRNGKey(0))
     assert build_params(MODEL, base, jax.random.PRNGKey(1)) is base
     concrete = build_params(MODEL, base, jax.random.PRNGKey(1), quant=jaxft.QuantConfig(), peft=(_lora_config(),))
-    abstract = jax.eval_shape(lambda p, k: build_params(MODEL, p, k, quant=jaxft.QuantConfig(), peft=(_lora_config(),)),
-                              base, jax.random.PRNGKey(1))
+    abstract = jax.eval_shape(
+        lambda p, k: build_params(MODEL, p, k, quant=jaxft.QuantConfig(), peft=(_lora_config(),)), base,
+        jax.random.PRNGKey(1))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype), concrete)
