@@ -7,6 +7,7 @@ from jaxft.hf.peft_format import load_adapter, save_adapter
 from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from jaxft.models.generate import generate
+from jaxft.models.hooks import Hooks
 from jaxft.models.llama import forward, init_params
 from jaxft.ops import nf4
 from jaxft.peft import lora
@@ -14,7 +15,7 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.methods import merge, unmerge
 from jaxft.peft.tree import Trainable, combine, split
 
-__all__ = ["CheckpointError", "ConfigError", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig",
-           "Tokenizer", "TokenizerError", "combine", "forward", "from_pretrained", "generate", "init_params",
-           "load_adapter", "load_tokenizer", "lora", "merge", "nf4", "peft_format", "save_adapter", "save_pretrained",
-           "split", "Trainable", "unmerge"]
+__all__ = ["CheckpointError", "ConfigError", "Hooks", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig",
+           "RopeConfig", "Tokenizer", "TokenizerError", "Trainable", "combine", "forward", "from_pretrained",
+           "generate", "init_params", "load_adapter", "load_tokenizer", "lora", "merge", "nf4", "peft_format",
+           "save_adapter", "save_pretrained", "split", "unmerge"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,25 @@ def main(spec_path: str):
     result["final_loss"] = summary["final_loss"]
     out = Path(spec_path).with_name(f"result-{jax.process_index()}.json")
     out.write_text(json.dumps(result))
+
+def run_script(script: Path, root: Path, name: str, config: dict, devices: int, resume: bool = False) -> dict:
+    """Write ``config`` as ``root/name.yaml``, run ``python script SPEC.json`` (the script's ``worker`` trains it)
+    on ``devices`` CPU devices with this checkout's jaxft first on the path, and return the run summary the worker
+    wrote, after checking it saw ``devices``. A test file that defines a task or a method runs its own runs so."""
+    import yaml
+
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    spec = root / f"{name}.json"
+    spec.write_text(json.dumps({"config": str(root / f"{name}.yaml"), "result": str(root / f"{name}.result.json"),
+                                "resume": resume}))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(spec)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((root / f"{name}.result.json").read_text())
+    assert result["devices"] == devices
+    return result["summary"]
 
 
 if __name__ == "__main__":

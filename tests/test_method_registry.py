@@ -10,9 +10,7 @@ devices is fixed when jax starts.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
@@ -22,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import yaml
 
 import jaxft
 from jaxft.ops.linear import base_linear, linear
@@ -30,6 +27,8 @@ from jaxft.ops.registry import REGISTRY, Method, register
 from jaxft.peft.methods import adapter_tree, trainable_count
 from jaxft.peft.tree import leaf_paths
 from jaxft.recipes.config import PEFT_UNION
+
+from sft_worker import run_script
 
 HERE = Path(__file__).resolve()
 NAME = "channel_scale"
@@ -258,18 +257,7 @@ def _train(root: Path, name: str, devices: int, mesh: dict, resume: bool = False
               "data": {"paths": [str(root / "train.jsonl")], "max_length": 32, "batch_size": 8},
               "optim": {"lr": 0.05}, "mesh": mesh,
               "train": {"steps": STEPS, "save_every": 2, "log_every": 1, "loss_chunk_size": 0}}
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    spec = root / f"{name}.json"
-    spec.write_text(json.dumps({"config": str(root / f"{name}.yaml"), "result": str(root / f"{name}.result.json"),
-                                "resume": resume}))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}  # this jaxft
-    done = subprocess.run([sys.executable, str(HERE), str(spec)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads((root / f"{name}.result.json").read_text())
-    assert result["devices"] == devices
-    return result["summary"]
+    return run_script(HERE, root, name, config, devices, resume)
 
 
 def _records(run: Path) -> list[dict]:

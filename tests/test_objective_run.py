@@ -8,8 +8,6 @@ devices is fixed when jax starts.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import yaml
+
+from sft_worker import run_script
 
 HERE = Path(__file__).resolve()
 
@@ -87,16 +87,7 @@ def _train(root: Path, name: str, devices: int, mesh: dict) -> dict:
               "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
               "optim": {"lr": 0.01}, "mesh": mesh,
               "train": {"steps": 4, "grad_accum": 2, "log_every": 1, "eval_batches": 1}}
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    spec = root / f"{name}.json"
-    spec.write_text(json.dumps({"config": str(root / f"{name}.yaml"), "result": str(root / f"{name}.result.json")}))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    done = subprocess.run([sys.executable, str(HERE), str(spec)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads((root / f"{name}.result.json").read_text())
-    assert result["devices"] == devices
-    return result["summary"]
+    return run_script(HERE, root, name, config, devices)
 
 
 def _train_losses(run: Path) -> list[float]:
