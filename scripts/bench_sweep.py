@@ -171,7 +171,8 @@ def bench_step(args) -> dict:
     def sequential():
         out = []
         for m in members:
-            trainable, frozen = jaxft.split(jaxft.lora.add(cfg, base, m.lora, jax.random.PRNGKey(m.seed)))
+            params = jaxft.lora.add(cfg, base, m.lora, jax.random.PRNGKey(m.seed))
+            trainable, frozen = jaxft.split(params, m.lora.trainable(cfg, params))  # as the parallel run trains
             optimizer = make_optimizer(dataclasses.replace(ocfg, lr=m.lr))
             step = loop.jit_train_step(cfg, step_cfg, optimizer)
             out.append(_time_steps(lambda s: step(s, frozen, batch), loop.init_state(trainable, optimizer, m.seed),

@@ -14,7 +14,7 @@ from jaxft.hf.config import config_to_hf
 from jaxft.parallel import MeshConfig
 from jaxft.peft import lora
 from jaxft.peft.methods import trainable_count
-from jaxft.peft.tree import split
+from jaxft.peft.tree import Trainable, split
 from jaxft.analysis import memory as estimate
 from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
@@ -100,9 +100,9 @@ def test_param_counts_leave_out_rank_padding(tiny_dir):
     model_cfg, abstract, _ = estimate.abstract_model(cfg)
     base = _zeros(jax.eval_shape(lambda: jaxft.init_params(model_cfg, jax.random.PRNGKey(0))))
     params = lora.add(model_cfg, base, cfg.lora, jax.random.PRNGKey(0))
-    n_frozen = sum(x.size for x in jax.tree.leaves(split(params)[1]))
-    assert estimate.param_counts(cfg, model_cfg, abstract) == (trainable_count(params),
-                                                               trainable_count(params) + n_frozen)
+    n_frozen = sum(x.size for x in jax.tree.leaves(split(params, Trainable())[1]))
+    assert estimate.param_counts(cfg, model_cfg, abstract) == (trainable_count(params, Trainable()),
+                                                               trainable_count(params, Trainable()) + n_frozen)
 
 
 @pytest.mark.slow

@@ -136,16 +136,18 @@ def _with_prefix(cfg, params, batch=None, seed=0):
     return {**params, "layers": {**params["layers"], "prefix": prefix}}
 
 
-def _transformers_with_prefix(model, ids, prefix, grad=False):
+def _transformers_with_prefix(model, ids, prefix, grad=False, positions_from_zero=True):
     """HF's last hidden state of ``ids`` [B, T] after a cache pre-filled with the prefix ([L, B, P, KVH, hd] numpy,
-    moved to HF's [B, KVH, P, hd]), attention mask all ones over P + T, positions 0..T-1 (what PEFT gives)."""
+    moved to HF's [B, KVH, P, hd]), attention mask all ones over P + T, positions 0..T-1 (jaxft's default), or
+    without ``positions_from_zero`` HF's own cache positions P..P+T-1 (what PEFT's prefix tuning gives)."""
     cache = DynamicCache(config=model.config)
     tensors = {name: torch.tensor(np.asarray(prefix[name]), requires_grad=grad) for name in ("k", "v")}
     for layer in range(model.config.num_hidden_layers):
         cache.update(tensors["k"][layer].transpose(1, 2), tensors["v"][layer].transpose(1, 2), layer)
     b, t = ids.shape
     out = model.model(torch.as_tensor(ids), attention_mask=torch.ones(b, P + t, dtype=torch.long),
-                      position_ids=torch.arange(t).expand(b, t), cache=cache, use_cache=True)
+                      position_ids=torch.arange(t).expand(b, t) if positions_from_zero else None, cache=cache,
+                      use_cache=True)
     return out.last_hidden_state, tensors
 
 
@@ -164,6 +166,22 @@ def test_prefix_matches_transformers_prefix_cache(llama_model, attention, monkey
             ref = _transformers_with_prefix(model, ids, prefix)[0].numpy()
         ours = hidden_jit(cfg, with_prefix, ids, hooks=PREFIX).hidden
         np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+def test_tokens_numbered_after_the_prefix_match_transformers_cache_positions(llama_model):
+    """PEFT's prefix tuning numbers the tokens after the P virtual ones (HF's cache positions P..P+T-1): given
+    those positions, the prefix hook reproduces it."""
+    model, cfg, params = llama_model
+    ids = random_ids((2, 10), seed=2)
+    with_prefix = _with_prefix(cfg, params, 2, seed=3)
+    prefix = {name: np.asarray(with_prefix["layers"]["prefix"][name]) for name in ("k", "v")}
+    with torch.no_grad():
+        ref = _transformers_with_prefix(model, ids, prefix, positions_from_zero=False)[0].numpy()
+    positions = jnp.broadcast_to(P + jnp.arange(10), (2, 10))
+    ours = hidden_jit(cfg, with_prefix, ids, positions, hooks=PREFIX).hidden
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    from_zero = hidden_jit(cfg, with_prefix, ids, hooks=PREFIX).hidden
+    assert np.max(np.abs(np.asarray(from_zero) - ref)) > 1e-3, "positions must matter here"
 
 
 @pytest.mark.parametrize("attention", ["plain", "blockwise"])

@@ -33,7 +33,7 @@ def test_base_tree_is_not_modified(base):
 
 
 def _train_steps(params, n=3):
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable())
     opt = optax.adamw(1e-2, weight_decay=0.1)
     state = opt.init(trainable)
     ids = jnp.asarray(random_ids((2, 8), vocab=64))
@@ -62,7 +62,7 @@ def test_training_changes_only_adapter_leaves(base):
     assert changed == {"['layers']['q_proj']['lora']['a']", "['layers']['q_proj']['lora']['b']",
                        "['layers']['down_proj']['lora']['a']", "['layers']['down_proj']['lora']['b']"}
     n_state = sum(x.size for x in jax.tree.leaves(state))
-    n_trainable = sum(x.size for x in jax.tree.leaves(jaxft.split(params)[0]))
+    n_trainable = sum(x.size for x in jax.tree.leaves(jaxft.split(params, jaxft.Trainable())[0]))
     assert n_state == 2 * n_trainable + 1  # Adam's mu and nu for adapters only, plus the step count
 
 
@@ -80,7 +80,7 @@ def test_rank_padding_gets_zero_gradient_and_stays_zero(base):
         pad = np.broadcast_to(pad, g.shape)
         assert np.all(g[pad] == 0) and np.all(w[pad] == 0)
         assert np.any(g[~pad] != 0)
-    assert jaxft.peft.methods.trainable_count(params) == (2 + 4) * (32 + 16)
+    assert jaxft.peft.methods.trainable_count(params, jaxft.Trainable()) == (2 + 4) * (32 + 16)
 
 
 def test_unmerge_restores_base_weights(base):
@@ -156,8 +156,8 @@ def test_dora_file_without_magnitudes_is_rejected(tmp_path, base):
 
 def test_summary_reports_trainable_share(base):
     params = jaxft.lora.add(CFG, base, jaxft.LoraConfig(r=4), jax.random.PRNGKey(0))
-    text = jaxft.peft.methods.summary(params)
-    assert f"trainable params: {jaxft.peft.methods.trainable_count(params):,}" in text
+    text = jaxft.peft.methods.summary(params, jaxft.Trainable())
+    assert f"trainable params: {jaxft.peft.methods.trainable_count(params, jaxft.Trainable()):,}" in text
 
 
 def test_resized_vocabulary_keeps_old_logits_and_trains_only_the_new_rows(base):
@@ -166,7 +166,7 @@ def test_resized_vocabulary_keeps_old_logits_and_trains_only_the_new_rows(base):
     np.testing.assert_allclose(jaxft.forward(cfg, grown, ids)[..., :64], jaxft.forward(CFG, base, ids), atol=1e-6)
     lcfg = jaxft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[64, 65])
     params = jaxft.lora.add(cfg, grown, lcfg, jax.random.PRNGKey(0))
-    trainable, _ = jaxft.split(params)
+    trainable, _ = jaxft.split(params, jaxft.Trainable())
     assert trainable["embed_tokens"]["trainable_tokens"]["rows"].shape == (2, 32)
     assert trainable["embed_tokens"]["embedding"] is None
     with pytest.raises(jaxft.ConfigError, match="resize the embeddings first"):

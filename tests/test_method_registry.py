@@ -177,11 +177,29 @@ def test_the_scale_declares_the_axes_of_the_kernel_columns_and_shards_by_them(ch
 
 def test_split_trains_the_scale_and_the_lora_factors_only(channel_scale):
     params = _with_lora_and_scale()
-    trained, _ = jaxft.split(params)
+    trained, _ = jaxft.split(params, jaxft.Trainable())
     assert set(leaf_paths(trained)) == {f"layers/v_proj/{NAME}/scale", "layers/v_proj/lora/a", "layers/v_proj/lora/b"}
     layers, fan_out = CFG.num_hidden_layers, CFG.num_key_value_heads * CFG.head_dim
     n_lora = layers * 2 * (CFG.hidden_size + fan_out)
-    assert trainable_count(params) == layers * fan_out + n_lora
+    assert trainable_count(params, jaxft.Trainable()) == layers * fan_out + n_lora
+
+
+def test_a_method_after_the_first_draws_its_own_dropout_key(channel_scale):
+    """LoRA (first in v_proj) trains with the layer's key itself; the scale after it gets a different one, so two
+    methods with dropout never share masks."""
+    seen = {}
+
+    class KeyProbe(ChannelScale):
+        def linear(self, p, group, x, rng, inner):
+            seen["key"] = rng
+            return super().linear(p, group, x, rng, inner)
+
+    register(KeyProbe())  # replaces ChannelScale under the same name; the fixture removes it afterwards
+    group = jax.tree.map(lambda a: a[0], _with_lora_and_scale()["layers"]["v_proj"])
+    rng = jax.random.PRNGKey(7)
+    linear(group, jnp.ones((2, 3, CFG.hidden_size)), rng)
+    assert not np.array_equal(seen["key"], rng)
+    np.testing.assert_array_equal(seen["key"], jax.random.fold_in(rng, 1))
 
 
 def test_save_adapter_refuses_a_method_without_a_peft_format_naming_it_and_the_way_out(channel_scale, tmp_path):

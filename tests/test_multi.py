@@ -12,7 +12,7 @@ import jaxft
 from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.ops import nf4
-from jaxft.peft.tree import split
+from jaxft.peft.tree import Trainable, split
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.objectives import CausalLM
@@ -43,7 +43,7 @@ def _batches(n_steps, micro=2, rows=4, t=16, seed=0):
 def _separate_run(base, member, batches, optim=OPTIM):
     """The oracle: one member alone through the existing single-run step."""
     params = jaxft.lora.add(CFG, base, member.lora, jax.random.PRNGKey(member.seed))
-    trainable, frozen = split(params)
+    trainable, frozen = split(params, Trainable())
     optimizer = make_optimizer(dataclasses.replace(optim, lr=member.lr))
     state = init_state(trainable, optimizer, member.seed)
     step = jit_train_step(CFG, STEP, optimizer)
@@ -74,7 +74,7 @@ def dense_runs():
 
 
 def _max_adapter_diff(s, stacked_trainable, k, own_trainable):
-    own = split(multi.member_params(s, stacked_trainable, k))[0]
+    own = split(multi.member_params(s, stacked_trainable, k), Trainable())[0]
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), own, own_trainable)
     return max(jax.tree.leaves(diffs))
 
@@ -201,7 +201,7 @@ def test_run_parallel_writes_each_members_run_folder_and_adapter(sweep):
         assert summary["eval"]["tokens"] > 0 and summary["tokens_per_s"] > 0
         params = jaxft.load_adapter(summary["export"], base)
         assert params["layers"]["q_proj"]["lora"]["a"].shape[-1] == cfg.lora.r
-        assert summary["trainable_params"] == jaxft.peft.methods.trainable_count(params)
+        assert summary["trainable_params"] == jaxft.peft.methods.trainable_count(params, jaxft.Trainable())
     with pytest.raises(FileExistsError):
         run_parallel(cfgs)
 

@@ -141,7 +141,7 @@ def _direct_mean_loss(trainable, frozen, batch):
 
 
 def test_a_new_objective_trains_through_the_ordinary_step_as_a_hand_computed_update():
-    trainable, frozen = jaxft.split(_lora_params())
+    trainable, frozen = jaxft.split(_lora_params(), jaxft.Trainable())
     batches = jax.tree.map(lambda x: jnp.asarray(x[0]), _regression_batches(1))  # 2 micro-batches of 8 rows
     opt = optax.sgd(0.5)
     step = jit_train_step(CFG, StepConfig(objective=LogitRegression()), opt)
@@ -166,7 +166,7 @@ def test_a_new_objective_trains_through_the_ordinary_step_as_a_hand_computed_upd
 
 
 def _regression_losses(params, mesh_shape=None, steps=3):
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable())
     opt = optax.sgd(0.5)  # not Adam: its normalized update would magnify rounding in near-zero gradients
     state = init_state(jax.tree.map(jnp.copy, trainable), opt)
     step_cfg = StepConfig(objective=LogitRegression())
@@ -191,7 +191,7 @@ def test_a_new_objective_sharded_on_8_devices_equals_1_device():
     one_losses, one_trainable = _regression_losses(params)
     sharded_losses, sharded_trainable = _regression_losses(params, (2, 2, 2))
     np.testing.assert_allclose(sharded_losses, one_losses, atol=1e-5, rtol=1e-5)
-    initial = jax.tree.leaves(jaxft.split(params)[0])
+    initial = jax.tree.leaves(jaxft.split(params, jaxft.Trainable())[0])
     for a, b, before in zip(jax.tree.leaves(sharded_trainable), jax.tree.leaves(one_trainable), initial):
         assert np.max(np.abs(b - before)) > 1e-3  # it trained
         np.testing.assert_allclose(a, b, atol=1e-5)

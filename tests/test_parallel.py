@@ -34,7 +34,7 @@ def _batches(steps=5):
 
 
 def _losses(params, mesh_shape=None, steps=5):
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable())
     trainable = jax.tree.map(jnp.copy, trainable)
     opt = optax.adamw(1e-2)
     state = init_state(trainable, opt)
@@ -81,7 +81,7 @@ def test_fsdp_alone_shards_every_lora_matrix_through_the_fallback_rules():
     """lora_b is [L, rank, heads/mlp]: its big dim maps to `tensor` first, so on a (1, 8, 1) mesh it falls back
     to `fsdp` rather than being replicated; the base kernels keep `embed` on `fsdp` as their first choice."""
     mesh = make_mesh(MeshConfig(1, 8, 1))
-    trainable, frozen = jaxft.split(_params(quant=False))
+    trainable, frozen = jaxft.split(_params(quant=False), jaxft.Trainable())
     adapters = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(shard_params(trainable, mesh))[0]
                 if p[-2].key == "lora" and p[-1].key in ("a", "b")]
     assert len(adapters) == 14
@@ -108,7 +108,7 @@ def test_state_shardings_keep_offloaded_optimizer_state_in_host_memory():
     from jaxft.train.optim import OptimConfig, make_optimizer
 
     mesh = make_mesh(MeshConfig(2, 4, 1))
-    trainable, _ = jaxft.split(_params(quant=False))
+    trainable, _ = jaxft.split(_params(quant=False), jaxft.Trainable())
     state = init_state(trainable, make_optimizer(OptimConfig(offload_state=True)))
     shardings = state_shardings(state, mesh)
     assert {s.memory_kind for s in jax.tree.leaves(shardings["opt_state"])} == {"pinned_host"}

@@ -169,6 +169,10 @@ def test_an_undeclared_leaf_is_an_error_naming_it():
     params["layers"]["q_proj"]["lora_c"] = jnp.zeros((3, 2))
     with pytest.raises(ParamAxesError, match="layers/q_proj/lora_c"):
         logical_axes(params)
+    params = jaxft.init_params(CFG, jax.random.PRNGKey(0))
+    params["norm"]["lora"] = {"a": jnp.zeros((CFG.hidden_size, 2))}  # a method where it declares nothing
+    with pytest.raises(ParamAxesError, match="param norm/lora/a: no logical axes are declared"):
+        logical_axes(params)
 
 
 def test_a_declaration_that_does_not_fit_the_leaf_is_an_error_naming_it():
@@ -182,7 +186,7 @@ def test_a_declaration_that_does_not_fit_the_leaf_is_an_error_naming_it():
 def test_trainable_token_rows_shard_like_the_table_width_and_give_the_same_loss_and_gradient():
     """The rows were replicated before they had declared axes; now their width takes ``fsdp`` like the table."""
     cfg, params = _params("untied_qkv_bias_embed_head_rslora_dropout_tokens")
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable())
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 12)), jnp.int32)
 
     def loss(trainable, frozen):

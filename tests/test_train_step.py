@@ -37,7 +37,7 @@ def _lora_params():
 def _run(micro, per_micro, params, chunk):
     batch = _batch(micro * per_micro)
     batches = jax.tree.map(lambda x: x.reshape(micro, per_micro, *x.shape[1:]), batch)
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable())
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state
     opt = optax.sgd(0.1)
     step = jit_train_step(CFG, StepConfig(objective=CausalLM(chunk_size=chunk)), opt)
@@ -58,7 +58,7 @@ def test_accumulation_4x2_equals_1x8_with_uneven_targets(chunk):
 @pytest.mark.parametrize("offload", [False, True], ids=["state-on-device", "state-offloaded"])
 def test_nonfinite_gradients_skip_the_update(offload):
     params = _lora_params()
-    trainable, frozen = jaxft.split(params)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable())
     trainable = jax.tree.map(lambda x: x, trainable)
     trainable["layers"]["q_proj"]["lora"]["a"] = trainable["layers"]["q_proj"]["lora"]["a"].at[0, 0, 0].set(jnp.nan)
     opt = make_optimizer(OptimConfig(lr=1e-2, offload_state=offload))
@@ -98,7 +98,7 @@ def test_full_finetuning_gradients_equal_torch_autograd(tmp_path):
 
 def test_fp16_dynamic_loss_scaling_halves_on_overflow_and_grows_after_good_steps():
     cfg16 = CFG.replace(dtype="float16")
-    trainable, frozen = jaxft.split(_lora_params())
+    trainable, frozen = jaxft.split(_lora_params(), jaxft.Trainable())
     opt = optax.sgd(0.1)
     state = init_state(jax.tree.map(jnp.copy, trainable), opt, loss_scale=2.0 ** 40)  # overflows fp16
     step = jit_train_step(cfg16, StepConfig(loss_scale_interval=2), opt)
@@ -119,7 +119,7 @@ def test_fp16_scaled_gradients_match_float32():
     batch = jax.tree.map(lambda x: x[None], _batch(4))
     grads = {}
     for dtype, scale in (("float32", None), ("float16", 2.0 ** 12)):
-        trainable, frozen = jaxft.split(params)
+        trainable, frozen = jaxft.split(params, jaxft.Trainable())
         state = init_state(jax.tree.map(jnp.copy, trainable), optax.sgd(1.0), loss_scale=scale)
         new, m = jit_train_step(CFG.replace(dtype=dtype), StepConfig(), optax.sgd(1.0))(state, frozen, batch)
         assert int(m["skipped"]) == 0

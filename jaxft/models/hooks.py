@@ -21,6 +21,8 @@ class Hooks:
     own in its attention (prefix tuning), used as given (no RoPE, as PEFT's prefix ``past_key_values``). Every
     non-padding query sees all P of them, whatever its segment, position or sliding window; padding does not (the
     mask rule of :mod:`jaxft.ops.attention`). With a KV cache they are not stored in it: each step adds them again.
+    Token positions stay the caller's: PEFT's prefix tuning numbers the tokens after the P virtual ones, so pass
+    ``positions + P`` to reproduce it.
 
     ``after_attention(lp, out) -> out``: the attention output after ``o_proj`` [B, T, D], before the residual add.
 

@@ -134,10 +134,12 @@ def with_bias(group: dict, y: jnp.ndarray) -> jnp.ndarray:
 
 def linear(group: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray:
     """y = x @ W (+ b) for x [..., in], composed with every registered method present in the group (LoRA, DoRA,
-    ...: see :mod:`jaxft.ops.registry`). ``rng`` is given only in training (a method's dropout)."""
+    ...: see :mod:`jaxft.ops.registry`). ``rng`` is given only in training (a method's dropout); each method after
+    the first draws from its own key folded out of it."""
     inner = None
-    for method in methods_in(group):
-        inner = functools.partial(method.linear, group[method.name], group, rng=rng, inner=inner)
+    for i, method in enumerate(methods_in(group)):
+        method_rng = rng if rng is None or i == 0 else jax.random.fold_in(rng, i)
+        inner = functools.partial(method.linear, group[method.name], group, rng=method_rng, inner=inner)
     return base_linear(group, x) if inner is None else inner(x)
 
 

@@ -286,8 +286,10 @@ class Lora(Method):
             lead = tuple(lead)
             return {"a": (*lead, fan_in, "lora_rank"), "b": (*lead, "lora_rank", fan_out), "scale": lead,
                     "dropout": lead, "mask": (*lead, "lora_rank"), "magnitude": (*lead, fan_out)}
-        vocab, width = base["embedding"]
-        return {"a": (vocab, "lora_rank"), "b": ("lora_rank", width), "scale": ()}
+        if "embedding" in base:
+            vocab, width = base["embedding"]
+            return {"a": (vocab, "lora_rank"), "b": ("lora_rank", width), "scale": ()}
+        return {}  # a group the model declares nothing for: parallel names the leaf and the fix
 
     def linear(self, p, group, x, rng, inner):
         a, b, scale = (t.astype(x.dtype) for t in masked(p))
@@ -361,6 +363,8 @@ class TrainableTokens(Method):
     trained = frozenset({"rows"})
 
     def axes(self, base):
+        if "embedding" not in base:
+            return {}
         _, width = base["embedding"]
         return {"rows": ("trainable_tokens", width), "ids": ("trainable_tokens",)}
 

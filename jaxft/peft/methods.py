@@ -76,7 +76,7 @@ def unmerge(merged: dict, adapters: dict) -> dict:
     return out
 
 
-def trainable_count(params: dict, trainable: Trainable = Trainable()) -> int:
+def trainable_count(params: dict, trainable: Trainable) -> int:
     """Trained parameters as PEFT counts them (``get_nb_trainable_parameters()[0]``): each method's own count
     (without LoRA's rank padding), plus the whole leaves ``trainable`` selects."""
     total = 0
@@ -96,7 +96,7 @@ def _selected_whole(trainable: Trainable):
     return lambda path, leaf: trainable(path) and (len(path) < 2 or path_names(path)[-2] not in REGISTRY)
 
 
-def summary(params: dict, trainable: Trainable = Trainable()) -> str:
+def summary(params: dict, trainable: Trainable) -> str:
     """Trainable vs total parameters and bytes, with rank padding not counted as trainable."""
     trained, frozen = split(params, trainable)
     n_train = trainable_count(params, trainable)

@@ -40,6 +40,9 @@ class Trainable:
     paths: frozenset[str] = frozenset()
     everything: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "paths", frozenset(self.paths))  # hashable whatever collection was given
+
     def __call__(self, path, _leaf=None) -> bool:
         names = path_names(path)
         if self.everything or (len(names) > 1 and names[-1] in getattr(REGISTRY.get(names[-2]), "trained", ())):
@@ -55,9 +58,12 @@ def _is_quantized(x) -> bool:
     return isinstance(x, QuantizedTensor)
 
 
-def split(params: dict, predicate=Trainable()) -> tuple[dict, dict]:
-    """(trainable, frozen): two trees of the same structure, ``None`` where the other one holds the leaf. The
-    default trains the leaves methods declare trained; pass a run's :class:`Trainable` for more."""
+def split(params: dict, predicate) -> tuple[dict, dict]:
+    """(trainable, frozen): two trees of the same structure, ``None`` where the other one holds the leaf.
+
+    ``predicate`` is what trains, always given: ``Trainable()`` (the leaves the methods declare trained), a config's
+    answer such as ``lcfg.trainable(cfg, params)`` (also ``modules_to_save`` and biases), or any
+    ``(key path, leaf) -> bool``. No default, so a selection cannot be forgotten silently."""
     keep = jax.tree_util.tree_map_with_path(lambda p, x: predicate(p, x), params, is_leaf=_is_quantized)
     trainable = jax.tree.map(lambda x, k: x if k else None, params, keep, is_leaf=_is_quantized)
     frozen = jax.tree.map(lambda x, k: None if k else x, params, keep, is_leaf=_is_quantized)
