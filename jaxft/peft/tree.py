@@ -53,7 +53,6 @@ class Trainable:
         return Trainable(self.paths | other.paths, self.everything or other.everything)
 
 
-
 def _is_quantized(x) -> bool:
     return isinstance(x, QuantizedTensor)
 
