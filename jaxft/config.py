@@ -19,6 +19,10 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("plain", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
+# A task head in place of the LM head, by its transformers class (``LlamaFor<...>``), and the problem types of a
+# sequence classifier as transformers names them (``config.problem_type``).
+HEAD_KINDS = {"seq_cls": "SequenceClassification", "token_cls": "TokenClassification", "qa": "QuestionAnswering"}
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 class ConfigError(JaxftError, ValueError):
@@ -51,6 +55,61 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """A task head on the decoder's final hidden states, in place of the LM head (transformers'
+    ``*ForSequenceClassification``: ``score`` [D, N] without bias, read at each document's last token;
+    ``*ForTokenClassification``: ``score`` [D, N] with bias on every token, after dropout; ``*ForQuestionAnswering``:
+    ``qa_outputs`` [D, 2] with bias, start and end logits).
+
+    ``labels``: the label names in id order (config.json's ``id2label``), when they have names. ``problem_type``
+    (sequence classification only) follows transformers: None means regression for one label, else single-label.
+    ``dropout``: token classification's ``classifier_dropout`` (transformers' default 0.1), applied in training.
+    """
+
+    kind: str
+    num_labels: int = 2
+    labels: tuple[str, ...] | None = None
+    problem_type: str | None = None
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ConfigError(f"head kind {self.kind!r} is unknown; expected one of {sorted(HEAD_KINDS)}")
+        if self.kind == "qa" and self.num_labels != 2:
+            raise ConfigError(f"a question-answering head has 2 outputs (start, end), got num_labels "
+                              f"{self.num_labels}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ConfigError(f"num_labels must be a whole number >= 1, got {self.num_labels!r}")
+        if isinstance(self.labels, list):
+            object.__setattr__(self, "labels", tuple(self.labels))
+        if self.labels is not None and (len(self.labels) != self.num_labels or len(set(self.labels)) != len(
+                self.labels)):
+            raise ConfigError(f"labels {list(self.labels)} must be {self.num_labels} distinct names (num_labels)")
+        if self.problem_type is not None and (self.kind != "seq_cls" or self.problem_type not in PROBLEM_TYPES):
+            raise ConfigError(f"problem_type {self.problem_type!r}: a sequence classifier's is one of "
+                              f"{PROBLEM_TYPES} (transformers' names); other heads have none")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"head dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def problem(self) -> str | None:
+        """The sequence classifier's problem type as transformers resolves a missing one (None for other heads;
+        multi-label is never inferred, since integer labels say single-label)."""
+        if self.kind != "seq_cls":
+            return None
+        return self.problem_type or ("regression" if self.num_labels == 1 else "single_label_classification")
+
+    @property
+    def group(self) -> str:
+        """The param group (and HF module) of the head: ``score`` or ``qa_outputs``."""
+        return "qa_outputs" if self.kind == "qa" else "score"
+
+    @property
+    def has_bias(self) -> bool:
+        return self.kind != "seq_cls"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Llama 2/3/3.x, Mistral and Qwen2 differ only in these flags."""
 
@@ -79,6 +138,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params keep the dtype they were loaded or created with
     remat: str = "none"  # jax.checkpoint policy for the scanned layer body
     attention: str = "plain"  # or "blockwise": online softmax, memory linear in T; cuDNN fused attention on GPU
+    head: HeadConfig | None = None  # a task head in place of the LM head (None: causal LM)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -9,7 +9,8 @@ Param tree (kernels are [in, out]; everything under "layers" is stacked on a lea
                 "post_attention_layernorm": {"scale": [L, D]},
                 "gate_proj", "up_proj": {"kernel": [L, D, F]}, "down_proj": {"kernel": [L, F, D]}},
      "norm": {"scale": [D]},
-     "lm_head": {"kernel": [D, V]}}            # absent when embeddings are tied
+     "lm_head": {"kernel": [D, V]}}            # absent when embeddings are tied, or with a task head:
+     "score": {"kernel": [D, N], "bias"?: [N]} | "qa_outputs": {"kernel": [D, 2], "bias": [2]}  (models.heads)
 
 Module names are Hugging Face's, so PEFT-style ``target_modules`` read naturally.
 """
@@ -62,6 +63,8 @@ PARAM_AXES: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {
        for m in LINEAR_MODULES},
     ("norm",): {"scale": ("norm",)},
     ("lm_head",): {"kernel": KERNEL_AXES["lm_head"]},
+    # task heads (ModelConfig.head) in place of lm_head: "labels" is in no sharding rule, so it is replicated
+    **{(group,): {"kernel": ("embed", "labels"), "bias": ("labels",)} for group in ("score", "qa_outputs")},
 }
 
 
@@ -70,7 +73,7 @@ def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
     hd = cfg.head_dim
     return {"layer": cfg.num_hidden_layers, "vocab": cfg.vocab_size, "embed": cfg.hidden_size,
             "norm": cfg.hidden_size, "heads": cfg.num_attention_heads * hd, "kv_heads": cfg.num_key_value_heads * hd,
-            "mlp": cfg.intermediate_size}
+            "mlp": cfg.intermediate_size, "labels": cfg.head.num_labels if cfg.head else 0}
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -95,7 +98,11 @@ def param_axes(cfg: ModelConfig) -> dict:
         declared = PARAM_AXES[("layers", name)]
         layers[name] = {leaf: declared[leaf] for leaf in ("kernel", "bias") if leaf == "kernel" or has_bias(cfg, name)}
     tree = {"embed_tokens": dict(PARAM_AXES[("embed_tokens",)]), "layers": layers, "norm": dict(PARAM_AXES[("norm",)])}
-    if not cfg.tie_word_embeddings:
+    if cfg.head is not None:  # a task head replaces the LM head
+        declared = PARAM_AXES[(cfg.head.group,)]
+        tree[cfg.head.group] = {leaf: declared[leaf] for leaf in ("kernel", "bias") if
+                                leaf == "kernel" or cfg.head.has_bias}
+    elif not cfg.tie_word_embeddings:
         tree["lm_head"] = dict(PARAM_AXES[("lm_head",)])
     return tree
 
@@ -105,6 +112,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 
     is read off its declared axes (:func:`param_axes`)."""
     sizes = axis_sizes(cfg)
     keys = dict(zip(LINEAR_MODULES + ("embed_tokens", "lm_head"), jax.random.split(rng, len(LINEAR_MODULES) + 2)))
+    keys["score"] = keys["qa_outputs"] = jax.random.fold_in(rng, 1)  # apart, so the decoder's draws stay as they were
 
     def create(group: str, leaf: str, axes: tuple[str, ...]):
         shape = tuple(sizes[axis] for axis in axes)
