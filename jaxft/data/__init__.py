@@ -3,33 +3,26 @@
 `build_iterator(DataConfig(...), tokenizer)` runs the whole pipeline; the stages are usable on their own:
 `formats.load_examples`, `cleaning.clean`, `chat.tokenize_examples`, `packing.best_fit_decreasing`,
 `iterator.PackedIterator`. Label convention and batch layout: see `jaxft.data.chat` and `jaxft.data.iterator`.
+Task-head data (classify, token_classify, qa): `build_task_iterator`, see `jaxft.data.tasks`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from jaxft.data.chat import (BUILTIN_TEMPLATES, IGNORE_INDEX, Sample, check_token_ids, resolve_template,
-                             save_chat_template, tokenize_examples)
+from jaxft.data.chat import (BUILTIN_TEMPLATES, IGNORE_INDEX, Sample, check_token_ids, checked_pad_id,
+                             resolve_template, save_chat_template, tokenize_examples)
 from jaxft.data.cleaning import clean
 from jaxft.data.config import DataConfig
 from jaxft.data.formats import DataError, DataReport, Example, load_examples
-from jaxft.data.iterator import DataIterator, PackedIterator, shard_indices
+from jaxft.data.iterator import DataIterator, DataPipeline, PackedIterator, shard_indices
 from jaxft.data.mixture import mixture_plan
 from jaxft.data.packing import best_fit_decreasing
+from jaxft.data.tasks import (QaExample, QaFeature, TaskSamples, build_task_iterator, read_task_records,
+                              tokenize_task_records)
 
 __all__ = ["BUILTIN_TEMPLATES", "DataConfig", "DataError", "DataIterator", "DataPipeline", "DataReport", "Example",
            "IGNORE_INDEX", "PackedIterator", "Sample", "best_fit_decreasing", "build_iterator", "check_token_ids",
            "clean", "load_examples",
-           "mixture_plan", "resolve_template", "save_chat_template", "shard_indices", "tokenize_examples"]
-
-
-class DataPipeline(NamedTuple):
-    """What a run needs from its data: the batches, the report of what was dropped, and the chat template
-    used (None for non-chat data), to save with the run and export with the adapter."""
-
-    iterator: PackedIterator
-    report: DataReport
-    chat_template: str | None
+           "mixture_plan", "resolve_template", "save_chat_template", "shard_indices", "tokenize_examples",
+           "QaExample", "QaFeature", "TaskSamples", "build_task_iterator", "read_task_records", "tokenize_task_records"]
 
 
 def build_iterator(config: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1,
@@ -58,12 +51,7 @@ def build_iterator(config: DataConfig, tokenizer, *, process_index: int = 0, pro
             report=report))
         if vocab_size is not None:
             check_token_ids(shards[-1], vocab_size, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if vocab_size is not None and pad_id >= vocab_size:
-        raise DataError(f"the tokenizer's pad token {tokenizer.pad_token!r}", "pad id beyond the model's vocabulary",
-                        f"id {pad_id} has no embedding row (the model's config.json says vocab_size {vocab_size}); "
-                        "padding would embed as NaN. Use the model's own tokenizer, or resize the embeddings to "
-                        "the tokenizer first (transformers: model.resize_token_embeddings(len(tokenizer)))")
+    pad_id = checked_pad_id(tokenizer, vocab_size)
     iterator = PackedIterator(shards, batch_size=config.batch_size, row_length=config.max_length,
                               packing=config.packing, weights=config.weights, seed=config.seed, pad_id=pad_id,
                               process_index=process_index, process_count=process_count)

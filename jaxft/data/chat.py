@@ -81,11 +81,16 @@ BUILTIN_TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE, "qwen
 
 @dataclass(frozen=True, eq=False)
 class Sample:
-    """One tokenized training document: `input_ids` and shifted `labels` (int32, same length), and its source."""
+    """One tokenized training document: `input_ids` and shifted `labels` (int32, same length), and its source.
+
+    `extras`: task data's further per-token arrays (first axis = the tokens; `jaxft.data.tasks`), laid out as
+    `[B, T, ...]` batch arrays by `rows_to_batch`. SFT samples have none.
+    """
 
     input_ids: np.ndarray
     labels: np.ndarray
     source: str
+    extras: dict[str, np.ndarray] | None = None
 
 
 class TemplateError(ConfigError):
@@ -151,6 +156,18 @@ def check_token_ids(samples: Sequence[Sample], vocab_size: int, tokenizer) -> No
                     "Use the model's own tokenizer, or resize the embeddings to the tokenizer first (transformers: "
                     "model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(folder)) and use "
                     "that folder as the model")
+
+
+def checked_pad_id(tokenizer, vocab_size: int | None) -> int:
+    """The id batches pad with (the tokenizer's pad token, else 0); a DataError when the model has no embedding
+    row for it, since padding would then embed as NaN."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if vocab_size is not None and pad_id >= vocab_size:
+        raise DataError(f"the tokenizer's pad token {tokenizer.pad_token!r}", "pad id beyond the model's vocabulary",
+                        f"id {pad_id} has no embedding row (the model's config.json says vocab_size {vocab_size}); "
+                        "padding would embed as NaN. Use the model's own tokenizer, or resize the embeddings to "
+                        "the tokenizer first (transformers: model.resize_token_embeddings(len(tokenizer)))")
+    return pad_id
 
 
 # ----- spans -------------------------------------------------------------------------------------------------------

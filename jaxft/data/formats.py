@@ -322,6 +322,30 @@ CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": 
               "prompt_completion": _from_prompt_completion, "text": _from_text}
 
 
+def convert_records(path: str | Path, convert, *, skip_bad_records: bool = False,
+                    report: DataReport | None = None) -> list:
+    """`convert(record, location)` of each record of one file or dataset folder, in order.
+
+    A record that is not an object, or that `convert` rejects with a DataError, raises; with `skip_bad_records`
+    it is dropped and counted in `report` instead (unreadable files always raise).
+    """
+    report = report if report is not None else DataReport()
+    converted = []
+    for location, record in read_records(path, report.drop_error if skip_bad_records else _raise):
+        try:
+            if not isinstance(record, Mapping):
+                raise DataError(location, "bad record", f"expected a JSON object, got {type(record).__name__}")
+            converted.append(convert(record, location))
+        except DataError as err:
+            if not skip_bad_records:
+                raise
+            report.drop_error(err)
+    if not converted and not report.dropped:
+        raise DataError(str(path), "empty file", "the file has no records")
+    report.kept[f"records from {path}"] = len(converted)
+    return converted
+
+
 def load_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool = False,
                   report: DataReport | None = None) -> list[Example]:
     """All examples of one file or dataset folder.
@@ -330,31 +354,21 @@ def load_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool
     error ("mixed formats"), since silently reading it under the wrong format would train on garbage.
     With `skip_bad_records`, bad records (not unreadable files) are dropped and counted in `report`.
     """
-    report = report if report is not None else DataReport()
-    examples: list[Example] = []
     file_format, first_location = (None, None) if fmt == "auto" else (fmt, None)
-    for location, record in read_records(path, report.drop_error if skip_bad_records else _raise):
-        try:
-            if not isinstance(record, Mapping):
-                raise DataError(location, "bad record", f"expected a JSON object, got {type(record).__name__}")
-            detected = detect_format(record)
-            if file_format is None:
-                if detected is None:
-                    raise DataError(location, "unknown format",
-                                    f"keys {sorted(record)} match no format; expected {_FORMAT_HELP}, "
-                                    "or set data.format")
-                file_format, first_location = detected, location
-            elif fmt == "auto" and detected is not None and detected != file_format:
-                raise DataError(location, "mixed formats",
-                                f"this record is {detected!r} but the file is {file_format!r} (from "
-                                f"{first_location}); put each format in its own file")
-            examples.append(CONVERTERS[file_format](record, location))
-        except DataError as err:
-            if not skip_bad_records:
-                raise
-            report.drop_error(err)
-    if not examples and not report.dropped:
-        raise DataError(str(path), "empty file", "the file has no records")
-    report.kept[f"records from {path}"] = len(examples)
-    return examples
 
+    def convert(record: Mapping, location: str) -> Example:
+        nonlocal file_format, first_location
+        detected = detect_format(record)
+        if file_format is None:
+            if detected is None:
+                raise DataError(location, "unknown format",
+                                f"keys {sorted(record)} match no format; expected {_FORMAT_HELP}, "
+                                "or set data.format")
+            file_format, first_location = detected, location
+        elif fmt == "auto" and detected is not None and detected != file_format:
+            raise DataError(location, "mixed formats",
+                            f"this record is {detected!r} but the file is {file_format!r} (from "
+                            f"{first_location}); put each format in its own file")
+        return CONVERTERS[file_format](record, location)
+
+    return convert_records(path, convert, skip_bad_records=skip_bad_records, report=report)

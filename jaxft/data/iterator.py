@@ -21,14 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from jaxft.data.chat import Sample
-from jaxft.data.formats import DataError
+from jaxft.data.formats import DataError, DataReport
 from jaxft.data.mixture import mixture_plan
-from jaxft.data.packing import best_fit_decreasing, packing_efficiency, rows_to_batch
+from jaxft.data.packing import best_fit_decreasing, extras_layout, packing_efficiency, rows_to_batch
 
 STATE_VERSION = 1
 
@@ -83,6 +83,7 @@ class PackedIterator:
         self.weights = None if weights is None else [float(w) for w in weights]
         self.seed, self.pad_id = seed, pad_id
         self.process_index, self.process_count = process_index, process_count
+        self.extras_layout = extras_layout(self.samples)  # fixed for every batch, all-padding ones included
         self.fingerprint = self._fingerprint()
         self.epoch, self.batch_index = 0, 0
         self._rows: list[list[int]] | None = None
@@ -94,6 +95,9 @@ class PackedIterator:
         for sample in self.samples:
             digest.update(sample.input_ids.tobytes())
             digest.update(sample.labels.tobytes())
+            for key, value in sorted((sample.extras or {}).items()):
+                digest.update(key.encode())
+                digest.update(value.tobytes())
         settings = [self.sizes, self.batch_size, self.row_length, self.packing, self.weights, self.pad_id]
         digest.update(json.dumps(settings).encode())
         return digest.hexdigest()[:16]
@@ -133,7 +137,8 @@ class PackedIterator:
             self._rows = self._plan_epoch(self.epoch)
         start = self.batch_index * self.batch_size
         self.batch_index += 1
-        return rows_to_batch(self.samples, self._rows[start:start + self.batch_size], self.row_length, self.pad_id)
+        return rows_to_batch(self.samples, self._rows[start:start + self.batch_size], self.row_length, self.pad_id,
+                             self.extras_layout)
 
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch_index, "seed": self.seed,
@@ -151,3 +156,12 @@ class PackedIterator:
                             "same sample")
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch"])
         self._rows = None
+
+
+class DataPipeline(NamedTuple):
+    """What a run needs from its data: the batches, the report of what was dropped, and the chat template
+    used (None for non-chat data), to save with the run and export with the adapter."""
+
+    iterator: PackedIterator
+    report: DataReport
+    chat_template: str | None

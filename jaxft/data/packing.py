@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxft.data.chat import IGNORE_INDEX, Sample
+from jaxft.data.formats import DataError
 
 
 class _OpenSpaces:
@@ -83,15 +84,43 @@ def packing_efficiency(lengths: Sequence[int], num_rows: int, row_length: int) -
     return float(np.sum(lengths)) / max(1, num_rows * row_length)
 
 
-def rows_to_batch(samples: Sequence[Sample], rows: Sequence[Sequence[int]], row_length: int,
-                  pad_id: int) -> dict[str, np.ndarray]:
+def extras_layout(samples: Sequence[Sample]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The per-token `extras` keys the samples carry: key -> (shape after the token axis, dtype).
+
+    Every sample must carry the same keys, shapes and dtypes (one task per run) with one entry per token, or a
+    batch would silently miss a target: a DataError names the first sample that differs.
+    """
+
+    def layout_of(sample: Sample) -> dict:
+        return {key: (value.shape[1:], value.dtype) for key, value in (sample.extras or {}).items()}
+
+    layout = layout_of(samples[0]) if samples else {}
+    for sample in samples:
+        if layout_of(sample) != layout:
+            raise DataError(sample.source, "mixed sample extras",
+                            f"per-token arrays {layout_of(sample)} differ from {layout} of {samples[0].source}; "
+                            "the samples of one run must all be of one task")
+        lengths = {len(value) for value in (sample.extras or {}).values()}
+        if lengths - {len(sample.input_ids)}:
+            raise DataError(sample.source, "bad sample extras",
+                            f"per-token arrays of lengths {sorted(lengths)} for {len(sample.input_ids)} tokens")
+    return layout
+
+
+def rows_to_batch(samples: Sequence[Sample], rows: Sequence[Sequence[int]], row_length: int, pad_id: int,
+                  layout: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> dict[str, np.ndarray]:
     """Lay out rows of sample indices as a batch of `[len(rows), row_length]` int32 arrays.
 
-    An empty row is all padding (segment 0, labels -100): it fills out the last batch of an epoch.
+    An empty row is all padding (segment 0, labels -100): it fills out the last batch of an epoch. Samples'
+    `extras` become `[len(rows), row_length, ...]` arrays, 0 where no document is; `layout` (`extras_layout`
+    of all samples) fixes their keys, else the samples in these rows decide.
     """
+    if layout is None:
+        layout = extras_layout([samples[index] for row in rows for index in row])
     shape = (len(rows), row_length)
     batch = {"input_ids": np.full(shape, pad_id, np.int32), "labels": np.full(shape, IGNORE_INDEX, np.int32),
              "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
+    batch.update({key: np.zeros(shape + tail, dtype) for key, (tail, dtype) in layout.items()})
     for r, row in enumerate(rows):
         start = 0
         for segment, index in enumerate(row, start=1):
@@ -101,5 +130,7 @@ def rows_to_batch(samples: Sequence[Sample], rows: Sequence[Sequence[int]], row_
             batch["labels"][r, start:end] = sample.labels
             batch["segment_ids"][r, start:end] = segment
             batch["positions"][r, start:end] = np.arange(end - start)
+            for key in layout:
+                batch[key][r, start:end] = sample.extras[key]
             start = end
     return batch

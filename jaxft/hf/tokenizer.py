@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Encoding
 from tokenizers import Tokenizer as BackendTokenizer
 
 from jaxft.errors import JaxftError
@@ -269,6 +269,37 @@ class Tokenizer:
         """
         encoding = self._backend.encode(text, add_special_tokens=add_special_tokens)
         return encoding.ids, list(encoding.offsets)
+
+    def encode_windows(
+        self,
+        text: str | Sequence[str],
+        pair: str | Sequence[str] | None = None,
+        *,
+        is_pretokenized: bool = False,
+        max_length: int | None = None,
+        stride: int = 0,
+        strategy: str = "longest_first",
+        direction: str = "right",
+    ) -> list[Encoding]:
+        """transformers' `tokenizer(text, pair, is_split_into_words=is_pretokenized, truncation=strategy,
+        max_length=..., stride=..., return_overflowing_tokens=True)` (`truncation_side=direction`), with special
+        tokens, as the backend's `Encoding`s (ids, offsets, `word_ids`, `sequence_ids`): the encoding, then its
+        overflowing windows. No truncation when `max_length` is None.
+
+        `tokenizers` panics (not a Python error) when `stride` is not below the room the truncated sequence
+        gets; callers check that first (`num_special_tokens_to_add`).
+        """
+        if max_length is not None:
+            self._backend.enable_truncation(max_length, stride=stride, strategy=strategy, direction=direction)
+        try:
+            encoding = self._backend.encode(text, pair, is_pretokenized=is_pretokenized, add_special_tokens=True)
+        finally:
+            self._backend.no_truncation()  # the backend is shared: leave it as load_tokenizer set it
+        return [encoding, *encoding.overflowing]
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """How many special tokens the post-processor adds to one text (or a pair), as in transformers."""
+        return self._backend.num_special_tokens_to_add(pair)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
