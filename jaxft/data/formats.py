@@ -206,7 +206,7 @@ def detect_format(record: Mapping) -> str | None:
     return next((name for name, keys in _FORMAT_KEYS if set(keys) <= present), None)
 
 
-def _string(record: Mapping, key: str, location: str, *, required: bool = True) -> str | None:
+def string_field(record: Mapping, key: str, location: str, *, required: bool = True) -> str | None:
     value = record.get(key)
     if value is None and not required:
         return None
@@ -284,18 +284,19 @@ def _from_sharegpt(record: Mapping, location: str) -> Example:
         speaker = _turn_role(turn, "from", sorted(SHAREGPT_ROLES), f"conversations[{i}]", location)
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
     messages = validate_messages(messages, "conversations", location)  # before the system prompt: indices match
-    system = _string(record, "system", location, required=False)
+    system = string_field(record, "system", location, required=False)
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return Example(location, messages=messages)
 
 
 def _from_alpaca(record: Mapping, location: str) -> Example:
-    instruction = _string(record, "instruction", location)
-    extra = _string(record, "input", location, required=False)
+    instruction = string_field(record, "instruction", location)
+    extra = string_field(record, "input", location, required=False)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(record, "output", location)}]
-    system = _string(record, "system", location, required=False)
+    messages = [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": string_field(record, "output", location)}]
+    system = string_field(record, "system", location, required=False)
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return Example(location, messages=validate_messages(messages, "alpaca record", location))
@@ -305,14 +306,14 @@ def _from_prompt_completion(record: Mapping, location: str) -> Example:
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):
         return Example(location, messages=validate_messages(prompt + completion, "prompt+completion", location))
-    prompt, completion = _string(record, "prompt", location), _string(record, "completion", location)
+    prompt, completion = string_field(record, "prompt", location), string_field(record, "completion", location)
     if not completion.strip():
         raise DataError(location, "empty assistant turn", "'completion' is empty")
     return Example(location, prompt=prompt, completion=completion)
 
 
 def _from_text(record: Mapping, location: str) -> Example:
-    text = _string(record, "text", location)
+    text = string_field(record, "text", location)
     if not text.strip():
         raise DataError(location, "empty text", "'text' is empty")
     return Example(location, text=text)

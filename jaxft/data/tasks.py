@@ -61,7 +61,7 @@ import numpy as np
 from jaxft.config import HeadConfig
 from jaxft.data.chat import IGNORE_INDEX, Sample, check_token_ids, checked_pad_id
 from jaxft.data.config import TRUNCATION, DataConfig
-from jaxft.data.formats import DataError, DataReport, _string, convert_records
+from jaxft.data.formats import DataError, DataReport, convert_records, string_field
 from jaxft.data.iterator import DataPipeline, PackedIterator, shard_indices
 
 TOKEN_LABEL_KEYS = ("labels", "tags", "ner_tags")  # run_ner.py's label column is "ner_tags" (CoNLL)
@@ -120,7 +120,7 @@ class TaskSamples(NamedTuple):
 
 
 def _nonempty_text(record: Mapping, key: str, location: str) -> str:
-    text = _string(record, key, location)
+    text = string_field(record, key, location)
     if not text.strip():
         raise DataError(location, "empty text", f"{key!r} is empty")
     return text
@@ -217,7 +217,7 @@ def _qa_answers(record: Mapping, location: str, context: str) -> tuple[tuple[str
             raise DataError(location, "bad answers",
                             f"answer {j}: text must be a non-empty string and answer_start an integer, got "
                             f"{text!r} at {start!r}")
-        if context[start:start + len(text)] != text or start < 0:
+        if start < 0 or context[start:start + len(text)] != text:
             raise DataError(location, "answer not in context",
                             f"answer {j} {text!r} is not at character {start} of the context (there: "
                             f"{context[max(start, 0):max(start, 0) + len(text)]!r})")
