@@ -17,7 +17,7 @@ import pytest
 import datasets
 import transformers
 from jaxft.config import HeadConfig
-from jaxft.data import (DataConfig, DataError, DataReport, build_task_iterator, read_task_records,
+from jaxft.data import (DataConfig, DataError, DataReport, PackedIterator, build_task_iterator, read_task_records,
                         tokenize_task_records)
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.hf.tokenizer import load_tokenizer
@@ -293,6 +293,8 @@ BAD_RECORDS = [
     (CLASSIFY, {"text": "hi"}, "missing 'label'"),
     (CLASSIFY, {"txt": "hi", "label": 0}, "missing 'text'"),
     (CLASSIFY, {"text_a": "hi", "label": 0}, "missing 'text_b'"),
+    (CLASSIFY, {"text": "  ", "label": 0}, "empty text"),
+    (HeadConfig("seq_cls", num_labels=1), {"text": "hi", "label": float("nan")}, "wrong label form"),
     (HeadConfig("seq_cls", num_labels=2), {"text": "hi", "label": "pos"}, "label name without label_names"),
     (HeadConfig("seq_cls", num_labels=2, problem_type="multi_label_classification"), {"text": "hi", "label": 1},
      "wrong label form"),
@@ -306,6 +308,7 @@ BAD_RECORDS = [
     (HeadConfig("token_cls", num_labels=5), {"tokens": ["a"], "tags": [5]}, "label index out of range"),
     (HeadConfig("token_cls", num_labels=5), {"words": ["a"], "tags": [0]}, "missing 'tokens'"),
     (HeadConfig("token_cls", num_labels=5), {"tokens": ["a"]}, "missing labels"),
+    (HeadConfig("token_cls", num_labels=5), {"tokens": ["a", ""], "tags": [0, 0]}, "bad word"),
     (HeadConfig("qa"), {"question": "q?", "context": "the fox", "answers": {"text": ["fox"], "answer_start": [1]}},
      "answer not in context"),
     (HeadConfig("qa"), {"question": "q?", "context": "the fox", "answers": {"text": ["fox"]}}, "bad answers"),
@@ -344,6 +347,15 @@ def test_qa_answers_cut_away_or_crowded_out_name_their_line(pairs, tmp_path):
                                  skip_bad_records=True, report=report)
     assert report.dropped == {"answer cut away by truncation": 1, "question too long for the window": 1}
     assert {f.example for f in kept.qa_features} == {0} and len(kept.qa_examples) == 1
+
+
+def test_samples_of_two_tasks_do_not_share_an_iterator(pairs, tmp_path):
+    ours, _ = pairs["spm"]
+    single, multi = HeadConfig("seq_cls"), HeadConfig("seq_cls", problem_type="multi_label_classification")
+    a = _samples(tmp_path, ours, single, [{"text": "hello", "label": 1}]).samples
+    b = _samples(tmp_path, ours, multi, [{"text": "world", "label": [1]}]).samples
+    with pytest.raises(DataError, match="mixed sample extras"):
+        PackedIterator([a, b], batch_size=1, row_length=16)
 
 
 def test_token_ids_beyond_the_model_vocabulary_are_an_error(pairs, tmp_path):

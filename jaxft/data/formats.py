@@ -207,6 +207,8 @@ def detect_format(record: Mapping) -> str | None:
 
 
 def string_field(record: Mapping, key: str, location: str, *, required: bool = True) -> str | None:
+    """`record[key]`, a string: a DataError naming `location` when it is absent (unless not `required`) or not a
+    string."""
     value = record.get(key)
     if value is None and not required:
         return None

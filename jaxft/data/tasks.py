@@ -302,9 +302,6 @@ def aligned_word_labels(word_ids: Sequence[int | None], word_labels: Sequence[in
 
 def _token_sample(record: TokenRecord, encoding, continuation: Sequence[int] | None) -> Sample:
     labels = aligned_word_labels(encoding.word_ids, record.labels, continuation)
-    if (labels == IGNORE_INDEX).all():
-        raise DataError(record.source, "no labelled tokens",
-                        f"truncation to {len(labels)} tokens left no word's first token; raise data.max_length")
     return Sample(np.asarray(encoding.ids, np.int32), labels, record.source)
 
 
@@ -382,7 +379,7 @@ def tokenize_task_records(records: Sequence, tokenizer, head: HeadConfig, *, max
     """Samples of `read_task_records`' records, in order (see the module's "Tokens", "Length" and "Batches").
 
     Bad records (a QA answer no window holds, a question too long for a window, over-length with
-    `truncation="error"`, no labelled token left) raise a DataError naming their source, or with
+    `truncation="error"`) raise a DataError naming their source, or with
     `skip_bad_records` are counted in `report`; `truncation="drop"` always drops and counts.
     """
     if truncation not in TRUNCATION:
