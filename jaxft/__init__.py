@@ -1,5 +1,5 @@
 """jaxft: fine-tune Llama-family models in JAX (LoRA, QLoRA/NF4, SFT) on CPU, GPU and TPU meshes."""
-from jaxft.config import ConfigError, ModelConfig, QuantConfig, RopeConfig
+from jaxft.config import ConfigError, HeadConfig, ModelConfig, QuantConfig, RopeConfig
 from jaxft.errors import JaxftError
 from jaxft.hf import peft_format
 from jaxft.hf.checkpoint import from_pretrained, save_pretrained
@@ -15,7 +15,7 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.methods import merge, unmerge
 from jaxft.peft.tree import Trainable, combine, split
 
-__all__ = ["CheckpointError", "ConfigError", "Hooks", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig",
+__all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig",
            "RopeConfig", "Tokenizer", "TokenizerError", "Trainable", "combine", "forward", "from_pretrained",
            "generate", "init_params", "load_adapter", "load_tokenizer", "lora", "merge", "nf4", "peft_format",
            "save_adapter", "save_pretrained", "split", "unmerge"]

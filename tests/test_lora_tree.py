@@ -108,7 +108,7 @@ def test_dropout_only_in_training(base):
     (dict(r=0), "r must be a positive integer"),
     (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(bias="some"), "bias must be one of"),
-    (dict(task_type="SEQ_CLS"), "only CAUSAL_LM"),
+    (dict(task_type="SEQ_2_SEQ_LM"), "decoder-only"),
 ])
 def test_bad_lora_config_is_rejected(kwargs, match):
     with pytest.raises(jaxft.ConfigError, match=match):

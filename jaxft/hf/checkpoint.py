@@ -6,6 +6,7 @@ existing folder unless asked to.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,13 +16,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxft.config import ConfigError, ModelConfig, QuantConfig
+from jaxft.config import ConfigError, HeadConfig, ModelConfig, QuantConfig
 from jaxft.files import atomic_dir
 from jaxft.hf.bnb import BNB_SUFFIXES, from_bnb
 from jaxft.hf.config import config_from_hf, config_to_hf, read_json
-from jaxft.hf.names import EMBED_WEIGHT, LM_HEAD_WEIGHT, NORM_WEIGHT, layer_name
+from jaxft.hf.names import (EMBED_WEIGHT, LM_HEAD_WEIGHT, NORM_WEIGHT, canonical_name, layer_name, saved_name,
+                            tensor_name)
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from jaxft.models.llama import LAYER_NORMS, LINEAR_MODULES, has_bias, linear_shapes
+from jaxft.models.llama import (LAYER_NORMS, LINEAR_MODULES, axis_sizes, has_bias, init_params, linear_shapes,
+                                param_axes)
 from jaxft.ops import nf4
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,7 +33,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class HFCheckpoint:
-    """The tensors of a HF folder, across shards, by their HF names."""
+    """The tensors of a HF folder, across shards, by their canonical HF names (:mod:`jaxft.hf.names`: the decoder
+    under ``model.``, whichever prefix the folder stores it under)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -58,9 +62,16 @@ class HFCheckpoint:
             if not (self.folder / name).exists():
                 raise CheckpointError(f"{index}: lists shard {name!r}, which is missing from {self.folder}")
             self.files[name] = SafetensorsFile(self.folder / name)
-        self.location = {k: f for f in self.files.values() for k in f.keys()}
+        self.location, self.stored = {}, {}  # canonical name -> its file, and its name in that file
+        for f in self.files.values():
+            for stored in f.keys():
+                name = canonical_name(stored)
+                if self.stored.get(name, stored) != stored:
+                    raise CheckpointError(f"{self.folder}: tensors {self.stored[name]!r} and {stored!r} are one "
+                                          "tensor under transformers' two decoder prefixes; keep one of them")
+                self.location[name], self.stored[name] = f, stored
         if weight_map is not None:
-            absent = sorted(k for k in weight_map if k not in self.location)
+            absent = sorted(k for k in weight_map if canonical_name(k) not in self.location)
             if absent:
                 raise CheckpointError(f"{index}: tensors {absent[:5]} are listed but not in their shard files")
 
@@ -71,17 +82,25 @@ class HFCheckpoint:
         return name in self.location
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.location[name].shape(name)
+        return self.location[name].shape(self.stored[name])
 
     def get(self, name: str) -> np.ndarray:
-        return self.location[name].get(name)
+        return self.location[name].get(self.stored[name])
+
+
+def head_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The task head's leaves (``kernel`` [D, N], ``bias`` [N] when it has one) with their param-tree shapes."""
+    sizes = axis_sizes(cfg)
+    return {leaf: tuple(sizes[axis] for axis in axes) for leaf, axes in param_axes(cfg)[cfg.head.group].items()}
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of this architecture with its torch-layout shape."""
     d = cfg.hidden_size
     out = {EMBED_WEIGHT: (cfg.vocab_size, d), NORM_WEIGHT: (d,)}
-    if not cfg.tie_word_embeddings:
+    if cfg.head is not None:  # a task head replaces the LM head
+        out.update({tensor_name((cfg.head.group,), leaf): shape[::-1] for leaf, shape in head_shapes(cfg).items()})
+    elif not cfg.tie_word_embeddings:
         out[LM_HEAD_WEIGHT] = (cfg.vocab_size, d)
     shapes = linear_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
@@ -197,9 +216,24 @@ def _quantized_stack(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, quant: Q
     return nf4.stack(layers)
 
 
+def _outer_groups(cfg: ModelConfig, read, new_head: dict | None) -> dict:
+    """The groups outside the layer stack, each leaf from ``read(hf_name, transposed)``: embeddings, final norm and
+    the output group: the LM head (unless tied), or the task head, read from the folder unless ``new_head`` is
+    given (a head that a causal-LM folder does not hold)."""
+    groups = {"embed_tokens": {"embedding": read(EMBED_WEIGHT, False)}, "norm": {"scale": read(NORM_WEIGHT, False)}}
+    if cfg.head is not None:
+        group = cfg.head.group
+        groups[group] = new_head if new_head is not None else {
+            leaf: read(tensor_name((group,), leaf), leaf == "kernel") for leaf in head_shapes(cfg)}
+    elif not cfg.tie_word_embeddings:
+        groups["lm_head"] = {"kernel": read(LM_HEAD_WEIGHT, True)}
+    return groups
+
+
 def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, quant: QuantConfig | None = None,
-                prequantized: bool = False) -> dict:
-    """The param tree; with ``quant`` (or a 4-bit checkpoint) linear kernels are 4-bit, the rest in ``dtype``."""
+                prequantized: bool = False, new_head: dict | None = None) -> dict:
+    """The param tree; with ``quant`` (or a 4-bit checkpoint) linear kernels are 4-bit, the rest (a task head
+    included) in ``dtype``. ``new_head``: the task head's group, when the folder holds none (a causal LM)."""
     dtype = jnp.dtype(dtype)
     layers = {norm: {"scale": jnp.asarray(_stacked(ckpt, cfg, norm, "scale", dtype))}
               for norm in LAYER_NORMS}
@@ -210,12 +244,12 @@ def load_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, quant: QuantConfig 
             layers[m] = {"kernel": jnp.asarray(_stacked(ckpt, cfg, m, "kernel", dtype))}
         if has_bias(cfg, m):
             layers[m]["bias"] = jnp.asarray(_stacked(ckpt, cfg, m, "bias", dtype))
-    whole = lambda name: jnp.asarray(cast_checked(ckpt.get(name), dtype, name, ckpt.folder))  # noqa: E731
-    params = {"embed_tokens": {"embedding": whole(EMBED_WEIGHT)}, "layers": layers,
-              "norm": {"scale": whole(NORM_WEIGHT)}}
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": whole(LM_HEAD_WEIGHT).T}
-    return params
+
+    def whole(name: str, transposed: bool) -> jax.Array:
+        t = jnp.asarray(cast_checked(ckpt.get(name), dtype, name, ckpt.folder))
+        return t.T if transposed else t
+
+    return {"layers": layers, **_outer_groups(cfg, whole, new_head)}
 
 
 def _prequantized(hf: dict, source: str) -> bool:
@@ -229,13 +263,35 @@ def _prequantized(hf: dict, source: str) -> bool:
                       f"(load_in_8bit={qc.get('load_in_8bit')}) is not supported; jaxft reads bitsandbytes 4-bit")
 
 
+def _with_head(cfg: ModelConfig, head: HeadConfig | None, source: str) -> ModelConfig:
+    """``cfg`` (the folder's) with the requested task head: a head model's own head must agree with ``head`` in
+    kind and size (``head`` wins otherwise, keeping the folder's label names when it has none)."""
+    if head is None:
+        return cfg
+    if cfg.head is not None:
+        if (cfg.head.kind, cfg.head.num_labels) != (head.kind, head.num_labels):
+            raise ConfigError(f"{source}: the folder holds a {cfg.head.kind!r} head with {cfg.head.num_labels} "
+                              f"labels, but head= asks for a {head.kind!r} head with {head.num_labels}; leave head= "
+                              "out to load the folder's head, or load its causal-LM base")
+        if head.labels is None:
+            head = dataclasses.replace(head, labels=cfg.head.labels)
+    return cfg.replace(head=head)
+
+
 def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
-                    quant: str | QuantConfig | None = None, mesh=None, rules=None) -> tuple[ModelConfig, dict]:
+                    quant: str | QuantConfig | None = None, mesh=None, rules=None, head: HeadConfig | None = None,
+                    head_seed: int = 0) -> tuple[ModelConfig, dict]:
     """Load a HF folder: ``(ModelConfig, params)`` with params in ``dtype`` (compute dtype defaults to it).
 
+    A folder of a task-head class (``*ForSequenceClassification`` etc., by config.json's ``architectures``) loads
+    its head (``ModelConfig.head``; ``head=`` must agree with it). A causal-LM folder with ``head=`` loads the
+    decoder without ``lm_head`` and a new head as :func:`jaxft.init_params` makes it from
+    ``jax.random.PRNGKey(head_seed)``, as transformers does when ``AutoModelForSequenceClassification`` loads it.
+
     ``quant="nf4"`` (or a :class:`QuantConfig`) stores every linear kernel in bitsandbytes' 4-bit format while
-    loading, one layer at a time; embeddings, norms and ``lm_head`` stay in ``dtype``, as transformers does.
-    A bitsandbytes 4-bit checkpoint saved by transformers loads with its quantized weights as they are.
+    loading, one layer at a time; embeddings, norms and ``lm_head`` (or the task head) stay in ``dtype``, as
+    transformers does. A bitsandbytes 4-bit checkpoint saved by transformers loads with its quantized weights as
+    they are.
 
     With a ``mesh`` the params come back sharded per ``rules`` (default: ``jaxft.parallel.DEFAULT_RULES``), and
     each array is built from the file slices its devices hold (:func:`load_sharded_params`), so no process reads
@@ -246,15 +302,20 @@ def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
     hf = read_json(folder / "config.json")
-    cfg = config_from_hf(hf, source=str(folder / "config.json"), dtype=compute_dtype or str(jnp.dtype(dtype)))
-    prequantized = _prequantized(hf, str(folder / "config.json"))
+    source = str(folder / "config.json")
+    folder_cfg = config_from_hf(hf, source=source, dtype=compute_dtype or str(jnp.dtype(dtype)))
+    cfg = _with_head(folder_cfg, head, source)
+    prequantized = _prequantized(hf, source)
     if isinstance(quant, str):
         quant = QuantConfig(quant_type=quant)
     ckpt = HFCheckpoint(folder)
-    check_tensors(ckpt, cfg, prequantized)
+    check_tensors(ckpt, folder_cfg, prequantized)
+    new_head = None
+    if folder_cfg.head is None and cfg.head is not None:  # transformers' new head on a causal LM: same init
+        new_head = init_params(cfg, jax.random.PRNGKey(head_seed), dtype, groups=(cfg.head.group,))[cfg.head.group]
     if mesh is not None and quant is None and not prequantized:
-        return cfg, load_sharded_params(ckpt, cfg, dtype, mesh, rules)
-    params = load_params(ckpt, cfg, dtype, None if prequantized else quant, prequantized)
+        return cfg, load_sharded_params(ckpt, cfg, dtype, mesh, rules, new_head)
+    params = load_params(ckpt, cfg, dtype, None if prequantized else quant, prequantized, new_head)
     if mesh is not None:
         from jaxft import parallel
 
@@ -298,12 +359,12 @@ def _read_block(f: SafetensorsFile, name: str, index: tuple[slice, ...]) -> np.n
 def _tensor_reader(ckpt: HFCheckpoint, name: str, transposed: bool, dtype):
     """(shape in the param tree, read(index) -> that slice in ``dtype``); kernels are [out, in] in the file,
     [in, out] here. Each block is range-checked as it is cast (:func:`cast_checked`)."""
-    f = ckpt.location[name]
-    shape = f.shape(name)[::-1] if transposed else f.shape(name)
+    f, stored = ckpt.location[name], ckpt.stored[name]
+    shape = f.shape(stored)[::-1] if transposed else f.shape(stored)
 
     def read(index):
-        block = _read_block(f, name, tuple(index)[::-1] if transposed else tuple(index))
-        block = cast_checked(block, dtype, name, ckpt.folder, whole=lambda: f.get(name))
+        block = _read_block(f, stored, tuple(index)[::-1] if transposed else tuple(index))
+        block = cast_checked(block, dtype, name, ckpt.folder, whole=lambda: f.get(stored))
         return block.T if transposed else block
 
     return shape, read
@@ -322,29 +383,36 @@ def _stacked_reader(ckpt: HFCheckpoint, cfg: ModelConfig, module: str, leaf: str
     return (cfg.num_hidden_layers, *per_layer[0][0]), read
 
 
-def param_readers(ckpt: HFCheckpoint, cfg: ModelConfig, dtype) -> dict:
-    """The param tree with a ``(shape, read(index) -> block in dtype)`` pair per leaf instead of an array."""
+def _array_reader(x: jax.Array, dtype):
+    """(shape, read(index)) of an array already in memory."""
+    block = np.asarray(x, dtype)
+    return block.shape, lambda index: block[tuple(index)]
+
+
+def param_readers(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, new_head: dict | None = None) -> dict:
+    """The param tree with a ``(shape, read(index) -> block in dtype)`` pair per leaf instead of an array
+    (``new_head`` as in :func:`load_params`)."""
     layers = {norm: {"scale": _stacked_reader(ckpt, cfg, norm, "scale", dtype)}
               for norm in LAYER_NORMS}
     for m in LINEAR_MODULES:
         layers[m] = {"kernel": _stacked_reader(ckpt, cfg, m, "kernel", dtype)}
         if has_bias(cfg, m):
             layers[m]["bias"] = _stacked_reader(ckpt, cfg, m, "bias", dtype)
-    readers = {"embed_tokens": {"embedding": _tensor_reader(ckpt, EMBED_WEIGHT, False, dtype)},
-               "layers": layers,
-               "norm": {"scale": _tensor_reader(ckpt, NORM_WEIGHT, False, dtype)}}
-    if not cfg.tie_word_embeddings:
-        readers["lm_head"] = {"kernel": _tensor_reader(ckpt, LM_HEAD_WEIGHT, True, dtype)}
-    return readers
+    if new_head is not None:
+        new_head = {leaf: _array_reader(x, dtype) for leaf, x in new_head.items()}
+    return {"layers": layers, **_outer_groups(cfg, lambda name, transposed: _tensor_reader(
+        ckpt, name, transposed, dtype), new_head)}
 
 
-def load_sharded_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, mesh, rules=None) -> dict:
+def load_sharded_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, mesh, rules=None,
+                        new_head: dict | None = None) -> dict:
     """The dense param tree on ``mesh``, sharded per ``rules``: every array is assembled from the slices its
-    addressable devices hold, each read from the files alone (devices holding the same slice share one read)."""
+    addressable devices hold, each read from the files alone (devices holding the same slice share one read;
+    ``new_head`` as in :func:`load_params`)."""
     from jaxft import parallel
 
     dtype = jnp.dtype(dtype)
-    readers = param_readers(ckpt, cfg, dtype)
+    readers = param_readers(ckpt, cfg, dtype, new_head)
     is_reader = lambda x: isinstance(x, tuple) and len(x) == 2 and callable(x[1])  # noqa: E731
     abstract = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r[0], dtype), readers, is_leaf=is_reader)
     shardings = parallel.param_shardings(abstract, mesh, rules or parallel.DEFAULT_RULES)
@@ -365,7 +433,8 @@ def load_sharded_params(ckpt: HFCheckpoint, cfg: ModelConfig, dtype, mesh, rules
 
 
 def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """The param tree as HF-named numpy tensors in torch layout (kernels [out, in])."""
+    """The param tree as HF-named numpy tensors in torch layout (kernels [out, in]), by canonical names
+    (:func:`write_pretrained` writes them as transformers names them)."""
     if any(isinstance(x, nf4.QuantizedTensor) for x in jax.tree.leaves(
             params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))):
         raise ConfigError("save_pretrained writes dense weights, but these params hold 4-bit kernels: "
@@ -375,6 +444,10 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
            NORM_WEIGHT: np.asarray(params["norm"]["scale"])}
     if "lm_head" in params:  # also a tied model's head copied by modules_to_save (PEFT): written untied
         out[LM_HEAD_WEIGHT] = np.asarray(params["lm_head"]["kernel"]).T
+    if cfg.head is not None:
+        group = cfg.head.group
+        out.update({tensor_name((group,), leaf): np.asarray(params[group][leaf]).T if leaf == "kernel" else
+                    np.asarray(params[group][leaf]) for leaf in head_shapes(cfg)})
     for module, group in params["layers"].items():
         for leaf, stacked in group.items():
             stacked = np.asarray(stacked)
@@ -426,6 +499,7 @@ def write_pretrained(cfg: ModelConfig, tensors: dict[str, np.ndarray], folder: P
         cfg = cfg.replace(tie_word_embeddings=False)
     dtype = str(tensors[EMBED_WEIGHT].dtype)
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    tensors = {saved_name(cfg, name): t for name, t in tensors.items()}
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         write_safetensors(folder / "model.safetensors", shards[0], {"format": "pt"})

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxft.config import ROPE_TYPES, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig
+from jaxft.config import (HEAD_KINDS, ROPE_TYPES, SUPPORTED_MODEL_TYPES, ConfigError, HeadConfig, ModelConfig,
+                          RopeConfig)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CAUSAL_LM = "CausalLM"  # the class suffix of ARCHITECTURES; a head model's is HEAD_KINDS[kind]
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_KEYS = {f for f in RopeConfig.__dataclass_fields__} - {"rope_type"}
 
@@ -89,14 +91,89 @@ def config_from_hf(hf: dict, *, source: str = "config.json", dtype: str = "float
         mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
         sliding_window=window, sliding_layers=sliding,
         bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos, pad_token_id=hf.get("pad_token_id"),
-        dtype=dtype,
+        dtype=dtype, head=_head(hf, source),
     )
+
+
+def architecture(model_type: str, suffix: str) -> str:
+    """transformers' class name of ``model_type`` with the given suffix, e.g. ``LlamaForSequenceClassification``."""
+    return ARCHITECTURES[model_type][:-len(CAUSAL_LM)] + suffix
+
+
+def _head(hf: dict, source: str) -> HeadConfig | None:
+    """The task head named by ``architectures`` (None for a causal LM, or a config without architectures)."""
+    names = hf.get("architectures") or []
+    if not names:
+        return None
+    suffixes = {architecture(hf["model_type"], s): s for s in (CAUSAL_LM, *HEAD_KINDS.values())}
+    if names[0] not in suffixes:
+        raise ConfigError(f"{source}: architectures {names} is not a class jaxft loads; a {hf['model_type']} model "
+                          f"is one of {sorted(suffixes)}")
+    kind = {suffix: k for k, suffix in HEAD_KINDS.items()}.get(suffixes[names[0]])
+    if kind is None:
+        return None
+    labels = _labels(hf, source)  # transformers' default names say the labels have none
+    fields = {"num_labels": len(labels) if labels else hf.get("num_labels", 2),
+              "labels": None if labels == default_labels(len(labels)) else labels}
+    if kind == "seq_cls":
+        fields["problem_type"] = hf.get("problem_type")
+    if kind == "token_cls":
+        fields["dropout"] = _token_dropout(hf)
+    try:
+        return HeadConfig(kind, **fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def default_labels(n: int) -> tuple[str, ...]:
+    """transformers' names of labels that have none (``LABEL_0``, ``LABEL_1``, ...)."""
+    return tuple(f"LABEL_{i}" for i in range(n))
+
+
+def _labels(hf: dict, source: str) -> tuple[str, ...]:
+    """``id2label``'s names in id order (empty without one); its ids must be 0..N-1."""
+    id2label = hf.get("id2label") or {}
+    try:
+        by_id = {int(i): name for i, name in id2label.items()}
+    except (AttributeError, ValueError):
+        raise ConfigError(f"{source}: id2label must map label ids 0..N-1 to names, got {id2label!r}") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ConfigError(f"{source}: id2label's ids {sorted(by_id)} are not 0..{len(by_id) - 1}")
+    return tuple(by_id[i] for i in range(len(by_id)))
+
+
+def _token_dropout(hf: dict) -> float:
+    """transformers' token-classification dropout: ``classifier_dropout``, else ``hidden_dropout``, else 0.1."""
+    for key in ("classifier_dropout", "hidden_dropout"):
+        if hf.get(key) is not None:
+            return float(hf[key])
+    return 0.1
+
+
+def _head_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json keys of ``cfg``'s task head (none for a causal LM)."""
+    head = cfg.head
+    if head is None:
+        return {"architectures": [ARCHITECTURES[cfg.model_type]]}
+    if head.kind == "seq_cls" and cfg.pad_token_id is None:
+        raise ConfigError("a sequence classifier's config.json needs pad_token_id (transformers finds each row's "
+                          "last token by it, and refuses batches without one), but ModelConfig.pad_token_id is None; "
+                          "set it first, e.g. cfg = cfg.replace(pad_token_id=tokenizer.pad_token_id)")
+    labels = head.labels or default_labels(head.num_labels)
+    out = {"architectures": [architecture(cfg.model_type, HEAD_KINDS[head.kind])],
+           "id2label": {str(i): name for i, name in enumerate(labels)},
+           "label2id": {name: i for i, name in enumerate(labels)}}
+    if head.problem_type is not None:
+        out["problem_type"] = head.problem_type
+    if head.kind == "token_cls":
+        out["classifier_dropout"] = head.dropout
+    return out
 
 
 def config_to_hf(cfg: ModelConfig, param_dtype: str) -> dict:
     """A ``config.json`` dict that transformers (4.x and 5.x) loads as the same architecture."""
     hf = {
-        "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
+        **_head_to_hf(cfg), "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",

@@ -6,6 +6,11 @@ Each registered method names its own tensors (``Method.peft_tensors``), after th
 [r, vocab] / ``lora_embedding_B`` [hidden, r]. Fully trained modules (``modules_to_save``, biases) are written
 under their module's name. Only real ranks are written, never rank padding. A method without a PEFT format is
 refused with the way out (merge it and save the full model).
+
+Module names are those of the model PEFT wraps, as PEFT writes them: a task head (``SEQ_CLS``, ``TOKEN_CLS``,
+``QUESTION_ANS``) is ``base_model.model.score.weight`` / ``qa_outputs.weight``, the decoder of Llama's and Qwen2's
+question-answering classes is ``base_model.model.transformer.layers...``, and a ``FEATURE_EXTRACTION`` adapter
+wraps the bare decoder (``AutoModel``): ``base_model.model.layers...``. Loading reads any of these spellings.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import numpy as np
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
-from jaxft.hf.names import module_name
+from jaxft.hf.names import BASE_PREFIX, canonical_name, module_name, saved_name
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.ops.registry import methods_in
 from jaxft.peft import lora
@@ -49,24 +54,46 @@ class Entry:
         return tuple(index)
 
 
-def _method_entries(path: tuple, group: dict) -> list[Entry]:
+def _peft_module(cfg: ModelConfig, lcfg: lora.LoraConfig, group: tuple, layer: int | None) -> str:
+    """A module's name in the adapter file: its name inside the model PEFT wraps, with PEFT's prefix."""
+    name = saved_name(cfg, module_name(group, layer))
+    if lcfg.task_type != "FEATURE_EXTRACTION":
+        return PREFIX + name
+    if not name.startswith(BASE_PREFIX):
+        raise ConfigError(f"a FEATURE_EXTRACTION adapter wraps the bare decoder (transformers' AutoModel), which has "
+                          f"no {name}: leave it out of target_modules and modules_to_save")
+    return PREFIX + name[len(BASE_PREFIX):]
+
+
+def _canonical(name: str, lcfg: lora.LoraConfig) -> str:
+    """A tensor name of an adapter file in the spelling :func:`_peft_module` gives a Llama causal LM, whichever
+    class the adapter was saved from (``transformer.`` of the QA classes, the bare decoder of FEATURE_EXTRACTION)."""
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if lcfg.task_type == "FEATURE_EXTRACTION" and not name.startswith(BASE_PREFIX):
+        name = BASE_PREFIX + name
+    return PREFIX + canonical_name(name)
+
+
+def _method_entries(cfg: ModelConfig, lcfg: lora.LoraConfig, path: tuple, group: dict) -> list[Entry]:
     """The tensors every method in the group declares (``Method.peft_tensors``), under the module's PEFT name."""
     out = []
     for method in methods_in(group):
         for t in method.peft_tensors(group[method.name], group, stacked=path[0] == "layers"):
-            out.append(Entry(f"{PREFIX}{module_name(path, t.layer)}.{t.suffix}", path + (method.name, t.leaf),
+            out.append(Entry(f"{_peft_module(cfg, lcfg, path, t.layer)}.{t.suffix}", path + (method.name, t.leaf),
                              t.layer, t.transpose, t.rank, t.rank_axis))
     return out
 
 
-def entries(params: dict, lcfg: lora.LoraConfig) -> list[Entry]:
+def entries(params: dict, lcfg: lora.LoraConfig, cfg: ModelConfig | None = None) -> list[Entry]:
     """Every tensor the adapter file holds for this tree (with ``lcfg``'s adapters added): the methods' tensors,
-    then the leaves ``lcfg`` trains whole (``modules_to_save``, biases)."""
+    then the leaves ``lcfg`` trains whole (``modules_to_save``, biases). ``cfg`` names the modules as its
+    transformers class does; without it they are named from the tree's shapes (as Llama's)."""
+    cfg = cfg or lora.structure_config(params)
     out = []
     groups = [(("layers", k), v) for k, v in params["layers"].items()]
     groups += [((k,), v) for k, v in params.items() if k != "layers"]
     for path, group in groups:
-        out += _method_entries(path, group)
+        out += _method_entries(cfg, lcfg, path, group)
     n_layers = params["layers"]["q_proj"]["kernel"].shape[0]
     for whole in sorted(lora.trainable(lora.structure_config(params), params, lcfg).paths):
         path = tuple(whole.split("/"))
@@ -75,7 +102,8 @@ def entries(params: dict, lcfg: lora.LoraConfig) -> list[Entry]:
         if leaf == "bias" and "lora" in group:
             leaf = "base_layer.bias"  # PEFT's name for the bias of a LoRA-wrapped layer
         for layer in (range(n_layers) if path[0] == "layers" else [None]):
-            out.append(Entry(f"{PREFIX}{module_name(path[:-1], layer)}.{leaf}", path, layer, path[-1] == "kernel"))
+            out.append(Entry(f"{_peft_module(cfg, lcfg, path[:-1], layer)}.{leaf}", path, layer,
+                             path[-1] == "kernel"))
     return out
 
 
@@ -93,9 +121,14 @@ def _extract(params: dict, e: Entry) -> np.ndarray:
     return np.ascontiguousarray(x.T if e.transpose else x)
 
 
-def adapter_tensors(params: dict, lcfg: lora.LoraConfig) -> dict[str, np.ndarray]:
-    return {e.name: _extract(params, e) for e in entries(params, lcfg)}
-
+def adapter_tensors(params: dict, lcfg: lora.LoraConfig, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
+    """The adapter file's tensors by name; ``cfg`` is needed for a question-answering head, whose decoder's name
+    depends on the family (Llama, Qwen2: ``transformer.``; Mistral: ``model.``)."""
+    if cfg is None and "qa_outputs" in params:
+        raise ConfigError("saving an adapter of a question-answering model needs its ModelConfig (cfg=...): "
+                          "transformers names the decoder of Llama's and Qwen2's QA class 'transformer', Mistral's "
+                          "'model'")
+    return {e.name: _extract(params, e) for e in entries(params, lcfg, cfg)}
 
 
 def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -108,10 +141,11 @@ def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None 
     return d
 
 
-def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write a PEFT adapter folder (atomically; an existing folder needs ``overwrite``)."""
-    tensors = adapter_tensors(params, lcfg)
+def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, cfg: ModelConfig | None = None,
+                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """Write a PEFT adapter folder (atomically; an existing folder needs ``overwrite``). ``cfg``: the model's
+    config, needed for a question-answering head (:func:`adapter_tensors`)."""
+    tensors = adapter_tensors(params, lcfg, cfg)
     with atomic_dir(out_dir, overwrite) as tmp:
         write_adapter(tensors, lcfg, tmp, base_model_name_or_path)
     return Path(out_dir)
@@ -168,14 +202,15 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (found {found}; pickle adapter files are never loaded)")
     st = SafetensorsFile(weights)
     params = lora.add(cfg or lora.structure_config(base_params), base_params, lcfg, jax.random.PRNGKey(0))
-    wanted = entries(params, lcfg)
-    missing = [e.name for e in wanted if e.name not in st.keys()]
+    wanted = entries(params, lcfg, cfg)
+    in_file = {_canonical(name, lcfg): name for name in st.keys()}
+    missing = [e.name for e in wanted if _canonical(e.name, lcfg) not in in_file]
     if missing:
         hint = " (a DoRA adapter file without magnitude vectors?)" if any("magnitude" in m for m in missing) else ""
         raise CheckpointError(f"{weights}: {len(missing)} tensor(s) missing{hint}, e.g. {missing[:3]}")
     updates: dict[tuple, list] = {}
     for e in wanted:
-        value = np.asarray(st.get(e.name))
+        value = np.asarray(st.get(in_file[_canonical(e.name, lcfg)]))
         expected = _extract(params, e).shape
         if value.shape != expected:
             raise CheckpointError(_shape_problem(folder, e, value.shape, expected))

@@ -107,9 +107,11 @@ def param_axes(cfg: ModelConfig) -> dict:
     return tree
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 0.02) -> dict:
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 0.02,
+                groups: tuple[str, ...] | None = None) -> dict:
     """Random params like HF's ``_init_weights``: N(0, std) matrices, unit norms, zero biases; every leaf's shape
-    is read off its declared axes (:func:`param_axes`)."""
+    is read off its declared axes (:func:`param_axes`). ``groups``: only these top-level groups (the same values
+    the whole tree would hold), e.g. a new task head on loaded weights."""
     sizes = axis_sizes(cfg)
     keys = dict(zip(LINEAR_MODULES + ("embed_tokens", "lm_head"), jax.random.split(rng, len(LINEAR_MODULES) + 2)))
     keys["score"] = keys["qa_outputs"] = jax.random.fold_in(rng, 1)  # apart, so the decoder's draws stay as they were
@@ -125,7 +127,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype="float32", std: float = 
     def fill(tree: dict, group: str = "") -> dict:
         return {k: fill(v, k) if isinstance(v, dict) else create(group, k, v) for k, v in tree.items()}
 
-    return fill(param_axes(cfg))
+    return fill({k: v for k, v in param_axes(cfg).items() if groups is None or k in groups})
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:

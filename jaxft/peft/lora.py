@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.config import ConfigError, ModelConfig
+from jaxft.config import ConfigError, HeadConfig, ModelConfig
 from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, dora_linear, embedding_table, lora_delta, lora_linear, with_bias
@@ -38,6 +38,10 @@ from jaxft.peft.tree import Trainable, leaf_paths
 
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# What PEFT's PeftModelFor<Task> adds to modules_to_save: the task head, trained in full and saved with the adapter.
+# PEFT lists the head names of every architecture it knows, so a name may match no module of this one.
+TASK_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                     "QUESTION_ANS": ("qa_outputs",)}
 # The trained leaves' names before the method registry (jaxft up to b4e718f kept them beside the kernel or table),
 # each with its path inside today's group: training checkpoints written then restore through this table. Frozen
 # leaves (lora_scale, lora_mask, lora_dropout, trainable_row_ids) were never saved, so they need no entry.
@@ -94,8 +98,12 @@ class LoraConfig:
                 raise ConfigError(f"lora.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         if self.task_type not in TASK_TYPES:
             raise ConfigError(f"lora.task_type {self.task_type!r} is unknown; PEFT's are {TASK_TYPES}")
-        if self.task_type != "CAUSAL_LM":
-            raise ConfigError(f"lora.task_type {self.task_type!r}: only CAUSAL_LM heads exist in jaxft so far")
+        if self.task_type == "SEQ_2_SEQ_LM":
+            raise ConfigError("lora.task_type 'SEQ_2_SEQ_LM' needs an encoder-decoder model; jaxft models decoder-only "
+                              "families (Llama, Mistral, Qwen2): use CAUSAL_LM")
+        head_modules = [m for m in TASK_HEAD_MODULES.get(self.task_type, ()) if m not in (self.modules_to_save or ())]
+        if head_modules:  # as PEFT extends the config, so the saved adapter_config.json says the same
+            object.__setattr__(self, "modules_to_save", (*(self.modules_to_save or ()), *head_modules))
 
     def replace(self, **changes) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
@@ -117,7 +125,7 @@ class Module:
     """One HF module of the model and where its params live in the tree."""
 
     key: str  # e.g. "model.layers.3.mlp.up_proj"
-    kind: str  # linear | embedding | norm
+    kind: str  # linear | embedding | norm | head (a task head: linear, but never in all-linear)
     group: tuple[str, ...]  # path of its leaf group in the param tree
     layer: int | None  # index into the stacked [L] axis, None for unstacked groups
 
@@ -131,7 +139,10 @@ def modules(cfg: ModelConfig) -> list[Module]:
             block = "self_attn" if m in ATTN_PROJ else "mlp"
             out.append(Module(f"model.layers.{i}.{block}.{m}", "linear", ("layers", m), i))
     out.append(Module("model.norm", "norm", ("norm",), None))
-    out.append(Module("lm_head", "linear", ("lm_head",), None))
+    if cfg.head is None:
+        out.append(Module("lm_head", "linear", ("lm_head",), None))
+    else:
+        out.append(Module(cfg.head.group, "head", (cfg.head.group,), None))
     return out
 
 
@@ -418,7 +429,13 @@ def _saved_groups(cfg: ModelConfig, lcfg: LoraConfig) -> list[tuple[str, ...]]:
         if None not in layers and len(layers) != cfg.num_hidden_layers:
             raise ConfigError(f"modules_to_save {list(lcfg.modules_to_save)} selects {'/'.join(group)} in layers "
                               f"{sorted(layers)} only; layers are stacked, so select it in every layer or none")
-    unknown = [e for e in lcfg.modules_to_save if not any(m.key.endswith(e) for m in modules(cfg))]
+    head_modules = TASK_HEAD_MODULES.get(lcfg.task_type, ())
+    if head_modules and (cfg.head is None or cfg.head.group not in head_modules):
+        raise ConfigError(f"lora.task_type {lcfg.task_type!r} trains the task head {' or '.join(head_modules)}, but "
+                          f"this model has {'no task head (a causal LM)' if cfg.head is None else cfg.head.group}: "
+                          f"load the base with its head (jaxft.from_pretrained(folder, head=HeadConfig(...)))")
+    unknown = [e for e in lcfg.modules_to_save
+               if e not in head_modules and not any(m.key.endswith(e) for m in modules(cfg))]
     if unknown:
         raise ConfigError(f"modules_to_save {unknown} match no module of this {cfg.model_type} model")
     return list(hits)
@@ -506,13 +523,25 @@ def resize_embeddings(cfg: ModelConfig, params: dict, vocab_size: int) -> tuple[
 
 
 def structure_config(params: dict) -> ModelConfig:
-    """The shape facts LoRA planning needs (layer count, vocab, tied head), read off a param tree.
+    """The shape facts LoRA planning needs (layer count, vocab, tied head, task head), read off a param tree.
 
     Lets an adapter be attached to params without their ModelConfig; attention head counts are not needed
-    because adapter shapes come from the kernels themselves.
+    because adapter shapes come from the kernels themselves. The family (``model_type``) is not in the shapes.
     """
     vocab, hidden = params["embed_tokens"]["embedding"].shape
+    head = _task_head(params)
     return ModelConfig(vocab_size=vocab, hidden_size=hidden,
                        intermediate_size=params["layers"]["gate_proj"]["kernel"].shape[-1],
                        num_hidden_layers=params["layers"]["q_proj"]["kernel"].shape[0],
-                       num_attention_heads=1, tie_word_embeddings="lm_head" not in params)
+                       num_attention_heads=1, head=head, tie_word_embeddings="lm_head" not in params and head is None)
+
+
+def _task_head(params: dict) -> HeadConfig | None:
+    """The task head a param tree holds (``qa_outputs``; ``score`` with a bias: token classification, without:
+    sequence classification), or None for a causal LM."""
+    if "qa_outputs" in params:
+        return HeadConfig("qa")
+    if "score" not in params:
+        return None
+    num_labels = params["score"]["kernel"].shape[-1]
+    return HeadConfig("token_cls" if "bias" in params["score"] else "seq_cls", num_labels=num_labels)

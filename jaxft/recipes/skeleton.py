@@ -468,7 +468,7 @@ def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, bas
     """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
     adapter (``lcfg``, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
     ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
-    tensors = adapter_tensors(params, lcfg) if lcfg else to_hf_tensors(model_cfg, params)
+    tensors = adapter_tensors(params, lcfg, model_cfg) if lcfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
         if lcfg:
             write_adapter(tensors, lcfg, tmp, base_model)
