@@ -9,6 +9,7 @@ import string
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import seqeval.metrics
 import torch
@@ -24,6 +25,7 @@ from jaxft.models.heads import last_token_mask, sequence_logits, token_logits
 from jaxft.models.llama import init_params
 from jaxft.train.head_objectives import (QuestionAnswering, SequenceClassification, TokenClassification,
                                          entity_counts, entity_scheme)
+from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.metrics import evaluate
 from jaxft.train.squad import best_spans, squad_scores
 
@@ -135,11 +137,43 @@ def test_class_weighted_cross_entropy_equals_torch_and_accumulates_exactly():
     logits, rows, cols = _scored_logits(cfg, params, batch)
     expected = float(torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))(
         torch.tensor(logits), torch.tensor(batch["labels"][rows, cols], dtype=torch.long)))
-    assert float(objective.units(batch)) == pytest.approx(sum(weights[y] for y in batch["labels"][rows, cols]))
+    assert objective.class_weights == (1.0, 4.0, 2.0, 7.0)  # rescaled: the weighted mean is the same
+    assert float(objective.units(batch)) == pytest.approx(sum(weights[y] for y in batch["labels"][rows, cols]) * 2)
     assert _mean_loss(objective, cfg, params, batch) == pytest.approx(expected, rel=1e-5)
     assert _halves_mean(objective, cfg, params, batch) == pytest.approx(expected, rel=1e-5)
     assert _mean_loss(objective, cfg, params, batch) != pytest.approx(
         _mean_loss(SequenceClassification("single_label_classification", 4), cfg, params, batch), rel=1e-3)
+
+
+def test_class_weighted_sequence_classification_trains_through_the_step_as_torchs_weighted_mean():
+    """Small weights (their sum over a micro-batch below 1, the step's floor of units) and two micro-batches: one
+    plain SGD step on the full head model equals the gradient of torch's weighted mean over the whole batch."""
+    weights = (0.01, 0.04, 0.02, 0.07)
+    cfg, params = _model("seq_cls", 4)
+    batch = _sequence_batch("single_label_classification", 4, seed=5)
+    micro_batches = {k: jnp.asarray(np.stack([v[0::2], v[1::2]])) for k, v in batch.items() if k != "targets"}
+    objective = SequenceClassification("single_label_classification", 4, class_weights=weights)
+    trainable, frozen = jaxft.split(params, jaxft.Trainable(everything=True))
+    opt = optax.sgd(0.5)
+    new, metrics = jit_train_step(cfg, StepConfig(objective=objective), opt)(
+        init_state(jax.tree.map(jnp.copy, trainable), opt), frozen, micro_batches)
+
+    rows, cols = np.nonzero(batch["labels"] != IGNORE)
+    document = (np.cumsum(np.asarray(last_token_mask(jnp.asarray(batch["segment_ids"]))), axis=1) - 1)[rows, cols]
+    labels, w = batch["labels"][rows, cols], jnp.asarray(weights)[batch["labels"][rows, cols]]
+
+    def weighted_mean(t):
+        pooled = sequence_logits(cfg, jaxft.combine(t, frozen), batch["input_ids"], batch["positions"],
+                                 batch["segment_ids"], num_segments=3)[rows, document]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(pooled), labels[:, None], axis=-1)[:, 0]
+        return jnp.sum(w * ce) / jnp.sum(w)
+
+    loss, grads = jax.value_and_grad(weighted_mean)(trainable)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    expected = optax.apply_updates(trainable, opt.update(grads, opt.init(trainable), trainable)[0])
+    np.testing.assert_allclose(new["trainable"]["score"]["kernel"], expected["score"]["kernel"], rtol=1e-4,
+                               atol=1e-6)
+    assert float(jnp.max(jnp.abs(expected["score"]["kernel"] - trainable["score"]["kernel"]))) > 1e-3
 
 
 def _two_batches(problem, num_labels):

@@ -44,13 +44,17 @@ def _task_logits(cfg: ModelConfig, params: dict, batch: dict, kind: str, num_lab
 
 
 def _checked_class_weights(weights, num_labels: int, owner: str) -> tuple[float, ...] | None:
+    """The weights scaled so the smallest positive one is 1: the weighted mean sum(w_y * ce) / sum(w_y) does not
+    change, and the units (summed weights) of any batch with a weighed label stay >= 1, where the train step's
+    floor of 1 unit (for batches without any) never bends the mean."""
     if weights is None:
         return None
     weights = tuple(float(w) for w in weights)
     if len(weights) != num_labels or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
         raise ConfigError(f"{owner}: class_weights {list(weights)} must be {num_labels} finite weights >= 0 "
                           f"(one per label, num_labels), not all 0")
-    return weights
+    smallest = min(w for w in weights if w > 0)
+    return tuple(w / smallest for w in weights)
 
 
 def _label_weights(labels: jax.Array, class_weights: tuple[float, ...] | None) -> jax.Array:
@@ -114,7 +118,8 @@ class SequenceClassification:
     with ``labels`` != -100). ``problem_type`` one of ``PROBLEM_TYPES`` (resolved: ``HeadConfig.problem``):
 
     - single-label: cross-entropy; with ``class_weights`` (one per label) exactly torch's
-      ``CrossEntropyLoss(weight=w)``, a mean sum(w_y * ce) / sum(w_y), so the units are the summed weights;
+      ``CrossEntropyLoss(weight=w)``, a mean sum(w_y * ce) / sum(w_y), so the units are the summed weights
+      (kept rescaled so the smallest positive weight is 1, which leaves the mean as it is);
     - multi-label: ``BCEWithLogitsLoss`` against the multi-hot ``targets``, a mean over examples x N;
     - regression: ``MSELoss`` against the ``targets``, a mean over examples x N.
     """
