@@ -14,12 +14,31 @@ MODELS = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.Mistra
           "qwen2": transformers.Qwen2ForCausalLM}
 
 
+# transformers' task-head classes by jaxft's head kind, e.g. ("qwen2", "qa") -> Qwen2ForQuestionAnswering
+HEAD_CLASS_SUFFIXES = {"seq_cls": "ForSequenceClassification", "token_cls": "ForTokenClassification",
+                       "qa": "ForQuestionAnswering"}
+AUTO_HEAD_CLASSES = {"seq_cls": transformers.AutoModelForSequenceClassification,
+                     "token_cls": transformers.AutoModelForTokenClassification,
+                     "qa": transformers.AutoModelForQuestionAnswering}
+
+
 def build(model_type: str = "llama", seed: int = 0, dtype=torch.float32, scale: float = 0.15, **overrides):
     """A random model whose every weight (norms and biases included) is non-trivial."""
+    return _random(MODELS[model_type], model_type, seed, dtype, scale, **overrides)
+
+
+def build_head(model_type: str, kind: str, seed: int = 0, dtype=torch.float32, scale: float = 0.15, **overrides):
+    """A random task-head model (``kind``: seq_cls, token_cls, qa), every weight non-trivial as in :func:`build`;
+    ``num_labels``, ``id2label``, ``problem_type`` etc. go to the config."""
+    cls = getattr(transformers, MODELS[model_type].__name__.replace("ForCausalLM", HEAD_CLASS_SUFFIXES[kind]))
+    return _random(cls, model_type, seed, dtype, scale, **overrides)
+
+
+def _random(cls, model_type: str, seed: int, dtype, scale: float, **overrides):
     torch.manual_seed(seed)
     cfg = CONFIGS[model_type](**{**TINY, **overrides})
     cfg._attn_implementation = "eager"
-    model = MODELS[model_type](cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
