@@ -109,14 +109,17 @@ def _main_process() -> bool:
 
 
 def _load(model: str, adapter: str | None, quant: str | None):
+    """(config, params) of a model folder with an adapter attached; an adapter of a task head (PEFT's SEQ_CLS,
+    TOKEN_CLS, QUESTION_ANS) brings the head, so the base may be a causal LM."""
     import jaxft
+    from jaxft.hf.peft_format import adapter_head
 
-    cfg, params = jaxft.from_pretrained(model, quant=quant)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (is it a PEFT adapter folder, "
+                                "such as a run's output_dir/adapter?)")
+    cfg, params = jaxft.from_pretrained(model, quant=quant, head=adapter_head(adapter) if adapter else None)
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (is it a PEFT adapter "
-                                    "folder, such as a run's output_dir/adapter?)")
-        params = jaxft.load_adapter(adapter, params)
+        params = jaxft.load_adapter(adapter, params, cfg)
     return cfg, params
 
 
@@ -126,20 +129,28 @@ def _tokenizer_folder(model: str, adapter: str | None) -> str:
 
 
 def _eval(args) -> int:
-    """Evaluate a HF model folder, with a PEFT adapter if given, on SFT data files (the formats train reads: chat
-    messages, prompt/completion, text) over one pass: mean cross-entropy of the target tokens (assistant turns for
-    chats), perplexity, and token accuracy (argmax = label, teacher-forced). Prints JSON.
+    """Evaluate a HF model folder, with a PEFT adapter if given, on data files over one pass, as its head says. A
+    causal LM on SFT data (the formats train reads: chat messages, prompt/completion, text): mean cross-entropy of
+    the target tokens (assistant turns for chats), perplexity, and token accuracy (argmax = label, teacher-forced).
+    A sequence classifier: accuracy and macro-F1 (or the multi-label / regression metrics); a token classifier:
+    token accuracy and seqeval's entity-level F1 (BIO labels); a QA head: SQuAD's exact match and F1. Prints JSON.
     """
     import jaxft
+    from jaxft.config import ConfigError
     from jaxft.data import DataConfig
-    from jaxft.recipes.scoring import chat_exact_match, data_metrics
+    from jaxft.recipes.config import task_of
+    from jaxft.recipes.scoring import chat_exact_match, data_metrics, task_scores
 
     cfg, params = _load(args.model, args.adapter, args.quant)
     tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None)
+    task = task_of(cfg.head)
+    if args.exact_match and cfg.head is not None:
+        raise ConfigError(f"--exact-match scores generated chat replies; this model has a {cfg.head.kind} head")
     with _template_flag("--template"):
-        result = data_metrics(cfg, params, tokenizer, data)
+        result = data_metrics(cfg, params, tokenizer, data, task)
+        result.update(task_scores(task, cfg, params, tokenizer, data))
         if args.exact_match:
             result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
     if _main_process():  # every process evaluated the whole data; one JSON on stdout
@@ -300,7 +311,7 @@ def _sweep_command(sub):
 
 def _eval_command(sub):
     """``jaxft eval``'s arguments."""
-    p = _command(sub, "eval", _eval, help="loss, perplexity and token accuracy of a model (+ adapter) on data",
+    p = _command(sub, "eval", _eval, help="held-out metrics of a model (+ adapter) on data, as its head says",
                  epilog="example: jaxft eval BASE --adapter runs/demo-cpu/adapter --quant nf4 "
                  "--data jaxft-demo/data/eval.jsonl")
     p.add_argument("model", help="HF model folder (the base)")

@@ -160,10 +160,10 @@ def test_a_loaded_checkpoint_gets_the_models_declarations(tmp_path):
 
 def test_an_undeclared_leaf_is_an_error_naming_it():
     _, params = _params("tied_saved_embedding")
-    params["score"] = {"kernel": jnp.zeros((CFG.hidden_size, 2))}
+    params["value_head"] = {"kernel": jnp.zeros((CFG.hidden_size, 2))}
     mesh = parallel.make_mesh(parallel.MeshConfig(1, 8, 1))
     for place in (logical_axes, lambda p: parallel.param_shardings(p, mesh), lambda p: parallel.shard_params(p, mesh)):
-        with pytest.raises(ParamAxesError, match="param score/kernel: no logical axes are declared"):
+        with pytest.raises(ParamAxesError, match="param value_head/kernel: no logical axes are declared"):
             place(params)
     params = jaxft.init_params(CFG, jax.random.PRNGKey(0))
     params["layers"]["q_proj"]["lora_c"] = jnp.zeros((3, 2))

@@ -52,6 +52,7 @@ from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
 from jaxft.train.loop import init_state
 from jaxft.train.loss import VOCAB_BLOCK
+from jaxft.train.objectives import batch_structs
 from jaxft.train.optim import HOST_MEMORY_KIND, make_optimizer
 
 F32 = 4
@@ -186,7 +187,8 @@ def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int
         trainable=train_bytes,
         optimizer=0 if offload else opt_bytes,
         optimizer_host=opt_bytes if offload else 0,
-        batch=len(cfg.objective().batch_keys) * cfg.train.grad_accum * local.rows * cfg.data.max_length * 4,  # int32
+        batch=sum(math.prod(x.shape) * 4 for x in batch_structs(  # int32 and float32
+            cfg.objective(), (cfg.train.grad_accum, local.rows, cfg.data.max_length)).values()),
         grads=train_bytes * (2 if cfg.train.grad_accum > 1 else 1),
         activations=_activations(cfg, model_cfg, local, mesh, rules),
         update=update + (opt_bytes if offload else 0),
@@ -279,8 +281,10 @@ def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> in
     batch, which it also keeps, are counted elsewhere), traced on the per-device shapes in ``model_cfg``."""
     params = _abstract_params(model_cfg, cfg, local.quant)
     trainable, frozen = split(params, skeleton.trainable_spec(cfg, model_cfg, params))
-    objective = dataclasses.replace(cfg.objective(), chunk_size=local.chunk)
-    batch = {k: jax.ShapeDtypeStruct((local.rows, cfg.data.max_length), jnp.int32) for k in objective.batch_keys}
+    objective = cfg.objective()
+    if hasattr(objective, "chunk_size"):  # the loss chunks its logits: as many rows per chunk as this device takes
+        objective = dataclasses.replace(objective, chunk_size=local.chunk)
+    batch = batch_structs(objective, (local.rows, cfg.data.max_length))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
     def pullback_leaves(trainable, frozen, batch, rng):
@@ -331,8 +335,11 @@ def _gathered_layer_bytes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, r
 
 
 def _loss_working_set(cfg: RunConfig, local: _Local) -> int:
-    """Transient bytes of the cross-entropy's backward pass: f32 logits and their cotangents."""
+    """Transient bytes of the cross-entropy's backward pass: f32 logits and their cotangents (a task head's N
+    outputs per token in place of the vocabulary's)."""
     lc = local.model_cfg
+    if lc.head is not None:
+        return 2 * local.rows * cfg.data.max_length * lc.head.num_labels * F32
     if local.chunk and not local.lm_head_lora:
         block = min(VOCAB_BLOCK, lc.vocab_size)
         # one block's logits, probabilities and cotangent, and the chunk's f32 hidden-state cotangent
@@ -360,8 +367,7 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
                                           state["opt_state"], on_host)
     step = jit_train_step(model_cfg, skeleton.step_config(cfg), optimizer, mesh, state, frozen, rules)
     rows = cfg.data.batch_size * jax.process_count()
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.grad_accum, rows, cfg.data.max_length), jnp.int32)
-             for k in cfg.objective().batch_keys}
+    batch = batch_structs(cfg.objective(), (cfg.train.grad_accum, rows, cfg.data.max_length))
     analysis = step.lower(state, frozen, batch).compile().memory_analysis()
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]

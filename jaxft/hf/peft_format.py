@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.config import ConfigError, ModelConfig
+from jaxft.config import ConfigError, HeadConfig, ModelConfig
 from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
 from jaxft.hf.names import BASE_PREFIX, canonical_name, module_name, saved_name
@@ -188,6 +188,27 @@ def _shape_problem(folder: Path, e: Entry, found: tuple, expected: tuple) -> str
                 f"{CONFIG_FILE}, or export the adapter again")
     return (f"{folder / WEIGHTS_FILE}: tensor {e.name!r} has shape {list(found)}, but this base model needs "
             f"{list(expected)}: was the adapter trained on a different base?")
+
+
+# PEFT's task types that carry a head, and the head they carry
+_HEAD_KINDS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls", "QUESTION_ANS": "qa"}
+
+
+def adapter_head(path) -> HeadConfig | None:
+    """The task head an adapter folder brings (PEFT's SEQ_CLS, TOKEN_CLS or QUESTION_ANS saves it whole, under
+    ``modules_to_save``), its size read off the saved head: what to load the base with before attaching it. None
+    for an adapter of a causal LM or of features."""
+    folder = Path(path)
+    lcfg = lora_config_from_peft(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    kind = _HEAD_KINDS.get(lcfg.task_type)
+    if kind is None:
+        return None
+    group = "qa_outputs" if kind == "qa" else "score"
+    names = [n for n in SafetensorsFile(folder / WEIGHTS_FILE).keys() if n.endswith(f".{group}.weight")]
+    if not names:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: task_type {lcfg.task_type} but no {group}.weight (the "
+                              "head PEFT saves with such an adapter)")
+    return HeadConfig(kind, SafetensorsFile(folder / WEIGHTS_FILE).shape(names[0])[0])
 
 
 def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dict:

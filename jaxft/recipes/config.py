@@ -9,16 +9,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import InitVar, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import yaml
 
 from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, MODEL_UNION, PATH_FIELD, QUANT_UNION, REMAT_POLICIES,
-                          ConfigError, ModelConfig, QuantConfig, TaggedUnion, from_dict, to_dict)
+                          ConfigError, HeadConfig, ModelConfig, QuantConfig, TaggedUnion, from_dict, to_dict)
+from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
+from jaxft.data.tasks import build_task_iterator
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
+from jaxft.peft.head import HeadOnly
 from jaxft.peft.lora import LoraConfig
+from jaxft.train.head_objectives import QuestionAnswering, SequenceClassification, TokenClassification
 from jaxft.train.objectives import CausalLM
 from jaxft.train.optim import OptimConfig
 
@@ -30,13 +35,133 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 class SftTask:
     """Supervised fine-tuning: next-token cross-entropy on the assistant turns the data marks as targets."""
 
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+
     def objective(self, train: TrainConfig) -> CausalLM:
         return CausalLM(chunk_size=train.loss_chunk_size)
 
+    def head(self) -> None:
+        """The LM head: no task head."""
+        return None
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        """The data of a run of this task (``placement``: process index and count, the model's vocab size)."""
+        return build_iterator(data, tokenizer, **placement)
+
+
+def _num_labels(task) -> int:
+    """``num_labels``, or the number of ``label_names`` when it is left out; the two must agree."""
+    names, n = task.label_names, task.num_labels
+    if n is None and names is None:
+        raise ConfigError(f"task {TASK_UNION.type_of(task)}: give num_labels or label_names")
+    if n is not None and names is not None and n != len(names):
+        raise ConfigError(f"task {TASK_UNION.type_of(task)}: num_labels {n} but {len(names)} label_names {list(names)}")
+    return len(names) if n is None else n
+
+
+def _check_weights(task, n: int):
+    if task.class_weights is not None and (len(task.class_weights) != n or min(task.class_weights) <= 0):
+        raise ConfigError(f"task {TASK_UNION.type_of(task)}: class_weights {list(task.class_weights)} must be {n} "
+                          "positive numbers, one per label")
+
+
+@dataclass(frozen=True)
+class ClassifyTask:
+    """Sequence classification (transformers' ``*ForSequenceClassification``): a ``score`` head read at each
+    document's last token. ``problem_type`` as transformers: single-label (cross-entropy, ``class_weights``
+    optional), multi-label (BCE) or regression (MSE; the default for one label)."""
+
+    num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
+    problem_type: str | None = None
+    class_weights: tuple[float, ...] | None = None
+    peft_task_type: ClassVar[str] = "SEQ_CLS"
+
+    def __post_init__(self):
+        self.head()
+        _check_weights(self, _num_labels(self))
+        if self.class_weights is not None and self.head().problem != "single_label_classification":
+            raise ConfigError("task classify: class_weights weigh the cross-entropy of single-label classification; "
+                              f"problem_type {self.head().problem!r} has none")
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("seq_cls", _num_labels(self), self.label_names, self.problem_type)
+
+    def objective(self, train: TrainConfig) -> SequenceClassification:
+        return SequenceClassification(self.head().problem, _num_labels(self), self.class_weights)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_task_iterator(data, tokenizer, self.head(), **placement)
+
+
+@dataclass(frozen=True)
+class TokenClassifyTask:
+    """Token classification (``*ForTokenClassification``): a ``score`` head with bias on every token, after
+    ``dropout`` in training; words labelled at their first sub-token (every sub-token with ``label_all_tokens``)."""
+
+    num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
+    label_all_tokens: bool = False
+    dropout: float = 0.1
+    class_weights: tuple[float, ...] | None = None
+    peft_task_type: ClassVar[str] = "TOKEN_CLS"
+
+    def __post_init__(self):
+        self.head()
+        _check_weights(self, _num_labels(self))
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("token_cls", _num_labels(self), self.label_names, dropout=self.dropout)
+
+    def objective(self, train: TrainConfig) -> TokenClassification:
+        return TokenClassification(_num_labels(self), self.label_names, self.class_weights)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_task_iterator(data, tokenizer, self.head(), label_all_tokens=self.label_all_tokens, **placement)
+
+
+@dataclass(frozen=True)
+class QaTask:
+    """Extractive question answering (``*ForQuestionAnswering``): start and end logits from ``qa_outputs``;
+    contexts longer than a row are split into windows overlapping by ``doc_stride`` tokens; answers up to
+    ``max_answer_length`` tokens are predicted."""
+
+    doc_stride: int = field(default=128, metadata={"minimum": 0})
+    max_answer_length: int = field(default=30, metadata={"minimum": 1})
+    peft_task_type: ClassVar[str] = "QUESTION_ANS"
+
+    def __post_init__(self):
+        for name in ("doc_stride", "max_answer_length"):
+            minimum = self.__dataclass_fields__[name].metadata["minimum"]
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"task qa: {name} must be >= {minimum}, got {getattr(self, name)}")
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("qa", 2)
+
+    def objective(self, train: TrainConfig) -> QuestionAnswering:
+        return QuestionAnswering(self.max_answer_length)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_task_iterator(data, tokenizer, self.head(), doc_stride=self.doc_stride, **placement)
+
 
 # What a run can be asked to do, and the fine-tuning methods it can stack: a next kind is one more entry.
-TASK_UNION = TaggedUnion("task", {"sft": SftTask}, default="sft")
-PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig})
+TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
+                                  "qa": QaTask}, default="sft")
+PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
+
+
+def task_of(head: HeadConfig | None):
+    """The task that trains (and evaluates) a model with this head, with the head's labels: what ``jaxft eval``
+    scores a model folder or adapter by."""
+    if head is None:
+        return SftTask()
+    if head.kind == "seq_cls":
+        return ClassifyTask(head.num_labels, head.labels, head.problem_type)
+    if head.kind == "token_cls":
+        return TokenClassifyTask(head.num_labels, head.labels, dropout=head.dropout)
+    return QaTask()
 
 
 @dataclass(frozen=True)
@@ -90,8 +215,9 @@ class RunConfig:
     output_dir: str = field(metadata=PATH_FIELD)
     data: DataConfig
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
-    task: SftTask = field(default_factory=SftTask, metadata={"union": TASK_UNION})
-    peft: tuple[LoraConfig, ...] | None = field(default=None, metadata={"union": PEFT_UNION})
+    task: SftTask | ClassifyTask | TokenClassifyTask | QaTask = field(default_factory=SftTask,
+                                                                      metadata={"union": TASK_UNION})
+    peft: tuple[LoraConfig | HeadOnly, ...] | None = field(default=None, metadata={"union": PEFT_UNION})
     method: InitVar[str | None] = None
     dtype: str = "float32"
     compute_dtype: str | None = None
@@ -104,6 +230,7 @@ class RunConfig:
 
     def __post_init__(self, method, lora):
         peft, quant = _methods(self.peft, self.quant, method, lora)
+        peft = tuple(_for_task(m, self.task) for m in peft)
         object.__setattr__(self, "peft", peft)
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
@@ -154,6 +281,17 @@ class RunConfig:
     def objective(self):
         """What this run's step minimizes and its evaluation reports: its task's objective."""
         return self.task.objective(self.train)
+
+
+def _for_task(method, task):
+    """A LoRA entry's PEFT ``task_type`` follows the run's task (PEFT then trains and saves the head with the
+    adapter): the default CAUSAL_LM becomes the task's type; another head's type is a contradiction."""
+    if not isinstance(method, LoraConfig) or method.task_type == task.peft_task_type:
+        return method
+    if method.task_type == "CAUSAL_LM":
+        return method.replace(task_type=task.peft_task_type)
+    raise ConfigError(f"lora.task_type {method.task_type!r} does not fit task {TASK_UNION.type_of(task)!r}, whose "
+                      f"PEFT task type is {task.peft_task_type!r}; leave lora.task_type out (it follows the task)")
 
 
 def _methods(peft, quant, method, lora) -> tuple[tuple, QuantConfig | None]:

@@ -17,7 +17,7 @@ import jax
 from jaxft import parallel
 from jaxft.config import ConfigError, to_dict
 from jaxft.peft.methods import trainable_count
-from jaxft.recipes.config import RunConfig, covered, flat_keys
+from jaxft.recipes.config import TASK_UNION, RunConfig, covered, flat_keys
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, initial_loss_scale, load_base,
                                     load_inputs, next_batches, publish, run_summary, step_config,
                                     to_host, train_loop, write_run_dir)
@@ -42,6 +42,9 @@ def check_members(cfgs: list[RunConfig]) -> None:
         raise ConfigError("parallel runs train LoRA adapters over one shared frozen base: the runs need a lora "
                           "method (method lora or qlora), not full fine-tuning; run full fine-tuning sweeps without "
                           "--parallel")
+    if cfgs[0].task.head() is not None:
+        raise ConfigError(f"parallel runs stack LoRA adapters alone, but task {TASK_UNION.type_of(cfgs[0].task)!r} "
+                          "also trains a task head in every run; sweep it without --parallel (one run after another)")
     if cfgs[0].optim.offload_state:
         raise ConfigError("optim.offload_state is not supported in parallel runs; set it to false or run the "
                           "configs separately")

@@ -1,4 +1,6 @@
-"""Exact match of greedy chat replies: the score a user of a task with checkable answers (the demo's) wants.
+"""Held-out scores beyond a step's evaluation: a task's metrics over one pass of data files (``jaxft eval``), the
+text scores of question answering (SQuAD's exact match and F1 of the predicted spans), and exact match of greedy chat
+replies: the score a user of a task with checkable answers (the demo's) wants.
 
 Teacher-forced token accuracy (``CausalLM.eval_sums``) is cheap and needs no generation; exact match generates, so it
 is opt-in (``jaxft eval --exact-match N``, ``jaxft sweep --exact-match N``) and scores the first N chats only.
@@ -9,31 +11,70 @@ from functools import partial
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from jaxft.config import ModelConfig
-from jaxft.data import DataConfig, build_iterator, load_examples, resolve_template
+from jaxft.data import DataConfig, load_examples, resolve_template
+from jaxft.data.chat import checked_pad_id
 from jaxft.data.formats import DataError
+from jaxft.data.packing import rows_to_batch
+from jaxft.data.tasks import read_task_records, tokenize_task_records
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate, stop_token_ids
-from jaxft.recipes.config import RunConfig
+from jaxft.models.heads import token_logits
+from jaxft.recipes.config import QaTask, RunConfig, SftTask, TrainConfig
 from jaxft.recipes.skeleton import load_base
 from jaxft.train.metrics import evaluate
-from jaxft.train.objectives import CausalLM
+from jaxft.train.squad import best_spans, squad_scores
 
 BATCH = 64  # prompts per generate call: bounds the KV cache however many chats are scored
 
 
-def data_metrics(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig) -> dict:
-    """Loss, perplexity and token accuracy over one pass of ``data`` (what ``jaxft eval`` prints), with the number
-    of batches and the data pipeline's report."""
-    pipeline = build_iterator(data, tokenizer, vocab_size=model_cfg.vocab_size)
+def data_metrics(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, task=SftTask()) -> dict:
+    """The task's held-out metrics over one pass of ``data`` (what ``jaxft eval`` prints: for SFT loss, perplexity
+    and token accuracy; for a head, its task's), with the number of batches and the data pipeline's report."""
+    pipeline = task.pipeline(data, tokenizer, vocab_size=model_cfg.vocab_size)
     n_batches = pipeline.iterator.batches_per_epoch
-    objective = CausalLM()  # `jaxft eval` scores next-token prediction
+    objective = task.objective(TrainConfig())
     step = jax.jit(partial(objective.eval_sums, model_cfg))
-    result = evaluate(lambda batch: step(params, batch), (next(pipeline.iterator) for _ in range(n_batches)),
-                      objective.eval_metrics)
+    batches = ({k: b[k] for k in objective.batch_keys} for b in (next(pipeline.iterator) for _ in range(n_batches)))
+    result = evaluate(lambda batch: step(params, batch), batches, objective.eval_metrics)
     return {**result, "batches": n_batches, "data_report": pipeline.report.summary()}
+
+
+def task_scores(task, model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig) -> dict:
+    """The held-out scores of ``task`` that need the text and so are computed on the host, beside its objective's
+    (:func:`data_metrics`): SQuAD's exact match and F1 for question answering; none for the other tasks."""
+    return qa_scores(model_cfg, params, tokenizer, data, task) if isinstance(task, QaTask) else {}
+
+
+def qa_scores(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, task: QaTask) -> dict:
+    """SQuAD v1.1's exact match and F1 over the questions of ``data`` that have an answer: every example's
+    predicted answer is the best span over all its context windows (``jaxft.train.squad.best_spans``, as
+    transformers' ``run_qa`` post-processing). One window per row, ``data.batch_size`` rows per forward pass."""
+    head = model_cfg.head
+    records = [r for path in data.paths for r in read_task_records(path, head)]
+    tokenized = tokenize_task_records(records, tokenizer, head, max_length=data.max_length,
+                                      doc_stride=task.doc_stride)
+    rows, t = len(tokenized.samples), data.max_length
+    logits_fn = jax.jit(lambda p, b: token_logits(model_cfg, p, b["input_ids"], b["positions"], b["segment_ids"]))
+    pad_id = checked_pad_id(tokenizer, model_cfg.vocab_size)
+    logits = []
+    for start in range(0, rows, data.batch_size):
+        batch_rows = [[i] for i in range(start, min(start + data.batch_size, rows))]
+        batch = rows_to_batch(tokenized.samples, batch_rows + [[]] * (data.batch_size - len(batch_rows)), t, pad_id)
+        logits.append(np.asarray(logits_fn(params, batch))[:len(batch_rows)])
+    logits = np.concatenate(logits)                                      # [features, T, 2]
+    offsets = np.full((rows, t, 2), -1, np.int32)
+    for i, feature in enumerate(tokenized.qa_features):
+        offsets[i, :len(feature.offsets)] = feature.offsets
+    examples = tokenized.qa_examples
+    predicted = best_spans(logits[..., 0], logits[..., 1], offsets, [f.example for f in tokenized.qa_features],
+                           [e.context for e in examples], max_answer_length=task.max_answer_length)
+    answered = [i for i, e in enumerate(examples) if e.answer_texts]
+    scores = squad_scores([predicted[i] for i in answered], [list(examples[i].answer_texts) for i in answered])
+    return {**scores, "qa_examples": len(answered)}
 
 
 def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, limit: int) -> dict:

@@ -12,6 +12,7 @@ import jax
 
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
+from jaxft.recipes.scoring import task_scores
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, finished_summary, last_logged,
                                     load_inputs, load_model, next_batches, publish, restore_checkpoint,
                                     run_summary, save_checkpoint, to_host, train_loop, train_state, write_run_dir)
@@ -81,14 +82,17 @@ def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
 
 
 def _evaluator(cfg: RunConfig, model_cfg, inputs, frozen: dict):
-    """``run_eval(trainable)``: the objective's held-out metrics over the first eval batches."""
+    """``run_eval(trainable)``: the objective's held-out metrics over the first eval batches, and the task's text
+    scores over the whole eval data (question answering's exact match and F1)."""
     objective = cfg.objective()
     eval_step = _eval_step(model_cfg, objective)
 
     def run_eval(trainable):
         batches = eval_batches(inputs.eval_pipeline.iterator, cfg.train.eval_batches, inputs.batch_sharding,
                                objective.batch_keys)
-        return evaluate(lambda b: eval_step(trainable, frozen, b), batches, objective.eval_metrics)
+        metrics = evaluate(lambda b: eval_step(trainable, frozen, b), batches, objective.eval_metrics)
+        return {**metrics, **task_scores(cfg.task, model_cfg, combine(trainable, frozen), inputs.tokenizer,
+                                         cfg.eval_data)}
 
     return run_eval
 

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from jaxft import parallel
 from jaxft.config import ConfigError, ModelConfig, QuantConfig
-from jaxft.data import build_iterator, save_chat_template
+from jaxft.data import save_chat_template
 from jaxft.files import atomic_dir, check_output_dir, occupied, write_text_atomic
 from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
 from jaxft.hf.config import config_from_hf, read_json
@@ -165,6 +165,7 @@ class Inputs(NamedTuple):
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Tokenizer, train and eval pipelines, and the mesh, checked against each other; nothing is written."""
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    check_pad_token(cfg, tokenizer)
     pipeline, eval_pipeline = _pipelines(cfg, tokenizer)
     mesh = parallel.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
@@ -172,9 +173,10 @@ def load_inputs(cfg: RunConfig) -> Inputs:
 
 
 def _pipelines(cfg: RunConfig, tokenizer):
-    """(train pipeline, eval pipeline or None); token ids the model has no embedding row for are refused here."""
+    """(train pipeline, eval pipeline or None) as the run's task reads its data; token ids the model has no
+    embedding row for are refused here."""
     vocab_size = base_config(cfg).vocab_size
-    build = partial(build_iterator, tokenizer=tokenizer, process_index=jax.process_index(),
+    build = partial(cfg.task.pipeline, tokenizer=tokenizer, process_index=jax.process_index(),
                     process_count=jax.process_count(), vocab_size=vocab_size)
     return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
 
@@ -192,12 +194,13 @@ def _check_batch_fits(cfg: RunConfig, mesh):
 
 
 def stack_micro_batches(iterator, n: int, sharding, keys: tuple[str, ...]) -> dict:
-    """``n`` host batches [B, T] -> one global [n, B, T] array per key (an objective's ``batch_keys``), each process
-    giving its local rows."""
+    """``n`` host batches [B, T, ...] -> one global [n, B, T, ...] array per key (an objective's ``batch_keys``),
+    each process giving its local rows; integers as int32, floats (regression targets) as float32."""
     local = [next(iterator) for _ in range(n)]
     out = {}
     for key in keys:
-        stacked = np.stack([b[key] for b in local]).astype(np.int32)
+        stacked = np.stack([b[key] for b in local])
+        stacked = stacked.astype(np.float32 if np.issubdtype(stacked.dtype, np.floating) else np.int32)
         out[key] = jax.make_array_from_process_local_data(sharding, stacked)
     return out
 
@@ -238,18 +241,42 @@ def load_base(cfg: RunConfig, mesh=None):
         model_cfg = inline_model_config(cfg)
         return model_cfg, init_params(model_cfg, jax.random.PRNGKey(cfg.train.seed), cfg.dtype)
     model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
-                                        quant=cfg.quant, mesh=mesh)
+                                        quant=cfg.quant, mesh=mesh, head=cfg.task.head(), head_seed=cfg.train.seed)
     return cfg.train.apply(model_cfg), params
 
 
 def inline_model_config(cfg: RunConfig) -> ModelConfig:
     """An inline model config with the run's compute dtype and memory knobs, as :func:`load_base` trains it."""
-    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype))
+    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype, head=cfg.task.head()))
 
 
 def base_config(cfg: RunConfig) -> ModelConfig:
     """The base model's config as written: the inline one, or the model folder's config.json."""
     return cfg.model if cfg.model_dir is None else config_from_hf(read_json(Path(cfg.model) / "config.json"))
+
+
+def export_config(cfg: RunConfig, tokenizer) -> ModelConfig:
+    """The exported model's config: the base's with the task's head (named by the base's labels when the task gives
+    none), and the tokenizer's pad id where the base names none (transformers scores a batch of sequences only
+    with one, :func:`check_pad_token`)."""
+    base, head = base_config(cfg), cfg.task.head()
+    if head is not None and head.labels is None and base.head is not None:
+        head = base.head
+    pad = tokenizer.pad_token_id if base.pad_token_id is None else base.pad_token_id
+    return base.replace(head=head, pad_token_id=pad)
+
+
+def check_pad_token(cfg: RunConfig, tokenizer):
+    """A sequence classifier's export needs a pad id (transformers finds each sequence's last token by it): the
+    base's config.json or the tokenizer must name one. Checked before anything is written."""
+    head = cfg.task.head()
+    if head is not None and head.kind == "seq_cls" and base_config(cfg).pad_token_id is None and (
+            tokenizer.pad_token_id is None):
+        raise ConfigError(f"task classify: neither the base's config.json ({cfg.model_dir or 'inline model'}) nor the "
+                          f"tokenizer ({cfg.tokenizer_dir}) names a pad token, and transformers' "
+                          "*ForSequenceClassification needs pad_token_id to score batches; add a pad token to the "
+                          "tokenizer (e.g. pad_token = eos_token in tokenizer_config.json) or set pad_token_id in "
+                          "config.json")
 
 
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
@@ -456,11 +483,12 @@ def _exports_adapter(cfg: RunConfig) -> bool:
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
     """The adapter (PEFT format) with tokenizer and chat template; other runs export the whole model (methods
     merged in), replacing an earlier export whole."""
+    model_cfg = export_config(cfg, tokenizer)
     if not _exports_adapter(cfg):
         return write_export(export_dir(cfg, out), merge(params), tokenizer, chat_template=chat_template,
-                            overwrite=True, model_cfg=base_config(cfg))
+                            overwrite=True, model_cfg=model_cfg)
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
-                        lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
+                        model_cfg=model_cfg, lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
 
 
 def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, base_model: str | None = None,

@@ -146,6 +146,11 @@ class SequenceClassification:
     def batch_keys(self) -> tuple[str, ...]:
         return _INPUT_KEYS + (("labels",) if self.single_label else ("labels", "targets"))
 
+    @property
+    def float_keys(self) -> dict[str, tuple[int, ...]]:
+        """The batch arrays that hold floats, by their trailing dims: multi-label and regression targets [B, T, N]."""
+        return {} if self.single_label else {"targets": (self.num_labels,)}
+
     def units(self, batches: dict) -> jax.Array:
         weights = _label_weights(batches["labels"], self.class_weights)
         return jnp.sum(weights) * (1 if self.single_label else self.num_labels)

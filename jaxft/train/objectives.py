@@ -28,6 +28,7 @@ class Objective(Protocol):
     """The members the train step and the evaluation use."""
 
     batch_keys: tuple[str, ...]  # the [B, T] arrays of a batch it reads (what the data pipeline stacks for it)
+    # optional: float_keys, {key: trailing dims} of the batch arrays that hold floats ([B, T, N] targets)
 
     def units(self, batches: dict) -> jax.Array:
         """f32 scalar: how many loss units ``batches`` holds (any leading axes); the step divides by it once."""
@@ -41,6 +42,14 @@ class Objective(Protocol):
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         """The held-out metrics from the sums over every eval batch."""
+
+
+def batch_structs(objective, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract batch an objective reads, with leading dims ``lead`` ([rows, T], or [A, rows, T]): int32 arrays,
+    except the ones its optional ``float_keys`` names (float32, with their trailing dims)."""
+    floats = getattr(objective, "float_keys", {})
+    return {k: jax.ShapeDtypeStruct(lead + floats[k], jnp.float32) if k in floats else jax.ShapeDtypeStruct(
+        lead, jnp.int32) for k in objective.batch_keys}
 
 
 # An evaluation takes logits a slice of positions at a time, [B, c, V] with B * c about this many tokens, also
