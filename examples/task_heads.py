@@ -1,8 +1,8 @@
 """Task heads trained with LoRA on the demo's cached base, each on generated data with an exact answer:
 
 - classify: is a digit string strictly increasing? (``configs/classify-demo.yaml``, accuracy and macro-F1)
-- token_classify: tag runs of odd digits as entities, B-ODD / I-ODD, even digits O (``configs/token-classify-demo.yaml``,
-  seqeval's entity-level F1)
+- token_classify: tag runs of odd digits as entities, B-ODD / I-ODD, even digits O
+  (``configs/token-classify-demo.yaml``, seqeval's entity-level F1)
 - qa: the two digits after ``=`` in a digit string (``configs/qa-demo.yaml``, SQuAD exact match and F1)
 
     python examples/task_heads.py [--steps N] [--out jaxft-heads]

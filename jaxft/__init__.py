@@ -15,7 +15,7 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.methods import merge, unmerge
 from jaxft.peft.tree import Trainable, combine, split
 
-__all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "JaxftError", "LoraConfig", "ModelConfig", "QuantConfig",
-           "RopeConfig", "Tokenizer", "TokenizerError", "Trainable", "combine", "forward", "from_pretrained",
-           "generate", "init_params", "load_adapter", "load_tokenizer", "lora", "merge", "nf4", "peft_format",
-           "save_adapter", "save_pretrained", "split", "unmerge"]
+__all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "JaxftError", "LoraConfig", "ModelConfig",
+           "QuantConfig", "RopeConfig", "Tokenizer", "TokenizerError", "Trainable", "combine", "forward",
+           "from_pretrained", "generate", "init_params", "load_adapter", "load_tokenizer", "lora", "merge", "nf4",
+           "peft_format", "save_adapter", "save_pretrained", "split", "unmerge"]

@@ -145,7 +145,7 @@ def _eval(args) -> int:
     tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None)
-    task = task_of(cfg.head)
+    task = task_of(cfg.head, doc_stride=args.doc_stride, max_answer_length=args.max_answer_length)
     if args.exact_match and cfg.head is not None:
         raise ConfigError(f"--exact-match scores generated chat replies; this model has a {cfg.head.kind} head")
     with _template_flag("--template"):
@@ -324,6 +324,10 @@ def _eval_command(sub):
     p.add_argument("--exact-match", type=_at_least(0), default=0, metavar="N", help="also generate greedy replies "
                    "to the first N chats and report the share exactly equal to the reference answer (e.g. the demo "
                    "task)")
+    p.add_argument("--doc-stride", type=_at_least(0), default=128, metavar="N", help="a QA head: tokens two windows "
+                   "of a long context share (as task.doc_stride)")
+    p.add_argument("--max-answer-length", type=_at_least(1), default=30, metavar="N", help="a QA head: the longest "
+                   "answer predicted, in tokens")
 
 
 def _demo_command(sub):

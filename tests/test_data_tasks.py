@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 
 import datasets
-import transformers
 from jaxft.config import HeadConfig
 from jaxft.data import (DataConfig, DataError, DataReport, PackedIterator, build_task_iterator, read_task_records,
                         tokenize_task_records)
 from jaxft.data.chat import IGNORE_INDEX
-from jaxft.hf.tokenizer import load_tokenizer
 from test_tokenizer import folders, pairs  # noqa: F401  (fixtures: both tokenizer folders, loaded twice)
 
 NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")

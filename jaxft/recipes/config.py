@@ -152,16 +152,16 @@ TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "tok
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
 
 
-def task_of(head: HeadConfig | None):
+def task_of(head: HeadConfig | None, **qa_windows):
     """The task that trains (and evaluates) a model with this head, with the head's labels: what ``jaxft eval``
-    scores a model folder or adapter by."""
+    scores a model folder or adapter by. ``qa_windows``: a QA task's ``doc_stride`` and ``max_answer_length``."""
     if head is None:
         return SftTask()
     if head.kind == "seq_cls":
         return ClassifyTask(head.num_labels, head.labels, head.problem_type)
     if head.kind == "token_cls":
         return TokenClassifyTask(head.num_labels, head.labels, dropout=head.dropout)
-    return QaTask()
+    return QaTask(**qa_windows)
 
 
 @dataclass(frozen=True)

@@ -224,9 +224,13 @@ def next_batches(cfg: RunConfig, inputs: Inputs) -> Callable[[], dict]:
 
 def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
     """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
-    would score a different subset each time; it is rewound to its start instead."""
+    would score a different subset each time; it is rewound to its start instead. At most one epoch: past it the
+    same records would be scored again (every process stops at the fewest batches any process has)."""
     iterator.set_state({**iterator.get_state(), "epoch": 0, "batch": 0})
-    for _ in range(n):
+    per_epoch = np.array([iterator.batches_per_epoch])
+    if jax.process_count() > 1:
+        per_epoch = multihost_utils.process_allgather(per_epoch)
+    for _ in range(min(n, int(per_epoch.min()))):
         yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding, keys).items()}
 
 
