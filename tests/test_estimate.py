@@ -116,6 +116,18 @@ def test_estimate_with_lora_on_some_linears_is_within_20_percent(medium_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("task", [{"type": "classify", "num_labels": 4, "problem_type": "multi_label_classification"},
+                                  {"type": "qa"}])
+def test_estimate_of_a_task_head_run_is_within_20_percent(medium_dir, task):
+    """A head in place of lm_head (N logits per token, no vocabulary), and float multi-label targets in the batch."""
+    cfg = _run_config(medium_dir, "lora", task=task)
+    predicted = estimate.estimate(cfg, (1, 1, 1)).total
+    compiled = estimate.compiled_memory(cfg, MeshConfig(1, 1, 1), jax.devices()[:1])
+    print(f"task {task['type']}: estimate / compiled = {predicted / compiled['peak']:.3f}")
+    assert 0.8 <= predicted / compiled["peak"] <= 1.2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("heads, kv_heads, mesh", [(4, 2, (1, 1, 4)), (8, 2, (1, 1, 8))])
 def test_estimate_with_kv_heads_that_do_not_split_over_tensor_is_within_20_percent(tmp_path, heads, kv_heads, mesh):
     """Grouped-query attention whose K/V heads don't divide the tensor axis (TinyLlama's 4 on 8 ways): the query
