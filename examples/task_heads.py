@@ -1,4 +1,5 @@
-"""Task heads trained with LoRA on the demo's cached base, each on generated data with an exact answer:
+"""Task heads trained with QLoRA (LoRA over the NF4 base) on the demo's cached base, each on generated data with an
+exact answer:
 
 - classify: is a digit string strictly increasing? (``configs/classify-demo.yaml``, accuracy and macro-F1)
 - token_classify: tag runs of odd digits as entities, B-ODD / I-ODD, even digits O

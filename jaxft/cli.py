@@ -114,10 +114,11 @@ def _load(model: str, adapter: str | None, quant: str | None):
     import jaxft
     from jaxft.hf.peft_format import adapter_head
 
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+    is_adapter = adapter is not None and (Path(adapter) / "adapter_config.json").is_file()
+    cfg, params = jaxft.from_pretrained(model, quant=quant, head=adapter_head(adapter) if is_adapter else None)
+    if adapter and not is_adapter:
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (is it a PEFT adapter folder, "
                                 "such as a run's output_dir/adapter?)")
-    cfg, params = jaxft.from_pretrained(model, quant=quant, head=adapter_head(adapter) if adapter else None)
     if adapter:
         params = jaxft.load_adapter(adapter, params, cfg)
     return cfg, params
@@ -212,7 +213,7 @@ def _export(args) -> int:
     import jaxft
     from jaxft.hf.config import read_json
     from jaxft.hf.peft_format import lora_config_from_peft
-    from jaxft.recipes.skeleton import write_export
+    from jaxft.recipes.skeleton import with_pad_token, write_export
 
     out = Path(args.out)
     if not args.overwrite:
@@ -220,10 +221,11 @@ def _export(args) -> int:
     cfg, params = _load(args.model, args.adapter, None)
     tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))  # before anything is written
     if args.merged:
-        write_export(out, jaxft.merge(params), tok, model_cfg=cfg, overwrite=args.overwrite)
+        write_export(out, jaxft.merge(params), tok, model_cfg=with_pad_token(cfg, tok), overwrite=args.overwrite)
     else:
         lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
-        write_export(out, params, tok, lcfg=lcfg, base_model=str(Path(args.model).resolve()), overwrite=args.overwrite)
+        write_export(out, params, tok, model_cfg=cfg, lcfg=lcfg, base_model=str(Path(args.model).resolve()),
+                     overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

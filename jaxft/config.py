@@ -22,6 +22,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # A task head in place of the LM head, by its transformers class (``LlamaFor<...>``), and the problem types of a
 # sequence classifier as transformers names them (``config.problem_type``).
 HEAD_KINDS = {"seq_cls": "SequenceClassification", "token_cls": "TokenClassification", "qa": "QuestionAnswering"}
+# PEFT's task_type of an adapter trained with each head (it saves the head whole with the adapter)
+PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS"}
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
@@ -108,6 +110,10 @@ class HeadConfig:
     def has_bias(self) -> bool:
         return self.kind != "seq_cls"
 
+    @property
+    def peft_task_type(self) -> str:
+        return PEFT_TASK_TYPES[self.kind]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -177,6 +183,22 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_head(self, head: HeadConfig | None, source: str) -> "ModelConfig":
+        """This (a checkpoint's) config with the task head asked for: a head model's own head must agree with
+        ``head`` in kind and size; ``head`` wins otherwise (its problem type, dropout), keeping the checkpoint's
+        label names when it gives none. ``None`` keeps whatever the checkpoint has. ``source`` names the checkpoint
+        in errors."""
+        if head is None:
+            return self
+        if self.head is not None:
+            if (self.head.kind, self.head.num_labels) != (head.kind, head.num_labels):
+                raise ConfigError(f"{source}: the folder holds a {self.head.kind!r} head with {self.head.num_labels} "
+                                  f"labels, but a {head.kind!r} head with {head.num_labels} is asked for; leave the "
+                                  "head out to load the folder's, or load its causal-LM base")
+            if head.labels is None:
+                head = dataclasses.replace(head, labels=self.head.labels)
+        return self.replace(head=head)
 
 
 @dataclass(frozen=True)

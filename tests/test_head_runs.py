@@ -15,10 +15,12 @@ import pytest
 import torch
 import transformers
 from peft import PeftModel
+from safetensors import safe_open
 
 import jaxft
 from jaxft.cli import main
 from jaxft.config import ConfigError
+from jaxft.data import DataError
 from jaxft.data.config import DataConfig
 from jaxft.hf.peft_format import adapter_head
 from jaxft.models.heads import sequence_logits, token_logits
@@ -51,7 +53,8 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     files = {}
     for name, make in (("classify", lambda i: task_heads.classify_record(rng)),
-                       ("token", lambda i: task_heads.token_record(rng)), ("qa", lambda i: task_heads.qa_record(rng, i))):
+                       ("token", lambda i: task_heads.token_record(rng)),
+                       ("qa", lambda i: task_heads.qa_record(rng, i))):
         files[name] = _write(root / f"{name}.jsonl", [make(i) for i in range(48)])
     return make_base(root / "base"), files, root
 
@@ -95,6 +98,18 @@ def test_classify_lora_run_exports_an_adapter_that_peft_loads_with_equal_logits(
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     untrained = jaxft.from_pretrained(setup[0], head=head, head_seed=cfg.train.seed)[1]["score"]["kernel"]
     assert np.abs(np.asarray(params["score"]["kernel"]) - np.asarray(untrained)).max() > 1e-3  # the head trained
+    assert head == cfg.head  # the label names travel with the adapter (head_config.json beside PEFT's files)
+
+
+def test_jaxft_eval_scores_a_classify_adapter_as_its_run_did(setup, capsys):
+    cfg = _run_config(setup, "classify", ClassifyTask(label_names=("other", "increasing")), steps=4)
+    summary = sft.run(cfg)
+    capsys.readouterr()
+    assert main(["eval", str(setup[0]), "--adapter", summary["export"], "--data", str(setup[1]["classify"]),
+                 "--max-length", "24", "--batch-size", "8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "macro_f1", "examples"):  # both score every record of the eval file once
+        assert printed[key] == pytest.approx(summary["eval"][key], abs=1e-6), key
 
 
 def test_head_only_run_trains_the_head_alone_and_exports_a_transformers_token_classifier(setup):
@@ -129,6 +144,10 @@ def test_qa_on_an_nf4_base_with_lora_and_jaxft_eval_scores_the_export_as_the_run
     printed = json.loads(capsys.readouterr().out)
     for key in ("exact_match", "f1", "qa_examples"):  # both score every question of the eval file
         assert printed[key] == pytest.approx(summary["eval"][key], abs=1e-6), key
+    out = Path(cfg.output_dir).parent / f"{Path(cfg.output_dir).name}-export"
+    assert main(["export", str(setup[0]), "--adapter", summary["export"], "--out", str(out)]) == 0
+    with safe_open(out / "adapter_model.safetensors", "np") as exported:
+        assert any(k.startswith("base_model.model.transformer.layers.") for k in exported.keys())  # Llama QA's base
 
 
 def test_regression_targets_shard_like_token_ids_on_two_meshes(setup):
@@ -166,10 +185,22 @@ def test_runs_that_cannot_hold_a_head_are_refused_before_writing(setup, tmp_path
     cfg = _run_config(setup, "classify", ClassifyTask(num_labels=2))
     with pytest.raises(ConfigError, match="task 'classify' also trains a task head"):
         check_members([cfg])
-    sft_cfg = _run_config(setup, "classify", SftTask(), peft=(HeadOnly(),))
-    with pytest.raises(ConfigError, match="trains the task head alone, but this model has none"):
+    with pytest.raises(ConfigError, match="trains the task head alone, but task 'sft' has none"):
+        _run_config(setup, "classify", SftTask(), peft=(HeadOnly(),))
+    classifier = tmp_path / "classifier"  # a *ForSequenceClassification folder trained as a causal LM
+    model_cfg, params = jaxft.from_pretrained(base, head=jaxft.HeadConfig("seq_cls", 2))
+    jaxft.save_pretrained(model_cfg, params, classifier)
+    for f in base.glob("tokenizer*"):
+        (classifier / f.name).write_bytes(f.read_bytes())
+    sft_cfg = _run_config(setup, "classify", SftTask()).replace(model=str(classifier))
+    with pytest.raises(ConfigError, match="is a seq_cls model .* but task 'sft' trains a causal LM"):
         sft.run(sft_cfg)
     assert not Path(sft_cfg.output_dir).exists()
+    ends_with_pad = _write(tmp_path / "pad.jsonl", [{"text": "3 4 <pad>", "label": 0}] * 8)
+    cfg = _run_config(setup, "classify", ClassifyTask(num_labels=2))
+    with pytest.raises(DataError, match="pad.jsonl:1: ends with the pad token"):
+        sft.run(cfg.replace(data=cfg.data.replace(paths=(str(ends_with_pad),))))
+    assert not Path(cfg.output_dir).exists()
     no_pad = tmp_path / "no-pad"  # neither config.json nor the tokenizer names a pad token
     no_pad.mkdir()
     for f in base.iterdir():
@@ -189,4 +220,13 @@ def test_each_example_config_loads_with_its_task_and_head():
     root = Path(__file__).resolve().parents[1] / "configs"
     for name, kind in (("classify-demo", "seq_cls"), ("token-classify-demo", "token_cls"), ("qa-demo", "qa")):
         cfg = load_run_config(root / f"{name}.yaml")
-        assert cfg.task.head().kind == kind and cfg.lora.task_type == cfg.task.peft_task_type
+        assert cfg.head.kind == kind and cfg.lora.task_type == cfg.head.peft_task_type
+
+
+def test_a_task_on_a_head_checkpoint_keeps_its_settings_and_the_checkpoints_label_names():
+    folder = jaxft.ModelConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                               num_attention_heads=1, head=jaxft.HeadConfig("seq_cls", 3, labels=("a", "b", "c")))
+    asked = jaxft.HeadConfig("seq_cls", 3, problem_type="multi_label_classification")
+    assert folder.with_head(asked, "x").head == jaxft.HeadConfig("seq_cls", 3, ("a", "b", "c"),
+                                                                 "multi_label_classification")
+    assert folder.with_head(None, "x") == folder

@@ -97,7 +97,7 @@ def abstract_model(cfg: RunConfig) -> AbstractModel:
         raise ConfigError(f"{cfg.model}: no config.json (the memory estimate reads the model's sizes from it)")
     hf = read_json(config_path)
     model_cfg = config_from_hf(hf, source=str(config_path), dtype=cfg.compute_dtype or cfg.dtype)
-    model_cfg = cfg.train.apply(model_cfg).replace(head=cfg.task.head() or model_cfg.head)  # as the run loads it
+    model_cfg = cfg.train.apply(model_cfg).with_head(cfg.head, str(config_path))  # as the run loads it
     quant = _quant(cfg, hf)
     return AbstractModel(model_cfg, _abstract_params(model_cfg, cfg, quant), quant)
 

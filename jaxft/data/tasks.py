@@ -370,6 +370,12 @@ def _record_samples(record, tokenizer, head: HeadConfig, index: int, *, max_leng
                               truncation=truncation, is_pretokenized=words)
     if encoding is None:
         return []
+    if not words and encoding.ids[-1] == tokenizer.pad_token_id:
+        raise DataError(record.source, "ends with the pad token",
+                        f"the text's last token is the tokenizer's pad token {tokenizer.pad_token!r} (the tokenizer "
+                        "appends it: pad = eos?); transformers' *ForSequenceClassification scores the last token "
+                        "that is not padding, so the exported model would read another token than the one trained. "
+                        "Give the tokenizer a pad token of its own")
     return [(_token_sample(record, encoding, continuation) if words else _classify_sample(record, encoding), None)]
 
 

@@ -6,7 +6,6 @@ existing folder unless asked to.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -263,21 +262,6 @@ def _prequantized(hf: dict, source: str) -> bool:
                       f"(load_in_8bit={qc.get('load_in_8bit')}) is not supported; jaxft reads bitsandbytes 4-bit")
 
 
-def _with_head(cfg: ModelConfig, head: HeadConfig | None, source: str) -> ModelConfig:
-    """``cfg`` (the folder's) with the requested task head: a head model's own head must agree with ``head`` in
-    kind and size (``head`` wins otherwise, keeping the folder's label names when it has none)."""
-    if head is None:
-        return cfg
-    if cfg.head is not None:
-        if (cfg.head.kind, cfg.head.num_labels) != (head.kind, head.num_labels):
-            raise ConfigError(f"{source}: the folder holds a {cfg.head.kind!r} head with {cfg.head.num_labels} "
-                              f"labels, but head= asks for a {head.kind!r} head with {head.num_labels}; leave head= "
-                              "out to load the folder's head, or load its causal-LM base")
-        if head.labels is None:
-            head = dataclasses.replace(head, labels=cfg.head.labels)
-    return cfg.replace(head=head)
-
-
 def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
                     quant: str | QuantConfig | None = None, mesh=None, rules=None, head: HeadConfig | None = None,
                     head_seed: int = 0) -> tuple[ModelConfig, dict]:
@@ -304,7 +288,7 @@ def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
     hf = read_json(folder / "config.json")
     source = str(folder / "config.json")
     folder_cfg = config_from_hf(hf, source=source, dtype=compute_dtype or str(jnp.dtype(dtype)))
-    cfg = _with_head(folder_cfg, head, source)
+    cfg = folder_cfg.with_head(head, source)
     prequantized = _prequantized(hf, source)
     if isinstance(quant, str):
         quant = QuantConfig(quant_type=quant)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.config import ConfigError, HeadConfig, ModelConfig
+from jaxft.config import PEFT_TASK_TYPES, ConfigError, HeadConfig, ModelConfig, from_dict, to_dict
 from jaxft.files import atomic_dir
 from jaxft.hf.config import read_json
 from jaxft.hf.names import BASE_PREFIX, canonical_name, module_name, saved_name
@@ -33,6 +33,7 @@ from jaxft.peft import lora
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+HEAD_FILE = "head_config.json"  # jaxft's: the task head's facts PEFT's files do not hold
 
 
 @dataclass(frozen=True)
@@ -147,15 +148,19 @@ def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, cfg: ModelConf
     config, needed for a question-answering head (:func:`adapter_tensors`)."""
     tensors = adapter_tensors(params, lcfg, cfg)
     with atomic_dir(out_dir, overwrite) as tmp:
-        write_adapter(tensors, lcfg, tmp, base_model_name_or_path)
+        write_adapter(tensors, lcfg, tmp, base_model_name_or_path, cfg.head if cfg else None)
     return Path(out_dir)
 
 
-def write_adapter(tensors: dict, lcfg: lora.LoraConfig, folder: Path, base_model_name_or_path: str | None = None):
+def write_adapter(tensors: dict, lcfg: lora.LoraConfig, folder: Path, base_model_name_or_path: str | None = None,
+                  head: HeadConfig | None = None):
     """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
-    ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer)."""
+    ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer), and the task head's
+    facts PEFT's files do not hold (label names, problem type) in ``head_config.json`` (:func:`adapter_head`)."""
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
+    if head is not None:
+        (folder / HEAD_FILE).write_text(json.dumps(to_dict(head), indent=2))
 
 
 def lora_config_from_peft(d: dict, source: str) -> lora.LoraConfig:
@@ -190,25 +195,29 @@ def _shape_problem(folder: Path, e: Entry, found: tuple, expected: tuple) -> str
             f"{list(expected)}: was the adapter trained on a different base?")
 
 
-# PEFT's task types that carry a head, and the head they carry
-_HEAD_KINDS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls", "QUESTION_ANS": "qa"}
-
-
 def adapter_head(path) -> HeadConfig | None:
-    """The task head an adapter folder brings (PEFT's SEQ_CLS, TOKEN_CLS or QUESTION_ANS saves it whole, under
-    ``modules_to_save``), its size read off the saved head: what to load the base with before attaching it. None
-    for an adapter of a causal LM or of features."""
+    """The task head an adapter folder brings (PEFT's SEQ_CLS, TOKEN_CLS or QUESTION_ANS save it whole, under
+    ``modules_to_save``): what to load the base with before attaching it. jaxft writes the head's facts beside the
+    adapter (``head_config.json``: label names, problem type); an adapter PEFT saved has only the head's weights, so
+    its size is read off them. None for an adapter of a causal LM or of features."""
     folder = Path(path)
     lcfg = lora_config_from_peft(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
-    kind = _HEAD_KINDS.get(lcfg.task_type)
+    kind = next((k for k, task_type in PEFT_TASK_TYPES.items() if task_type == lcfg.task_type), None)
     if kind is None:
         return None
-    group = "qa_outputs" if kind == "qa" else "score"
-    names = [n for n in SafetensorsFile(folder / WEIGHTS_FILE).keys() if n.endswith(f".{group}.weight")]
+    if (folder / HEAD_FILE).is_file():
+        head = from_dict(HeadConfig, read_json(folder / HEAD_FILE), source=str(folder / HEAD_FILE))
+        if head.kind != kind:
+            raise ConfigError(f"{folder / HEAD_FILE}: a {head.kind!r} head, but {CONFIG_FILE} says task_type "
+                              f"{lcfg.task_type} (a {kind!r} head)")
+        return head
+    group = HeadConfig(kind, 2).group
+    weights = SafetensorsFile(folder / WEIGHTS_FILE)
+    names = [n for n in weights.keys() if n.endswith(f".{group}.weight")]
     if not names:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: task_type {lcfg.task_type} but no {group}.weight (the "
                               "head PEFT saves with such an adapter)")
-    return HeadConfig(kind, SafetensorsFile(folder / WEIGHTS_FILE).shape(names[0])[0])
+    return HeadConfig(kind, weights.shape(names[0])[0])
 
 
 def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dict:

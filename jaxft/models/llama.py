@@ -289,7 +289,12 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
 
 
 def tied_head(cfg: ModelConfig, params: dict) -> bool:
-    """The head is the embedding table, unless ``modules_to_save`` gave a tied model its own ``lm_head`` copy."""
+    """The head is the embedding table, unless ``modules_to_save`` gave a tied model its own ``lm_head`` copy. A
+    model with a task head has no LM head at all: asking for next-token logits is an error (every LM-head path
+    starts here)."""
+    if cfg.head is not None:
+        raise InputError(f"this model has a {cfg.head.kind} head in place of the LM head, so it gives no next-token "
+                         "logits; its outputs come from jaxft.models.heads (sequence_logits, token_logits)")
     return cfg.tie_word_embeddings and "lm_head" not in params
 
 

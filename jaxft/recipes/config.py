@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import InitVar, dataclass, field
-from typing import ClassVar
 from pathlib import Path
 
 import yaml
@@ -35,18 +34,21 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 class SftTask:
     """Supervised fine-tuning: next-token cross-entropy on the assistant turns the data marks as targets."""
 
-    peft_task_type: ClassVar[str] = "CAUSAL_LM"
-
     def objective(self, train: TrainConfig) -> CausalLM:
         return CausalLM(chunk_size=train.loss_chunk_size)
 
-    def head(self) -> None:
-        """The LM head: no task head."""
-        return None
 
-    def pipeline(self, data: DataConfig, tokenizer, **placement):
-        """The data of a run of this task (``placement``: process index and count, the model's vocab size)."""
-        return build_iterator(data, tokenizer, **placement)
+# A task is a frozen dataclass with ``objective(train)``; a task with a head also has ``head()`` (the HeadConfig the
+# model is loaded with) and ``pipeline(data, tokenizer, **placement)`` (its data). Without them a task trains the
+# LM head on the SFT data pipeline.
+def task_head(task) -> HeadConfig | None:
+    """The task head a run of ``task`` trains (None: the LM head)."""
+    return task.head() if hasattr(task, "head") else None
+
+
+def task_pipeline(task, data: DataConfig, tokenizer, **placement):
+    """The data of a run of ``task`` (``placement``: process index and count, the model's vocab size)."""
+    return (task.pipeline if hasattr(task, "pipeline") else build_iterator)(data, tokenizer, **placement)
 
 
 def _num_labels(task) -> int:
@@ -59,12 +61,6 @@ def _num_labels(task) -> int:
     return len(names) if n is None else n
 
 
-def _check_weights(task, n: int):
-    if task.class_weights is not None and (len(task.class_weights) != n or min(task.class_weights) <= 0):
-        raise ConfigError(f"task {TASK_UNION.type_of(task)}: class_weights {list(task.class_weights)} must be {n} "
-                          "positive numbers, one per label")
-
-
 @dataclass(frozen=True)
 class ClassifyTask:
     """Sequence classification (transformers' ``*ForSequenceClassification``): a ``score`` head read at each
@@ -75,14 +71,9 @@ class ClassifyTask:
     label_names: tuple[str, ...] | None = None
     problem_type: str | None = None
     class_weights: tuple[float, ...] | None = None
-    peft_task_type: ClassVar[str] = "SEQ_CLS"
 
     def __post_init__(self):
-        self.head()
-        _check_weights(self, _num_labels(self))
-        if self.class_weights is not None and self.head().problem != "single_label_classification":
-            raise ConfigError("task classify: class_weights weigh the cross-entropy of single-label classification; "
-                              f"problem_type {self.head().problem!r} has none")
+        self.objective(None)  # the head and the objective check the labels, problem type and class weights
 
     def head(self) -> HeadConfig:
         return HeadConfig("seq_cls", _num_labels(self), self.label_names, self.problem_type)
@@ -104,11 +95,9 @@ class TokenClassifyTask:
     label_all_tokens: bool = False
     dropout: float = 0.1
     class_weights: tuple[float, ...] | None = None
-    peft_task_type: ClassVar[str] = "TOKEN_CLS"
 
     def __post_init__(self):
-        self.head()
-        _check_weights(self, _num_labels(self))
+        self.head(), self.objective(None)  # they check the labels, dropout and class weights
 
     def head(self) -> HeadConfig:
         return HeadConfig("token_cls", _num_labels(self), self.label_names, dropout=self.dropout)
@@ -128,7 +117,6 @@ class QaTask:
 
     doc_stride: int = field(default=128, metadata={"minimum": 0})
     max_answer_length: int = field(default=30, metadata={"minimum": 1})
-    peft_task_type: ClassVar[str] = "QUESTION_ANS"
 
     def __post_init__(self):
         for name in ("doc_stride", "max_answer_length"):
@@ -282,16 +270,27 @@ class RunConfig:
         """What this run's step minimizes and its evaluation reports: its task's objective."""
         return self.task.objective(self.train)
 
+    @property
+    def head(self) -> HeadConfig | None:
+        """The task head this run trains (None: the LM head)."""
+        return task_head(self.task)
+
 
 def _for_task(method, task):
     """A LoRA entry's PEFT ``task_type`` follows the run's task (PEFT then trains and saves the head with the
-    adapter): the default CAUSAL_LM becomes the task's type; another head's type is a contradiction."""
-    if not isinstance(method, LoraConfig) or method.task_type == task.peft_task_type:
+    adapter): the default CAUSAL_LM becomes the head's type; another head's type is a contradiction. A head-only
+    entry needs a task with a head."""
+    head = task_head(task)
+    if isinstance(method, HeadOnly) and head is None:
+        raise ConfigError(f"peft {{type: head}} trains the task head alone, but task {TASK_UNION.type_of(task)!r} "
+                          "has none; give a task with a head (task: {type: classify | token_classify | qa})")
+    wanted = "CAUSAL_LM" if head is None else head.peft_task_type
+    if not isinstance(method, LoraConfig) or method.task_type == wanted:
         return method
     if method.task_type == "CAUSAL_LM":
-        return method.replace(task_type=task.peft_task_type)
+        return method.replace(task_type=wanted)
     raise ConfigError(f"lora.task_type {method.task_type!r} does not fit task {TASK_UNION.type_of(task)!r}, whose "
-                      f"PEFT task type is {task.peft_task_type!r}; leave lora.task_type out (it follows the task)")
+                      f"PEFT task type is {wanted!r}; leave lora.task_type out (it follows the task)")
 
 
 def _methods(peft, quant, method, lora) -> tuple[tuple, QuantConfig | None]:

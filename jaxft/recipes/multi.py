@@ -42,7 +42,7 @@ def check_members(cfgs: list[RunConfig]) -> None:
         raise ConfigError("parallel runs train LoRA adapters over one shared frozen base: the runs need a lora "
                           "method (method lora or qlora), not full fine-tuning; run full fine-tuning sweeps without "
                           "--parallel")
-    if cfgs[0].task.head() is not None:
+    if cfgs[0].head is not None:
         raise ConfigError(f"parallel runs stack LoRA adapters alone, but task {TASK_UNION.type_of(cfgs[0].task)!r} "
                           "also trains a task head in every run; sweep it without --parallel (one run after another)")
     if cfgs[0].optim.offload_state:

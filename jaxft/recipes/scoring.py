@@ -7,6 +7,7 @@ is opt-in (``jaxft eval --exact-match N``, ``jaxft sweep --exact-match N``) and 
 """
 from __future__ import annotations
 
+import functools
 from functools import partial
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate, stop_token_ids
 from jaxft.models.heads import token_logits
-from jaxft.recipes.config import QaTask, RunConfig, SftTask, TrainConfig
-from jaxft.recipes.skeleton import load_base
+from jaxft.recipes.config import QaTask, RunConfig, SftTask, TrainConfig, task_pipeline
+from jaxft.recipes.skeleton import exports_adapter, load_base, to_host
 from jaxft.train.metrics import evaluate
 from jaxft.train.squad import best_spans, squad_scores
 
@@ -34,7 +35,7 @@ BATCH = 64  # prompts per generate call: bounds the KV cache however many chats 
 def data_metrics(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, task=SftTask()) -> dict:
     """The task's held-out metrics over one pass of ``data`` (what ``jaxft eval`` prints: for SFT loss, perplexity
     and token accuracy; for a head, its task's), with the number of batches and the data pipeline's report."""
-    pipeline = task.pipeline(data, tokenizer, vocab_size=model_cfg.vocab_size)
+    pipeline = task_pipeline(task, data, tokenizer, vocab_size=model_cfg.vocab_size)
     n_batches = pipeline.iterator.batches_per_epoch
     objective = task.objective(TrainConfig())
     step = jax.jit(partial(objective.eval_sums, model_cfg))
@@ -53,18 +54,17 @@ def qa_scores(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig,
     """SQuAD v1.1's exact match and F1 over the questions of ``data`` that have an answer: every example's
     predicted answer is the best span over all its context windows (``jaxft.train.squad.best_spans``, as
     transformers' ``run_qa`` post-processing). One window per row, ``data.batch_size`` rows per forward pass."""
-    head = model_cfg.head
-    records = [r for path in data.paths for r in read_task_records(path, head)]
+    head, skip = model_cfg.head, data.skip_bad_records  # the records the run's eval pipeline kept
+    records = [r for path in data.paths for r in read_task_records(path, head, skip_bad_records=skip)]
     tokenized = tokenize_task_records(records, tokenizer, head, max_length=data.max_length,
-                                      doc_stride=task.doc_stride)
+                                      doc_stride=task.doc_stride, skip_bad_records=skip)
     rows, t = len(tokenized.samples), data.max_length
-    logits_fn = jax.jit(lambda p, b: token_logits(model_cfg, p, b["input_ids"], b["positions"], b["segment_ids"]))
     pad_id = checked_pad_id(tokenizer, model_cfg.vocab_size)
     logits = []
     for start in range(0, rows, data.batch_size):
         batch_rows = [[i] for i in range(start, min(start + data.batch_size, rows))]
         batch = rows_to_batch(tokenized.samples, batch_rows + [[]] * (data.batch_size - len(batch_rows)), t, pad_id)
-        logits.append(np.asarray(logits_fn(params, batch))[:len(batch_rows)])
+        logits.append(to_host(_token_logits(model_cfg)(params, batch))[:len(batch_rows)])
     logits = np.concatenate(logits)                                      # [features, T, 2]
     offsets = np.full((rows, t, 2), -1, np.int32)
     for i, feature in enumerate(tokenized.qa_features):
@@ -75,6 +75,12 @@ def qa_scores(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig,
     answered = [i for i, e in enumerate(examples) if e.answer_texts]
     scores = squad_scores([predicted[i] for i in answered], [list(examples[i].answer_texts) for i in answered])
     return {**scores, "qa_examples": len(answered)}
+
+
+@functools.cache
+def _token_logits(model_cfg: ModelConfig):
+    """The jitted head logits of a batch, one per model config: every evaluation of a run reuses its compilation."""
+    return jax.jit(lambda p, b: token_logits(model_cfg, p, b["input_ids"], b["positions"], b["segment_ids"]))
 
 
 def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, limit: int) -> dict:
@@ -106,8 +112,8 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
 
 def load_trained(cfg: RunConfig, export: str | Path):
     """(model config, params) of a finished run: its base (4-bit for QLoRA) plus the exported adapter, or the
-    exported model of full fine-tuning."""
-    if cfg.full:
+    exported model (full fine-tuning, methods merged in, a head trained alone)."""
+    if not exports_adapter(cfg):
         return from_pretrained(export, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
     model_cfg, params = load_base(cfg)
-    return model_cfg, load_adapter(export, params)
+    return model_cfg, load_adapter(export, params, model_cfg)

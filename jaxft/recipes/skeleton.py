@@ -34,7 +34,8 @@ from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
 from jaxft.peft.methods import merge, trainable_count
 from jaxft.peft.tree import Trainable, split
-from jaxft.recipes.config import RunConfig, config_changes, covered, dump_run_config, load_run_config
+from jaxft.recipes.config import (TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config,
+                                  task_pipeline)
 from jaxft.train.checkpoint import Checkpointer, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.metrics import SkipGuard, Throughput, read_metrics
@@ -44,10 +45,17 @@ from jaxft.train.optim import make_optimizer
 
 
 def check_model_folder(cfg: RunConfig):
-    """Fails before anything is written, so a run fixed after this error needs no --overwrite."""
+    """Fails before anything is written, so a run fixed after this error needs no --overwrite: the model folder
+    exists, and a folder of a task-head class is trained with a task of that head."""
     if cfg.model_dir is not None and not (Path(cfg.model) / "config.json").is_file():
         raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
                           "`model` at a folder with config.json and *.safetensors")
+    folder_head = base_config(cfg).head
+    if cfg.head is None and folder_head is not None:
+        raise ConfigError(f"model {cfg.model!r} is a {folder_head.kind} model (a task head, no lm_head), but task "
+                          f"{TASK_UNION.type_of(cfg.task)!r} trains a causal LM's next-token head; give the task of "
+                          "its head (task: {type: classify | token_classify | qa}) or point model at its causal-LM "
+                          "base")
 
 
 # What a resume may change: how the run is executed, logged, evaluated and saved, never what is trained. The mesh
@@ -176,7 +184,7 @@ def _pipelines(cfg: RunConfig, tokenizer):
     """(train pipeline, eval pipeline or None) as the run's task reads its data; token ids the model has no
     embedding row for are refused here."""
     vocab_size = base_config(cfg).vocab_size
-    build = partial(cfg.task.pipeline, tokenizer=tokenizer, process_index=jax.process_index(),
+    build = partial(task_pipeline, cfg.task, tokenizer=tokenizer, process_index=jax.process_index(),
                     process_count=jax.process_count(), vocab_size=vocab_size)
     return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
 
@@ -245,13 +253,13 @@ def load_base(cfg: RunConfig, mesh=None):
         model_cfg = inline_model_config(cfg)
         return model_cfg, init_params(model_cfg, jax.random.PRNGKey(cfg.train.seed), cfg.dtype)
     model_cfg, params = from_pretrained(cfg.model, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
-                                        quant=cfg.quant, mesh=mesh, head=cfg.task.head(), head_seed=cfg.train.seed)
+                                        quant=cfg.quant, mesh=mesh, head=cfg.head, head_seed=cfg.train.seed)
     return cfg.train.apply(model_cfg), params
 
 
 def inline_model_config(cfg: RunConfig) -> ModelConfig:
     """An inline model config with the run's compute dtype and memory knobs, as :func:`load_base` trains it."""
-    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype, head=cfg.task.head()))
+    return cfg.train.apply(cfg.model.replace(dtype=cfg.compute_dtype or cfg.dtype, head=cfg.head))
 
 
 def base_config(cfg: RunConfig) -> ModelConfig:
@@ -260,27 +268,29 @@ def base_config(cfg: RunConfig) -> ModelConfig:
 
 
 def export_config(cfg: RunConfig, tokenizer) -> ModelConfig:
-    """The exported model's config: the base's with the task's head (named by the base's labels when the task gives
-    none), and the tokenizer's pad id where the base names none (transformers scores a batch of sequences only
-    with one, :func:`check_pad_token`)."""
-    base, head = base_config(cfg), cfg.task.head()
-    if head is not None and head.labels is None and base.head is not None:
-        head = base.head
-    pad = tokenizer.pad_token_id if base.pad_token_id is None else base.pad_token_id
-    return base.replace(head=head, pad_token_id=pad)
+    """The exported model's config: the base's with the task's head, as the run loaded it
+    (:meth:`ModelConfig.with_head`), and the tokenizer's pad id for a sequence classifier (:func:`with_pad_token`)."""
+    return with_pad_token(base_config(cfg).with_head(cfg.head, str(cfg.model_dir)), tokenizer)
+
+
+def with_pad_token(model_cfg: ModelConfig, tokenizer) -> ModelConfig:
+    """A sequence classifier's config with the tokenizer's pad id where it names none: transformers finds each
+    sequence's last token by it (:func:`check_pad_token` refuses a run with neither before it writes)."""
+    if model_cfg.head is None or model_cfg.head.kind != "seq_cls" or model_cfg.pad_token_id is not None:
+        return model_cfg
+    return model_cfg.replace(pad_token_id=tokenizer.pad_token_id)
 
 
 def check_pad_token(cfg: RunConfig, tokenizer):
     """A sequence classifier's export needs a pad id (transformers finds each sequence's last token by it): the
     base's config.json or the tokenizer must name one. Checked before anything is written."""
-    head = cfg.task.head()
-    if head is not None and head.kind == "seq_cls" and base_config(cfg).pad_token_id is None and (
+    if cfg.head is not None and cfg.head.kind == "seq_cls" and base_config(cfg).pad_token_id is None and (
             tokenizer.pad_token_id is None):
         raise ConfigError(f"task classify: neither the base's config.json ({cfg.model_dir or 'inline model'}) nor the "
                           f"tokenizer ({cfg.tokenizer_dir}) names a pad token, and transformers' "
                           "*ForSequenceClassification needs pad_token_id to score batches; add a pad token to the "
-                          "tokenizer (e.g. pad_token = eos_token in tokenizer_config.json) or set pad_token_id in "
-                          "config.json")
+                          "tokenizer (a token of its own: with pad = eos, transformers would score the token before "
+                          "a final eos) or set pad_token_id in config.json")
 
 
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
@@ -477,10 +487,11 @@ def to_host(tree):
 def export_dir(cfg: RunConfig, out: Path) -> Path:
     """Where a run exports: ``adapter/`` for a LoRA run (PEFT's format), else ``model/`` (full fine-tuning, or
     methods PEFT's LoRA format cannot hold, merged into the weights)."""
-    return out / ("adapter" if _exports_adapter(cfg) else "model")
+    return out / ("adapter" if exports_adapter(cfg) else "model")
 
 
-def _exports_adapter(cfg: RunConfig) -> bool:
+def exports_adapter(cfg: RunConfig) -> bool:
+    """The run's only method is LoRA: it exports a PEFT adapter (else the whole model)."""
     return cfg.lora is not None and len(cfg.peft) == 1
 
 
@@ -488,7 +499,7 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
     """The adapter (PEFT format) with tokenizer and chat template; other runs export the whole model (methods
     merged in), replacing an earlier export whole."""
     model_cfg = export_config(cfg, tokenizer)
-    if not _exports_adapter(cfg):
+    if not exports_adapter(cfg):
         return write_export(export_dir(cfg, out), merge(params), tokenizer, chat_template=chat_template,
                             overwrite=True, model_cfg=model_cfg)
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
@@ -503,7 +514,7 @@ def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, bas
     tensors = adapter_tensors(params, lcfg, model_cfg) if lcfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
         if lcfg:
-            write_adapter(tensors, lcfg, tmp, base_model)
+            write_adapter(tensors, lcfg, tmp, base_model, model_cfg.head if model_cfg else None)
         else:
             write_pretrained(model_cfg, tensors, tmp)
         tokenizer.save(tmp)

@@ -51,6 +51,9 @@ def run(config_path: str | Path, grid: list[str], *, sets: list[str] = (), out: 
         check_model_folder(r.config)
     if exact_match and base.eval_data is None:
         raise ConfigError(f"--exact-match scores replies to eval_data's chats, but {config_path} has no eval_data")
+    if exact_match and base.head is not None:
+        raise ConfigError(f"--exact-match scores generated chat replies, but {config_path} trains a {base.head.kind} "
+                          "head; its runs' evaluations already report the head's metrics (a QA run: exact match)")
     if parallel:  # refused before the sweep folder is written, so the corrected command needs no --overwrite
         check_members([r.config for r in runs])
     if jax.process_index() != 0:  # process 0 tells the story; the others run the same steps
