@@ -1,0 +1,52 @@
+"""Sequence-level quantities of packed rows, for objectives that compare whole sequences (preference tuning):
+per-token log-probs of the labels, totals per document, and the chosen / rejected pairs of a row.
+
+Documents are told apart by segment ids (1, 2, ...; 0 is padding), as everywhere in jaxft. Per-document totals come
+back indexed by segment id, ``totals[b, s]`` for document s of row b, so every array keeps the batch's static
+[B, T] shape whatever the number of documents per row. A preference pair is two consecutive documents of one row:
+segment 2k - 1 the chosen, 2k the rejected completion (``jaxft.data`` lays pairs out so).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.config import ModelConfig
+from jaxft.data.chat import IGNORE_INDEX
+from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
+from jaxft.train.loss import token_logprobs
+
+
+def label_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_size: int, rng=None,
+                   activation_sharding=None) -> jax.Array:
+    """[B, T] float32 log p(labels[t]) of every labelled position (0 elsewhere), from the chunked pass that never
+    holds [tokens, V] logits (full logits when the head carries an adapter or ``chunk_size`` is 0)."""
+    body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
+    h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), rng=body_rng,
+                      activation_sharding=activation_sharding).hidden
+    labels = batch["labels"]
+    if chunk_size and plain_head(cfg, params):
+        return token_logprobs(h, lm_head_kernel(cfg, params), labels, chunk_size=chunk_size)
+    logits = logits_from_hidden(cfg, params, h, head_rng)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(labels != IGNORE_INDEX, picked, 0.0)
+
+
+def segment_totals(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, T, ...]: the sum of ``values`` [B, T, ...] over each document, at index s for segment id s (index 0 sums
+    the padding). One scatter-add per row: no [B, T, T] mask."""
+    b, t = segment_ids.shape
+
+    def row(v, ids):
+        return jax.ops.segment_sum(v, ids, num_segments=t)
+
+    return jax.vmap(row)(values, segment_ids.reshape(b, t))
+
+
+def pairs(totals: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(chosen [B, T // 2, ...], rejected [B, T // 2, ...]) of per-document totals [B, T, ...]: pair k of a row is
+    its documents 2k + 1 (chosen) and 2k + 2 (rejected); entries past a row's last pair are the padding's zeros."""
+    t = totals.shape[1]
+    padded = jnp.pad(totals, ((0, 0), (0, 1)) + ((0, 0),) * (totals.ndim - 2))
+    return padded[:, 1::2][:, :t // 2], padded[:, 2::2][:, :t // 2]
