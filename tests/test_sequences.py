@@ -40,3 +40,49 @@ def test_label_logprobs_chunked_equal_full_logits_and_log_softmax():
     for chunk in (0, 5):
         np.testing.assert_allclose(np.asarray(label_logprobs(CFG, params, batch, chunk_size=chunk)), expected,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_without_methods_is_the_base_and_a_reference_is_added_outside_the_gradient():
+    from dataclasses import dataclass
+
+    import optax
+
+    from jaxft.peft import lora
+    from jaxft.peft.methods import without_methods
+    from jaxft.peft.tree import Trainable, split
+    from jaxft.train.loop import StepConfig, init_state, train_step, with_reference
+    from jaxft.train.objectives import CausalLM
+
+    base = jaxft.init_params(CFG, jax.random.PRNGKey(0))
+    params = lora.add(CFG, base, jaxft.LoraConfig(r=2, init_lora_weights=False), jax.random.PRNGKey(1))
+    off = without_methods(params)
+    assert jax.tree.structure(off) == jax.tree.structure(base)
+    assert all(a is b for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(base)))  # shared, not copied
+
+    @dataclass(frozen=True)
+    class WithReference(CausalLM):
+        reference_keys = ("ref_logps",)
+
+        def reference(self, cfg, params, batch):
+            return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=0)}
+
+        def loss_sum(self, cfg, params, batch, rng=None, activation_sharding=None):
+            logps = label_logprobs(cfg, params, batch, chunk_size=0)
+            return jnp.sum(jnp.square(logps - batch["ref_logps"]))
+
+    rng = np.random.default_rng(2)
+    batch = {"input_ids": jnp.asarray(rng.integers(0, 40, (1, 2, 8))),
+             "labels": jnp.asarray(rng.integers(0, 40, (1, 2, 8))),
+             "segment_ids": jnp.ones((1, 2, 8), jnp.int32), "positions": jnp.tile(jnp.arange(8), (1, 2, 1))}
+    objective = WithReference(chunk_size=0)
+    single = {k: v[0] for k, v in batch.items()}
+    expected = label_logprobs(CFG, base, single, chunk_size=0)
+    np.testing.assert_array_equal(with_reference(objective, CFG, params, single)["ref_logps"], expected)
+    kept = {**single, "ref_logps": jnp.zeros_like(expected)}  # precomputed: left as it is
+    assert with_reference(objective, CFG, params, kept)["ref_logps"] is kept["ref_logps"]
+    trainable, frozen = split(params, Trainable())
+    state = init_state(trainable, optax.sgd(0.1))
+    _, metrics = train_step(CFG, StepConfig(objective=objective), optax.sgd(0.1), state, frozen, batch)
+    policy = label_logprobs(CFG, params, single, chunk_size=0)
+    units = jnp.sum(single["labels"] != -100)
+    np.testing.assert_allclose(metrics["loss"], jnp.sum(jnp.square(policy - expected)) / units, rtol=1e-5)

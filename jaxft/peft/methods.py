@@ -47,6 +47,12 @@ def merge(params: dict) -> dict:
     return _walk(params, _merge_group)
 
 
+def without_methods(params: dict) -> dict:
+    """The tree with every method's namespace removed: the model as loaded, every adapter switched off (PEFT's
+    ``disable_adapter``). A preference objective's reference policy: the same base, no second copy of it."""
+    return _walk(params, own_leaves)
+
+
 def adapter_tree(params: dict) -> dict:
     """Only the methods' namespaces, in the tree's structure: what :func:`unmerge` takes back."""
     out = {}

@@ -41,6 +41,7 @@ def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng, scale=1.0
     def micro(carry, xs):
         grads, loss = carry
         batch, key = xs
+        batch = with_reference(objective, cfg, combine(trainable, frozen), batch)
 
         def loss_fn(t):
             loss_sum = objective.loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.activation_sharding)
@@ -54,6 +55,17 @@ def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng, scale=1.0
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
     return jax.tree.map(lambda g: g / scale, grads), loss / scale, total
+
+
+def with_reference(objective, cfg: ModelConfig, params: dict, batch: dict) -> dict:
+    """The micro-batch with what the objective's optional ``reference(cfg, params, batch)`` returns added (a
+    reference policy's log-probs): computed outside the differentiated function and without gradient, so the
+    backward pass neither recomputes nor differentiates it. When the batch already holds every key of the
+    objective's ``reference_keys`` (a reference precomputed into the data) the reference is not computed."""
+    reference, keys = getattr(objective, "reference", None), getattr(objective, "reference_keys", ())
+    if reference is None or (keys and set(keys) <= batch.keys()):
+        return batch
+    return {**batch, **jax.lax.stop_gradient(reference(cfg, params, batch))}
 
 
 def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.GradientTransformation,

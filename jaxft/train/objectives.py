@@ -29,6 +29,8 @@ class Objective(Protocol):
 
     batch_keys: tuple[str, ...]  # the [B, T] arrays of a batch it reads (what the data pipeline stacks for it)
     # optional: float_keys, {key: trailing dims} of the batch arrays that hold floats ([B, T, N] targets)
+    # optional: reference(cfg, params, batch) -> {key: array} and reference_keys, the keys it returns: a reference
+    # policy's quantities, added to each micro-batch outside the differentiated function (train.loop.with_reference)
 
     def units(self, batches: dict) -> jax.Array:
         """f32 scalar: how many loss units ``batches`` holds (any leading axes); the step divides by it once."""
