@@ -139,7 +139,7 @@ def _eval(args) -> int:
     import jaxft
     from jaxft.config import ConfigError
     from jaxft.data import DataConfig
-    from jaxft.recipes.config import task_of
+    from jaxft.recipes.tasks import task_of
     from jaxft.recipes.scoring import chat_exact_match, data_metrics, task_scores
 
     cfg, params = _load(args.model, args.adapter, args.quant)

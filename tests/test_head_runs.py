@@ -28,8 +28,8 @@ from jaxft.parallel import MeshConfig
 from jaxft.peft.head import HeadOnly
 from jaxft.peft.lora import LoraConfig
 from jaxft.recipes import sft
-from jaxft.recipes.config import (ClassifyTask, QaTask, RunConfig, SftTask, TokenClassifyTask, TrainConfig,
-                                  load_run_config)
+from jaxft.recipes.config import RunConfig, TrainConfig, load_run_config
+from jaxft.recipes.tasks import ClassifyTask, QaTask, SftTask, TokenClassifyTask
 from jaxft.recipes.multi import check_members
 from jaxft.train.optim import OptimConfig
 from sft_worker import make_base, train_losses

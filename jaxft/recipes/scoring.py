@@ -24,7 +24,8 @@ from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate, stop_token_ids
 from jaxft.models.heads import token_logits
-from jaxft.recipes.config import QaTask, RunConfig, SftTask, TrainConfig, task_pipeline
+from jaxft.recipes.config import RunConfig, TrainConfig
+from jaxft.recipes.tasks import QaTask, SftTask, task_pipeline
 from jaxft.recipes.skeleton import exports_adapter, load_base, to_host
 from jaxft.train.metrics import evaluate
 from jaxft.train.squad import best_spans, squad_scores

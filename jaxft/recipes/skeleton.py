@@ -34,8 +34,8 @@ from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
 from jaxft.peft.methods import merge, trainable_count
 from jaxft.peft.tree import Trainable, split
-from jaxft.recipes.config import (TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config,
-                                  task_pipeline)
+from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config
+from jaxft.recipes.tasks import task_pipeline
 from jaxft.train.checkpoint import Checkpointer, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.metrics import SkipGuard, Throughput, read_metrics

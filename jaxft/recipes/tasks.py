@@ -1,0 +1,135 @@
+"""What a run can be asked to do: its task (``task: {type: ...}`` in a run config, ``recipes.config.TASK_UNION``).
+
+A task is a frozen dataclass with ``objective(train)``: what the step minimizes and the evaluation reports. A task
+with a head also has ``head()`` (the :class:`~jaxft.config.HeadConfig` the model is loaded with) and
+``pipeline(data, tokenizer, **placement)`` (its data); without them a task trains the LM head on the SFT data
+pipeline (:func:`task_head`, :func:`task_pipeline`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from jaxft.config import ConfigError, HeadConfig
+from jaxft.data import build_iterator
+from jaxft.data.config import DataConfig
+from jaxft.data.tasks import build_task_iterator
+from jaxft.train.head_objectives import QuestionAnswering, SequenceClassification, TokenClassification
+from jaxft.train.objectives import CausalLM
+
+if TYPE_CHECKING:
+    from jaxft.recipes.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class SftTask:
+    """Supervised fine-tuning: next-token cross-entropy on the assistant turns the data marks as targets."""
+
+    def objective(self, train: TrainConfig) -> CausalLM:
+        return CausalLM(chunk_size=train.loss_chunk_size)
+
+
+def task_head(task) -> HeadConfig | None:
+    """The task head a run of ``task`` trains (None: the LM head)."""
+    return task.head() if hasattr(task, "head") else None
+
+
+def task_pipeline(task, data: DataConfig, tokenizer, **placement):
+    """The data of a run of ``task`` (``placement``: process index and count, the model's vocab size)."""
+    return (task.pipeline if hasattr(task, "pipeline") else build_iterator)(data, tokenizer, **placement)
+
+
+def _num_labels(task, name: str) -> int:
+    """``num_labels``, or the number of ``label_names`` when it is left out; the two must agree (``name``: the
+    task's type, for the message)."""
+    names, n = task.label_names, task.num_labels
+    if n is None and names is None:
+        raise ConfigError(f"task {name}: give num_labels or label_names")
+    if n is not None and names is not None and n != len(names):
+        raise ConfigError(f"task {name}: num_labels {n} but {len(names)} label_names {list(names)}")
+    return len(names) if n is None else n
+
+
+@dataclass(frozen=True)
+class ClassifyTask:
+    """Sequence classification (transformers' ``*ForSequenceClassification``): a ``score`` head read at each
+    document's last token. ``problem_type`` as transformers: single-label (cross-entropy, ``class_weights``
+    optional), multi-label (BCE) or regression (MSE; the default for one label)."""
+
+    num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
+    problem_type: str | None = None
+    class_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        self.objective(None)  # the head and the objective check the labels, problem type and class weights
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("seq_cls", _num_labels(self, "classify"), self.label_names, self.problem_type)
+
+    def objective(self, train: TrainConfig) -> SequenceClassification:
+        return SequenceClassification(self.head().problem, self.head().num_labels, self.class_weights)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_task_iterator(data, tokenizer, self.head(), **placement)
+
+
+@dataclass(frozen=True)
+class TokenClassifyTask:
+    """Token classification (``*ForTokenClassification``): a ``score`` head with bias on every token, after
+    ``dropout`` in training; words labelled at their first sub-token (every sub-token with ``label_all_tokens``)."""
+
+    num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
+    label_all_tokens: bool = False
+    dropout: float = 0.1
+    class_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        self.head(), self.objective(None)  # they check the labels, dropout and class weights
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("token_cls", _num_labels(self, "token_classify"), self.label_names, dropout=self.dropout)
+
+    def objective(self, train: TrainConfig) -> TokenClassification:
+        return TokenClassification(self.head().num_labels, self.label_names, self.class_weights)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_task_iterator(data, tokenizer, self.head(), label_all_tokens=self.label_all_tokens, **placement)
+
+
+@dataclass(frozen=True)
+class QaTask:
+    """Extractive question answering (``*ForQuestionAnswering``): start and end logits from ``qa_outputs``;
+    contexts longer than a row are split into windows overlapping by ``doc_stride`` tokens; answers up to
+    ``max_answer_length`` tokens are predicted."""
+
+    doc_stride: int = field(default=128, metadata={"minimum": 0})
+    max_answer_length: int = field(default=30, metadata={"minimum": 1})
+
+    def __post_init__(self):
+        for name in ("doc_stride", "max_answer_length"):
+            minimum = self.__dataclass_fields__[name].metadata["minimum"]
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"task qa: {name} must be >= {minimum}, got {getattr(self, name)}")
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("qa", 2)
+
+    def objective(self, train: TrainConfig) -> QuestionAnswering:
+        return QuestionAnswering(self.max_answer_length)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_task_iterator(data, tokenizer, self.head(), doc_stride=self.doc_stride, **placement)
+
+
+def task_of(head: HeadConfig | None, **qa_windows):
+    """The task that trains (and evaluates) a model with this head, with the head's labels: what ``jaxft eval``
+    scores a model folder or adapter by. ``qa_windows``: a QA task's ``doc_stride`` and ``max_answer_length``."""
+    if head is None:
+        return SftTask()
+    if head.kind == "seq_cls":
+        return ClassifyTask(head.num_labels, head.labels, head.problem_type)
+    if head.kind == "token_cls":
+        return TokenClassifyTask(head.num_labels, head.labels, dropout=head.dropout)
+    return QaTask(**qa_windows)
