@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import datasets
+from jaxft.config import ConfigError
 from jaxft.data import DataConfig, DataError, DataReport
 from jaxft.data.chat import CHATML_TEMPLATE, IGNORE_INDEX
 from jaxft.data.preference import (IDENTICAL_PAIRS, KL_BASELINE, Lengths, build_preference_iterator,
@@ -181,6 +182,11 @@ def test_prompt_and_completion_limits_keep_the_prompts_end_and_the_completions_s
             assert (cut_labels != IGNORE_INDEX).sum() == min(3, len(completion))
 
 
+def test_prompt_and_completion_limits_must_be_positive():
+    with pytest.raises(ConfigError, match="max_completion_length must be >= 1"):
+        Lengths(64, max_completion_length=0)
+
+
 def test_over_length_pairs_drop_with_a_count_or_raise_naming_the_line(pairs, tmp_path):
     ours, _ = pairs["bpe"]
     records = [{"prompt": "hi", "chosen": " yes", "rejected": " no"},
@@ -189,6 +195,11 @@ def test_over_length_pairs_drop_with_a_count_or_raise_naming_the_line(pairs, tmp
     assert len(samples) == 1 and report.dropped["over-length sample (dropped)"] == 1
     with pytest.raises(DataError, match=r"data\.jsonl:2: over-length sample: prompt \+ completion is \d+ tokens"):
         _samples(tmp_path, ours, records, max_length=16, truncation="error")
+    path = _jsonl(tmp_path / "data.jsonl", records)
+    report = DataReport()
+    kept = tokenize_preference_records(read_preference_records(path, "pairs"), ours, None,
+                                       Lengths(16, "error"), skip_bad_records=True, report=report)
+    assert len(kept) == 1 and report.dropped["over-length sample"] == 1
 
 
 BAD_RECORDS = {

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxft.config import ConfigError
 from jaxft.data.chat import IGNORE_INDEX, Sample, check_token_ids, checked_pad_id, resolve_template
 from jaxft.data.config import DataConfig
 from jaxft.data.formats import DataError, DataReport, convert_records, string_field, validate_messages
@@ -175,6 +176,12 @@ class Lengths:
     truncation: str = "right"
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {value}")
 
 
 def _common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
@@ -312,10 +319,6 @@ def tokenize_preference_records(records: Sequence, tokenizer, template: str | No
     return samples
 
 
-def _is_conversational(record) -> bool:
-    return isinstance(record.prompt, list)
-
-
 def build_preference_iterator(config: DataConfig, tokenizer, *, kind: str, max_prompt_length: int | None = None,
                               max_completion_length: int | None = None, process_index: int = 0,
                               process_count: int = 1, vocab_size: int | None = None) -> DataPipeline:
@@ -329,7 +332,7 @@ def build_preference_iterator(config: DataConfig, tokenizer, *, kind: str, max_p
     report = DataReport()
     sources = [read_preference_records(path, kind, skip_bad_records=config.skip_bad_records, report=report)
                for path in config.paths]
-    has_chats = any(_is_conversational(record) for source in sources for record in source)
+    has_chats = any(isinstance(record.prompt, list) for source in sources for record in source)
     template = resolve_template(tokenizer, config.template) if has_chats else None
     lengths = Lengths(config.max_length, config.truncation, max_prompt_length, max_completion_length)
     shards = []
