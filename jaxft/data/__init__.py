@@ -4,6 +4,7 @@
 `formats.load_examples`, `cleaning.clean`, `chat.tokenize_examples`, `packing.best_fit_decreasing`,
 `iterator.PackedIterator`. Label convention and batch layout: see `jaxft.data.chat` and `jaxft.data.iterator`.
 Task-head data (classify, token_classify, qa): `build_task_iterator`, see `jaxft.data.tasks`.
+Preference data (reward models, the DPO family, KTO): `build_preference_iterator`, see `jaxft.data.preference`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from jaxft.data.formats import DataError, DataReport, Example, load_examples
 from jaxft.data.iterator import DataIterator, DataPipeline, PackedIterator, shard_indices
 from jaxft.data.mixture import mixture_plan
 from jaxft.data.packing import best_fit_decreasing
+from jaxft.data.preference import build_preference_iterator, read_preference_records, tokenize_preference_records
 from jaxft.data.tasks import (QaExample, QaFeature, TaskSamples, build_task_iterator, read_task_records,
                               tokenize_task_records)
 
@@ -22,7 +24,8 @@ __all__ = ["BUILTIN_TEMPLATES", "DataConfig", "DataError", "DataIterator", "Data
            "IGNORE_INDEX", "PackedIterator", "Sample", "best_fit_decreasing", "build_iterator", "check_token_ids",
            "clean", "load_examples",
            "mixture_plan", "resolve_template", "save_chat_template", "shard_indices", "tokenize_examples",
-           "QaExample", "QaFeature", "TaskSamples", "build_task_iterator", "read_task_records", "tokenize_task_records"]
+           "QaExample", "QaFeature", "TaskSamples", "build_task_iterator", "read_task_records", "tokenize_task_records",
+           "build_preference_iterator", "read_preference_records", "tokenize_preference_records"]
 
 
 def build_iterator(config: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1,

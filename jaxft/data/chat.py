@@ -85,12 +85,16 @@ class Sample:
 
     `extras`: task data's further per-token arrays (first axis = the tokens; `jaxft.data.tasks`), laid out as
     `[B, T, ...]` batch arrays by `rows_to_batch`. SFT samples have none.
+    `documents`: the lengths of the documents a sample is made of, when it is several that must share a row (a
+    preference pair: prompt + chosen, then prompt + rejected); each gets its own segment id and positions from 0.
+    None: the sample is one document.
     """
 
     input_ids: np.ndarray
     labels: np.ndarray
     source: str
     extras: dict[str, np.ndarray] | None = None
+    documents: tuple[int, ...] | None = None
 
 
 class TemplateError(ConfigError):

@@ -249,8 +249,10 @@ def _turn_role(turn: Any, role_key: str, roles: Sequence[str], where: str, locat
     return role
 
 
-def validate_messages(messages: Any, key: str, location: str) -> list[dict]:
-    """Check roles and contents; returns messages with `None` fields removed and text parts joined."""
+def validate_messages(messages: Any, key: str, location: str, *, require_assistant: bool = True) -> list[dict]:
+    """Check roles and contents; returns messages with `None` fields removed and text parts joined.
+
+    `require_assistant`: there must be an assistant turn to learn from (not for a preference record's prompt)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(location, f"bad {key!r}", f"expected a non-empty list of messages, got {messages!r:.80}")
     clean = []
@@ -264,7 +266,7 @@ def validate_messages(messages: Any, key: str, location: str) -> list[dict]:
         if role == "assistant" and not (content or "").strip() and not has_tool_calls:
             raise DataError(location, "empty assistant turn", f"{where} is an assistant message with no text")
         clean.append({**{k: v for k, v in message.items() if v is not None}, "content": content or ""})
-    if not any(m["role"] == "assistant" for m in clean):
+    if require_assistant and not any(m["role"] == "assistant" for m in clean):
         raise DataError(location, "no assistant turn",
                         f"{key} has roles {[m['role'] for m in clean]}; SFT needs an assistant message to learn from")
     return clean

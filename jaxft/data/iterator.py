@@ -95,6 +95,7 @@ class PackedIterator:
         for sample in self.samples:
             digest.update(sample.input_ids.tobytes())
             digest.update(sample.labels.tobytes())
+            digest.update(repr(sample.documents).encode())
             for key, value in sorted((sample.extras or {}).items()):
                 digest.update(key.encode())
                 digest.update(value.tobytes())

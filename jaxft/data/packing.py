@@ -111,7 +111,8 @@ def rows_to_batch(samples: Sequence[Sample], rows: Sequence[Sequence[int]], row_
                   layout: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> dict[str, np.ndarray]:
     """Lay out rows of sample indices as a batch of `[len(rows), row_length]` int32 arrays.
 
-    An empty row is all padding (segment 0, labels -100): it fills out the last batch of an epoch. Samples'
+    An empty row is all padding (segment 0, labels -100): it fills out the last batch of an epoch. A sample made of
+    several `documents` takes one segment id per document. Samples'
     `extras` become `[len(rows), row_length, ...]` arrays, 0 where no document is; `layout` (`extras_layout`
     of all samples) fixes their keys, else the samples in these rows decide.
     """
@@ -122,15 +123,17 @@ def rows_to_batch(samples: Sequence[Sample], rows: Sequence[Sequence[int]], row_
              "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
     batch.update({key: np.zeros(shape + tail, dtype) for key, (tail, dtype) in layout.items()})
     for r, row in enumerate(rows):
-        start = 0
-        for segment, index in enumerate(row, start=1):
+        start, segment = 0, 0
+        for index in row:
             sample = samples[index]
             end = start + len(sample.input_ids)
             batch["input_ids"][r, start:end] = sample.input_ids
             batch["labels"][r, start:end] = sample.labels
-            batch["segment_ids"][r, start:end] = segment
-            batch["positions"][r, start:end] = np.arange(end - start)
             for key in layout:
                 batch[key][r, start:end] = sample.extras[key]
-            start = end
+            for length in sample.documents or (end - start,):
+                segment += 1
+                batch["segment_ids"][r, start:start + length] = segment
+                batch["positions"][r, start:start + length] = np.arange(length)
+                start += length
     return batch
