@@ -29,7 +29,7 @@ from jaxft.models.llama import hidden_states
 _INPUT_KEYS = ("input_ids", "segment_ids", "positions")
 
 
-def _task_logits(cfg: ModelConfig, params: dict, batch: dict, kind: str, num_labels: int, rng=None,
+def task_logits(cfg: ModelConfig, params: dict, batch: dict, kind: str, num_labels: int, rng=None,
                  activation_sharding=None) -> jax.Array:
     """float32 [B, T, N]: the head on every token (``rng``: dropout of the body's adapters and of the head)."""
     head = cfg.head
@@ -168,14 +168,14 @@ class SequenceClassification:
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        logits = _task_logits(cfg, params, batch, "seq_cls", self.num_labels, rng, activation_sharding)
+        logits = task_logits(cfg, params, batch, "seq_cls", self.num_labels, rng, activation_sharding)
         return self._loss_sum(logits, batch)
 
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         """{loss_sum, loss_units, examples} and: single-label, the confusion matrix [N, N]; multi-label, per-label
         true/false positives and false negatives [N] at logit > 0 and the examples whose label set is exact;
         regression, the summed absolute error."""
-        logits = _task_logits(cfg, params, batch, "seq_cls", self.num_labels)
+        logits = task_logits(cfg, params, batch, "seq_cls", self.num_labels)
         labels = batch["labels"]
         scored = labels != IGNORE_INDEX
         sums = {"loss_sum": self._loss_sum(logits, batch), "loss_units": self.units(batch),
@@ -319,13 +319,13 @@ class TokenClassification:
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        logits = _task_logits(cfg, params, batch, "token_cls", self.num_labels, rng, activation_sharding)
+        logits = task_logits(cfg, params, batch, "token_cls", self.num_labels, rng, activation_sharding)
         return _weighted_cross_entropy(logits, batch["labels"], self.class_weights)
 
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         """{loss_sum, loss_units, tokens, confusion [N, N]} and, with an entity scheme, :func:`entity_counts` of
         the argmax predictions."""
-        logits = _task_logits(cfg, params, batch, "token_cls", self.num_labels)
+        logits = task_logits(cfg, params, batch, "token_cls", self.num_labels)
         labels, predicted = batch["labels"], jnp.argmax(logits, axis=-1)
         sums = {"loss_sum": _weighted_cross_entropy(logits, labels, self.class_weights),
                 "loss_units": self.units(batch), "tokens": jnp.sum(labels != IGNORE_INDEX, dtype=jnp.float32),
@@ -396,11 +396,11 @@ class QuestionAnswering:
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        return self._loss_sum(_task_logits(cfg, params, batch, "qa", 2, rng, activation_sharding), batch)
+        return self._loss_sum(task_logits(cfg, params, batch, "qa", 2, rng, activation_sharding), batch)
 
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         """{loss_sum, features, start_hits, end_hits}: a hit is a feature whose argmax token is its answer's."""
-        logits = _task_logits(cfg, params, batch, "qa", 2)
+        logits = task_logits(cfg, params, batch, "qa", 2)
         segments = batch["segment_ids"]
         return {"loss_sum": self._loss_sum(logits, batch), "features": self.units(batch),
                 "start_hits": _document_argmax_hits(logits[..., 0], batch["answer_start"], segments),
