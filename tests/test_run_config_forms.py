@@ -114,8 +114,8 @@ def test_changes_and_flat_keys_name_a_methods_keys_by_its_type(tmp_path):
 
 
 @pytest.mark.parametrize("section, says", [
-    ("task: {type: dpo}", "task.type: unknown task type 'dpo'; known types are ['classify', 'qa', 'sft', "
-                          "'token_classify']"),
+    ("task: {type: grpo}", "task.type: unknown task type 'grpo'; known types are ['classify', 'dpo', 'kto', "
+                           "'orpo', 'qa', 'reward', 'sft', 'simpo', 'token_classify']"),
     ("peft: [{type: ia3}]", "peft.0.type: unknown peft type 'ia3'; known types are ['head', 'lora']"),
     ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['head', 'lora']"),
     ("peft: [{type: lora}, {type: lora}]", "peft.1: a second lora entry"),

@@ -20,7 +20,8 @@ from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.head import HeadOnly
 from jaxft.peft.lora import LoraConfig
-from jaxft.recipes.tasks import ClassifyTask, QaTask, SftTask, TokenClassifyTask, task_head
+from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
+                                 TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
 
 METHODS = ("lora", "qlora", "full")  # the ``method:`` shorthand
@@ -29,7 +30,8 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 
 # What a run can be asked to do, and the fine-tuning methods it can stack: a next kind is one more entry.
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
-                                  "qa": QaTask}, default="sft")
+                                  "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
+                                  "simpo": SimpoTask, "kto": KtoTask}, default="sft")
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
 
 
@@ -84,8 +86,8 @@ class RunConfig:
     output_dir: str = field(metadata=PATH_FIELD)
     data: DataConfig
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
-    task: SftTask | ClassifyTask | TokenClassifyTask | QaTask = field(default_factory=SftTask,
-                                                                      metadata={"union": TASK_UNION})
+    task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
+           | KtoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
     peft: tuple[LoraConfig | HeadOnly, ...] | None = field(default=None, metadata={"union": PEFT_UNION})
     method: InitVar[str | None] = None
     dtype: str = "float32"
@@ -103,6 +105,10 @@ class RunConfig:
         object.__setattr__(self, "peft", peft)
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
+        if getattr(self.task, "reference_policy", False) and not peft:
+            raise ConfigError(f"task {TASK_UNION.type_of(self.task)!r} compares the policy with a reference policy, "
+                              "which jaxft takes as the same base with the adapters off; full fine-tuning (peft: []) "
+                              "has no adapters to switch off: add a peft method such as {type: lora}")
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")

@@ -8,14 +8,18 @@ pipeline (:func:`task_head`, :func:`task_pipeline`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from jaxft.config import ConfigError, HeadConfig
 from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
+from jaxft.data.preference import build_preference_iterator
 from jaxft.data.tasks import build_task_iterator
 from jaxft.train.head_objectives import QuestionAnswering, SequenceClassification, TokenClassification
+from jaxft.train.kto import KTO
 from jaxft.train.objectives import CausalLM
+from jaxft.train.pairwise import ORPO, RewardModel, SimPO
+from jaxft.train.preference import DPO
 
 if TYPE_CHECKING:
     from jaxft.recipes.config import TrainConfig
@@ -133,3 +137,89 @@ def task_of(head: HeadConfig | None, **qa_windows):
     if head.kind == "token_cls":
         return TokenClassifyTask(head.num_labels, head.labels, dropout=head.dropout)
     return QaTask(**qa_windows)
+
+
+@dataclass(frozen=True)
+class _PreferenceData:
+    """What preference tasks share: their records (``jaxft.data.preference``; pairs, or KTO's unpaired examples) and
+    TRL's prompt / completion length limits (tokens; None: only ``data.max_length``, per sequence)."""
+
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_preference_iterator(data, tokenizer, kind=self.record_kind,
+                                         max_prompt_length=self.max_prompt_length,
+                                         max_completion_length=self.max_completion_length, **placement)
+
+    record_kind: ClassVar[str] = "pairs"
+
+
+@dataclass(frozen=True)
+class RewardTask(_PreferenceData):
+    """A reward model (TRL's ``RewardTrainer``): a one-label ``score`` head trained with the Bradley–Terry loss on
+    pairs, ``-log σ(r_chosen − r_rejected − margin)``, plus ``center_rewards_coefficient`` · mean (r_c + r_r)²."""
+
+    center_rewards_coefficient: float | None = None
+
+    def head(self) -> HeadConfig:
+        return HeadConfig("seq_cls", 1)
+
+    def objective(self, train: TrainConfig) -> RewardModel:
+        return RewardModel(self.center_rewards_coefficient)
+
+
+@dataclass(frozen=True)
+class DpoTask(_PreferenceData):
+    """DPO and its variants (TRL's ``DPOTrainer`` loss types, a weighted list of several with ``loss_weights``),
+    against the reference policy: the same base with the adapters off."""
+
+    beta: float = 0.1
+    loss_type: tuple[str, ...] | str = "sigmoid"
+    reference_policy: ClassVar[bool] = True  # the base with the adapters off
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            object.__setattr__(self, "loss_type", (self.loss_type,))
+        self.objective(None)  # the objective checks the loss types, weights and smoothing
+
+    def objective(self, train: TrainConfig | None) -> DPO:
+        return DPO(self.loss_type, self.loss_weights, self.beta, self.label_smoothing,
+                   chunk_size=train.loss_chunk_size if train else 0)
+
+
+@dataclass(frozen=True)
+class OrpoTask(_PreferenceData):
+    """ORPO: the chosen completion's NLL plus β times the odds-ratio term; no reference policy."""
+
+    beta: float = 0.1
+
+    def objective(self, train: TrainConfig) -> ORPO:
+        return ORPO(self.beta, chunk_size=train.loss_chunk_size)
+
+
+@dataclass(frozen=True)
+class SimpoTask(_PreferenceData):
+    """SimPO: reference-free, length-normalized log-probs with a target margin γ = β · ``gamma_beta_ratio``."""
+
+    beta: float = 2.0
+    gamma_beta_ratio: float = 0.5
+
+    def objective(self, train: TrainConfig) -> SimPO:
+        return SimPO(self.beta, self.gamma_beta_ratio, chunk_size=train.loss_chunk_size)
+
+
+@dataclass(frozen=True)
+class KtoTask(_PreferenceData):
+    """KTO: unpaired examples labelled desirable or not, against the adapters-off reference and TRL's KL baseline."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    record_kind: ClassVar[str] = "kto"
+    reference_policy: ClassVar[bool] = True  # the base with the adapters off
+
+    def objective(self, train: TrainConfig) -> KTO:
+        return KTO(self.beta, self.desirable_weight, self.undesirable_weight, chunk_size=train.loss_chunk_size)

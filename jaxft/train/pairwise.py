@@ -23,15 +23,9 @@ from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
 from jaxft.models.heads import last_token_mask
 from jaxft.train.head_objectives import task_logits
-from jaxft.train.sequences import label_logprobs, pairs, segment_totals
+from jaxft.train.sequences import label_logprobs, pair_count, pairs, segment_totals
 
 _INPUT_KEYS = ("input_ids", "segment_ids", "positions")
-
-
-def pair_count(segment_ids: jax.Array) -> jax.Array:
-    """f32: the pairs in ``segment_ids`` [..., T] (any leading axes): the rejected documents, even segment ids."""
-    ids = segment_ids.reshape(-1, segment_ids.shape[-1])
-    return jnp.sum(last_token_mask(ids) & (ids % 2 == 0), dtype=jnp.float32)
 
 
 def _pair_means(values: jax.Array, counted: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

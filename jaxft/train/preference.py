@@ -23,7 +23,7 @@ from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
 from jaxft.peft.methods import without_methods
 from jaxft.train.loop import with_reference
-from jaxft.train.sequences import label_logprobs, pairs, segment_totals
+from jaxft.train.sequences import label_logprobs, pair_count, pairs, segment_totals
 
 
 class PairLogps(NamedTuple):
@@ -185,8 +185,8 @@ class DPO:
         return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=self.chunk_size)}
 
     def units(self, batches: dict) -> jax.Array:
-        """The number of pairs: every row holds whole pairs, numbered from segment 1."""
-        return jnp.sum(jnp.max(batches["segment_ids"], axis=-1) // 2).astype(jnp.float32)
+        """The number of pairs (TRL's loss is their mean)."""
+        return pair_count(batches["segment_ids"])
 
     def _pairs(self, cfg, params, batch, rng=None, activation_sharding=None) -> tuple[PairLogps, jax.Array]:
         logps = label_logprobs(cfg, params, batch, chunk_size=self.chunk_size, rng=rng,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
+from jaxft.models.heads import last_token_mask
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
 from jaxft.train.loss import token_logprobs
 
@@ -50,3 +51,9 @@ def pairs(totals: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = totals.shape[1]
     padded = jnp.pad(totals, ((0, 0), (0, 1)) + ((0, 0),) * (totals.ndim - 2))
     return padded[:, 1::2][:, :t // 2], padded[:, 2::2][:, :t // 2]
+
+
+def pair_count(segment_ids: jax.Array) -> jax.Array:
+    """f32: the pairs in ``segment_ids`` [..., T] (any leading axes): the rejected documents, even segment ids."""
+    ids = segment_ids.reshape(-1, segment_ids.shape[-1])
+    return jnp.sum(last_token_mask(ids) & (ids % 2 == 0), dtype=jnp.float32)
