@@ -128,6 +128,23 @@ def test_estimate_of_a_task_head_run_is_within_20_percent(medium_dir, task):
 
 
 @pytest.mark.slow
+def test_a_dpo_step_holds_one_copy_of_the_base_and_is_estimated_within_20_percent(medium_dir):
+    """The adapters-off reference is the same frozen base, its forward outside the gradient: the compiled DPO step
+    (rows of 2 x 128 tokens: a pair per row) needs no more than the SFT step on rows of 256 tokens, far less than
+    another copy of the weights would add."""
+    sft = _run_config(medium_dir, "lora")
+    dpo = _run_config(medium_dir, "lora", task={"type": "dpo"}, data={"max_length": 128})
+    assert dpo.row_length == sft.row_length == 256
+    compiled = {c: estimate.compiled_memory(cfg, MeshConfig(1, 1, 1), jax.devices()[:1])["peak"]
+                for c, cfg in (("sft", sft), ("dpo", dpo))}
+    base = estimate.estimate(dpo, (1, 1, 1)).frozen
+    print(f"compiled peak: DPO {compiled['dpo'] / 2**20:.2f} MiB, SFT {compiled['sft'] / 2**20:.2f} MiB, "
+          f"the frozen base {base / 2**20:.2f} MiB")
+    assert compiled["dpo"] - compiled["sft"] < 0.1 * base
+    assert 0.8 <= estimate.estimate(dpo, (1, 1, 1)).total / compiled["dpo"] <= 1.2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("heads, kv_heads, mesh", [(4, 2, (1, 1, 4)), (8, 2, (1, 1, 8))])
 def test_estimate_with_kv_heads_that_do_not_split_over_tensor_is_within_20_percent(tmp_path, heads, kv_heads, mesh):
     """Grouped-query attention whose K/V heads don't divide the tensor axis (TinyLlama's 4 on 8 ways): the query

@@ -50,7 +50,7 @@ from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
 from jaxft.recipes import skeleton
 from jaxft.recipes.config import RunConfig
-from jaxft.train.loop import init_state
+from jaxft.train.loop import init_state, with_reference
 from jaxft.train.loss import VOCAB_BLOCK
 from jaxft.train.objectives import batch_structs
 from jaxft.train.optim import HOST_MEMORY_KIND, make_optimizer
@@ -188,7 +188,7 @@ def estimate(cfg: RunConfig, mesh_shape: tuple[int, int, int], *, processes: int
         optimizer=0 if offload else opt_bytes,
         optimizer_host=opt_bytes if offload else 0,
         batch=sum(math.prod(x.shape) * 4 for x in batch_structs(  # int32 and float32
-            cfg.objective(), (cfg.train.grad_accum, local.rows, cfg.data.max_length)).values()),
+            cfg.objective(), (cfg.train.grad_accum, local.rows, cfg.row_length)).values()),
         grads=train_bytes * (2 if cfg.train.grad_accum > 1 else 1),
         activations=_activations(cfg, model_cfg, local, mesh, rules),
         update=update + (opt_bytes if offload else 0),
@@ -210,7 +210,7 @@ def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, pr
     rows = cfg.data.batch_size * processes
     batch = parallel.batch_sharding(mesh, 2, rules)
     try:
-        local_rows = batch.shard_shape((rows, cfg.data.max_length))[0]
+        local_rows = batch.shard_shape((rows, cfg.row_length))[0]
     except ValueError:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {processes} process(es) = {rows} rows do not "
                           f"split over the batch axes of mesh {tuple(mesh.shape.values())}; use a batch_size that "
@@ -284,10 +284,12 @@ def _residual_bytes(cfg: RunConfig, model_cfg: ModelConfig, local: _Local) -> in
     objective = cfg.objective()
     if hasattr(objective, "chunk_size"):  # the loss chunks its logits: as many rows per chunk as this device takes
         objective = dataclasses.replace(objective, chunk_size=local.chunk)
-    batch = batch_structs(objective, (local.rows, cfg.data.max_length))
+    batch = batch_structs(objective, (local.rows, cfg.row_length))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
     def pullback_leaves(trainable, frozen, batch, rng):
+        batch = with_reference(objective, model_cfg, combine(trainable, frozen), batch)  # outside the VJP, as the step
+
         def loss(t):
             return objective.loss_sum(model_cfg, combine(t, frozen), batch, rng)
         return jax.tree.leaves(jax.vjp(loss, trainable)[1])
@@ -307,7 +309,7 @@ def _layer_working_set(cfg: RunConfig, model_cfg: ModelConfig, local: _Local, me
     remat policy the layer's forward runs again first and its matmul inputs and outputs exist once more. QLoRA
     dequantizes the layer's kernels to the compute dtype; fsdp all-gathers the layer's weights.
     """
-    lc, b, t = local.model_cfg, local.rows, cfg.data.max_length
+    lc, b, t = local.model_cfg, local.rows, cfg.row_length
     itemsize = jnp.dtype(lc.dtype).itemsize
     q_width, kv_width = lc.num_attention_heads * lc.head_dim, lc.num_key_value_heads * lc.head_dim
     if lc.attention == "blockwise":
@@ -339,12 +341,12 @@ def _loss_working_set(cfg: RunConfig, local: _Local) -> int:
     outputs per token in place of the vocabulary's)."""
     lc = local.model_cfg
     if lc.head is not None:
-        return 2 * local.rows * cfg.data.max_length * lc.head.num_labels * F32
+        return 2 * local.rows * cfg.row_length * lc.head.num_labels * F32
     if local.chunk and not local.lm_head_lora:
         block = min(VOCAB_BLOCK, lc.vocab_size)
         # one block's logits, probabilities and cotangent, and the chunk's f32 hidden-state cotangent
         return local.chunk * (3 * block + lc.hidden_size) * F32
-    return 2 * local.rows * cfg.data.max_length * lc.vocab_size * F32  # softmax and d_logits of the full logits
+    return 2 * local.rows * cfg.row_length * lc.vocab_size * F32  # softmax and d_logits of the full logits
 
 
 def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None, rules=parallel.DEFAULT_RULES
@@ -367,7 +369,7 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
                                           state["opt_state"], on_host)
     step = jit_train_step(model_cfg, skeleton.step_config(cfg), optimizer, mesh, state, frozen, rules)
     rows = cfg.data.batch_size * jax.process_count()
-    batch = batch_structs(cfg.objective(), (cfg.train.grad_accum, rows, cfg.data.max_length))
+    batch = batch_structs(cfg.objective(), (cfg.train.grad_accum, rows, cfg.row_length))
     analysis = step.lower(state, frozen, batch).compile().memory_analysis()
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]

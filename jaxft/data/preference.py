@@ -51,6 +51,8 @@ from jaxft.data.formats import DataError, DataReport, convert_records, string_fi
 from jaxft.data.iterator import DataPipeline, PackedIterator, shard_indices
 
 KINDS = ("pairs", "kto")
+SEQUENCES_PER_UNIT = 2  # a pair (chosen, rejected), or a KTO example with its KL-baseline completion: one row holds
+                        # whole units, so rows are this many times data.max_length (TRL's per-sequence max_length)
 DESIRABLE, UNDESIRABLE, KL_BASELINE = 1, 2, 3  # `kto_label` values
 IDENTICAL_PAIRS = "pairs with identical chosen and rejected (kept)"
 
@@ -343,7 +345,7 @@ def build_preference_iterator(config: DataConfig, tokenizer, *, kind: str, max_p
             skip_bad_records=config.skip_bad_records, report=report))
         if vocab_size is not None:
             check_token_ids(shards[-1], vocab_size, tokenizer)
-    iterator = PackedIterator(shards, batch_size=config.batch_size, row_length=2 * config.max_length,
+    iterator = PackedIterator(shards, batch_size=config.batch_size, row_length=SEQUENCES_PER_UNIT * config.max_length,
                               packing=config.packing, weights=config.weights, seed=config.seed,
                               pad_id=checked_pad_id(tokenizer, vocab_size), process_index=process_index,
                               process_count=process_count)

@@ -158,6 +158,12 @@ class RunConfig:
         return self.task.objective(self.train)
 
     @property
+    def row_length(self) -> int:
+        """Tokens per batch row: ``data.max_length``, or a multiple of it when the task packs several sequences as one
+        unit (a preference pair's chosen and rejected)."""
+        return self.data.max_length * getattr(self.task, "sequences_per_row", 1)
+
+    @property
     def head(self) -> HeadConfig | None:
         """The task head this run trains (None: the LM head)."""
         return task_head(self.task)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 from jaxft.config import ConfigError, HeadConfig
 from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
-from jaxft.data.preference import build_preference_iterator
+from jaxft.data.preference import SEQUENCES_PER_UNIT, build_preference_iterator
 from jaxft.data.tasks import build_task_iterator
 from jaxft.train.head_objectives import QuestionAnswering, SequenceClassification, TokenClassification
 from jaxft.train.kto import KTO
@@ -153,6 +153,7 @@ class _PreferenceData:
                                          max_completion_length=self.max_completion_length, **placement)
 
     record_kind: ClassVar[str] = "pairs"
+    sequences_per_row: ClassVar[int] = SEQUENCES_PER_UNIT  # rows hold whole pairs: data.max_length per sequence
 
 
 @dataclass(frozen=True)
