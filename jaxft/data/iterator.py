@@ -95,7 +95,8 @@ class PackedIterator:
         for sample in self.samples:
             digest.update(sample.input_ids.tobytes())
             digest.update(sample.labels.tobytes())
-            digest.update(repr(sample.documents).encode())
+            if sample.documents is not None:  # absent from SFT samples, whose fingerprints stay as runs saved them
+                digest.update(repr(sample.documents).encode())
             for key, value in sorted((sample.extras or {}).items()):
                 digest.update(key.encode())
                 digest.update(value.tobytes())
