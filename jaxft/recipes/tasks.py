@@ -147,6 +147,9 @@ class _PreferenceData:
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
 
+    def __post_init__(self):
+        self.objective(None)  # the objective checks its settings (β, weights, loss types) when the config loads
+
     def pipeline(self, data: DataConfig, tokenizer, **placement):
         return build_preference_iterator(data, tokenizer, kind=self.record_kind,
                                          max_prompt_length=self.max_prompt_length,
@@ -154,6 +157,12 @@ class _PreferenceData:
 
     record_kind: ClassVar[str] = "pairs"
     sequences_per_row: ClassVar[int] = SEQUENCES_PER_UNIT  # rows hold whole pairs: data.max_length per sequence
+
+
+def _chunk_size(train: TrainConfig | None) -> int:
+    """The log-prob pass's tokens per chunk: the run's ``train.loss_chunk_size`` (0, full logits, when the objective
+    is only built to check its settings)."""
+    return train.loss_chunk_size if train is not None else 0
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ class RewardTask(_PreferenceData):
     def head(self) -> HeadConfig:
         return HeadConfig("seq_cls", 1)
 
-    def objective(self, train: TrainConfig) -> RewardModel:
+    def objective(self, train: TrainConfig | None) -> RewardModel:
         return RewardModel(self.center_rewards_coefficient)
 
 
@@ -177,18 +186,17 @@ class DpoTask(_PreferenceData):
 
     beta: float = 0.1
     loss_type: tuple[str, ...] | str = "sigmoid"
-    reference_policy: ClassVar[bool] = True  # the base with the adapters off
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
+    reference_policy: ClassVar[bool] = True  # the base with the adapters off
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             object.__setattr__(self, "loss_type", (self.loss_type,))
-        self.objective(None)  # the objective checks the loss types, weights and smoothing
+        super().__post_init__()
 
     def objective(self, train: TrainConfig | None) -> DPO:
-        return DPO(self.loss_type, self.loss_weights, self.beta, self.label_smoothing,
-                   chunk_size=train.loss_chunk_size if train else 0)
+        return DPO(self.loss_type, self.loss_weights, self.beta, self.label_smoothing, chunk_size=_chunk_size(train))
 
 
 @dataclass(frozen=True)
@@ -197,19 +205,21 @@ class OrpoTask(_PreferenceData):
 
     beta: float = 0.1
 
-    def objective(self, train: TrainConfig) -> ORPO:
-        return ORPO(self.beta, chunk_size=train.loss_chunk_size)
+    def objective(self, train: TrainConfig | None) -> ORPO:
+        return ORPO(self.beta, chunk_size=_chunk_size(train))
 
 
 @dataclass(frozen=True)
 class SimpoTask(_PreferenceData):
-    """SimPO: reference-free, length-normalized log-probs with a target margin γ = β · ``gamma_beta_ratio``."""
+    """SimPO: reference-free, length-normalized log-probs with a target margin γ = β · ``gamma_beta_ratio``; with
+    ``nll_weight`` (TRL CPO's ``cpo_alpha``) plus that times the chosen completion's NLL."""
 
     beta: float = 2.0
     gamma_beta_ratio: float = 0.5
+    nll_weight: float = 0.0
 
-    def objective(self, train: TrainConfig) -> SimPO:
-        return SimPO(self.beta, self.gamma_beta_ratio, chunk_size=train.loss_chunk_size)
+    def objective(self, train: TrainConfig | None) -> SimPO:
+        return SimPO(self.beta, self.gamma_beta_ratio, self.nll_weight, chunk_size=_chunk_size(train))
 
 
 @dataclass(frozen=True)
@@ -222,5 +232,5 @@ class KtoTask(_PreferenceData):
     record_kind: ClassVar[str] = "kto"
     reference_policy: ClassVar[bool] = True  # the base with the adapters off
 
-    def objective(self, train: TrainConfig) -> KTO:
-        return KTO(self.beta, self.desirable_weight, self.undesirable_weight, chunk_size=train.loss_chunk_size)
+    def objective(self, train: TrainConfig | None) -> KTO:
+        return KTO(self.beta, self.desirable_weight, self.undesirable_weight, chunk_size=_chunk_size(train))
