@@ -26,7 +26,7 @@ from jaxft.train.loop import StepConfig, init_state, train_step, with_reference
 from jaxft.train.sequences import label_logprobs
 from tests.hf_oracle import build, save
 
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(60)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: hf_oracle's pad, bos and eos ids

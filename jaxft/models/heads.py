@@ -44,14 +44,15 @@ def head_logits(cfg: ModelConfig, params: dict, h: jax.Array, rng=None) -> jax.A
 
 
 def token_logits(cfg: ModelConfig, params: dict, input_ids, positions=None, segment_ids=None, *, inputs_embeds=None,
-                 hooks: Hooks = Hooks(), rng=None) -> jax.Array:
+                 hooks: Hooks = Hooks(), rng=None, activation_sharding=None) -> jax.Array:
     """float32 [B, T, N]: the head on every token (token classification's logits; a QA head's [..., 0] are the
-    start logits and [..., 1] the end logits). Arguments as :func:`jaxft.models.llama.forward`."""
+    start logits and [..., 1] the end logits). Arguments as :func:`jaxft.models.llama.hidden_states`; ``rng``
+    (training) also gives the head its dropout."""
     input_ids, positions, segment_ids, inputs_embeds = check_inputs(input_ids, positions, segment_ids,
                                                                     "token_logits", inputs_embeds, cfg.hidden_size)
     body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
     h = hidden_states(cfg, params, input_ids, positions, segment_ids, inputs_embeds=inputs_embeds, hooks=hooks,
-                      rng=body_rng).hidden
+                      rng=body_rng, activation_sharding=activation_sharding).hidden
     return head_logits(cfg, params, h, head_rng)
 
 

@@ -23,8 +23,7 @@ import numpy as np
 from jaxft.config import PROBLEM_TYPES, ConfigError, ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
-from jaxft.models.heads import head_logits
-from jaxft.models.llama import hidden_states
+from jaxft.models.heads import token_logits
 
 _INPUT_KEYS = ("input_ids", "segment_ids", "positions")
 
@@ -37,10 +36,8 @@ def task_logits(cfg: ModelConfig, params: dict, batch: dict, kind: str, num_labe
         have = "no head (a causal LM)" if head is None else f"head {head.kind!r} with {head.num_labels} labels"
         raise ConfigError(f"the objective needs a {kind!r} head with {num_labels} labels, but the model has {have} "
                           f"(ModelConfig.head must match the task's num_labels)")
-    body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
-    h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                      rng=body_rng, activation_sharding=activation_sharding).hidden
-    return head_logits(cfg, params, h, head_rng)
+    return token_logits(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), rng=rng,
+                        activation_sharding=activation_sharding)
 
 
 def _checked_class_weights(weights, num_labels: int, owner: str) -> tuple[float, ...] | None:

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.formats import DataError
-from jaxft.peft.methods import without_methods
 from jaxft.train.loop import with_reference
-from jaxft.train.sequences import label_logprobs, segment_totals
+from jaxft.models.heads import last_token_mask
+from jaxft.train.sequences import adapters_off_logprobs, label_logprobs, segment_totals
 
 DESIRABLE, UNDESIRABLE, KL_BASELINE = 1, 2, 3  # kto_label values; 0 is padding
 
@@ -62,16 +62,14 @@ class KTO:
                 raise ConfigError(f"KTO: {name} must be >= 0, got {getattr(self, name)}")
 
     def reference(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
-        """The adapters-off policy's per-token log-probs of the labels (the train step stops their gradient)."""
-        return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=self.chunk_size)}
+        return adapters_off_logprobs(cfg, params, batch, chunk_size=self.chunk_size)
 
     def units(self, batches: dict) -> jax.Array:
-        """The desirable and undesirable examples: documents whose first token has kto_label 1 or 2."""
-        segments = batches["segment_ids"]
-        previous = jnp.pad(segments[..., :-1], [(0, 0)] * (segments.ndim - 1) + [(1, 0)], constant_values=-1)
-        starts = (segments != previous) & (segments != 0)
-        scored = (batches["kto_label"] == DESIRABLE) | (batches["kto_label"] == UNDESIRABLE)
-        return jnp.sum(starts & scored, dtype=jnp.int32).astype(jnp.float32)
+        """The desirable and undesirable examples: documents whose (last) token has kto_label 1 or 2."""
+        t = batches["segment_ids"].shape[-1]
+        last = last_token_mask(batches["segment_ids"].reshape(-1, t))
+        labels = batches["kto_label"].reshape(-1, t)
+        return jnp.sum(last & ((labels == DESIRABLE) | (labels == UNDESIRABLE)), dtype=jnp.int32).astype(jnp.float32)
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:

@@ -21,9 +21,8 @@ import jax.numpy as jnp
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
-from jaxft.peft.methods import without_methods
 from jaxft.train.loop import with_reference
-from jaxft.train.sequences import label_logprobs, pair_count, pairs, segment_totals
+from jaxft.train.sequences import adapters_off_logprobs, label_logprobs, pair_count, pairs, segment_totals
 
 
 class PairLogps(NamedTuple):
@@ -181,8 +180,7 @@ class DPO:
         object.__setattr__(self, "loss_weights", weights)
 
     def reference(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
-        """The adapters-off policy's per-token label log-probs [B, T]."""
-        return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=self.chunk_size)}
+        return adapters_off_logprobs(cfg, params, batch, chunk_size=self.chunk_size)
 
     def units(self, batches: dict) -> jax.Array:
         """The number of pairs (TRL's loss is their mean)."""

@@ -15,6 +15,7 @@ from jaxft.config import ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.models.heads import last_token_mask
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
+from jaxft.peft.methods import without_methods
 from jaxft.train.loss import token_logprobs
 
 
@@ -32,6 +33,13 @@ def label_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_size: i
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(labels != IGNORE_INDEX, picked, 0.0)
+
+
+def adapters_off_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_size: int) -> dict[str, jax.Array]:
+    """``{"ref_logps": [B, T]}``: the label log-probs of the reference policy that is the same base with every
+    adapter off (:func:`jaxft.peft.methods.without_methods`): what a preference objective's ``reference`` returns
+    (the train step stops its gradient, :func:`jaxft.train.loop.with_reference`)."""
+    return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=chunk_size)}
 
 
 def segment_totals(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
