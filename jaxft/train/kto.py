@@ -53,6 +53,8 @@ class KTO:
     chunk_size: int = 1024
     batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions", "kto_label")
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    step_metric_keys: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                                   "logps/chosen", "logps/rejected", "kl")
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -71,10 +73,25 @@ class KTO:
         labels = batches["kto_label"].reshape(-1, t)
         return jnp.sum(last & ((labels == DESIRABLE) | (labels == UNDESIRABLE)), dtype=jnp.int32).astype(jnp.float32)
 
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = self._sums(self._terms(cfg, params, batch, rng, activation_sharding))
+        return sums.pop("loss_sum"), sums
+
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        terms = self._terms(cfg, params, batch, rng, activation_sharding)
-        return jnp.sum(terms["losses"])
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        """TRL's logged KTO metrics of a train step: rewards and log-probs, means over the step's examples of each
+        kind (0 for a kind the step lacks), and kl, the mean of its micro-batches' KL baselines (TRL's mean over
+        its micro-steps)."""
+        chosen, rejected = (jnp.maximum(sums[k], 1.0) for k in ("n_chosen", "n_rejected"))
+        out = {"rewards/chosen": sums["rewards_chosen"] / chosen, "logps/chosen": sums["logps_chosen"] / chosen,
+               "rewards/rejected": sums["rewards_rejected"] / rejected,
+               "logps/rejected": sums["logps_rejected"] / rejected,
+               "kl": sums["kl_sum"] / jnp.maximum(sums["n_batches"], 1.0)}
+        return out | {"rewards/margins": out["rewards/chosen"] - out["rewards/rejected"]}
 
     def _terms(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None) -> dict:
         """Per document [B, T] (indexed by segment id): the policy's completion log-prob, the log-ratio, the
@@ -101,8 +118,10 @@ class KTO:
         """Sums over one held-out batch (its own KL baseline, as a train micro-batch): losses, example counts,
         rewards (β · log-ratio) and completion log-probs of the desirable and undesirable examples, and the
         batch's KL baseline with a batch count (TRL logs the KL per batch and averages the batches)."""
-        terms = self._terms(cfg, params, with_reference(self, cfg, params, batch))
+        return self._sums(self._terms(cfg, params, with_reference(self, cfg, params, batch)))
 
+    def _sums(self, terms: dict) -> dict[str, jax.Array]:
+        """The additive sums of one micro-batch's :meth:`_terms`, in training and evaluation."""
         def total(values, mask):
             return jnp.sum(jnp.where(mask, values, 0.0))
 

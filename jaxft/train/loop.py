@@ -31,12 +31,14 @@ class StepConfig:
 
 
 def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng, scale=1.0):
-    """Sum of per-micro-batch gradients of (loss sum / total units), scanned over the leading [A] axis.
+    """Sum of per-micro-batch gradients of (loss sum / total units), scanned over the leading [A] axis, and the
+    objective's metric sums (:func:`_loss_and_sums`) added over the micro-batches.
 
     The loss is multiplied by ``scale`` before differentiation (fp16 loss scaling) and the result divided again.
     """
     objective = step_cfg.objective
     total = jnp.maximum(objective.units(batches), 1.0)  # a batch without units gives loss 0, not 0 / 0
+    loss_and_sums = _loss_and_sums(objective)
 
     def micro(carry, xs):
         grads, loss = carry
@@ -44,17 +46,26 @@ def _accumulated_grads(cfg, step_cfg, trainable, frozen, batches, rng, scale=1.0
         batch = with_reference(objective, cfg, combine(trainable, frozen), batch)
 
         def loss_fn(t):
-            loss_sum = objective.loss_sum(cfg, combine(t, frozen), batch, key, step_cfg.activation_sharding)
-            return loss_sum / total * scale
+            loss_sum, sums = loss_and_sums(cfg, combine(t, frozen), batch, key, step_cfg.activation_sharding)
+            return loss_sum / total * scale, jax.lax.stop_gradient(sums)
 
-        value, g = jax.value_and_grad(loss_fn)(trainable)
-        return (jax.tree.map(jnp.add, grads, g), loss + value), None
+        (value, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return (jax.tree.map(jnp.add, grads, g), loss + value), sums
 
     n_micro = jax.tree.leaves(batches)[0].shape[0]
     keys = jax.random.split(rng, n_micro) if rng is not None else None
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
-    return jax.tree.map(lambda g: g / scale, grads), loss / scale, total
+    (grads, loss), sums = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
+    sums = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)  # [A] per micro-batch -> the whole batch's
+    return jax.tree.map(lambda g: g / scale, grads), loss / scale, total, sums
+
+
+def _loss_and_sums(objective):
+    """The objective's ``loss_and_sums`` (loss sum and metric sums of one forward pass), or its ``loss_sum`` with no
+    sums for an objective that reports no train metrics of its own."""
+    if hasattr(objective, "loss_and_sums"):
+        return objective.loss_and_sums
+    return lambda *args: (objective.loss_sum(*args), {})
 
 
 def with_reference(objective, cfg: ModelConfig, params: dict, batch: dict) -> dict:
@@ -79,8 +90,8 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
     """
     rng, step_rng = jax.random.split(state["rng"])
     scale = state.get("loss_scale", 1.0)
-    grads, loss, n_targets = _accumulated_grads(cfg, step_cfg, state["trainable"], frozen, batches, step_rng,
-                                                scale)
+    grads, loss, n_targets, sums = _accumulated_grads(cfg, step_cfg, state["trainable"], frozen, batches, step_rng,
+                                                      scale)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
@@ -92,6 +103,8 @@ def train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gradient
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
     metrics = {"loss": loss, "grad_norm": grad_norm, "n_targets": n_targets,  # the objective's units
                "skipped": (~finite).astype(jnp.int32)}
+    if sums:
+        metrics.update(step_cfg.objective.step_metrics(sums))
     if "loss_scale" in state:
         good = jnp.where(finite, state["good_steps"] + 1, 0)
         grow = good >= step_cfg.loss_scale_interval
@@ -120,9 +133,11 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: i
     return state
 
 
-def metric_names(state: dict) -> tuple[str, ...]:
-    """The metrics :func:`train_step` returns for ``state`` (each gets an output sharding under a mesh)."""
-    return ("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
+def metric_names(state: dict, objective: Objective) -> tuple[str, ...]:
+    """The metrics :func:`train_step` returns for ``state`` and ``objective`` (each gets an output sharding under a
+    mesh): the step's own, then the objective's ``step_metric_keys``."""
+    return (("loss", "grad_norm", "n_targets", "skipped") + (("loss_scale",) if "loss_scale" in state else ())
+            + tuple(getattr(objective, "step_metric_keys", ())))
 
 
 def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None, state=None, frozen=None,
@@ -145,6 +160,6 @@ def jit_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer, mesh=None,
     state_sh = parallel.state_shardings(state, mesh, rules)
     frozen_sh = parallel.param_shardings(frozen, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
-    metrics_sh = dict.fromkeys(metric_names(state), parallel.replicated(mesh))
+    metrics_sh = dict.fromkeys(metric_names(state, step_cfg.objective), parallel.replicated(mesh))
     return jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                    donate_argnums=(0,))

@@ -243,7 +243,8 @@ def jit_train_step(cfg: ModelConfig, step_cfg: loop.StepConfig, optimizer, mesh=
     consts_sh = _prefixed(parallel.param_shardings(_one_member(consts), mesh, rules), member_axes)
     base_sh = parallel.param_shardings(base, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, 3, rules, accumulation_axis=True)
-    metrics_sh = dict.fromkeys(loop.metric_names(state), NamedSharding(mesh, PartitionSpec(member_axes or None)))
+    metrics_sh = dict.fromkeys(loop.metric_names(state, step_cfg.objective),
+                               NamedSharding(mesh, PartitionSpec(member_axes or None)))
     return jax.jit(fn, in_shardings=(state_sh, consts_sh, base_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                    donate_argnums=(0,))
 

@@ -31,6 +31,10 @@ class Objective(Protocol):
     # optional: float_keys, {key: trailing dims} of the batch arrays that hold floats ([B, T, N] targets)
     # optional: reference(cfg, params, batch) -> {key: array} and reference_keys, the keys it returns: a reference
     # policy's quantities, added to each micro-batch outside the differentiated function (train.loop.with_reference)
+    # optional: the objective's own train metrics, from the forward pass of the loss: loss_and_sums(cfg, params,
+    # batch, rng, activation_sharding) -> (loss_sum, {name: f32 scalar sum}) of one micro-batch (the step adds the
+    # sums over micro-batches, without gradient), step_metrics(sums) -> {name: f32 scalar} of the added sums
+    # (traceable; divides once, guarded against a count of 0), and step_metric_keys, the names step_metrics returns
 
     def units(self, batches: dict) -> jax.Array:
         """f32 scalar: how many loss units ``batches`` holds (any leading axes); the step divides by it once."""

@@ -65,6 +65,7 @@ class RewardModel:
     center_rewards_coefficient: float | None = None
     batch_keys: ClassVar[tuple[str, ...]] = _INPUT_KEYS + ("margin",)
     float_keys: ClassVar[dict[str, tuple[int, ...]]] = {"margin": ()}
+    step_metric_keys: ClassVar[tuple[str, ...]] = ("accuracy", "margin", "mean_reward")
 
     def units(self, batches: dict) -> jax.Array:
         return pair_count(batches["segment_ids"])
@@ -88,17 +89,34 @@ class RewardModel:
             per_pair = per_pair + self.center_rewards_coefficient * jnp.square(r["chosen"] + r["rejected"])
         return jnp.sum(jnp.where(r["present"], per_pair, 0.0))
 
+    @staticmethod
+    def _pair_sums(r: dict) -> dict[str, jax.Array]:
+        """{pairs, correct (r_c > r_r), margin_sum (r_c − r_r), reward_sum (r_c + r_r)} over the pairs present."""
+        total = lambda x: jnp.sum(jnp.where(r["present"], x, 0.0), dtype=jnp.float32)  # noqa: E731
+        return {"pairs": jnp.sum(r["present"], dtype=jnp.float32),
+                "correct": total((r["chosen"] > r["rejected"]).astype(jnp.float32)),
+                "margin_sum": total(r["chosen"] - r["rejected"]), "reward_sum": total(r["chosen"] + r["rejected"])}
+
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        r = self.rewards(cfg, params, batch, rng, activation_sharding)
+        return self._loss_sum(r), self._pair_sums(r)
+
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
         return self._loss_sum(self.rewards(cfg, params, batch, rng, activation_sharding))
 
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        """TRL's RewardTrainer metrics of a train step: accuracy, margin (means over pairs), mean_reward (over
+        documents)."""
+        pairs = jnp.maximum(sums["pairs"], 1.0)
+        return {"accuracy": sums["correct"] / pairs, "margin": sums["margin_sum"] / pairs,
+                "mean_reward": sums["reward_sum"] / (2 * pairs)}
+
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         """{loss_sum, pairs, correct (r_c > r_r), margin_sum (r_c − r_r), reward_sum (r_c + r_r)}."""
-        r = self.rewards(cfg, params, batch)
-        total = lambda x: jnp.sum(jnp.where(r["present"], x, 0.0), dtype=jnp.float32)  # noqa: E731
-        return {"loss_sum": self._loss_sum(r), "pairs": pair_count(batch["segment_ids"]),
-                "correct": total((r["chosen"] > r["rejected"]).astype(jnp.float32)),
-                "margin_sum": total(r["chosen"] - r["rejected"]), "reward_sum": total(r["chosen"] + r["rejected"])}
+        loss_sum, sums = self.loss_and_sums(cfg, params, batch)
+        return {"loss_sum": loss_sum, **sums}
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         """loss per pair, TRL's accuracy (r_c > r_r) and margin (mean r_c − r_r), mean_reward (over documents)."""
@@ -143,6 +161,19 @@ def _preference_metrics(sums: dict, extra: dict[str, str] | None = None) -> dict
     return out | {"rewards/margins": out["rewards/chosen"] - out["rewards/rejected"]}
 
 
+def _preference_step_metrics(sums: dict, extra: dict[str, str] | None = None) -> dict[str, jax.Array]:
+    """The train step's counterpart of :func:`_preference_metrics` (traceable; the loss is the step's own): each a
+    mean over the step's pairs, 0 for a step without pairs."""
+    count = jnp.maximum(sums["pairs"], 1.0)
+    out = {metric: sums[key] / count for metric, key in (_PREFERENCE_METRICS | (extra or {})).items()
+           if metric != "loss"}
+    return out | {"rewards/margins": out["rewards/chosen"] - out["rewards/rejected"]}
+
+
+_PREFERENCE_STEP_KEYS = tuple(k for k in _PREFERENCE_METRICS if k != "loss") + ("rewards/margins",)
+_ORPO_METRICS = {"log_odds_ratio": "log_sigmoid_odds", "log_odds_chosen": "log_odds"}
+
+
 def _check_positive(owner: str, **values):
     for name, value in values.items():
         if not value > 0:
@@ -178,6 +209,7 @@ class ORPO:
     beta: float = 0.1
     chunk_size: int = 1024
     batch_keys: ClassVar[tuple[str, ...]] = _INPUT_KEYS + ("labels",)
+    step_metric_keys: ClassVar[tuple[str, ...]] = _PREFERENCE_STEP_KEYS + tuple(_ORPO_METRICS)
 
     def __post_init__(self):
         _check_positive("ORPO", beta=self.beta)
@@ -194,23 +226,32 @@ class ORPO:
         log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
         return stats["nll"] - self.beta * jax.nn.log_sigmoid(log_odds), log_odds, stats
 
-    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
-                 ) -> jax.Array:
-        per_pair, _, stats = self._terms(cfg, params, batch, rng, activation_sharding)
-        return jnp.sum(jnp.where(stats["present"], per_pair, 0.0))
-
-    def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
+    def _sums(self, per_pair: jax.Array, log_odds: jax.Array, stats: dict) -> dict[str, jax.Array]:
         """The shared preference sums and ORPO's log_odds (log odds) and log_sigmoid_odds (its log σ)."""
-        per_pair, log_odds, stats = self._terms(cfg, params, batch)
         total = lambda x: jnp.sum(jnp.where(stats["present"], x, 0.0))  # noqa: E731
         return _preference_sums(per_pair, stats, self.beta) | {
             "log_odds": total(log_odds), "log_sigmoid_odds": total(jax.nn.log_sigmoid(log_odds))}
+
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = self._sums(*self._terms(cfg, params, batch, rng, activation_sharding))
+        return sums.pop("loss_sum"), sums
+
+    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                 ) -> jax.Array:
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        return _preference_step_metrics(sums, _ORPO_METRICS)
+
+    def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
+        return self._sums(*self._terms(cfg, params, batch))
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         """TRL's ORPO metrics: loss, rewards/{chosen, rejected, accuracies, margins} (β · average log-prob),
         logps/{chosen, rejected} (average log-probs), nll_loss, log_odds_ratio (mean log σ(log odds)) and
         log_odds_chosen (mean log odds), each a mean over pairs."""
-        return _preference_metrics(sums, {"log_odds_ratio": "log_sigmoid_odds", "log_odds_chosen": "log_odds"})
+        return _preference_metrics(sums, _ORPO_METRICS)
 
 
 @dataclass(frozen=True)
@@ -230,6 +271,7 @@ class SimPO:
     nll_weight: float = 0.0
     chunk_size: int = 1024
     batch_keys: ClassVar[tuple[str, ...]] = _INPUT_KEYS + ("labels",)
+    step_metric_keys: ClassVar[tuple[str, ...]] = _PREFERENCE_STEP_KEYS
 
     def __post_init__(self):
         _check_positive("SimPO", beta=self.beta)
@@ -246,10 +288,17 @@ class SimPO:
         per_pair = -jax.nn.log_sigmoid(self.beta * (stats["chosen"] - stats["rejected"]) - gamma)
         return per_pair + self.nll_weight * stats["nll"], stats
 
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = _preference_sums(*self._terms(cfg, params, batch, rng, activation_sharding), self.beta)
+        return sums.pop("loss_sum"), sums
+
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        per_pair, stats = self._terms(cfg, params, batch, rng, activation_sharding)
-        return jnp.sum(jnp.where(stats["present"], per_pair, 0.0))
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        return _preference_step_metrics(sums)
 
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         return _preference_sums(*self._terms(cfg, params, batch), self.beta)

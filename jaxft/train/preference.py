@@ -158,6 +158,8 @@ class DPO:
     chunk_size: int = 1024
     batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions")
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    step_metric_keys: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                                   "rewards/margins", "logps/chosen", "logps/rejected")
 
     def __post_init__(self):
         types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)
@@ -191,15 +193,9 @@ class DPO:
                                activation_sharding=activation_sharding)
         return pair_logps(logps, batch["ref_logps"], batch)
 
-    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
-                 ) -> jax.Array:
-        p, real = self._pairs(cfg, params, batch, rng, activation_sharding)
-        losses = weighted_loss(p, self.loss_types, self.loss_weights, self.beta, self.label_smoothing)
-        return jnp.sum(jnp.where(real, losses, 0.0))
-
-    def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
-        """Sums over the batch's pairs of the loss, TRL's rewards and log-probs, and the pair count."""
-        p, real = self._pairs(cfg, params, with_reference(self, cfg, params, batch))
+    def _pair_sums(self, p: PairLogps, real: jax.Array) -> dict[str, jax.Array]:
+        """Sums over the real pairs of the loss, TRL's rewards and log-probs, and the pair count: one home for each
+        metric's formula, in training and evaluation."""
         chosen, rejected = rewards(p, self.beta)
         per_pair = {"loss": weighted_loss(p, self.loss_types, self.loss_weights, self.beta, self.label_smoothing),
                     "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
@@ -207,6 +203,23 @@ class DPO:
                     "logps/chosen": p.chosen, "logps/rejected": p.rejected}
         sums = {k: jnp.sum(jnp.where(real, v, 0.0)) for k, v in per_pair.items()}
         return {**sums, "pairs": jnp.sum(real, dtype=jnp.float32)}
+
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = self._pair_sums(*self._pairs(cfg, params, batch, rng, activation_sharding))
+        return sums.pop("loss"), sums
+
+    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                 ) -> jax.Array:
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        """TRL's logged DPO metrics of a train step, each a mean over the step's pairs."""
+        return {k: sums[k] / jnp.maximum(sums["pairs"], 1.0) for k in self.step_metric_keys}
+
+    def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
+        """Sums over the batch's pairs of the loss, TRL's rewards and log-probs, and the pair count."""
+        return self._pair_sums(*self._pairs(cfg, params, with_reference(self, cfg, params, batch)))
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         """TRL's DPO metrics, each a mean over the held-out pairs, and the pair count."""
