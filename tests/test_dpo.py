@@ -248,3 +248,23 @@ def test_cdpo_label_smoothing_is_the_papers_formula():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DPO(**kwargs)
+
+
+@pytest.mark.parametrize("reference,case", [("adapters_off", CASES[0]), ("separate", CASES[2])],
+                         ids=["sigmoid-adapters_off", "ipo-separate"])
+def test_train_step_metrics_are_trls(setup, reference, case):
+    """Every DPO metric TRL logs at a train step (its ``_metrics["train"]`` after ``_compute_loss`` of the batch),
+    from a jaxft step accumulating 2 micro-batches of 4 pairs and 1 pair: means over all 5 pairs, divided once."""
+    trainer = setup["trainers"][reference]
+    _trl(trainer, setup["inputs"], *case)
+    expected = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    batch = _with_reference(setup, reference)
+    empty_row = {k: jnp.full_like(v[:1], IGNORE_INDEX if k == "labels" else 0) for k, v in batch.items()}
+    micro_batches = {k: jnp.concatenate([v, empty_row[k]]).reshape(2, 2, -1) for k, v in batch.items()}
+    trainable, frozen = jaxft.split(setup["params"], jaxft.Trainable())
+    opt = optax.sgd(0.0)
+    _, metrics = jit_train_step(setup["cfg"], StepConfig(objective=_objective(*case)), opt)(
+        init_state(jax.tree.map(jnp.copy, trainable), opt), frozen, micro_batches)
+    assert float(metrics["n_targets"]) == len(RECORDS)
+    for key in DPO.step_metric_keys:
+        np.testing.assert_allclose(float(metrics[key]), expected[key], atol=1e-5, rtol=0, err_msg=key)

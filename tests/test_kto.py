@@ -229,3 +229,24 @@ def test_units_count_examples_not_baseline_documents_or_padding():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         KTO(**bad)
+
+
+def test_train_step_metrics_are_trls(setup):
+    """TRL's logged KTO metrics of each micro-step, from jaxft's accumulated step over the same 2 micro-batches:
+    rewards and log-probs divided once by the step's examples of each kind (TRL's per-micro-step means weighted by
+    their counts), kl the mean of the micro-batches' KL baselines (TRL's mean over its micro-steps)."""
+    trainer = setup["trainers"]["adapters_off"]
+    micro_batches = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    _, trl_metrics, _ = _trl_step(trainer, micro_batches)
+    metrics = _jaxft_step(setup, OBJECTIVE, _jaxft_batch(trainer.train_dataset, micro_batches))
+    counts = {"chosen": [sum(LABELS[i] for i in rows) for rows in micro_batches]}
+    counts["rejected"] = [len(rows) - n for rows, n in zip(micro_batches, counts["chosen"])]
+    expected = {"kl": np.mean(trl_metrics["kl"])}
+    for kind, n in counts.items():
+        assert min(n) != max(n), "equal counts would not tell one division from a mean of micro-step means"
+        for name in (f"rewards/{kind}", f"logps/{kind}"):
+            expected[name] = np.dot(trl_metrics[name], n) / sum(n)
+    expected["rewards/margins"] = expected["rewards/chosen"] - expected["rewards/rejected"]
+    assert set(expected) == set(KTO.step_metric_keys)
+    for name, value in expected.items():
+        np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -73,14 +73,20 @@ def _micro_batches(batch: dict, keys) -> dict:
     return {k: jnp.asarray(batch[k]).reshape(2, -1, batch[k].shape[-1]) for k in keys}
 
 
-def _step(objective, cfg, params, batch) -> tuple[float, float]:
-    """The train step's loss and gradient norm, full fine-tuning (A = 2 micro-batches with 3 and 2 pairs: the step
-    divides by all 5 pairs once); the pair slots past a row's last pair give no NaN gradient."""
+def _step_metrics(objective, cfg, params, batch) -> dict:
+    """The train step's metrics, full fine-tuning (A = 2 micro-batches with 3 and 2 pairs: the step divides by all
+    5 pairs once); the pair slots past a row's last pair give no NaN gradient."""
     trainable, frozen = split(params, Trainable(everything=True))
     state = init_state(trainable, optax.sgd(0.0))
     _, metrics = train_step(cfg, StepConfig(objective=objective), optax.sgd(0.0), state, frozen,
                             _micro_batches(batch, objective.batch_keys))
     assert not metrics["skipped"]
+    return metrics
+
+
+def _step(objective, cfg, params, batch) -> tuple[float, float]:
+    """The train step's loss and gradient norm (:func:`_step_metrics`)."""
+    metrics = _step_metrics(objective, cfg, params, batch)
     return float(metrics["loss"]), float(metrics["grad_norm"])
 
 
@@ -143,6 +149,31 @@ def test_reward_model_loss_and_metrics_match_trl_reward_trainer(reward_model, to
     for name in ("accuracy", "margin", "mean_reward"):
         _close(metrics[name], trl_metrics[name], name)
     _close(metrics["loss"], trl_loss, "eval loss")
+
+
+def test_reward_model_train_step_metrics_are_reward_trainers(reward_model, tokenizer_folder, tmp_path):
+    """RewardTrainer's logged accuracy, margin and mean_reward of a training batch (margins and centering on), from
+    jaxft's step over 2 micro-batches of 3 and 2 pairs: means over all 5 pairs (rewards: over all 10 documents)."""
+    model, cfg, params = reward_model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    records = [{"chosen": p + c, "rejected": p + r, "margin": m}
+               for p, c, r, m in zip(PROMPTS, CHOSEN, REJECTED, MARGINS)]
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, center_rewards_coefficient=0.1,
+                        **TRL_ARGS)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(records),
+                            processing_class=tokenizer)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(inputs))
+    model.eval()
+    expected = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy().astype(bool)
+    documents = [[doc for k in row for doc in ({"ids": ids[k][mask[k]], "margin": inputs["margin"][k].item()},
+                                               {"ids": ids[5 + k][mask[5 + k]]})] for row in ROWS]
+    metrics = _step_metrics(RewardModel(center_rewards_coefficient=0.1), cfg, params, _pack(documents))
+    for name in RewardModel.step_metric_keys:
+        _close(float(metrics[name]), expected[name], name)
 
 
 def test_reward_model_needs_a_one_label_score_head(reward_model):
@@ -261,3 +292,20 @@ def test_pair_objectives_refuse_a_bad_beta():
         ORPO(beta=0.0)
     with pytest.raises(ConfigError, match="SimPO: gamma_beta_ratio and nll_weight"):
         SimPO(gamma_beta_ratio=-1.0)
+
+
+@pytest.mark.parametrize("objective,trainer_class,config_class,config", [
+    (ORPO(beta=0.25, chunk_size=4), ORPOTrainer, ORPOConfig, dict(beta=0.25)),
+    (SimPO(beta=2.0, gamma_beta_ratio=0.3, nll_weight=1.0, chunk_size=0), CPOTrainer, CPOConfig,
+     dict(loss_type="simpo", beta=2.0, simpo_gamma=0.6, cpo_alpha=1.0))], ids=["orpo", "simpo"])
+def test_orpo_and_simpo_train_step_metrics_are_trls(causal_lm, tokenizer_folder, tmp_path, objective, trainer_class,
+                                                    config_class, config):
+    """TRL's metrics (means over its one-pair batches: over the pairs) from jaxft's step over 2 micro-batches of 3
+    and 2 pairs, divided once."""
+    model, cfg, params = causal_lm
+    trainer, batches = _trl_pair_batches(trainer_class, config_class, model, tokenizer_folder, tmp_path, **config)
+    _, _, trl_metrics, documents = _trl_means(trainer, model, batches)
+    metrics = _step_metrics(objective, cfg, params, _pack([[doc for k in row for doc in documents[k]]
+                                                           for row in ROWS]))
+    for name in objective.step_metric_keys:
+        _close(float(metrics[name]), trl_metrics[name], name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import struct
 import sys
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, TrainConfig
 from jaxft.recipes.tasks import DpoTask, KtoTask, OrpoTask, RewardTask, SimpoTask
+from jaxft.train.metrics import read_metrics
 from jaxft.train.optim import OptimConfig
+from jaxft.train.preference import DPO
 from sft_worker import make_base, train_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -54,6 +57,20 @@ def test_dpo_starts_at_log_2_against_the_adapters_off_reference_and_reports_trls
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= summary["eval"].keys()
     assert summary["eval"]["pairs"] == 24  # every pair of the eval file, once
     assert json.loads((Path(summary["export"]) / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_dpo_run_logs_trls_step_metrics_and_draws_them(setup):
+    """Every train record of metrics.jsonl holds the step's DPO metrics (TRL's names), and curves.png has the
+    preference panel beside loss and learning rate: 3 panels of 5 inches at 100 dpi."""
+    summary, _ = _run(setup, DpoTask(beta=0.1))
+    out = Path(summary["export"]).parent
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for record in train:
+        assert set(DPO.step_metric_keys) <= record.keys() and 0 <= record["rewards/accuracies"] <= 1
+    assert train[0]["rewards/margins"] == 0 and train[-1]["rewards/margins"] > 0  # the adapters start as the reference
+    width, height = struct.unpack(">II", (out / "curves.png").read_bytes()[16:24])  # the PNG header's IHDR size
+    assert (width, height) == (1500, 400)
 
 
 def test_kto_starts_at_one_half(setup):
