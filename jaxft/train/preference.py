@@ -117,9 +117,17 @@ def sigmoid_norm_loss(p: PairLogps, beta: float, smoothing: float) -> jax.Array:
     return -jax.nn.log_sigmoid(beta * p.length_normalized_delta())
 
 
+def sft_loss(p: PairLogps, beta: float, smoothing: float) -> jax.Array:
+    """TRL's ``sft``: the NLL of the chosen completions, a mean over every chosen token of the batch, the same for
+    each pair (``[sigmoid, sft]`` is RPO: DPO that keeps the chosen replies likely). Pair slots without a pair hold
+    zeros, so sums over all of ``p`` are sums over the pairs."""
+    nll = -jnp.sum(p.chosen) / jnp.maximum(jnp.sum(p.chosen_length), 1.0)
+    return jnp.broadcast_to(nll, p.chosen.shape)
+
+
 LOSSES = {"sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "exo_pair": exo_pair_loss,
           "nca_pair": nca_pair_loss, "robust": robust_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
-          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "sigmoid_norm": sigmoid_norm_loss}
+          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "sigmoid_norm": sigmoid_norm_loss, "sft": sft_loss}
 
 
 def weighted_loss(p: PairLogps, loss_types, loss_weights, beta: float, smoothing: float) -> jax.Array:
