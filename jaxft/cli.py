@@ -151,7 +151,7 @@ def _eval(args) -> int:
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None, skip_bad_records=args.skip_bad_records)
     task = preference_scores.eval_task(args.task, cfg.head, data.paths, has_adapter=args.adapter is not None,
-                                       settings={"beta": args.beta, "loss_type": args.loss_type},
+                                       settings={"beta": args.beta, "loss_type": args.loss_type and tuple(args.loss_type)},
                                        doc_stride=args.doc_stride, max_answer_length=args.max_answer_length)
     preference = isinstance(task, tuple(preference_scores.PREFERENCE_TASKS.values()))
     if args.exact_match and (cfg.head is not None or preference):
