@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
-from jaxft.data.formats import DataError
 from jaxft.train.loop import with_reference
-from jaxft.train.sequences import adapters_off_logprobs, label_logprobs, pair_count, pairs, segment_totals
+from jaxft.train.sequences import (adapters_off_logprobs, evaluated_pairs, label_logprobs, pair_count, pair_slots,
+                                   pairs, segment_totals)
 
 
 class PairLogps(NamedTuple):
@@ -146,10 +146,8 @@ def pair_logps(logps: jax.Array, ref_logps: jax.Array, batch: dict) -> tuple[Pai
     labelled = (batch["labels"] != IGNORE_INDEX).astype(jnp.float32)
     totals = segment_totals(jnp.stack([logps, ref_logps, labelled], axis=-1), batch["segment_ids"])
     chosen, rejected = pairs(totals)
-    n_pairs = jnp.max(batch["segment_ids"], axis=-1) // 2
-    real = jnp.arange(chosen.shape[1])[None, :] < n_pairs[:, None]
     return PairLogps(chosen[..., 0], rejected[..., 0], chosen[..., 1], rejected[..., 1], chosen[..., 2],
-                     rejected[..., 2]), real
+                     rejected[..., 2]), pair_slots(batch["segment_ids"])
 
 
 @dataclass(frozen=True)
@@ -190,6 +188,13 @@ class DPO:
     def reference(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         return adapters_off_logprobs(cfg, params, batch, chunk_size=self.chunk_size)
 
+    def document_rewards(self, cfg: ModelConfig, params: dict, batch: dict) -> jax.Array:
+        """[B, T]: TRL's implicit reward β · log-ratio (policy minus reference log-prob) of each document's
+        completion, at index s for segment s (``jaxft eval --scores``)."""
+        batch = with_reference(self, cfg, params, batch)
+        logps = label_logprobs(cfg, params, batch, chunk_size=self.chunk_size)
+        return self.beta * segment_totals(logps - batch["ref_logps"], batch["segment_ids"])
+
     def units(self, batches: dict) -> jax.Array:
         """The number of pairs (TRL's loss is their mean)."""
         return pair_count(batches["segment_ids"])
@@ -218,7 +223,5 @@ class DPO:
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         """TRL's DPO metrics, each a mean over the held-out pairs, and the pair count."""
-        n_pairs = int(sums["pairs"])
-        if n_pairs == 0:
-            raise DataError("evaluate", "no pairs", "the held-out batches contain no preference pairs (empty split)")
+        n_pairs = evaluated_pairs(sums)
         return {**{k: float(v) / n_pairs for k, v in sums.items() if k != "pairs"}, "pairs": n_pairs}
