@@ -155,15 +155,24 @@ class DPO:
     """TRL's ``DPOTrainer`` loss: ``loss_types`` (TRL's ``loss_type`` list, :data:`LOSSES`) weighted by
     ``loss_weights`` (default 1 each), with β = ``beta`` and ``label_smoothing`` (cDPO for ``sigmoid``, the flip
     rate for ``robust``, EXO's ε for ``exo_pair``). ``chunk_size``: tokens per chunk of the log-prob pass (0: full
-    logits). Units are pairs: the step's loss is the mean over the batch's pairs, as TRL's."""
+    logits). ``precomputed_reference``: the batches carry the reference's ``ref_logps``. Units are pairs: the step's
+    loss is the mean over the batch's pairs, as TRL's."""
 
     loss_types: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
     chunk_size: int = 1024
-    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions")
+    precomputed_reference: bool = False  # the data carries ref_logps (jaxft.train.reference): no reference pass
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("input_ids", "labels", "segment_ids", "positions") + self.reference_keys * self.precomputed_reference
+
+    @property
+    def float_keys(self) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(self.reference_keys * self.precomputed_reference, ())
 
     def __post_init__(self):
         types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)
