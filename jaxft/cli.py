@@ -134,27 +134,43 @@ def _eval(args) -> int:
     causal LM on SFT data (the formats train reads: chat messages, prompt/completion, text): mean cross-entropy of
     the target tokens (assistant turns for chats), perplexity, and token accuracy (argmax = label, teacher-forced).
     A sequence classifier: accuracy and macro-F1 (or the multi-label / regression metrics); a token classifier:
-    token accuracy and seqeval's entity-level F1 (BIO labels); a QA head: SQuAD's exact match and F1. Prints JSON.
+    token accuracy and seqeval's entity-level F1 (BIO labels); a QA head: SQuAD's exact match and F1. Preference
+    data (``--task``, or pairs given to a one-label sequence classifier: a reward model): the objective's metrics,
+    and with ``--scores`` every record's rewards (``jaxft.recipes.preference_scores``). Prints JSON.
     """
     import jaxft
     from jaxft.config import ConfigError
     from jaxft.data import DataConfig
-    from jaxft.recipes.tasks import task_of
+    from jaxft.recipes import preference_scores
     from jaxft.recipes.scoring import chat_exact_match, data_metrics, task_scores
 
+    if args.scores:
+        preference_scores.check_scores_file(args.scores, args.overwrite, args.data)
     cfg, params = _load(args.model, args.adapter, args.quant)
     tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
-                      batch_size=args.batch_size, dedup=None)
-    task = task_of(cfg.head, doc_stride=args.doc_stride, max_answer_length=args.max_answer_length)
-    if args.exact_match and cfg.head is not None:
-        raise ConfigError(f"--exact-match scores generated chat replies; this model has a {cfg.head.kind} head")
+                      batch_size=args.batch_size, dedup=None, skip_bad_records=args.skip_bad_records)
+    task = preference_scores.eval_task(args.task, cfg.head, data.paths, has_adapter=args.adapter is not None,
+                                       settings={"beta": args.beta, "loss_type": args.loss_type and tuple(args.loss_type)},
+                                       doc_stride=args.doc_stride, max_answer_length=args.max_answer_length)
+    preference = isinstance(task, tuple(preference_scores.PREFERENCE_TASKS.values()))
+    if args.exact_match and (cfg.head is not None or preference):
+        raise ConfigError("--exact-match scores generated chat replies on SFT chat data; "
+                          + (f"this model has a {cfg.head.kind} head" if cfg.head else "this data is preference data"))
+    if args.scores and not preference:
+        raise ConfigError("--scores writes the rewards of preference data's records (--task reward or dpo)")
     with _template_flag("--template"):
-        result = data_metrics(cfg, params, tokenizer, data, task)
-        result.update(task_scores(task, cfg, params, tokenizer, data))
+        if preference:
+            result, lines = preference_scores.preference_eval(task, cfg, params, tokenizer, data,
+                                                              scores=bool(args.scores))
+        else:
+            result = data_metrics(cfg, params, tokenizer, data, task)
+            result.update(task_scores(task, cfg, params, tokenizer, data))
         if args.exact_match:
             result.update(chat_exact_match(cfg, params, tokenizer, data, args.exact_match))
-    if _main_process():  # every process evaluated the whole data; one JSON on stdout
+    if _main_process():  # every process evaluated the whole data; one JSON on stdout, one scores file
+        if args.scores:
+            preference_scores.write_scores(args.scores, lines)
         print(json.dumps(result, indent=2, default=float))
     return 0
 
@@ -314,8 +330,8 @@ def _sweep_command(sub):
 def _eval_command(sub):
     """``jaxft eval``'s arguments."""
     p = _command(sub, "eval", _eval, help="held-out metrics of a model (+ adapter) on data, as its head says",
-                 epilog="example: jaxft eval BASE --adapter runs/demo-cpu/adapter --quant nf4 "
-                 "--data jaxft-demo/data/eval.jsonl")
+                 epilog="examples: jaxft eval BASE --adapter runs/demo-cpu/adapter --quant nf4 "
+                 "--data jaxft-demo/data/eval.jsonl; jaxft eval REWARD_MODEL --data pairs.jsonl --scores scores.jsonl")
     p.add_argument("model", help="HF model folder (the base)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply (e.g. a run's output_dir/adapter)")
     p.add_argument("--quant", choices=["nf4", "fp4"], help="load the base in 4 bits (as QLoRA trained it)")
@@ -330,6 +346,20 @@ def _eval_command(sub):
                    "of a long context share (as task.doc_stride)")
     p.add_argument("--max-answer-length", type=_at_least(1), default=30, metavar="N", help="a QA head: the longest "
                    "answer predicted, in tokens")
+    p.add_argument("--task", metavar="TASK", help="preference data: reward, dpo, orpo, simpo or kto, the "
+                   "objective whose metrics to report (default: pairs given to a one-label sequence classifier are "
+                   "a reward model's); dpo and kto need --adapter (their reference is the base with it off); "
+                   "--max-length is then tokens per sequence (prompt + one completion)")
+    p.add_argument("--beta", type=float, help="dpo, orpo, simpo, kto: the objective's beta (default: the task's)")
+    p.add_argument("--loss-type", nargs="+", metavar="TYPE", help="dpo: TRL's loss type(s), e.g. sigmoid, ipo, "
+                   "hinge (default: sigmoid)")
+    p.add_argument("--scores", metavar="OUT.jsonl", help="--task reward or dpo: also write every record's rewards, "
+                   "one JSON line per record in input order: {line, chosen, rejected} for a pair, {line, score} for "
+                   "a single completion (prompt/completion, messages or text records); a record dropped by "
+                   "truncation or --skip-bad-records gets no line (dropped_records counts them)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --scores file")
+    p.add_argument("--skip-bad-records", action="store_true", help="drop (and count) bad records instead of "
+                   "stopping at the first")
 
 
 def _demo_command(sub):

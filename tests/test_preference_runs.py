@@ -17,7 +17,7 @@ import pytest
 from jaxft.config import ConfigError
 from jaxft.data.config import DataConfig
 from jaxft.peft.lora import LoraConfig
-from jaxft.recipes import sft
+from jaxft.recipes import demo, sft
 from jaxft.recipes.config import RunConfig, TrainConfig
 from jaxft.recipes.tasks import DpoTask, KtoTask, OrpoTask, RewardTask, SimpoTask
 from jaxft.train.metrics import read_metrics
@@ -26,7 +26,7 @@ from jaxft.train.preference import DPO
 from sft_worker import make_base, train_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import preference  # noqa: E402  (the example's pairs: the right answer against a near miss)
+import preference  # noqa: E402  (the example's pairs: the right answer against the model's wrong one)
 
 RUN_NUMBERS = itertools.count()
 
@@ -35,7 +35,9 @@ RUN_NUMBERS = itertools.count()
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("preference")
     rng = np.random.default_rng(0)
-    pairs = [preference.pair(rng, tuple(int(d) for d in rng.integers(0, 10, 4))) for _ in range(24)]
+    problems = [tuple(int(d) for d in rng.integers(0, 10, 4)) for _ in range(24)]
+    echoes = [(demo.words(p), True) for p in problems]  # a model that repeats the digits: wrong in every one
+    pairs = preference.on_policy_pairs(problems, echoes)
     files = {"pairs": preference.write_jsonl(root / "pairs.jsonl", pairs),
              "kto": preference.write_jsonl(root / "kto.jsonl", [r for p in pairs for r in preference.unpaired(p)])}
     return make_base(root / "base"), files, root

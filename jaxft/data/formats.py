@@ -174,6 +174,14 @@ def _load_with_datasets(path: Path):
     return datasets.load_dataset(builder, data_files=str(path), split="train")
 
 
+def record_number(location: str) -> int:
+    """The 1-based number of the record at a `read_records` location: its JSONL line, its CSV / parquet / dataset
+    row, its place in a JSON array."""
+    if location.endswith("]"):
+        return int(location[location.rindex("[") + 1:-1]) + 1
+    return int(location.rsplit(" ", 1)[-1].rsplit(":", 1)[-1])
+
+
 def read_records(path: str | Path, on_error=_raise) -> Iterator[tuple[str, Any]]:
     """Yield `(location, record)` for each record of a JSON/JSONL/CSV/parquet file or `save_to_disk` folder.
 

@@ -18,6 +18,7 @@ next epoch starts with a new order. Processes of a multi-host run hold disjoint 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -88,6 +89,16 @@ class PackedIterator:
         self.epoch, self.batch_index = 0, 0
         self._rows: list[list[int]] | None = None
         self.epoch_stats: dict = {}
+
+    def add_extras(self, key: str, values: Sequence[np.ndarray]) -> None:
+        """Give every sample (in ``self.samples`` order) the per-token array ``values[i]`` as its extra ``key``:
+        arrays derived from the samples after they were read (a precomputed reference's log-probs), so the
+        fingerprint stays the data's and saved positions still resume."""
+        if len(values) != len(self.samples):
+            raise ValueError(f"extras {key!r}: {len(values)} arrays for {len(self.samples)} samples")
+        self.samples = [dataclasses.replace(s, extras={**(s.extras or {}), key: v})
+                        for s, v in zip(self.samples, values)]
+        self.extras_layout = extras_layout(self.samples)
 
     def _fingerprint(self) -> str:
         """Identifies the data and settings a state belongs to, so a mismatched resume fails loudly."""

@@ -8,6 +8,7 @@ names the file and line or row):
 | `pairs` | `prompt`, `chosen`, `rejected`: three strings or three message lists; optional `margin` (number)    |
 | `pairs` | implicit prompt: `chosen`, `rejected` conversations that start with the same messages (the prompt)  |
 | `kto`   | `prompt`, `completion` (two strings or two message lists), `label`: true (desirable) or false      |
+| `completions` | scored alone (`jaxft eval --scores`): `prompt` + `completion`, `messages`, or `text` |
 
 The implicit prompt is TRL's `maybe_extract_prompt`: used when a record has no `prompt`, or a string prompt beside
 conversational completions; the prompt is the messages both conversations start with, the completions the rest.
@@ -47,10 +48,11 @@ import numpy as np
 from jaxft.config import ConfigError
 from jaxft.data.chat import IGNORE_INDEX, Sample, check_token_ids, checked_pad_id, resolve_template
 from jaxft.data.config import DataConfig
-from jaxft.data.formats import DataError, DataReport, convert_records, string_field, validate_messages
+from jaxft.data.formats import (DataError, DataReport, convert_records, read_records, string_field,
+                                validate_messages)
 from jaxft.data.iterator import DataPipeline, PackedIterator, shard_indices
 
-KINDS = ("pairs", "kto")
+KINDS = ("pairs", "kto", "completions")
 SEQUENCES_PER_UNIT = 2  # a pair (chosen, rejected), or a KTO example with its KL-baseline completion: one row holds
                         # whole units, so rows are this many times data.max_length (TRL's per-sequence max_length)
 DESIRABLE, UNDESIRABLE, KL_BASELINE = 1, 2, 3  # `kto_label` values
@@ -78,6 +80,15 @@ class UnpairedRecord:
     prompt: str | list[dict]
     completion: str | list[dict]
     desirable: bool
+
+
+@dataclass(frozen=True, eq=False)
+class CompletionRecord:
+    """One completion to score (a reward model ranking samples): a prompt and the completion, strings or messages."""
+
+    source: str
+    prompt: str | list[dict]
+    completion: str | list[dict]
 
 
 def _completion(record: Mapping, key: str, location: str) -> str | list[dict]:
@@ -152,9 +163,33 @@ def _unpaired_record(record: Mapping, location: str) -> UnpairedRecord:
     return UnpairedRecord(location, prompt, completion, label)
 
 
+def _completion_record(record: Mapping, location: str) -> CompletionRecord:
+    """`prompt` + `completion`; a chat's turns before its last assistant turn + the rest; or `text` alone."""
+    if record.get("messages") is not None:
+        messages = validate_messages(record["messages"], "messages", location)
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        return CompletionRecord(location, messages[:last], messages[last:])
+    if record.get("completion") is None and record.get("text") is not None:
+        return CompletionRecord(location, "", _completion(record, "text", location))
+    completion = _completion(record, "completion", location)
+    return CompletionRecord(location, _prompt(record, location, isinstance(completion, list)), completion)
+
+
+def record_kind(path) -> str:
+    """The kind of preference data the first record of ``path`` is: `pairs` (it has `chosen`), `kto` (a boolean
+    `label` beside a `completion`), else `completions`."""
+    _, first = next(iter(read_records(path)), (None, None))
+    if isinstance(first, Mapping) and "chosen" in first:
+        return "pairs"
+    if isinstance(first, Mapping) and isinstance(first.get("label"), bool) and "completion" in first:
+        return "kto"
+    return "completions"
+
+
 def read_preference_records(path, kind: str, *, skip_bad_records: bool = False,
                             report: DataReport | None = None) -> list:
-    """The records of one file (`PreferenceRecord` for `pairs`, `UnpairedRecord` for `kto`), checked.
+    """The records of one file (`PreferenceRecord` for `pairs`, `UnpairedRecord` for `kto`, `CompletionRecord`
+    for `completions`), checked.
 
     Missing fields, empty completions, mixed string and message forms, an implicit prompt that is not a shared
     prefix, a bad margin or label raise a DataError naming file and line, or with `skip_bad_records` are counted
@@ -163,8 +198,8 @@ def read_preference_records(path, kind: str, *, skip_bad_records: bool = False,
     if kind not in KINDS:
         raise ValueError(f"preference data kind {kind!r} is unknown; expected one of {KINDS}")
     report = report if report is not None else DataReport()
-    convert = (lambda record, location: _pair_record(record, location, report)) if kind == "pairs" \
-        else _unpaired_record
+    convert = {"pairs": lambda record, location: _pair_record(record, location, report), "kto": _unpaired_record,
+               "completions": _completion_record}[kind]
     return convert_records(path, convert, skip_bad_records=skip_bad_records, report=report)
 
 
@@ -262,6 +297,15 @@ def _pair_sample(record: PreferenceRecord, tokenizer, template, lengths: Lengths
     return _unit(sequences, record.source, [{"margin": np.float32(record.margin)}, {"margin": np.float32(0.0)}])
 
 
+def _completion_sample(record: CompletionRecord, tokenizer, template, lengths: Lengths,
+                       report: DataReport) -> Sample | None:
+    prompt_ids, completions = split_ids(tokenizer, template, record.prompt, [record.completion])
+    fitted = _fitted(prompt_ids, completions, lengths, record.source, report)
+    if fitted is None:
+        return None
+    return _unit([_sequence(fitted[0], fitted[1][0], lengths, record.source)], record.source, [{}])
+
+
 def _guarded(step, skip_bad_records: bool, report: DataReport):
     """`step()`, or with `skip_bad_records` None for a DataError it raises (counted in `report`)."""
     try:
@@ -304,7 +348,8 @@ def tokenize_preference_records(records: Sequence, tokenizer, template: str | No
                                 batch_size: int = 1, skip_bad_records: bool = False,
                                 report: DataReport | None = None) -> list[Sample]:
     """Packing units of one file's records (`read_preference_records`): a pair per `PreferenceRecord`, an example
-    with its KL baseline per `UnpairedRecord` (`batch_size`: the runs the KL completions rotate within).
+    with its KL baseline per `UnpairedRecord` (`batch_size`: the runs the KL completions rotate within), one
+    document per `CompletionRecord`.
 
     Conversational records need `template` source (`resolve_template`). Over-length records with truncation
     `error`, and records left without a completion token to score, raise a DataError naming their line, or with
@@ -314,22 +359,23 @@ def tokenize_preference_records(records: Sequence, tokenizer, template: str | No
     if records and isinstance(records[0], UnpairedRecord):
         samples = _kto_samples(records, tokenizer, template, lengths, batch_size, skip_bad_records, report)
     else:
-        samples = [_guarded(lambda: _pair_sample(record, tokenizer, template, lengths, report), skip_bad_records,
+        sample_of = _completion_sample if records and isinstance(records[0], CompletionRecord) else _pair_sample
+        samples = [_guarded(lambda: sample_of(record, tokenizer, template, lengths, report), skip_bad_records,
                             report) for record in records]
         samples = [sample for sample in samples if sample is not None]
     report.kept["tokenized samples"] += len(samples)
     return samples
 
 
-def build_preference_iterator(config: DataConfig, tokenizer, *, kind: str, max_prompt_length: int | None = None,
-                              max_completion_length: int | None = None, process_index: int = 0,
-                              process_count: int = 1, vocab_size: int | None = None) -> DataPipeline:
-    """Read, shard, tokenize and pack the preference data of `config.paths` (`kind`: `pairs` or `kto`) for one
-    process, like `build_task_iterator`: rows of `2 * config.max_length` tokens (see the module docstring).
+def preference_samples(config: DataConfig, tokenizer, *, kind: str, max_prompt_length: int | None = None,
+                       max_completion_length: int | None = None, process_index: int = 0, process_count: int = 1,
+                       vocab_size: int | None = None) -> tuple[list[list[Sample]], DataReport, str | None]:
+    """(one list of packing units per file of `config.paths`, in record order; the data report; the chat template
+    source, None without conversational records): this process's share of the preference data of `kind`.
 
     `config.template` renders conversational records (default: the tokenizer's template); `config.format`, `loss`
     and the cleaning settings are SFT's and do not apply. With the model's `vocab_size`, token ids without an
-    embedding row are a DataError before any batch is made.
+    embedding row are a DataError.
     """
     report = DataReport()
     sources = [read_preference_records(path, kind, skip_bad_records=config.skip_bad_records, report=report)
@@ -345,6 +391,18 @@ def build_preference_iterator(config: DataConfig, tokenizer, *, kind: str, max_p
             skip_bad_records=config.skip_bad_records, report=report))
         if vocab_size is not None:
             check_token_ids(shards[-1], vocab_size, tokenizer)
+    return shards, report, template
+
+
+def build_preference_iterator(config: DataConfig, tokenizer, *, kind: str, max_prompt_length: int | None = None,
+                              max_completion_length: int | None = None, process_index: int = 0,
+                              process_count: int = 1, vocab_size: int | None = None) -> DataPipeline:
+    """Read, shard, tokenize and pack the preference data of `config.paths` (`kind`: `pairs` or `kto`) for one
+    process (:func:`preference_samples`), like `build_task_iterator`: rows of `2 * config.max_length` tokens (see
+    the module docstring). Token ids without an embedding row are a DataError before any batch is made."""
+    shards, report, template = preference_samples(
+        config, tokenizer, kind=kind, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+        process_index=process_index, process_count=process_count, vocab_size=vocab_size)
     iterator = PackedIterator(shards, batch_size=config.batch_size, row_length=SEQUENCES_PER_UNIT * config.max_length,
                               packing=config.packing, weights=config.weights, seed=config.seed,
                               pad_id=checked_pad_id(tokenizer, vocab_size), process_index=process_index,

@@ -105,10 +105,12 @@ class RunConfig:
         object.__setattr__(self, "peft", peft)
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
-        if getattr(self.task, "reference_policy", False) and not peft:
+        if getattr(self.task, "reference_policy", False) and not peft and not self.task.precomputed_reference:
             raise ConfigError(f"task {TASK_UNION.type_of(self.task)!r} compares the policy with a reference policy, "
-                              "which jaxft takes as the same base with the adapters off; full fine-tuning (peft: []) "
-                              "has no adapters to switch off: add a peft method such as {type: lora}")
+                              "by default the same base with the adapters off; full fine-tuning (peft: []) has no "
+                              "adapters to switch off: set task.precompute_reference: true (the initial weights, "
+                              "log-probs computed before training) or task.reference_model: <model folder>, or add a "
+                              "peft method such as {type: lora}")
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")

@@ -154,15 +154,20 @@ def build_base(folder: Path, cfg: DemoConfig, log=print) -> Path:
     return folder
 
 
-def exact_match(model_cfg, params, tokenizer, test: list[tuple[int, ...]]) -> tuple[float, list[str]]:
-    """Share of problems whose greedy answer (up to the end-of-turn token) is exactly right."""
-    prompts = [tokenizer.apply_chat_template(chat(p)[:1], add_generation_prompt=True) for p in test]
+def greedy_replies(model_cfg, params, tokenizer, problems: list[tuple[int, ...]]) -> list[tuple[str, bool]]:
+    """(text, finished) of the greedy reply to each problem: the text up to the end-of-turn token, and whether the
+    reply reached that token within the answer's budget of new tokens."""
+    prompts = [tokenizer.apply_chat_template(chat(p)[:1], add_generation_prompt=True) for p in problems]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     outputs = generate(model_cfg, params, prompts, max_new_tokens=10, stop_token_ids=[end])
+    return [(tokenizer.decode([t for t in out if t != end]).strip(), bool(out) and out[-1] == end) for out in outputs]
+
+
+def exact_match(model_cfg, params, tokenizer, test: list[tuple[int, ...]]) -> tuple[float, list[str]]:
+    """Share of problems whose greedy answer (up to the end-of-turn token) is exactly right."""
     hits, samples = 0, []
-    for p, out in zip(test, outputs):
-        text = tokenizer.decode([t for t in out if t != end]).strip()
-        ok = text == words(answer(p)) and bool(out) and out[-1] == end
+    for p, (text, finished) in zip(test, greedy_replies(model_cfg, params, tokenizer, test)):
+        ok = finished and text == words(answer(p))
         hits += ok
         samples.append(f"increment {words(p)}  ->  {text!r}  {'ok' if ok else 'WRONG'}")
     return hits / len(test), samples

@@ -12,6 +12,7 @@ import jax
 
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
+from jaxft.recipes.reference import precompute_reference, use_reference
 from jaxft.recipes.scoring import task_scores
 from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, finished_summary, last_logged,
                                     load_inputs, load_model, next_batches, publish, restore_checkpoint,
@@ -33,12 +34,17 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     if resumed and resumed.finished:
         return finished_summary(cfg, out, resumed)
     inputs = load_inputs(cfg)
-    model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
-    state, frozen, step_fn, n_trainable, _ = train_state(cfg, model_cfg, params, inputs.mesh)
     base = base_reference(cfg.model)
+    # a separate reference model's pass runs before the policy loads: the two are never in memory together
+    reference = precompute_reference(cfg, inputs, out, base, resume=resumed is not None)
+    model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
+    reference = reference or precompute_reference(cfg, inputs, out, base, resume=resumed is not None,
+                                                  policy=(model_cfg, params))
+    state, frozen, step_fn, n_trainable, _ = train_state(cfg, model_cfg, params, inputs.mesh)
     if resumed and resumed.step is not None:
         state = restore_checkpoint(cfg, out, state, inputs.pipeline.iterator, base)
     write_run_dir(cfg, out, resumed, overwrite)
+    use_reference(reference, inputs, out)
     tc = cfg.train
     checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
     start = int(state["step"])

@@ -8,6 +8,7 @@ pipeline (:func:`task_head`, :func:`task_pipeline`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from jaxft.config import ConfigError, HeadConfig
@@ -166,6 +167,30 @@ def _chunk_size(train: TrainConfig | None) -> int:
 
 
 @dataclass(frozen=True)
+class _ReferencePolicy(_PreferenceData):
+    """What the tasks that compare the policy with a reference policy share: which reference. By default the same
+    base with the adapters off, evaluated in each step; ``reference_model`` (a HF model folder, loaded as the run's
+    base) or ``precompute_reference`` (the adapters-off base, or the initial weights of a full fine-tuning run):
+    log-probs computed once before training and cached in the run folder (:mod:`jaxft.recipes.reference`)."""
+
+    reference_model: str | None = None
+    precompute_reference: bool = False
+    reference_policy: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if self.reference_model is not None and not (Path(self.reference_model) / "config.json").is_file():
+            raise ConfigError(f"task: reference_model {self.reference_model!r} is not a Hugging Face model "
+                              "folder (no config.json there); point it at a folder with config.json and "
+                              "*.safetensors, or leave it out for the adapters-off reference")
+        super().__post_init__()
+
+    @property
+    def precomputed_reference(self) -> bool:
+        """The reference's log-probs are computed before training (a separate model is always precomputed)."""
+        return self.precompute_reference or self.reference_model is not None
+
+
+@dataclass(frozen=True)
 class RewardTask(_PreferenceData):
     """A reward model (TRL's ``RewardTrainer``): a one-label ``score`` head trained with the Bradley–Terry loss on
     pairs, ``-log σ(r_chosen − r_rejected − margin)``, plus ``center_rewards_coefficient`` · mean (r_c + r_r)²."""
@@ -180,15 +205,14 @@ class RewardTask(_PreferenceData):
 
 
 @dataclass(frozen=True)
-class DpoTask(_PreferenceData):
+class DpoTask(_ReferencePolicy):
     """DPO and its variants (TRL's ``DPOTrainer`` loss types, a weighted list of several with ``loss_weights``),
-    against the reference policy: the same base with the adapters off."""
+    against the reference policy (:class:`_ReferencePolicy`)."""
 
     beta: float = 0.1
     loss_type: tuple[str, ...] | str = "sigmoid"
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
-    reference_policy: ClassVar[bool] = True  # the base with the adapters off
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
@@ -196,7 +220,8 @@ class DpoTask(_PreferenceData):
         super().__post_init__()
 
     def objective(self, train: TrainConfig | None) -> DPO:
-        return DPO(self.loss_type, self.loss_weights, self.beta, self.label_smoothing, chunk_size=_chunk_size(train))
+        return DPO(self.loss_type, self.loss_weights, self.beta, self.label_smoothing, chunk_size=_chunk_size(train),
+                   precomputed_reference=self.precomputed_reference)
 
 
 @dataclass(frozen=True)
@@ -223,14 +248,15 @@ class SimpoTask(_PreferenceData):
 
 
 @dataclass(frozen=True)
-class KtoTask(_PreferenceData):
-    """KTO: unpaired examples labelled desirable or not, against the adapters-off reference and TRL's KL baseline."""
+class KtoTask(_ReferencePolicy):
+    """KTO: unpaired examples labelled desirable or not, against the reference policy (:class:`_ReferencePolicy`)
+    and TRL's KL baseline."""
 
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     record_kind: ClassVar[str] = "kto"
-    reference_policy: ClassVar[bool] = True  # the base with the adapters off
 
     def objective(self, train: TrainConfig | None) -> KTO:
-        return KTO(self.beta, self.desirable_weight, self.undesirable_weight, chunk_size=_chunk_size(train))
+        return KTO(self.beta, self.desirable_weight, self.undesirable_weight, chunk_size=_chunk_size(train),
+                   precomputed_reference=self.precomputed_reference)

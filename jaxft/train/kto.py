@@ -42,8 +42,8 @@ class KTO:
     micro-batches hold equally many examples (TRL's always do). A micro-batch without KL-baseline documents has
     z = 0 (TRL's ``calculate_KL=False``).
 
-    The reference: the same weights with every adapter off (:func:`reference`), or ``ref_logps`` [B, T] per-token
-    log-probs of a separate reference model already in the batch.
+    The reference: the same weights with every adapter off (:func:`reference`), or ``ref_logps`` [B, T] already in
+    the batch (``precomputed_reference``, :mod:`jaxft.train.reference`; only their sums per document count).
     ``chunk_size``: tokens per chunk of the log-prob pass (0: full logits).
     """
 
@@ -51,10 +51,19 @@ class KTO:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     chunk_size: int = 1024
-    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions", "kto_label")
+    precomputed_reference: bool = False  # the data carries ref_logps (jaxft.train.reference): no reference pass
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
     step_metric_keys: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/margins",
                                                    "logps/chosen", "logps/rejected", "kl")
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("input_ids", "labels", "segment_ids", "positions", "kto_label") + (
+            self.reference_keys * self.precomputed_reference)
+
+    @property
+    def float_keys(self) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(self.reference_keys * self.precomputed_reference, ())
 
     def __post_init__(self):
         if not self.beta > 0:

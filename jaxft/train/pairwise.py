@@ -20,10 +20,10 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
-from jaxft.data.formats import DataError
 from jaxft.models.heads import last_token_mask
 from jaxft.train.head_objectives import task_logits
-from jaxft.train.sequences import label_logprobs, pair_count, pairs, segment_totals
+from jaxft.train.sequences import (evaluated_pairs, label_logprobs, pair_count, pair_slots, pairs,
+                                   segment_totals)
 
 _INPUT_KEYS = ("input_ids", "segment_ids", "positions")
 
@@ -36,22 +36,9 @@ def _pair_means(values: jax.Array, counted: jax.Array, segment_ids: jax.Array) -
     return sums[0] / jnp.maximum(counts[0], 1.0), sums[1] / jnp.maximum(counts[1], 1.0)
 
 
-def _pair_slots(segment_ids: jax.Array) -> jax.Array:
-    """[B, T // 2] bool: pair slot k of the row holds a pair (its rejected document, segment 2k + 2, is there)."""
-    return pairs(segment_totals((segment_ids != 0).astype(jnp.float32), segment_ids))[1] > 0
-
-
-def _count(sums: dict) -> int:
-    count = int(sums["pairs"])
-    if count == 0:
-        raise DataError("evaluate", "no pairs", "the held-out batches contain no preference pairs (empty split, or "
-                        "rows without a chosen / rejected pair)")
-    return count
-
-
 def _mean_metrics(sums: dict, names: dict[str, str]) -> dict[str, float]:
     """{metric: sums[key] / pairs} for ``names`` {metric: key of sums}, and the pair count."""
-    count = _count(sums)
+    count = evaluated_pairs(sums)
     return {"pairs": count, **{metric: float(sums[key]) / count for metric, key in names.items()}}
 
 
@@ -71,17 +58,23 @@ class RewardModel:
         return pair_count(batches["segment_ids"])
 
     @staticmethod
+    def document_rewards(cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                         ) -> jax.Array:
+        """[B, T]: each document's reward r (the head at its last token), at index s for segment s."""
+        segment_ids = batch["segment_ids"]
+        logits = task_logits(cfg, params, batch, "seq_cls", 1, rng, activation_sharding)
+        return segment_totals(jnp.where(last_token_mask(segment_ids), logits[..., 0], 0.0), segment_ids)
+
+    @staticmethod
     def rewards(cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None) -> dict:
         """{chosen, rejected, margin, present} [B, T // 2]: the pairs' rewards, margins and which slots hold one."""
         segment_ids = batch["segment_ids"]
         last = last_token_mask(segment_ids)
-        logits = task_logits(cfg, params, batch, "seq_cls", 1, rng, activation_sharding)
-        scores = jnp.where(last, logits[..., 0], 0.0)
-        chosen, rejected = pairs(segment_totals(scores, segment_ids))
+        chosen, rejected = pairs(RewardModel.document_rewards(cfg, params, batch, rng, activation_sharding))
         margin = batch.get("margin")
         margin = jnp.zeros_like(chosen) if margin is None else pairs(segment_totals(
             jnp.where(last, margin.astype(jnp.float32), 0.0), segment_ids))[0]
-        return {"chosen": chosen, "rejected": rejected, "margin": margin, "present": _pair_slots(segment_ids)}
+        return {"chosen": chosen, "rejected": rejected, "margin": margin, "present": pair_slots(segment_ids)}
 
     def _loss_sum(self, r: dict) -> jax.Array:
         per_pair = -jax.nn.log_sigmoid(r["chosen"] - r["rejected"] - r["margin"])
@@ -191,7 +184,7 @@ def _completion_stats(cfg: ModelConfig, params: dict, batch: dict, nll_targets: 
                            activation_sharding=activation_sharding)
     chosen, rejected = _pair_means(logps, batch["labels"] != IGNORE_INDEX, segment_ids)
     nll = -_pair_means(logps, nll_targets != IGNORE_INDEX, segment_ids)[0]
-    return {"chosen": chosen, "rejected": rejected, "nll": nll, "present": _pair_slots(segment_ids)}
+    return {"chosen": chosen, "rejected": rejected, "nll": nll, "present": pair_slots(segment_ids)}
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
-from jaxft.data.formats import DataError
 from jaxft.train.loop import with_reference
-from jaxft.train.sequences import adapters_off_logprobs, label_logprobs, pair_count, pairs, segment_totals
+from jaxft.train.sequences import (adapters_off_logprobs, evaluated_pairs, label_logprobs, pair_count, pair_slots,
+                                   pairs, segment_totals)
 
 
 class PairLogps(NamedTuple):
@@ -117,9 +117,17 @@ def sigmoid_norm_loss(p: PairLogps, beta: float, smoothing: float) -> jax.Array:
     return -jax.nn.log_sigmoid(beta * p.length_normalized_delta())
 
 
+def sft_loss(p: PairLogps, beta: float, smoothing: float) -> jax.Array:
+    """TRL's ``sft``: the NLL of the chosen completions, a mean over every chosen token of the batch, the same for
+    each pair (``[sigmoid, sft]`` is RPO: DPO that keeps the chosen replies likely). Pair slots without a pair hold
+    zeros, so sums over all of ``p`` are sums over the pairs."""
+    nll = -jnp.sum(p.chosen) / jnp.maximum(jnp.sum(p.chosen_length), 1.0)
+    return jnp.broadcast_to(nll, p.chosen.shape)
+
+
 LOSSES = {"sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "exo_pair": exo_pair_loss,
           "nca_pair": nca_pair_loss, "robust": robust_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
-          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "sigmoid_norm": sigmoid_norm_loss}
+          "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "sigmoid_norm": sigmoid_norm_loss, "sft": sft_loss}
 
 
 def weighted_loss(p: PairLogps, loss_types, loss_weights, beta: float, smoothing: float) -> jax.Array:
@@ -138,10 +146,8 @@ def pair_logps(logps: jax.Array, ref_logps: jax.Array, batch: dict) -> tuple[Pai
     labelled = (batch["labels"] != IGNORE_INDEX).astype(jnp.float32)
     totals = segment_totals(jnp.stack([logps, ref_logps, labelled], axis=-1), batch["segment_ids"])
     chosen, rejected = pairs(totals)
-    n_pairs = jnp.max(batch["segment_ids"], axis=-1) // 2
-    real = jnp.arange(chosen.shape[1])[None, :] < n_pairs[:, None]
     return PairLogps(chosen[..., 0], rejected[..., 0], chosen[..., 1], rejected[..., 1], chosen[..., 2],
-                     rejected[..., 2]), real
+                     rejected[..., 2]), pair_slots(batch["segment_ids"])
 
 
 @dataclass(frozen=True)
@@ -149,17 +155,26 @@ class DPO:
     """TRL's ``DPOTrainer`` loss: ``loss_types`` (TRL's ``loss_type`` list, :data:`LOSSES`) weighted by
     ``loss_weights`` (default 1 each), with β = ``beta`` and ``label_smoothing`` (cDPO for ``sigmoid``, the flip
     rate for ``robust``, EXO's ε for ``exo_pair``). ``chunk_size``: tokens per chunk of the log-prob pass (0: full
-    logits). Units are pairs: the step's loss is the mean over the batch's pairs, as TRL's."""
+    logits). ``precomputed_reference``: the batches carry the reference's ``ref_logps``. Units are pairs: the step's
+    loss is the mean over the batch's pairs, as TRL's."""
 
     loss_types: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
     chunk_size: int = 1024
-    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions")
+    precomputed_reference: bool = False  # the data carries ref_logps (jaxft.train.reference): no reference pass
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
     step_metric_keys: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                                    "rewards/margins", "logps/chosen", "logps/rejected")
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("input_ids", "labels", "segment_ids", "positions") + self.reference_keys * self.precomputed_reference
+
+    @property
+    def float_keys(self) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(self.reference_keys * self.precomputed_reference, ())
 
     def __post_init__(self):
         types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)
@@ -183,6 +198,13 @@ class DPO:
 
     def reference(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         return adapters_off_logprobs(cfg, params, batch, chunk_size=self.chunk_size)
+
+    def document_rewards(self, cfg: ModelConfig, params: dict, batch: dict) -> jax.Array:
+        """[B, T]: TRL's implicit reward β · log-ratio (policy minus reference log-prob) of each document's
+        completion, at index s for segment s (``jaxft eval --scores``)."""
+        batch = with_reference(self, cfg, params, batch)
+        logps = label_logprobs(cfg, params, batch, chunk_size=self.chunk_size)
+        return self.beta * segment_totals(logps - batch["ref_logps"], batch["segment_ids"])
 
     def units(self, batches: dict) -> jax.Array:
         """The number of pairs (TRL's loss is their mean)."""
@@ -223,7 +245,5 @@ class DPO:
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         """TRL's DPO metrics, each a mean over the held-out pairs, and the pair count."""
-        n_pairs = int(sums["pairs"])
-        if n_pairs == 0:
-            raise DataError("evaluate", "no pairs", "the held-out batches contain no preference pairs (empty split)")
+        n_pairs = evaluated_pairs(sums)
         return {**{k: float(v) / n_pairs for k, v in sums.items() if k != "pairs"}, "pairs": n_pairs}

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
+from jaxft.data.formats import DataError
 from jaxft.models.heads import last_token_mask
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
 from jaxft.peft.methods import without_methods
@@ -65,3 +66,17 @@ def pair_count(segment_ids: jax.Array) -> jax.Array:
     """f32: the pairs in ``segment_ids`` [..., T] (any leading axes): the rejected documents, even segment ids."""
     ids = segment_ids.reshape(-1, segment_ids.shape[-1])
     return jnp.sum(last_token_mask(ids) & (ids % 2 == 0), dtype=jnp.float32)
+
+
+def pair_slots(segment_ids: jax.Array) -> jax.Array:
+    """[B, T // 2] bool: pair slot k of the row holds a pair (its rejected document, segment 2k + 2, is there)."""
+    return pairs(segment_totals((segment_ids != 0).astype(jnp.float32), segment_ids))[1] > 0
+
+
+def evaluated_pairs(sums: dict) -> int:
+    """The ``pairs`` count of an objective's eval sums, or a DataError when there are none to average over."""
+    count = int(sums["pairs"])
+    if count == 0:
+        raise DataError("evaluate", "no pairs", "the held-out batches contain no preference pairs (empty split, or "
+                        "rows without a chosen / rejected pair)")
+    return count
