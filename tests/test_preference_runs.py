@@ -70,7 +70,8 @@ def test_dpo_run_logs_trls_step_metrics_and_draws_them(setup):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for record in train:
         assert set(DPO.step_metric_keys) <= record.keys() and 0 <= record["rewards/accuracies"] <= 1
-    assert train[0]["rewards/margins"] == 0 and train[-1]["rewards/margins"] > 0  # the adapters start as the reference
+    # the adapters start as the reference (B = 0): margin 0 up to float32 rounding of the two passes
+    assert train[0]["rewards/margins"] == pytest.approx(0, abs=1e-6) and train[-1]["rewards/margins"] > 1e-3
     width, height = struct.unpack(">II", (out / "curves.png").read_bytes()[16:24])  # the PNG header's IHDR size
     assert (width, height) == (1500, 400)
 
