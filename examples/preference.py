@@ -56,11 +56,12 @@ METHODS = {  # name: (config, --set overrides, data file)
 
 def on_policy_pairs(problems, replies) -> list[dict]:
     """A pair per problem the model answered wrong (and not with nothing: an empty completion has no token to
-    score): the right answer chosen, the model's own answer rejected."""
+    score; nor with the right text left unfinished, which would pair the right answer with itself): the right
+    answer chosen, the model's own answer rejected."""
     out = []
     for p, (text, finished) in zip(problems, replies):
         right = demo.words(demo.answer(p))
-        if text and not (finished and text == right):
+        if text and text != right:
             out.append({"prompt": [{"role": "user", "content": f"increment {demo.words(p)}"}],
                         "chosen": [{"role": "assistant", "content": right}],
                         "rejected": [{"role": "assistant", "content": text}]})

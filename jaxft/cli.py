@@ -150,9 +150,9 @@ def _eval(args) -> int:
     tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None, skip_bad_records=args.skip_bad_records)
+    settings = {"beta": args.beta, "loss_type": args.loss_type and tuple(args.loss_type)}
     task = preference_scores.eval_task(args.task, cfg.head, data.paths, has_adapter=args.adapter is not None,
-                                       settings={"beta": args.beta, "loss_type": args.loss_type and tuple(args.loss_type)},
-                                       doc_stride=args.doc_stride, max_answer_length=args.max_answer_length)
+                                       settings=settings, doc_stride=args.doc_stride, max_answer_length=args.max_answer_length)
     preference = isinstance(task, tuple(preference_scores.PREFERENCE_TASKS.values()))
     if args.exact_match and (cfg.head is not None or preference):
         raise ConfigError("--exact-match scores generated chat replies on SFT chat data; "

@@ -176,12 +176,13 @@ def _completion_record(record: Mapping, location: str) -> CompletionRecord:
 
 
 def record_kind(path) -> str:
-    """The kind of preference data the first record of ``path`` is: `pairs` (it has `chosen`), `kto` (a boolean
-    `label` beside a `completion`), else `completions`."""
-    _, first = next(iter(read_records(path)), (None, None))
+    """The kind of preference data the first readable record of ``path`` is: `pairs` (it has `chosen`), `kto` (a
+    `label` beside a `completion`; the reader checks that the label is a boolean), else `completions`. Unreadable
+    lines are passed over here: reading the file as that kind reports them, or skips them as asked."""
+    _, first = next(iter(read_records(path, on_error=lambda error: None)), (None, None))
     if isinstance(first, Mapping) and "chosen" in first:
         return "pairs"
-    if isinstance(first, Mapping) and isinstance(first.get("label"), bool) and "completion" in first:
+    if isinstance(first, Mapping) and "label" in first and "completion" in first:
         return "kto"
     return "completions"
 

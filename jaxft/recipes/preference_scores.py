@@ -42,14 +42,15 @@ def is_reward_head(head: HeadConfig | None) -> bool:
 def eval_task(name: str | None, head: HeadConfig | None, paths, *, has_adapter: bool, settings: dict, **qa_windows):
     """The task ``jaxft eval`` scores by: ``--task`` ``name`` with the objective's ``settings`` ({field: value}, None
     for the task's default), or without a name what the model and the data imply: a one-label sequence classifier
-    on preference pairs is a reward model, else the model's head (:func:`jaxft.recipes.tasks.task_of`)."""
+    on preference pairs is a reward model, other preference data needs ``--task``, else the model's head
+    (:func:`jaxft.recipes.tasks.task_of`)."""
     given = {key: value for key, value in settings.items() if value is not None}
-    kind = record_kind(paths[0])
-    if name is None and kind == "pairs":
-        if not is_reward_head(head):
-            raise ConfigError(f"{paths[0]} holds preference pairs; choose the objective to evaluate them by with "
-                              f"--task {{{','.join(PREFERENCE_TASKS)}}}")
+    kind = record_kind(paths[0]) if name is None else None
+    if kind == "pairs" and is_reward_head(head):
         name = "reward"
+    elif kind in ("pairs", "kto"):
+        raise ConfigError(f"{paths[0]} holds {'preference pairs' if kind == 'pairs' else 'KTO examples'}; choose the "
+                          f"objective to evaluate them by with --task {{{','.join(PREFERENCE_TASKS)}}}")
     if name is None:
         if given:
             raise ConfigError(f"{', '.join(_flag(key) for key in given)}: settings of a preference objective; "

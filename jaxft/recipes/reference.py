@@ -7,15 +7,14 @@ the adapters off (the base; for full fine-tuning the initial weights). Each proc
 the units and caches them in its own files, ``process<i>.safetensors`` (per pipeline, every unit's document
 totals, :mod:`jaxft.train.reference`) and ``process<i>.json`` (the fingerprint they belong to).
 
-A resumed run reuses a cache whose fingerprint matches (the data iterators' fingerprints, the reference's identity,
-dtypes, quantization and length limits); one that does not match is recomputed and replaced, not refused: the
+A resumed run reuses a cache whose fingerprint matches (the data iterators' fingerprints, the reference's identity:
+the sha256 of its weights, dtypes, quantization and length limits) on every process; one that does not match is recomputed and replaced, not refused: the
 cache is derived from the run's inputs, never its only copy, and a resume may change its eval data. A changed
 train file is refused by the resume itself (the data position in the checkpoint names it).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxft import parallel
 from jaxft.config import ConfigError
@@ -33,6 +33,7 @@ from jaxft.hf.safetensors_io import SafetensorsFile, write_safetensors
 from jaxft.peft.methods import without_methods
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.skeleton import Inputs, base_config
+from jaxft.train.checkpoint import base_reference
 from jaxft.train.reference import documents, per_token, reference_totals
 
 CACHE_DIR = "reference"
@@ -62,9 +63,8 @@ def _fingerprint(cfg: RunConfig, inputs: Inputs, base: dict) -> dict:
     if task.reference_model is None:
         reference = {"adapters_off_of": base["sha256"]}
     else:
-        folder = Path(task.reference_model).resolve()
-        reference = {"reference_model": str(folder),
-                     "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()}
+        folder = Path(task.reference_model).resolve()  # its weights too: a folder re-exported in place is another
+        reference = {"reference_model": str(folder), "sha256": base_reference(folder)["sha256"]}
     return {"reference": reference, "dtype": cfg.dtype, "compute_dtype": cfg.compute_dtype,
             "quant": dataclasses.asdict(cfg.quant) if cfg.quant else None,
             "data": {name: it.fingerprint for name, it in _iterators(inputs).items()},
@@ -86,6 +86,13 @@ def _read_cache(out: Path, fingerprint: dict, inputs: Inputs) -> ReferenceLogps 
             return None
         totals[name] = np.split(flat, np.cumsum(sizes)[:-1])
     return ReferenceLogps(fingerprint, totals, None)
+
+
+def _everywhere(flag: bool) -> bool:
+    """``flag`` holds on every process (a process that lost its cache files recomputes with all the others)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _reference_model(cfg: RunConfig, mesh):
@@ -112,7 +119,7 @@ def precompute_reference(cfg: RunConfig, inputs: Inputs, out: Path, base: dict, 
         return None
     fingerprint = _fingerprint(cfg, inputs, base)
     cached = _read_cache(out, fingerprint, inputs) if resume else None
-    if cached is not None:
+    if _everywhere(cached is not None):  # the pass is collective: every process reuses its cache, or none does
         return cached
     start = time.perf_counter()
     model_cfg, params = _reference_model(cfg, inputs.mesh) if policy is None else (policy[0],

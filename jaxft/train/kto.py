@@ -19,13 +19,13 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.formats import DataError
 from jaxft.train.loop import with_reference
 from jaxft.models.heads import last_token_mask
-from jaxft.train.sequences import adapters_off_logprobs, label_logprobs, segment_totals
+from jaxft.train.sequences import ReferenceInputs, adapters_off_logprobs, label_logprobs, segment_totals
 
 DESIRABLE, UNDESIRABLE, KL_BASELINE = 1, 2, 3  # kto_label values; 0 is padding
 
 
 @dataclass(frozen=True)
-class KTO:
+class KTO(ReferenceInputs):
     """The KTO loss of TRL's ``KTOTrainer``, per example:
     desirable ``w_d * (1 - σ(β (r - z)))``, undesirable ``w_u * (1 - σ(β (z - r)))``, with r the example's
     policy-minus-reference log-ratio of its completion (log-probs summed over the completion's tokens) and z the KL
@@ -52,18 +52,9 @@ class KTO:
     undesirable_weight: float = 1.0
     chunk_size: int = 1024
     precomputed_reference: bool = False  # the data carries ref_logps (jaxft.train.reference): no reference pass
-    reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    policy_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions", "kto_label")
     step_metric_keys: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/margins",
                                                    "logps/chosen", "logps/rejected", "kl")
-
-    @property
-    def batch_keys(self) -> tuple[str, ...]:
-        return ("input_ids", "labels", "segment_ids", "positions", "kto_label") + (
-            self.reference_keys * self.precomputed_reference)
-
-    @property
-    def float_keys(self) -> dict[str, tuple[int, ...]]:
-        return dict.fromkeys(self.reference_keys * self.precomputed_reference, ())
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -93,12 +84,14 @@ class KTO:
 
     def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
         """TRL's logged KTO metrics of a train step: rewards and log-probs, means over the step's examples of each
-        kind (0 for a kind the step lacks), and kl, the mean of its micro-batches' KL baselines (TRL's mean over
-        its micro-steps)."""
-        chosen, rejected = (jnp.maximum(sums[k], 1.0) for k in ("n_chosen", "n_rejected"))
-        out = {"rewards/chosen": sums["rewards_chosen"] / chosen, "logps/chosen": sums["logps_chosen"] / chosen,
-               "rewards/rejected": sums["rewards_rejected"] / rejected,
-               "logps/rejected": sums["logps_rejected"] / rejected,
+        kind (NaN for a kind the step lacks, where TRL logs nothing: a 0 would draw as a value in the curves), and
+        kl, the mean of its micro-batches' KL baselines (TRL's mean over its micro-steps)."""
+        def mean(key: str, count: str) -> jax.Array:
+            return jnp.where(sums[count] > 0, sums[key] / jnp.maximum(sums[count], 1.0), jnp.nan)
+
+        out = {"rewards/chosen": mean("rewards_chosen", "n_chosen"), "logps/chosen": mean("logps_chosen", "n_chosen"),
+               "rewards/rejected": mean("rewards_rejected", "n_rejected"),
+               "logps/rejected": mean("logps_rejected", "n_rejected"),
                "kl": sums["kl_sum"] / jnp.maximum(sums["n_batches"], 1.0)}
         return out | {"rewards/margins": out["rewards/chosen"] - out["rewards/rejected"]}
 

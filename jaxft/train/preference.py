@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.train.loop import with_reference
-from jaxft.train.sequences import (adapters_off_logprobs, evaluated_pairs, label_logprobs, pair_count, pair_slots,
-                                   pairs, segment_totals)
+from jaxft.train.sequences import (ReferenceInputs, adapters_off_logprobs, evaluated_pairs, label_logprobs,
+                                   pair_count, pair_slots, pairs, segment_totals)
 
 
 class PairLogps(NamedTuple):
@@ -118,9 +118,11 @@ def sigmoid_norm_loss(p: PairLogps, beta: float, smoothing: float) -> jax.Array:
 
 
 def sft_loss(p: PairLogps, beta: float, smoothing: float) -> jax.Array:
-    """TRL's ``sft``: the NLL of the chosen completions, a mean over every chosen token of the batch, the same for
-    each pair (``[sigmoid, sft]`` is RPO: DPO that keeps the chosen replies likely). Pair slots without a pair hold
-    zeros, so sums over all of ``p`` are sums over the pairs."""
+    """TRL's ``sft``: the NLL of the chosen completions, a mean over every chosen token of the micro-batch, the same
+    for each of its pairs (``[sigmoid, sft]`` is RPO: DPO that keeps the chosen replies likely). TRL's for one
+    micro-batch; with accumulation the step weighs each micro-batch's mean by its pairs, where TRL averages its
+    micro-steps' means (equal when micro-batches hold as many pairs). Pair slots without a pair hold zeros, so sums
+    over all of ``p`` are sums over the pairs."""
     nll = -jnp.sum(p.chosen) / jnp.maximum(jnp.sum(p.chosen_length), 1.0)
     return jnp.broadcast_to(nll, p.chosen.shape)
 
@@ -151,7 +153,7 @@ def pair_logps(logps: jax.Array, ref_logps: jax.Array, batch: dict) -> tuple[Pai
 
 
 @dataclass(frozen=True)
-class DPO:
+class DPO(ReferenceInputs):
     """TRL's ``DPOTrainer`` loss: ``loss_types`` (TRL's ``loss_type`` list, :data:`LOSSES`) weighted by
     ``loss_weights`` (default 1 each), with β = ``beta`` and ``label_smoothing`` (cDPO for ``sigmoid``, the flip
     rate for ``robust``, EXO's ε for ``exo_pair``). ``chunk_size``: tokens per chunk of the log-prob pass (0: full
@@ -164,17 +166,9 @@ class DPO:
     label_smoothing: float = 0.0
     chunk_size: int = 1024
     precomputed_reference: bool = False  # the data carries ref_logps (jaxft.train.reference): no reference pass
-    reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    policy_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions")
     step_metric_keys: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                                    "rewards/margins", "logps/chosen", "logps/rejected")
-
-    @property
-    def batch_keys(self) -> tuple[str, ...]:
-        return ("input_ids", "labels", "segment_ids", "positions") + self.reference_keys * self.precomputed_reference
-
-    @property
-    def float_keys(self) -> dict[str, tuple[int, ...]]:
-        return dict.fromkeys(self.reference_keys * self.precomputed_reference, ())
 
     def __post_init__(self):
         types = (self.loss_types,) if isinstance(self.loss_types, str) else tuple(self.loss_types)

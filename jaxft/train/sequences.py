@@ -8,6 +8,8 @@ segment 2k - 1 the chosen, 2k the rejected completion (``jaxft.data`` lays pairs
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +43,24 @@ def adapters_off_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_
     adapter off (:func:`jaxft.peft.methods.without_methods`): what a preference objective's ``reference`` returns
     (the train step stops its gradient, :func:`jaxft.train.loop.with_reference`)."""
     return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=chunk_size)}
+
+
+class ReferenceInputs:
+    """The batch keys of an objective against a reference policy (a mixin of DPO and KTO): ``ref_logps`` [B, T]
+    float32 is read from the batch when ``precomputed_reference`` (the data carries it, :mod:`jaxft.train.reference`);
+    otherwise the step computes it (the objective's ``reference``, :func:`jaxft.train.loop.with_reference`)."""
+
+    policy_keys: ClassVar[tuple[str, ...]]  # the [B, T] arrays the policy's loss reads
+    reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    precomputed_reference: bool
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return self.policy_keys + self.reference_keys * self.precomputed_reference
+
+    @property
+    def float_keys(self) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(self.reference_keys * self.precomputed_reference, ())
 
 
 def segment_totals(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
