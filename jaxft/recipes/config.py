@@ -20,6 +20,7 @@ from jaxft.data.config import DataConfig
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.head import HeadOnly
+from jaxft.peft.ia3 import IA3Config
 from jaxft.peft.lora import LoraConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
@@ -33,7 +34,8 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask}, default="sft")
-PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
+PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
+                                  "ia3": IA3Config})
 
 
 @dataclass(frozen=True)
