@@ -21,6 +21,7 @@ from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.head import HeadOnly
 from jaxft.peft.ia3 import IA3Config
+from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
@@ -35,7 +36,7 @@ TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "tok
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask}, default="sft")
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
-                                  "ia3": IA3Config})
+                                  "ia3": IA3Config, "ln_tuning": LNTuningConfig})
 
 
 @dataclass(frozen=True)
