@@ -51,7 +51,8 @@ def test_qwen2_trains_exactly_its_qkv_biases_with_torch_autograd_gradients(qwen2
         p.requires_grad_(False)
     biases = {n: p.requires_grad_(True) for n, p in model.named_parameters() if n.endswith("bias")}
     logits = model(torch.as_tensor(ids)).logits
-    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(labels).reshape(-1)).backward()
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      torch.as_tensor(labels).reshape(-1)).backward()
     assert len(biases) == 3 * cfg.num_hidden_layers
     for name, p in biases.items():
         layer, module = int(name.split(".")[2]), name.split(".")[4]
