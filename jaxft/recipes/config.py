@@ -10,6 +10,7 @@ import copy
 import dataclasses
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,7 +19,10 @@ from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, MODEL_UNION, PATH_F
 from jaxft.data.config import DataConfig
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
+from jaxft.peft.bitfit import BitFit
 from jaxft.peft.head import HeadOnly
+from jaxft.peft.ia3 import IA3Config
+from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
@@ -32,7 +36,10 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask}, default="sft")
-PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
+PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
+                                  "ia3": IA3Config,
+                                  "ln_tuning": LNTuningConfig,
+                                  "bitfit": BitFit})
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class RunConfig:
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
     task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
            | KtoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
-    peft: tuple[LoraConfig | HeadOnly, ...] | None = field(default=None, metadata={"union": PEFT_UNION})
+    peft: tuple[Any, ...] | None = field(default=None, metadata={"union": PEFT_UNION})  # PEFT_UNION's members
     method: InitVar[str | None] = None
     dtype: str = "float32"
     compute_dtype: str | None = None
