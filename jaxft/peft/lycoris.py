@@ -6,7 +6,7 @@ Both add a weight change ΔW [out, in] (torch's layout) to a frozen linear kerne
 - LoKr: ΔW = w1 ⊗ w2, a Kronecker product of a [out_l, in_m] and an [out_k, in_n] factor (out = out_l · out_k,
   in = in_m · in_n, PEFT's ``factorization``); either factor may itself be a rank-r product (w1_a @ w1_b when
   ``decompose_both`` and r is small against it, w2_a @ w2_b when r is small against w2). KronA is LoKr without
-  any decomposition: a large enough r (or the defaults on small layers) gives exactly that.
+  any decomposition: ``decompose_both`` off and r at least half of w2's larger side give exactly that.
 
 The namespace beside the kernel (``loha`` / ``lokr``) keeps the factors in PEFT's own layout, so they are written
 and read without transposes under PEFT's tensor names (``hada_w1_a``, ``lokr_w2_b``, ...)::
