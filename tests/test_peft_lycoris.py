@@ -1,9 +1,12 @@
-"""LoHa and LoKr parity with PEFT: logits, gradients, trainable counts, merge, on dense and NF4 bases.
+"""LoHa and LoKr parity with PEFT: logits, gradients, trainable counts, adapter folders both ways, merge, on dense
+and NF4 bases, and a run with ``peft: [{type: loha}]``.
 
-PEFT's adapters start from ``init_weights=False`` (every factor random and non-zero), and their tensors are
-copied into jaxft's tree under the names jaxft's methods declare for PEFT's file (``Method.peft_tensors``), so a
-wrong name, layout or shape fails here too.
+PEFT's adapters start from ``init_weights=False`` (every factor random and non-zero); jaxft loads them from the
+folder PEFT saves, so a wrong tensor name, layout or shape fails every test.
 """
+import json
+from pathlib import Path
+
 import bitsandbytes
 import jax
 import jax.numpy as jnp
@@ -16,9 +19,13 @@ import transformers
 import jaxft
 from hf_oracle import build, random_ids, save, torch_logits
 from jaxft.hf.names import module_name
+from jaxft.hf.peft_format import adapter_tensors, read_adapter_config
 from jaxft.models.llama import LINEAR_MODULES
 from jaxft.ops.registry import methods_in
 from jaxft.peft.lycoris import factorization, lokr_shapes
+from jaxft.recipes import sft
+from jaxft.recipes.config import load_run_config
+from sft_worker import make_base, write_chats
 
 PEFT_CONFIGS = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}
 JAXFT_CONFIGS = {"loha": jaxft.LohaConfig, "lokr": jaxft.LokrConfig}
@@ -44,44 +51,10 @@ def _groups(params):
             if isinstance(g, dict) and methods_in(g)]
 
 
-def _slots(params):
-    """PEFT's tensor name -> (group path, method, leaf, layer), from the methods' own declarations."""
-    slots = {}
-    for path, group in _groups(params):
-        for method in methods_in(group):
-            for t in method.peft_tensors(group[method.name], group, stacked=path[0] == "layers"):
-                slots[f"base_model.model.{module_name(path, t.layer)}.{t.suffix}"] = (path, method.name, t.leaf,
-                                                                                       t.layer)
-    return slots
-
-
 def _get(params, path):
     for k in path:
         params = params[k]
     return params
-
-
-def _copy_from_peft(params, state: dict):
-    """params with every adapter tensor of PEFT's ``state`` (get_peft_model_state_dict) written into its slot."""
-    slots = _slots(params)
-    assert sorted(slots) == sorted(state), "jaxft's PEFT tensor names differ from PEFT's"
-    params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, jaxft.nf4.QuantizedTensor))
-    for name, (path, method, leaf, layer) in slots.items():
-        ns = _get(params, path)[method]
-        value = jnp.asarray(state[name].detach().numpy())
-        target = ns[leaf] if layer is None else ns[leaf][layer]
-        assert target.shape == value.shape, name
-        ns[leaf] = value if layer is None else ns[leaf].at[layer].set(value)
-    return params
-
-
-def _named(params) -> dict[str, np.ndarray]:
-    """Every adapter tensor of a (grad) tree under its PEFT name."""
-    out = {}
-    for name, (path, method, leaf, layer) in _slots(params).items():
-        x = np.asarray(_get(params, path)[method][leaf])
-        out[name] = x if layer is None else x[layer]
-    return out
 
 
 def _ids():
@@ -93,13 +66,16 @@ def _labels():
 
 
 def _attach(folder, model_type, kind, kwargs, seed=0, quant=None, torch_base=None):
+    """PEFT's model with random non-zero factors, and jaxft's base with that adapter loaded from PEFT's folder."""
     torch.manual_seed(seed + 1)
     pm = peft.get_peft_model(torch_base or build(model_type, seed=seed),
                              PEFT_CONFIGS[kind](init_weights=False, **kwargs))
+    pm.save_pretrained(folder / "peft-adapter")
     cfg, base_params = jaxft.from_pretrained(folder, quant=quant)
-    acfg = JAXFT_CONFIGS[kind](**kwargs)
-    params = acfg.add(cfg, base_params, jax.random.PRNGKey(0))
-    params = _copy_from_peft(params, peft.get_peft_model_state_dict(pm))
+    params = jaxft.load_adapter(folder / "peft-adapter", base_params, cfg)
+    acfg = read_adapter_config(folder / "peft-adapter")
+    assert acfg == JAXFT_CONFIGS[kind](**kwargs, init_weights=False, inference_mode=True).replace(
+        target_modules=acfg.target_modules)  # PEFT saves inference_mode=True
     return pm, cfg, base_params, acfg, params
 
 
@@ -112,9 +88,9 @@ def _torch_grads(pm):
     return {n.removesuffix(".default"): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
 
 
-def _logits_and_grads(cfg, params, trainable):
-    """jaxft's logits and the gradients of the cross-entropy in one compiled pass."""
-    trained, frozen = jaxft.split(params, trainable)
+def _logits_and_grads(cfg, params, acfg):
+    """jaxft's logits and the gradients of the cross-entropy (under their PEFT names) in one compiled pass."""
+    trained, frozen = jaxft.split(params, acfg.trainable(cfg, params))
     ids, labels = jnp.asarray(_ids()), jnp.asarray(_labels())
 
     def loss(trained):
@@ -122,15 +98,15 @@ def _logits_and_grads(cfg, params, trainable):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)), logits
 
     (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(trained)
-    return np.asarray(logits), _named(jaxft.combine(grads, frozen))
+    return np.asarray(logits), adapter_tensors(jaxft.combine(grads, frozen), acfg)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     model_type, kind, kwargs = CASES[request.param]
-    folder = save(build(model_type, seed=0), tmp_path_factory.mktemp(request.param) / "base")
+    folder = save(build(model_type, seed=0), tmp_path_factory.mktemp(request.param))
     pm, cfg, base_params, acfg, params = _attach(folder, model_type, kind, kwargs)
-    logits, grads = _logits_and_grads(cfg, params, acfg.trainable(cfg, params))
+    logits, grads = _logits_and_grads(cfg, params, acfg)
     return request.param, pm, cfg, base_params, acfg, params, logits, grads
 
 
@@ -159,6 +135,15 @@ def _assert_grads_match(ours: dict, ref: dict):
 def test_gradients_match_torch_autograd_through_peft(case):
     name, pm, cfg, base_params, acfg, params, logits, grads = case
     _assert_grads_match(grads, _torch_grads(pm))
+
+
+def test_saved_adapter_loads_in_peft_with_same_logits(case, tmp_path):
+    name, pm, cfg, base_params, acfg, params, logits, grads = case
+    jaxft.save_adapter(params, acfg, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == acfg.peft_type
+    reloaded = peft.PeftModel.from_pretrained(build(CASES[name][0], seed=0), tmp_path / "ours")
+    assert type(reloaded.peft_config["default"]) is PEFT_CONFIGS[acfg.method]
+    np.testing.assert_allclose(torch_logits(reloaded, _ids()), logits, atol=1e-4, rtol=0)
 
 
 def test_merge_equals_peft_merge_and_unload(case):
@@ -207,11 +192,11 @@ def _dequantized_twin(folder):
                                          ("lokr", dict(r=2, alpha=4, decompose_both=True,
                                                        target_modules=["q_proj", "down_proj"]))])
 def test_nf4_base_matches_peft_on_the_dequantized_base(tmp_path, kind, kwargs):
-    folder = save(build("llama", scale=0.08, intermediate_size=128), tmp_path / "base")  # bnb: out % 32 == 0
+    folder = save(build("llama", scale=0.08, intermediate_size=128), tmp_path)  # bnb: out % 32 == 0
     pm, cfg, base_params, acfg, params = _attach(folder, "llama", kind, kwargs, quant="nf4",
                                                  torch_base=_dequantized_twin(folder))
     assert isinstance(params["layers"]["q_proj"]["kernel"], jaxft.nf4.QuantizedTensor)
-    logits, grads = _logits_and_grads(cfg, params, acfg.trainable(cfg, params))
+    logits, grads = _logits_and_grads(cfg, params, acfg)
     np.testing.assert_allclose(logits, torch_logits(pm, _ids()), atol=1e-4, rtol=0)
     _assert_grads_match(grads, _torch_grads(pm))
 
@@ -306,3 +291,28 @@ def test_bad_targets_are_refused():
         jaxft.LohaConfig(rank_pattern={"layers.1.self_attn.q_proj": 2}).add(cfg, base, jax.random.PRNGKey(1))
     with pytest.raises(jaxft.ConfigError, match="decompose_factor"):
         jaxft.LokrConfig(decompose_factor=0)
+
+
+def test_run_with_peft_loha_trains_only_its_factors_and_exports_a_peft_adapter(tmp_path):
+    base = make_base(tmp_path / "base")
+    data = write_chats(tmp_path / "train.jsonl", 24)
+    (tmp_path / "run.yaml").write_text(
+        f"model: {base}\noutput_dir: {tmp_path / 'run'}\n"
+        "peft:\n  - {type: loha, r: 2, alpha: 4, target_modules: [q_proj, down_proj]}\n"
+        f"data: {{paths: [{data}], max_length: 48, batch_size: 8}}\n"
+        "optim: {lr: 0.01, max_grad_norm: 1.0}\ntrain: {steps: 3, log_every: 1, loss_chunk_size: 0}\n")
+    cfg = load_run_config(tmp_path / "run.yaml")
+    assert cfg.peft == (jaxft.LohaConfig(r=2, alpha=4, target_modules=("q_proj", "down_proj")),)
+    summary = sft.run(cfg)
+    adapter = Path(summary["export"])
+    assert adapter.name == "adapter"
+    model_cfg, base_params = jaxft.from_pretrained(base)
+    params = jaxft.load_adapter(adapter, base_params, model_cfg)
+    assert summary["trainable_params"] == jaxft.peft.methods.trainable_count(params, jaxft.Trainable())
+    assert set(jaxft.peft.methods.adapter_tree(params)["layers"]) == {"q_proj", "down_proj"}
+    ids = random_ids((2, 9), vocab=model_cfg.vocab_size)
+    ours = np.asarray(jaxft.forward(model_cfg, params, jnp.asarray(ids)))
+    assert np.max(np.abs(ours - np.asarray(jaxft.forward(model_cfg, base_params, jnp.asarray(ids))))) > 1e-4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(hf, adapter).eval(), ids), ours,
+                               atol=1e-4, rtol=0)

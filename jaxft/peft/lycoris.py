@@ -36,6 +36,7 @@ from jaxft.ops import nf4
 from jaxft.ops.linear import base_linear
 from jaxft.ops.registry import Method, PeftTensor, register
 from jaxft.peft import lora
+from jaxft.peft.adapters import check_task_type, config_dict, fields_from_peft, register_config
 from jaxft.peft.tree import Trainable, leaf_paths
 
 
@@ -44,9 +45,9 @@ class _LycorisFields:
     """PEFT's ``LycorisConfig`` fields that LoHa and LoKr share, validated. Lists are stored as tuples."""
 
     r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    alpha: float = 8  # ΔW is scaled by alpha / r
+    rank_dropout: float = 0.0  # training only: output rows of ΔW dropped
+    module_dropout: float = 0.0  # training only: the whole adapter of a module skipped
     use_effective_conv2d: bool = False  # for convolutions only, which Llama-family models have none of
     target_modules: tuple[str, ...] | str | None = None  # None: PEFT's Llama default (q_proj, v_proj)
     exclude_modules: tuple[str, ...] | str | None = None
@@ -94,6 +95,7 @@ class _LycorisFields:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(f"{key}.layers_to_transform needs target_modules as a list of names: with a string "
                               "(a regex or 'all-linear') PEFT's LyCORIS tuners ignore it (and LoRA refuses it)")
+        check_task_type(self.task_type, key)
         if self.task_type != "CAUSAL_LM":
             raise ConfigError(f"{key}.task_type {self.task_type!r}: jaxft's {key} adapts causal LMs only "
                               "(CAUSAL_LM); use LoRA for a task head")
@@ -112,17 +114,38 @@ class _LycorisFields:
         """Nothing besides the method's own leaves (which the registry declares trained)."""
         return Trainable()
 
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """adapter_config.json as PEFT writes it."""
+        return config_dict(self, base_model_name_or_path)
 
+    @classmethod
+    def from_peft(cls, d: dict, source: str):
+        """The fields jaxft models; what it refuses is refused by the config's own checks, naming ``source``;
+        PEFT's bookkeeping fields are ignored."""
+        kwargs = fields_from_peft(cls, d, source, {})
+        try:
+            return cls(**{k: v for k, v in kwargs.items() if v is not None or k == "target_modules"})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+@register_config
 @dataclass(frozen=True)
 class LohaConfig(_LycorisFields):
-    """PEFT's ``LoHaConfig``: ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r."""
+    """PEFT's ``LoHaConfig``: ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r. An adapter config
+    (:mod:`jaxft.peft.adapters`)."""
 
+    peft_type: ClassVar[str] = "LOHA"
     method: ClassVar[str] = "loha"
 
 
+@register_config
 @dataclass(frozen=True)
 class LokrConfig(_LycorisFields):
-    """PEFT's ``LoKrConfig``: ΔW = w1 ⊗ w2 · alpha / r, each factor whole or a rank-r product."""
+    """PEFT's ``LoKrConfig``: ΔW = w1 ⊗ w2 · alpha / r, each factor whole or a rank-r product. An adapter config
+    (:mod:`jaxft.peft.adapters`)."""
+
+    peft_type: ClassVar[str] = "LOKR"
 
     decompose_both: bool = False
     decompose_factor: int = -1

@@ -21,6 +21,7 @@ from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.head import HeadOnly
 from jaxft.peft.lora import LoraConfig
+from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
@@ -33,7 +34,8 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask}, default="sft")
-PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
+PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
+                                  "loha": LohaConfig, "lokr": LokrConfig})
 
 
 @dataclass(frozen=True)
