@@ -215,7 +215,7 @@ def test_peft_factorization_and_factor_shapes():
             assert ours == theirs, (r, both, factor, fan_in, fan_out)
 
 
-def test_init_is_a_no_op_as_peft_and_trains_only_the_factors():
+def test_init_is_a_no_op_as_peft_trains_only_the_factors_and_declares_axes():
     cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
     base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
@@ -229,6 +229,8 @@ def test_init_is_a_no_op_as_peft_and_trains_only_the_factors():
         paths = [jax.tree_util.keystr(p, simple=True, separator="/")
                  for p, x in jax.tree_util.tree_flatten_with_path(trained)[0] if x is not None]
         assert paths and all(f"/{acfg.method}/w" in p for p in paths), paths
+        axes = jaxft.parallel.logical_axes(params)["layers"]["q_proj"][acfg.method]  # declared, one per dim
+        assert set(axes) == set(params["layers"]["q_proj"][acfg.method])
 
 
 def _one_group(kind, **kwargs):
