@@ -52,6 +52,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("layer", None),
     ("lora_rank", None),
+    ("kron_factor", None),  # the sides of LoKr's Kronecker factors (small; replicated)
     ("norm", None),
     ("trainable_tokens", None),  # the embedding rows trained in full (LoRA's trainable_token_indices)
     ("member", None),  # the leading axis of K adapters trained together (jaxft sweep --parallel)

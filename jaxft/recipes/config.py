@@ -24,6 +24,7 @@ from jaxft.peft.head import HeadOnly
 from jaxft.peft.ia3 import IA3Config
 from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
+from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
@@ -39,7 +40,8 @@ TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "tok
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
                                   "ia3": IA3Config,
                                   "ln_tuning": LNTuningConfig,
-                                  "bitfit": BitFit})
+                                  "bitfit": BitFit,
+                                  "loha": LohaConfig, "lokr": LokrConfig})
 
 
 @dataclass(frozen=True)
