@@ -10,13 +10,16 @@ from jaxft.models.generate import generate
 from jaxft.models.hooks import Hooks
 from jaxft.models.llama import forward, init_params
 from jaxft.ops import nf4
-from jaxft.peft import ia3, ln_tuning, lora, lycoris  # noqa: F401  (imported to register their configs and methods)
+from jaxft.peft import ia3, ln_tuning, lora, lycoris  # each registers its adapter config and methods
+from jaxft.peft.ia3 import IA3Config
+from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.peft.methods import merge, unmerge
 from jaxft.peft.tree import Trainable, combine, split
 
-__all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "JaxftError", "LohaConfig", "LokrConfig",
-           "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig", "Tokenizer", "TokenizerError", "Trainable",
-           "combine", "forward", "from_pretrained", "generate", "init_params", "load_adapter", "load_tokenizer", "lora",
-           "lycoris", "merge", "nf4", "peft_format", "save_adapter", "save_pretrained", "split", "unmerge"]
+__all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "IA3Config", "JaxftError", "LNTuningConfig",
+           "LohaConfig", "LokrConfig", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig", "Tokenizer",
+           "TokenizerError", "Trainable", "combine", "forward", "from_pretrained", "generate", "ia3", "init_params",
+           "ln_tuning", "load_adapter", "load_tokenizer", "lora", "lycoris", "merge", "nf4", "peft_format",
+           "save_adapter", "save_pretrained", "split", "unmerge"]
