@@ -16,6 +16,7 @@ import pytest
 
 from jaxft.config import ConfigError
 from jaxft.data.config import DataConfig
+from jaxft.peft.bitfit import BitFit
 from jaxft.peft.lora import LoraConfig
 from jaxft.recipes import demo, sft
 from jaxft.recipes.config import RunConfig, TrainConfig
@@ -101,3 +102,16 @@ def test_a_reference_task_without_adapters_is_refused(setup):
     with pytest.raises(ConfigError, match="full fine-tuning .* has no adapters to switch off"):
         RunConfig(model=str(base), output_dir=str(root / "refused"), task=DpoTask(), peft=(),
                   data=DataConfig(paths=(str(files["pairs"]),)))
+
+
+@pytest.mark.parametrize("peft", [(LoraConfig(bias="all"),), (LoraConfig(modules_to_save=("lm_head",)),),
+                                  (LoraConfig(), BitFit())], ids=["bias", "modules_to_save", "bitfit"])
+def test_an_adapters_off_reference_with_base_leaves_trained_in_place_is_refused(setup, peft):
+    """Switching the adapters off would leave trained biases or saved modules in the reference, which would then
+    move with the policy; the initial weights, precomputed, are a fixed reference whatever trains."""
+    base, files, root = setup
+    common = dict(model=str(base), output_dir=str(root / "refused"), peft=peft,
+                  data=DataConfig(paths=(str(files["kto"]),)))
+    with pytest.raises(ConfigError, match="base's own leaves .*precompute_reference"):
+        RunConfig(task=KtoTask(), **common)
+    assert RunConfig(task=KtoTask(precompute_reference=True), **common).task.precomputed_reference

@@ -114,12 +114,7 @@ class RunConfig:
         object.__setattr__(self, "peft", peft)
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
-        if getattr(self.task, "reference_policy", False) and not peft and not self.task.precomputed_reference:
-            raise ConfigError(f"task {TASK_UNION.type_of(self.task)!r} compares the policy with a reference policy, "
-                              "by default the same base with the adapters off; full fine-tuning (peft: []) has no "
-                              "adapters to switch off: set task.precompute_reference: true (the initial weights, "
-                              "log-probs computed before training) or task.reference_model: <model folder>, or add a "
-                              "peft method such as {type: lora}")
+        _check_reference_policy(self.task, peft)
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -195,6 +190,31 @@ def _for_task(method, task):
         return method.replace(task_type=wanted)
     raise ConfigError(f"lora.task_type {method.task_type!r} does not fit task {TASK_UNION.type_of(task)!r}, whose "
                       f"PEFT task type is {wanted!r}; leave lora.task_type out (it follows the task)")
+
+
+def _check_reference_policy(task, peft: tuple):
+    """A task whose reference is the base with the adapters off (by default) needs adapters to switch off, and no
+    method that trains the base's own leaves in place: switching the adapters off would leave those trained, and the
+    reference would move with the policy. A precomputed reference is the initial weights, whatever trains."""
+    if not getattr(task, "reference_policy", False) or task.precomputed_reference:
+        return
+    fix = ("set task.precompute_reference: true (the initial weights, log-probs computed before training) or "
+           "task.reference_model: <model folder>")
+    name = TASK_UNION.type_of(task)
+    if not peft:
+        raise ConfigError(f"task {name!r} compares the policy with a reference policy, by default the same base with "
+                          f"the adapters off; full fine-tuning (peft: []) has no adapters to switch off: {fix}, or "
+                          "add a peft method such as {type: lora}")
+    in_place = [PEFT_UNION.type_of(m) for m in peft if _trains_base_leaves(m)]
+    if in_place:
+        raise ConfigError(f"task {name!r}: peft {in_place} train(s) some of the base's own leaves (biases, "
+                          f"modules_to_save, a head), which the adapters-off reference would see trained: {fix}")
+
+
+def _trains_base_leaves(method) -> bool:
+    """The method trains some of the base's own leaves in place, not only a namespace beside them."""
+    return (isinstance(method, (BitFit, HeadOnly)) or bool(getattr(method, "modules_to_save", None))
+            or getattr(method, "bias", "none") != "none")
 
 
 def _methods(peft, quant, method, lora) -> tuple[tuple, QuantConfig | None]:
