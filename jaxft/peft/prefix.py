@@ -1,0 +1,154 @@
+"""Prefix tuning (PEFT's ``PrefixTuningConfig``): trained keys and values in front of every layer's attention.
+
+Without ``prefix_projection`` the prefix itself is the trained parameter, stacked like the layers so the scanned
+layer gets its own slice (through :attr:`jaxft.models.hooks.Hooks.prefix`)::
+
+    params["layers"]["prefix"] = {"key": [L, P, KVH*hd], "value": [L, P, KVH*hd]}    # trained
+
+With ``prefix_projection`` PEFT reparameterizes it through a two-layer MLP shared by every layer, so the trained
+leaves sit in a top-level group and :func:`with_prefix` computes the stacked keys/values from them before a
+forward pass::
+
+    params["prefix_encoder"] = {"embedding": [P, KVH*hd], "hidden": {"kernel": [KVH*hd, H], "bias": [H]},
+                                "out": {"kernel": [H, L*2*KVH*hd], "bias": [L*2*KVH*hd]}}
+
+Either way PEFT numbers the real tokens after the P virtual ones, which ``hooks`` reproduces
+(``Hooks.position_offset``). Packed rows and generation need nothing else: every non-padding query sees the prefix
+whatever its segment, and the KV cache never stores it (the hook adds it at every step). A prefix cannot be folded
+into the base weights, so there is nothing to merge.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.config import ConfigError, ModelConfig
+from jaxft.models.hooks import Hooks
+from jaxft.peft.tree import Trainable
+
+INIT_WEIGHTS = (None, "zero")
+ENCODER = "prefix_encoder"
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    """PEFT's ``PrefixTuningConfig`` fields. ``encoder_hidden_size`` (default: PEFT's ``token_dim``, which for
+    grouped-query attention is KVH * hd) is the MLP's width and is used only with ``prefix_projection``. ``init_weights="zero"``
+    starts the prefix (or the MLP's output layer) at zero; ``None`` draws it at random as torch does."""
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init_weights: str | None = None
+    task_type: str = "CAUSAL_LM"
+
+    def __post_init__(self):
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ConfigError(f"prefix_tuning.num_virtual_tokens must be a positive integer, got "
+                              f"{self.num_virtual_tokens!r}")
+        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
+                                                     or self.encoder_hidden_size < 1):
+            raise ConfigError(f"prefix_tuning.encoder_hidden_size must be a positive integer or None (the model's "
+                              f"hidden size), got {self.encoder_hidden_size!r}")
+        if self.init_weights not in INIT_WEIGHTS:
+            raise ConfigError(f"prefix_tuning.init_weights must be one of {INIT_WEIGHTS}, got {self.init_weights!r}")
+        if self.task_type != "CAUSAL_LM":
+            raise ConfigError(f"prefix_tuning.task_type {self.task_type!r} is not supported: jaxft's prefix tuning "
+                              "is for CAUSAL_LM models")
+
+    def add(self, cfg: ModelConfig, params: dict, rng) -> dict:
+        """``params`` with the prefix's trained leaves added (see the module doc for where)."""
+        if self.prefix_projection:
+            return {**params, ENCODER: _encoder_init(self, cfg, rng)}
+        shape = (cfg.num_hidden_layers, self.num_virtual_tokens, kv_width(cfg))
+        key_rng, value_rng = jax.random.split(rng)
+        draw = (lambda key: jnp.zeros(shape, jnp.float32)) if self.init_weights == "zero" else (
+            lambda key: jax.random.normal(key, shape, jnp.float32))  # torch's nn.Embedding init: N(0, 1)
+        prefix = {"key": draw(key_rng), "value": draw(value_rng)}
+        return {**params, "layers": {**params["layers"], "prefix": prefix}}
+
+    def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
+        """The prefix's leaves (the encoder's with ``prefix_projection``)."""
+        if self.prefix_projection:
+            return Trainable(frozenset(f"{ENCODER}/{path}" for path in _ENCODER_LEAVES))
+        return Trainable(frozenset({"layers/prefix/key", "layers/prefix/value"}))
+
+    def hooks(self, cfg: ModelConfig) -> Hooks:
+        """What the forward pass needs: each layer's prefix, and the real tokens' positions after it."""
+        return Hooks(prefix=layer_prefix(cfg), position_offset=self.num_virtual_tokens)
+
+
+_ENCODER_LEAVES = ("embedding", "hidden/kernel", "hidden/bias", "out/kernel", "out/bias")
+
+
+def kv_width(cfg: ModelConfig) -> int:
+    """Keys (or values) per token of one layer: KVH * hd, PEFT's ``token_dim`` for grouped-query attention."""
+    return cfg.num_key_value_heads * cfg.head_dim
+
+
+@functools.lru_cache(maxsize=None)
+def layer_prefix(cfg: ModelConfig):
+    """The ``Hooks.prefix`` function: a layer's (key, value) slices as [P, KVH, hd]; one function per config, so
+    equal configs give equal hooks (no retrace under ``jit``)."""
+    kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
+
+    def prefix(lp: dict):
+        p = lp["prefix"]
+        return tuple(p[name].reshape(p[name].shape[0], *kv_shape) for name in ("key", "value"))
+
+    return prefix
+
+
+def _encoder_init(pcfg: PrefixTuningConfig, cfg: ModelConfig, rng) -> dict:
+    """PEFT's prefix encoder at torch's default init: N(0, 1) embeddings, uniform(±1/sqrt(fan_in)) linears."""
+    token_dim = kv_width(cfg)
+    hidden = pcfg.encoder_hidden_size or token_dim
+    width = cfg.num_hidden_layers * 2 * token_dim
+    keys = jax.random.split(rng, 5)
+
+    def uniform(key, shape, fan_in):
+        bound = 1 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+    out = {"kernel": uniform(keys[3], (hidden, width), hidden), "bias": uniform(keys[4], (width,), hidden)}
+    if pcfg.init_weights == "zero":
+        out = jax.tree.map(jnp.zeros_like, out)
+    return {"embedding": jax.random.normal(keys[0], (pcfg.num_virtual_tokens, token_dim), jnp.float32),
+            "hidden": {"kernel": uniform(keys[1], (token_dim, hidden), token_dim),
+                       "bias": uniform(keys[2], (hidden,), token_dim)},
+            "out": out}
+
+
+def from_flat(cfg: ModelConfig, flat: jax.Array) -> dict:
+    """PEFT's prefix [P, L*2*KVH*hd] (per token: layer-major, key before value) as the stacked ``prefix`` group."""
+    p = flat.shape[0]
+    per_layer = jnp.moveaxis(flat.reshape(p, cfg.num_hidden_layers, 2, kv_width(cfg)), 0, 1)  # [L, P, 2, KVH*hd]
+    return {"key": per_layer[:, :, 0], "value": per_layer[:, :, 1]}
+
+
+def to_flat(prefix: dict) -> jax.Array:
+    """The inverse of :func:`from_flat`: PEFT's ``prompt_embeddings`` tensor of a prefix."""
+    stacked = jnp.stack([prefix["key"], prefix["value"]], axis=2)  # [L, P, 2, KVH*hd]
+    return jnp.moveaxis(stacked, 1, 0).reshape(stacked.shape[1], -1)
+
+
+def encoded(encoder: dict) -> jax.Array:
+    """PEFT's prefix [P, L*2*KVH*hd] from its encoder: ``tanh(E W1 + b1) W2 + b2``."""
+    h = jnp.tanh(encoder["embedding"] @ encoder["hidden"]["kernel"] + encoder["hidden"]["bias"])
+    return h @ encoder["out"]["kernel"] + encoder["out"]["bias"]
+
+
+def with_prefix(cfg: ModelConfig, params: dict) -> dict:
+    """``params`` as the forward pass reads them: a ``prefix_encoder`` group (``prefix_projection``) replaced by
+    the stacked prefix it computes; a tree without one is returned as it is. Differentiable: gradients reach the
+    encoder's leaves."""
+    if ENCODER not in params:
+        return params
+    rest = {k: v for k, v in params.items() if k != ENCODER}
+    return {**rest, "layers": {**params["layers"], "prefix": from_flat(cfg, encoded(params[ENCODER]))}}
