@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,18 +50,9 @@ class PrefixTuningConfig:
     task_type: str = "CAUSAL_LM"
 
     def __post_init__(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ConfigError(f"prefix_tuning.num_virtual_tokens must be a positive integer, got "
-                              f"{self.num_virtual_tokens!r}")
-        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
-                                                     or self.encoder_hidden_size < 1):
-            raise ConfigError(f"prefix_tuning.encoder_hidden_size must be a positive integer or None (the model's "
-                              f"hidden size), got {self.encoder_hidden_size!r}")
+        check_prompt_fields("prefix_tuning", self)
         if self.init_weights not in INIT_WEIGHTS:
             raise ConfigError(f"prefix_tuning.init_weights must be one of {INIT_WEIGHTS}, got {self.init_weights!r}")
-        if self.task_type != "CAUSAL_LM":
-            raise ConfigError(f"prefix_tuning.task_type {self.task_type!r} is not supported: jaxft's prefix tuning "
-                              "is for CAUSAL_LM models")
 
     def add(self, cfg: ModelConfig, params: dict, rng) -> dict:
         """``params`` with the prefix's trained leaves added (see the module doc for where)."""
@@ -81,7 +73,27 @@ class PrefixTuningConfig:
 
     def hooks(self, cfg: ModelConfig) -> Hooks:
         """What the forward pass needs: each layer's prefix, and the real tokens' positions after it."""
-        return Hooks(prefix=layer_prefix(cfg), position_offset=self.num_virtual_tokens)
+        return prefix_hooks(cfg, self.num_virtual_tokens)
+
+
+def check_prompt_fields(section: str, pcfg) -> None:
+    """The fields every prompt-style config shares: ``num_virtual_tokens``, ``encoder_hidden_size`` (where it has
+    one) and ``task_type`` (jaxft's models are decoder-only language models: CAUSAL_LM)."""
+    if not isinstance(pcfg.num_virtual_tokens, int) or pcfg.num_virtual_tokens < 1:
+        raise ConfigError(f"{section}.num_virtual_tokens must be a positive integer, got {pcfg.num_virtual_tokens!r}")
+    hidden = getattr(pcfg, "encoder_hidden_size", None)
+    if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+        raise ConfigError(f"{section}.encoder_hidden_size must be a positive integer or None (PEFT's token_dim), "
+                          f"got {hidden!r}")
+    if pcfg.task_type != "CAUSAL_LM":
+        raise ConfigError(f"{section}.task_type {pcfg.task_type!r} is not supported: jaxft's prompt-style methods "
+                          "are for CAUSAL_LM models")
+
+
+def prefix_hooks(cfg: ModelConfig, num_virtual_tokens: int) -> Hooks:
+    """The hooks of every prompt-style method: each layer's stacked prefix, and the real tokens numbered after the
+    ``num_virtual_tokens`` virtual ones (as PEFT numbers them)."""
+    return Hooks(prefix=layer_prefix(cfg), position_offset=num_virtual_tokens)
 
 
 _ENCODER_LEAVES = ("embedding", "hidden/kernel", "hidden/bias", "out/kernel", "out/bias")
@@ -144,11 +156,27 @@ def encoded(encoder: dict) -> jax.Array:
     return h @ encoder["out"]["kernel"] + encoder["out"]["bias"]
 
 
+# Top-level groups whose leaves a forward pass turns into the stacked prefix, each with the function that does it
+# (cfg, params) -> {"key", "value"}: prefix tuning's MLP here, prompt and P-tuning's in jaxft.peft.prompt.
+PREFIX_SOURCES: dict[str, Callable[[ModelConfig, dict], dict]] = {
+    ENCODER: lambda cfg, params: from_flat(cfg, encoded(params[ENCODER]))}
+
+
+def prompt_groups(params: dict) -> list[str]:
+    """The paths of the prompt-style groups in ``params`` (a stacked prefix, or a group that computes one)."""
+    stacked = ["layers/prefix"] if "prefix" in params.get("layers", {}) else []
+    return stacked + [name for name in PREFIX_SOURCES if name in params]
+
+
 def with_prefix(cfg: ModelConfig, params: dict) -> dict:
-    """``params`` as the forward pass reads them: a ``prefix_encoder`` group (``prefix_projection``) replaced by
-    the stacked prefix it computes; a tree without one is returned as it is. Differentiable: gradients reach the
-    encoder's leaves."""
-    if ENCODER not in params:
+    """``params`` as the forward pass reads them: a group of :data:`PREFIX_SOURCES` (prefix tuning's MLP, prompt
+    or P-tuning's virtual tokens) replaced by the stacked prefix it computes; a tree without one is returned as it
+    is. Differentiable: gradients reach that group's leaves."""
+    sources = [name for name in PREFIX_SOURCES if name in params]
+    if not sources:
         return params
-    rest = {k: v for k, v in params.items() if k != ENCODER}
-    return {**rest, "layers": {**params["layers"], "prefix": from_flat(cfg, encoded(params[ENCODER]))}}
+    if len(sources) > 1:
+        raise ConfigError(f"params hold {sources}: at most one prompt-style method (prompt tuning, P-tuning or "
+                          "prefix tuning) can be active")
+    rest = {k: v for k, v in params.items() if k != sources[0]}
+    return {**rest, "layers": {**rest["layers"], "prefix": PREFIX_SOURCES[sources[0]](cfg, params)}}
