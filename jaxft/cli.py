@@ -227,8 +227,7 @@ def _export(args) -> int:
     and chat template go along.
     """
     import jaxft
-    from jaxft.hf.config import read_json
-    from jaxft.hf.peft_format import lora_config_from_peft
+    from jaxft.hf.peft_format import read_adapter_config
     from jaxft.recipes.skeleton import with_pad_token, write_export
 
     out = Path(args.out)
@@ -239,8 +238,8 @@ def _export(args) -> int:
     if args.merged:
         write_export(out, jaxft.merge(params), tok, model_cfg=with_pad_token(cfg, tok), overwrite=args.overwrite)
     else:
-        lcfg = lora_config_from_peft(read_json(Path(args.adapter) / "adapter_config.json"), args.adapter)
-        write_export(out, params, tok, model_cfg=cfg, lcfg=lcfg, base_model=str(Path(args.model).resolve()),
+        acfg = read_adapter_config(Path(args.adapter))
+        write_export(out, params, tok, model_cfg=cfg, acfg=acfg, base_model=str(Path(args.model).resolve()),
                      overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

@@ -44,7 +44,7 @@ def case(request, tmp_path_factory):
     pm.save_pretrained(root / "adapter")
     cfg, base_params = jaxft.from_pretrained(root / "base")
     params = jaxft.load_adapter(root / "adapter", base_params)
-    lcfg = jaxft.hf.peft_format.lora_config_from_peft(pm.peft_config["default"].to_dict(), "peft")
+    lcfg = jaxft.LoraConfig.from_peft(pm.peft_config["default"].to_dict(), "peft")
     return request.param, pm, cfg, base_params, params, lcfg
 
 

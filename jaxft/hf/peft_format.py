@@ -5,7 +5,8 @@ Each registered method names its own tensors (``Method.peft_tensors``), after th
 [out, r], ``...lora_magnitude_vector`` [out] (DoRA), ``base_model.model.model.embed_tokens.lora_embedding_A``
 [r, vocab] / ``lora_embedding_B`` [hidden, r]. Fully trained modules (``modules_to_save``, biases) are written
 under their module's name. Only real ranks are written, never rank padding. A method without a PEFT format is
-refused with the way out (merge it and save the full model).
+refused with the way out (merge it and save the full model). Every function takes any adapter config (``acfg``,
+:mod:`jaxft.peft.adapters`); loading picks its class by the folder's ``peft_type``.
 
 Module names are those of the model PEFT wraps, as PEFT writes them: a task head (``SEQ_CLS``, ``TOKEN_CLS``,
 ``QUESTION_ANS``) is ``base_model.model.score.weight`` / ``qa_outputs.weight``, the decoder of Llama's and Qwen2's
@@ -14,7 +15,6 @@ wraps the bare decoder (``AutoModel``): ``base_model.model.layers...``. Loading 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from jaxft.hf.names import BASE_PREFIX, canonical_name, module_name, saved_name
 from jaxft.hf.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxft.ops.registry import methods_in
 from jaxft.peft import lora
+from jaxft.peft.adapters import ADAPTER_CONFIGS
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -55,10 +56,10 @@ class Entry:
         return tuple(index)
 
 
-def _peft_module(cfg: ModelConfig, lcfg: lora.LoraConfig, group: tuple, layer: int | None) -> str:
+def _peft_module(cfg: ModelConfig, acfg, group: tuple, layer: int | None) -> str:
     """A module's name in the adapter file: its name inside the model PEFT wraps, with PEFT's prefix."""
     name = saved_name(cfg, module_name(group, layer))
-    if lcfg.task_type != "FEATURE_EXTRACTION":
+    if acfg.task_type != "FEATURE_EXTRACTION":
         return PREFIX + name
     if not name.startswith(BASE_PREFIX):
         raise ConfigError(f"a FEATURE_EXTRACTION adapter wraps the bare decoder (transformers' AutoModel), which has "
@@ -66,44 +67,44 @@ def _peft_module(cfg: ModelConfig, lcfg: lora.LoraConfig, group: tuple, layer: i
     return PREFIX + name[len(BASE_PREFIX):]
 
 
-def _canonical(name: str, lcfg: lora.LoraConfig) -> str:
+def _canonical(name: str, acfg) -> str:
     """A tensor name of an adapter file in the spelling :func:`_peft_module` gives a Llama causal LM, whichever
     class the adapter was saved from (``transformer.`` of the QA classes, the bare decoder of FEATURE_EXTRACTION)."""
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    if lcfg.task_type == "FEATURE_EXTRACTION" and not name.startswith(BASE_PREFIX):
+    if acfg.task_type == "FEATURE_EXTRACTION" and not name.startswith(BASE_PREFIX):
         name = BASE_PREFIX + name
     return PREFIX + canonical_name(name)
 
 
-def _method_entries(cfg: ModelConfig, lcfg: lora.LoraConfig, path: tuple, group: dict) -> list[Entry]:
+def _method_entries(cfg: ModelConfig, acfg, path: tuple, group: dict) -> list[Entry]:
     """The tensors every method in the group declares (``Method.peft_tensors``), under the module's PEFT name."""
     out = []
     for method in methods_in(group):
         for t in method.peft_tensors(group[method.name], group, stacked=path[0] == "layers"):
-            out.append(Entry(f"{_peft_module(cfg, lcfg, path, t.layer)}.{t.suffix}", path + (method.name, t.leaf),
+            out.append(Entry(f"{_peft_module(cfg, acfg, path, t.layer)}.{t.suffix}", path + (method.name, t.leaf),
                              t.layer, t.transpose, t.rank, t.rank_axis))
     return out
 
 
-def entries(params: dict, lcfg: lora.LoraConfig, cfg: ModelConfig | None = None) -> list[Entry]:
-    """Every tensor the adapter file holds for this tree (with ``lcfg``'s adapters added): the methods' tensors,
-    then the leaves ``lcfg`` trains whole (``modules_to_save``, biases). ``cfg`` names the modules as its
+def entries(params: dict, acfg, cfg: ModelConfig | None = None) -> list[Entry]:
+    """Every tensor the adapter file holds for this tree (with ``acfg``'s adapters added): the methods' tensors,
+    then the leaves ``acfg`` trains whole (``modules_to_save``, biases). ``cfg`` names the modules as its
     transformers class does; without it they are named from the tree's shapes (as Llama's)."""
     cfg = cfg or lora.structure_config(params)
     out = []
     groups = [(("layers", k), v) for k, v in params["layers"].items()]
     groups += [((k,), v) for k, v in params.items() if k != "layers"]
     for path, group in groups:
-        out += _method_entries(cfg, lcfg, path, group)
+        out += _method_entries(cfg, acfg, path, group)
     n_layers = params["layers"]["q_proj"]["kernel"].shape[0]
-    for whole in sorted(lora.trainable(lora.structure_config(params), params, lcfg).paths):
+    for whole in sorted(acfg.trainable(lora.structure_config(params), params).paths):
         path = tuple(whole.split("/"))
         group = _get(params, path[:-1])
         leaf = "bias" if path[-1] == "bias" else "weight"
-        if leaf == "bias" and "lora" in group:
-            leaf = "base_layer.bias"  # PEFT's name for the bias of a LoRA-wrapped layer
+        if leaf == "bias" and methods_in(group):
+            leaf = "base_layer.bias"  # PEFT's name for the bias of a layer its tuner wraps
         for layer in (range(n_layers) if path[0] == "layers" else [None]):
-            out.append(Entry(f"{_peft_module(cfg, lcfg, path[:-1], layer)}.{leaf}", path, layer,
+            out.append(Entry(f"{_peft_module(cfg, acfg, path[:-1], layer)}.{leaf}", path, layer,
                              path[-1] == "kernel"))
     return out
 
@@ -122,62 +123,50 @@ def _extract(params: dict, e: Entry) -> np.ndarray:
     return np.ascontiguousarray(x.T if e.transpose else x)
 
 
-def adapter_tensors(params: dict, lcfg: lora.LoraConfig, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
+def adapter_tensors(params: dict, acfg, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
     """The adapter file's tensors by name; ``cfg`` is needed for a question-answering head, whose decoder's name
     depends on the family (Llama, Qwen2: ``transformer.``; Mistral: ``model.``)."""
     if cfg is None and "qa_outputs" in params:
         raise ConfigError("saving an adapter of a question-answering model needs its ModelConfig (cfg=...): "
                           "transformers names the decoder of Llama's and Qwen2's QA class 'transformer', Mistral's "
                           "'model'")
-    return {e.name: _extract(params, e) for e in entries(params, lcfg, cfg)}
+    return {e.name: _extract(params, e) for e in entries(params, acfg, cfg)}
 
 
-def peft_config_dict(lcfg: lora.LoraConfig, base_model_name_or_path: str | None = None) -> dict:
-    d = dataclasses.asdict(lcfg)
-    for k in ("target_modules", "modules_to_save", "layers_to_transform", "trainable_token_indices"):
-        if isinstance(d[k], tuple):
-            d[k] = list(d[k])
-    d.update(peft_type="LORA", base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=False,
-             layers_pattern=None, lora_bias=False, revision=None)
-    return d
-
-
-def save_adapter(params: dict, lcfg: lora.LoraConfig, out_dir, *, cfg: ModelConfig | None = None,
+def save_adapter(params: dict, acfg, out_dir, *, cfg: ModelConfig | None = None,
                  base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
     """Write a PEFT adapter folder (atomically; an existing folder needs ``overwrite``). ``cfg``: the model's
     config, needed for a question-answering head (:func:`adapter_tensors`)."""
-    tensors = adapter_tensors(params, lcfg, cfg)
+    tensors = adapter_tensors(params, acfg, cfg)
     with atomic_dir(out_dir, overwrite) as tmp:
-        write_adapter(tensors, lcfg, tmp, base_model_name_or_path, cfg.head if cfg else None)
+        write_adapter(tensors, acfg, tmp, base_model_name_or_path, cfg.head if cfg else None)
     return Path(out_dir)
 
 
-def write_adapter(tensors: dict, lcfg: lora.LoraConfig, folder: Path, base_model_name_or_path: str | None = None,
+def write_adapter(tensors: dict, acfg, folder: Path, base_model_name_or_path: str | None = None,
                   head: HeadConfig | None = None):
     """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
     ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer), and the task head's
     facts PEFT's files do not hold (label names, problem type) in ``head_config.json`` (:func:`adapter_head`)."""
-    (folder / CONFIG_FILE).write_text(json.dumps(peft_config_dict(lcfg, base_model_name_or_path), indent=2))
+    (folder / CONFIG_FILE).write_text(json.dumps(acfg.peft_config(base_model_name_or_path), indent=2))
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
     if head is not None:
         (folder / HEAD_FILE).write_text(json.dumps(to_dict(head), indent=2))
 
 
-def lora_config_from_peft(d: dict, source: str) -> lora.LoraConfig:
-    """The fields jaxft models; features it doesn't implement are errors, PEFT bookkeeping fields are ignored."""
-    if d.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"{source}: peft_type {d.get('peft_type')!r}: only LORA adapters load here")
-    unsupported = {"fan_in_fan_out": False, "lora_bias": False, "layer_replication": None, "exclude_modules": None,
-                   "target_parameters": None, "use_qalora": False}
-    for key, default in unsupported.items():
-        if d.get(key, default) not in (default, [], {}):
-            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported by jaxft")
-    if d.get("layers_pattern") not in (None, "layers", ["layers"]):
-        raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r}: Llama-family layers are 'layers'")
-    names = {f.name for f in dataclasses.fields(lora.LoraConfig)}
-    kwargs = {k: v for k, v in d.items() if k in names}
-    kwargs["task_type"] = kwargs.get("task_type") or "CAUSAL_LM"
-    return lora.LoraConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "target_modules"})
+def adapter_config_from_peft(d: dict, source: str):
+    """The adapter config of an adapter_config.json dict ``d``, of the class its ``peft_type`` names (PEFT's default:
+    LORA); ``source`` names the file in errors."""
+    peft_type = d.get("peft_type") or "LORA"
+    if peft_type not in ADAPTER_CONFIGS:
+        raise CheckpointError(f"{source}: peft_type {peft_type!r} is not one jaxft loads; known: "
+                              f"{sorted(ADAPTER_CONFIGS)}")
+    return ADAPTER_CONFIGS[peft_type].from_peft(d, source)
+
+
+def read_adapter_config(folder: Path):
+    """The adapter config of a PEFT adapter folder."""
+    return adapter_config_from_peft(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
 
 
 def _shape_problem(folder: Path, e: Entry, found: tuple, expected: tuple) -> str:
@@ -201,21 +190,21 @@ def adapter_head(path) -> HeadConfig | None:
     adapter (``head_config.json``: label names, problem type); an adapter PEFT saved has only the head's weights, so
     its size is read off them. None for an adapter of a causal LM or of features."""
     folder = Path(path)
-    lcfg = lora_config_from_peft(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
-    kind = next((k for k, task_type in PEFT_TASK_TYPES.items() if task_type == lcfg.task_type), None)
+    acfg = read_adapter_config(folder)
+    kind = next((k for k, task_type in PEFT_TASK_TYPES.items() if task_type == acfg.task_type), None)
     if kind is None:
         return None
     if (folder / HEAD_FILE).is_file():
         head = from_dict(HeadConfig, read_json(folder / HEAD_FILE), source=str(folder / HEAD_FILE))
         if head.kind != kind:
             raise ConfigError(f"{folder / HEAD_FILE}: a {head.kind!r} head, but {CONFIG_FILE} says task_type "
-                              f"{lcfg.task_type} (a {kind!r} head)")
+                              f"{acfg.task_type} (a {kind!r} head)")
         return head
     group = HeadConfig(kind, 2).group
     weights = SafetensorsFile(folder / WEIGHTS_FILE)
     names = [n for n in weights.keys() if n.endswith(f".{group}.weight")]
     if not names:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE}: task_type {lcfg.task_type} but no {group}.weight (the "
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: task_type {acfg.task_type} but no {group}.weight (the "
                               "head PEFT saves with such an adapter)")
     return HeadConfig(kind, weights.shape(names[0])[0])
 
@@ -225,22 +214,22 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
     folder = Path(path)
     if not (folder / CONFIG_FILE).exists():
         raise CheckpointError(f"{folder}: no {CONFIG_FILE} (is this a PEFT adapter folder?)")
-    lcfg = lora_config_from_peft(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    acfg = read_adapter_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.exists():
         found = sorted(p.name for p in folder.iterdir())
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (found {found}; pickle adapter files are never loaded)")
     st = SafetensorsFile(weights)
-    params = lora.add(cfg or lora.structure_config(base_params), base_params, lcfg, jax.random.PRNGKey(0))
-    wanted = entries(params, lcfg, cfg)
-    in_file = {_canonical(name, lcfg): name for name in st.keys()}
-    missing = [e.name for e in wanted if _canonical(e.name, lcfg) not in in_file]
+    params = acfg.add(cfg or lora.structure_config(base_params), base_params, jax.random.PRNGKey(0))
+    wanted = entries(params, acfg, cfg)
+    in_file = {_canonical(name, acfg): name for name in st.keys()}
+    missing = [e.name for e in wanted if _canonical(e.name, acfg) not in in_file]
     if missing:
         hint = " (a DoRA adapter file without magnitude vectors?)" if any("magnitude" in m for m in missing) else ""
         raise CheckpointError(f"{weights}: {len(missing)} tensor(s) missing{hint}, e.g. {missing[:3]}")
     updates: dict[tuple, list] = {}
     for e in wanted:
-        value = np.asarray(st.get(in_file[_canonical(e.name, lcfg)]))
+        value = np.asarray(st.get(in_file[_canonical(e.name, acfg)]))
         expected = _extract(params, e).shape
         if value.shape != expected:
             raise CheckpointError(_shape_problem(folder, e, value.shape, expected))

@@ -24,6 +24,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,10 @@ from jaxft.models.llama import ATTN_PROJ, LINEAR_MODULES
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel, dora_linear, embedding_table, lora_delta, lora_linear, with_bias
 from jaxft.ops.registry import REGISTRY, Method, PeftTensor, own_leaves, register
+from jaxft.peft.adapters import check_task_type, config_dict, fields_from_peft, register_config
 from jaxft.peft.tree import Trainable, leaf_paths
 
 BIAS_MODES = ("none", "all", "lora_only")
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # What PEFT's PeftModelFor<Task> adds to modules_to_save: the task head, trained in full and saved with the adapter.
 # PEFT lists the head names of every architecture it knows, so a name may match no module of this one.
 TASK_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
@@ -49,9 +50,13 @@ OLD_LEAF_NAMES = {"lora_a": "lora/a", "lora_b": "lora/b", "lora_magnitude": "lor
                   "lora_embedding_a": "lora/a", "lora_embedding_b": "lora/b", "trainable_rows": "trainable_tokens/rows"}
 
 
+@register_config
 @dataclass(frozen=True)
 class LoraConfig:
-    """PEFT's ``LoraConfig`` fields, validated. Lists may be given; they are stored as tuples."""
+    """PEFT's ``LoraConfig`` fields, validated. Lists may be given; they are stored as tuples. An adapter config
+    (:mod:`jaxft.peft.adapters`)."""
+
+    peft_type: ClassVar[str] = "LORA"
 
     r: int = 8
     lora_alpha: float = 8
@@ -96,11 +101,7 @@ class LoraConfig:
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"lora.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
-        if self.task_type not in TASK_TYPES:
-            raise ConfigError(f"lora.task_type {self.task_type!r} is unknown; PEFT's are {TASK_TYPES}")
-        if self.task_type == "SEQ_2_SEQ_LM":
-            raise ConfigError("lora.task_type 'SEQ_2_SEQ_LM' needs an encoder-decoder model; jaxft models decoder-only "
-                              "families (Llama, Mistral, Qwen2): use CAUSAL_LM")
+        check_task_type(self.task_type, "lora")
         head_modules = [m for m in TASK_HEAD_MODULES.get(self.task_type, ()) if m not in (self.modules_to_save or ())]
         if head_modules:  # as PEFT extends the config, so the saved adapter_config.json says the same
             object.__setattr__(self, "modules_to_save", (*(self.modules_to_save or ()), *head_modules))
@@ -118,6 +119,20 @@ class LoraConfig:
     def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
         """What this config trains besides the adapters: :func:`trainable`."""
         return trainable(cfg, params, self)
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """adapter_config.json as PEFT writes it."""
+        return config_dict(self, base_model_name_or_path, fan_in_fan_out=False, layers_pattern=None, lora_bias=False)
+
+    @classmethod
+    def from_peft(cls, d: dict, source: str) -> "LoraConfig":
+        """The fields jaxft models; features it doesn't implement are errors, PEFT bookkeeping fields are ignored."""
+        unsupported = {"fan_in_fan_out": False, "lora_bias": False, "layer_replication": None,
+                       "exclude_modules": None, "target_parameters": None, "use_qalora": False}
+        kwargs = fields_from_peft(cls, d, source, unsupported)
+        if d.get("layers_pattern") not in (None, "layers", ["layers"]):
+            raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r}: Llama-family layers are 'layers'")
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or k == "target_modules"})
 
 
 @dataclass(frozen=True)

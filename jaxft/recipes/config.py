@@ -10,6 +10,7 @@ import copy
 import dataclasses
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -88,7 +89,7 @@ class RunConfig:
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
     task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
            | KtoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
-    peft: tuple[LoraConfig | HeadOnly, ...] | None = field(default=None, metadata={"union": PEFT_UNION})
+    peft: tuple[Any, ...] | None = field(default=None, metadata={"union": PEFT_UNION})  # PEFT_UNION's members
     method: InitVar[str | None] = None
     dtype: str = "float32"
     compute_dtype: str | None = None

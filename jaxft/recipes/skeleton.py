@@ -32,6 +32,7 @@ from jaxft.hf.safetensors_io import CheckpointError
 from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
+from jaxft.peft.adapters import is_adapter_config
 from jaxft.peft.methods import merge, trainable_count
 from jaxft.peft.tree import Trainable, split
 from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config
@@ -485,14 +486,16 @@ def to_host(tree):
 
 
 def export_dir(cfg: RunConfig, out: Path) -> Path:
-    """Where a run exports: ``adapter/`` for a LoRA run (PEFT's format), else ``model/`` (full fine-tuning, or
-    methods PEFT's LoRA format cannot hold, merged into the weights)."""
+    """Where a run exports: ``adapter/`` for a run of one adapter config (PEFT's format), else ``model/`` (full
+    fine-tuning, methods without a PEFT type, or several methods, which PEFT's one-type folder cannot hold, merged
+    into the weights)."""
     return out / ("adapter" if exports_adapter(cfg) else "model")
 
 
 def exports_adapter(cfg: RunConfig) -> bool:
-    """The run's only method is LoRA: it exports a PEFT adapter (else the whole model)."""
-    return cfg.lora is not None and len(cfg.peft) == 1
+    """The run's only method has a PEFT type (:mod:`jaxft.peft.adapters`): it exports a PEFT adapter (else the
+    whole model)."""
+    return len(cfg.peft) == 1 and is_adapter_config(cfg.peft[0])
 
 
 def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, out: Path) -> Path:
@@ -503,18 +506,18 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
         return write_export(export_dir(cfg, out), merge(params), tokenizer, chat_template=chat_template,
                             overwrite=True, model_cfg=model_cfg)
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
-                        model_cfg=model_cfg, lcfg=cfg.lora, base_model=str(Path(cfg.model).resolve()))
+                        model_cfg=model_cfg, acfg=cfg.peft[0], base_model=str(Path(cfg.model).resolve()))
 
 
-def write_export(out, params: dict, tokenizer, *, model_cfg=None, lcfg=None, base_model: str | None = None,
+def write_export(out, params: dict, tokenizer, *, model_cfg=None, acfg=None, base_model: str | None = None,
                  chat_template: str | None = None, overwrite: bool = False) -> Path:
     """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
-    adapter (``lcfg``, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
+    adapter (``acfg``, an adapter config, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
     ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
-    tensors = adapter_tensors(params, lcfg, model_cfg) if lcfg else to_hf_tensors(model_cfg, params)
+    tensors = adapter_tensors(params, acfg, model_cfg) if acfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
-        if lcfg:
-            write_adapter(tensors, lcfg, tmp, base_model, model_cfg.head if model_cfg else None)
+        if acfg:
+            write_adapter(tensors, acfg, tmp, base_model, model_cfg.head if model_cfg else None)
         else:
             write_pretrained(model_cfg, tensors, tmp)
         tokenizer.save(tmp)
