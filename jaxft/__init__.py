@@ -13,9 +13,12 @@ from jaxft.ops import nf4
 from jaxft.peft import lora
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.methods import merge, unmerge
+from jaxft.peft.prefix import PrefixTuningConfig
+from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
 from jaxft.peft.tree import Trainable, combine, split
 
 __all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "JaxftError", "LoraConfig", "ModelConfig",
+           "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig",
            "QuantConfig", "RopeConfig", "Tokenizer", "TokenizerError", "Trainable", "combine", "forward",
            "from_pretrained", "generate", "init_params", "load_adapter", "load_tokenizer", "lora", "merge", "nf4",
            "peft_format", "save_adapter", "save_pretrained", "split", "unmerge"]

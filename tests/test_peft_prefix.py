@@ -10,6 +10,7 @@ import torch
 import jaxft
 from hf_oracle import build, greedy_tokens, random_ids, save
 from jaxft.config import ConfigError
+from jaxft.hf.peft_format import read_adapter_config
 from jaxft.models.llama import forward
 from jaxft.peft.prefix import ENCODER, PrefixTuningConfig, from_flat, to_flat, with_prefix
 from jaxft.peft.tree import combine, split
@@ -116,6 +117,27 @@ def test_gradients_match_peft_autograd(case):
         ref = ref.numpy()
         assert np.abs(ref).max() > 1e-3
         np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_saved_adapter_loads_in_peft_and_back(case, tmp_path):
+    """save_adapter's folder loads with PeftModel.from_pretrained (equal logits); a folder PEFT saved loads into
+    jaxft (equal logits), and its config gives the hooks."""
+    pm, cfg, params, pcfg = case
+    ids = random_ids((2, 7), seed=10)
+    ours = np.asarray(forward_jit(cfg, with_prefix(cfg, params), ids, hooks=pcfg.hooks(cfg)))
+    base_dir = save(pm.get_base_model(), tmp_path / "base")
+    jaxft.save_adapter(params, pcfg, tmp_path / "ours", cfg=cfg, base_model_name_or_path=str(base_dir))
+    loaded = peft.PeftModel.from_pretrained(build(cfg.model_type), tmp_path / "ours")
+    with torch.no_grad():
+        ref = loaded(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, ref[:, ref.shape[1] - ids.shape[1]:], atol=1e-4, rtol=0)
+    pm.save_pretrained(tmp_path / "peft")
+    _, base = jaxft.from_pretrained(base_dir)
+    back = jaxft.load_adapter(tmp_path / "peft", base, cfg)
+    acfg = read_adapter_config(tmp_path / "peft")
+    assert type(acfg) is type(pcfg)
+    again = np.asarray(forward_jit(cfg, with_prefix(cfg, back), ids, hooks=acfg.hooks(cfg)))
+    np.testing.assert_allclose(again, ours, atol=1e-5, rtol=0)
 
 
 def test_only_the_prefix_trains(case):

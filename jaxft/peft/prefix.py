@@ -3,7 +3,7 @@
 Without ``prefix_projection`` the prefix itself is the trained parameter, stacked like the layers so the scanned
 layer gets its own slice (through :attr:`jaxft.models.hooks.Hooks.prefix`)::
 
-    params["layers"]["prefix"] = {"key": [L, P, KVH*hd], "value": [L, P, KVH*hd]}    # trained
+    params["layers"]["prefix"] = {"key": [L, P, KVH, hd], "value": [L, P, KVH, hd]}    # trained
 
 With ``prefix_projection`` PEFT reparameterizes it through a two-layer MLP shared by every layer, so the trained
 leaves sit in a top-level group and :func:`with_prefix` computes the stacked keys/values from them before a
@@ -19,7 +19,6 @@ into the base weights, so there is nothing to merge.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +29,16 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.hooks import Hooks
+from jaxft.models.llama import PARAM_AXES
+from jaxft.peft.adapters import config_dict, fields_from_peft, register_config
 from jaxft.peft.tree import Trainable
 
 INIT_WEIGHTS = (None, "zero")
 ENCODER = "prefix_encoder"
+SAVED_NAME = "prompt_embeddings"  # PEFT's one tensor of a prompt-style adapter (peft.tuners.tuners_utils)
 
 
+@register_config
 @dataclass(frozen=True)
 class PrefixTuningConfig:
     """PEFT's ``PrefixTuningConfig`` fields. ``encoder_hidden_size`` (default: PEFT's ``token_dim``, which for
@@ -58,7 +61,7 @@ class PrefixTuningConfig:
         """``params`` with the prefix's trained leaves added (see the module doc for where)."""
         if self.prefix_projection:
             return {**params, ENCODER: _encoder_init(self, cfg, rng)}
-        shape = (cfg.num_hidden_layers, self.num_virtual_tokens, kv_width(cfg))
+        shape = (cfg.num_hidden_layers, self.num_virtual_tokens, cfg.num_key_value_heads, cfg.head_dim)
         key_rng, value_rng = jax.random.split(rng)
         draw = (lambda key: jnp.zeros(shape, jnp.float32)) if self.init_weights == "zero" else (
             lambda key: jax.random.normal(key, shape, jnp.float32))  # torch's nn.Embedding init: N(0, 1)
@@ -71,9 +74,49 @@ class PrefixTuningConfig:
             return Trainable(frozenset(f"{ENCODER}/{path}" for path in _ENCODER_LEAVES))
         return Trainable(frozenset({"layers/prefix/key", "layers/prefix/value"}))
 
-    def hooks(self, cfg: ModelConfig) -> Hooks:
-        """What the forward pass needs: each layer's prefix, and the real tokens' positions after it."""
-        return prefix_hooks(cfg, self.num_virtual_tokens)
+    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
+        """What the forward pass needs: each layer's prefix, and the real tokens' positions after it (the same
+        for every model size, so ``cfg`` is not needed)."""
+        return prefix_hooks(self.num_virtual_tokens)
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        return prompt_config_dict(self, base_model_name_or_path)
+
+    @classmethod
+    def from_peft(cls, d: dict, source: str) -> "PrefixTuningConfig":
+        return cls(**prompt_fields_from_peft(cls, d, source))
+
+    def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
+        """PEFT's adapter file: the prefix [P, L*2*KVH*hd] as ``prompt_embeddings`` (with ``prefix_projection``
+        the prefix the MLP computes, as PEFT saves it)."""
+        return {SAVED_NAME: to_flat(with_prefix(cfg, params)["layers"]["prefix"])}
+
+    def saved_shapes(self, cfg: ModelConfig) -> dict:
+        return {SAVED_NAME: (self.num_virtual_tokens, cfg.num_hidden_layers * 2 * kv_width(cfg))}
+
+    def with_saved(self, cfg: ModelConfig, params: dict, tensors: dict) -> dict:
+        """The base ``params`` with the prefix of PEFT's file, stacked (the file holds the computed prefix, never
+        the MLP, so a loaded adapter is the prefix itself whatever ``prefix_projection`` says)."""
+        prefix = from_flat(cfg, jnp.asarray(tensors[SAVED_NAME], jnp.float32))
+        return {**params, "layers": {**params["layers"], "prefix": prefix}}
+
+
+def prompt_config_dict(pcfg, base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json of a prompt-style config. The model's sizes (``token_dim``, ``num_layers``,
+    ``num_attention_heads``) stay null: PEFT fills them in from the model it loads the adapter on, as it does for a
+    config built without them."""
+    return config_dict(pcfg, base_model_name_or_path, num_transformer_submodules=1, token_dim=None, num_layers=None,
+                       num_attention_heads=None, inference_mode=True, modules_to_save=None)
+
+
+def prompt_fields_from_peft(cls: type, d: dict, source: str) -> dict:
+    """The fields of a prompt-style config in an adapter_config.json dict; an encoder-decoder's two transformer
+    submodules are refused (jaxft's models are decoder-only)."""
+    if d.get("num_transformer_submodules") not in (None, 1):
+        raise ConfigError(f"{source}: num_transformer_submodules={d['num_transformer_submodules']!r}: jaxft's models "
+                          "are decoder-only (1)")
+    return {k: v for k, v in fields_from_peft(cls, d, source, {"modules_to_save": None}).items() if v is not None
+            or k == "encoder_hidden_size"}
 
 
 def check_prompt_fields(section: str, pcfg) -> None:
@@ -90,13 +133,23 @@ def check_prompt_fields(section: str, pcfg) -> None:
                           "are for CAUSAL_LM models")
 
 
-def prefix_hooks(cfg: ModelConfig, num_virtual_tokens: int) -> Hooks:
+def prefix_hooks(num_virtual_tokens: int) -> Hooks:
     """The hooks of every prompt-style method: each layer's stacked prefix, and the real tokens numbered after the
     ``num_virtual_tokens`` virtual ones (as PEFT numbers them)."""
-    return Hooks(prefix=layer_prefix(cfg), position_offset=num_virtual_tokens)
+    return Hooks(prefix=layer_prefix, position_offset=num_virtual_tokens)
 
 
 _ENCODER_LEAVES = ("embedding", "hidden/kernel", "hidden/bias", "out/kernel", "out/bias")
+
+
+# The logical axes of the prefix's leaves (jaxft.parallel shards by them; none but "layer" is in a sharding rule, so
+# these small leaves are replicated), declared beside the model's own.
+PARAM_AXES.update({
+    ("layers", "prefix"): dict.fromkeys(("key", "value"), ("layer", "virtual_tokens", "prefix_heads", "head_dim")),
+    (ENCODER,): {"embedding": ("virtual_tokens", "prefix_width")},
+    (ENCODER, "hidden"): {"kernel": ("prefix_width", "encoder_hidden"), "bias": ("encoder_hidden",)},
+    (ENCODER, "out"): {"kernel": ("encoder_hidden", "prefix_out"), "bias": ("prefix_out",)},
+})
 
 
 def kv_width(cfg: ModelConfig) -> int:
@@ -104,17 +157,9 @@ def kv_width(cfg: ModelConfig) -> int:
     return cfg.num_key_value_heads * cfg.head_dim
 
 
-@functools.lru_cache(maxsize=None)
-def layer_prefix(cfg: ModelConfig):
-    """The ``Hooks.prefix`` function: a layer's (key, value) slices as [P, KVH, hd]; one function per config, so
-    equal configs give equal hooks (no retrace under ``jit``)."""
-    kv_shape = (cfg.num_key_value_heads, cfg.head_dim)
-
-    def prefix(lp: dict):
-        p = lp["prefix"]
-        return tuple(p[name].reshape(p[name].shape[0], *kv_shape) for name in ("key", "value"))
-
-    return prefix
+def layer_prefix(lp: dict) -> tuple[jax.Array, jax.Array]:
+    """The ``Hooks.prefix`` function of every prompt-style method: the layer's (key, value) slices [P, KVH, hd]."""
+    return lp["prefix"]["key"], lp["prefix"]["value"]
 
 
 def _encoder_init(pcfg: PrefixTuningConfig, cfg: ModelConfig, rng) -> dict:
@@ -140,13 +185,14 @@ def _encoder_init(pcfg: PrefixTuningConfig, cfg: ModelConfig, rng) -> dict:
 def from_flat(cfg: ModelConfig, flat: jax.Array) -> dict:
     """PEFT's prefix [P, L*2*KVH*hd] (per token: layer-major, key before value) as the stacked ``prefix`` group."""
     p = flat.shape[0]
-    per_layer = jnp.moveaxis(flat.reshape(p, cfg.num_hidden_layers, 2, kv_width(cfg)), 0, 1)  # [L, P, 2, KVH*hd]
+    per_layer = jnp.moveaxis(flat.reshape(p, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim), 0,
+                             1)  # [L, P, 2, KVH, hd]
     return {"key": per_layer[:, :, 0], "value": per_layer[:, :, 1]}
 
 
 def to_flat(prefix: dict) -> jax.Array:
     """The inverse of :func:`from_flat`: PEFT's ``prompt_embeddings`` tensor of a prefix."""
-    stacked = jnp.stack([prefix["key"], prefix["value"]], axis=2)  # [L, P, 2, KVH*hd]
+    stacked = jnp.stack([prefix["key"], prefix["value"]], axis=2)  # [L, P, 2, KVH, hd]
     return jnp.moveaxis(stacked, 1, 0).reshape(stacked.shape[1], -1)
 
 

@@ -30,9 +30,11 @@ import jax.numpy as jnp
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.generate import init_cache
 from jaxft.models.hooks import Hooks
-from jaxft.models.llama import hidden_states
+from jaxft.models.llama import PARAM_AXES, hidden_states
 from jaxft.ops.linear import embedding_table
-from jaxft.peft.prefix import PREFIX_SOURCES, check_prompt_fields, prefix_hooks
+from jaxft.peft.adapters import register_config
+from jaxft.peft.prefix import (PREFIX_SOURCES, SAVED_NAME, check_prompt_fields, prefix_hooks, prompt_config_dict,
+                               prompt_fields_from_peft)
 from jaxft.peft.tree import Trainable
 
 PROMPT = "prompt_embeddings"
@@ -42,6 +44,7 @@ ENCODER_TYPES = ("MLP",)
 MLP_LAYERS = ("in", "hidden", "out")  # PEFT's mlp_head.0, .2 and .4 (ReLUs between)
 
 
+@register_config
 @dataclass(frozen=True)
 class PromptTuningConfig:
     """PEFT's ``PromptTuningConfig`` fields. ``prompt_tuning_init``: RANDOM draws N(0, 1) (torch's embedding init),
@@ -85,10 +88,27 @@ class PromptTuningConfig:
     def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
         return Trainable(frozenset({f"{PROMPT}/embedding"}))
 
-    def hooks(self, cfg: ModelConfig) -> Hooks:
-        return prefix_hooks(cfg, self.num_virtual_tokens)
+    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
+        return prefix_hooks(self.num_virtual_tokens)
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        return prompt_config_dict(self, base_model_name_or_path)
+
+    @classmethod
+    def from_peft(cls, d: dict, source: str):
+        return cls(**prompt_fields_from_peft(cls, d, source))
+
+    def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
+        return saved_embeddings(params)
+
+    def saved_shapes(self, cfg: ModelConfig) -> dict:
+        return {SAVED_NAME: (self.num_virtual_tokens, cfg.hidden_size)}
+
+    def with_saved(self, cfg: ModelConfig, params: dict, tensors: dict) -> dict:
+        return with_saved_embeddings(params, tensors)
 
 
+@register_config
 @dataclass(frozen=True)
 class PromptEncoderConfig:
     """PEFT's ``PromptEncoderConfig`` (P-tuning) fields: the MLP encoder (three linears with ReLUs between,
@@ -122,8 +142,37 @@ class PromptEncoderConfig:
         return Trainable(frozenset(f"{ENCODER}/{path}" for path in ["embedding"] + [
             f"mlp/{name}/{leaf}" for name in MLP_LAYERS for leaf in ("kernel", "bias")]))
 
-    def hooks(self, cfg: ModelConfig) -> Hooks:
-        return prefix_hooks(cfg, self.num_virtual_tokens)
+    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
+        return prefix_hooks(self.num_virtual_tokens)
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        return prompt_config_dict(self, base_model_name_or_path)
+
+    @classmethod
+    def from_peft(cls, d: dict, source: str):
+        return cls(**prompt_fields_from_peft(cls, d, source))
+
+    def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
+        return saved_embeddings(params)
+
+    def saved_shapes(self, cfg: ModelConfig) -> dict:
+        return {SAVED_NAME: (self.num_virtual_tokens, cfg.hidden_size)}
+
+    def with_saved(self, cfg: ModelConfig, params: dict, tensors: dict) -> dict:
+        return with_saved_embeddings(params, tensors)
+
+
+def saved_embeddings(params: dict) -> dict:
+    """PEFT's adapter file of prompt or P-tuning: the virtual embeddings [P, D] as ``prompt_embeddings`` (P-tuning's
+    computed by its encoder, as PEFT saves them)."""
+    embeds = params[PROMPT]["embedding"] if PROMPT in params else encoded(params[ENCODER])
+    return {SAVED_NAME: embeds}
+
+
+def with_saved_embeddings(params: dict, tensors: dict) -> dict:
+    """The base ``params`` with the virtual embeddings of PEFT's file, as prompt tuning holds them (the file of a
+    P-tuning adapter holds the embeddings its encoder computed, never the encoder: PEFT loads it so too)."""
+    return {**params, PROMPT: {"embedding": jnp.asarray(tensors[SAVED_NAME], jnp.float32)}}
 
 
 def _torch_linear(rng, fan_in: int, fan_out: int) -> dict:
@@ -145,14 +194,21 @@ def encoded(encoder: dict) -> jax.Array:
 
 
 def virtual_prefix(cfg: ModelConfig, params: dict, embeds: jax.Array) -> dict:
-    """The stacked prefix {"key", "value": [L, P, KVH*hd]} of virtual embeddings [P, D]: the keys (after RoPE, at
+    """The stacked prefix {"key", "value": [L, P, KVH, hd]} of virtual embeddings [P, D]: the keys (after RoPE, at
     positions 0..P-1) and values every layer computes for them when they start a sequence."""
     p = embeds.shape[0]
     cache = init_cache(cfg, 1, p)
     out = hidden_states(cfg, params, None, jnp.arange(p)[None], inputs_embeds=embeds[None], cache=cache)
-    layers = cfg.num_hidden_layers
-    return {"key": out.cache["k"][:, 0].reshape(layers, p, -1), "value": out.cache["v"][:, 0].reshape(layers, p, -1)}
+    return {"key": out.cache["k"][:, 0], "value": out.cache["v"][:, 0]}
 
 
+# The logical axes of the virtual tokens' leaves, declared beside the model's own (jaxft.parallel shards by them).
+PARAM_AXES.update({
+    (PROMPT,): {"embedding": ("virtual_tokens", "embed")},
+    (ENCODER,): {"embedding": ("virtual_tokens", "embed")},
+    (ENCODER, "mlp", "in"): {"kernel": ("embed", "encoder_hidden"), "bias": ("encoder_hidden",)},
+    (ENCODER, "mlp", "hidden"): {"kernel": ("encoder_hidden", "encoder_hidden"), "bias": ("encoder_hidden",)},
+    (ENCODER, "mlp", "out"): {"kernel": ("encoder_hidden", "embed"), "bias": ("embed",)},
+})
 PREFIX_SOURCES[PROMPT] = lambda cfg, params: virtual_prefix(cfg, params, params[PROMPT]["embedding"])
 PREFIX_SOURCES[ENCODER] = lambda cfg, params: virtual_prefix(cfg, params, encoded(params[ENCODER]))

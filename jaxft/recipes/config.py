@@ -21,6 +21,8 @@ from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.head import HeadOnly
 from jaxft.peft.lora import LoraConfig
+from jaxft.peft.prefix import PrefixTuningConfig
+from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
@@ -33,7 +35,10 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask}, default="sft")
-PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly})
+PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
+                                  "prompt_tuning": PromptTuningConfig,
+                                  "p_tuning": PromptEncoderConfig,
+                                  "prefix_tuning": PrefixTuningConfig})
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,16 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def objective(self):
-        """What this run's step minimizes and its evaluation reports: its task's objective."""
-        return self.task.objective(self.train)
+        """What this run's step minimizes and its evaluation reports: its task's objective, with the hooks of a
+        prompt-style method (prompt, P- or prefix tuning), which only next-token objectives take."""
+        objective = self.task.objective(self.train)
+        hooked = [m for m in self.peft or () if hasattr(m, "hooks")]
+        if not hooked:
+            return objective
+        if len(hooked) > 1 or not hasattr(objective, "hooks"):
+            raise ConfigError(f"peft: {[type(m).__name__ for m in hooked]} with task {type(self.task).__name__}: "
+                              "a run trains at most one prompt-style method, and only with the sft task")
+        return dataclasses.replace(objective, hooks=hooked[0].hooks())
 
     @property
     def row_length(self) -> int:
