@@ -140,6 +140,12 @@ def test_saved_adapter_loads_in_peft_and_back(case, tmp_path):
     np.testing.assert_allclose(again, ours, atol=1e-5, rtol=0)
 
 
+def test_merge_is_refused(case):
+    _, _, params, _ = case
+    with pytest.raises(ConfigError, match="cannot merge"):
+        jaxft.merge(params)
+
+
 def test_only_the_prefix_trains(case):
     _, cfg, params, pcfg = case
     trained, _ = split(params, pcfg.trainable(cfg, params))
