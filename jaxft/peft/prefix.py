@@ -38,9 +38,37 @@ ENCODER = "prefix_encoder"
 SAVED_NAME = "prompt_embeddings"  # PEFT's one tensor of a prompt-style adapter (peft.tuners.tuners_utils)
 
 
+class PromptLearning:
+    """What every prompt-style adapter config (PEFT's ``PromptLearningConfig``) shares: its hooks and its
+    adapter_config.json. The subclasses hold ``num_virtual_tokens``."""
+
+    num_virtual_tokens: int
+
+    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
+        """What the forward pass needs: each layer's prefix, and the real tokens' positions after it (the same
+        for every model size, so ``cfg`` is not needed)."""
+        return prefix_hooks(self.num_virtual_tokens)
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """adapter_config.json. The model's sizes (``token_dim``, ``num_layers``, ``num_attention_heads``) stay
+        null: PEFT fills them in from the model it loads the adapter on, as for a config built without them."""
+        return config_dict(self, base_model_name_or_path, num_transformer_submodules=1, token_dim=None,
+                           num_layers=None, num_attention_heads=None, inference_mode=True, modules_to_save=None)
+
+    @classmethod
+    def from_peft(cls, d: dict, source: str):
+        """The config of an adapter_config.json dict; an encoder-decoder's two transformer submodules are refused
+        (jaxft's models are decoder-only)."""
+        if d.get("num_transformer_submodules") not in (None, 1):
+            raise ConfigError(f"{source}: num_transformer_submodules={d['num_transformer_submodules']!r}: jaxft's "
+                              "models are decoder-only (1)")
+        kwargs = fields_from_peft(cls, d, source, {"modules_to_save": None})
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or k == "encoder_hidden_size"})
+
+
 @register_config
 @dataclass(frozen=True)
-class PrefixTuningConfig:
+class PrefixTuningConfig(PromptLearning):
     """PEFT's ``PrefixTuningConfig`` fields. ``encoder_hidden_size`` (default: PEFT's ``token_dim``, which for
     grouped-query attention is KVH * hd) is the MLP's width and is used only with ``prefix_projection``. ``init_weights="zero"``
     starts the prefix (or the MLP's output layer) at zero; ``None`` draws it at random as torch does."""
@@ -74,18 +102,6 @@ class PrefixTuningConfig:
             return Trainable(frozenset(f"{ENCODER}/{path}" for path in _ENCODER_LEAVES))
         return Trainable(frozenset({"layers/prefix/key", "layers/prefix/value"}))
 
-    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
-        """What the forward pass needs: each layer's prefix, and the real tokens' positions after it (the same
-        for every model size, so ``cfg`` is not needed)."""
-        return prefix_hooks(self.num_virtual_tokens)
-
-    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
-        return prompt_config_dict(self, base_model_name_or_path)
-
-    @classmethod
-    def from_peft(cls, d: dict, source: str) -> "PrefixTuningConfig":
-        return cls(**prompt_fields_from_peft(cls, d, source))
-
     def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
         """PEFT's adapter file: the prefix [P, L*2*KVH*hd] as ``prompt_embeddings`` (with ``prefix_projection``
         the prefix the MLP computes, as PEFT saves it)."""
@@ -99,24 +115,6 @@ class PrefixTuningConfig:
         the MLP, so a loaded adapter is the prefix itself whatever ``prefix_projection`` says)."""
         prefix = from_flat(cfg, jnp.asarray(tensors[SAVED_NAME], jnp.float32))
         return {**params, "layers": {**params["layers"], "prefix": prefix}}
-
-
-def prompt_config_dict(pcfg, base_model_name_or_path: str | None) -> dict:
-    """adapter_config.json of a prompt-style config. The model's sizes (``token_dim``, ``num_layers``,
-    ``num_attention_heads``) stay null: PEFT fills them in from the model it loads the adapter on, as it does for a
-    config built without them."""
-    return config_dict(pcfg, base_model_name_or_path, num_transformer_submodules=1, token_dim=None, num_layers=None,
-                       num_attention_heads=None, inference_mode=True, modules_to_save=None)
-
-
-def prompt_fields_from_peft(cls: type, d: dict, source: str) -> dict:
-    """The fields of a prompt-style config in an adapter_config.json dict; an encoder-decoder's two transformer
-    submodules are refused (jaxft's models are decoder-only)."""
-    if d.get("num_transformer_submodules") not in (None, 1):
-        raise ConfigError(f"{source}: num_transformer_submodules={d['num_transformer_submodules']!r}: jaxft's models "
-                          "are decoder-only (1)")
-    return {k: v for k, v in fields_from_peft(cls, d, source, {"modules_to_save": None}).items() if v is not None
-            or k == "encoder_hidden_size"}
 
 
 def check_prompt_fields(section: str, pcfg) -> None:

@@ -29,12 +29,10 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.generate import init_cache
-from jaxft.models.hooks import Hooks
 from jaxft.models.llama import PARAM_AXES, hidden_states
 from jaxft.ops.linear import embedding_table
 from jaxft.peft.adapters import register_config
-from jaxft.peft.prefix import (PREFIX_SOURCES, SAVED_NAME, check_prompt_fields, prefix_hooks, prompt_config_dict,
-                               prompt_fields_from_peft)
+from jaxft.peft.prefix import PREFIX_SOURCES, SAVED_NAME, PromptLearning, check_prompt_fields
 from jaxft.peft.tree import Trainable
 
 PROMPT = "prompt_embeddings"
@@ -44,9 +42,24 @@ ENCODER_TYPES = ("MLP",)
 MLP_LAYERS = ("in", "hidden", "out")  # PEFT's mlp_head.0, .2 and .4 (ReLUs between)
 
 
+class VirtualTokens(PromptLearning):
+    """What prompt and P-tuning share: PEFT's adapter file holds their virtual embeddings [P, D] as
+    ``prompt_embeddings`` (P-tuning's computed by its encoder, as PEFT saves them), and loading it gives the
+    embeddings as prompt tuning holds them (the file of a P-tuning adapter holds no encoder: PEFT loads it so too)."""
+
+    def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
+        return {SAVED_NAME: params[PROMPT]["embedding"] if PROMPT in params else encoded(params[ENCODER])}
+
+    def saved_shapes(self, cfg: ModelConfig) -> dict:
+        return {SAVED_NAME: (self.num_virtual_tokens, cfg.hidden_size)}
+
+    def with_saved(self, cfg: ModelConfig, params: dict, tensors: dict) -> dict:
+        return {**params, PROMPT: {"embedding": jnp.asarray(tensors[SAVED_NAME], jnp.float32)}}
+
+
 @register_config
 @dataclass(frozen=True)
-class PromptTuningConfig:
+class PromptTuningConfig(VirtualTokens):
     """PEFT's ``PromptTuningConfig`` fields. ``prompt_tuning_init``: RANDOM draws N(0, 1) (torch's embedding init),
     SAMPLE_VOCAB copies the rows of random vocabulary ids, TEXT the rows of ``prompt_tuning_init_text``'s tokens
     (cut or repeated to P, as PEFT does), which :meth:`add` takes already tokenized (``text_ids``) with the
@@ -88,29 +101,10 @@ class PromptTuningConfig:
     def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
         return Trainable(frozenset({f"{PROMPT}/embedding"}))
 
-    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
-        return prefix_hooks(self.num_virtual_tokens)
-
-    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
-        return prompt_config_dict(self, base_model_name_or_path)
-
-    @classmethod
-    def from_peft(cls, d: dict, source: str):
-        return cls(**prompt_fields_from_peft(cls, d, source))
-
-    def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
-        return saved_embeddings(params)
-
-    def saved_shapes(self, cfg: ModelConfig) -> dict:
-        return {SAVED_NAME: (self.num_virtual_tokens, cfg.hidden_size)}
-
-    def with_saved(self, cfg: ModelConfig, params: dict, tensors: dict) -> dict:
-        return with_saved_embeddings(params, tensors)
-
 
 @register_config
 @dataclass(frozen=True)
-class PromptEncoderConfig:
+class PromptEncoderConfig(VirtualTokens):
     """PEFT's ``PromptEncoderConfig`` (P-tuning) fields: the MLP encoder (three linears with ReLUs between,
     ``encoder_hidden_size`` wide, default the model's hidden size); ``encoder_num_layers`` and ``encoder_dropout``
     belong to PEFT's LSTM encoder, which jaxft does not implement (refused)."""
@@ -141,38 +135,6 @@ class PromptEncoderConfig:
     def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
         return Trainable(frozenset(f"{ENCODER}/{path}" for path in ["embedding"] + [
             f"mlp/{name}/{leaf}" for name in MLP_LAYERS for leaf in ("kernel", "bias")]))
-
-    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
-        return prefix_hooks(self.num_virtual_tokens)
-
-    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
-        return prompt_config_dict(self, base_model_name_or_path)
-
-    @classmethod
-    def from_peft(cls, d: dict, source: str):
-        return cls(**prompt_fields_from_peft(cls, d, source))
-
-    def saved_tensors(self, cfg: ModelConfig, params: dict) -> dict:
-        return saved_embeddings(params)
-
-    def saved_shapes(self, cfg: ModelConfig) -> dict:
-        return {SAVED_NAME: (self.num_virtual_tokens, cfg.hidden_size)}
-
-    def with_saved(self, cfg: ModelConfig, params: dict, tensors: dict) -> dict:
-        return with_saved_embeddings(params, tensors)
-
-
-def saved_embeddings(params: dict) -> dict:
-    """PEFT's adapter file of prompt or P-tuning: the virtual embeddings [P, D] as ``prompt_embeddings`` (P-tuning's
-    computed by its encoder, as PEFT saves them)."""
-    embeds = params[PROMPT]["embedding"] if PROMPT in params else encoded(params[ENCODER])
-    return {SAVED_NAME: embeds}
-
-
-def with_saved_embeddings(params: dict, tensors: dict) -> dict:
-    """The base ``params`` with the virtual embeddings of PEFT's file, as prompt tuning holds them (the file of a
-    P-tuning adapter holds the embeddings its encoder computed, never the encoder: PEFT loads it so too)."""
-    return {**params, PROMPT: {"embedding": jnp.asarray(tensors[SAVED_NAME], jnp.float32)}}
 
 
 def _torch_linear(rng, fan_in: int, fan_out: int) -> dict:
