@@ -116,8 +116,10 @@ def test_changes_and_flat_keys_name_a_methods_keys_by_its_type(tmp_path):
 @pytest.mark.parametrize("section, says", [
     ("task: {type: grpo}", "task.type: unknown task type 'grpo'; known types are ['classify', 'dpo', 'kto', "
                            "'orpo', 'qa', 'reward', 'sft', 'simpo', 'token_classify']"),
-    ("peft: [{type: ia3}]", "peft.0.type: unknown peft type 'ia3'; known types are ['head', 'lora']"),
-    ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['head', 'lora']"),
+    ("peft: [{type: ia3}]", "peft.0.type: unknown peft type 'ia3'; known types are ['head', 'lora', 'p_tuning', "
+                            "'prefix_tuning', 'prompt_tuning']"),
+    ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['head', 'lora', 'p_tuning', "
+                       "'prefix_tuning', 'prompt_tuning']"),
     ("peft: [{type: lora}, {type: lora}]", "peft.1: a second lora entry"),
     ("quant: {type: int8}", "quant.type: unknown quant type 'int8'; known types are ['fp4', 'nf4']"),
     ("model: {type: gpt2, vocab_size: 8}", "model.type: unknown model type 'gpt2'; known types are ['llama', "
