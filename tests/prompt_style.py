@@ -17,6 +17,8 @@ from hf_oracle import build, greedy_tokens, random_ids, save
 from jaxft.config import ConfigError
 from jaxft.hf.peft_format import read_adapter_config
 from jaxft.models.llama import forward
+from jaxft.ops import nf4
+from jaxft.ops.linear import dense_kernel
 from jaxft.peft.prefix import with_prefix
 from jaxft.peft.tree import combine, split
 
@@ -138,3 +140,18 @@ def test_saved_adapter_loads_in_peft_and_back(case, tmp_path):
 def test_merge_is_refused(case):
     with pytest.raises(ConfigError, match="cannot merge"):
         jaxft.merge(case.params)
+
+
+def test_nf4_base_gives_its_dequantized_base_logits(case, tmp_path):
+    """On an NF4 base the method's logits (and its prefix, computed through the quantized layers for prompt and
+    P-tuning) are those of the dense base holding the dequantized weights."""
+    _, quantized = jaxft.from_pretrained(save(case.pm.get_base_model(), tmp_path / "base"), quant="nf4")
+    adapter = {k: v for k, v in case.params.items() if k not in case.base}
+    adapter["layers"] = {**quantized["layers"], **{k: v for k, v in case.params["layers"].items()
+                                                   if k not in case.base["layers"]}}
+    on_nf4 = {**quantized, **adapter}
+    dense = jax.tree.map(lambda x: dense_kernel(x, jnp.float32) if isinstance(x, nf4.QuantizedTensor) else x, on_nf4,
+                         is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
+    ids = random_ids((2, 7), seed=11)
+    np.testing.assert_allclose(_ours(case._replace(params=on_nf4), ids), _ours(case._replace(params=dense), ids),
+                               atol=1e-5, rtol=0)

@@ -12,7 +12,8 @@ from jaxft.config import ConfigError
 from jaxft.peft.prefix import ENCODER, PrefixTuningConfig, from_flat, to_flat, with_prefix
 from prompt_style import (Case, as_jax, randomized, test_gradients_match_peft_autograd,  # noqa: F401 (collected
                           test_greedy_generation_matches_peft_greedy, test_logits_match_peft,  # here, with this
-                          test_merge_is_refused, test_only_its_leaves_train,  # file's case)
+                          test_merge_is_refused, test_nf4_base_gives_its_dequantized_base_logits,  # file's
+                          test_only_its_leaves_train,  # case)
                           test_packed_segments_each_see_the_virtual_tokens, test_saved_adapter_loads_in_peft_and_back)
 
 P = 3

@@ -59,4 +59,6 @@ def test_prefix_tuning_run_trains_the_prefix_and_exports_an_adapter_peft_loads(c
 def test_prompt_style_method_outside_sft_is_refused(chats):
     with pytest.raises(ConfigError, match="only with the sft task"):
         _config(chats, "dpo", "[{type: prompt_tuning, num_virtual_tokens: 4}]", "task: {type: dpo}\n").objective()
+    with pytest.raises(ConfigError, match="trains alone"):
+        _config(chats, "both", "[{type: prefix_tuning}, {type: lora}]").objective()
     assert isinstance(_config(chats, "p", "[{type: p_tuning}]").peft[0], jaxft.PromptEncoderConfig)

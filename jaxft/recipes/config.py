@@ -163,14 +163,15 @@ class RunConfig:
 
     def objective(self):
         """What this run's step minimizes and its evaluation reports: its task's objective, with the hooks of a
-        prompt-style method (prompt, P- or prefix tuning), which only next-token objectives take."""
+        prompt-style method (prompt, P- or prefix tuning), which trains alone and only with next-token objectives."""
         objective = self.task.objective(self.train)
         hooked = [m for m in self.peft or () if hasattr(m, "hooks")]
         if not hooked:
             return objective
-        if len(hooked) > 1 or not hasattr(objective, "hooks"):
-            raise ConfigError(f"peft: {[type(m).__name__ for m in hooked]} with task {type(self.task).__name__}: "
-                              "a run trains at most one prompt-style method, and only with the sft task")
+        if len(self.peft) > 1 or not hasattr(objective, "hooks"):
+            raise ConfigError(f"peft: {[type(m).__name__ for m in self.peft]} with task {type(self.task).__name__}: "
+                              "a prompt-style method trains alone (no weight can hold it, so it exports only as its "
+                              "PEFT adapter, never merged), and only with the sft task")
         return dataclasses.replace(objective, hooks=hooked[0].hooks())
 
     @property
