@@ -37,9 +37,10 @@ def _case(family, kind, tmp_path_factory):
     if kind == "prompt":
         params[PROMPT] = {"embedding": as_jax(encoder.embedding.weight)}
         return Case(pm, cfg, base, params, pcfg, _prompt_grads)
+    linears = [encoder.mlp_head[i] for i in MLP_HEAD]
     params[ENCODER] = {"embedding": as_jax(encoder.embedding.weight),
-                       "mlp": {name: {"kernel": as_jax(encoder.mlp_head[i].weight).T,
-                                      "bias": as_jax(encoder.mlp_head[i].bias)} for name, i in zip(MLP_LAYERS, MLP_HEAD)}}
+                       "mlp": {name: {"kernel": as_jax(lin.weight).T, "bias": as_jax(lin.bias)}
+                               for name, lin in zip(MLP_LAYERS, linears)}}
     return Case(pm, cfg, base, params, pcfg, _encoder_grads)
 
 

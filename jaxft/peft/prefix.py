@@ -5,6 +5,8 @@ layer gets its own slice (through :attr:`jaxft.models.hooks.Hooks.prefix`)::
 
     params["layers"]["prefix"] = {"key": [L, P, KVH, hd], "value": [L, P, KVH, hd]}    # trained
 
+(PEFT's flat [P, L*2*KVH*hd] layout converts with :func:`from_flat` / :func:`to_flat`.)
+
 With ``prefix_projection`` PEFT reparameterizes it through a two-layer MLP shared by every layer, so the trained
 leaves sit in a top-level group and :func:`with_prefix` computes the stacked keys/values from them before a
 forward pass::
@@ -70,8 +72,9 @@ class PromptLearning:
 @dataclass(frozen=True)
 class PrefixTuningConfig(PromptLearning):
     """PEFT's ``PrefixTuningConfig`` fields. ``encoder_hidden_size`` (default: PEFT's ``token_dim``, which for
-    grouped-query attention is KVH * hd) is the MLP's width and is used only with ``prefix_projection``. ``init_weights="zero"``
-    starts the prefix (or the MLP's output layer) at zero; ``None`` draws it at random as torch does."""
+    grouped-query attention is KVH * hd) is the MLP's width and is used only with ``prefix_projection``.
+    ``init_weights="zero"`` starts the prefix (or the MLP's output layer) at zero; ``None`` draws it at random as
+    torch does."""
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     num_virtual_tokens: int = 20
