@@ -10,7 +10,7 @@ from jaxft.models.generate import generate
 from jaxft.models.hooks import Hooks
 from jaxft.models.llama import forward, init_params
 from jaxft.ops import nf4
-from jaxft.peft import lora
+from jaxft.peft import ia3, ln_tuning, lora  # noqa: F401  (imported to register their adapter configs and methods)
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.methods import merge, unmerge
 from jaxft.peft.prefix import PrefixTuningConfig

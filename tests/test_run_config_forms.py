@@ -116,10 +116,10 @@ def test_changes_and_flat_keys_name_a_methods_keys_by_its_type(tmp_path):
 @pytest.mark.parametrize("section, says", [
     ("task: {type: grpo}", "task.type: unknown task type 'grpo'; known types are ['classify', 'dpo', 'kto', "
                            "'orpo', 'qa', 'reward', 'sft', 'simpo', 'token_classify']"),
-    ("peft: [{type: ia3}]", "peft.0.type: unknown peft type 'ia3'; known types are ['head', 'lora', 'p_tuning', "
-                            "'prefix_tuning', 'prompt_tuning']"),
-    ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['head', 'lora', 'p_tuning', "
-                       "'prefix_tuning', 'prompt_tuning']"),
+    ("peft: [{type: vera}]", "peft.0.type: unknown peft type 'vera'; known types are ['bitfit', 'head', 'ia3', "
+                             "'ln_tuning', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning']"),
+    ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['bitfit', 'head', 'ia3', "
+                       "'ln_tuning', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning']"),
     ("peft: [{type: lora}, {type: lora}]", "peft.1: a second lora entry"),
     ("quant: {type: int8}", "quant.type: unknown quant type 'int8'; known types are ['fp4', 'nf4']"),
     ("model: {type: gpt2, vocab_size: 8}", "model.type: unknown model type 'gpt2'; known types are ['llama', "
@@ -137,7 +137,7 @@ def test_unknown_types_and_contradictory_forms_are_errors(tmp_path, section, say
 @pytest.mark.parametrize("sets, says", [
     (["lora.rank=4"], "--set lora.rank=4: unknown key(s) ['lora.rank'] for LoraConfig"),
     (["peft.0.r=abc"], "--set peft.0.r=abc: expected a whole number, got 'abc'"),
-    (["peft.ia3.r=4"], "peft.ia3 is neither an entry's index nor a method type"),
+    (["peft.vera.r=4"], "peft.vera is neither an entry's index nor a method type"),
     (["method=full", "lora.r=4"], "this config's peft list has no lora entry"),
     (["quant.type=int8"], "--set quant.type=int8: unknown quant type 'int8'"),
 ])

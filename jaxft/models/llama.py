@@ -28,6 +28,7 @@ from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention, with_p
 from jaxft.ops.blockwise_attention import platform_attention
 from jaxft.ops.linear import embed, embedding_table, linear
 from jaxft.ops.mlp import swiglu
+from jaxft.ops.registry import norm_scale
 from jaxft.ops.rope import apply_rope, rope_tables
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -174,7 +175,7 @@ def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, hooks: Hooks, rng=No
     def proj(name, inputs):
         return linear(lp[name], inputs, keys.get(name))
 
-    h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    h = rms_norm(x, norm_scale(lp["input_layernorm"]), cfg.rms_norm_eps)
     q_heads = apply_rope(proj("q_proj", h).reshape(b, t, -1, hd), cos, sin)
     k_heads = apply_rope(proj("k_proj", h).reshape(b, t, -1, hd), cos, sin)
     v_heads = proj("v_proj", h).reshape(b, t, -1, hd)
@@ -185,7 +186,7 @@ def _block(cfg: ModelConfig, lp: dict, x, cos, sin, attend, hooks: Hooks, rng=No
         kv_cache = (k_heads, v_heads)
     attn = attend(q_heads, k_heads.astype(x.dtype), v_heads.astype(x.dtype))
     x = x + _after(hooks.after_attention, lp, proj("o_proj", attn.reshape(b, t, -1)))
-    h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    h = rms_norm(x, norm_scale(lp["post_attention_layernorm"]), cfg.rms_norm_eps)
     x = x + _after(hooks.after_mlp, lp, proj("down_proj", swiglu(proj("gate_proj", h), proj("up_proj", h))))
     return x, kv_cache
 
@@ -284,7 +285,7 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     kv_in = None if cache is None else (cache["k"], cache["v"])
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_hidden_layers)
     x, (kv_out, taps) = jax.lax.scan(body, x, (params["layers"], layer_windows(cfg), layer_rngs, kv_in))
-    x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+    x = rms_norm(x, norm_scale(params["norm"]), cfg.rms_norm_eps)
     if cache is not None:
         cache = {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segment, "index": cache["index"] + t}
     return DecoderOutput(x, cache, taps)

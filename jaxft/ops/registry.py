@@ -63,6 +63,10 @@ class Method(abc.ABC):
         """The embeddings x [..., D] of ``ids`` after the table lookup."""
         return x
 
+    def norm(self, p: dict, scale: jnp.ndarray) -> jnp.ndarray:
+        """A norm group's scale [..., D] as the model applies it."""
+        return scale
+
     def merge(self, p: dict, group: dict) -> dict:
         """The group's own leaves with this method folded into them (float32 base weights in, base dtypes out
         are the caller's business)."""
@@ -102,6 +106,14 @@ def methods_in(group: dict) -> list[Method]:
         raise ConfigError(f"leaf group with {sorted(group)}: {unknown} is no registered method's namespace; import "
                           f"the module that registers it (known: {sorted(REGISTRY)})")
     return [m for name, m in REGISTRY.items() if name in group]
+
+
+def norm_scale(group: dict) -> jnp.ndarray:
+    """A norm group's scale with the methods present in it applied (LN-tuning's trained copy replaces it)."""
+    scale = group["scale"]
+    for method in methods_in(group):
+        scale = method.norm(group[method.name], scale)
+    return scale
 
 
 def own_leaves(group: dict) -> dict:

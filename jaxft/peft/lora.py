@@ -82,9 +82,7 @@ class LoraConfig:
                                   f"{sorted(self.trainable_token_indices)}")
             object.__setattr__(self, "trainable_token_indices", self.trainable_token_indices["embed_tokens"])
         for name in ("target_modules", "modules_to_save", "layers_to_transform", "trainable_token_indices"):
-            value = getattr(self, name)
-            if isinstance(value, (list, set, frozenset)):
-                object.__setattr__(self, name, tuple(sorted(value) if isinstance(value, (set, frozenset)) else value))
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         if not isinstance(self.r, int) or self.r <= 0:
@@ -102,9 +100,7 @@ class LoraConfig:
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"lora.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         check_task_type(self.task_type, "lora")
-        head_modules = [m for m in TASK_HEAD_MODULES.get(self.task_type, ()) if m not in (self.modules_to_save or ())]
-        if head_modules:  # as PEFT extends the config, so the saved adapter_config.json says the same
-            object.__setattr__(self, "modules_to_save", (*(self.modules_to_save or ()), *head_modules))
+        object.__setattr__(self, "modules_to_save", with_task_head(self.modules_to_save, self.task_type))
 
     def replace(self, **changes) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
@@ -133,6 +129,20 @@ class LoraConfig:
         if d.get("layers_pattern") not in (None, "layers", ["layers"]):
             raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r}: Llama-family layers are 'layers'")
         return cls(**{k: v for k, v in kwargs.items() if v is not None or k == "target_modules"})
+
+
+def as_tuple(value):
+    """A list or set field of a config as a tuple (a set sorted); anything else as it is."""
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value))
+    return tuple(value) if isinstance(value, list) else value
+
+
+def with_task_head(modules_to_save: tuple[str, ...] | None, task_type: str) -> tuple[str, ...] | None:
+    """``modules_to_save`` with the task head PEFT's PeftModelFor<Task> adds for ``task_type``, as PEFT extends the
+    config, so the saved adapter_config.json says the same."""
+    head_modules = [m for m in TASK_HEAD_MODULES.get(task_type, ()) if m not in (modules_to_save or ())]
+    return (*(modules_to_save or ()), *head_modules) if head_modules else modules_to_save
 
 
 @dataclass(frozen=True)
@@ -174,19 +184,21 @@ def _layer_index(key: str) -> int | None:
     return int(match["idx"]) if match else None
 
 
-def targeted(lcfg: LoraConfig, module: Module) -> bool:
-    """PEFT's ``check_target_module_exists`` for one module."""
-    if lcfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module.key) for m in lcfg.modules_to_save):
+def targeted(acfg, module: Module) -> bool:
+    """PEFT's ``check_target_module_exists`` for one module, for any adapter config (one without
+    ``layers_to_transform``, as IA3's, transforms every layer, as in PEFT)."""
+    if acfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module.key) for m in acfg.modules_to_save):
         return False
-    targets = lcfg.target_modules if lcfg.target_modules is not None else ("q_proj", "v_proj")
+    targets = acfg.target_modules if acfg.target_modules is not None else ("q_proj", "v_proj")
     if targets == "all-linear":
         found = module.kind == "linear" and module.key != "lm_head"
     elif isinstance(targets, str):
         return re.fullmatch(targets, module.key) is not None
     else:
         found = module.key in targets or any(module.key.endswith(f".{t}") for t in targets)
-    if found and lcfg.layers_to_transform is not None:
-        return _layer_index(module.key) in lcfg.layers_to_transform
+    layers = getattr(acfg, "layers_to_transform", None)
+    if found and layers is not None:
+        return _layer_index(module.key) in layers
     return found
 
 
@@ -231,6 +243,25 @@ def plan(cfg: ModelConfig, lcfg: LoraConfig) -> dict[tuple[str, ...], GroupPlan]
             raise ConfigError(f"target_modules {unknown} match no module of this {cfg.model_type} model; "
                               f"known names: {sorted(set(n.rsplit('.', 1)[-1] for n in names))}")
     return groups
+
+
+def targeted_groups(cfg: ModelConfig, acfg, section: str) -> dict[tuple[str, ...], list[Module]]:
+    """The leaf groups holding a module that ``acfg`` targets (:func:`targeted`), each with those modules. Layers are
+    stacked, so a stacked group is targeted in every layer or in none; no target at all is an error naming the
+    model's modules (``section``: the config's name in messages)."""
+    hits: dict[tuple[str, ...], list[Module]] = {}
+    for m in modules(cfg):
+        if targeted(acfg, m):
+            hits.setdefault(m.group, []).append(m)
+    if not hits:
+        raise ConfigError(f"{section}.target_modules {acfg.target_modules!r} matched no module of this "
+                          f"{cfg.model_type} model; its modules are "
+                          f"{sorted(set(m.key.rsplit('.', 1)[-1] for m in modules(cfg)))}")
+    for group, found in hits.items():
+        if found[0].layer is not None and len(found) != cfg.num_hidden_layers:
+            raise ConfigError(f"{section} targets {'/'.join(group)} in layers {[m.layer for m in found]} only; "
+                              "layers are stacked, so target it in every layer or in none")
+    return hits
 
 
 def _uniform(key, shape, bound):
@@ -473,29 +504,45 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
         if lcfg.bias == "lora_only" and "bias" in group and 0 in g.ranks:
             raise ConfigError(f"bias='lora_only' with adapters on some layers of {path[-1]} only: stacked "
                               "biases are trained in every layer or none")
-    for path in _saved_groups(cfg, lcfg):
-        if path in (("lm_head",), ("embed_tokens",)) and cfg.tie_word_embeddings and "lm_head" not in params:
-            params["lm_head"] = _untied_head(params["embed_tokens"])
-        if any(isinstance(v, nf4.QuantizedTensor) for v in _get(params, path).values()):
-            raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
+    prepare_saved_modules(cfg, params, lcfg)
     if lcfg.trainable_token_indices:
         params["embed_tokens"]["trainable_tokens"] = _trainable_rows(params["embed_tokens"],
                                                                       lcfg.trainable_token_indices)
     return params
 
 
+def prepare_saved_modules(cfg: ModelConfig, params: dict, acfg):
+    """Gets the groups of an adapter config's ``modules_to_save`` ready to train whole, in ``params`` (a copy):
+    one side of tied embeddings is untied (:func:`_untied_head`); a quantized group is refused."""
+    for path in _saved_groups(cfg, acfg):
+        if path in (("lm_head",), ("embed_tokens",)) and cfg.tie_word_embeddings and "lm_head" not in params:
+            params["lm_head"] = _untied_head(params["embed_tokens"])
+        if any(isinstance(v, nf4.QuantizedTensor) for v in _get(params, path).values()):
+            raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
+
+
+def saved_leaves(cfg: ModelConfig, params: dict, acfg) -> set[str]:
+    """The leaves of an adapter config's ``modules_to_save``'s groups (trained whole, saved with the adapter)."""
+    return {"/".join(path + (leaf,)) for path in _saved_groups(cfg, acfg) for leaf in own_leaves(_get(params, path))}
+
+
+def bias_leaves(params: dict, with_method: str | None = None) -> set[str]:
+    """Every bias leaf of the model's linear groups (``with_method``: of the groups holding that method's
+    namespace only); a method's own "bias" leaf is the method's business. LoRA's ``bias`` and BitFit select here."""
+    paths = set()
+    for path in leaf_paths(params):
+        *group, leaf = path.split("/")
+        if leaf == "bias" and group[-1] not in REGISTRY and (with_method is None or with_method in _get(params, group)):
+            paths.add(path)
+    return paths
+
+
 def trainable(cfg: ModelConfig, params: dict, lcfg: LoraConfig) -> Trainable:
     """What trains in ``params`` (after :func:`add`) besides the adapters: the leaves of ``modules_to_save``'s
     groups, and biases per ``bias`` ("all": every bias; "lora_only": those of groups with an adapter)."""
-    paths = set()
-    for path in _saved_groups(cfg, lcfg):
-        paths.update("/".join(path + (leaf,)) for leaf in own_leaves(_get(params, path)))
-    for path in leaf_paths(params):
-        *group, leaf = path.split("/")
-        if leaf != "bias" or group[-1] in REGISTRY:  # a method's own "bias" leaf is the method's business
-            continue
-        if lcfg.bias == "all" or (lcfg.bias == "lora_only" and Lora.name in _get(params, group)):
-            paths.add(path)
+    paths = saved_leaves(cfg, params, lcfg)
+    if lcfg.bias != "none":
+        paths |= bias_leaves(params, Lora.name if lcfg.bias == "lora_only" else None)
     return Trainable(frozenset(paths))
 
 

@@ -19,7 +19,10 @@ from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, MODEL_UNION, PATH_F
 from jaxft.data.config import DataConfig
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
+from jaxft.peft.bitfit import BitFit
 from jaxft.peft.head import HeadOnly
+from jaxft.peft.ia3 import IA3Config
+from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.prefix import PrefixTuningConfig
 from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
@@ -36,6 +39,9 @@ TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "tok
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask}, default="sft")
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
+                                  "ia3": IA3Config,
+                                  "ln_tuning": LNTuningConfig,
+                                  "bitfit": BitFit,
                                   "prompt_tuning": PromptTuningConfig,
                                   "p_tuning": PromptEncoderConfig,
                                   "prefix_tuning": PrefixTuningConfig})
