@@ -16,10 +16,13 @@ from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.peft.methods import merge, unmerge
+from jaxft.peft.prefix import PrefixTuningConfig
+from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
 from jaxft.peft.tree import Trainable, combine, split
 
 __all__ = ["CheckpointError", "ConfigError", "HeadConfig", "Hooks", "IA3Config", "JaxftError", "LNTuningConfig",
-           "LohaConfig", "LokrConfig", "LoraConfig", "ModelConfig", "QuantConfig", "RopeConfig", "Tokenizer",
-           "TokenizerError", "Trainable", "combine", "forward", "from_pretrained", "generate", "ia3", "init_params",
-           "ln_tuning", "load_adapter", "load_tokenizer", "lora", "lycoris", "merge", "nf4", "peft_format",
-           "save_adapter", "save_pretrained", "split", "unmerge"]
+           "LohaConfig", "LokrConfig", "LoraConfig", "ModelConfig", "PrefixTuningConfig", "PromptEncoderConfig",
+           "PromptTuningConfig", "QuantConfig", "RopeConfig", "Tokenizer", "TokenizerError", "Trainable", "combine",
+           "forward", "from_pretrained", "generate", "ia3", "init_params", "ln_tuning", "load_adapter",
+           "load_tokenizer", "lora", "lycoris", "merge", "nf4", "peft_format", "save_adapter", "save_pretrained",
+           "split", "unmerge"]

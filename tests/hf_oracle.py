@@ -61,3 +61,14 @@ def torch_logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
 
 def random_ids(shape, vocab=TINY["vocab_size"], seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, size=shape)
+
+
+def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by a full forward pass per token, no cache: the oracle for PEFT's prompt-style methods,
+    whose ``generate`` under transformers 5.25 drops (prefix tuning) or misplaces (prompt tuning) the virtual
+    tokens after the first steps. ``model``'s logits end with the prompt's last token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            seq.append(int(model(torch.as_tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]

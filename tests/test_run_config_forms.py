@@ -117,9 +117,9 @@ def test_changes_and_flat_keys_name_a_methods_keys_by_its_type(tmp_path):
     ("task: {type: grpo}", "task.type: unknown task type 'grpo'; known types are ['classify', 'dpo', 'kto', "
                            "'orpo', 'qa', 'reward', 'sft', 'simpo', 'token_classify']"),
     ("peft: [{type: vera}]", "peft.0.type: unknown peft type 'vera'; known types are ['bitfit', 'head', 'ia3', "
-                             "'ln_tuning', 'loha', 'lokr', 'lora']"),
+                             "'ln_tuning', 'loha', 'lokr', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning']"),
     ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['bitfit', 'head', 'ia3', "
-                       "'ln_tuning', 'loha', 'lokr', 'lora']"),
+                       "'ln_tuning', 'loha', 'lokr', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning']"),
     ("peft: [{type: lora}, {type: lora}]", "peft.1: a second lora entry"),
     ("quant: {type: int8}", "quant.type: unknown quant type 'int8'; known types are ['fp4', 'nf4']"),
     ("model: {type: gpt2, vocab_size: 8}", "model.type: unknown model type 'gpt2'; known types are ['llama', "

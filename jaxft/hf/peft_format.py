@@ -130,6 +130,9 @@ def adapter_tensors(params: dict, acfg, cfg: ModelConfig | None = None) -> dict[
         raise ConfigError("saving an adapter of a question-answering model needs its ModelConfig (cfg=...): "
                           "transformers names the decoder of Llama's and Qwen2's QA class 'transformer', Mistral's "
                           "'model'")
+    if hasattr(acfg, "saved_tensors"):  # a prompt-style adapter: whole tensors, no module's
+        return {name: np.asarray(x) for name, x in
+                acfg.saved_tensors(cfg or lora.structure_config(params), params).items()}
     return {e.name: _extract(params, e) for e in entries(params, acfg, cfg)}
 
 
@@ -209,6 +212,21 @@ def adapter_head(path) -> HeadConfig | None:
     return HeadConfig(kind, weights.shape(names[0])[0])
 
 
+def _load_saved(weights: Path, st: SafetensorsFile, acfg, cfg: ModelConfig, base_params: dict) -> dict:
+    """``base_params`` with a prompt-style adapter (``acfg.saved_shapes`` names its whole tensors) from ``st``."""
+    tensors = {}
+    for name, expected in acfg.saved_shapes(cfg).items():
+        if name not in st.keys():
+            raise CheckpointError(f"{weights}: no tensor {name!r} (a {acfg.peft_type} adapter holds {name!r} "
+                                  f"{list(expected)}); found {sorted(st.keys())[:5]}")
+        tensors[name] = np.asarray(st.get(name))
+        if tensors[name].shape != tuple(expected):
+            raise CheckpointError(f"{weights}: {name} has shape {list(tensors[name].shape)}, this model's "
+                                  f"{acfg.peft_type} adapter of {acfg.num_virtual_tokens} virtual tokens needs "
+                                  f"{list(expected)}; was it trained on another model?")
+    return acfg.with_saved(cfg, base_params, tensors)
+
+
 def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dict:
     """``base_params`` with the adapter of a PEFT folder attached (values from the file, shapes checked)."""
     folder = Path(path)
@@ -220,6 +238,8 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
         found = sorted(p.name for p in folder.iterdir())
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (found {found}; pickle adapter files are never loaded)")
     st = SafetensorsFile(weights)
+    if hasattr(acfg, "with_saved"):
+        return _load_saved(weights, st, acfg, cfg or lora.structure_config(base_params), base_params)
     params = acfg.add(cfg or lora.structure_config(base_params), base_params, jax.random.PRNGKey(0))
     wanted = entries(params, acfg, cfg)
     in_file = {_canonical(name, acfg): name for name in st.keys()}

@@ -21,8 +21,9 @@ class Hooks:
     own in its attention (prefix tuning), used as given (no RoPE, as PEFT's prefix ``past_key_values``). Every
     non-padding query sees all P of them, whatever its segment, position or sliding window; padding does not (the
     mask rule of :mod:`jaxft.ops.attention`). With a KV cache they are not stored in it: each step adds them again.
-    Token positions stay the caller's: PEFT's prefix tuning numbers the tokens after the P virtual ones, so pass
-    ``positions + P`` to reproduce it.
+    ``position_offset`` is added to every token position (given or default, with or without a KV cache): PEFT's
+    prefix tuning numbers the tokens after its P virtual ones, which ``position_offset=P`` reproduces in training,
+    forward passes and generation alike.
 
     ``after_attention(lp, out) -> out``: the attention output after ``o_proj`` [B, T, D], before the residual add.
 
@@ -36,3 +37,4 @@ class Hooks:
     after_attention: Callable[[dict, jax.Array], jax.Array] | None = None
     after_mlp: Callable[[dict, jax.Array], jax.Array] | None = None
     taps: bool = False
+    position_offset: int = 0

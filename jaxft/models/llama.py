@@ -255,6 +255,8 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
         segment_ids = jnp.ones((b, t), jnp.int32)
     if positions is None:
         positions = default_positions(segment_ids)
+    if hooks.position_offset:
+        positions = positions + hooks.position_offset
     if inputs_embeds is None:
         x = embed(params["embed_tokens"], input_ids, dtype)
     else:

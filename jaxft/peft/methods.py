@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.config import ConfigError
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel
 from jaxft.ops.registry import REGISTRY, methods_in, own_leaves
+from jaxft.peft.prefix import prompt_groups
 from jaxft.peft.tree import Trainable, nbytes, path_names, split
 
 
@@ -43,7 +45,13 @@ def _merge_group(group: dict) -> dict:
 def merge(params: dict) -> dict:
     """A new tree with every method folded into its group's base weights (LoRA: W + s·A·B; DoRA: m ⊙ (W + s·A·B) /
     ‖W + s·A·B‖; trainable tokens: rows written into the table), in float32 and cast back to each leaf's dtype.
-    Merging into an NF4 base dequantizes that weight to float32 and says so."""
+    Merging into an NF4 base dequantizes that weight to float32 and says so. Prompt-style methods (prompt, P- and
+    prefix tuning) put keys and values in front of the attention, which no base weight can hold: refused."""
+    prompt_style = prompt_groups(params)
+    if prompt_style:
+        raise ConfigError(f"cannot merge {prompt_style}: prompt, P- and prefix tuning add virtual tokens (keys and "
+                          "values in front of every layer's attention), which no base weight can hold; keep the "
+                          "adapter and run with its hooks, or save it as a PEFT adapter")
     return _walk(params, _merge_group)
 
 

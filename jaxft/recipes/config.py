@@ -25,6 +25,8 @@ from jaxft.peft.ia3 import IA3Config
 from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
+from jaxft.peft.prefix import PrefixTuningConfig
+from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
@@ -41,7 +43,10 @@ PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
                                   "ia3": IA3Config,
                                   "ln_tuning": LNTuningConfig,
                                   "bitfit": BitFit,
-                                  "loha": LohaConfig, "lokr": LokrConfig})
+                                  "loha": LohaConfig, "lokr": LokrConfig,
+                                  "prompt_tuning": PromptTuningConfig,
+                                  "p_tuning": PromptEncoderConfig,
+                                  "prefix_tuning": PrefixTuningConfig})
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,17 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def objective(self):
-        """What this run's step minimizes and its evaluation reports: its task's objective."""
-        return self.task.objective(self.train)
+        """What this run's step minimizes and its evaluation reports: its task's objective, with the hooks of a
+        prompt-style method (prompt, P- or prefix tuning), which trains alone and only with next-token objectives."""
+        objective = self.task.objective(self.train)
+        hooked = [m for m in self.peft or () if hasattr(m, "hooks")]
+        if not hooked:
+            return objective
+        if len(self.peft) > 1 or not hasattr(objective, "hooks"):
+            raise ConfigError(f"peft: {[type(m).__name__ for m in self.peft]} with task {type(self.task).__name__}: "
+                              "a prompt-style method trains alone (no weight can hold it, so it exports only as its "
+                              "PEFT adapter, never merged), and only with the sft task")
+        return dataclasses.replace(objective, hooks=hooked[0].hooks())
 
     @property
     def row_length(self) -> int:
