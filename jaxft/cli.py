@@ -191,6 +191,7 @@ def _generate(args) -> int:
     import jaxft
     from jaxft.data.chat import resolve_template
     from jaxft.models.generate import stop_token_ids
+    from jaxft.peft.prefix import prompt_inputs
 
     prompts = list(args.prompt or [])
     if args.file:
@@ -198,6 +199,7 @@ def _generate(args) -> int:
             raise FileNotFoundError(f"--file {args.file}: no such file (expected a text file, one prompt per line)")
         prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
     cfg, params = _load(args.model, args.adapter, args.quant)
+    params, hooks = prompt_inputs(cfg, params)  # a prompt-style adapter's prefix
     tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
     chat, template = args.chat or args.chat_template is not None, None
     if chat:
@@ -213,7 +215,7 @@ def _generate(args) -> int:
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        chat_template=template) if chat else tok.encode(p) for p in prompts]
         outs = jaxft.generate(cfg, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p,
+                              top_k=args.top_k, top_p=args.top_p, hooks=hooks,
                               stop_token_ids=stop_token_ids(cfg, tok.eos_token_id), seed=args.seed)
         for p, out in zip(prompts, outs):
             print(f"{p}\t{tok.decode(out, skip_special_tokens=True)}" if not interactive

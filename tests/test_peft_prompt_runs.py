@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -11,12 +12,15 @@ import transformers
 from peft import PeftModel
 
 import jaxft
-from hf_oracle import random_ids
+from hf_oracle import greedy_tokens, random_ids
 from jaxft.config import ConfigError
 from jaxft.hf.peft_format import read_adapter_config
-from jaxft.peft.prefix import PrefixTuningConfig, with_prefix
+from jaxft.data.config import DataConfig
+from jaxft.peft.prefix import PrefixTuningConfig, prompt_inputs, with_prefix
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
+from jaxft.recipes.scoring import data_metrics
+from jaxft.recipes.tasks import SftTask, task_pipeline
 from sft_worker import tiny_chat_model, train_losses
 
 
@@ -56,9 +60,45 @@ def test_prefix_tuning_run_trains_the_prefix_and_exports_an_adapter_peft_loads(c
     assert np.abs(theirs - plain).max() > 1e-3
 
 
+def test_eval_and_generation_of_a_prompt_style_adapter_use_its_prefix(chats, tmp_path):
+    """Whoever holds a tree with a prefix gets the method's forward with no hooks to pass: ``jaxft eval``'s loss
+    (scoring.data_metrics) is PEFT's cross-entropy over the same chats, and generation (prompt_inputs, as the demo's
+    exact match, chat exact match and ``jaxft generate`` call it) is PEFT's greedy decoding."""
+    model, root = chats
+    model_cfg, base = jaxft.from_pretrained(model)
+    pcfg = PrefixTuningConfig(num_virtual_tokens=3)
+    params = pcfg.add(model_cfg, base, jax.random.PRNGKey(5))
+    jaxft.save_adapter(params, pcfg, tmp_path / "adapter", cfg=model_cfg)
+    tok = jaxft.load_tokenizer(model)
+    data = DataConfig(paths=(str(root / "train.jsonl"),), max_length=48, batch_size=4, packing=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, attn_implementation="eager").eval()
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    iterator = task_pipeline(SftTask(), data, tok).iterator
+    batches = [next(iterator) for _ in range(iterator.batches_per_epoch)]  # one pass, as jaxft eval reads it
+    rows = [row for b in batches for row in zip(b["input_ids"], b["labels"], b["segment_ids"])]
+    loss_sum = n_targets = 0.0
+    for ids, labels, segments in rows:
+        real = segments > 0
+        if not real.any():  # a padding row of the last batch
+            continue
+        with torch.no_grad():
+            logits = peft_model(torch.as_tensor(ids[real][None].astype(np.int64))).logits[0]
+        target = torch.as_tensor(labels[real].astype(np.int64))
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+        n_targets += int((target != -100).sum())
+    ours = data_metrics(model_cfg, params, tok, data)
+    assert ours["tokens"] == n_targets
+    np.testing.assert_allclose(ours["loss"], loss_sum / n_targets, rtol=1e-5)
+    assert abs(data_metrics(model_cfg, base, tok, data)["loss"] - ours["loss"]) > 1e-3
+    prompt = tok.apply_chat_template([{"role": "user", "content": "increment 3 2 3 4"}], add_generation_prompt=True)
+    prefixed, hooks = prompt_inputs(model_cfg, params)
+    ours = jaxft.generate(model_cfg, prefixed, [prompt], max_new_tokens=6, stop_token_ids=[], hooks=hooks)[0]
+    assert ours == greedy_tokens(peft_model, prompt, 6)
+
+
 def test_prompt_style_method_outside_sft_is_refused(chats):
     with pytest.raises(ConfigError, match="only with the sft task"):
-        _config(chats, "dpo", "[{type: prompt_tuning, num_virtual_tokens: 4}]", "task: {type: dpo}\n").objective()
+        _config(chats, "dpo", "[{type: prompt_tuning, num_virtual_tokens: 4}]", "task: {type: dpo}\n")
     with pytest.raises(ConfigError, match="trains alone"):
-        _config(chats, "both", "[{type: prefix_tuning}, {type: lora}]").objective()
+        _config(chats, "both", "[{type: prefix_tuning}, {type: lora}]")
     assert isinstance(_config(chats, "p", "[{type: p_tuning}]").peft[0], jaxft.PromptEncoderConfig)

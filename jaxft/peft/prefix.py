@@ -215,6 +215,16 @@ def prompt_groups(params: dict) -> list[str]:
     return stacked + [name for name in PREFIX_SOURCES if name in params]
 
 
+def prompt_inputs(cfg: ModelConfig, params: dict) -> tuple[dict, Hooks]:
+    """(params, hooks) as a forward pass or ``generate`` reads a tree holding a prompt-style method: the stacked
+    prefix computed (:func:`with_prefix`) and the hooks that feed it, with the real tokens numbered after it; a
+    tree without one comes back as it is, with ``Hooks()``. The prefix length is a static shape, so this traces
+    under ``jit``: whoever holds the params gets the method's forward, with no setting to forget."""
+    params = with_prefix(cfg, params)
+    prefix = params.get("layers", {}).get("prefix")
+    return params, Hooks() if prefix is None else prefix_hooks(prefix["key"].shape[-3])
+
+
 def with_prefix(cfg: ModelConfig, params: dict) -> dict:
     """``params`` as the forward pass reads them: a group of :data:`PREFIX_SOURCES` (prefix tuning's MLP, prompt
     or P-tuning's virtual tokens) replaced by the stacked prefix it computes; a tree without one is returned as it

@@ -25,7 +25,7 @@ from jaxft.peft.ia3 import IA3Config
 from jaxft.peft.ln_tuning import LNTuningConfig
 from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
-from jaxft.peft.prefix import PrefixTuningConfig
+from jaxft.peft.prefix import PrefixTuningConfig, PromptLearning
 from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
 from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
                                  TokenClassifyTask, task_head)
@@ -120,6 +120,11 @@ class RunConfig:
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
         _check_reference_policy(self.task, peft)
+        if any(isinstance(m, PromptLearning) for m in peft) and (len(peft) > 1 or not isinstance(self.task, SftTask)):
+            raise ConfigError(f"peft {[PEFT_UNION.type_of(m) for m in peft]} with task "
+                              f"{TASK_UNION.type_of(self.task)!r}: a prompt-style method trains alone (no weight can "
+                              "hold it, so it exports only as its PEFT adapter, never merged), and only with the sft "
+                              "task")
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -165,17 +170,8 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def objective(self):
-        """What this run's step minimizes and its evaluation reports: its task's objective, with the hooks of a
-        prompt-style method (prompt, P- or prefix tuning), which trains alone and only with next-token objectives."""
-        objective = self.task.objective(self.train)
-        hooked = [m for m in self.peft or () if hasattr(m, "hooks")]
-        if not hooked:
-            return objective
-        if len(self.peft) > 1 or not hasattr(objective, "hooks"):
-            raise ConfigError(f"peft: {[type(m).__name__ for m in self.peft]} with task {type(self.task).__name__}: "
-                              "a prompt-style method trains alone (no weight can hold it, so it exports only as its "
-                              "PEFT adapter, never merged), and only with the sft task")
-        return dataclasses.replace(objective, hooks=hooked[0].hooks())
+        """What this run's step minimizes and its evaluation reports: its task's objective."""
+        return self.task.objective(self.train)
 
     @property
     def row_length(self) -> int:

@@ -29,6 +29,7 @@ from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.generate import generate
 from jaxft.models.llama import init_params
 from jaxft.peft.lora import LoraConfig
+from jaxft.peft.prefix import prompt_inputs
 from jaxft.peft.tree import split
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, TrainConfig
@@ -159,7 +160,8 @@ def greedy_replies(model_cfg, params, tokenizer, problems: list[tuple[int, ...]]
     reply reached that token within the answer's budget of new tokens."""
     prompts = [tokenizer.apply_chat_template(chat(p)[:1], add_generation_prompt=True) for p in problems]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    outputs = generate(model_cfg, params, prompts, max_new_tokens=10, stop_token_ids=[end])
+    params, hooks = prompt_inputs(model_cfg, params)  # a prompt-style method's prefix, if the params hold one
+    outputs = generate(model_cfg, params, prompts, max_new_tokens=10, stop_token_ids=[end], hooks=hooks)
     return [(tokenizer.decode([t for t in out if t != end]).strip(), bool(out) and out[-1] == end) for out in outputs]
 
 

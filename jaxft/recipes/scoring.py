@@ -24,6 +24,7 @@ from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.models.generate import generate, stop_token_ids
 from jaxft.models.heads import token_logits
+from jaxft.peft.prefix import prompt_inputs
 from jaxft.recipes.config import RunConfig, TrainConfig
 from jaxft.recipes.tasks import QaTask, SftTask, task_pipeline
 from jaxft.recipes.skeleton import exports_adapter, load_base, to_host
@@ -101,10 +102,10 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
     references = [chat[-1]["content"].strip() for chat in chats]
     stops = stop_token_ids(model_cfg, tokenizer.eos_token_id)
     longest = max(len(tokenizer.encode(ref, add_special_tokens=False)) for ref in references)
-    hits = 0
+    hits, (params, hooks) = 0, prompt_inputs(model_cfg, params)
     for start in range(0, len(prompts), BATCH):
         outputs = generate(model_cfg, params, prompts[start:start + BATCH], max_new_tokens=longest + 8,
-                           stop_token_ids=stops)
+                           stop_token_ids=stops, hooks=hooks)
         for reference, out in zip(references[start:start + BATCH], outputs):
             stopped = bool(out) and out[-1] in stops
             hits += stopped and tokenizer.decode(out[:-1], skip_special_tokens=True).strip() == reference

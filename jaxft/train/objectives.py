@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from jaxft.config import ModelConfig
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
-from jaxft.models.hooks import Hooks
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
-from jaxft.peft.prefix import with_prefix
+from jaxft.peft.prefix import prompt_inputs
 from jaxft.train.loss import chunked_cross_entropy, cross_entropy
 from jaxft.train.metrics import perplexity
 
@@ -72,13 +71,12 @@ class CausalLM:
     ``chunk_size``: tokens per chunk of the chunked cross-entropy, which never holds [tokens, V] logits; 0 takes
     full logits. A head with an adapter always takes full logits (its output is not one kernel's).
     ``z_loss``: PaLM's auxiliary ``z_loss * logsumexp(logits)**2`` per target token (training only).
-    ``hooks``: what a prompt-style method's forward pass needs (its ``hooks()``); the params' prompt-style group
-    becomes the prefix the hooks read (:func:`jaxft.peft.prefix.with_prefix`) inside the differentiated loss.
+    A prompt-style method in the params (prompt, P- or prefix tuning) takes part through the prefix and hooks
+    :func:`jaxft.peft.prefix.prompt_inputs` derives from them, inside the differentiated loss.
     """
 
     chunk_size: int = 1024
     z_loss: float = 0.0
-    hooks: Hooks = Hooks()
     batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions")
 
     def units(self, batches: dict) -> jax.Array:
@@ -87,9 +85,9 @@ class CausalLM:
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
         body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
-        params = with_prefix(cfg, params)
+        params, hooks = prompt_inputs(cfg, params)
         h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                          rng=body_rng, activation_sharding=activation_sharding, hooks=self.hooks).hidden
+                          rng=body_rng, activation_sharding=activation_sharding, hooks=hooks).hidden
         if self.chunk_size and plain_head(cfg, params):
             return chunked_cross_entropy(h, lm_head_kernel(cfg, params), batch["labels"], chunk_size=self.chunk_size,
                                          z_loss=self.z_loss)[0]
@@ -101,9 +99,9 @@ class CausalLM:
 
         Slicing the position axis (not rows) keeps each slice's rows sharded as the batch is.
         """
-        params = with_prefix(cfg, params)
+        params, hooks = prompt_inputs(cfg, params)
         h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                          hooks=self.hooks).hidden
+                          hooks=hooks).hidden
         b, t, d = h.shape
         c = max(1, min(t, (self.chunk_size or EVAL_CHUNK_TOKENS) // b))
         pad = -t % c
