@@ -19,7 +19,7 @@ from jaxft.hf.peft_format import read_adapter_config
 from jaxft.models.llama import forward
 from jaxft.ops import nf4
 from jaxft.ops.linear import dense_kernel
-from jaxft.peft.prefix import with_prefix
+from jaxft.peft.prefix import prompt_inputs
 from jaxft.peft.tree import combine, split
 
 forward_jit = jax.jit(forward, static_argnums=0, static_argnames="hooks")
@@ -48,8 +48,8 @@ def randomized(pm):
 
 
 def _ours(case, ids, **kwargs):
-    return np.asarray(forward_jit(case.cfg, with_prefix(case.cfg, case.params), ids, hooks=case.pcfg.hooks(),
-                                  **kwargs))
+    params, hooks = prompt_inputs(case.cfg, case.params)
+    return np.asarray(forward_jit(case.cfg, params, ids, hooks=hooks, **kwargs))
 
 
 def _peft_logits(model, ids):
@@ -82,8 +82,8 @@ def test_greedy_generation_matches_peft_greedy(case):
     forward pass on each prompt alone (hf_oracle.greedy_tokens: PEFT's own generate misplaces the virtual tokens
     under transformers 5.25)."""
     prompts = [random_ids(4, seed=5).tolist(), random_ids(8, seed=6).tolist()]
-    ours = jaxft.generate(case.cfg, with_prefix(case.cfg, case.params), prompts, max_new_tokens=6,
-                          stop_token_ids=[], hooks=case.pcfg.hooks())
+    params, hooks = prompt_inputs(case.cfg, case.params)
+    ours = jaxft.generate(case.cfg, params, prompts, max_new_tokens=6, stop_token_ids=[], hooks=hooks)
     assert ours == [greedy_tokens(case.pm, prompt, 6) for prompt in prompts]
 
 
@@ -97,7 +97,8 @@ def test_gradients_match_peft_autograd(case):
     trained, frozen = split(params, pcfg.trainable(cfg, params))
 
     def loss(trained):
-        logits = forward(cfg, with_prefix(cfg, combine(trained, frozen)), ids, hooks=pcfg.hooks())
+        prefixed, hooks = prompt_inputs(cfg, combine(trained, frozen))
+        logits = forward(cfg, prefixed, ids, hooks=hooks)
         return jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1).sum()
 
     grads = jax.grad(loss)(trained)
@@ -133,7 +134,8 @@ def test_saved_adapter_loads_in_peft_and_back(case, tmp_path):
     back = jaxft.load_adapter(tmp_path / "peft", base, cfg)
     acfg = read_adapter_config(tmp_path / "peft")
     assert type(acfg) is type(pcfg)
-    again = np.asarray(forward_jit(cfg, with_prefix(cfg, back), ids, hooks=acfg.hooks()))
+    back, hooks = prompt_inputs(cfg, back)
+    again = np.asarray(forward_jit(cfg, back, ids, hooks=hooks))
     np.testing.assert_allclose(again, ours, atol=1e-5, rtol=0)
 
 

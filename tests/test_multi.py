@@ -12,6 +12,7 @@ import jaxft
 from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.ops import nf4
+from jaxft.peft.ia3 import IA3Config
 from jaxft.peft.tree import Trainable, split
 from jaxft.train import multi
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
@@ -231,3 +232,6 @@ def test_configs_differing_in_a_shared_key_are_a_config_error_naming_it(sweep):
     other = cfgs[1].replace(train=dataclasses.replace(cfgs[1].train, steps=5))
     with pytest.raises(ConfigError, match="must share train.steps"):
         check_members([cfgs[0], other])
+    with_ia3 = cfgs[0].replace(peft=(*cfgs[0].peft, IA3Config()))  # the stacked step would drop it silently
+    with pytest.raises(ConfigError, match="one lora method .* and no other"):
+        check_members([with_ia3])

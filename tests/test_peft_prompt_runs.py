@@ -16,7 +16,7 @@ from hf_oracle import greedy_tokens, random_ids
 from jaxft.config import ConfigError
 from jaxft.hf.peft_format import read_adapter_config
 from jaxft.data.config import DataConfig
-from jaxft.peft.prefix import PrefixTuningConfig, prompt_inputs, with_prefix
+from jaxft.peft.prefix import PrefixTuningConfig, prompt_inputs
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.recipes.scoring import data_metrics
@@ -47,11 +47,12 @@ def test_prefix_tuning_run_trains_the_prefix_and_exports_an_adapter_peft_loads(c
     assert losses[max(losses)] < losses[min(losses)]
     assert summary["trainable_params"] == 2 * 2 * 4 * 2 * 8  # key + value, L=2, P=4, KVH=2, hd=8
     adapter = Path(summary["export"])
-    acfg = read_adapter_config(adapter)
+    assert read_adapter_config(adapter) == cfg.peft[0]
     model_cfg, base = jaxft.from_pretrained(cfg.model)
     params = jaxft.load_adapter(adapter, base, model_cfg)
     ids = random_ids((2, 9), vocab=model_cfg.vocab_size, seed=1)
-    ours = np.asarray(jaxft.forward(model_cfg, with_prefix(model_cfg, params), ids, hooks=acfg.hooks()))
+    prefixed, hooks = prompt_inputs(model_cfg, params)
+    ours = np.asarray(jaxft.forward(model_cfg, prefixed, ids, hooks=hooks))
     hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(hf, adapter).eval()(torch.as_tensor(ids)).logits.numpy()
@@ -94,6 +95,17 @@ def test_eval_and_generation_of_a_prompt_style_adapter_use_its_prefix(chats, tmp
     prefixed, hooks = prompt_inputs(model_cfg, params)
     ours = jaxft.generate(model_cfg, prefixed, [prompt], max_new_tokens=6, stop_token_ids=[], hooks=hooks)[0]
     assert ours == greedy_tokens(peft_model, prompt, 6)
+
+
+@pytest.mark.parametrize("pcfg", [PrefixTuningConfig(num_virtual_tokens=3), jaxft.PromptTuningConfig(
+    num_virtual_tokens=3)], ids=["prefix", "prompt"])
+def test_a_prompt_style_tree_without_its_hooks_is_refused_not_run_as_the_base(chats, pcfg):
+    model_cfg, base = jaxft.from_pretrained(chats[0])
+    params = pcfg.add(model_cfg, base, jax.random.PRNGKey(0))
+    with pytest.raises(jaxft.JaxftError, match="prompt-style method .*prompt_inputs"):
+        jaxft.forward(model_cfg, params, np.zeros((1, 4), np.int32))
+    with pytest.raises(jaxft.JaxftError, match="prompt-style method .*prompt_inputs"):
+        jaxft.generate(model_cfg, params, [[1, 2]], max_new_tokens=2)
 
 
 def test_prompt_style_method_outside_sft_is_refused(chats):

@@ -134,6 +134,23 @@ def test_unknown_types_and_contradictory_forms_are_errors(tmp_path, section, say
     assert _error(path).startswith(f"{path}: ") and says.format(file=path) in _error(path)
 
 
+def test_an_adapter_config_follows_a_head_task_or_a_head_entry_trains_the_head(tmp_path):
+    """With a task head, a method's PEFT task_type becomes the head's (PEFT then trains and saves the head); with
+    {type: head} beside it, that entry trains the head; a run where nothing would train the new head is refused,
+    as is a method that cannot take a head's task type."""
+    def load(peft):
+        return load_run_config(_write(tmp_path, f"model: m\noutput_dir: o\ndata: {{paths: [d.jsonl]}}\n"
+                                                f"task: {{type: classify, num_labels: 3}}\npeft: {peft}\n"))
+
+    ia3 = load("[{type: ia3}]").peft[0]
+    assert ia3.task_type == "SEQ_CLS" and "score" in ia3.modules_to_save
+    assert load("[{type: loha}, {type: head}]").peft[0].task_type == "CAUSAL_LM"
+    with pytest.raises(ConfigError, match="none of peft \\['bitfit'\\] trains"):
+        load("[{type: bitfit}]")
+    with pytest.raises(ConfigError, match="loha.*CAUSAL_LM"):
+        load("[{type: loha}]")
+
+
 @pytest.mark.parametrize("sets, says", [
     (["lora.rank=4"], "--set lora.rank=4: unknown key(s) ['lora.rank'] for LoraConfig"),
     (["peft.0.r=abc"], "--set peft.0.r=abc: expected a whole number, got 'abc'"),

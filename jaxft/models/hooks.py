@@ -13,6 +13,21 @@ from dataclasses import dataclass
 import jax
 
 
+# Top-level param groups of a prompt-style method, each with the function (cfg, params) -> {"key", "value"} that
+# computes the stacked prefix a forward pass reads through ``Hooks.prefix`` (prefix tuning's MLP, prompt and
+# P-tuning's virtual tokens): filled by the method modules (jaxft.peft.prefix, jaxft.peft.prompt). With
+# ``layers/prefix`` they make a tree the plain model must not run silently without its prefix (unhooked_prompt).
+PREFIX_SOURCES: dict[str, Callable] = {}
+
+
+def unhooked_prompt(params: dict, hooks) -> list[str]:
+    """The prompt-style groups ``params`` hold that ``hooks`` do not feed (none when a prefix hook is set)."""
+    if hooks.prefix is not None:
+        return []
+    stacked = ["layers/prefix"] if "prefix" in params.get("layers", {}) else []
+    return stacked + sorted(PREFIX_SOURCES.keys() & params.keys())
+
+
 @dataclass(frozen=True)
 class Hooks:
     """Hooks into :func:`jaxft.models.llama.hidden_states` (input embeddings are its ``inputs_embeds`` argument).

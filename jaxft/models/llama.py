@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxft.config import ModelConfig
 from jaxft.errors import JaxftError
-from jaxft.models.hooks import Hooks
+from jaxft.models.hooks import Hooks, unhooked_prompt
 from jaxft.ops.attention import NO_WINDOW, attention_mask, lse_attention, with_prefix_slots
 from jaxft.ops.blockwise_attention import platform_attention
 from jaxft.ops.linear import embed, embedding_table, linear
@@ -249,6 +249,11 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     ``index``, the slot where ``input_ids`` start. ``rng`` turns on adapter dropout (training).
     ``activation_sharding`` (a sharding of [B, T, D]) constrains the residual stream at every layer boundary.
     """
+    unfed = unhooked_prompt(params, hooks)
+    if unfed:
+        raise InputError(f"params hold a prompt-style method ({', '.join(unfed)}) but no prefix hook feeds it: the "
+                         "model would run as the bare base; take (params, hooks) from "
+                         "jaxft.peft.prefix.prompt_inputs(cfg, params) and pass hooks=")
     dtype = jnp.dtype(cfg.dtype)
     b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if segment_ids is None:

@@ -11,7 +11,9 @@ An **adapter config** is a frozen dataclass with PEFT's config fields for one PE
     @classmethod
     def from_peft(cls, d, source) -> config              # refuses what jaxft does not implement, ignores
                                                          # PEFT's bookkeeping fields
-    # optional: hooks(self, cfg) -> jaxft.models.hooks.Hooks (what the forward needs, for prompt-style methods)
+    # optional, for a method whose file holds computed tensors rather than its leaves (prompt-style methods: PEFT
+    # saves the virtual tokens' embeddings or prefix, never their encoder): saved_tensors(cfg, params) -> {name:
+    # array}, saved_shapes(cfg) -> {name: shape}, with_saved(cfg, params, tensors) -> params
 
 A run's ``peft:`` entries are such configs (or jaxft-only ones without a PEFT type, such as BitFit or the task head
 alone); ``jaxft.hf.peft_format`` writes and reads any adapter config's folder, picking the class by the folder's

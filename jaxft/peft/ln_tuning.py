@@ -87,6 +87,9 @@ def add(cfg: ModelConfig, params: dict, acfg: LNTuningConfig) -> dict:
         group = params
         for k in path:
             group = group[k]
+        if LNTuning.name in group:
+            raise ConfigError(f"{'/'.join(path)} already has an ln_tuning copy; merge it (jaxft.merge) before adding "
+                              "another")
         group[LNTuning.name] = {"scale": jnp.array(group["scale"])}
     prepare_saved_modules(cfg, params, acfg)
     return params

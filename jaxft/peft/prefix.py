@@ -22,7 +22,6 @@ into the base weights, so there is nothing to merge.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
-from jaxft.models.hooks import Hooks
+from jaxft.models.hooks import PREFIX_SOURCES, Hooks
 from jaxft.models.llama import PARAM_AXES
 from jaxft.peft.adapters import config_dict, fields_from_peft, register_config
 from jaxft.peft.tree import Trainable
@@ -41,15 +40,10 @@ SAVED_NAME = "prompt_embeddings"  # PEFT's one tensor of a prompt-style adapter 
 
 
 class PromptLearning:
-    """What every prompt-style adapter config (PEFT's ``PromptLearningConfig``) shares: its hooks and its
-    adapter_config.json. The subclasses hold ``num_virtual_tokens``."""
+    """What every prompt-style adapter config (PEFT's ``PromptLearningConfig``) shares: its adapter_config.json (its
+    forward's hooks come from the params, :func:`prompt_inputs`). The subclasses hold ``num_virtual_tokens``."""
 
     num_virtual_tokens: int
-
-    def hooks(self, cfg: ModelConfig | None = None) -> Hooks:
-        """What the forward pass needs: each layer's prefix, and the real tokens' positions after it (the same
-        for every model size, so ``cfg`` is not needed)."""
-        return prefix_hooks(self.num_virtual_tokens)
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         """adapter_config.json. The model's sizes (``token_dim``, ``num_layers``, ``num_attention_heads``) stay
@@ -203,10 +197,7 @@ def encoded(encoder: dict) -> jax.Array:
     return h @ encoder["out"]["kernel"] + encoder["out"]["bias"]
 
 
-# Top-level groups whose leaves a forward pass turns into the stacked prefix, each with the function that does it
-# (cfg, params) -> {"key", "value"}: prefix tuning's MLP here, prompt and P-tuning's in jaxft.peft.prompt.
-PREFIX_SOURCES: dict[str, Callable[[ModelConfig, dict], dict]] = {
-    ENCODER: lambda cfg, params: from_flat(cfg, encoded(params[ENCODER]))}
+PREFIX_SOURCES[ENCODER] = lambda cfg, params: from_flat(cfg, encoded(params[ENCODER]))
 
 
 def prompt_groups(params: dict) -> list[str]:

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.models.generate import init_cache
+from jaxft.models.hooks import PREFIX_SOURCES
 from jaxft.models.llama import PARAM_AXES, hidden_states
 from jaxft.ops.linear import embedding_table
 from jaxft.peft.adapters import register_config
-from jaxft.peft.prefix import PREFIX_SOURCES, SAVED_NAME, PromptLearning, check_prompt_fields
+from jaxft.peft.prefix import SAVED_NAME, PromptLearning, check_prompt_fields
 from jaxft.peft.tree import Trainable
 
 PROMPT = "prompt_embeddings"
@@ -160,7 +161,8 @@ def virtual_prefix(cfg: ModelConfig, params: dict, embeds: jax.Array) -> dict:
     positions 0..P-1) and values every layer computes for them when they start a sequence."""
     p = embeds.shape[0]
     cache = init_cache(cfg, 1, p)
-    out = hidden_states(cfg, params, None, jnp.arange(p)[None], inputs_embeds=embeds[None], cache=cache)
+    model = {k: v for k, v in params.items() if k not in PREFIX_SOURCES}  # the virtual tokens run on the bare model
+    out = hidden_states(cfg, model, None, jnp.arange(p)[None], inputs_embeds=embeds[None], cache=cache)
     return {"key": out.cache["k"][:, 0], "value": out.cache["v"][:, 0]}
 
 

@@ -115,16 +115,14 @@ class RunConfig:
 
     def __post_init__(self, method, lora):
         peft, quant = _methods(self.peft, self.quant, method, lora)
-        peft = tuple(_for_task(m, self.task) for m in peft)
+        head_only = any(isinstance(m, HeadOnly) for m in peft)
+        peft = tuple(_for_task(m, self.task, head_only) for m in peft)
+        _check_head_trained(self.task, peft)
         object.__setattr__(self, "peft", peft)
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
         _check_reference_policy(self.task, peft)
-        if any(isinstance(m, PromptLearning) for m in peft) and (len(peft) > 1 or not isinstance(self.task, SftTask)):
-            raise ConfigError(f"peft {[PEFT_UNION.type_of(m) for m in peft]} with task "
-                              f"{TASK_UNION.type_of(self.task)!r}: a prompt-style method trains alone (no weight can "
-                              "hold it, so it exports only as its PEFT adapter, never merged), and only with the sft "
-                              "task")
+        _check_prompt_style(self.task, peft)
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -185,21 +183,49 @@ class RunConfig:
         return task_head(self.task)
 
 
-def _for_task(method, task):
-    """A LoRA entry's PEFT ``task_type`` follows the run's task (PEFT then trains and saves the head with the
-    adapter): the default CAUSAL_LM becomes the head's type; another head's type is a contradiction. A head-only
-    entry needs a task with a head."""
+def _for_task(method, task, head_only: bool):
+    """An adapter config's PEFT ``task_type`` follows the run's task (PEFT then trains and saves the head with the
+    adapter): the default CAUSAL_LM becomes the head's type, unless a ``{type: head}`` entry (``head_only``) trains
+    the head; another head's type is a contradiction. A head-only entry needs a task with a head."""
     head = task_head(task)
     if isinstance(method, HeadOnly) and head is None:
         raise ConfigError(f"peft {{type: head}} trains the task head alone, but task {TASK_UNION.type_of(task)!r} "
                           "has none; give a task with a head (task: {type: classify | token_classify | qa})")
-    wanted = "CAUSAL_LM" if head is None else head.peft_task_type
-    if not isinstance(method, LoraConfig) or method.task_type == wanted:
+    wanted = "CAUSAL_LM" if head is None or head_only else head.peft_task_type
+    if not hasattr(method, "task_type") or method.task_type == wanted:
         return method
-    if method.task_type == "CAUSAL_LM":
-        return method.replace(task_type=wanted)
-    raise ConfigError(f"lora.task_type {method.task_type!r} does not fit task {TASK_UNION.type_of(task)!r}, whose "
-                      f"PEFT task type is {wanted!r}; leave lora.task_type out (it follows the task)")
+    name = PEFT_UNION.type_of(method)
+    if method.task_type == "CAUSAL_LM":  # a method that cannot train a head refuses the type, naming what it takes
+        return dataclasses.replace(method, task_type=wanted)
+    raise ConfigError(f"{name}.task_type {method.task_type!r} does not fit task {TASK_UNION.type_of(task)!r}, whose "
+                      f"PEFT task type is {wanted!r}; leave {name}.task_type out (it follows the task)")
+
+
+def _check_head_trained(task, peft: tuple):
+    """A task head starts at random: some entry must train it (its PEFT task type's modules_to_save, or
+    ``{type: head}``); full fine-tuning (no entry) trains everything."""
+    head = task_head(task)
+    if head is None or not peft:
+        return
+    if any(isinstance(m, HeadOnly) or head.group in (getattr(m, "modules_to_save", None) or ()) for m in peft):
+        return
+    raise ConfigError(f"task {TASK_UNION.type_of(task)!r} has a new {head.group} head, which none of peft "
+                      f"{[PEFT_UNION.type_of(m) for m in peft]} trains: it would stay at its random init; add "
+                      "{type: head} to peft (the head trains beside the method)")
+
+
+def _check_prompt_style(task, peft: tuple):
+    """Prompt-style methods (prompt, P- and prefix tuning) train alone and with next-token objectives: only
+    CausalLM runs them (``jaxft.peft.prefix.prompt_inputs``), and no weight can hold them for a merged export."""
+    if any(getattr(m, "prompt_tuning_init", None) == "TEXT" for m in peft):
+        raise ConfigError("peft prompt_tuning with prompt_tuning_init TEXT: a run does not tokenize "
+                          "prompt_tuning_init_text yet; use RANDOM or SAMPLE_VOCAB, or build the params in Python "
+                          "(PromptTuningConfig.add(cfg, params, rng, text_ids=tokenizer.encode(text)))")
+    if any(isinstance(m, PromptLearning) for m in peft) and (len(peft) > 1 or not isinstance(task, SftTask)):
+        raise ConfigError(f"peft {[PEFT_UNION.type_of(m) for m in peft]} with task "
+                          f"{TASK_UNION.type_of(task)!r}: a prompt-style method trains alone (no weight can "
+                          "hold it, so it exports only as its PEFT adapter, never merged), and only with the sft "
+                          "task")
 
 
 def _check_reference_policy(task, peft: tuple):

@@ -135,7 +135,8 @@ def expand(base_tree: dict, axes: tuple[Axis, ...], out: Path, source: str, orig
     ``--set`` overrides in ``base_tree`` (a bad value is blamed on its ``--set`` or ``--grid`` item)."""
     short = _short_names([a.key for a in axes])
     origins = dict(origins or {})
-    base_r = from_dict(RunConfig, copy.deepcopy(base_tree), source=source, origins=origins).lora.r
+    base_lora = from_dict(RunConfig, copy.deepcopy(base_tree), source=source, origins=origins).lora
+    base_r = base_lora.r if base_lora else None  # a run without LoRA has no r for an alpha rule to follow
     runs = []
     for point in itertools.product(*(a.items for a in axes)):
         items = {a.key: item for a, item in zip(axes, point)}

@@ -38,9 +38,10 @@ def check_members(cfgs: list[RunConfig]) -> None:
     """ConfigError unless the configs can share one program; the message names the first differing key."""
     if not cfgs:
         raise ConfigError("run_parallel needs at least one run config")
-    if cfgs[0].lora is None:
-        raise ConfigError("parallel runs train LoRA adapters over one shared frozen base: the runs need a lora "
-                          "method (method lora or qlora), not full fine-tuning; run full fine-tuning sweeps without "
+    if cfgs[0].lora is None or len(cfgs[0].peft) != 1:
+        methods = [type(m).__name__ for m in cfgs[0].peft]
+        raise ConfigError("parallel runs train LoRA adapters over one shared frozen base: the runs need one lora "
+                          f"method (method lora or qlora) and no other, not peft {methods}; run these sweeps without "
                           "--parallel")
     if cfgs[0].head is not None:
         raise ConfigError(f"parallel runs stack LoRA adapters alone, but task {TASK_UNION.type_of(cfgs[0].task)!r} "
