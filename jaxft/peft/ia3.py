@@ -27,7 +27,8 @@ from jaxft.ops import nf4
 from jaxft.ops.linear import base_linear
 from jaxft.ops.registry import Method, PeftTensor, register
 from jaxft.peft.adapters import check_task_type, config_dict, fields_from_peft, register_config
-from jaxft.peft.lora import as_tuple, prepare_saved_modules, saved_leaves, targeted_groups, with_task_head
+from jaxft.peft.lora import (as_tuple, fresh_group, prepare_saved_modules, saved_leaves, targeted_groups,
+                             with_task_head)
 from jaxft.peft.tree import Trainable
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for jaxft's families
@@ -117,12 +118,7 @@ def add(cfg: ModelConfig, params: dict, acfg: IA3Config, rng: jax.Array) -> dict
     params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
     groups = _targeted_groups(cfg, acfg)
     for (path, feedforward), key in zip(groups.items(), jax.random.split(rng, len(groups))):
-        group = params
-        for k in path:
-            group = group[k]
-        if IA3.name in group:
-            raise ConfigError(f"{'/'.join(path)} already has ia3 vectors; merge them (jaxft.merge) before adding "
-                              "new ones")
+        group = fresh_group(params, path, IA3.name, "ia3 vectors")
         *lead, fan_in, fan_out = group["kernel"].shape
         shape = (*lead, 1, fan_in) if feedforward else (*lead, fan_out, 1)
         vector = jnp.ones(shape) if acfg.init_ia3_weights else jax.random.normal(key, shape)

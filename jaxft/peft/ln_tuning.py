@@ -25,7 +25,8 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.ops import nf4
 from jaxft.ops.registry import Method, PeftTensor, register
 from jaxft.peft.adapters import check_task_type, config_dict, fields_from_peft, register_config
-from jaxft.peft.lora import as_tuple, prepare_saved_modules, saved_leaves, targeted_groups, with_task_head
+from jaxft.peft.lora import (as_tuple, fresh_group, prepare_saved_modules, saved_leaves, targeted_groups,
+                             with_task_head)
 from jaxft.peft.tree import Trainable
 
 # PEFT's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING for jaxft's families
@@ -84,12 +85,7 @@ def add(cfg: ModelConfig, params: dict, acfg: LNTuningConfig) -> dict:
         if any(m.kind != "norm" for m in found):
             raise ConfigError(f"ln_tuning targets {found[0].key}: jaxft's LN-tuning trains norm layers only; train "
                               "other modules whole with modules_to_save")
-        group = params
-        for k in path:
-            group = group[k]
-        if LNTuning.name in group:
-            raise ConfigError(f"{'/'.join(path)} already has an ln_tuning copy; merge it (jaxft.merge) before adding "
-                              "another")
+        group = fresh_group(params, path, LNTuning.name, "ln_tuning copies")
         group[LNTuning.name] = {"scale": jnp.array(group["scale"])}
     prepare_saved_modules(cfg, params, acfg)
     return params

@@ -457,10 +457,20 @@ def _layers_on(p: dict) -> jnp.ndarray:
     return jnp.ones(p["scale"].shape, bool)
 
 
-def _get(tree: dict, path):
+def group_at(tree: dict, path):
+    """The leaf group at ``path`` (a tuple of keys) of a param tree."""
     for k in path:
         tree = tree[k]
     return tree
+
+
+def fresh_group(params: dict, path, name: str, what: str) -> dict:
+    """The leaf group at ``path``, refused when it already holds method ``name``'s namespace (``what`` names its
+    leaves in the message): a second copy would be trained beside the first, not instead of it."""
+    group = group_at(params, path)
+    if name in group:
+        raise ConfigError(f"{'/'.join(path)} already has {what}; merge them (jaxft.merge) before adding new ones")
+    return group
 
 
 def _saved_groups(cfg: ModelConfig, lcfg: LoraConfig) -> list[tuple[str, ...]]:
@@ -495,7 +505,7 @@ def add(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> dic
         raise ConfigError("these params already have adapters; merge them (jaxft.merge) before adding new ones")
     groups = plan(cfg, lcfg)
     for path, rng_group in zip(groups, jax.random.split(rng, len(groups))):
-        g, group = groups[path], _get(params, path)
+        g, group = groups[path], group_at(params, path)
         if g.kind == "embedding":
             group["lora"] = _embedding_adapters(rng_group, lcfg, g, *group["embedding"].shape)
             continue
@@ -517,13 +527,13 @@ def prepare_saved_modules(cfg: ModelConfig, params: dict, acfg):
     for path in _saved_groups(cfg, acfg):
         if path in (("lm_head",), ("embed_tokens",)) and cfg.tie_word_embeddings and "lm_head" not in params:
             params["lm_head"] = _untied_head(params["embed_tokens"])
-        if any(isinstance(v, nf4.QuantizedTensor) for v in _get(params, path).values()):
+        if any(isinstance(v, nf4.QuantizedTensor) for v in group_at(params, path).values()):
             raise ConfigError(f"modules_to_save: {'/'.join(path)} is quantized and cannot be trained fully")
 
 
 def saved_leaves(cfg: ModelConfig, params: dict, acfg) -> set[str]:
     """The leaves of an adapter config's ``modules_to_save``'s groups (trained whole, saved with the adapter)."""
-    return {"/".join(path + (leaf,)) for path in _saved_groups(cfg, acfg) for leaf in own_leaves(_get(params, path))}
+    return {"/".join(path + (leaf,)) for path in _saved_groups(cfg, acfg) for leaf in own_leaves(group_at(params, path))}
 
 
 def bias_leaves(params: dict, with_method: str | None = None) -> set[str]:
@@ -532,7 +542,7 @@ def bias_leaves(params: dict, with_method: str | None = None) -> set[str]:
     paths = set()
     for path in leaf_paths(params):
         *group, leaf = path.split("/")
-        if leaf == "bias" and group[-1] not in REGISTRY and (with_method is None or with_method in _get(params, group)):
+        if leaf == "bias" and group[-1] not in REGISTRY and (with_method is None or with_method in group_at(params, group)):
             paths.add(path)
     return paths
 

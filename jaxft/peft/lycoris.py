@@ -274,9 +274,7 @@ def add(cfg: ModelConfig, params: dict, acfg, rng: jax.Array) -> dict:
                           "adding new ones")
     groups = plan(cfg, acfg)
     for path, key in zip(groups, jax.random.split(rng, len(groups))):
-        group = params
-        for k in path:
-            group = group[k]
+        group = lora.group_at(params, path)
         r = _group_rank(path, groups[path], acfg)
         adapter = _group_adapter(key, acfg, groups[path], r, *group["kernel"].shape[-2:])
         group[acfg.method] = adapter if path[0] == "layers" else {k: v[0] for k, v in adapter.items()}
