@@ -11,9 +11,9 @@ BitFit is left out: it trains the base's biases, and Llama's linears have none.
 
 Per method: trainable params (summary.json, PEFT's count) and their share of base + trainable; the median train
 step time of metrics.jsonl after its first logged window; XLA's ``memory_analysis()`` peak of the compiled step
-and the wall time of that ``lower().compile()`` (``jaxft inspect --compile``'s function); exact match before (the
-NF4 base) and after training. Prints a markdown table and writes JSON and a plot of exact match against trainable
-params.
+and the wall time of that ``lower().compile()`` (``jaxft inspect --compile``'s function); eval loss (the held-out
+chats' answer tokens) and greedy exact match, before (the NF4 base) and after training. Prints a markdown table
+and writes JSON and a plot of exact match against trainable params.
 
     python scripts/bench_methods.py                      # all methods, 300 steps
     python scripts/bench_methods.py --methods lora,ia3 --steps 20 --out /tmp/methods.json
@@ -104,7 +104,7 @@ def measure(method: str, data_dir: Path, out_dir: Path, steps: int, base: dict) 
             "trainable_pct": 100 * trainable / (trainable + base["n_params"]),
             "step_time_s": median_step_time(Path(cfg.output_dir) / "metrics.jsonl"),
             "peak_bytes": memory["peak"], "memory_analysis": memory, "compile_s": compile_s, "train_s": train_s,
-            "final_loss": summary["final_loss"], "eval_loss": summary.get("eval", {}).get("loss"),
+            "final_loss": summary["final_loss"], "eval_loss": summary["eval"]["loss"],
             "exact_match": after}
 
 
@@ -132,13 +132,14 @@ def demo_task(data_dir: Path) -> dict:
 def table(report: dict) -> str:
     """The results as a markdown table, the base's score first."""
     lines = ["| method | lr | trainable params | % of total | step ms (median) | peak MiB (compiled step) "
-             "| compile s | exact match |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| base (NF4), before | - | 0 | 0 | - | - | - | {100 * report['before_exact_match']:.1f}% |"]
+             "| compile s | eval loss | exact match |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| base (NF4), before | - | 0 | 0 | - | - | - | {report['before_eval_loss']:.3f} "
+             f"| {100 * report['before_exact_match']:.1f}% |"]
     for row in report["methods"]:
         step = "-" if row["step_time_s"] is None else f"{1000 * row['step_time_s']:.0f}"
         lines.append(f"| {row['method']} | {row['lr']:g} | {row['trainable_params']:,} | {row['trainable_pct']:.2f}% "
-                     f"| {step} | {row['peak_bytes'] / 2**20:.1f} | {row['compile_s']:.1f} "
+                     f"| {step} | {row['peak_bytes'] / 2**20:.1f} | {row['compile_s']:.1f} | {row['eval_loss']:.3f} "
                      f"| {100 * row['exact_match']:.1f}% |")
     return "\n".join(lines)
 
@@ -149,19 +150,21 @@ def plot(report: dict, png: Path) -> None:
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    for row in report["methods"]:
+    rows = sorted(report["methods"], key=lambda row: row["trainable_params"])
+    for i, row in enumerate(rows):  # neighbours' labels alternate above and below: close points stay readable
         ax.scatter(row["trainable_params"], 100 * row["exact_match"])
         ax.annotate(row["method"], (row["trainable_params"], 100 * row["exact_match"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=9)
+                    textcoords="offset points", xytext=(3, 5 if i % 2 == 0 else -13), fontsize=8)
     ax.axhline(100 * report["before_exact_match"], linestyle="--", color="gray", label="NF4 base, before")
-    ax.set(xscale="log", xlabel="trainable params", ylabel="exact match, held-out (%)", ylim=(-3, 103),
+    ax.set(xscale="log", xlabel="trainable params", ylabel="exact match, held-out (%)", ylim=(-8, 106),
            title=f"PEFT methods on the demo task ({report['steps']} steps, NF4 base)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center left")
     fig.savefig(png, dpi=100)
 
 
 def run(methods: list[str], steps: int) -> dict:
     from jaxft.recipes import demo
+    from jaxft.recipes.scoring import data_metrics
 
     load_start = os.getloadavg()
     rows = []
@@ -170,11 +173,13 @@ def run(methods: list[str], steps: int) -> dict:
         data_dir.mkdir()
         base = demo_task(data_dir)
         before, _ = demo.exact_match(base["model_cfg"], base["params"], base["tokenizer"], base["test"])
+        eval_data = run_config(methods[0], data_dir, Path(tmp), steps).eval_data  # every method's is the same
+        before_loss = data_metrics(base["model_cfg"], base["params"], base["tokenizer"], eval_data)["loss"]
         for method in methods:
             print(f"{method}:", file=sys.stderr, flush=True)
             rows.append(measure(method, data_dir, Path(tmp) / "runs", steps, base))
     return {"benchmark": "PEFT methods on the demo task", "steps": steps, "n_eval": len(base["test"]),
-            "base_params": base["n_params"], "before_exact_match": before, "methods": rows, "left_out": LEFT_OUT,
+            "base_params": base["n_params"], "before_exact_match": before, "before_eval_loss": before_loss, "methods": rows, "left_out": LEFT_OUT,
             "run_config": str(RUN_CONFIG.relative_to(ROOT)),
             "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
             "machine": {"cpus": os.cpu_count(), "cpu": cpu_info(), "python": platform.python_version(),

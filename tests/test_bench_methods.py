@@ -27,10 +27,10 @@ def test_arguments_refuse_bitfit_saying_why_and_unknown_methods(bench, capsys):
 
 def test_table_has_the_base_then_one_row_per_method(bench):
     row = {"method": "ia3", "lr": 0.01, "trainable_params": 1234, "trainable_pct": 1.5, "step_time_s": 0.0425,
-           "peak_bytes": 3 * 2**20, "compile_s": 2.25, "exact_match": 0.875}
-    lines = bench.table({"before_exact_match": 0.0, "methods": [row, {**row, "step_time_s": None}]}).splitlines()
-    assert lines[2] == "| base (NF4), before | - | 0 | 0 | - | - | - | 0.0% |"
-    assert lines[3] == "| ia3 | 0.01 | 1,234 | 1.50% | 42 | 3.0 | 2.2 | 87.5% |"
+           "peak_bytes": 3 * 2**20, "compile_s": 2.25, "eval_loss": 0.5, "exact_match": 0.875}
+    lines = bench.table({"before_exact_match": 0.0, "before_eval_loss": 4.25, "methods": [row, {**row, "step_time_s": None}]}).splitlines()
+    assert lines[2] == "| base (NF4), before | - | 0 | 0 | - | - | - | 4.250 | 0.0% |"
+    assert lines[3] == "| ia3 | 0.01 | 1,234 | 1.50% | 42 | 3.0 | 2.2 | 0.500 | 87.5% |"
     assert lines[4].split(" | ")[4] == "-"
 
 
