@@ -188,6 +188,15 @@ def base_dir(cfg: DemoConfig = DemoConfig()) -> Path:
     return cache_dir() / f"demo-base-{BASE_VERSION}-{cfg.pretrain_steps}-{cfg.seed}"
 
 
+def held_out_split(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(held-out problems, training problems) of the demo, disjoint."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    test = problems(rng, cfg.n_eval, cfg)
+    train = problems(rng, cfg.n_train, cfg, exclude=frozenset(test))
+    assert not set(test) & set(train), "held-out problems must not appear in training"
+    return test, train
+
+
 def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: bool = False) -> dict:
     """The whole demo; returns before/after metrics and the output paths."""
     t0 = time.perf_counter()
@@ -199,10 +208,7 @@ def run(out_dir: Path, cfg: DemoConfig = DemoConfig(), log=print, overwrite: boo
         log(f"[1/4] using the cached base model at {base}")
     tokenizer = load_tokenizer(base)
 
-    rng = np.random.default_rng(cfg.seed + 1)
-    test = problems(rng, cfg.n_eval, cfg)
-    train = problems(rng, cfg.n_train, cfg, exclude=frozenset(test))
-    assert not set(test) & set(train), "held-out problems must not appear in training"
+    test, train = held_out_split(cfg)
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=overwrite)
     write_jsonl(data_dir / "train.jsonl", [chat(p) for p in train])
