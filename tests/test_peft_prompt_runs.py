@@ -49,6 +49,8 @@ def test_prefix_tuning_run_trains_the_prefix_and_exports_an_adapter_peft_loads(c
     adapter = Path(summary["export"])
     assert read_adapter_config(adapter) == cfg.peft[0]
     model_cfg, base = jaxft.from_pretrained(cfg.model)
+    with pytest.raises(ConfigError, match="pass the model's config"):  # the tree alone does not tell its heads
+        jaxft.load_adapter(adapter, base)
     params = jaxft.load_adapter(adapter, base, model_cfg)
     ids = random_ids((2, 9), vocab=model_cfg.vocab_size, seed=1)
     prefixed, hooks = prompt_inputs(model_cfg, params)

@@ -239,7 +239,11 @@ def load_adapter(path, base_params: dict, cfg: ModelConfig | None = None) -> dic
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (found {found}; pickle adapter files are never loaded)")
     st = SafetensorsFile(weights)
     if hasattr(acfg, "with_saved"):
-        return _load_saved(weights, st, acfg, cfg or lora.structure_config(base_params), base_params)
+        if cfg is None:  # the tree's shapes do not tell the attention heads its [P, L*2*KVH*hd] tensor splits into
+            raise ConfigError(f"{folder}: a {acfg.peft_type} adapter's tensors are laid out by the model's attention "
+                              "heads; pass the model's config: jaxft.load_adapter(path, params, cfg), with the cfg "
+                              "jaxft.from_pretrained returned")
+        return _load_saved(weights, st, acfg, cfg, base_params)
     params = acfg.add(cfg or lora.structure_config(base_params), base_params, jax.random.PRNGKey(0))
     wanted = entries(params, acfg, cfg)
     in_file = {_canonical(name, acfg): name for name in st.keys()}
