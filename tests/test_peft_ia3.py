@@ -86,3 +86,21 @@ def test_a_run_trains_only_the_vectors_and_exports_an_adapter_peft_loads(tmp_pat
     params = peft_parity.check_exported_adapter(summary, base, "IA3")
     vectors = params["layers"]["v_proj"]["ia3"]["output"]
     assert float(jnp.max(jnp.abs(vectors - 1.0))) > 1e-3, "the vectors trained"
+
+
+def test_an_adapter_written_with_the_model_config_names_its_resolved_targets(tmp_path):
+    """PEFT writes the family's default targets resolved; so does jaxft when it has the model's config, and the
+    folder then loads without it (a Qwen2 IA3 adapter: q_proj, v_proj, down_proj, not Llama's k_proj)."""
+    from hf_oracle import save
+
+    save(build("qwen2", seed=0), tmp_path / "base")
+    cfg, base = jaxft.from_pretrained(tmp_path / "base")
+    acfg = IA3Config(init_ia3_weights=False)
+    params = acfg.add(cfg, base, jax.random.PRNGKey(0))
+    jaxft.save_adapter(params, acfg, tmp_path / "adapter", cfg=cfg)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(written["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert written["feedforward_modules"] == ["down_proj"]
+    loaded = jaxft.load_adapter(tmp_path / "adapter", base)  # no cfg: the file says what it targets
+    for want, got in zip(jax.tree.leaves(adapter_tree(params)), jax.tree.leaves(adapter_tree(loaded))):
+        np.testing.assert_array_equal(np.asarray(want), np.asarray(got))

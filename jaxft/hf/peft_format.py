@@ -142,19 +142,23 @@ def save_adapter(params: dict, acfg, out_dir, *, cfg: ModelConfig | None = None,
     config, needed for a question-answering head (:func:`adapter_tensors`)."""
     tensors = adapter_tensors(params, acfg, cfg)
     with atomic_dir(out_dir, overwrite) as tmp:
-        write_adapter(tensors, acfg, tmp, base_model_name_or_path, cfg.head if cfg else None)
+        write_adapter(tensors, acfg, tmp, base_model_name_or_path, cfg)
     return Path(out_dir)
 
 
 def write_adapter(tensors: dict, acfg, folder: Path, base_model_name_or_path: str | None = None,
-                  head: HeadConfig | None = None):
+                  cfg: ModelConfig | None = None):
     """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
     ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer), and the task head's
-    facts PEFT's files do not hold (label names, problem type) in ``head_config.json`` (:func:`adapter_head`)."""
+    facts PEFT's files do not hold (label names, problem type) in ``head_config.json`` (:func:`adapter_head`).
+    With the model's ``cfg``, a config whose default targets depend on the model family (IA3, LN-tuning) is written
+    with them resolved, as PEFT writes it, so the folder loads without knowing the family."""
+    if cfg is not None and hasattr(acfg, "resolved"):
+        acfg = acfg.resolved(cfg)
     (folder / CONFIG_FILE).write_text(json.dumps(acfg.peft_config(base_model_name_or_path), indent=2))
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
-    if head is not None:
-        (folder / HEAD_FILE).write_text(json.dumps(to_dict(head), indent=2))
+    if cfg is not None and cfg.head is not None:
+        (folder / HEAD_FILE).write_text(json.dumps(to_dict(cfg.head), indent=2))
 
 
 def adapter_config_from_peft(d: dict, source: str):

@@ -517,7 +517,7 @@ def write_export(out, params: dict, tokenizer, *, model_cfg=None, acfg=None, bas
     tensors = adapter_tensors(params, acfg, model_cfg) if acfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
         if acfg:
-            write_adapter(tensors, acfg, tmp, base_model, model_cfg.head if model_cfg else None)
+            write_adapter(tensors, acfg, tmp, base_model, model_cfg)
         else:
             write_pretrained(model_cfg, tensors, tmp)
         tokenizer.save(tmp)
