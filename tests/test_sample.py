@@ -159,3 +159,17 @@ def test_logprobs_with_prompt_style_hooks_equal_teacher_forced(llama):
                            segment_ids=real, hooks=hooks)
     np.testing.assert_allclose(np.asarray(rollout.logprobs), _sampled_logps(logits, PROMPTS, rollout, 2, 1.0),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_mask, settings, says", [
+    (None, dict(num_generations=0), "num_generations must be positive, got 0"),
+    (None, dict(max_new_tokens=0), "max_new_tokens must be positive, got 0"),
+    (None, dict(temperature=-1.0), r"temperature=-1.0 \(>= 0\)"),
+    (np.ones((3, 4), np.int32), {}, r"prompt_mask must be integers of shape \[B, P\].*\[3, 7\]; got shape \[3, 4\]"),
+])
+def test_bad_settings_and_shapes_are_refused_naming_them(llama, prompt_mask, settings, says):
+    _, cfg, params = llama
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    with pytest.raises(jaxft.JaxftError, match=says):
+        sample(cfg, params, ids, mask if prompt_mask is None else prompt_mask, jax.random.PRNGKey(0),
+               **{"max_new_tokens": 2, **settings})

@@ -95,7 +95,8 @@ def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int 
     with B the number of prompts); their taps are not returned.
     """
     rows = prompt_rows(prompt_ids)
-    check_settings(1, max_new_tokens, temperature, top_k, top_p)
+    check_settings(num_generations=1, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p)
     if seed is not None and rng is not None:
         raise InputError("generate: give seed or rng, not both")
     check_vocab(cfg, rows)

@@ -156,8 +156,9 @@ def sample(cfg: ModelConfig, params: dict, prompt_ids, prompt_mask, rng, *, num_
     hooks = _grouped_hooks(hooks, num_generations)
     choose = partial(_choose, keys=jax.random.split(rng, rows), temperature=temperature, top_k=top_k, top_p=top_p)
     write = partial(_write, stops=stops, pad_id=jnp.asarray(pad_id, jnp.int32))
-    empty = Rollout(jnp.full((rows, max_new_tokens), pad_id, jnp.int32), jnp.zeros((rows, max_new_tokens), jnp.float32),
-                    jnp.zeros((rows, max_new_tokens), jnp.int32), jnp.zeros(rows, bool))
+    shape = (rows, max_new_tokens)
+    empty = Rollout(jnp.full(shape, pad_id, jnp.int32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32),
+                    jnp.zeros(rows, bool))
     start = jnp.int32(0)
     rollout = write(empty, start, *choose(logits, start))
 
