@@ -8,7 +8,8 @@ import transformers
 
 import jaxft
 from hf_oracle import build, random_ids, save
-from jaxft.models.generate import forward_cached, init_cache, left_pad, process_logits
+from jaxft.models.generate import left_pad
+from jaxft.models.sample import forward_cached, init_cache, process_logits
 
 
 @pytest.fixture(scope="module")

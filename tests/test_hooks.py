@@ -12,7 +12,8 @@ from transformers import DynamicCache
 import jaxft
 from hf_oracle import build, random_ids, save
 from jaxft.models import llama
-from jaxft.models.generate import forward_cached, init_cache, left_pad
+from jaxft.models.generate import left_pad
+from jaxft.models.sample import forward_cached, init_cache
 from jaxft.models.hooks import Hooks
 from jaxft.models.llama import forward, hidden_states, rms_norm
 from jaxft.ops.attention import attention_mask, dot_product_attention, lse_attention, with_prefix_slots

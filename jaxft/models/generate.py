@@ -1,37 +1,17 @@
-"""KV-cache decoding: batched prompts of different lengths (left padded), greedy or sampled, one jitted loop.
-
-The cache is a dict ``{"k", "v": [L, B, S, KVH, hd], "segment_ids": [B, S], "index": slot of the next token}``.
-Prompt padding gets segment id 0, so real tokens never attend to it (the mask rule of
-:mod:`jaxft.ops.attention`), and positions count real tokens only, as HF derives them from the attention mask.
-Hooks (:class:`jaxft.models.hooks.Hooks`) apply at every step; prefix keys/values are added to each step's keys
-rather than stored in the cache.
+"""Host-side generation: prompts as Python lists or arrays in, new tokens per prompt out, over the jitted
+sampler :func:`jaxft.models.sample.sample` (its module describes the KV cache and the decoding loop).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import ModelConfig
 from jaxft.models.hooks import Hooks
-from jaxft.models.llama import InputError, hidden_states, logits_from_hidden
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.array(0, jnp.int32)}
-
-
-def forward_cached(cfg: ModelConfig, params: dict, input_ids, positions, segment_ids, cache: dict,
-                   hooks: Hooks = Hooks()):
-    """Logits [B, T, V] of ``input_ids`` written at ``cache["index"]``, and the updated cache."""
-    out = hidden_states(cfg, params, input_ids, positions, segment_ids, hooks=hooks, cache=cache)
-    return logits_from_hidden(cfg, params, out.hidden), out.cache
+from jaxft.models.llama import InputError
+from jaxft.models.sample import check_settings, sample
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,57 +25,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
         ids[row, width - len(p):] = p
         mask[row, width - len(p):] = 1
     return ids, mask
-
-
-def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
-    """Temperature, then top-k, then top-p (nucleus), like HF's logits warpers; removed entries are -inf."""
-    logits = logits.astype(jnp.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        order = jnp.argsort(logits, axis=-1)  # ascending, as HF sorts
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)  # always keep the most likely token
-        remove = jnp.zeros_like(remove_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
-        logits = jnp.where(remove, -jnp.inf, logits)
-    return logits
-
-
-@partial(jax.jit, static_argnames=("cfg", "hooks", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(cfg, params, ids, mask, stop_ids, pad_id, rng, *, hooks, max_new_tokens, temperature, top_k, top_p):
-    batch, width = ids.shape
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    cache = init_cache(cfg, batch, width + max_new_tokens)
-    logits, cache = forward_cached(cfg, params, ids, positions, mask, cache, hooks)
-    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (0, logits[:, -1], positions[:, -1], cache, out, jnp.zeros(batch, bool), rng)
-
-    def cond(state):
-        step, *_, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, logits, last_pos, cache, out, done, rng = state
-        rng, key = jax.random.split(rng)
-        if temperature == 0.0:
-            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-            token = jax.random.categorical(key, process_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
-        token = jnp.where(done, pad_id, token)
-        out = out.at[:, step].set(token)
-        done = done | jnp.isin(token, stop_ids)
-        pos = last_pos + 1
-        logits, cache = forward_cached(cfg, params, token[:, None], pos[:, None], jnp.ones((batch, 1), jnp.int32),
-                                       cache, hooks)
-        return step + 1, logits[:, -1], pos, cache, out, done, rng
-
-    step, *_, out, done, _ = jax.lax.while_loop(cond, body, state)
-    return out
 
 
 PROMPT_FORMS = ("one prompt [T] or a batch [B, T] of token ids: a list of ints, a list of such lists (rows may differ "
@@ -166,23 +95,16 @@ def generate(cfg: ModelConfig, params: dict, prompt_ids, *, max_new_tokens: int 
     with B the number of prompts); their taps are not returned.
     """
     rows = prompt_rows(prompt_ids)
-    if max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise InputError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
-                         f"top_p={top_p} (in (0, 1])")
+    check_settings(num_generations=1, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p)
     if seed is not None and rng is not None:
         raise InputError("generate: give seed or rng, not both")
     check_vocab(cfg, rows)
     stops = tuple(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     ids, mask = left_pad(rows, pad)
-    out = _generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops or (-1,), jnp.int32),
-                    jnp.int32(pad), jax.random.PRNGKey(seed or 0) if rng is None else rng, hooks=hooks,
-                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                    top_p=float(top_p))
-    result = []
-    for row in np.asarray(out).tolist():
-        hits = [i for i, t in enumerate(row) if t in stops]
-        result.append(row[:hits[0] + 1] if hits else row)
-    return result
+    rollout = sample(cfg, params, ids, mask, jax.random.PRNGKey(seed or 0) if rng is None else rng,
+                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                     top_p=float(top_p), stop_ids=stops, pad_id=pad, hooks=hooks)
+    lengths = np.asarray(rollout.mask).sum(axis=1)
+    return [row[:n] for row, n in zip(np.asarray(rollout.tokens).tolist(), lengths.tolist())]

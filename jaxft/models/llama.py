@@ -245,7 +245,7 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     ``segment_ids`` [B, T] (default: one segment) keep packed documents apart; 0 marks padding.
     ``positions`` [B, T] (default: restart at each segment) drive RoPE.
     ``hooks`` (:class:`jaxft.models.hooks.Hooks`): prefix keys/values, transforms after attention / the MLP, taps.
-    ``cache`` (see :mod:`jaxft.models.generate`) holds K/V [L, B, S, KVH, hd], the key slots' segment ids and
+    ``cache`` (see :mod:`jaxft.models.sample`) holds K/V [L, B, S, KVH, hd], the key slots' segment ids and
     ``index``, the slot where ``input_ids`` start. ``rng`` turns on adapter dropout (training).
     ``activation_sharding`` (a sharding of [B, T, D]) constrains the residual stream at every layer boundary.
     """

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.config import ConfigError, ModelConfig
-from jaxft.models.generate import init_cache
 from jaxft.models.hooks import PREFIX_SOURCES
 from jaxft.models.llama import PARAM_AXES, hidden_states
+from jaxft.models.sample import init_cache
 from jaxft.ops.linear import embedding_table
 from jaxft.peft.adapters import register_config
 from jaxft.peft.prefix import SAVED_NAME, PromptLearning, check_prompt_fields
