@@ -66,15 +66,18 @@ def test_inputs_embeds_match_transformers_and_the_ids_path(llama_model):
 # ---- prefix keys/values: one attention against a mask built by hand ----
 
 def _reference_prefix_attention(q, k, v, prefix_k, prefix_v, segments, window):
-    """numpy: softmax attention over concat(prefix, keys); prefix slots visible to every non-padding query, the
-    others under the causal / same-segment / window rule."""
+    """numpy: softmax attention over concat(prefix, keys); prefix slot j (of 0..P-1, right before each document's
+    first token) visible to every non-padding query at position t of its document with t + P - j < window
+    (transformers' sliding window over a past cache of P slots), the others under the causal / same-segment /
+    window rule."""
     b, t, h, hd = q.shape
     keys, values = np.concatenate([prefix_k, k], 1), np.concatenate([prefix_v, v], 1)
     group = h // k.shape[2]
     out = np.zeros_like(q)
     for row in range(b):
         for i in range(t):
-            seen = [segments[row, i] != 0] * P + [j <= i and segments[row, j] == segments[row, i] and i - j < window
+            position = i - min(j for j in range(t) if segments[row, j] == segments[row, i])
+            seen = [segments[row, i] != 0 and position + P - j < window for j in range(P)] + [j <= i and segments[row, j] == segments[row, i] and i - j < window
                                                   for j in range(t)]
             for head in range(h):
                 scores = keys[row, :, head // group] @ q[row, i, head] / np.sqrt(hd)
@@ -96,13 +99,14 @@ def test_prefix_attention_matches_attention_over_concatenated_keys_by_hand():
     index = jnp.broadcast_to(jnp.arange(t), (b, t))
     k_index, k_segment = with_prefix_slots(index, jnp.asarray(segments), P)
     mask_inputs = (index, k_index, jnp.asarray(segments), k_segment, jnp.int32(window))
+    q_position = llama.default_positions(jnp.asarray(segments))
     keys, values = jnp.concatenate([prefix_k, k], 1), jnp.concatenate([prefix_v, v], 1)
-    mask = attention_mask(*mask_inputs, with_prefix=True)
+    mask = attention_mask(*mask_inputs, q_position)
     real = segments != 0
     for name, out in {
         "plain": jax.jit(lse_attention)(q, keys, values, mask),
-        "blockwise": jax.jit(partial(SMALL_BLOCKS, with_prefix=True))(q, keys, values, *mask_inputs),
-        "fused": jax.jit(partial(fused_attention, with_prefix=True))(q, keys, values, *mask_inputs),
+        "blockwise": jax.jit(partial(SMALL_BLOCKS, q_position=q_position))(q, keys, values, *mask_inputs),
+        "fused": jax.jit(partial(fused_attention, q_position=q_position))(q, keys, values, *mask_inputs),
     }.items():
         np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=1e-5, rtol=0, err_msg=name)
     np.testing.assert_allclose(np.asarray(lse_attention(q, keys, values, mask)), expected, atol=1e-5, rtol=0)
@@ -114,7 +118,7 @@ def test_prefix_attention_matches_attention_over_concatenated_keys_by_hand():
             q, keys, values)
 
     autodiff = grads(lambda q, kk, vv: dot_product_attention(q, kk, vv, mask))
-    blockwise = grads(lambda q, kk, vv: SMALL_BLOCKS(q, kk, vv, *mask_inputs, with_prefix=True))
+    blockwise = grads(lambda q, kk, vv: SMALL_BLOCKS(q, kk, vv, *mask_inputs, q_position=q_position))
     for ours, ref in zip(blockwise, autodiff):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=0)
 

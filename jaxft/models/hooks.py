@@ -33,9 +33,11 @@ class Hooks:
     """Hooks into :func:`jaxft.models.llama.hidden_states` (input embeddings are its ``inputs_embeds`` argument).
 
     ``prefix(lp) -> (k, v)``, each [P, KVH, hd] or [B, P, KVH, hd]: keys and values put in front of the layer's
-    own in its attention (prefix tuning), used as given (no RoPE, as PEFT's prefix ``past_key_values``). Every
-    non-padding query sees all P of them, whatever its segment, position or sliding window; padding does not (the
-    mask rule of :mod:`jaxft.ops.attention`). With a KV cache they are not stored in it: each step adds them again.
+    own in its attention (prefix tuning), used as given (no RoPE, as PEFT's prefix ``past_key_values``). They sit
+    right before each sequence's first token: every non-padding query sees them, whatever its segment, except where
+    a sliding window has moved past them (as transformers' mask hides a past cache's first slots); padding does not
+    (the mask rule of :mod:`jaxft.ops.attention`). With a KV cache they are not stored in it: each step adds them
+    again.
     ``position_offset`` is added to every token position (given or default, with or without a KV cache): PEFT's
     prefix tuning numbers the tokens after its P virtual ones, which ``position_offset=P`` reproduces in training,
     forward passes and generation alike.

@@ -217,23 +217,43 @@ def _prefix_keys_values(cfg: ModelConfig, hooks: Hooks, lp: dict, batch: int, dt
     return tuple(jnp.broadcast_to(a, (batch, *a.shape[-3:])).astype(dtype) for a in (k, v))
 
 
-def _attention(cfg: ModelConfig, mask_inputs: tuple, prefix=None):
-    """``attend(q, k, v)``: this layer's attention with its mask bound. ``prefix`` (k, v), each [B, P, KVH, hd],
-    go in front of the keys and values, in slots the mask rule shows to every non-padding query."""
-    with_prefix = prefix is not None
+def _slots(segment_ids, cache, with_prefix: bool) -> tuple:
+    """(q_index, k_index, k_segment, q_position) for the mask rule of :mod:`jaxft.ops.attention`: the slots of the
+    queries and keys, the keys' segment ids (with a cache: its own, this call's written in at ``cache["index"]``)
+    and, ``with_prefix``, each query's position in its own sequence, counted over the slots of its segment (a
+    packed document's or a left-padded prompt's tokens count from 0) rather than read off the RoPE positions, as
+    transformers counts a past cache's slots in its sliding window whatever the position ids."""
+    b, t = segment_ids.shape
+    start = 0 if cache is None else cache["index"]
+    q_index = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    if cache is None:
+        k_index, k_segment = q_index, segment_ids
+    else:
+        k_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
+        k_index = jnp.broadcast_to(jnp.arange(k_segment.shape[1]), k_segment.shape)
+    q_position = None
     if with_prefix:
+        q_position = jax.lax.dynamic_slice_in_dim(default_positions(k_segment), start, t, axis=1)
+    return q_index, k_index, k_segment, q_position
+
+
+def _attention(cfg: ModelConfig, mask_inputs: tuple, prefix=None, q_position=None):
+    """``attend(q, k, v)``: this layer's attention with its mask bound. ``prefix`` (k, v), each [B, P, KVH, hd],
+    go in front of the keys and values, in slots the mask rule shows to every non-padding query within the window
+    of them from its position ``q_position`` [B, Tq] (:func:`_slots`); without a prefix ``q_position`` is None."""
+    if prefix is not None:
         q_index, k_index, q_segment, k_segment, window = mask_inputs
         k_index, k_segment = with_prefix_slots(k_index, k_segment, prefix[0].shape[1])
         mask_inputs = (q_index, k_index, q_segment, k_segment, window)
 
     def keys_values(k, v):
-        if not with_prefix:
+        if prefix is None:
             return k, v
         return jnp.concatenate([prefix[0], k], axis=1), jnp.concatenate([prefix[1], v], axis=1)
 
     if cfg.attention == "blockwise":
-        return lambda q, k, v: platform_attention(q, *keys_values(k, v), *mask_inputs, with_prefix=with_prefix)
-    mask = attention_mask(*mask_inputs, with_prefix=with_prefix)
+        return lambda q, k, v: platform_attention(q, *keys_values(k, v), *mask_inputs, q_position=q_position)
+    mask = attention_mask(*mask_inputs, q_position)
     return lambda q, k, v: lse_attention(q, *keys_values(k, v), mask)
 
 
@@ -267,21 +287,14 @@ def hidden_states(cfg: ModelConfig, params: dict, input_ids, positions=None, seg
     else:
         x = jnp.asarray(inputs_embeds, dtype)
     cos, sin = rope_tables(cfg, positions, dtype)
-    if cache is None:
-        q_index = k_index = jnp.broadcast_to(jnp.arange(t), (b, t))
-        k_segment = segment_ids
-    else:
-        start = cache["index"]
-        q_index = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        k_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
-        k_index = jnp.broadcast_to(jnp.arange(k_segment.shape[1]), k_segment.shape)
+    q_index, k_index, k_segment, q_position = _slots(segment_ids, cache, hooks.prefix is not None)
 
     def body(x, layer):
         if activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, activation_sharding)
         lp, window, layer_rng, kv = layer
         attend = _attention(cfg, (q_index, k_index, segment_ids, k_segment, window),
-                            _prefix_keys_values(cfg, hooks, lp, b, dtype))
+                            _prefix_keys_values(cfg, hooks, lp, b, dtype), q_position)
         x, kv = _block(cfg, lp, x, cos, sin, attend, hooks, layer_rng, kv, None if cache is None else cache["index"])
         return x, (kv, x if hooks.taps else None)
 

@@ -6,10 +6,17 @@ a query at slot ``qi`` (segment ``qs``) may see key slot ``ki`` (segment ``ks``)
 so no softmax row is empty.
 
 Prefix keys (prefix tuning: extra keys/values in front of a layer's own) sit in slots of the reserved segment
-``PREFIX_SEGMENT`` (index ``PREFIX_INDEX``, before every token), and every non-padding query sees all of them,
-whatever its segment, position or window: ``ks == PREFIX_SEGMENT and qs != 0``, or-ed with the rule above. That
-term is traced only when the caller says the keys hold prefix slots (``with_prefix``, static), so attention without
-a prefix runs the three-term rule alone. Padding queries still see only padding.
+``PREFIX_SEGMENT``; the P slots of a prefix are numbered -P..-1, the positions right before a sequence's first
+token (position 0). A non-padding query at position ``qp`` in its own sequence (the number of tokens before it
+there: each packed segment, and each generated row, counts from 0) sees prefix slot ``i`` iff ``qp - i < window``,
+whatever its segment: ``ks == PREFIX_SEGMENT and qs != 0 and qp - ki < window``, or-ed with the rule above (which
+hides prefix slots from every query, their segment being no token's). This is the mask transformers gives PEFT's
+virtual tokens (prompt tuning: input positions 0..P-1, real tokens from P; prefix tuning: a past cache of P slots):
+with a sliding window of W, the query at real position t sees virtual token j in 0..P-1 iff ``t + P - j < W``
+(``kv_idx > q_idx - W`` in ``transformers.masking_utils.sliding_window_overlay``, with q_idx = P + t), so once a
+sequence outgrows the window its windowed layers stop seeing the prefix; full-attention layers always see it. That
+term is traced only when the caller gives the queries' positions (``q_position``; ``None`` is static: no key slot is
+a prefix slot), so attention without a prefix runs the three-term rule alone. Padding queries see only padding.
 
 ``dot_product_attention`` is the plain reference (autodiff saves its float32 probabilities for the backward pass);
 ``lse_attention`` computes the same values with a hand-written backward pass that keeps only q, k, v, the output
@@ -26,25 +33,29 @@ NO_WINDOW = jnp.iinfo(jnp.int32).max
 MASKED = jnp.finfo(jnp.float32).min
 # Segment ids of tokens are >= 0 (0: padding), so negative ids are free to mark key slots that are not tokens.
 PREFIX_SEGMENT = -1
-PREFIX_INDEX = -1
 
 
-def attention_mask(q_index, k_index, q_segment, k_segment, window, with_prefix: bool = False) -> jnp.ndarray:
+def attention_mask(q_index, k_index, q_segment, k_segment, window, q_position=None) -> jnp.ndarray:
     """Boolean [B, Tq, Tk]. q_index/q_segment: [B, Tq]; k_index/k_segment: [B, Tk]; window: int32 scalar.
-    ``with_prefix`` (static): some key slots are prefix slots (:func:`with_prefix_slots`)."""
+    ``q_position`` [B, Tq]: each query's position in its own sequence, given when some key slots are prefix slots
+    (:func:`with_prefix_slots`); ``None`` traces the rule without the prefix term."""
     causal = k_index[:, None, :] <= q_index[:, :, None]
     same_segment = q_segment[:, :, None] == k_segment[:, None, :]
     in_window = (q_index[:, :, None] - k_index[:, None, :]) < window
     visible = causal & same_segment & in_window
-    if with_prefix:
-        visible = visible | ((k_segment[:, None, :] == PREFIX_SEGMENT) & (q_segment[:, :, None] != 0))
+    if q_position is not None:
+        prefix_in_window = (q_position[:, :, None] - k_index[:, None, :]) < window
+        visible = visible | ((k_segment[:, None, :] == PREFIX_SEGMENT) & (q_segment[:, :, None] != 0) &
+                             prefix_in_window)
     return visible
 
 
 def with_prefix_slots(k_index, k_segment, length: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``k_index`` / ``k_segment`` [B, Tk] with ``length`` prefix slots in front: [B, length + Tk] each."""
+    """``k_index`` / ``k_segment`` [B, Tk] with ``length`` prefix slots in front, numbered -length..-1: [B, length +
+    Tk] each."""
     b = k_index.shape[0]
-    return (jnp.concatenate([jnp.full((b, length), PREFIX_INDEX, k_index.dtype), k_index], axis=1),
+    prefix_index = jnp.broadcast_to(jnp.arange(-length, 0, dtype=k_index.dtype), (b, length))
+    return (jnp.concatenate([prefix_index, k_index], axis=1),
             jnp.concatenate([jnp.full((b, length), PREFIX_SEGMENT, k_segment.dtype), k_segment], axis=1))
 
 

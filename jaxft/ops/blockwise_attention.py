@@ -19,8 +19,6 @@ A query row that may see no key at all (impossible under the segment-0-padding c
 """
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
@@ -34,9 +32,10 @@ _PAD_INDEX = jnp.iinfo(jnp.int32).max
 
 def blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, *,
                         block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
-                        with_prefix: bool = False) -> jnp.ndarray:
+                        q_position=None) -> jnp.ndarray:
     """q: [B, Tq, H, hd]; k, v: [B, Tk, KVH, hd]; index/segment: [B, Tq] and [B, Tk]; window: int32 scalar;
-    ``with_prefix``: some key slots are prefix slots (see :func:`jaxft.ops.attention.attention_mask`).
+    ``q_position`` [B, Tq]: the queries' positions, given when some key slots are prefix slots (see
+    :func:`jaxft.ops.attention.attention_mask`).
 
     Returns [B, Tq, H, hd] in q's dtype, equal to the plain attention under the same mask rule. Lengths need not
     divide the block sizes (the tail block is padded and masked); a block larger than its sequence shrinks to it.
@@ -55,13 +54,14 @@ def blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window,
     qs_blocks = _to_blocks(q_segment.astype(jnp.int32), bq, 0)
     ki_blocks = _to_blocks(k_index.astype(jnp.int32), bk, _PAD_INDEX)  # [nk, B, bk]
     ks_blocks = _to_blocks(k_segment.astype(jnp.int32), bk, 0)
+    qp_blocks = None if q_position is None else _to_blocks(q_position.astype(jnp.int32), bq, 0)
     out_blocks = _flash(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks,
-                        jnp.asarray(window, jnp.int32), with_prefix)
+                        jnp.asarray(window, jnp.int32), qp_blocks)
     out = jnp.moveaxis(out_blocks, 0, 1).reshape(b, -1, h, hd)
     return out[:, :tq]
 
 
-def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, *, with_prefix: bool = False
+def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, *, q_position=None
                        ) -> jnp.ndarray:
     """Same contract as :func:`blockwise_attention`; picks the fastest correct kernel for the running backend.
 
@@ -76,15 +76,15 @@ def platform_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, 
     if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128):
         return fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation="cudnn",
-                               with_prefix=with_prefix)
-    return blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, with_prefix=with_prefix)
+                               q_position=q_position)
+    return blockwise_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, q_position=q_position)
 
 
 def fused_attention(q, k, v, q_index, k_index, q_segment, k_segment, window, implementation=None, *,
-                    with_prefix: bool = False):
+                    q_position=None):
     """Our mask handed to ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``None`` lets jax pick, XLA on CPU, which
     is how the tests check this wiring — layouts, grouped KV heads, mask broadcast — without a GPU)."""
-    mask = attention_mask(q_index, k_index, q_segment, k_segment, window, with_prefix)
+    mask = attention_mask(q_index, k_index, q_segment, k_segment, window, q_position)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
@@ -98,9 +98,9 @@ def _to_blocks(x, block: int, pad_value):
     return jnp.moveaxis(x, 1, 0)
 
 
-def _tile_mask(qi, ki, qs, ks, window, with_prefix):
+def _tile_mask(qi, ki, qs, ks, window, qp):
     """[B, bq, 1, 1, bk]: the mask of one tile, broadcastable over the (KVH, G) head axes of the scores."""
-    return attention_mask(qi, ki, qs, ks, window, with_prefix)[:, :, None, None, :]
+    return attention_mask(qi, ki, qs, ks, window, qp)[:, :, None, None, :]
 
 
 def _scores(q_blk, k_blk):
@@ -109,23 +109,24 @@ def _scores(q_blk, k_blk):
     return scores * (q_blk.shape[-1] ** -0.5)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _flash(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, with_prefix):
-    """Blocked attention output [nq, B, bq, KVH, G, hd] (see :func:`blockwise_attention` for the blocked layouts)."""
+@jax.custom_vjp
+def _flash(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, qp_blocks):
+    """Blocked attention output [nq, B, bq, KVH, G, hd] (see :func:`blockwise_attention` for the blocked layouts;
+    ``qp_blocks``, the queries' positions blocked as ``qi_blocks``, is None without prefix slots)."""
     return _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window,
-                          with_prefix)[0]
+                          qp_blocks)[0]
 
 
-def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, with_prefix):
+def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, qp_blocks):
     """Online softmax: per query block, one pass over key blocks keeping a running max, sum and weighted values."""
 
     def query_block(_, q_side):
-        q_blk, qi, qs = q_side
+        q_blk, qi, qs, qp = q_side
         row_shape = q_blk.shape[:-1]                     # [B, bq, KVH, G]
 
         def key_block(carry, k_side):
             k_blk, v_blk, ki, ks = k_side
-            mask = _tile_mask(qi, ki, qs, ks, window, with_prefix)
+            mask = _tile_mask(qi, ki, qs, ks, window, qp)
 
             def update(carry):
                 row_max, row_sum, acc = carry
@@ -149,19 +150,20 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks
         logsumexp = jnp.where(seen, row_max + jnp.log(safe_sum), 0.0)   # [B, bq, KVH, G]
         return None, (out, logsumexp)
 
-    _, (out_blocks, lse_blocks) = jax.lax.scan(query_block, None, (q_blocks, qi_blocks, qs_blocks))
-    residuals = (q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window,
+    _, (out_blocks, lse_blocks) = jax.lax.scan(query_block, None, (q_blocks, qi_blocks, qs_blocks, qp_blocks))
+    residuals = (q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, qp_blocks,
                  out_blocks, lse_blocks)
     return out_blocks, residuals
 
 
-def _flash_backward(with_prefix, residuals, d_out_blocks):
+def _flash_backward(residuals, d_out_blocks):
     """FlashAttention-2 backward: per key block, recompute each tile's probabilities from the saved log-sum-exp.
 
     dK and dV of one key block accumulate over query blocks in the inner carry; dQ contributions come out per query
     block and are summed across key blocks in the outer carry. Everything kept is O(T).
     """
-    q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, out_blocks, lse_blocks = residuals
+    (q_blocks, k_blocks, v_blocks, qi_blocks, ki_blocks, qs_blocks, ks_blocks, window, qp_blocks, out_blocks,
+     lse_blocks) = residuals
     # delta = rowsum(dO * O) = sum_s P * dP, the softmax-Jacobian term: [nq, B, bq, KVH, G]
     delta_blocks = jnp.einsum("nbqkgd,nbqkgd->nbqkg", d_out_blocks.astype(jnp.float32),
                               out_blocks.astype(jnp.float32))
@@ -171,8 +173,8 @@ def _flash_backward(with_prefix, residuals, d_out_blocks):
         k_blk, v_blk, ki, ks = k_side
 
         def query_block(carry, q_side):
-            q_blk, d_out, lse, delta, qi, qs = q_side
-            mask = _tile_mask(qi, ki, qs, ks, window, with_prefix)
+            q_blk, d_out, lse, delta, qi, qs, qp = q_side
+            mask = _tile_mask(qi, ki, qs, ks, window, qp)
 
             def grads(carry):
                 dk, dv = carry
@@ -195,13 +197,13 @@ def _flash_backward(with_prefix, residuals, d_out_blocks):
         zeros_kv = jnp.zeros(k_blk.shape, jnp.float32)
         (dk, dv), dq_blocks = jax.lax.scan(
             query_block, (zeros_kv, zeros_kv),
-            (q_blocks, d_out_blocks, lse_blocks, delta_blocks, qi_blocks, qs_blocks))
+            (q_blocks, d_out_blocks, lse_blocks, delta_blocks, qi_blocks, qs_blocks, qp_blocks))
         return dq_acc + dq_blocks, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_blocks.shape, jnp.float32),
                                 (k_blocks, v_blocks, ki_blocks, ks_blocks))
     return (dq.astype(q_blocks.dtype), dk.astype(k_blocks.dtype), dv.astype(v_blocks.dtype),
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

@@ -16,8 +16,9 @@ forward pass::
 
 Either way PEFT numbers the real tokens after the P virtual ones, which ``hooks`` reproduces
 (``Hooks.position_offset``). Packed rows and generation need nothing else: every non-padding query sees the prefix
-whatever its segment, and the KV cache never stores it (the hook adds it at every step). A prefix cannot be folded
-into the base weights, so there is nothing to merge.
+whatever its segment (within a windowed layer's sliding window, as PEFT's: :mod:`jaxft.ops.attention`), and the KV
+cache never stores it (the hook adds it at every step). A prefix cannot be folded into the base weights, so there
+is nothing to merge.
 """
 from __future__ import annotations
 

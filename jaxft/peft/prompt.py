@@ -7,8 +7,7 @@ keys and values at every layer therefore do not depend on the input: they are a 
 once per forward pass, by running the model on the P virtual embeddings alone (:func:`virtual_prefix`), and feeds
 it through the prefix hook (:func:`jaxft.peft.prefix.prefix_hooks`). That gives PEFT's logits on the real tokens
 without changing the batch's shape, so a packed row's every document sees its own copy of the virtual tokens,
-and generation keeps them in front of the KV cache. (One difference: a sliding window never hides the virtual
-tokens, which PEFT's would once a sequence outgrows the window.)
+and generation keeps them in front of the KV cache.
 
 Trained leaves (top-level groups; :func:`jaxft.peft.prefix.with_prefix` turns them into the stacked prefix)::
 
