@@ -207,6 +207,15 @@ def prompt_groups(params: dict) -> list[str]:
     return stacked + [name for name in PREFIX_SOURCES if name in params]
 
 
+def without_prompt(params: dict) -> dict:
+    """The tree without its prompt-style groups (:func:`prompt_groups`): the model PEFT's ``disable_adapter``
+    runs, with no virtual tokens in front."""
+    rest = {k: v for k, v in params.items() if k not in PREFIX_SOURCES}
+    if "prefix" not in rest.get("layers", {}):
+        return rest
+    return {**rest, "layers": {k: v for k, v in rest["layers"].items() if k != "prefix"}}
+
+
 def prompt_inputs(cfg: ModelConfig, params: dict) -> tuple[dict, Hooks]:
     """(params, hooks) as a forward pass or ``generate`` reads a tree holding a prompt-style method: the stacked
     prefix computed (:func:`with_prefix`) and the hooks that feed it, with the real tokens numbered after it; a

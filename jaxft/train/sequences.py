@@ -19,30 +19,43 @@ from jaxft.data.formats import DataError
 from jaxft.models.heads import last_token_mask
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
 from jaxft.peft.methods import without_methods
+from jaxft.peft.prefix import prompt_inputs, without_prompt
 from jaxft.train.loss import token_logprobs
 
 
 def label_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_size: int, rng=None,
-                   activation_sharding=None) -> jax.Array:
+                   activation_sharding=None, temperature: float = 1.0) -> jax.Array:
     """[B, T] float32 log p(labels[t]) of every labelled position (0 elsewhere), from the chunked pass that never
-    holds [tokens, V] logits (full logits when the head carries an adapter or ``chunk_size`` is 0)."""
+    holds [tokens, V] logits (full logits when the head carries an adapter or ``chunk_size`` is 0).
+
+    ``temperature``: the log-probs of ``softmax(logits / temperature)``, the distribution a rollout sampled from
+    (TRL's policy-gradient losses score it so). A prompt-style method in the params takes part through
+    :func:`jaxft.peft.prefix.prompt_inputs`, as in :class:`jaxft.train.objectives.CausalLM`.
+    """
     body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
+    params, hooks = prompt_inputs(cfg, params)
     h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), rng=body_rng,
-                      activation_sharding=activation_sharding).hidden
+                      activation_sharding=activation_sharding, hooks=hooks).hidden
     labels = batch["labels"]
     if chunk_size and plain_head(cfg, params):
-        return token_logprobs(h, lm_head_kernel(cfg, params), labels, chunk_size=chunk_size)
+        kernel = lm_head_kernel(cfg, params)
+        # h @ (K / T) = (h @ K) / T: the scaled kernel keeps the chunked pass's one contraction
+        kernel = kernel if temperature == 1.0 else kernel / temperature
+        return token_logprobs(h, kernel, labels, chunk_size=chunk_size)
     logits = logits_from_hidden(cfg, params, h, head_rng)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits if temperature == 1.0 else logits / temperature, axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(labels != IGNORE_INDEX, picked, 0.0)
 
 
-def adapters_off_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_size: int) -> dict[str, jax.Array]:
+def adapters_off_logprobs(cfg: ModelConfig, params: dict, batch: dict, *, chunk_size: int,
+                          temperature: float = 1.0) -> dict[str, jax.Array]:
     """``{"ref_logps": [B, T]}``: the label log-probs of the reference policy that is the same base with every
-    adapter off (:func:`jaxft.peft.methods.without_methods`): what a preference objective's ``reference`` returns
-    (the train step stops its gradient, :func:`jaxft.train.loop.with_reference`)."""
-    return {"ref_logps": label_logprobs(cfg, without_methods(params), batch, chunk_size=chunk_size)}
+    adapter off (:func:`jaxft.peft.methods.without_methods`, and no prompt-style prefix): what a preference or
+    policy-gradient objective's ``reference`` returns (the train step stops its gradient,
+    :func:`jaxft.train.loop.with_reference`)."""
+    return {"ref_logps": label_logprobs(cfg, without_prompt(without_methods(params)), batch, chunk_size=chunk_size,
+                                        temperature=temperature)}
 
 
 class ReferenceInputs:
