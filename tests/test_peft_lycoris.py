@@ -41,6 +41,12 @@ CASES = {
     "lokr_llama_krona": ("llama", "lokr", dict(r=8, alpha=8, target_modules=["q_proj", "gate_proj"])),
     "lokr_qwen2_factor": ("qwen2", "lokr", dict(r=3, alpha=6, decompose_factor=4,
                                                 target_modules=["o_proj", "down_proj"], layers_to_transform=[1])),
+    "loha_llama_saved_excluded": ("llama", "loha", dict(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                        exclude_modules=["layers.1.self_attn.q_proj"],
+                                                        modules_to_save=["lm_head"])),
+    "lokr_qwen2_saved_excluded": ("qwen2", "lokr", dict(r=2, alpha=4, target_modules="all-linear",
+                                                        exclude_modules=r".*\.0\.mlp\..*",
+                                                        modules_to_save=["post_attention_layernorm"])),
 }
 
 
@@ -70,6 +76,10 @@ def _attach(folder, model_type, kind, kwargs, seed=0, quant=None, torch_base=Non
     torch.manual_seed(seed + 1)
     pm = peft.get_peft_model(torch_base or build(model_type, seed=seed),
                              PEFT_CONFIGS[kind](init_weights=False, **kwargs))
+    with torch.no_grad():  # PEFT's copies of modules_to_save start equal to the base: make them differ
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
     pm.save_pretrained(folder / "peft-adapter")
     cfg, base_params = jaxft.from_pretrained(folder, quant=quant)
     params = jaxft.load_adapter(folder / "peft-adapter", base_params, cfg)
@@ -85,7 +95,9 @@ def _torch_grads(pm):
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              torch.as_tensor(_labels()).reshape(-1))
     loss.backward()
-    return {n.removesuffix(".default"): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    # PEFT saves a trained copy of modules_to_save under the module's own name
+    return {n.removesuffix(".default").replace(".modules_to_save.default", ""): p.grad.numpy()
+            for n, p in pm.named_parameters() if p.requires_grad}
 
 
 def _logits_and_grads(cfg, params, acfg):
@@ -272,8 +284,6 @@ def test_module_dropout_skips_the_whole_adapter_in_training():
     (dict(r=0), "r must be a positive integer"),
     (dict(alpha=0), "alpha must be > 0"),
     (dict(rank_dropout=1.0), r"rank_dropout must be in \[0, 1\)"),
-    (dict(exclude_modules=["q_proj"]), "exclude_modules is not supported"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save is not supported"),
     (dict(task_type="SEQ_CLS"), "causal LMs only"),
     (dict(target_modules="all-linear", layers_to_transform=[0]), "needs target_modules as a list"),
     (dict(init_weights="gaussian"), "init_weights must be one of"),

@@ -84,12 +84,6 @@ class _LycorisFields:
                 raise ConfigError(f"{key}.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.init_weights not in self.init_choices:
             raise ConfigError(f"{key}.init_weights must be one of {self.init_choices}, got {self.init_weights!r}")
-        if self.exclude_modules not in (None, ()):
-            raise ConfigError(f"{key}.exclude_modules is not supported by jaxft; name the modules to adapt in "
-                              f"target_modules instead")
-        if self.modules_to_save not in (None, ()):
-            raise ConfigError(f"{key}.modules_to_save is not supported with {key} in jaxft; train whole modules "
-                              "with a LoRA entry's modules_to_save")
         if self.layers_pattern not in (None, "layers", ("layers",)):
             raise ConfigError(f"{key}.layers_pattern {self.layers_pattern!r}: Llama-family layers are 'layers'")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -111,8 +105,9 @@ class _LycorisFields:
         return add(cfg, params, self, rng)
 
     def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
-        """Nothing besides the method's own leaves (which the registry declares trained)."""
-        return Trainable()
+        """The leaves of ``modules_to_save``'s groups, trained whole besides the method's own leaves (which the
+        registry declares trained)."""
+        return Trainable(frozenset(lora.saved_leaves(cfg, params, self)))
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         """adapter_config.json as PEFT writes it."""
@@ -242,6 +237,7 @@ def plan(cfg: ModelConfig, acfg) -> dict[tuple[str, ...], lora.GroupPlan]:
     """Which groups get the method, with which rank and alpha in each layer: PEFT's targeting is the same for
     every tuner (target_modules, layers_to_transform, rank and alpha patterns), so LoRA's planning decides."""
     as_lora = lora.LoraConfig(r=acfg.r, lora_alpha=acfg.alpha, target_modules=acfg.target_modules,
+                              exclude_modules=acfg.exclude_modules, modules_to_save=acfg.modules_to_save,
                               layers_to_transform=acfg.layers_to_transform, rank_pattern=acfg.rank_pattern,
                               alpha_pattern=acfg.alpha_pattern)
     return lora.plan(cfg, as_lora)
@@ -266,8 +262,9 @@ def _group_adapter(key, acfg, g: lora.GroupPlan, r: int, fan_in: int, fan_out: i
 
 
 def add(cfg: ModelConfig, params: dict, acfg, rng: jax.Array) -> dict:
-    """A new tree with ``acfg``'s method (LoHa or LoKr) beside every targeted linear kernel; the base leaves are
-    shared, not copied or changed."""
+    """A new tree with ``acfg``'s method (LoHa or LoKr) beside every targeted linear kernel, and ``modules_to_save``'s
+    groups ready to train whole (:func:`lora.prepare_saved_modules`); the base leaves are shared, not copied or
+    changed."""
     params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
     if any(acfg.method in path.split("/") for path in leaf_paths(params)):
         raise ConfigError(f"these params already have {acfg.method} adapters; merge them (jaxft.merge) before "
@@ -278,6 +275,7 @@ def add(cfg: ModelConfig, params: dict, acfg, rng: jax.Array) -> dict:
         r = _group_rank(path, groups[path], acfg)
         adapter = _group_adapter(key, acfg, groups[path], r, *group["kernel"].shape[-2:])
         group[acfg.method] = adapter if path[0] == "layers" else {k: v[0] for k, v in adapter.items()}
+    lora.prepare_saved_modules(cfg, params, acfg)
     return params
 
 
