@@ -47,6 +47,12 @@ CASES = {
     "lokr_qwen2_saved_excluded": ("qwen2", "lokr", dict(r=2, alpha=4, target_modules="all-linear",
                                                         exclude_modules=r".*\.0\.mlp\..*",
                                                         modules_to_save=["post_attention_layernorm"])),
+    "loha_llama_layer_ranks": ("llama", "loha", dict(r=2, alpha=4, target_modules=["q_proj", "down_proj"],
+                                                     rank_pattern={"layers.1.self_attn.q_proj": 4,
+                                                                   "model.layers.0.mlp.down_proj": 3})),
+    "lokr_mistral_layer_ranks": ("mistral", "lokr", dict(r=2, alpha=4, decompose_both=True,
+                                                         target_modules=["q_proj", "o_proj"],
+                                                         rank_pattern={"layers.1.self_attn.q_proj": 3})),
 }
 
 
@@ -254,6 +260,28 @@ def _one_group(kind, **kwargs):
     return acfg, group
 
 
+def test_rank_padding_is_zero_and_gets_no_gradient():
+    cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    acfg = jaxft.LohaConfig(r=2, target_modules=["up_proj"], rank_pattern={"layers.1.mlp.up_proj": 5},
+                            init_weights=False)
+    group = acfg.add(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))["layers"]["up_proj"]
+    np.testing.assert_array_equal(group["loha"]["rank"], [2, 5])
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 32))
+
+    def loss(factors):
+        layer0 = jax.tree.map(lambda v: v[0], {**group, "loha": {**group["loha"], **factors}})
+        return jnp.sum(jaxft.ops.registry.REGISTRY["loha"].linear(layer0["loha"], layer0, x, None, None) ** 2)
+
+    factors = {k: v for k, v in group["loha"].items() if k.startswith("w")}
+    grads = jax.grad(loss)(factors)
+    for name in ("w1_a", "w2_a"):
+        assert not np.any(factors[name][0, :, 2:]) and not np.any(grads[name][0, :, 2:]), name
+        assert np.all(np.abs(grads[name][0, :, :2]) > 0), name
+    for name in ("w1_b", "w2_b"):
+        assert not np.any(factors[name][0, 2:]) and not np.any(grads[name][0, 2:]), name
+
+
 @pytest.mark.parametrize("kind,rescaled", [("loha", True), ("lokr", False)])
 def test_rank_dropout_zeroes_output_rows_only_in_training(kind, rescaled):
     acfg, group = _one_group(kind, rank_dropout=0.5)
@@ -299,8 +327,9 @@ def test_bad_targets_are_refused():
     base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
     with pytest.raises(jaxft.ConfigError, match="linear layers only"):
         jaxft.LokrConfig(target_modules=["embed_tokens"]).add(cfg, base, jax.random.PRNGKey(1))
-    with pytest.raises(jaxft.ConfigError, match="same in every layer"):
-        jaxft.LohaConfig(rank_pattern={"layers.1.self_attn.q_proj": 2}).add(cfg, base, jax.random.PRNGKey(1))
+    with pytest.raises(jaxft.ConfigError, match=r"layers/q_proj ranks \[2, 8\] that make different factors in "
+                                                r"different layers: layers \[0\] \(w1, w2_a, w2_b\); layers \[1\]"):
+        jaxft.LokrConfig(r=2, rank_pattern={"layers.1.self_attn.q_proj": 8}).add(cfg, base, jax.random.PRNGKey(1))
     with pytest.raises(jaxft.ConfigError, match="decompose_factor"):
         jaxft.LokrConfig(decompose_factor=0)
 
