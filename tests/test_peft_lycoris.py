@@ -17,9 +17,10 @@ import torch
 import transformers
 
 import jaxft
-from hf_oracle import build, random_ids, save, torch_logits
+from hf_oracle import build, build_head, random_ids, save, torch_logits
 from jaxft.hf.names import module_name
 from jaxft.hf.peft_format import adapter_tensors, read_adapter_config
+from jaxft.models import heads
 from jaxft.models.llama import LINEAR_MODULES
 from jaxft.ops.registry import methods_in
 from jaxft.peft.lycoris import factorization, lokr_shapes
@@ -188,6 +189,47 @@ def test_unmerge_restores_the_base(case):
                                    np.asarray(_get(base_params, path)["kernel"]), atol=1e-6, rtol=0)
 
 
+def _head_logits(cfg, params, torch_model, head):
+    """jaxft's and PEFT's task-head outputs: [B, N] (seq_cls), [B, T, N] (token_cls), [B, T, 2] start/end (qa)."""
+    ids = jnp.asarray(_ids())
+    positions, segments = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), jnp.ones_like(ids)
+    if head == "seq_cls":
+        ours = heads.sequence_logits(cfg, params, ids, positions, segments)[:, 0]
+    else:
+        ours = heads.token_logits(cfg, params, ids, positions, segments)
+    with torch.no_grad():
+        out = torch_model(input_ids=torch.as_tensor(_ids()))
+    theirs = torch.stack([out.start_logits, out.end_logits], -1) if head == "qa" else out.logits
+    return np.asarray(ours), theirs.numpy()
+
+
+@pytest.mark.parametrize("model_type,head,kind", [("llama", "seq_cls", "loha"), ("qwen2", "qa", "lokr"),
+                                                  ("mistral", "token_cls", "lokr")])
+def test_task_head_adapters_go_both_ways_with_peft(tmp_path, model_type, head, kind):
+    task_type = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS"}[head]
+    labels = dict(num_labels=3) if head != "qa" else {}
+    save(build_head(model_type, head, **labels), tmp_path / "base")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(build_head(model_type, head, **labels), PEFT_CONFIGS[kind](
+        task_type=task_type, init_weights=False, r=2, alpha=4, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():  # the head's trained copy starts equal to the base's: make it differ
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    cfg, base_params = jaxft.from_pretrained(tmp_path / "base")
+    params = jaxft.load_adapter(tmp_path / "peft", base_params, cfg)
+    acfg = read_adapter_config(tmp_path / "peft")
+    assert cfg.head.group in acfg.modules_to_save
+    assert jaxft.peft.methods.trainable_count(params, acfg.trainable(cfg, params)) == \
+        pm.get_nb_trainable_parameters()[0]
+    ours, theirs = _head_logits(cfg, params, pm, head)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    jaxft.save_adapter(params, acfg, tmp_path / "ours", cfg=cfg)
+    reloaded = peft.PeftModel.from_pretrained(build_head(model_type, head, **labels), tmp_path / "ours").eval()
+    np.testing.assert_allclose(_head_logits(cfg, params, reloaded, head)[1], ours, atol=1e-4, rtol=0)
+
+
 def _dequantized_twin(folder):
     """A dense transformers model holding bitsandbytes' NF4 round trip of the base at ``folder``: PEFT's LoHa and
     LoKr compute ΔW in the base weight's (packed) shape, so they do not run on a 4-bit base themselves."""
@@ -312,7 +354,6 @@ def test_module_dropout_skips_the_whole_adapter_in_training():
     (dict(r=0), "r must be a positive integer"),
     (dict(alpha=0), "alpha must be > 0"),
     (dict(rank_dropout=1.0), r"rank_dropout must be in \[0, 1\)"),
-    (dict(task_type="SEQ_CLS"), "causal LMs only"),
     (dict(target_modules="all-linear", layers_to_transform=[0]), "needs target_modules as a list"),
     (dict(init_weights="gaussian"), "init_weights must be one of"),
 ])

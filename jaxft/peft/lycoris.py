@@ -76,6 +76,7 @@ class _LycorisFields:
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         self._validate()
+        object.__setattr__(self, "modules_to_save", lora.with_task_head(self.modules_to_save, self.task_type))
 
     def _validate(self):
         key = self.method
@@ -94,9 +95,6 @@ class _LycorisFields:
             raise ConfigError(f"{key}.layers_to_transform needs target_modules as a list of names: with a string "
                               "(a regex or 'all-linear') PEFT's LyCORIS tuners ignore it (and LoRA refuses it)")
         check_task_type(self.task_type, key)
-        if self.task_type != "CAUSAL_LM":
-            raise ConfigError(f"{key}.task_type {self.task_type!r}: jaxft's {key} adapts causal LMs only "
-                              "(CAUSAL_LM); use LoRA for a task head")
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"{key}.rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
