@@ -5,6 +5,7 @@ PEFT's adapters start from ``init_weights=False`` (every factor random and non-z
 folder PEFT saves, so a wrong tensor name, layout or shape fails every test.
 """
 import json
+import re
 from pathlib import Path
 
 import bitsandbytes
@@ -15,6 +16,7 @@ import peft
 import pytest
 import torch
 import transformers
+import yaml
 
 import jaxft
 from hf_oracle import build, build_head, random_ids, save, torch_logits
@@ -24,6 +26,7 @@ from jaxft.models import heads
 from jaxft.models.llama import LINEAR_MODULES
 from jaxft.ops.registry import methods_in
 from jaxft.peft.lycoris import factorization, lokr_shapes
+from jaxft.cli import main
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from sft_worker import make_base, write_chats
@@ -187,6 +190,25 @@ def test_unmerge_restores_the_base(case):
     for path, _ in _groups(params):
         np.testing.assert_allclose(np.asarray(_get(restored, path)["kernel"]),
                                    np.asarray(_get(base_params, path)["kernel"]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("loha", dict(r=2, alpha=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[0],
+                  rank_pattern={"layers.0.mlp.up_proj": 3})),
+    ("lokr", dict(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "o_proj"],
+                  exclude_modules=["layers.0.self_attn.o_proj"], rank_pattern={"layers.1.self_attn.q_proj": 3})),
+])
+def test_inspect_counts_trainable_params_as_peft(tmp_path, capsys, kind, kwargs):
+    """Layers left out hold zeros and ranks are padded in the stacked factors: neither is trainable in PEFT."""
+    save(build("llama"), tmp_path / "base")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"), "peft": [{"type": kind, **kwargs}],
+        "data": {"paths": ["train.jsonl"], "max_length": 16, "batch_size": 2},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}))
+    assert main(["inspect", str(tmp_path / "run.yaml")]) == 0
+    printed = re.search(r"trainable params: ([\d,]+)", capsys.readouterr().out)[1]
+    pm = peft.get_peft_model(build("llama"), PEFT_CONFIGS[kind](**kwargs))
+    assert int(printed.replace(",", "")) == pm.get_nb_trainable_parameters()[0]
 
 
 def _head_logits(cfg, params, torch_model, head):

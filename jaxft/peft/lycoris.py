@@ -38,7 +38,7 @@ import numpy as np
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.ops import nf4
 from jaxft.ops.linear import base_linear
-from jaxft.ops.registry import Method, PeftTensor, register
+from jaxft.ops.registry import REGISTRY, Method, PeftTensor, register
 from jaxft.peft import lora
 from jaxft.peft.adapters import check_task_type, config_dict, fields_from_peft, register_config
 from jaxft.peft.tree import Trainable, leaf_paths
@@ -114,6 +114,16 @@ class _LycorisFields:
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         """adapter_config.json as PEFT writes it."""
         return config_dict(self, base_model_name_or_path)
+
+    def untrained_entries(self, cfg: ModelConfig, params: dict) -> int:
+        """Entries of this method's stacked factors that train nothing (the zeros of layers left out, rank padding),
+        which PEFT's counts do not have; ``params`` may be abstract (shapes only, ``jax.eval_shape``)."""
+        total = 0
+        for path, g in plan(cfg, self).items():
+            p = lora.group_at(params, path)[self.method]
+            shapes = {leaf: p[leaf].shape for leaf in REGISTRY[self.method].trained & set(p)}
+            total += sum(math.prod(shape) for shape in shapes.values()) - trained_entries(shapes, g.ranks)
+        return total
 
     @classmethod
     def from_peft(cls, d: dict, source: str):
