@@ -145,7 +145,6 @@ def test_2_steps_and_a_resumed_2_equal_4_straight_for_each_method(qwen2_setup, m
         "train": {"steps": 4, "save_every": 2, "log_every": 1, "loss_chunk_size": 0}})
     straight = sft.run(cfg)
     losses, params = train_losses(run_dir), _exported(straight)
-    assert len(set(losses.values())) == 4, losses  # it trains
     shutil.rmtree(run_dir / "checkpoints" / "4")  # as if the run had stopped after saving step 2
     logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
     resumed = sft.run(cfg, resume=True)
