@@ -242,8 +242,9 @@ def plan(cfg: ModelConfig, lcfg: LoraConfig) -> dict[tuple[str, ...], GroupPlan]
         matched.add(m.key)
     if not groups:
         excluded = f" outside exclude_modules {lcfg.exclude_modules!r}" if lcfg.exclude_modules else ""
-        raise ConfigError(f"target_modules {lcfg.target_modules!r} matched no module{excluded} of this {cfg.model_type} "
-                          f"model; its modules are {sorted(set(m.key.rsplit('.', 1)[-1] for m in modules(cfg)))}")
+        raise ConfigError(f"target_modules {lcfg.target_modules!r} matched no module{excluded} of this "
+                          f"{cfg.model_type} model; its modules are "
+                          f"{sorted(set(m.key.rsplit('.', 1)[-1] for m in modules(cfg)))}")
     if isinstance(lcfg.target_modules, tuple):
         names = [m.key for m in modules(cfg)]
         unknown = [t for t in lcfg.target_modules
