@@ -4,8 +4,10 @@ and NF4 bases, and a run with ``peft: [{type: loha}]``.
 PEFT's adapters start from ``init_weights=False`` (every factor random and non-zero); jaxft loads them from the
 folder PEFT saves, so a wrong tensor name, layout or shape fails every test.
 """
+import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import bitsandbytes
@@ -168,9 +170,14 @@ def test_saved_adapter_loads_in_peft_with_same_logits(case, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, _ids()), logits, atol=1e-4, rtol=0)
 
 
-def test_merge_equals_peft_merge_and_unload(case):
+@pytest.fixture(scope="module")
+def merged(case):
+    """jaxft.merge of the case's params, which the merge and unmerge tests both take."""
+    return jaxft.merge(case[5])
+
+
+def test_merge_equals_peft_merge_and_unload(case, merged):
     name, pm, cfg, base_params, acfg, params, logits, grads = case
-    merged = jaxft.merge(params)
     assert not any(acfg.method in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
     reference = build(CASES[name][0], seed=0)
     reference.load_state_dict(pm.merge_and_unload(safe_merge=True).state_dict())  # a copy: pm stays unmerged
@@ -184,12 +191,18 @@ def test_merge_equals_peft_merge_and_unload(case):
                                torch_logits(reference, ids), atol=1e-4, rtol=0)
 
 
-def test_unmerge_restores_the_base(case):
+def test_unmerge_restores_the_base(case, merged):
     name, pm, cfg, base_params, acfg, params, logits, grads = case
-    restored = jaxft.unmerge(jaxft.merge(params), jaxft.peft.methods.adapter_tree(params))
+    restored = jaxft.unmerge(merged, jaxft.peft.methods.adapter_tree(params))
     for path, _ in _groups(params):
         np.testing.assert_allclose(np.asarray(_get(restored, path)["kernel"]),
                                    np.asarray(_get(base_params, path)["kernel"]), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """The tiny random Llama saved once (only its config.json is read by inspect)."""
+    return save(build("llama"), tmp_path_factory.mktemp("llama"))
 
 
 @pytest.mark.parametrize("kind,kwargs", [
@@ -198,11 +211,10 @@ def test_unmerge_restores_the_base(case):
     ("lokr", dict(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "o_proj"],
                   exclude_modules=["layers.0.self_attn.o_proj"], rank_pattern={"layers.1.self_attn.q_proj": 3})),
 ])
-def test_inspect_counts_trainable_params_as_peft(tmp_path, capsys, kind, kwargs):
+def test_inspect_counts_trainable_params_as_peft(llama_folder, tmp_path, capsys, kind, kwargs):
     """Layers left out hold zeros and ranks are padded in the stacked factors: neither is trainable in PEFT."""
-    save(build("llama"), tmp_path / "base")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({
-        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"), "peft": [{"type": kind, **kwargs}],
+        "model": str(llama_folder), "output_dir": str(tmp_path / "run"), "peft": [{"type": kind, **kwargs}],
         "data": {"paths": ["train.jsonl"], "max_length": 16, "batch_size": 2},
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}))
     assert main(["inspect", str(tmp_path / "run.yaml")]) == 0
@@ -270,13 +282,21 @@ def _dequantized_twin(folder):
     return dense
 
 
+@pytest.fixture(scope="module")
+def nf4_base(tmp_path_factory):
+    """A tiny Llama saved once, and its dense twin holding bitsandbytes' NF4 round trip."""
+    folder = save(build("llama", scale=0.08, intermediate_size=128), tmp_path_factory.mktemp("nf4"))  # bnb: out % 32
+    return folder, _dequantized_twin(folder)
+
+
 @pytest.mark.parametrize("kind,kwargs", [("loha", dict(r=2, alpha=4, target_modules=["v_proj", "up_proj"])),
                                          ("lokr", dict(r=2, alpha=4, decompose_both=True,
                                                        target_modules=["q_proj", "down_proj"]))])
-def test_nf4_base_matches_peft_on_the_dequantized_base(tmp_path, kind, kwargs):
-    folder = save(build("llama", scale=0.08, intermediate_size=128), tmp_path)  # bnb: out % 32 == 0
+def test_nf4_base_matches_peft_on_the_dequantized_base(nf4_base, tmp_path, kind, kwargs):
+    folder, twin = nf4_base
+    folder = Path(shutil.copytree(folder, tmp_path / "base"))  # _attach writes PEFT's adapter into the folder
     pm, cfg, base_params, acfg, params = _attach(folder, "llama", kind, kwargs, quant="nf4",
-                                                 torch_base=_dequantized_twin(folder))
+                                                 torch_base=copy.deepcopy(twin))  # PEFT wraps its base in place
     assert isinstance(params["layers"]["q_proj"]["kernel"], jaxft.nf4.QuantizedTensor)
     logits, grads = _logits_and_grads(cfg, params, acfg)
     np.testing.assert_allclose(logits, torch_logits(pm, _ids()), atol=1e-4, rtol=0)
@@ -297,10 +317,16 @@ def test_peft_factorization_and_factor_shapes():
             assert ours == theirs, (r, both, factor, fan_in, fan_out)
 
 
-def test_init_is_a_no_op_as_peft_trains_only_the_factors_and_declares_axes():
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer jaxft model's config and random params, for the tests that need no PEFT twin."""
     cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
-    base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
+    return cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0))
+
+
+def test_init_is_a_no_op_as_peft_trains_only_the_factors_and_declares_axes(tiny):
+    cfg, base = tiny
     ids = jnp.asarray(random_ids((1, 6), vocab=64))
     base_logits = jaxft.forward(cfg, base, ids)
     for acfg in (jaxft.LohaConfig(target_modules="all-linear"), jaxft.LokrConfig(target_modules="all-linear"),
@@ -324,12 +350,11 @@ def _one_group(kind, **kwargs):
     return acfg, group
 
 
-def test_rank_padding_is_zero_and_gets_no_gradient():
-    cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
+def test_rank_padding_is_zero_and_gets_no_gradient(tiny):
+    cfg, base = tiny
     acfg = jaxft.LohaConfig(r=2, target_modules=["up_proj"], rank_pattern={"layers.1.mlp.up_proj": 5},
                             init_weights=False)
-    group = acfg.add(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))["layers"]["up_proj"]
+    group = acfg.add(cfg, base, jax.random.PRNGKey(1))["layers"]["up_proj"]
     np.testing.assert_array_equal(group["loha"]["rank"], [2, 5])
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 32))
 
@@ -384,10 +409,8 @@ def test_bad_configs_are_refused_naming_the_key(kwargs, match):
         jaxft.LohaConfig(**kwargs)
 
 
-def test_bad_targets_are_refused():
-    cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
-    base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
+def test_bad_targets_are_refused(tiny):
+    cfg, base = tiny
     with pytest.raises(jaxft.ConfigError, match="linear layers only"):
         jaxft.LokrConfig(target_modules=["embed_tokens"]).add(cfg, base, jax.random.PRNGKey(1))
     with pytest.raises(jaxft.ConfigError, match=r"layers/q_proj ranks \[2, 8\] that make different factors in "
