@@ -21,8 +21,9 @@ DIGITS = [(3, 1, 4), (1, 5, 9, 2, 6), (5, 3), (5, 8, 9, 7, 9, 3, 2), (3, 8), (4,
           (2, 7, 9, 5, 0, 2, 8, 8)]
 
 
-def make_base(folder: Path) -> Path:
-    """A random tiny Llama saved as a HF folder with the demo's word-level tokenizer."""
+def make_base(folder: Path, **overrides) -> Path:
+    """A random tiny Llama (or the family and fields ``overrides`` give ModelConfig) saved as a HF folder with the
+    demo's word-level tokenizer."""
     import jax
 
     from jaxft.config import ModelConfig
@@ -37,7 +38,8 @@ def make_base(folder: Path) -> Path:
     vocab = len(load_tokenizer(tok_dir))
     cfg = ModelConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                      bos_token_id=None, eos_token_ids=(demo.SPECIAL.index("<|im_end|>"),), pad_token_id=0)
+                      bos_token_id=None, eos_token_ids=(demo.SPECIAL.index("<|im_end|>"),), pad_token_id=0,
+                      **overrides)
     save_pretrained(cfg, init_params(cfg, jax.random.PRNGKey(0)), folder)
     for f in tok_dir.iterdir():
         f.rename(folder / f.name)

@@ -25,6 +25,8 @@ CASES = {
     "bias_all": ("qwen2", dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], bias="all")),
     "trainable_tokens": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=[5, 7])),
     "regex_lm_head": ("llama", dict(r=3, lora_alpha=6, target_modules=r".*\.(k_proj|lm_head)|lm_head")),
+    "exclude_modules": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      exclude_modules=["layers.0.self_attn.q_proj", "down_proj"])),
 }
 
 

@@ -4,7 +4,10 @@ and NF4 bases, and a run with ``peft: [{type: loha}]``.
 PEFT's adapters start from ``init_weights=False`` (every factor random and non-zero); jaxft loads them from the
 folder PEFT saves, so a wrong tensor name, layout or shape fails every test.
 """
+import copy
 import json
+import re
+import shutil
 from pathlib import Path
 
 import bitsandbytes
@@ -15,14 +18,17 @@ import peft
 import pytest
 import torch
 import transformers
+import yaml
 
 import jaxft
-from hf_oracle import build, random_ids, save, torch_logits
+from hf_oracle import build, build_head, random_ids, save, torch_logits
 from jaxft.hf.names import module_name
 from jaxft.hf.peft_format import adapter_tensors, read_adapter_config
+from jaxft.models import heads
 from jaxft.models.llama import LINEAR_MODULES
 from jaxft.ops.registry import methods_in
 from jaxft.peft.lycoris import factorization, lokr_shapes
+from jaxft.cli import main
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from sft_worker import make_base, write_chats
@@ -41,6 +47,18 @@ CASES = {
     "lokr_llama_krona": ("llama", "lokr", dict(r=8, alpha=8, target_modules=["q_proj", "gate_proj"])),
     "lokr_qwen2_factor": ("qwen2", "lokr", dict(r=3, alpha=6, decompose_factor=4,
                                                 target_modules=["o_proj", "down_proj"], layers_to_transform=[1])),
+    "loha_llama_saved_excluded": ("llama", "loha", dict(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                        exclude_modules=["layers.1.self_attn.q_proj"],
+                                                        modules_to_save=["lm_head"])),
+    "lokr_qwen2_saved_excluded": ("qwen2", "lokr", dict(r=2, alpha=4, target_modules="all-linear",
+                                                        exclude_modules=r".*\.0\.mlp\..*",
+                                                        modules_to_save=["post_attention_layernorm"])),
+    "loha_llama_layer_ranks": ("llama", "loha", dict(r=2, alpha=4, target_modules=["q_proj", "down_proj"],
+                                                     rank_pattern={"layers.1.self_attn.q_proj": 4,
+                                                                   "model.layers.0.mlp.down_proj": 3})),
+    "lokr_mistral_layer_ranks": ("mistral", "lokr", dict(r=2, alpha=4, decompose_both=True,
+                                                         target_modules=["q_proj", "o_proj"],
+                                                         rank_pattern={"layers.1.self_attn.q_proj": 3})),
 }
 
 
@@ -70,6 +88,10 @@ def _attach(folder, model_type, kind, kwargs, seed=0, quant=None, torch_base=Non
     torch.manual_seed(seed + 1)
     pm = peft.get_peft_model(torch_base or build(model_type, seed=seed),
                              PEFT_CONFIGS[kind](init_weights=False, **kwargs))
+    with torch.no_grad():  # PEFT's copies of modules_to_save start equal to the base: make them differ
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
     pm.save_pretrained(folder / "peft-adapter")
     cfg, base_params = jaxft.from_pretrained(folder, quant=quant)
     params = jaxft.load_adapter(folder / "peft-adapter", base_params, cfg)
@@ -85,7 +107,9 @@ def _torch_grads(pm):
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              torch.as_tensor(_labels()).reshape(-1))
     loss.backward()
-    return {n.removesuffix(".default"): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    # PEFT saves a trained copy of modules_to_save under the module's own name
+    return {n.removesuffix(".default").replace(".modules_to_save.default", ""): p.grad.numpy()
+            for n, p in pm.named_parameters() if p.requires_grad}
 
 
 def _logits_and_grads(cfg, params, acfg):
@@ -146,9 +170,14 @@ def test_saved_adapter_loads_in_peft_with_same_logits(case, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, _ids()), logits, atol=1e-4, rtol=0)
 
 
-def test_merge_equals_peft_merge_and_unload(case):
+@pytest.fixture(scope="module")
+def merged(case):
+    """jaxft.merge of the case's params, which the merge and unmerge tests both take."""
+    return jaxft.merge(case[5])
+
+
+def test_merge_equals_peft_merge_and_unload(case, merged):
     name, pm, cfg, base_params, acfg, params, logits, grads = case
-    merged = jaxft.merge(params)
     assert not any(acfg.method in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])
     reference = build(CASES[name][0], seed=0)
     reference.load_state_dict(pm.merge_and_unload(safe_merge=True).state_dict())  # a copy: pm stays unmerged
@@ -162,12 +191,77 @@ def test_merge_equals_peft_merge_and_unload(case):
                                torch_logits(reference, ids), atol=1e-4, rtol=0)
 
 
-def test_unmerge_restores_the_base(case):
+def test_unmerge_restores_the_base(case, merged):
     name, pm, cfg, base_params, acfg, params, logits, grads = case
-    restored = jaxft.unmerge(jaxft.merge(params), jaxft.peft.methods.adapter_tree(params))
+    restored = jaxft.unmerge(merged, jaxft.peft.methods.adapter_tree(params))
     for path, _ in _groups(params):
         np.testing.assert_allclose(np.asarray(_get(restored, path)["kernel"]),
                                    np.asarray(_get(base_params, path)["kernel"]), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """The tiny random Llama saved once (only its config.json is read by inspect)."""
+    return save(build("llama"), tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("loha", dict(r=2, alpha=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[0],
+                  rank_pattern={"layers.0.mlp.up_proj": 3})),
+    ("lokr", dict(r=2, alpha=4, decompose_both=True, target_modules=["q_proj", "o_proj"],
+                  exclude_modules=["layers.0.self_attn.o_proj"], rank_pattern={"layers.1.self_attn.q_proj": 3})),
+])
+def test_inspect_counts_trainable_params_as_peft(llama_folder, tmp_path, capsys, kind, kwargs):
+    """Layers left out hold zeros and ranks are padded in the stacked factors: neither is trainable in PEFT."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": str(llama_folder), "output_dir": str(tmp_path / "run"), "peft": [{"type": kind, **kwargs}],
+        "data": {"paths": ["train.jsonl"], "max_length": 16, "batch_size": 2},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}))
+    assert main(["inspect", str(tmp_path / "run.yaml")]) == 0
+    printed = re.search(r"trainable params: ([\d,]+)", capsys.readouterr().out)[1]
+    pm = peft.get_peft_model(build("llama"), PEFT_CONFIGS[kind](**kwargs))
+    assert int(printed.replace(",", "")) == pm.get_nb_trainable_parameters()[0]
+
+
+def _head_logits(cfg, params, torch_model, head):
+    """jaxft's and PEFT's task-head outputs: [B, N] (seq_cls), [B, T, N] (token_cls), [B, T, 2] start/end (qa)."""
+    ids = jnp.asarray(_ids())
+    positions, segments = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), jnp.ones_like(ids)
+    if head == "seq_cls":
+        ours = heads.sequence_logits(cfg, params, ids, positions, segments)[:, 0]
+    else:
+        ours = heads.token_logits(cfg, params, ids, positions, segments)
+    with torch.no_grad():
+        out = torch_model(input_ids=torch.as_tensor(_ids()))
+    theirs = torch.stack([out.start_logits, out.end_logits], -1) if head == "qa" else out.logits
+    return np.asarray(ours), theirs.numpy()
+
+
+@pytest.mark.parametrize("model_type,head,kind", [("llama", "seq_cls", "loha"), ("qwen2", "qa", "lokr"),
+                                                  ("mistral", "token_cls", "lokr")])
+def test_task_head_adapters_go_both_ways_with_peft(tmp_path, model_type, head, kind):
+    task_type = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS"}[head]
+    labels = dict(num_labels=3) if head != "qa" else {}
+    save(build_head(model_type, head, **labels), tmp_path / "base")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(build_head(model_type, head, **labels), PEFT_CONFIGS[kind](
+        task_type=task_type, init_weights=False, r=2, alpha=4, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():  # the head's trained copy starts equal to the base's: make it differ
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    cfg, base_params = jaxft.from_pretrained(tmp_path / "base")
+    params = jaxft.load_adapter(tmp_path / "peft", base_params, cfg)
+    acfg = read_adapter_config(tmp_path / "peft")
+    assert cfg.head.group in acfg.modules_to_save
+    assert jaxft.peft.methods.trainable_count(params, acfg.trainable(cfg, params)) == \
+        pm.get_nb_trainable_parameters()[0]
+    ours, theirs = _head_logits(cfg, params, pm, head)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    jaxft.save_adapter(params, acfg, tmp_path / "ours", cfg=cfg)
+    reloaded = peft.PeftModel.from_pretrained(build_head(model_type, head, **labels), tmp_path / "ours").eval()
+    np.testing.assert_allclose(_head_logits(cfg, params, reloaded, head)[1], ours, atol=1e-4, rtol=0)
 
 
 def _dequantized_twin(folder):
@@ -188,13 +282,21 @@ def _dequantized_twin(folder):
     return dense
 
 
+@pytest.fixture(scope="module")
+def nf4_base(tmp_path_factory):
+    """A tiny Llama saved once, and its dense twin holding bitsandbytes' NF4 round trip."""
+    folder = save(build("llama", scale=0.08, intermediate_size=128), tmp_path_factory.mktemp("nf4"))  # bnb: out % 32
+    return folder, _dequantized_twin(folder)
+
+
 @pytest.mark.parametrize("kind,kwargs", [("loha", dict(r=2, alpha=4, target_modules=["v_proj", "up_proj"])),
                                          ("lokr", dict(r=2, alpha=4, decompose_both=True,
                                                        target_modules=["q_proj", "down_proj"]))])
-def test_nf4_base_matches_peft_on_the_dequantized_base(tmp_path, kind, kwargs):
-    folder = save(build("llama", scale=0.08, intermediate_size=128), tmp_path)  # bnb: out % 32 == 0
+def test_nf4_base_matches_peft_on_the_dequantized_base(nf4_base, tmp_path, kind, kwargs):
+    folder, twin = nf4_base
+    folder = Path(shutil.copytree(folder, tmp_path / "base"))  # _attach writes PEFT's adapter into the folder
     pm, cfg, base_params, acfg, params = _attach(folder, "llama", kind, kwargs, quant="nf4",
-                                                 torch_base=_dequantized_twin(folder))
+                                                 torch_base=copy.deepcopy(twin))  # PEFT wraps its base in place
     assert isinstance(params["layers"]["q_proj"]["kernel"], jaxft.nf4.QuantizedTensor)
     logits, grads = _logits_and_grads(cfg, params, acfg)
     np.testing.assert_allclose(logits, torch_logits(pm, _ids()), atol=1e-4, rtol=0)
@@ -215,10 +317,16 @@ def test_peft_factorization_and_factor_shapes():
             assert ours == theirs, (r, both, factor, fan_in, fan_out)
 
 
-def test_init_is_a_no_op_as_peft_trains_only_the_factors_and_declares_axes():
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer jaxft model's config and random params, for the tests that need no PEFT twin."""
     cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
-    base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
+    return cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0))
+
+
+def test_init_is_a_no_op_as_peft_trains_only_the_factors_and_declares_axes(tiny):
+    cfg, base = tiny
     ids = jnp.asarray(random_ids((1, 6), vocab=64))
     base_logits = jaxft.forward(cfg, base, ids)
     for acfg in (jaxft.LohaConfig(target_modules="all-linear"), jaxft.LokrConfig(target_modules="all-linear"),
@@ -240,6 +348,27 @@ def _one_group(kind, **kwargs):
     params = acfg.add(cfg, jaxft.init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     group = jax.tree.map(lambda x: x[0], params["layers"]["up_proj"])
     return acfg, group
+
+
+def test_rank_padding_is_zero_and_gets_no_gradient(tiny):
+    cfg, base = tiny
+    acfg = jaxft.LohaConfig(r=2, target_modules=["up_proj"], rank_pattern={"layers.1.mlp.up_proj": 5},
+                            init_weights=False)
+    group = acfg.add(cfg, base, jax.random.PRNGKey(1))["layers"]["up_proj"]
+    np.testing.assert_array_equal(group["loha"]["rank"], [2, 5])
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 32))
+
+    def loss(factors):
+        layer0 = jax.tree.map(lambda v: v[0], {**group, "loha": {**group["loha"], **factors}})
+        return jnp.sum(jaxft.ops.registry.REGISTRY["loha"].linear(layer0["loha"], layer0, x, None, None) ** 2)
+
+    factors = {k: v for k, v in group["loha"].items() if k.startswith("w")}
+    grads = jax.grad(loss)(factors)
+    for name in ("w1_a", "w2_a"):
+        assert not np.any(factors[name][0, :, 2:]) and not np.any(grads[name][0, :, 2:]), name
+        assert np.all(np.abs(grads[name][0, :, :2]) > 0), name
+    for name in ("w1_b", "w2_b"):
+        assert not np.any(factors[name][0, 2:]) and not np.any(grads[name][0, 2:]), name
 
 
 @pytest.mark.parametrize("kind,rescaled", [("loha", True), ("lokr", False)])
@@ -272,9 +401,6 @@ def test_module_dropout_skips_the_whole_adapter_in_training():
     (dict(r=0), "r must be a positive integer"),
     (dict(alpha=0), "alpha must be > 0"),
     (dict(rank_dropout=1.0), r"rank_dropout must be in \[0, 1\)"),
-    (dict(exclude_modules=["q_proj"]), "exclude_modules is not supported"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save is not supported"),
-    (dict(task_type="SEQ_CLS"), "causal LMs only"),
     (dict(target_modules="all-linear", layers_to_transform=[0]), "needs target_modules as a list"),
     (dict(init_weights="gaussian"), "init_weights must be one of"),
 ])
@@ -283,14 +409,13 @@ def test_bad_configs_are_refused_naming_the_key(kwargs, match):
         jaxft.LohaConfig(**kwargs)
 
 
-def test_bad_targets_are_refused():
-    cfg = jaxft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
-    base = jaxft.init_params(cfg, jax.random.PRNGKey(0))
+def test_bad_targets_are_refused(tiny):
+    cfg, base = tiny
     with pytest.raises(jaxft.ConfigError, match="linear layers only"):
         jaxft.LokrConfig(target_modules=["embed_tokens"]).add(cfg, base, jax.random.PRNGKey(1))
-    with pytest.raises(jaxft.ConfigError, match="same in every layer"):
-        jaxft.LohaConfig(rank_pattern={"layers.1.self_attn.q_proj": 2}).add(cfg, base, jax.random.PRNGKey(1))
+    with pytest.raises(jaxft.ConfigError, match=r"layers/q_proj ranks \[2, 8\] that make different factors in "
+                                                r"different layers: layers \[0\] \(w1, w2_a, w2_b\); layers \[1\]"):
+        jaxft.LokrConfig(r=2, rank_pattern={"layers.1.self_attn.q_proj": 8}).add(cfg, base, jax.random.PRNGKey(1))
     with pytest.raises(jaxft.ConfigError, match="decompose_factor"):
         jaxft.LokrConfig(decompose_factor=0)
 

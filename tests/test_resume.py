@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
+from jaxft.config import from_dict
 from jaxft.recipes import sft
-from jaxft.recipes.config import dump_run_config
+from jaxft.recipes.config import RunConfig, dump_run_config
 from sft_worker import make_base, run_config, train_losses, write_chats
 
 pytestmark = pytest.mark.slow
@@ -112,3 +114,43 @@ def test_kill_9_mid_run_then_resume_gives_exactly_the_uninterrupted_losses(setup
     assert sorted(_new_losses(run_dir, lines)) == list(range(saved + 1, STEPS + 1))
     losses, reference = train_losses(run_dir), uninterrupted[1]  # the resumed run's records replace the killed one's
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+
+
+PEFT_METHODS = {"ia3": {"type": "ia3"}, "ln_tuning": {"type": "ln_tuning"},
+                "loha": {"type": "loha", "r": 2, "alpha": 4, "target_modules": ["q_proj", "down_proj"]},
+                "lokr": {"type": "lokr", "r": 2, "alpha": 4, "decompose_both": True, "target_modules": ["v_proj"]},
+                "bitfit": {"type": "bitfit"}}
+
+
+@pytest.fixture(scope="module")
+def qwen2_setup(tmp_path_factory):
+    """A tiny Qwen2 (q/k/v biases, for BitFit) and a few chats."""
+    tmp = tmp_path_factory.mktemp("resume-methods")
+    return tmp, make_base(tmp / "base", model_type="qwen2", qkv_bias=True), write_chats(tmp / "train.jsonl", 16)
+
+
+def _exported(summary: dict) -> dict[str, np.ndarray]:
+    return {name: array for path in sorted(Path(summary["export"]).glob("*.safetensors"))
+            for name, array in load_file(path).items()}
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_METHODS))
+def test_2_steps_and_a_resumed_2_equal_4_straight_for_each_method(qwen2_setup, method):
+    tmp, base, data = qwen2_setup
+    run_dir = tmp / method
+    cfg = from_dict(RunConfig, {
+        "model": str(base), "output_dir": str(run_dir), "peft": [PEFT_METHODS[method]],
+        "data": {"paths": [str(data)], "max_length": 32, "batch_size": 8, "seed": 0},
+        "optim": {"lr": 0.01, "max_grad_norm": 1.0},
+        "train": {"steps": 4, "save_every": 2, "log_every": 1, "loss_chunk_size": 0}})
+    straight = sft.run(cfg)
+    losses, params = train_losses(run_dir), _exported(straight)
+    shutil.rmtree(run_dir / "checkpoints" / "4")  # as if the run had stopped after saving step 2
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    resumed = sft.run(cfg, resume=True)
+    new = _new_losses(run_dir, logged)
+    assert sorted(new) == [3, 4] and [new[s] for s in (3, 4)] == [losses[s] for s in (3, 4)]
+    again = _exported(resumed)
+    assert sorted(again) == sorted(params) and params
+    for name, array in params.items():
+        np.testing.assert_array_equal(again[name], array, err_msg=name)

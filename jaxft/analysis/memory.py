@@ -121,12 +121,14 @@ def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
 
 
 def param_counts(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> tuple[int, int]:
-    """(trainable, total) parameters; LoRA rank padding (per-layer ranks) is not counted as trainable."""
+    """(trainable, total) parameters, as PEFT counts them: LoRA's rank padding (per-layer ranks) and LoHa's / LoKr's
+    untrained entries (layers left out, rank padding) are not counted as trainable."""
     trainable, frozen = split(params, skeleton.trainable_spec(cfg, model_cfg, params))
     n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized))
     n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
     if cfg.lora is not None:
         n_train -= _rank_padding(model_cfg, cfg.lora)
+    n_train -= sum(m.untrained_entries(model_cfg, params) for m in cfg.peft if hasattr(m, "untrained_entries"))
     return n_train, n_train + n_frozen
 
 

@@ -151,10 +151,16 @@ def write_adapter(tensors: dict, acfg, folder: Path, base_model_name_or_path: st
     """adapter_config.json + adapter_model.safetensors of :func:`adapter_tensors`' ``tensors`` into an existing
     ``folder`` (one that :func:`~jaxft.files.atomic_dir` publishes together with a tokenizer), and the task head's
     facts PEFT's files do not hold (label names, problem type) in ``head_config.json`` (:func:`adapter_head`).
-    With the model's ``cfg``, a config whose default targets depend on the model family (IA3, LN-tuning) is written
-    with them resolved, as PEFT writes it, so the folder loads without knowing the family."""
-    if cfg is not None and hasattr(acfg, "resolved"):
-        acfg = acfg.resolved(cfg)
+    A config whose default targets depend on the model family (IA3, LN-tuning: ``resolved``) is written with them
+    resolved, as PEFT writes it, so the folder loads without knowing the family: that needs the model's ``cfg``
+    (a param tree's shapes do not tell a Qwen2 from a Llama)."""
+    if hasattr(acfg, "resolved"):
+        if cfg is None and acfg.target_modules is None:
+            raise ConfigError(f"a {acfg.peft_type} adapter without target_modules targets the model family's "
+                              "defaults (PEFT's), which the folder must name; pass the model's config: "
+                              "jaxft.save_adapter(params, acfg, out_dir, cfg=cfg), with the cfg jaxft.from_pretrained "
+                              "returned, or give target_modules")
+        acfg = acfg if cfg is None else acfg.resolved(cfg)
     (folder / CONFIG_FILE).write_text(json.dumps(acfg.peft_config(base_model_name_or_path), indent=2))
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
     if cfg is not None and cfg.head is not None:

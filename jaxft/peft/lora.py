@@ -62,6 +62,7 @@ class LoraConfig:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] | str | None = None  # None: PEFT's Llama default (q_proj, v_proj)
+    exclude_modules: tuple[str, ...] | str | None = None  # never adapted, even when target_modules matches them
     modules_to_save: tuple[str, ...] | None = None
     bias: str = "none"
     use_rslora: bool = False
@@ -81,7 +82,8 @@ class LoraConfig:
                 raise ConfigError(f"trainable_token_indices: only embed_tokens is supported, got "
                                   f"{sorted(self.trainable_token_indices)}")
             object.__setattr__(self, "trainable_token_indices", self.trainable_token_indices["embed_tokens"])
-        for name in ("target_modules", "modules_to_save", "layers_to_transform", "trainable_token_indices"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
+                     "trainable_token_indices"):
             object.__setattr__(self, name, as_tuple(getattr(self, name)))
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
@@ -124,7 +126,7 @@ class LoraConfig:
     def from_peft(cls, d: dict, source: str) -> "LoraConfig":
         """The fields jaxft models; features it doesn't implement are errors, PEFT bookkeeping fields are ignored."""
         unsupported = {"fan_in_fan_out": False, "lora_bias": False, "layer_replication": None,
-                       "exclude_modules": None, "target_parameters": None, "use_qalora": False}
+                       "target_parameters": None, "use_qalora": False}
         kwargs = fields_from_peft(cls, d, source, unsupported)
         if d.get("layers_pattern") not in (None, "layers", ["layers"]):
             raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r}: Llama-family layers are 'layers'")
@@ -186,7 +188,13 @@ def _layer_index(key: str) -> int | None:
 
 def targeted(acfg, module: Module) -> bool:
     """PEFT's ``check_target_module_exists`` for one module, for any adapter config (one without
-    ``layers_to_transform``, as IA3's, transforms every layer, as in PEFT)."""
+    ``layers_to_transform``, as IA3's, transforms every layer, as in PEFT; one without ``exclude_modules`` excludes
+    nothing): ``exclude_modules`` as a string is a regex of the whole key, as a list names or key suffixes."""
+    excluded = getattr(acfg, "exclude_modules", None)
+    if isinstance(excluded, str) and re.fullmatch(excluded, module.key):
+        return False
+    if isinstance(excluded, tuple) and (module.key in excluded or any(module.key.endswith(f".{e}") for e in excluded)):
+        return False
     if acfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module.key) for m in acfg.modules_to_save):
         return False
     targets = acfg.target_modules if acfg.target_modules is not None else ("q_proj", "v_proj")
@@ -233,8 +241,10 @@ def plan(cfg: ModelConfig, lcfg: LoraConfig) -> dict[tuple[str, ...], GroupPlan]
         g.ranks[m.layer or 0], g.alphas[m.layer or 0] = r, alpha
         matched.add(m.key)
     if not groups:
-        raise ConfigError(f"target_modules {lcfg.target_modules!r} matched no module of this {cfg.model_type} model; "
-                          f"its modules are {sorted(set(m.key.rsplit('.', 1)[-1] for m in modules(cfg)))}")
+        excluded = f" outside exclude_modules {lcfg.exclude_modules!r}" if lcfg.exclude_modules else ""
+        raise ConfigError(f"target_modules {lcfg.target_modules!r} matched no module{excluded} of this "
+                          f"{cfg.model_type} model; its modules are "
+                          f"{sorted(set(m.key.rsplit('.', 1)[-1] for m in modules(cfg)))}")
     if isinstance(lcfg.target_modules, tuple):
         names = [m.key for m in modules(cfg)]
         unknown = [t for t in lcfg.target_modules

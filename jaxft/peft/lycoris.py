@@ -13,11 +13,15 @@ and read without transposes under PEFT's tensor names (``hada_w1_a``, ``lokr_w2_
 
     {"kernel": W [L, in, out], "bias"?,
      "loha": {"w1_a": [L, out, r], "w1_b": [L, r, in], "w2_a": [L, out, r], "w2_b": [L, r, in],  # trained
-              "scale": [L],               # alpha / r; 0 in a layer left out (layers_to_transform)
+              "scale": [L],               # alpha_l / r_l; 0 in a layer left out (layers_to_transform)
+              "rank"?: [L],               # each layer's real rank, only when a rank_pattern makes them differ
               "rank_dropout"?: [L], "module_dropout"?: [L]}}                                     # only when > 0
 
-Layers are scanned, so all layers of a group have the same shapes: a ``rank_pattern`` must give every targeted
-layer of a module the same rank (ranks may differ between modules). Dropout, as PEFT's, acts only in training
+Layers are scanned, so all layers of a group have the same shapes: a ``rank_pattern`` that gives a module different
+ranks in different layers pads the smaller ranks with zero columns of w*_a and zero rows of w*_b (the products are
+unchanged, the padding gets no gradient, and PEFT's file holds each layer's real shapes). For LoKr the rank also
+decides whether a factor is decomposed; layers whose ranks decide that differently cannot be stacked and are
+refused. Dropout, as PEFT's, acts only in training
 (an ``rng``): ``module_dropout`` skips the whole adapter of a module, ``rank_dropout`` zeroes output rows of ΔW.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 from jaxft.config import ConfigError, ModelConfig
 from jaxft.ops import nf4
 from jaxft.ops.linear import base_linear
-from jaxft.ops.registry import Method, PeftTensor, register
+from jaxft.ops.registry import REGISTRY, Method, PeftTensor, register
 from jaxft.peft import lora
 from jaxft.peft.adapters import check_task_type, config_dict, fields_from_peft, register_config
 from jaxft.peft.tree import Trainable, leaf_paths
@@ -72,6 +76,7 @@ class _LycorisFields:
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         self._validate()
+        object.__setattr__(self, "modules_to_save", lora.with_task_head(self.modules_to_save, self.task_type))
 
     def _validate(self):
         key = self.method
@@ -84,21 +89,12 @@ class _LycorisFields:
                 raise ConfigError(f"{key}.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.init_weights not in self.init_choices:
             raise ConfigError(f"{key}.init_weights must be one of {self.init_choices}, got {self.init_weights!r}")
-        if self.exclude_modules not in (None, ()):
-            raise ConfigError(f"{key}.exclude_modules is not supported by jaxft; name the modules to adapt in "
-                              f"target_modules instead")
-        if self.modules_to_save not in (None, ()):
-            raise ConfigError(f"{key}.modules_to_save is not supported with {key} in jaxft; train whole modules "
-                              "with a LoRA entry's modules_to_save")
         if self.layers_pattern not in (None, "layers", ("layers",)):
             raise ConfigError(f"{key}.layers_pattern {self.layers_pattern!r}: Llama-family layers are 'layers'")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(f"{key}.layers_to_transform needs target_modules as a list of names: with a string "
                               "(a regex or 'all-linear') PEFT's LyCORIS tuners ignore it (and LoRA refuses it)")
         check_task_type(self.task_type, key)
-        if self.task_type != "CAUSAL_LM":
-            raise ConfigError(f"{key}.task_type {self.task_type!r}: jaxft's {key} adapts causal LMs only "
-                              "(CAUSAL_LM); use LoRA for a task head")
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"{key}.rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
@@ -111,12 +107,23 @@ class _LycorisFields:
         return add(cfg, params, self, rng)
 
     def trainable(self, cfg: ModelConfig, params: dict) -> Trainable:
-        """Nothing besides the method's own leaves (which the registry declares trained)."""
-        return Trainable()
+        """The leaves of ``modules_to_save``'s groups, trained whole besides the method's own leaves (which the
+        registry declares trained)."""
+        return Trainable(frozenset(lora.saved_leaves(cfg, params, self)))
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         """adapter_config.json as PEFT writes it."""
         return config_dict(self, base_model_name_or_path)
+
+    def untrained_entries(self, cfg: ModelConfig, params: dict) -> int:
+        """Entries of this method's stacked factors that train nothing (the zeros of layers left out, rank padding),
+        which PEFT's counts do not have; ``params`` may be abstract (shapes only, ``jax.eval_shape``)."""
+        total = 0
+        for path, g in plan(cfg, self).items():
+            p = lora.group_at(params, path)[self.method]
+            shapes = {leaf: p[leaf].shape for leaf in REGISTRY[self.method].trained & set(p)}
+            total += sum(math.prod(shape) for shape in shapes.values()) - trained_entries(shapes, g.ranks)
+        return total
 
     @classmethod
     def from_peft(cls, d: dict, source: str):
@@ -225,35 +232,75 @@ def _lokr_factors(key, acfg: LokrConfig, r: int, fan_in: int, fan_out: int) -> d
     return _init(key, shapes, zeros)
 
 
-def _group_rank(path: tuple, g: lora.GroupPlan, acfg) -> int:
-    """The one rank of a stacked group's targeted layers (a scan needs the same shapes in every layer)."""
+def _check_group(path: tuple, g: lora.GroupPlan, acfg, group: dict):
+    """A targeted group LoHa / LoKr can stack: a linear one, and for LoKr the same factors (whole or decomposed,
+    which the rank decides) in every layer that has the adapter, so that only the ranks differ (zero padding)."""
     if g.kind != "linear":
         raise ConfigError(f"{acfg.method} adapts linear layers only (as PEFT's), but target_modules selects "
                           f"{'/'.join(path)} ({g.kind}); leave it out of target_modules")
-    ranks = sorted({r for r in g.ranks if r})
-    if len(ranks) > 1:
-        raise ConfigError(f"{acfg.method}.rank_pattern gives {'/'.join(path)} the ranks {ranks} in different "
-                          "layers; layers are stacked, so a module's rank must be the same in every layer (rank "
-                          "patterns may differ between modules)")
-    return ranks[0]
+    if acfg.method != "lokr":
+        return
+    fan_in, fan_out = group["kernel"].shape[-2:]
+    structures: dict[tuple, list[int]] = {}
+    for layer, r in enumerate(g.ranks):
+        if r:
+            structures.setdefault(tuple(lokr_shapes(acfg, r, fan_in, fan_out)), []).append(layer)
+    if len(structures) > 1:
+        kinds = "; ".join(f"layers {layers} ({', '.join(names)})" for names, layers in structures.items())
+        raise ConfigError(f"lokr.rank_pattern gives {'/'.join(path)} ranks {sorted(set(r for r in g.ranks if r))} "
+                          f"that make different factors in different layers: {kinds}; layers are stacked, so give "
+                          "this module ranks that all decompose a factor or all keep it whole (PEFT decomposes a "
+                          "factor when r < half its larger side)")
+
+
+def _padded(factors: dict, r_max: int) -> dict:
+    """Factors of a smaller rank padded to ``r_max`` with zeros: zero columns of w*_a [out, r] and zero rows of
+    w*_b [r, in] leave w*_a @ w*_b unchanged, and get zero gradient (each meets the other's zeros)."""
+    out = {}
+    for name, x in factors.items():
+        if name.endswith("_a"):
+            x = jnp.pad(x, ((0, 0), (0, r_max - x.shape[1])))
+        elif name.endswith("_b"):
+            x = jnp.pad(x, ((0, r_max - x.shape[0]), (0, 0)))
+        out[name] = x
+    return out
+
+
+def trained_entries(shapes: dict[str, tuple], ranks) -> int:
+    """The entries a group's factors (``shapes``: leaf -> [..., rows, cols], padded) really train, given each layer's
+    real rank (0: a layer left out, all zeros): PEFT's shapes in each layer, without the padding."""
+    total = 0
+    for r in ranks:
+        if not r:
+            continue
+        for name, shape in shapes.items():
+            rows, cols = shape[-2:]
+            total += rows * r if name.endswith("_a") else r * cols if name.endswith("_b") else rows * cols
+    return total
 
 
 def plan(cfg: ModelConfig, acfg) -> dict[tuple[str, ...], lora.GroupPlan]:
     """Which groups get the method, with which rank and alpha in each layer: PEFT's targeting is the same for
     every tuner (target_modules, layers_to_transform, rank and alpha patterns), so LoRA's planning decides."""
     as_lora = lora.LoraConfig(r=acfg.r, lora_alpha=acfg.alpha, target_modules=acfg.target_modules,
+                              exclude_modules=acfg.exclude_modules, modules_to_save=acfg.modules_to_save,
                               layers_to_transform=acfg.layers_to_transform, rank_pattern=acfg.rank_pattern,
                               alpha_pattern=acfg.alpha_pattern)
     return lora.plan(cfg, as_lora)
 
 
-def _group_adapter(key, acfg, g: lora.GroupPlan, r: int, fan_in: int, fan_out: int) -> dict:
-    """One group's namespace: every layer's factors (rank ``r``) stacked, zero (and scale 0) in layers left out."""
+def _group_adapter(key, acfg, g: lora.GroupPlan, fan_in: int, fan_out: int) -> dict:
+    """One group's namespace: every layer's factors (its own rank, zero-padded to the largest) stacked, zero (and
+    scale 0) in layers left out; a ``rank`` leaf keeps each layer's real rank when they differ."""
     make = _loha_factors if acfg.method == "loha" else _lokr_factors
-    layers = [make(k, acfg, r, fan_in, fan_out) for k in jax.random.split(key, len(g.ranks))]
+    r_max = max(g.ranks)
+    layers = [_padded(make(k, acfg, r or r_max, fan_in, fan_out), r_max)
+              for k, r in zip(jax.random.split(key, len(g.ranks)), g.ranks)]
     out = {name: jnp.stack([f[name] if rank else jnp.zeros_like(f[name]) for f, rank in zip(layers, g.ranks)])
            for name in layers[0]}
     out["scale"] = jnp.asarray([alpha / rank if rank else 0.0 for rank, alpha in zip(g.ranks, g.alphas)], jnp.float32)
+    if len({r for r in g.ranks if r}) > 1:
+        out["rank"] = jnp.asarray(g.ranks, jnp.int32)
     n = len(g.ranks)
     if acfg.rank_dropout > 0:
         out["rank_dropout"] = jnp.full((n,), acfg.rank_dropout, jnp.float32)
@@ -266,8 +313,9 @@ def _group_adapter(key, acfg, g: lora.GroupPlan, r: int, fan_in: int, fan_out: i
 
 
 def add(cfg: ModelConfig, params: dict, acfg, rng: jax.Array) -> dict:
-    """A new tree with ``acfg``'s method (LoHa or LoKr) beside every targeted linear kernel; the base leaves are
-    shared, not copied or changed."""
+    """A new tree with ``acfg``'s method (LoHa or LoKr) beside every targeted linear kernel, and ``modules_to_save``'s
+    groups ready to train whole (:func:`lora.prepare_saved_modules`); the base leaves are shared, not copied or
+    changed."""
     params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nf4.QuantizedTensor))
     if any(acfg.method in path.split("/") for path in leaf_paths(params)):
         raise ConfigError(f"these params already have {acfg.method} adapters; merge them (jaxft.merge) before "
@@ -275,9 +323,10 @@ def add(cfg: ModelConfig, params: dict, acfg, rng: jax.Array) -> dict:
     groups = plan(cfg, acfg)
     for path, key in zip(groups, jax.random.split(rng, len(groups))):
         group = lora.group_at(params, path)
-        r = _group_rank(path, groups[path], acfg)
-        adapter = _group_adapter(key, acfg, groups[path], r, *group["kernel"].shape[-2:])
+        _check_group(path, groups[path], acfg, group)
+        adapter = _group_adapter(key, acfg, groups[path], *group["kernel"].shape[-2:])
         group[acfg.method] = adapter if path[0] == "layers" else {k: v[0] for k, v in adapter.items()}
+    lora.prepare_saved_modules(cfg, params, acfg)
     return params
 
 
@@ -319,7 +368,7 @@ def _output_mask(p: dict, rng, n_out: int, dtype):
 class _Lycoris(Method):
     """What LoHa and LoKr share: an additive ΔW over whatever comes before them (``inner``), merged by addition."""
 
-    frozen = frozenset({"scale", "rank_dropout", "rank_dropout_scale", "module_dropout"})
+    frozen = frozenset({"scale", "rank", "rank_dropout", "rank_dropout_scale", "module_dropout"})
     tensor_prefix = ""  # PEFT's parameter names: <prefix><leaf>, e.g. hada_w1_a
 
     def _delta_out(self, p: dict, x: jnp.ndarray) -> jnp.ndarray:
@@ -338,17 +387,30 @@ class _Lycoris(Method):
         return {**group, "kernel": group["kernel"] - delta_kernel(self.name, p)}
 
     def peft_tensors(self, p, group, stacked):
-        """PEFT's tensors of each layer that has the adapter, in PEFT's layout (no transpose)."""
-        layers = range(p["scale"].shape[0]) if stacked else [None]
-        on = np.atleast_1d(np.asarray(p["scale"]) != 0)
-        return [PeftTensor(self.tensor_prefix + leaf, leaf, layer) for layer, live in zip(layers, on) if live
-                for leaf in sorted(self.trained) if leaf in p]
+        """PEFT's tensors of each layer that has the adapter, in PEFT's layout (no transpose), at the layer's real
+        rank (the padding of w*_a's columns and w*_b's rows is not written)."""
+        out = []
+        for layer, r in zip(range(p["scale"].shape[0]) if stacked else [None], _ranks(p)):
+            for leaf in sorted(self.trained & set(p)) if r else ():
+                rank_axis = {"_a": 1, "_b": 0}.get(leaf[-2:]) if "rank" in p else None
+                out.append(PeftTensor(self.tensor_prefix + leaf, leaf, layer, False,
+                                      None if rank_axis is None else r, rank_axis))
+        return out
 
     def count(self, p):
-        """Only the layers that have the adapter (a layer left out holds zeros)."""
-        live = int(np.sum(np.asarray(p["scale"]) != 0))
-        per_layer = sum(int(np.prod(p[leaf].shape[-2:])) for leaf in self.trained if leaf in p)
-        return live * per_layer
+        """Only the layers that have the adapter (a layer left out holds zeros), at their real ranks."""
+        return trained_entries({leaf: p[leaf].shape for leaf in self.trained & set(p)}, _ranks(p))
+
+
+def _ranks(p: dict) -> list[int]:
+    """Each layer's real rank of a LoHa / LoKr namespace (0: a layer left out), whole factors' rank axis when all
+    layers share one (LoKr's whole factors have none: any non-zero number counts them)."""
+    scale = np.atleast_1d(np.asarray(p["scale"]))
+    if "rank" in p:
+        return [int(r) for r in np.asarray(p["rank"])]
+    rank_leaf = next((p[leaf] for leaf in ("w1_a", "w2_a") if leaf in p), None)
+    r = 1 if rank_leaf is None else rank_leaf.shape[-1]
+    return [r if live else 0 for live in scale != 0]
 
 
 class Loha(_Lycoris):
