@@ -51,16 +51,40 @@ def test_prefix_tuning_run_trains_the_prefix_and_exports_an_adapter_peft_loads(c
     model_cfg, base = jaxft.from_pretrained(cfg.model)
     with pytest.raises(ConfigError, match="pass the model's config"):  # the tree alone does not tell its heads
         jaxft.load_adapter(adapter, base)
+    _assert_peft_gives_jaxfts_logits(cfg.model, adapter)
+
+
+def _assert_peft_gives_jaxfts_logits(model: str, adapter: Path):
+    """The exported adapter, loaded by jaxft and by PEFT, gives equal logits that differ from the base's."""
+    model_cfg, base = jaxft.from_pretrained(model)
     params = jaxft.load_adapter(adapter, base, model_cfg)
     ids = random_ids((2, 9), vocab=model_cfg.vocab_size, seed=1)
     prefixed, hooks = prompt_inputs(model_cfg, params)
     ours = np.asarray(jaxft.forward(model_cfg, prefixed, ids, hooks=hooks))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(hf, adapter).eval()(torch.as_tensor(ids)).logits.numpy()
         plain = hf(torch.as_tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    assert np.abs(theirs - plain).max() > 1e-3
+    np.testing.assert_allclose(ours[:, -ids.shape[1]:], theirs[:, -ids.shape[1]:], atol=1e-4, rtol=0)
+    assert np.abs(theirs[:, -ids.shape[1]:] - plain).max() > 1e-3
+
+
+def test_p_tuning_lstm_run_trains_the_encoder_and_exports_an_adapter_peft_loads(chats):
+    """P-tuning with PEFT's LSTM encoder (dropout between its 2 layers in training) trains only the encoder; the
+    export holds the embeddings it computes, as PEFT saves them."""
+    cfg = _config(chats, "lstm", "[{type: p_tuning, num_virtual_tokens: 4, encoder_reparameterization_type: LSTM, "
+                                 "encoder_hidden_size: 8, encoder_dropout: 0.1}]")
+    assert cfg.peft == (jaxft.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                                                  encoder_hidden_size=8, encoder_dropout=0.1),)
+    summary = sft.run(cfg)
+    losses = train_losses(cfg.output_dir)
+    assert losses[max(losses)] < losses[min(losses)]
+    d, h = 32, 8  # the model's width, the LSTM's per direction
+    lstm = 2 * (4 * h * (d + h) + 8 * h) + 2 * (4 * h * (2 * h + h) + 8 * h)  # 2 layers, 2 directions
+    assert summary["trainable_params"] == 4 * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+    adapter = Path(summary["export"])
+    assert read_adapter_config(adapter) == cfg.peft[0]
+    _assert_peft_gives_jaxfts_logits(cfg.model, adapter)
 
 
 def test_eval_and_generation_of_a_prompt_style_adapter_use_its_prefix(chats, tmp_path):
