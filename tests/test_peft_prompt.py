@@ -136,3 +136,10 @@ def test_lstm_encoder_is_torchs_lstm_with_dropout_between_layers_in_training(tmp
                                     encoder_num_layers=1, encoder_dropout=0.5).add(cfg, base, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(encoded(one_layer[ENCODER], jax.random.PRNGKey(1))),
                                   np.asarray(encoded(one_layer[ENCODER])))
+
+
+def test_text_init_naming_no_tokenizer_writes_no_adapter_config():
+    """A run fills in its tokenizer; in Python a TEXT config without one cannot give PEFT's adapter_config.json."""
+    pcfg = PromptTuningConfig(num_virtual_tokens=P, prompt_tuning_init="TEXT", prompt_tuning_init_text="a text")
+    with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
+        pcfg.peft_config()

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
 import jaxft
 from hf_oracle import greedy_tokens, random_ids
@@ -17,9 +18,11 @@ from jaxft.config import ConfigError
 from jaxft.hf.peft_format import read_adapter_config
 from jaxft.data.config import DataConfig
 from jaxft.peft.prefix import PrefixTuningConfig, prompt_inputs
+from jaxft.peft.prompt import PROMPT
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.recipes.scoring import data_metrics
+from jaxft.recipes.skeleton import load_model
 from jaxft.recipes.tasks import SftTask, task_pipeline
 from sft_worker import tiny_chat_model, train_losses
 
@@ -140,3 +143,23 @@ def test_prompt_style_method_outside_sft_is_refused(chats):
     with pytest.raises(ConfigError, match="trains alone"):
         _config(chats, "both", "[{type: prefix_tuning}, {type: lora}]")
     assert isinstance(_config(chats, "p", "[{type: p_tuning}]").peft[0], jaxft.PromptEncoderConfig)
+
+
+@pytest.mark.parametrize("num_virtual_tokens", [3, 11], ids=["cut", "repeated"])
+def test_text_init_in_a_run_config_equals_peft_text_init(chats, num_virtual_tokens):
+    """``prompt_tuning_init: TEXT`` in a run config: the run names its own tokenizer (the model folder's) as
+    ``tokenizer_name_or_path`` and tokenizes the text with it, so the virtual embeddings start as PEFT's, which
+    tokenizes with AutoTokenizer and cuts or repeats the ids to P."""
+    text = "increment 2 3 4 ="
+    cfg = _config(chats, "text", f"[{{type: prompt_tuning, num_virtual_tokens: {num_virtual_tokens}, "
+                                 f"prompt_tuning_init: TEXT, prompt_tuning_init_text: '{text}'}}]")
+    assert cfg.peft[0].tokenizer_name_or_path == cfg.model
+    _, params = load_model(cfg, jax.random.PRNGKey(0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model)
+    pm = get_peft_model(hf, peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text, tokenizer_name_or_path=cfg.model))
+    theirs = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
+    n_ids = len(transformers.AutoTokenizer.from_pretrained(cfg.model)(text)["input_ids"])
+    assert 1 < n_ids and (n_ids > num_virtual_tokens) == (num_virtual_tokens == 3)  # cut, or repeated
+    np.testing.assert_array_equal(np.asarray(params[PROMPT]["embedding"]), theirs)

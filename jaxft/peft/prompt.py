@@ -78,7 +78,8 @@ class PromptTuningConfig(VirtualTokens):
     """PEFT's ``PromptTuningConfig`` fields. ``prompt_tuning_init``: RANDOM draws N(0, 1) (torch's embedding init),
     SAMPLE_VOCAB copies the rows of random vocabulary ids, TEXT the rows of ``prompt_tuning_init_text``'s tokens
     (cut or repeated to P, as PEFT does), which :meth:`add` takes already tokenized (``text_ids``) with the
-    tokenizer ``tokenizer_name_or_path`` names: the methods layer reads no files."""
+    tokenizer ``tokenizer_name_or_path`` names: the methods layer reads no files. A run config may leave
+    ``tokenizer_name_or_path`` out: the run fills in its own tokenizer folder (``jaxft.recipes.config``)."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     num_virtual_tokens: int = 20
@@ -92,9 +93,16 @@ class PromptTuningConfig(VirtualTokens):
         if self.prompt_tuning_init not in PROMPT_TUNING_INITS:
             raise ConfigError(f"prompt_tuning.prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, got "
                               f"{self.prompt_tuning_init!r}")
-        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
-            raise ConfigError("prompt_tuning.prompt_tuning_init TEXT needs prompt_tuning_init_text and "
-                              "tokenizer_name_or_path")
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ConfigError("prompt_tuning.prompt_tuning_init TEXT needs prompt_tuning_init_text (and, outside a "
+                              "run, tokenizer_name_or_path: the tokenizer of its ids)")
+
+    def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
+        """adapter_config.json; PEFT refuses a TEXT init that names no tokenizer, so jaxft does not write one."""
+        if self.prompt_tuning_init == "TEXT" and not self.tokenizer_name_or_path:
+            raise ConfigError("prompt_tuning with prompt_tuning_init TEXT: PEFT's adapter_config.json needs "
+                              "tokenizer_name_or_path (the tokenizer of prompt_tuning_init_text); set it")
+        return super().peft_config(base_model_name_or_path)
 
     def add(self, cfg: ModelConfig, params: dict, rng, text_ids=None) -> dict:
         """``params`` with the ``prompt_embeddings`` group; TEXT init needs ``text_ids``, the init text's token ids
