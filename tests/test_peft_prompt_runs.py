@@ -1,11 +1,15 @@
 """Prompt-style methods through a whole run (``peft: [{type: prefix_tuning}]`` in a run config): only the prefix
-trains, on packed rows, and the exported PEFT adapter loads in PEFT with the logits jaxft computes."""
+trains, on packed rows, and the exported PEFT adapter loads in PEFT with the logits jaxft computes; a TEXT init
+tokenizes with the run's tokenizer; a resumed run continues the uninterrupted one."""
 from __future__ import annotations
 
+import shutil
+import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import peft
 import pytest
 import torch
@@ -14,6 +18,7 @@ from peft import PeftModel, get_peft_model
 
 import jaxft
 from hf_oracle import greedy_tokens, random_ids
+from test_resume import _new_losses
 from jaxft.config import ConfigError
 from jaxft.hf.peft_format import read_adapter_config
 from jaxft.data.config import DataConfig
@@ -33,12 +38,12 @@ def chats(tmp_path_factory):
     return tiny_chat_model(root), root
 
 
-def _config(chats, name: str, peft_yaml: str, task: str = ""):
+def _config(chats, name: str, peft_yaml: str, task: str = "", train: str = "steps: 6"):
     model, root = chats
     path = root / f"{name}.yaml"
     path.write_text(f"model: {model}\noutput_dir: {root / name}\n{task}peft: {peft_yaml}\n"
                     f"data: {{paths: [{root / 'train.jsonl'}], max_length: 48, batch_size: 8, packing: true}}\n"
-                    "optim: {lr: 0.05}\ntrain: {steps: 6, log_every: 1, loss_chunk_size: 0}\n")
+                    f"optim: {{lr: 0.05}}\ntrain: {{{train}, log_every: 1, loss_chunk_size: 0}}\n")
     return load_run_config(path)
 
 
@@ -163,3 +168,51 @@ def test_text_init_in_a_run_config_equals_peft_text_init(chats, num_virtual_toke
     n_ids = len(transformers.AutoTokenizer.from_pretrained(cfg.model)(text)["input_ids"])
     assert 1 < n_ids and (n_ids > num_virtual_tokens) == (num_virtual_tokens == 3)  # cut, or repeated
     np.testing.assert_array_equal(np.asarray(params[PROMPT]["embedding"]), theirs)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A compilation cache for the resume test: the resumed run reuses the executables of the run it resumes
+    (same shapes), which halves the time it takes (as the sweep test does)."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,peft_yaml", [
+    ("prompt", "{type: prompt_tuning, num_virtual_tokens: 3, prompt_tuning_init: SAMPLE_VOCAB}"),
+    ("p_mlp", "{type: p_tuning, num_virtual_tokens: 3, encoder_hidden_size: 8}"),
+    ("p_lstm", "{type: p_tuning, num_virtual_tokens: 3, encoder_hidden_size: 8, encoder_reparameterization_type: "
+               "LSTM, encoder_dropout: 0.2}"),
+    ("prefix", "{type: prefix_tuning, num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 8}")])
+def test_a_prompt_style_run_resumed_after_2_steps_continues_the_4_step_run(chats, compilation_cache, name,
+                                                                           peft_yaml):
+    """2 steps, stop (the checkpoint of step 2), resume for 2 more: the losses of steps 3 and 4 and the trained
+    leaves after step 4 are those of the run that trained 4 steps straight (the LSTM's dropout draws included)."""
+    straight = _config(chats, f"resume-{name}", f"[{peft_yaml}]", train="steps: 4, save_every: 2")
+    sft.run(straight)
+    resumed_dir = Path(straight.output_dir).with_name(f"resumed-{name}")
+    shutil.copytree(straight.output_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "4")  # as if the run had stopped after saving step 2
+    logged = len((resumed_dir / "metrics.jsonl").read_text().splitlines())
+    sft.run(straight.replace(output_dir=str(resumed_dir)), resume=True)
+    resumed, reference = _new_losses(resumed_dir, logged), train_losses(straight.output_dir)
+    assert sorted(resumed) == [3, 4]
+    assert [resumed[s] for s in (3, 4)] == [reference[s] for s in (3, 4)]
+    ours, theirs = _trained(resumed_dir), _trained(Path(straight.output_dir))
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _trained(run: Path) -> dict:
+    """The trained leaves in the run's checkpoint of step 4, read with orbax alone."""
+    with warnings.catch_warnings():  # "sharding info not provided": the saved one serves, the array is read whole
+        warnings.simplefilter("ignore", UserWarning)
+        return ocp.PyTreeCheckpointer().restore(run / "checkpoints" / "4" / "state")["trainable"]
