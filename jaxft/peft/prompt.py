@@ -1,5 +1,6 @@
 """Prompt tuning (PEFT's ``PromptTuningConfig``) and P-tuning (``PromptEncoderConfig``): P trained virtual token
-embeddings in front of every sequence, given as they are or computed by a prompt encoder (an MLP).
+embeddings in front of every sequence, given as they are or computed by a prompt encoder (an MLP, or a
+bidirectional LSTM and an MLP).
 
 PEFT concatenates the virtual embeddings in front of the input, so they are the first P tokens of every sequence
 (positions 0..P-1, the real tokens after them) and, the attention being causal, attend only to each other. Their
