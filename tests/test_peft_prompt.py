@@ -1,16 +1,18 @@
-"""Prompt tuning and P-tuning (jaxft.peft.prompt) against PEFT's PromptTuningConfig / PromptEncoderConfig (the
-checks of prompt_style.py, on each family), and their inits and config checks."""
+"""Prompt tuning and P-tuning (MLP and LSTM encoders; jaxft.peft.prompt) against PEFT's PromptTuningConfig /
+PromptEncoderConfig (the checks of prompt_style.py, on each family), and their inits and config checks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import torch
 
 import jaxft
 from hf_oracle import build, save
 from jaxft.config import ConfigError
 from jaxft.ops.linear import embedding_table
-from jaxft.peft.prompt import ENCODER, MLP_LAYERS, PROMPT, PromptEncoderConfig, PromptTuningConfig
+from jaxft.peft.prompt import (ENCODER, LSTM_MLP_LAYERS, MLP_LAYERS, PROMPT, PromptEncoderConfig, PromptTuningConfig,
+                               encoded, lstm_outputs)
 from prompt_style import (Case, as_jax, randomized, test_gradients_match_peft_autograd,  # noqa: F401 (collected
                           test_greedy_generation_matches_peft_greedy, test_logits_match_peft,  # here, with this
                           test_merge_is_refused, test_nf4_base_gives_its_dequantized_base_logits,  # file's
@@ -20,6 +22,7 @@ from prompt_style import (Case, as_jax, randomized, test_gradients_match_peft_au
 P = 3
 H = 24   # P-tuning's encoder width
 MLP_HEAD = (0, 2, 4)  # PEFT's linears in mlp_head, one per name of MLP_LAYERS
+LSTM_MLP_HEAD = (0, 2)  # with an LSTM encoder, one per name of LSTM_MLP_LAYERS
 
 
 def _case(family, kind, tmp_path_factory):
@@ -28,20 +31,31 @@ def _case(family, kind, tmp_path_factory):
     if kind == "prompt":
         pcfg = PromptTuningConfig(num_virtual_tokens=P)
         peft_cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-    else:
-        pcfg = PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=H)
-        peft_cfg = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, encoder_hidden_size=H)
+    else:  # p_tuning (MLP) or lstm (P-tuning with an LSTM encoder of 2 layers, PEFT's default)
+        encoder_type = "LSTM" if kind == "lstm" else "MLP"
+        pcfg = PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=H,
+                                   encoder_reparameterization_type=encoder_type)
+        peft_cfg = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, encoder_hidden_size=H,
+                                            encoder_reparameterization_type=encoder_type)
     pm = randomized(peft.get_peft_model(model, peft_cfg))
     encoder = pm.prompt_encoder["default"]
     params = pcfg.add(cfg, base, jax.random.PRNGKey(0))
     if kind == "prompt":
         params[PROMPT] = {"embedding": as_jax(encoder.embedding.weight)}
         return Case(pm, cfg, base, params, pcfg, _prompt_grads)
-    linears = [encoder.mlp_head[i] for i in MLP_HEAD]
+    if kind == "lstm":
+        params[ENCODER] = {"embedding": as_jax(encoder.embedding.weight),
+                           "lstm_head": {name: as_jax(w) for name, w in encoder.lstm_head.named_parameters()},
+                           "lstm_mlp": _linears(encoder, LSTM_MLP_LAYERS, LSTM_MLP_HEAD)}
+        return Case(pm, cfg, base, params, pcfg, _lstm_grads)
     params[ENCODER] = {"embedding": as_jax(encoder.embedding.weight),
-                       "mlp": {name: {"kernel": as_jax(lin.weight).T, "bias": as_jax(lin.bias)}
-                               for name, lin in zip(MLP_LAYERS, linears)}}
+                       "mlp": _linears(encoder, MLP_LAYERS, MLP_HEAD)}
     return Case(pm, cfg, base, params, pcfg, _encoder_grads)
+
+
+def _linears(encoder, names, indices):
+    return {name: {"kernel": as_jax(encoder.mlp_head[i].weight).T, "bias": as_jax(encoder.mlp_head[i].bias)}
+            for name, i in zip(names, indices)}
 
 
 def _prompt_grads(grads, encoder):
@@ -54,8 +68,17 @@ def _encoder_grads(grads, encoder):
         for name, i in zip(MLP_LAYERS, MLP_HEAD)]
 
 
+def _lstm_grads(grads, encoder):
+    ours = grads[ENCODER]
+    return [(ours["embedding"], encoder.embedding.weight.grad)] + [
+        (ours["lstm_head"][name], w.grad) for name, w in encoder.lstm_head.named_parameters()] + [
+        (ours["lstm_mlp"][name]["kernel"], encoder.mlp_head[i].weight.grad.T)
+        for name, i in zip(LSTM_MLP_LAYERS, LSTM_MLP_HEAD)]
+
+
 @pytest.fixture(scope="module", params=[("llama", "prompt"), ("mistral", "prompt"), ("qwen2", "prompt"),
-                                        ("llama", "p_tuning"), ("qwen2", "p_tuning")],
+                                        ("llama", "p_tuning"), ("qwen2", "p_tuning"),
+                                        ("llama", "lstm"), ("mistral", "lstm"), ("qwen2", "lstm")],
                 ids=lambda p: "-".join(p))
 def case(request, tmp_path_factory):
     return _case(*request.param, tmp_path_factory)
@@ -82,8 +105,41 @@ def test_inits_follow_peft(tmp_path):
     (lambda: PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens"),
     (lambda: PromptTuningConfig(prompt_tuning_init="ZEROS"), "prompt_tuning_init"),
     (lambda: PromptTuningConfig(prompt_tuning_init="TEXT"), "prompt_tuning_init_text"),
-    (lambda: PromptEncoderConfig(encoder_reparameterization_type="LSTM"), "LSTM"),
+    (lambda: PromptEncoderConfig(encoder_reparameterization_type="GRU"), "GRU"),
+    (lambda: PromptEncoderConfig(encoder_num_layers=0), "encoder_num_layers"),
+    (lambda: PromptEncoderConfig(encoder_dropout=1.0), "encoder_dropout"),
     (lambda: PromptEncoderConfig(task_type="SEQ_CLS"), "task_type")])
 def test_bad_config_is_refused(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_lstm_encoder_is_torchs_lstm_with_dropout_between_layers_in_training(tmp_path):
+    """The LSTM encoder's layers are torch's nn.LSTM (3 layers here); with an rng (training) the rate
+    ``encoder_dropout`` drops units between layers as torch's (inverted dropout, so the mean is kept), never after
+    the last layer: a 1-layer encoder has no rate to apply."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 5, num_layers=3, bidirectional=True, batch_first=True)
+    x = torch.randn(1, 6, 8)
+    params = {name: as_jax(w) for name, w in lstm.named_parameters()}
+    with torch.no_grad():
+        ref = lstm(x)[0][0].numpy()
+    np.testing.assert_allclose(np.asarray(lstm_outputs(params, as_jax(x[0]))), ref, atol=1e-6, rtol=0)
+    cfg, base = jaxft.from_pretrained(save(build("llama"), tmp_path / "m"))
+    pcfg = PromptEncoderConfig(num_virtual_tokens=P, encoder_reparameterization_type="LSTM", encoder_dropout=0.5)
+    encoder = pcfg.add(cfg, base, jax.random.PRNGKey(0))[ENCODER]
+    assert float(encoder["dropout"]) == 0.5 and f"{ENCODER}/dropout" not in pcfg.trainable(cfg, base).paths
+    dropped = [np.asarray(encoded(encoder, jax.random.PRNGKey(k))) for k in range(2)]
+    assert np.abs(dropped[0] - dropped[1]).max() > 1e-3
+    assert np.abs(dropped[0] - np.asarray(encoded(encoder))).max() > 1e-3
+    one_layer = PromptEncoderConfig(num_virtual_tokens=P, encoder_reparameterization_type="LSTM",
+                                    encoder_num_layers=1, encoder_dropout=0.5).add(cfg, base, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(encoded(one_layer[ENCODER], jax.random.PRNGKey(1))),
+                                  np.asarray(encoded(one_layer[ENCODER])))
+
+
+def test_text_init_naming_no_tokenizer_writes_no_adapter_config():
+    """A run fills in its tokenizer; in Python a TEXT config without one cannot give PEFT's adapter_config.json."""
+    pcfg = PromptTuningConfig(num_virtual_tokens=P, prompt_tuning_init="TEXT", prompt_tuning_init_text="a text")
+    with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
+        pcfg.peft_config()

@@ -1,25 +1,33 @@
 """Prompt-style methods through a whole run (``peft: [{type: prefix_tuning}]`` in a run config): only the prefix
-trains, on packed rows, and the exported PEFT adapter loads in PEFT with the logits jaxft computes."""
+trains, on packed rows, and the exported PEFT adapter loads in PEFT with the logits jaxft computes; a TEXT init
+tokenizes with the run's tokenizer; a resumed run continues the uninterrupted one."""
 from __future__ import annotations
 
+import shutil
+import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import peft
 import pytest
 import torch
 import transformers
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
 import jaxft
 from hf_oracle import greedy_tokens, random_ids
+from test_resume import _new_losses
 from jaxft.config import ConfigError
 from jaxft.hf.peft_format import read_adapter_config
 from jaxft.data.config import DataConfig
 from jaxft.peft.prefix import PrefixTuningConfig, prompt_inputs
+from jaxft.peft.prompt import PROMPT
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.recipes.scoring import data_metrics
+from jaxft.recipes.skeleton import load_model
 from jaxft.recipes.tasks import SftTask, task_pipeline
 from sft_worker import tiny_chat_model, train_losses
 
@@ -30,12 +38,12 @@ def chats(tmp_path_factory):
     return tiny_chat_model(root), root
 
 
-def _config(chats, name: str, peft_yaml: str, task: str = ""):
+def _config(chats, name: str, peft_yaml: str, task: str = "", train: str = "steps: 6"):
     model, root = chats
     path = root / f"{name}.yaml"
     path.write_text(f"model: {model}\noutput_dir: {root / name}\n{task}peft: {peft_yaml}\n"
                     f"data: {{paths: [{root / 'train.jsonl'}], max_length: 48, batch_size: 8, packing: true}}\n"
-                    "optim: {lr: 0.05}\ntrain: {steps: 6, log_every: 1, loss_chunk_size: 0}\n")
+                    f"optim: {{lr: 0.05}}\ntrain: {{{train}, log_every: 1, loss_chunk_size: 0}}\n")
     return load_run_config(path)
 
 
@@ -51,16 +59,40 @@ def test_prefix_tuning_run_trains_the_prefix_and_exports_an_adapter_peft_loads(c
     model_cfg, base = jaxft.from_pretrained(cfg.model)
     with pytest.raises(ConfigError, match="pass the model's config"):  # the tree alone does not tell its heads
         jaxft.load_adapter(adapter, base)
+    _assert_peft_gives_jaxfts_logits(cfg.model, adapter)
+
+
+def _assert_peft_gives_jaxfts_logits(model: str, adapter: Path):
+    """The exported adapter, loaded by jaxft and by PEFT, gives equal logits that differ from the base's."""
+    model_cfg, base = jaxft.from_pretrained(model)
     params = jaxft.load_adapter(adapter, base, model_cfg)
     ids = random_ids((2, 9), vocab=model_cfg.vocab_size, seed=1)
     prefixed, hooks = prompt_inputs(model_cfg, params)
     ours = np.asarray(jaxft.forward(model_cfg, prefixed, ids, hooks=hooks))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(hf, adapter).eval()(torch.as_tensor(ids)).logits.numpy()
         plain = hf(torch.as_tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    assert np.abs(theirs - plain).max() > 1e-3
+    np.testing.assert_allclose(ours[:, -ids.shape[1]:], theirs[:, -ids.shape[1]:], atol=1e-4, rtol=0)
+    assert np.abs(theirs[:, -ids.shape[1]:] - plain).max() > 1e-3
+
+
+def test_p_tuning_lstm_run_trains_the_encoder_and_exports_an_adapter_peft_loads(chats):
+    """P-tuning with PEFT's LSTM encoder (dropout between its 2 layers in training) trains only the encoder; the
+    export holds the embeddings it computes, as PEFT saves them."""
+    cfg = _config(chats, "lstm", "[{type: p_tuning, num_virtual_tokens: 4, encoder_reparameterization_type: LSTM, "
+                                 "encoder_hidden_size: 8, encoder_dropout: 0.1}]")
+    assert cfg.peft == (jaxft.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                                                  encoder_hidden_size=8, encoder_dropout=0.1),)
+    summary = sft.run(cfg)
+    losses = train_losses(cfg.output_dir)
+    assert losses[max(losses)] < losses[min(losses)]
+    d, h = 32, 8  # the model's width, the LSTM's per direction
+    lstm = 2 * (4 * h * (d + h) + 8 * h) + 2 * (4 * h * (2 * h + h) + 8 * h)  # 2 layers, 2 directions
+    assert summary["trainable_params"] == 4 * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+    adapter = Path(summary["export"])
+    assert read_adapter_config(adapter) == cfg.peft[0]
+    _assert_peft_gives_jaxfts_logits(cfg.model, adapter)
 
 
 def test_eval_and_generation_of_a_prompt_style_adapter_use_its_prefix(chats, tmp_path):
@@ -116,3 +148,71 @@ def test_prompt_style_method_outside_sft_is_refused(chats):
     with pytest.raises(ConfigError, match="trains alone"):
         _config(chats, "both", "[{type: prefix_tuning}, {type: lora}]")
     assert isinstance(_config(chats, "p", "[{type: p_tuning}]").peft[0], jaxft.PromptEncoderConfig)
+
+
+@pytest.mark.parametrize("num_virtual_tokens", [3, 11], ids=["cut", "repeated"])
+def test_text_init_in_a_run_config_equals_peft_text_init(chats, num_virtual_tokens):
+    """``prompt_tuning_init: TEXT`` in a run config: the run names its own tokenizer (the model folder's) as
+    ``tokenizer_name_or_path`` and tokenizes the text with it, so the virtual embeddings start as PEFT's, which
+    tokenizes with AutoTokenizer and cuts or repeats the ids to P."""
+    text = "increment 2 3 4 ="
+    cfg = _config(chats, "text", f"[{{type: prompt_tuning, num_virtual_tokens: {num_virtual_tokens}, "
+                                 f"prompt_tuning_init: TEXT, prompt_tuning_init_text: '{text}'}}]")
+    assert cfg.peft[0].tokenizer_name_or_path == cfg.model
+    _, params = load_model(cfg, jax.random.PRNGKey(0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model)
+    pm = get_peft_model(hf, peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text, tokenizer_name_or_path=cfg.model))
+    theirs = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
+    n_ids = len(transformers.AutoTokenizer.from_pretrained(cfg.model)(text)["input_ids"])
+    assert 1 < n_ids and (n_ids > num_virtual_tokens) == (num_virtual_tokens == 3)  # cut, or repeated
+    np.testing.assert_array_equal(np.asarray(params[PROMPT]["embedding"]), theirs)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A compilation cache for the resume test: the resumed run reuses the executables of the run it resumes
+    (same shapes), which halves the time it takes (as the sweep test does)."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,peft_yaml", [
+    ("prompt", "{type: prompt_tuning, num_virtual_tokens: 3, prompt_tuning_init: SAMPLE_VOCAB}"),
+    ("p_mlp", "{type: p_tuning, num_virtual_tokens: 3, encoder_hidden_size: 8}"),
+    ("p_lstm", "{type: p_tuning, num_virtual_tokens: 3, encoder_hidden_size: 8, encoder_reparameterization_type: "
+               "LSTM, encoder_dropout: 0.2}"),
+    ("prefix", "{type: prefix_tuning, num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 8}")])
+def test_a_prompt_style_run_resumed_after_2_steps_continues_the_4_step_run(chats, compilation_cache, name,
+                                                                           peft_yaml):
+    """2 steps, stop (the checkpoint of step 2), resume for 2 more: the losses of steps 3 and 4 and the trained
+    leaves after step 4 are those of the run that trained 4 steps straight (the LSTM's dropout draws included)."""
+    straight = _config(chats, f"resume-{name}", f"[{peft_yaml}]", train="steps: 4, save_every: 2")
+    sft.run(straight)
+    resumed_dir = Path(straight.output_dir).with_name(f"resumed-{name}")
+    shutil.copytree(straight.output_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "4")  # as if the run had stopped after saving step 2
+    logged = len((resumed_dir / "metrics.jsonl").read_text().splitlines())
+    sft.run(straight.replace(output_dir=str(resumed_dir)), resume=True)
+    resumed, reference = _new_losses(resumed_dir, logged), train_losses(straight.output_dir)
+    assert sorted(resumed) == [3, 4]
+    assert [resumed[s] for s in (3, 4)] == [reference[s] for s in (3, 4)]
+    ours, theirs = _trained(resumed_dir), _trained(Path(straight.output_dir))
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _trained(run: Path) -> dict:
+    """The trained leaves in the run's checkpoint of step 4, read with orbax alone."""
+    with warnings.catch_warnings():  # "sharding info not provided": the saved one serves, the array is read whole
+        warnings.simplefilter("ignore", UserWarning)
+        return ocp.PyTreeCheckpointer().restore(run / "checkpoints" / "4" / "state")["trainable"]

@@ -25,7 +25,7 @@ def dense_kernel(kernel, dtype) -> jnp.ndarray:
     return kernel.astype(dtype)
 
 
-def _dropout(x, rate, rng):
+def inverted_dropout(x, rate, rng):
     """Inverted dropout of ``x`` at ``rate``; ``x`` itself outside training (no ``rng``) or without a rate."""
     if rng is None or rate is None:
         return x
@@ -149,19 +149,19 @@ def linear(group: dict, x: jnp.ndarray, rng: jax.Array | None = None) -> jnp.nda
 def lora_linear(x, kernel, a, b, scale, dropout=None, rng=None) -> jnp.ndarray:
     """x @ W + s · (drop(x) @ A) @ B on the fused hand-written backward pass (W dense or NF4, not trained).
     Dropout (rate ``dropout``) acts on the adapter input only, and only when an ``rng`` is given."""
-    x_drop = _dropout(x, dropout, rng)
+    x_drop = inverted_dropout(x, dropout, rng)
     return _lora_linear(x, None if x_drop is x else x_drop, kernel, a, b, scale)
 
 
 def lora_delta(x, a, b, scale, dropout=None, rng=None) -> jnp.ndarray:
     """s · (drop(x) @ A) @ B alone: LoRA over another method's output (autodiff's backward, not the fused one)."""
-    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", _dropout(x, dropout, rng), a), b) * scale
+    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", inverted_dropout(x, dropout, rng), a), b) * scale
 
 
 def dora_linear(x, kernel, a, b, scale, magnitude, dropout=None, rng=None) -> jnp.ndarray:
     """DoRA (PEFT's formulation): with n = ‖W + s·A·B‖ per output column under stop_gradient,
     y = (m / n) ⊙ (x @ W + s · drop(x) @ A @ B)."""
-    x_drop = _dropout(x, dropout, rng)
+    x_drop = inverted_dropout(x, dropout, rng)
     w = dense_kernel(kernel, x.dtype)
     y = jnp.einsum("...i,io->...o", x, w)
     lora = lora_delta(x_drop, a, b, scale)

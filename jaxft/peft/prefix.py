@@ -198,7 +198,7 @@ def encoded(encoder: dict) -> jax.Array:
     return h @ encoder["out"]["kernel"] + encoder["out"]["bias"]
 
 
-PREFIX_SOURCES[ENCODER] = lambda cfg, params: from_flat(cfg, encoded(params[ENCODER]))
+PREFIX_SOURCES[ENCODER] = lambda cfg, params, rng: from_flat(cfg, encoded(params[ENCODER]))
 
 
 def prompt_groups(params: dict) -> list[str]:
@@ -216,20 +216,21 @@ def without_prompt(params: dict) -> dict:
     return {**rest, "layers": {k: v for k, v in rest["layers"].items() if k != "prefix"}}
 
 
-def prompt_inputs(cfg: ModelConfig, params: dict) -> tuple[dict, Hooks]:
+def prompt_inputs(cfg: ModelConfig, params: dict, rng=None) -> tuple[dict, Hooks]:
     """(params, hooks) as a forward pass or ``generate`` reads a tree holding a prompt-style method: the stacked
     prefix computed (:func:`with_prefix`) and the hooks that feed it, with the real tokens numbered after it; a
     tree without one comes back as it is, with ``Hooks()``. The prefix length is a static shape, so this traces
-    under ``jit``: whoever holds the params gets the method's forward, with no setting to forget."""
-    params = with_prefix(cfg, params)
+    under ``jit``: whoever holds the params gets the method's forward, with no setting to forget. ``rng``
+    (training only) turns on the prompt encoder's dropout (P-tuning's LSTM)."""
+    params = with_prefix(cfg, params, rng)
     prefix = params.get("layers", {}).get("prefix")
     return params, Hooks() if prefix is None else prefix_hooks(prefix["key"].shape[-3])
 
 
-def with_prefix(cfg: ModelConfig, params: dict) -> dict:
+def with_prefix(cfg: ModelConfig, params: dict, rng=None) -> dict:
     """``params`` as the forward pass reads them: a group of :data:`PREFIX_SOURCES` (prefix tuning's MLP, prompt
     or P-tuning's virtual tokens) replaced by the stacked prefix it computes; a tree without one is returned as it
-    is. Differentiable: gradients reach that group's leaves."""
+    is. Differentiable: gradients reach that group's leaves. ``rng``: as :func:`prompt_inputs`'s."""
     sources = [name for name in PREFIX_SOURCES if name in params]
     if not sources:
         return params
@@ -237,4 +238,4 @@ def with_prefix(cfg: ModelConfig, params: dict) -> dict:
         raise ConfigError(f"params hold {sources}: at most one prompt-style method (prompt tuning, P-tuning or "
                           "prefix tuning) can be active")
     rest = {k: v for k, v in params.items() if k != sources[0]}
-    return {**rest, "layers": {**rest["layers"], "prefix": PREFIX_SOURCES[sources[0]](cfg, params)}}
+    return {**rest, "layers": {**rest["layers"], "prefix": PREFIX_SOURCES[sources[0]](cfg, params, rng)}}

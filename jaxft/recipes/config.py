@@ -123,6 +123,7 @@ class RunConfig:
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
         _check_reference_policy(self.task, peft)
         _check_prompt_style(self.task, peft)
+        object.__setattr__(self, "peft", tuple(_with_text_tokenizer(m, self.tokenizer_dir) for m in peft))
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -217,15 +218,21 @@ def _check_head_trained(task, peft: tuple):
 def _check_prompt_style(task, peft: tuple):
     """Prompt-style methods (prompt, P- and prefix tuning) train alone and with next-token objectives: only
     CausalLM runs them (``jaxft.peft.prefix.prompt_inputs``), and no weight can hold them for a merged export."""
-    if any(getattr(m, "prompt_tuning_init", None) == "TEXT" for m in peft):
-        raise ConfigError("peft prompt_tuning with prompt_tuning_init TEXT: a run does not tokenize "
-                          "prompt_tuning_init_text yet; use RANDOM or SAMPLE_VOCAB, or build the params in Python "
-                          "(PromptTuningConfig.add(cfg, params, rng, text_ids=tokenizer.encode(text)))")
     if any(isinstance(m, PromptLearning) for m in peft) and (len(peft) > 1 or not isinstance(task, SftTask)):
         raise ConfigError(f"peft {[PEFT_UNION.type_of(m) for m in peft]} with task "
                           f"{TASK_UNION.type_of(task)!r}: a prompt-style method trains alone (no weight can "
                           "hold it, so it exports only as its PEFT adapter, never merged), and only with the sft "
                           "task")
+
+
+def _with_text_tokenizer(method, tokenizer_dir):
+    """A TEXT-initialized prompt tuning config naming no tokenizer gets the run's (``tokenizer_dir``, when it is a
+    folder): the run tokenizes ``prompt_tuning_init_text`` with it, and the exported adapter config records it, as
+    PEFT needs."""
+    if (getattr(method, "prompt_tuning_init", None) != "TEXT" or method.tokenizer_name_or_path
+            or not isinstance(tokenizer_dir, str)):
+        return method
+    return dataclasses.replace(method, tokenizer_name_or_path=tokenizer_dir)
 
 
 def _check_reference_policy(task, peft: tuple):

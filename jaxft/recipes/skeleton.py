@@ -297,8 +297,9 @@ def check_pad_token(cfg: RunConfig, tokenizer):
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
                  peft: tuple = ()) -> dict:
     """A run's params over its base: every linear kernel in 4-bit per ``quant`` (a base built in memory; the loader
-    gives a QLoRA run's base already 4-bit), then each ``peft`` method's leaves (``method.add``). Pure, so
-    ``jax.eval_shape`` of it gives the run's param shapes without a weight (the memory estimate)."""
+    gives a QLoRA run's base already 4-bit), then each ``peft`` method's leaves (``method.add``, with
+    :func:`method_inputs`). Pure but for a TEXT init's tokenizer, so ``jax.eval_shape`` of it gives the run's param
+    shapes without a weight (the memory estimate)."""
     if quant is not None:
         layers = dict(base["layers"])
         for m in LINEAR_MODULES:
@@ -306,8 +307,17 @@ def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig 
                                                              quant.quant_type)}
         base = {**base, "layers": layers}
     for method, method_rng in zip(peft, [rng] if len(peft) == 1 else jax.random.split(rng, len(peft))):
-        base = method.add(model_cfg, base, method_rng)
+        base = method.add(model_cfg, base, method_rng, **method_inputs(method))
     return base
+
+
+def method_inputs(method) -> dict:
+    """What a method's ``add`` reads from files: a TEXT-initialized prompt tuning's ``text_ids``, its init text
+    tokenized as PEFT does (``tokenizer(prompt_tuning_init_text)["input_ids"]``, special tokens included) with the
+    tokenizer its config names (the run's own, unless the config names another)."""
+    if getattr(method, "prompt_tuning_init", None) != "TEXT":
+        return {}
+    return {"text_ids": load_tokenizer(method.tokenizer_name_or_path).encode(method.prompt_tuning_init_text)}
 
 
 def load_model(cfg: RunConfig, rng, mesh=None):
