@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxft.config import ConfigError
 from jaxft.models.heads import last_token_mask
+from jaxft.train.grpo import k3_kl
 
 KL_ESTIMATORS = ("k1", "k3")
 WHITEN_EPS = 1e-8  # TRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
@@ -47,8 +48,8 @@ def kl_penalty_rewards(logps: jax.Array, ref_logps: jax.Array, scores: jax.Array
     if estimator not in KL_ESTIMATORS:
         raise ConfigError(f"PPO: kl estimator {estimator!r} is unknown; expected one of {KL_ESTIMATORS}")
     on = mask.astype(bool)
-    log_ratio = jnp.where(on, ref_logps - logps, 0.0).astype(jnp.float32)
-    kl = -log_ratio if estimator == "k1" else jnp.expm1(log_ratio) - log_ratio
+    logps, ref_logps = (jnp.where(on, x, 0.0).astype(jnp.float32) for x in (logps, ref_logps))
+    kl = logps - ref_logps if estimator == "k1" else k3_kl(logps, ref_logps)
     last = last_token_mask(mask.astype(jnp.int32))
     rewards = jnp.where(on, -kl_coef * kl, 0.0) + jnp.where(last, scores.astype(jnp.float32)[:, None], 0.0)
     return rewards, kl
