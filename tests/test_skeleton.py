@@ -43,7 +43,7 @@ def test_loop_updates_then_runs_due_callbacks_in_order_with_each_steps_state():
                  Every(2, lambda r: seen.append(("eval", r.step, float(r.state["w"])))),
                  Every(3, lambda r: seen.append(("save", r.step, r.speed.get("padding"))))]
     batches = iter([_batches(step) for step in range(2, 6)])
-    state = train_loop({"w": jnp.float32(1.0)}, range(2, 6), _toy_update, lambda: next(batches), SkipGuard(3),
+    state = train_loop({"w": jnp.float32(1.0)}, range(2, 6), _toy_update, lambda _state: next(batches), SkipGuard(3),
                        Throughput(), callbacks)
 
     expected, w, tokens = [], 1.0, 0
@@ -65,7 +65,7 @@ def test_loop_stops_at_the_guards_limit_of_non_finite_steps():
 
     logged = []
     with pytest.raises(TrainingDiverged, match="step 2: 2 steps in a row were skipped"):
-        train_loop({"w": jnp.float32(0.0)}, range(1, 11), diverging, lambda: _batches(4), SkipGuard(2), Throughput(),
+        train_loop({"w": jnp.float32(0.0)}, range(1, 11), diverging, lambda _state: _batches(4), SkipGuard(2), Throughput(),
                    [Every(1, lambda r: logged.append(r.step))])
     assert logged == [1, 2]  # step 2's flag is read when step 3 is dispatched: the loop stops there
 

@@ -209,12 +209,12 @@ class _Local:
 
 
 def _local_shapes(cfg: RunConfig, model_cfg: ModelConfig, quant, mesh, rules, processes: int) -> _Local:
-    rows = cfg.data.batch_size * processes
+    rows = cfg.micro_batch_rows * processes
     batch = parallel.batch_sharding(mesh, 2, rules)
     try:
         local_rows = batch.shard_shape((rows, cfg.row_length))[0]
     except ValueError:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {processes} process(es) = {rows} rows do not "
+        raise ConfigError(f"a micro-batch's {cfg.micro_batch_rows} rows x {processes} process(es) = {rows} rows do not "
                           f"split over the batch axes of mesh {tuple(mesh.shape.values())}; use a batch_size that "
                           "makes the global batch a multiple of data x fsdp") from None
     batch_shards = rows // local_rows
@@ -370,7 +370,7 @@ def compiled_memory(cfg: RunConfig, mesh_cfg: parallel.MeshConfig, devices=None,
         state["opt_state"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           state["opt_state"], on_host)
     step = jit_train_step(model_cfg, skeleton.step_config(cfg), optimizer, mesh, state, frozen, rules)
-    rows = cfg.data.batch_size * jax.process_count()
+    rows = cfg.micro_batch_rows * jax.process_count()
     batch = batch_structs(cfg.objective(), (cfg.train.grad_accum, rows, cfg.row_length))
     analysis = step.lower(state, frozen, batch).compile().memory_analysis()
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}

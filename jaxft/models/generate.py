@@ -14,11 +14,16 @@ from jaxft.models.llama import InputError
 from jaxft.models.sample import check_settings, sample
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, P], mask [B, P]) with each prompt right-aligned."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P], mask [B, P]) with each prompt right-aligned; P is ``width`` (a fixed shape, so a jitted sampler
+    compiles once) or the longest prompt's length."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("generate needs a non-empty list of non-empty prompts")
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    if width is not None and longest > width:
+        raise InputError(f"a prompt has {longest} tokens, more than the width {width} to pad to")
+    width = longest if width is None else width
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):

@@ -27,8 +27,8 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.peft.prefix import PrefixTuningConfig, PromptLearning
 from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
-from jaxft.recipes.tasks import (ClassifyTask, DpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask, SimpoTask,
-                                 TokenClassifyTask, task_head)
+from jaxft.recipes.tasks import (ClassifyTask, DpoTask, GrpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask,
+                                 SimpoTask, TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
 
 METHODS = ("lora", "qlora", "full")  # the ``method:`` shorthand
@@ -38,7 +38,7 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 # What a run can be asked to do, and the fine-tuning methods it can stack: a next kind is one more entry.
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
-                                  "simpo": SimpoTask, "kto": KtoTask}, default="sft")
+                                  "simpo": SimpoTask, "kto": KtoTask, "grpo": GrpoTask}, default="sft")
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
                                   "ia3": IA3Config,
                                   "ln_tuning": LNTuningConfig,
@@ -101,7 +101,7 @@ class RunConfig:
     data: DataConfig
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
     task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
-           | KtoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
+           | KtoTask | GrpoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
     peft: tuple[Any, ...] | None = field(default=None, metadata={"union": PEFT_UNION})  # PEFT_UNION's members
     method: InitVar[str | None] = None
     dtype: str = "float32"
@@ -124,6 +124,7 @@ class RunConfig:
         _check_reference_policy(self.task, peft)
         _check_prompt_style(self.task, peft)
         object.__setattr__(self, "peft", tuple(_with_text_tokenizer(m, self.tokenizer_dir) for m in peft))
+        _check_generation_cadence(self.task, self.train)
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -175,8 +176,18 @@ class RunConfig:
     @property
     def row_length(self) -> int:
         """Tokens per batch row: ``data.max_length``, or a multiple of it when the task packs several sequences as one
-        unit (a preference pair's chosen and rejected)."""
+        unit (a preference pair's chosen and rejected), or an RL task's prompt and completion widths."""
+        if getattr(self.task, "online", False):
+            return self.task.max_prompt_length + self.task.max_completion_length  # [prompt | completion]
         return self.data.max_length * getattr(self.task, "sequences_per_row", 1)
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Rows of one micro-batch on one process: ``data.batch_size``, or for an RL task its prompts' completions
+        (``data.batch_size`` x ``task.num_generations``) split over ``train.grad_accum`` micro-batches."""
+        if getattr(self.task, "online", False):
+            return self.data.batch_size * self.task.num_generations // self.train.grad_accum
+        return self.data.batch_size
 
     @property
     def head(self) -> HeadConfig | None:
@@ -233,6 +244,17 @@ def _with_text_tokenizer(method, tokenizer_dir):
             or not isinstance(tokenizer_dir, str)):
         return method
     return dataclasses.replace(method, tokenizer_name_or_path=tokenizer_dir)
+
+
+def _check_generation_cadence(task, train: TrainConfig):
+    """An RL run reuses each generation batch for ``task.num_iterations`` steps; a checkpoint in the middle of one
+    could not resume it (the params that sampled it are gone), so checkpoints and the end fall between them."""
+    n = getattr(task, "num_iterations", 1)
+    for name in ("steps", "save_every"):
+        if getattr(train, name) % n:
+            raise ConfigError(f"train.{name} {getattr(train, name)} is not a multiple of task.num_iterations {n}: "
+                              "each generation batch trains num_iterations steps, and a run stops or checkpoints "
+                              "only between generation batches")
 
 
 def _check_reference_policy(task, peft: tuple):

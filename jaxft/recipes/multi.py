@@ -46,6 +46,9 @@ def check_members(cfgs: list[RunConfig]) -> None:
     if cfgs[0].head is not None:
         raise ConfigError(f"parallel runs stack LoRA adapters alone, but task {TASK_UNION.type_of(cfgs[0].task)!r} "
                           "also trains a task head in every run; sweep it without --parallel (one run after another)")
+    if getattr(cfgs[0].task, "online", False):
+        raise ConfigError(f"task {TASK_UNION.type_of(cfgs[0].task)!r} samples its batches from each run's own "
+                          "policy, which parallel runs (one shared batch) cannot; sweep it without --parallel")
     if getattr(cfgs[0].task, "precomputed_reference", False):
         raise ConfigError("task.precompute_reference and task.reference_model are not supported in parallel runs "
                           "(their reference log-probs are cached per run folder); run the configs separately")

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 from jaxft.peft.tree import combine
+from jaxft.recipes import rl
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.reference import precompute_reference, use_reference
 from jaxft.recipes.scoring import task_scores
@@ -29,6 +30,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     ``overwrite`` replaces an earlier run whole; ``resume`` continues one whose config.yaml differs only in
     :data:`jaxft.recipes.skeleton.RESUME_MAY_CHANGE` keys, and leaves a finished run untouched.
     """
+    if getattr(cfg.task, "online", False):  # batches from the policy itself: RL's loop
+        return rl.run(cfg, resume=resume, overwrite=overwrite)
     out = Path(cfg.output_dir)
     resumed = check_run_dir(cfg, out, resume, overwrite)
     if resumed and resumed.finished:

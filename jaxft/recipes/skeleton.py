@@ -225,10 +225,12 @@ def count_tokens(batches: dict) -> tuple[int, int]:
     return int(_real_tokens(batches["segment_ids"])), int(np.prod(batches["segment_ids"].shape))
 
 
-def next_batches(cfg: RunConfig, inputs: Inputs) -> Callable[[], dict]:
-    """The loop's batch source: ``train.grad_accum`` micro-batches of the objective's keys, stacked on the mesh."""
+def next_batches(cfg: RunConfig, inputs: Inputs) -> Callable[[Any], dict]:
+    """The loop's batch source: ``train.grad_accum`` micro-batches of the objective's keys, stacked on the mesh (the
+    train state it is given is not needed: the data does not depend on the params, as an RL run's rollouts do)."""
     keys = cfg.objective().batch_keys
-    return lambda: stack_micro_batches(inputs.pipeline.iterator, cfg.train.grad_accum, inputs.batch_sharding, keys)
+    return lambda _state: stack_micro_batches(inputs.pipeline.iterator, cfg.train.grad_accum, inputs.batch_sharding,
+                                              keys)
 
 
 def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
@@ -451,10 +453,10 @@ class Latest:
 
 def train_loop(state, steps: range, update: Callable, next_batches: Callable, guard: SkipGuard,
                throughput: Throughput, callbacks: list[Every]):
-    """``state, metrics = update(state, next_batches())`` for each step, with the non-finite guard and the
+    """``state, metrics = update(state, next_batches(state))`` for each step, with the non-finite guard and the
     throughput, then the callbacks due at this step, in order; returns the final state."""
     for step in steps:
-        batches = next_batches()
+        batches = next_batches(state)
         state, metrics = update(state, batches)
         guard.check(step, metrics)
         result = StepResult(step, state, metrics, throughput.tick(*count_tokens(batches)))

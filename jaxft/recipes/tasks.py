@@ -9,18 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from jaxft.config import ConfigError, HeadConfig
+from jaxft.config import ConfigError, HeadConfig, TaggedUnion
 from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
 from jaxft.data.preference import SEQUENCES_PER_UNIT, build_preference_iterator
+from jaxft.data.prompts import build_prompt_iterator
 from jaxft.data.tasks import build_task_iterator
+from jaxft.models.llama import InputError
+from jaxft.models.sample import check_settings as check_sampling
+from jaxft.train.grpo import GRPO, SCALE_REWARDS
 from jaxft.train.head_objectives import QuestionAnswering, SequenceClassification, TokenClassification
 from jaxft.train.kto import KTO
 from jaxft.train.objectives import CausalLM
 from jaxft.train.pairwise import ORPO, RewardModel, SimPO
 from jaxft.train.preference import DPO
+from jaxft.train.rewards import ExactMatch, LengthPenalty, RegexFormat, WeightedRewards
 
 if TYPE_CHECKING:
     from jaxft.recipes.config import TrainConfig
@@ -260,3 +265,70 @@ class KtoTask(_ReferencePolicy):
     def objective(self, train: TrainConfig | None) -> KTO:
         return KTO(self.beta, self.desirable_weight, self.undesirable_weight, chunk_size=_chunk_size(train),
                    precomputed_reference=self.precomputed_reference)
+
+
+# The reward functions an RL run's config can name (``task: {type: grpo, rewards: [{type: exact_match}]}``).
+REWARD_UNION = TaggedUnion("reward", {"exact_match": ExactMatch, "format": RegexFormat,
+                                      "length_penalty": LengthPenalty})
+
+
+@dataclass(frozen=True)
+class GrpoTask:
+    """GRPO (TRL's ``GRPOTrainer``, its defaults): ``num_generations`` completions per prompt sampled by the policy
+    being trained (:mod:`jaxft.recipes.rl`), scored by ``rewards`` (weighted by ``reward_weights``), advantages
+    normalized per group (``scale_rewards``), the clipped objective of :class:`jaxft.train.grpo.GRPO` (its
+    ``loss_type``, ``epsilon`` / ``epsilon_high``, and with ``beta`` > 0 the KL to the adapters-off reference), each
+    generation batch used for ``num_iterations`` steps. ``data.batch_size`` counts prompts per process and step;
+    ``max_prompt_length`` is the prompts' padded width (longer prompts are dropped and counted)."""
+
+    num_generations: int = field(default=8, metadata={"minimum": 2})
+    max_prompt_length: int = field(default=512, metadata={"minimum": 1})
+    max_completion_length: int = field(default=256, metadata={"minimum": 1})
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rewards: tuple[Any, ...] = field(default=(ExactMatch(),), metadata={"union": REWARD_UNION})
+    reward_weights: tuple[float, ...] | None = None
+    scale_rewards: str = "group"
+    num_iterations: int = field(default=1, metadata={"minimum": 1})
+    mask_truncated_completions: bool = False
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "dapo"
+    precomputed_reference: ClassVar[bool] = False
+    online: ClassVar[bool] = True  # its batches are rollouts of the policy: jaxft.recipes.rl runs it
+
+    def __post_init__(self):
+        for name in ("num_generations", "max_prompt_length", "max_completion_length", "num_iterations"):
+            minimum = self.__dataclass_fields__[name].metadata["minimum"]
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"task grpo: {name} must be >= {minimum}, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"task grpo: temperature must be > 0 (the completions of a group must differ), got "
+                              f"{self.temperature}")
+        try:
+            check_sampling(self.num_generations, self.max_completion_length, self.temperature, self.top_k, self.top_p)
+        except InputError as e:
+            raise ConfigError(f"task grpo: {e}") from None
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"task grpo: scale_rewards {self.scale_rewards!r} is unknown; expected one of "
+                              f"{SCALE_REWARDS}")
+        self.reward_functions()
+        self.objective(None)  # the objective checks beta, epsilon and loss_type
+
+    @property
+    def reference_policy(self) -> bool:
+        """The KL term (beta > 0) compares the policy with the adapters-off base."""
+        return self.beta > 0
+
+    def reward_functions(self) -> WeightedRewards:
+        return WeightedRewards(tuple(self.rewards), self.reward_weights)
+
+    def objective(self, train: TrainConfig | None) -> GRPO:
+        return GRPO(beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                    max_completion_length=self.max_completion_length, temperature=self.temperature,
+                    chunk_size=_chunk_size(train))
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_prompt_iterator(data, tokenizer, max_prompt_length=self.max_prompt_length, **placement)

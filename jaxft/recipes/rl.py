@@ -1,0 +1,253 @@
+"""Online RL with GRPO (TRL's ``GRPOTrainer``) on the run skeleton: the policy samples its rollouts with the training
+params themselves, on the run's mesh (no second engine, no copy of the weights), reward functions score them, and
+group-normalized advantages weight a clipped policy-gradient step.
+
+One generation batch every ``task.num_iterations`` steps: each process takes ``data.batch_size`` prompts (its
+share, :mod:`jaxft.data.prompts`), all processes sample ``task.num_generations`` completions of every prompt in one
+jitted call over the mesh (:func:`jaxft.models.sample.sample`), each process decodes and scores its own prompts'
+completions (:mod:`jaxft.train.rewards`), the advantages are normalized per group (or batch) over all processes,
+and the rows (:func:`jaxft.train.rollouts.rollout_batch`) are split into ``train.grad_accum`` micro-batches. Between
+generations the step reuses the batch, its log-probs at sampling time as the old policy's (TRL's
+``num_iterations``). Sampling keys derive from ``train.seed`` and the step, so a resumed run draws the same
+completions as one that never stopped.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxft import parallel
+from jaxft.config import ConfigError
+from jaxft.data.formats import DataError
+from jaxft.models.generate import left_pad, stop_token_ids
+from jaxft.models.sample import sample
+from jaxft.peft.tree import combine
+from jaxft.recipes.config import RunConfig
+from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, finished_summary, last_logged, load_inputs,
+                                    load_model, publish, restore_checkpoint, run_summary, save_checkpoint, to_host,
+                                    train_loop, train_state, write_run_dir)
+from jaxft.train.checkpoint import Checkpointer, base_reference
+from jaxft.train.grpo import group_advantages, truncated_mask
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput
+from jaxft.train.optim import make_schedule
+from jaxft.train.rollouts import rollout_batch, token_values
+
+
+def _all_rows(x: np.ndarray) -> np.ndarray:
+    """Every process's rows of a per-process array, in process order (the layout of a global batch)."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
+
+
+class Rollouts:
+    """The batch source of an RL run: ``self(state)`` -> this step's stacked micro-batches (a new generation batch
+    every ``task.num_iterations`` steps; ``fresh`` says whether this step's is new), with that generation's metrics
+    in ``metrics``."""
+
+    def __init__(self, cfg: RunConfig, model_cfg, inputs, frozen: dict, start_step: int):
+        self.cfg, self.task, self.model_cfg, self.inputs, self.frozen = cfg, cfg.task, model_cfg, inputs, frozen
+        self.rewards = cfg.task.reward_functions()
+        tokenizer = inputs.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stops = tuple(stop_token_ids(model_cfg, tokenizer.eos_token_id))
+        self.prompt_sharding = parallel.batch_sharding(inputs.mesh, 2)
+        self.step, self.batches, self.metrics, self.fresh = start_step, None, {}, False
+        t = self.task
+        self._sample = self.sampler(num_generations=t.num_generations, max_new_tokens=t.max_completion_length,
+                                    temperature=t.temperature, top_k=t.top_k, top_p=t.top_p)
+
+    def sampler(self, **settings):
+        """``fn(trainable, frozen, ids, mask, rng) -> Rollout``, jitted, with the task's sampling ``settings``."""
+        return jax.jit(lambda trainable, frozen, ids, mask, rng: sample(
+            self.model_cfg, combine(trainable, frozen), ids, mask, rng, stop_ids=self.stops, pad_id=self.pad_id,
+            **settings))
+
+    def __call__(self, state) -> dict:
+        self.fresh = self.step % self.task.num_iterations == 0
+        if self.fresh:
+            self.batches = self._generate(state["trainable"])
+        self.step += 1
+        return self.batches
+
+    def prompts(self, samples) -> tuple[jax.Array, jax.Array, np.ndarray, np.ndarray]:
+        """(global ids, global mask, local ids, local mask) of this process's prompts, left padded to
+        ``task.max_prompt_length``."""
+        ids, mask = left_pad([s.ids.tolist() for s in samples], self.pad_id, width=self.task.max_prompt_length)
+        place = jax.make_array_from_process_local_data
+        return place(self.prompt_sharding, ids), place(self.prompt_sharding, mask), ids, mask
+
+    def _generate(self, trainable) -> dict:
+        samples = next(self.inputs.pipeline.iterator)
+        ids, mask, local_ids, local_mask = self.prompts(samples)
+        started = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.train.seed), self.step)
+        rollout = self._local(self._sample(trainable, self.frozen, ids, mask, rng))
+        seconds = time.perf_counter() - started
+        total, columns = self.score(samples, rollout, self.task.num_generations)
+        advantages = self.advantages(total)
+        completion_mask = (truncated_mask(rollout["mask"], rollout["stopped"])
+                           if self.task.mask_truncated_completions else rollout["mask"])
+        batch = rollout_batch(local_ids, local_mask, rollout["tokens"], completion_mask, rollout["logprobs"],
+                              self.task.num_generations)
+        batch["advantages"] = token_values(jnp.asarray(advantages), batch["labels"])
+        self.metrics = self.rollout_metrics(total, columns, rollout, seconds)
+        return self.stacked(batch)
+
+    @staticmethod
+    def _local(rollout) -> dict[str, np.ndarray]:
+        """This process's rows of a global rollout, on the host (rows lie in process order, as they were placed)."""
+        if jax.process_count() == 1:
+            return {name: np.asarray(x) for name, x in zip(rollout._fields, rollout)}
+        rows = rollout.tokens.shape[0] // jax.process_count()
+        start = jax.process_index() * rows
+        return {name: np.asarray(multihost_utils.process_allgather(x, tiled=True))[start:start + rows]
+                for name, x in zip(rollout._fields, rollout)}
+
+    def score(self, samples, rollout: dict, g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The reward functions over this process's completions (``g`` per prompt), each decoded without its stop
+        token."""
+        tokenizer = self.inputs.tokenizer
+        lengths = rollout["mask"].sum(axis=1)
+        texts = [tokenizer.decode(row[:n - int(s)].tolist(), skip_special_tokens=True)
+                 for row, n, s in zip(rollout["tokens"], lengths, rollout["stopped"])]
+        prompts = [tokenizer.decode(s.ids.tolist(), skip_special_tokens=True) for s in samples]
+        return self.rewards([prompts[r // g] for r in range(len(texts))], texts,
+                            [samples[r // g].record.fields for r in range(len(texts))], rollout["stopped"], lengths,
+                            [samples[r // g].record.location for r in range(len(texts))])
+
+    def advantages(self, total: np.ndarray) -> np.ndarray:
+        """This process's rows' advantages, normalized over every process's rows (a group never spans processes;
+        ``scale_rewards: batch`` takes the whole generation batch's std)."""
+        everyone = _all_rows(total)
+        advantages = np.asarray(group_advantages(jnp.asarray(everyone), self.task.num_generations,
+                                                 self.task.scale_rewards))
+        start = jax.process_index() * len(total)
+        return advantages[start:start + len(total)]
+
+    def rollout_metrics(self, total, columns: dict, rollout: dict, seconds: float) -> dict[str, float]:
+        """TRL's GRPO generation metrics, over every process's completions, and the sampler's speed."""
+        g = self.task.num_generations
+        rewards, lengths = _all_rows(total), _all_rows(rollout["mask"].sum(axis=1))
+        stopped = _all_rows(rollout["stopped"])
+        metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.reshape(-1, g).std(1, ddof=1).mean()),
+                   **{f"rewards/{name}/mean": float(_all_rows(c).mean()) for name, c in columns.items()},
+                   "completions/mean_length": float(lengths.mean()),
+                   "completions/clipped_ratio": float(1 - stopped.mean()),
+                   "rollout_s": seconds, "rollout_tokens_per_s": float(lengths.sum()) / seconds}
+        return metrics
+
+    def stacked(self, batch: dict) -> dict:
+        """This process's rows [R, T] as ``train.grad_accum`` micro-batches, placed on the mesh."""
+        a = self.cfg.train.grad_accum
+        out = {}
+        for key, value in batch.items():
+            value = np.asarray(value)
+            local = value.reshape(a, value.shape[0] // a, *value.shape[1:])
+            out[key] = jax.make_array_from_process_local_data(self.inputs.batch_sharding, local)
+        return out
+
+
+def check_rollout_rows(cfg: RunConfig, mesh):
+    """The data.batch_size prompts x num_generations completions of a process split into train.grad_accum
+    micro-batches, whose rows (over all processes) split over the mesh's data x fsdp devices."""
+    rows, a = cfg.data.batch_size * cfg.task.num_generations, cfg.train.grad_accum
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % a or (rows // a * jax.process_count()) % shards:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} prompts x task.num_generations "
+                          f"{cfg.task.num_generations} = {rows} completions per process do not split into "
+                          f"train.grad_accum {a} micro-batches whose rows ({jax.process_count()} process(es)) split "
+                          f"over the mesh's data x fsdp = {shards} devices")
+
+
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``cfg`` (an RL task) as :func:`jaxft.recipes.sft.run` trains a supervised one: the same run folder,
+    checks, logs, checkpoints and export; the batches are rollouts of the policy being trained."""
+    out = Path(cfg.output_dir)
+    resumed = check_run_dir(cfg, out, resume, overwrite)
+    if resumed and resumed.finished:
+        return finished_summary(cfg, out, resumed)
+    inputs = load_inputs(cfg)
+    check_rollout_rows(cfg, inputs.mesh)
+    base = base_reference(cfg.model)
+    model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
+    state, frozen, step_fn, n_trainable, _ = train_state(cfg, model_cfg, params, inputs.mesh)
+    if resumed and resumed.step is not None:
+        state = restore_checkpoint(cfg, out, state, inputs.pipeline.iterator, base)
+    write_run_dir(cfg, out, resumed, overwrite)
+    tc = cfg.train
+    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
+    start = int(state["step"])
+    latest = Latest(last_logged(out, start) if start else {})
+    logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
+    if resumed:
+        logger.log_resume(start, resumed.changes)
+    rollouts = Rollouts(cfg, model_cfg, inputs, frozen, start)
+    run_eval = _evaluator(rollouts)
+    callbacks = [Every(1, _log_train(logger, make_schedule(cfg.optim), latest, rollouts)),
+                 *([Every(tc.eval_every, _log_eval(logger, run_eval, latest))] if inputs.eval_pipeline else []),
+                 Every(checkpointer.save_every, save_checkpoint(checkpointer, tc.steps, inputs.pipeline.iterator,
+                                                                base))]
+    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
+    state = train_loop(state, range(start + 1, tc.steps + 1), lambda st, batches: step_fn(st, frozen, batches),
+                       rollouts, guard, throughput, callbacks)
+    checkpointer.close()
+    logger.close()
+    guard.finish()
+    params = combine(to_host(state["trainable"]), to_host(frozen))
+    summary = run_summary(tc, n_trainable, latest.train, throughput, inputs.pipeline.report,
+                          (latest.eval or run_eval(state["trainable"])) if inputs.eval_pipeline else None)
+    return publish(cfg, out, summary, params, inputs.tokenizer, inputs.pipeline.chat_template)
+
+
+def _log_train(logger: MetricsLogger, schedule, latest: Latest, rollouts: Rollouts):
+    """The step's metrics, the last generation's, and train tokens/s without the sampling time."""
+    def log(result):
+        speed = dict(result.speed)
+        if "step_time_s" in speed and rollouts.fresh:
+            train_s = max(speed["step_time_s"] - rollouts.metrics["rollout_s"], 1e-9)
+            speed["train_tokens_per_s"] = speed["tokens_per_s"] * speed["step_time_s"] / train_s
+        latest.train = {**result.metrics, **rollouts.metrics, "lr": float(schedule(result.step - 1)), **speed}
+        logger.log(result.step, latest.train)
+
+    return log
+
+
+def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
+    def log(result):
+        latest.eval = run_eval(result.state["trainable"])
+        logger.log_eval(result.step, latest.eval)
+
+    return log
+
+
+def _evaluator(rollouts: Rollouts):
+    """``run_eval(trainable)``: greedy completions of the eval prompts (the first ``train.eval_batches`` full
+    batches of each process's share, in data order: the same ones every time), their mean reward and each reward
+    function's mean."""
+    cfg, pipeline = rollouts.cfg, rollouts.inputs.eval_pipeline
+    greedy = rollouts.sampler(num_generations=1, max_new_tokens=cfg.task.max_completion_length, temperature=0.0)
+    size = cfg.eval_data.batch_size if pipeline else 0
+    batches = min(cfg.train.eval_batches, int(_all_rows(np.array([len(pipeline.iterator.samples) // size])).min())
+                  ) if pipeline else 0
+    if pipeline and batches == 0:
+        raise DataError("eval_data", "too few prompts", f"some process has fewer than eval_data.batch_size {size} "
+                        "eval prompts; lower eval_data.batch_size or add prompts")
+
+    def run_eval(trainable) -> dict:
+        totals, columns = [], {}
+        for b in range(batches):
+            samples = pipeline.iterator.samples[b * size:(b + 1) * size]
+            ids, mask, _, _ = rollouts.prompts(samples)
+            rollout = rollouts._local(greedy(trainable, rollouts.frozen, ids, mask, jax.random.PRNGKey(0)))
+            total, cols = rollouts.score(samples, rollout, 1)
+            totals.append(_all_rows(total))
+            for name, c in cols.items():
+                columns.setdefault(name, []).append(_all_rows(c))
+        return {"reward": float(np.concatenate(totals).mean()), "completions": int(sum(map(len, totals))),
+                **{f"rewards/{name}/mean": float(np.concatenate(c).mean()) for name, c in columns.items()}}
+
+    return run_eval
