@@ -26,9 +26,10 @@ from jaxft.data.formats import DataError
 from jaxft.errors import JaxftError
 
 _POSTFIX = {"loss": "loss", "tokens_per_s": "tok/s", "lr": "lr"}
-# The train metrics of preference objectives that curves.png draws in a panel of their own: TRL's names for the DPO
-# family and KTO (jaxft.train.preference, pairwise, kto), then the reward model's
-PREFERENCE_CURVES = ("rewards/accuracies", "rewards/margins", "accuracy", "margin")
+# The train metrics that curves.png draws in a panel of their own, by panel: TRL's names for the DPO family and KTO
+# (jaxft.train.preference, pairwise, kto) and the reward model's; an RL run's mean reward (jaxft.recipes.rl)
+OBJECTIVE_CURVES = {"preference": ("rewards/accuracies", "rewards/margins", "accuracy", "margin"),
+                    "reward": ("reward",)}
 
 
 def perplexity(loss: float) -> float:
@@ -196,7 +197,8 @@ def read_metrics(jsonl_path: str | Path) -> list[dict]:
 
 def write_curves(jsonl_path: str | Path, png_path: str | Path) -> Figure:
     """Draws train and eval loss, and the learning rate, against step from a metrics log into a PNG; for a
-    preference run (train records with :data:`PREFERENCE_CURVES`) also its reward accuracy and margin.
+    preference run (train records with :data:`OBJECTIVE_CURVES`) also its reward accuracy and margin, for an RL run
+    its mean reward.
 
     Uses a bare :class:`~matplotlib.figure.Figure` (Agg canvas) rather than pyplot, so it needs no display and
     does not change the backend of a notebook or script that imported jaxft.
@@ -207,22 +209,24 @@ def write_curves(jsonl_path: str | Path, png_path: str | Path) -> Figure:
         points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
         return [s for s, _ in points], [v for _, v in points]
 
-    # a preference objective's own train metrics (DPO and its kin, the reward model) get a third panel; a task's
+    # an objective's own train metrics (DPO and its kin, the reward model, RL's reward) get a third panel; a task's
     # eval-only accuracy (SFT's token accuracy) is no reason for one
-    preference = [k for k in PREFERENCE_CURVES if any(r["split"] == "train" and k in r for r in records)]
-    fig = Figure(figsize=(15 if preference else 10, 4), layout="constrained")
-    loss_ax, lr_ax, *preference_ax = fig.subplots(1, 3 if preference else 2)
+    logged = {k for r in records if r["split"] == "train" for k in r}
+    title, keys = next(((t, [k for k in ks if k in logged]) for t, ks in OBJECTIVE_CURVES.items()
+                        if logged & set(ks)), (None, []))
+    fig = Figure(figsize=(15 if keys else 10, 4), layout="constrained")
+    loss_ax, lr_ax, *objective_ax = fig.subplots(1, 3 if keys else 2)
     loss_ax.plot(*series("train", "loss"), label="train")
     loss_ax.plot(*series("eval", "loss"), marker="o", label="eval")
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
     loss_ax.legend()
     lr_ax.plot(*series("train", "lr"))
     lr_ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
-    for ax in preference_ax:
-        for key in preference:
+    for ax in objective_ax:
+        for key in keys:
             line, = ax.plot(*series("train", key), label=f"train {key}")
             ax.plot(*series("eval", key), marker="o", linestyle="none", color=line.get_color(), label=f"eval {key}")
-        ax.set(xlabel="step", title="preference")
+        ax.set(xlabel="step", title=title)
         ax.legend()
     fig.savefig(png_path, dpi=100)
     return fig
