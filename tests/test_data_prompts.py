@@ -15,6 +15,8 @@ import pytest
 from jaxft.data import DataConfig, DataError, DataReport
 from jaxft.data.chat import CHATML_TEMPLATE
 from jaxft.data.prompts import TOO_LONG, PromptIterator, build_prompt_iterator, read_prompt_records, tokenize_prompts
+from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.recipes import demo
 from test_tokenizer import folders, pairs  # noqa: F401  (fixtures: both tokenizer folders, loaded twice)
 
 PROMPTS = ["the quick brown fox", "hello world llama", "café über naïve 東京", "jumps over a lazy dog " * 3]
@@ -88,6 +90,11 @@ def test_long_prompts_are_dropped_and_counted_or_refused(pairs, tmp_path):  # no
     assert report.dropped[TOO_LONG] == sum(n > limit for n in lengths)
     with pytest.raises(DataError, match="max_prompt_length"):
         tokenize_prompts(records, ours, None, limit, truncation="error", report=DataReport())
+    (tmp_path / "words").mkdir()
+    demo.build_tokenizer(tmp_path / "words", ["one two three"])  # a word-level tokenizer that adds no BOS
+    empty = read_prompt_records(_jsonl(tmp_path / "e.jsonl", [{"prompt": ""}]))
+    with pytest.raises(DataError, match=f"{tmp_path / 'e.jsonl'}:1.*empty prompt"):
+        tokenize_prompts(empty, load_tokenizer(tmp_path / "words"), None, 10, truncation="right", report=DataReport())
     with pytest.raises(DataError, match="vocab_size"):
         tokenize_prompts(records, ours, None, 10_000, truncation="right", report=DataReport(), vocab_size=5)
 

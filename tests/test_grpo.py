@@ -192,7 +192,7 @@ def test_two_micro_batches_give_the_one_batch_loss_and_trls_metrics(setup, trl, 
     np.testing.assert_allclose(metrics["loss"], expected["loss"], atol=1e-5, rtol=0)
     for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         np.testing.assert_allclose(metrics[key], expected[key], atol=1e-5, rtol=1e-5, err_msg=key)
-    np.testing.assert_allclose(metrics["completions/mean_length"], lengths.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["completions/mean_loss_length"], lengths.mean(), rtol=1e-6)
 
 
 def test_adapter_gradients_are_torch_autograds(setup):

@@ -152,9 +152,15 @@ def test_resumed_run_draws_the_same_rollouts_and_losses(setup):
     ({"rewards": [{"type": "exact"}]}, "unknown reward type 'exact'"),
     ({"rewards": [{"type": "exact_match"}], "reward_weights": [1, 2]}, "weights"),
     ({"num_iterations": 3}, "train.steps 4 is not a multiple of task.num_iterations 3"),
+    ({"num_generations": 3}, "do not split into train.grad_accum 2"),
+    ({"rewards": [{"type": "length_penalty", "max_completion_len": 300, "soft_punish_cache": 10}]},
+     "completions stop at max_completion_length 256"),
+    ({"beta": 0.04, "_peft": []}, "set task.beta: 0"),
 ])
 def test_bad_grpo_settings_are_refused_by_name(setup, task, message):
     base, path, root = setup
+    peft = task.pop("_peft", [{"type": "lora"}])
     with pytest.raises(ConfigError, match=message):
-        from_dict(RunConfig, {"model": str(base), "output_dir": str(root / "refused"), "data": {"paths": [str(path)]},
-                              "task": {"type": "grpo", **task}, "train": {"steps": 4}})
+        from_dict(RunConfig, {"model": str(base), "output_dir": str(root / "refused"), "peft": peft,
+                              "data": {"paths": [str(path)], "batch_size": 1}, "task": {"type": "grpo", **task},
+                              "train": {"steps": 4, "grad_accum": 2}})

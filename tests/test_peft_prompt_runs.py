@@ -27,7 +27,7 @@ from jaxft.peft.prompt import PROMPT
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.recipes.scoring import data_metrics
-from jaxft.recipes.skeleton import load_model
+from jaxft.recipes.skeleton import load_model, with_run_tokenizer
 from jaxft.recipes.tasks import SftTask, task_pipeline
 from sft_worker import tiny_chat_model, train_losses
 
@@ -152,13 +152,14 @@ def test_prompt_style_method_outside_sft_is_refused(chats):
 
 @pytest.mark.parametrize("num_virtual_tokens", [3, 11], ids=["cut", "repeated"])
 def test_text_init_in_a_run_config_equals_peft_text_init(chats, num_virtual_tokens):
-    """``prompt_tuning_init: TEXT`` in a run config: the run names its own tokenizer (the model folder's) as
-    ``tokenizer_name_or_path`` and tokenizes the text with it, so the virtual embeddings start as PEFT's, which
-    tokenizes with AutoTokenizer and cuts or repeats the ids to P."""
+    """``prompt_tuning_init: TEXT`` in a run config: the run tokenizes the text with its own tokenizer (the model
+    folder's; the config keeps no path, so a resume may move the model), so the virtual embeddings start as PEFT's,
+    which tokenizes with AutoTokenizer and cuts or repeats the ids to P; the export names that tokenizer."""
     text = "increment 2 3 4 ="
     cfg = _config(chats, "text", f"[{{type: prompt_tuning, num_virtual_tokens: {num_virtual_tokens}, "
                                  f"prompt_tuning_init: TEXT, prompt_tuning_init_text: '{text}'}}]")
-    assert cfg.peft[0].tokenizer_name_or_path == cfg.model
+    assert cfg.peft[0].tokenizer_name_or_path is None
+    assert with_run_tokenizer(cfg.peft[0], cfg.tokenizer_dir).tokenizer_name_or_path == cfg.model
     _, params = load_model(cfg, jax.random.PRNGKey(0))
     hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model)
     pm = get_peft_model(hf, peft.PromptTuningConfig(

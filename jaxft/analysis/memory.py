@@ -115,7 +115,7 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
     def build(rng):
         return skeleton.build_params(model_cfg, init_params(model_cfg, rng, cfg.dtype), rng, quant=quant,
-                                     peft=cfg.peft)
+                                     peft=cfg.peft, tokenizer_dir=cfg.tokenizer_dir)
 
     return jax.eval_shape(build, jax.random.PRNGKey(0))
 

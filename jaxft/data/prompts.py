@@ -99,6 +99,9 @@ def tokenize_prompts(records: Sequence[PromptRecord], tokenizer, template: str |
     samples = []
     for record in records:
         ids = np.asarray(encode_prompt(tokenizer, template, record.prompt), np.int32)
+        if not len(ids):
+            raise DataError(record.location, "empty prompt", "the prompt encodes to no token; the policy needs "
+                            "something to answer")
         if vocab_size is not None and len(ids) and ids.max() >= vocab_size:
             raise DataError(record.location, "token id beyond the model's vocabulary",
                             f"the prompt holds id {int(ids.max())}, but the model has vocab_size {vocab_size}; "

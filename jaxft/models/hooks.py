@@ -15,8 +15,9 @@ import jax
 
 # Top-level param groups of a prompt-style method, each with the function (cfg, params, rng) -> {"key", "value"}
 # that computes the stacked prefix a forward pass reads through ``Hooks.prefix`` (prefix tuning's MLP, prompt and
-# P-tuning's virtual tokens; ``rng`` in training only, for an encoder's dropout): filled by the method modules (jaxft.peft.prefix, jaxft.peft.prompt). With
-# ``layers/prefix`` they make a tree the plain model must not run silently without its prefix (unhooked_prompt).
+# P-tuning's virtual tokens; ``rng`` in training only, for an encoder's dropout): filled by the method modules
+# (jaxft.peft.prefix, jaxft.peft.prompt). With ``layers/prefix`` they make a tree the plain model must not run
+# silently without its prefix (unhooked_prompt).
 PREFIX_SOURCES: dict[str, Callable] = {}
 
 

@@ -9,8 +9,9 @@ rather than stored in the cache.
 
 Each prompt is prefilled once and its cache repeated for its G completions (the rows b * G .. b * G + G - 1). Every
 row draws from its own key (``rng`` split per row, folded with the step), so a row's tokens depend neither on the
-other rows, nor on how the rows are sharded, nor on the stop tokens (up to its own stop). Under ``jit`` the rows
-follow the prompts' sharding: prompts split over a mesh's data axis split the B * G rows the same way.
+other rows, nor on how the rows are sharded, nor on the stop tokens (up to its own stop). Under ``jit`` XLA
+propagates the prompts' sharding to the rows; a caller that needs them on given devices says so with the jit's
+``out_shardings`` (:class:`jaxft.recipes.rl.Rollouts` puts them over the batch axes, as its prompts).
 """
 from __future__ import annotations
 

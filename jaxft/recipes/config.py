@@ -123,8 +123,7 @@ class RunConfig:
         object.__setattr__(self, "lora", next((m for m in peft if isinstance(m, LoraConfig)), None))
         _check_reference_policy(self.task, peft)
         _check_prompt_style(self.task, peft)
-        object.__setattr__(self, "peft", tuple(_with_text_tokenizer(m, self.tokenizer_dir) for m in peft))
-        _check_generation_cadence(self.task, self.train)
+        _check_generation_cadence(self.task, self.train, self.data)
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -236,25 +235,23 @@ def _check_prompt_style(task, peft: tuple):
                           "task")
 
 
-def _with_text_tokenizer(method, tokenizer_dir):
-    """A TEXT-initialized prompt tuning config naming no tokenizer gets the run's (``tokenizer_dir``, when it is a
-    folder): the run tokenizes ``prompt_tuning_init_text`` with it, and the exported adapter config records it, as
-    PEFT needs."""
-    if (getattr(method, "prompt_tuning_init", None) != "TEXT" or method.tokenizer_name_or_path
-            or not isinstance(tokenizer_dir, str)):
-        return method
-    return dataclasses.replace(method, tokenizer_name_or_path=tokenizer_dir)
-
-
-def _check_generation_cadence(task, train: TrainConfig):
+def _check_generation_cadence(task, train: TrainConfig, data: DataConfig):
     """An RL run reuses each generation batch for ``task.num_iterations`` steps; a checkpoint in the middle of one
-    could not resume it (the params that sampled it are gone), so checkpoints and the end fall between them."""
-    n = getattr(task, "num_iterations", 1)
+    could not resume it (the params that sampled it are gone), so checkpoints and the end fall between them. Its
+    completions split evenly into the step's micro-batches."""
+    if not getattr(task, "online", False):
+        return
+    n = task.num_iterations
     for name in ("steps", "save_every"):
         if getattr(train, name) % n:
             raise ConfigError(f"train.{name} {getattr(train, name)} is not a multiple of task.num_iterations {n}: "
                               "each generation batch trains num_iterations steps, and a run stops or checkpoints "
                               "only between generation batches")
+    completions = data.batch_size * task.num_generations
+    if completions % train.grad_accum:
+        raise ConfigError(f"data.batch_size {data.batch_size} prompts x task.num_generations {task.num_generations} "
+                          f"= {completions} completions do not split into train.grad_accum {train.grad_accum} "
+                          "equal micro-batches")
 
 
 def _check_reference_policy(task, peft: tuple):
@@ -264,7 +261,8 @@ def _check_reference_policy(task, peft: tuple):
     if not getattr(task, "reference_policy", False) or task.precomputed_reference:
         return
     fix = ("set task.precompute_reference: true (the initial weights, log-probs computed before training) or "
-           "task.reference_model: <model folder>")
+           "task.reference_model: <model folder>") if hasattr(task, "precompute_reference") else (
+           "set task.beta: 0 (no KL term, TRL's default)")
     name = TASK_UNION.type_of(task)
     if not peft:
         raise ConfigError(f"task {name!r} compares the policy with a reference policy, by default the same base with "

@@ -24,23 +24,41 @@ from jax.experimental import multihost_utils
 from jaxft import parallel
 from jaxft.config import ConfigError
 from jaxft.data.formats import DataError
+from jaxft.errors import JaxftError
 from jaxft.models.generate import left_pad, stop_token_ids
-from jaxft.models.sample import sample
+from jaxft.models.sample import Rollout, sample
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
-from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, finished_summary, last_logged, load_inputs,
-                                    load_model, publish, restore_checkpoint, run_summary, save_checkpoint, to_host,
-                                    train_loop, train_state, write_run_dir)
-from jaxft.train.checkpoint import Checkpointer, base_reference
+from jaxft.recipes.skeleton import (Latest, check_run_dir, finished_summary, load_inputs, load_model,
+                                    restore_checkpoint, train_and_publish, train_state, write_run_dir)
+from jaxft.train.checkpoint import base_reference
 from jaxft.train.grpo import group_advantages, truncated_mask
-from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput
+from jaxft.train.metrics import MetricsLogger
 from jaxft.train.optim import make_schedule
+from jaxft.train.rewards import RewardError
 from jaxft.train.rollouts import rollout_batch, token_values
+from jaxft.train.sequences import label_logprobs
 
 
 def _all_rows(x: np.ndarray) -> np.ndarray:
     """Every process's rows of a per-process array, in process order (the layout of a global batch)."""
     return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
+
+
+def _on_every_process(fn):
+    """``fn()``, raising on every process when it raises on any (a process that failed alone would leave the others
+    waiting in the next collective)."""
+    error = None
+    try:
+        result = fn()
+    except JaxftError as e:
+        error = e
+    if jax.process_count() > 1 and _all_rows(np.array([error is not None])).any() and error is None:
+        raise RewardError("another process's rewards failed on its completions (its log names the reward and the "
+                          "record); every process stops")
+    if error is not None:
+        raise error
+    return result
 
 
 class Rollouts:
@@ -59,12 +77,20 @@ class Rollouts:
         t = self.task
         self._sample = self.sampler(num_generations=t.num_generations, max_new_tokens=t.max_completion_length,
                                     temperature=t.temperature, top_k=t.top_k, top_p=t.top_p)
+        objective = cfg.objective()
+        # the old policy's log-probs for a batch trained over several steps: the training forward, no dropout
+        self._old_logps = None if objective.on_policy else jax.jit(
+            lambda trainable, frozen, batches: jax.lax.map(lambda b: label_logprobs(
+                model_cfg, combine(trainable, frozen), b, chunk_size=objective.chunk_size,
+                temperature=objective.temperature), batches), out_shardings=inputs.batch_sharding)
 
     def sampler(self, **settings):
-        """``fn(trainable, frozen, ids, mask, rng) -> Rollout``, jitted, with the task's sampling ``settings``."""
+        """``fn(trainable, frozen, ids, mask, rng) -> Rollout``, jitted, with the task's sampling ``settings``; the
+        rows come out sharded as the prompts go in (over the batch axes), so each process can take its own back."""
+        rows = parallel.batch_sharding(self.inputs.mesh, 1)
         return jax.jit(lambda trainable, frozen, ids, mask, rng: sample(
             self.model_cfg, combine(trainable, frozen), ids, mask, rng, stop_ids=self.stops, pad_id=self.pad_id,
-            **settings))
+            **settings), out_shardings=Rollout(self.prompt_sharding, self.prompt_sharding, self.prompt_sharding, rows))
 
     def __call__(self, state) -> dict:
         self.fresh = self.step % self.task.num_iterations == 0
@@ -87,7 +113,7 @@ class Rollouts:
         rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.train.seed), self.step)
         rollout = self._local(self._sample(trainable, self.frozen, ids, mask, rng))
         seconds = time.perf_counter() - started
-        total, columns = self.score(samples, rollout, self.task.num_generations)
+        total, columns = _on_every_process(lambda: self.score(samples, rollout, self.task.num_generations))
         advantages = self.advantages(total)
         completion_mask = (truncated_mask(rollout["mask"], rollout["stopped"])
                            if self.task.mask_truncated_completions else rollout["mask"])
@@ -95,17 +121,17 @@ class Rollouts:
                               self.task.num_generations)
         batch["advantages"] = token_values(jnp.asarray(advantages), batch["labels"])
         self.metrics = self.rollout_metrics(total, columns, rollout, seconds)
-        return self.stacked(batch)
+        batches = self.stacked(batch)
+        if self._old_logps is not None:
+            batches["old_logps"] = self._old_logps(trainable, self.frozen, batches)
+        return batches
 
-    @staticmethod
-    def _local(rollout) -> dict[str, np.ndarray]:
-        """This process's rows of a global rollout, on the host (rows lie in process order, as they were placed)."""
-        if jax.process_count() == 1:
-            return {name: np.asarray(x) for name, x in zip(rollout._fields, rollout)}
-        rows = rollout.tokens.shape[0] // jax.process_count()
-        start = jax.process_index() * rows
-        return {name: np.asarray(multihost_utils.process_allgather(x, tiled=True))[start:start + rows]
-                for name, x in zip(rollout._fields, rollout)}
+    def _local(self, rollout) -> dict[str, np.ndarray]:
+        """This process's rows of a global rollout, on the host: the inverse of how its prompts were placed."""
+        if jax.process_count() > 1:
+            rollout = multihost_utils.global_array_to_host_local_array(
+                rollout, self.inputs.mesh, Rollout(*(x.sharding.spec for x in rollout)))
+        return {name: np.asarray(x) for name, x in zip(Rollout._fields, rollout)}
 
     def score(self, samples, rollout: dict, g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The reward functions over this process's completions (``g`` per prompt), each decoded without its stop
@@ -152,15 +178,14 @@ class Rollouts:
 
 
 def check_rollout_rows(cfg: RunConfig, mesh):
-    """The data.batch_size prompts x num_generations completions of a process split into train.grad_accum
-    micro-batches, whose rows (over all processes) split over the mesh's data x fsdp devices."""
-    rows, a = cfg.data.batch_size * cfg.task.num_generations, cfg.train.grad_accum
+    """A micro-batch's completions (over all processes) split over the mesh's data x fsdp devices."""
+    rows = cfg.micro_batch_rows * jax.process_count()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if rows % a or (rows // a * jax.process_count()) % shards:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} prompts x task.num_generations "
-                          f"{cfg.task.num_generations} = {rows} completions per process do not split into "
-                          f"train.grad_accum {a} micro-batches whose rows ({jax.process_count()} process(es)) split "
-                          f"over the mesh's data x fsdp = {shards} devices")
+    if rows % shards:
+        raise ConfigError(f"a micro-batch holds data.batch_size {cfg.data.batch_size} prompts x task.num_generations "
+                          f"{cfg.task.num_generations} / train.grad_accum {cfg.train.grad_accum} completions x "
+                          f"{jax.process_count()} process(es) = {rows} rows, which do not split over the mesh's "
+                          f"data x fsdp = {shards} devices")
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -174,33 +199,16 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     check_rollout_rows(cfg, inputs.mesh)
     base = base_reference(cfg.model)
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
-    state, frozen, step_fn, n_trainable, _ = train_state(cfg, model_cfg, params, inputs.mesh)
+    training = train_state(cfg, model_cfg, params, inputs.mesh)
     if resumed and resumed.step is not None:
-        state = restore_checkpoint(cfg, out, state, inputs.pipeline.iterator, base)
+        training = training._replace(state=restore_checkpoint(cfg, out, training.state, inputs.pipeline.iterator,
+                                                              base))
     write_run_dir(cfg, out, resumed, overwrite)
-    tc = cfg.train
-    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
-    start = int(state["step"])
-    latest = Latest(last_logged(out, start) if start else {})
-    logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
-    if resumed:
-        logger.log_resume(start, resumed.changes)
-    rollouts = Rollouts(cfg, model_cfg, inputs, frozen, start)
-    run_eval = _evaluator(rollouts)
-    callbacks = [Every(1, _log_train(logger, make_schedule(cfg.optim), latest, rollouts)),
-                 *([Every(tc.eval_every, _log_eval(logger, run_eval, latest))] if inputs.eval_pipeline else []),
-                 Every(checkpointer.save_every, save_checkpoint(checkpointer, tc.steps, inputs.pipeline.iterator,
-                                                                base))]
-    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
-    state = train_loop(state, range(start + 1, tc.steps + 1), lambda st, batches: step_fn(st, frozen, batches),
-                       rollouts, guard, throughput, callbacks)
-    checkpointer.close()
-    logger.close()
-    guard.finish()
-    params = combine(to_host(state["trainable"]), to_host(frozen))
-    summary = run_summary(tc, n_trainable, latest.train, throughput, inputs.pipeline.report,
-                          (latest.eval or run_eval(state["trainable"])) if inputs.eval_pipeline else None)
-    return publish(cfg, out, summary, params, inputs.tokenizer, inputs.pipeline.chat_template)
+    rollouts = Rollouts(cfg, model_cfg, inputs, training.frozen, int(training.state["step"]))
+    return train_and_publish(cfg, out, inputs, training, base, resumed, batches=rollouts,
+                             run_eval=_evaluator(rollouts),
+                             log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest,
+                                                                         rollouts))
 
 
 def _log_train(logger: MetricsLogger, schedule, latest: Latest, rollouts: Rollouts):
@@ -212,14 +220,6 @@ def _log_train(logger: MetricsLogger, schedule, latest: Latest, rollouts: Rollou
             speed["train_tokens_per_s"] = speed["tokens_per_s"] * speed["step_time_s"] / train_s
         latest.train = {**result.metrics, **rollouts.metrics, "lr": float(schedule(result.step - 1)), **speed}
         logger.log(result.step, latest.train)
-
-    return log
-
-
-def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
-    def log(result):
-        latest.eval = run_eval(result.state["trainable"])
-        logger.log_eval(result.step, latest.eval)
 
     return log
 
@@ -243,7 +243,7 @@ def _evaluator(rollouts: Rollouts):
             samples = pipeline.iterator.samples[b * size:(b + 1) * size]
             ids, mask, _, _ = rollouts.prompts(samples)
             rollout = rollouts._local(greedy(trainable, rollouts.frozen, ids, mask, jax.random.PRNGKey(0)))
-            total, cols = rollouts.score(samples, rollout, 1)
+            total, cols = _on_every_process(lambda: rollouts.score(samples, rollout, 1))
             totals.append(_all_rows(total))
             for name, c in cols.items():
                 columns.setdefault(name, []).append(_all_rows(c))

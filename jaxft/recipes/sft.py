@@ -15,11 +15,10 @@ from jaxft.recipes import rl
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.reference import precompute_reference, use_reference
 from jaxft.recipes.scoring import task_scores
-from jaxft.recipes.skeleton import (Every, Latest, check_run_dir, eval_batches, finished_summary, last_logged,
-                                    load_inputs, load_model, next_batches, publish, restore_checkpoint,
-                                    run_summary, save_checkpoint, to_host, train_loop, train_state, write_run_dir)
-from jaxft.train.checkpoint import Checkpointer, base_reference
-from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, evaluate
+from jaxft.recipes.skeleton import (Latest, check_run_dir, eval_batches, finished_summary, load_inputs, load_model,
+                                    next_batches, restore_checkpoint, train_and_publish, train_state, write_run_dir)
+from jaxft.train.checkpoint import base_reference
+from jaxft.train.metrics import MetricsLogger, evaluate
 from jaxft.train.optim import make_schedule
 
 
@@ -43,49 +42,21 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
     reference = reference or precompute_reference(cfg, inputs, out, base, resume=resumed is not None,
                                                   policy=(model_cfg, params))
-    state, frozen, step_fn, n_trainable, _ = train_state(cfg, model_cfg, params, inputs.mesh)
+    training = train_state(cfg, model_cfg, params, inputs.mesh)
     if resumed and resumed.step is not None:
-        state = restore_checkpoint(cfg, out, state, inputs.pipeline.iterator, base)
+        training = training._replace(state=restore_checkpoint(cfg, out, training.state, inputs.pipeline.iterator,
+                                                              base))
     write_run_dir(cfg, out, resumed, overwrite)
     use_reference(reference, inputs, out)
-    tc = cfg.train
-    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
-    start = int(state["step"])
-    latest = Latest(last_logged(out, start) if start else {})  # read before process 0 appends to the log
-    logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
-    if resumed:
-        logger.log_resume(start, resumed.changes)
-    run_eval = _evaluator(cfg, model_cfg, inputs, frozen)
-    callbacks = [Every(1, _log_train(logger, make_schedule(cfg.optim), latest)),
-                 *([Every(tc.eval_every, _log_eval(logger, run_eval, latest))] if inputs.eval_pipeline else []),
-                 Every(checkpointer.save_every, save_checkpoint(checkpointer, tc.steps, inputs.pipeline.iterator,
-                                                                base))]
-    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
-    state = train_loop(state, range(start + 1, tc.steps + 1), lambda st, batches: step_fn(st, frozen, batches),
-                       next_batches(cfg, inputs), guard, throughput, callbacks)
-    checkpointer.close()
-    logger.close()
-    guard.finish()  # a run in which no update was applied is not a success
-
-    params = combine(to_host(state["trainable"]), to_host(frozen))
-    # the final step's evaluation, else one now (the same batches either way)
-    summary = run_summary(tc, n_trainable, latest.train, throughput, inputs.pipeline.report,
-                          (latest.eval or run_eval(state["trainable"])) if inputs.eval_pipeline else None)
-    return publish(cfg, out, summary, params, inputs.tokenizer, inputs.pipeline.chat_template)
+    return train_and_publish(cfg, out, inputs, training, base, resumed, batches=next_batches(cfg, inputs),
+                             run_eval=_evaluator(cfg, model_cfg, inputs, training.frozen),
+                             log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest))
 
 
 def _log_train(logger: MetricsLogger, schedule, latest: Latest):
     def log(result):
         latest.train = {**result.metrics, "lr": float(schedule(result.step - 1)), **result.speed}
         logger.log(result.step, latest.train)
-
-    return log
-
-
-def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
-    def log(result):
-        latest.eval = run_eval(result.state["trainable"])
-        logger.log_eval(result.step, latest.eval)
 
     return log
 

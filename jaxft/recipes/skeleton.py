@@ -9,6 +9,7 @@ Every input is loaded and checked before the run folder is written, so a refused
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
 from jaxft.peft.adapters import is_adapter_config
 from jaxft.peft.methods import merge, trainable_count
-from jaxft.peft.tree import Trainable, split
+from jaxft.peft.tree import Trainable, combine, split
 from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config
 from jaxft.recipes.tasks import task_pipeline
 from jaxft.train.checkpoint import Checkpointer, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
-from jaxft.train.metrics import SkipGuard, Throughput, read_metrics
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, read_metrics
 from jaxft.train.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------ run folder
@@ -297,7 +298,7 @@ def check_pad_token(cfg: RunConfig, tokenizer):
 
 
 def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig | None = None,
-                 peft: tuple = ()) -> dict:
+                 peft: tuple = (), tokenizer_dir: str | None = None) -> dict:
     """A run's params over its base: every linear kernel in 4-bit per ``quant`` (a base built in memory; the loader
     gives a QLoRA run's base already 4-bit), then each ``peft`` method's leaves (``method.add``, with
     :func:`method_inputs`). Pure but for a TEXT init's tokenizer, so ``jax.eval_shape`` of it gives the run's param
@@ -309,14 +310,23 @@ def build_params(model_cfg: ModelConfig, base: dict, rng, *, quant: QuantConfig 
                                                              quant.quant_type)}
         base = {**base, "layers": layers}
     for method, method_rng in zip(peft, [rng] if len(peft) == 1 else jax.random.split(rng, len(peft))):
-        base = method.add(model_cfg, base, method_rng, **method_inputs(method))
+        base = method.add(model_cfg, base, method_rng, **method_inputs(with_run_tokenizer(method, tokenizer_dir)))
     return base
+
+
+def with_run_tokenizer(method, tokenizer_dir: str | None):
+    """A TEXT-initialized prompt tuning config that names no tokenizer, with the run's (``tokenizer_dir``): the run
+    tokenizes ``prompt_tuning_init_text`` with it, and its export's adapter config records it, as PEFT needs. The run
+    config itself keeps none, so moving the model folder does not change it (a resume may move it)."""
+    if getattr(method, "prompt_tuning_init", None) != "TEXT" or method.tokenizer_name_or_path or not tokenizer_dir:
+        return method
+    return dataclasses.replace(method, tokenizer_name_or_path=str(tokenizer_dir))
 
 
 def method_inputs(method) -> dict:
     """What a method's ``add`` reads from files: a TEXT-initialized prompt tuning's ``text_ids``, its init text
     tokenized as PEFT does (``tokenizer(prompt_tuning_init_text)["input_ids"]``, special tokens included) with the
-    tokenizer its config names (the run's own, unless the config names another)."""
+    tokenizer its config names (:func:`with_run_tokenizer`)."""
     if getattr(method, "prompt_tuning_init", None) != "TEXT":
         return {}
     return {"text_ids": load_tokenizer(method.tokenizer_name_or_path).encode(method.prompt_tuning_init_text)}
@@ -325,7 +335,7 @@ def method_inputs(method) -> dict:
 def load_model(cfg: RunConfig, rng, mesh=None):
     """(model config, params with adapters for LoRA/QLoRA)."""
     model_cfg, base = load_base(cfg, mesh)
-    return model_cfg, build_params(model_cfg, base, rng, peft=cfg.peft)
+    return model_cfg, build_params(model_cfg, base, rng, peft=cfg.peft, tokenizer_dir=cfg.tokenizer_dir)
 
 
 def initial_loss_scale(model_cfg) -> float | None:
@@ -466,6 +476,45 @@ def train_loop(state, steps: range, update: Callable, next_batches: Callable, gu
     return state
 
 
+def train_and_publish(cfg: RunConfig, out: Path, inputs: Inputs, training: Training, base: dict, resumed, *,
+                      batches: Callable[[Any], dict], run_eval: Callable[[Any], dict],
+                      log_train: Callable[[MetricsLogger, Latest], Callable]) -> dict:
+    """The loop of a single run and its end: ``train.steps`` steps from the (restored) state, each on
+    ``batches(state)``, logged by ``log_train(logger, latest)``, evaluated by ``run_eval(trainable)`` every
+    ``train.eval_every`` steps (with eval data), checkpointed every ``train.save_every``; then the summary and the
+    export (:func:`publish`)."""
+    tc, frozen = cfg.train, training.frozen
+    checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
+    start = int(training.state["step"])
+    latest = Latest(last_logged(out, start) if start else {})  # read before process 0 appends to the log
+    logger = MetricsLogger(out, tc.steps, tensorboard=tc.tensorboard, log_every=tc.log_every, start_step=start)
+    if resumed:
+        logger.log_resume(start, resumed.changes)
+    callbacks = [Every(1, log_train(logger, latest)),
+                 *([Every(tc.eval_every, _log_eval(logger, run_eval, latest))] if inputs.eval_pipeline else []),
+                 Every(checkpointer.save_every, save_checkpoint(checkpointer, tc.steps, inputs.pipeline.iterator,
+                                                                base))]
+    throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)
+    state = train_loop(training.state, range(start + 1, tc.steps + 1),
+                       lambda st, b: training.step_fn(st, frozen, b), batches, guard, throughput, callbacks)
+    checkpointer.close()
+    logger.close()
+    guard.finish()  # a run in which no update was applied is not a success
+    params = combine(to_host(state["trainable"]), to_host(frozen))
+    # the final step's evaluation, else one now (the same batches either way)
+    summary = run_summary(tc, training.n_trainable, latest.train, throughput, inputs.pipeline.report,
+                          (latest.eval or run_eval(state["trainable"])) if inputs.eval_pipeline else None)
+    return publish(cfg, out, summary, params, inputs.tokenizer, inputs.pipeline.chat_template)
+
+
+def _log_eval(logger: MetricsLogger, run_eval, latest: Latest):
+    def log(result: StepResult):
+        latest.eval = run_eval(result.state["trainable"])
+        logger.log_eval(result.step, latest.eval)
+
+    return log
+
+
 # ------------------------------------------------------------------------------------------------ summary, export
 
 
@@ -518,7 +567,8 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
         return write_export(export_dir(cfg, out), merge(params), tokenizer, chat_template=chat_template,
                             overwrite=True, model_cfg=model_cfg)
     return write_export(export_dir(cfg, out), params, tokenizer, chat_template=chat_template, overwrite=True,
-                        model_cfg=model_cfg, acfg=cfg.peft[0], base_model=str(Path(cfg.model).resolve()))
+                        model_cfg=model_cfg, acfg=with_run_tokenizer(cfg.peft[0], cfg.tokenizer_dir),
+                        base_model=str(Path(cfg.model).resolve()))
 
 
 def write_export(out, params: dict, tokenizer, *, model_cfg=None, acfg=None, base_model: str | None = None,

@@ -315,6 +315,11 @@ class GrpoTask:
             raise ConfigError(f"task grpo: scale_rewards {self.scale_rewards!r} is unknown; expected one of "
                               f"{SCALE_REWARDS}")
         self.reward_functions()
+        for reward in self.rewards:
+            if isinstance(reward, LengthPenalty) and reward.max_completion_len > self.max_completion_length:
+                raise ConfigError(f"task grpo: reward {reward.name!r} starts its penalty past max_completion_len "
+                                  f"{reward.max_completion_len}, but completions stop at max_completion_length "
+                                  f"{self.max_completion_length}; make it at most that")
         self.objective(None)  # the objective checks beta, epsilon and loss_type
 
     @property
@@ -328,7 +333,7 @@ class GrpoTask:
     def objective(self, train: TrainConfig | None) -> GRPO:
         return GRPO(beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                     max_completion_length=self.max_completion_length, temperature=self.temperature,
-                    chunk_size=_chunk_size(train))
+                    chunk_size=_chunk_size(train), on_policy=self.num_iterations == 1)
 
     def pipeline(self, data: DataConfig, tokenizer, **placement):
         return build_prompt_iterator(data, tokenizer, max_prompt_length=self.max_prompt_length, **placement)

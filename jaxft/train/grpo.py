@@ -4,9 +4,10 @@ them: group-normalized advantages, the clipped importance-ratio surrogate and th
 An RL batch holds one [prompt | completion] document per row (packed rows work too: every per-sequence sum goes
 through segment ids), in SFT's layout: ``input_ids``, ``positions``, ``segment_ids`` (0 = padding) and ``labels``,
 the next-token targets on the completion's tokens (``IGNORE_INDEX`` elsewhere, also on every token of a completion
-:func:`truncated_mask` dropped), and float [B, T] arrays aligned with the labels: ``old_logps`` (the rollout's
-log-probs), ``advantages`` (each sequence's advantage at every one of its tokens) and, when the KL term needs a
-reference the step does not compute, ``ref_logps``.
+:func:`truncated_mask` dropped), and float [B, T] arrays aligned with the labels: ``old_logps`` (the log-probs of
+the policy that sampled the rollout; unread when each batch trains one step, ``on_policy``), ``advantages`` (each
+sequence's advantage at every one of its tokens) and, when the KL term needs a reference the step does not compute,
+``ref_logps``.
 
 The step divides the summed loss of the whole accumulated batch once by the objective's units, so each aggregation
 is a sum over tokens and a count: ``grpo`` each sequence's mean over its tokens summed, per sequence; ``bnpo`` and
@@ -104,6 +105,9 @@ class GRPO(ReferenceInputs):
     use_bias_correction_kl: bool = True
     chunk_size: int = 1024
     precomputed_reference: bool = False  # the data carries ref_logps: no reference pass
+    # each generation batch trains one step (TRL's num_iterations 1): the old policy is this step's own, its
+    # log-probs the step's detached ones (ratio exactly 1, dropout and all); else the batch's old_logps
+    on_policy: bool = False
     policy_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions", "old_logps",
                                               "advantages")
 
@@ -135,7 +139,7 @@ class GRPO(ReferenceInputs):
     def step_metric_keys(self) -> tuple[str, ...]:
         """TRL's names of what the loss's forward pass logs (``kl`` only with a KL term, as TRL)."""
         return ("kl",) * bool(self.beta) + ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                                            "completions/mean_length")
+                                            "completions/mean_loss_length")
 
     def reference(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         """The adapters-off policy's log-probs (at the loss's temperature), or nothing at β = 0."""
@@ -163,8 +167,9 @@ class GRPO(ReferenceInputs):
                                activation_sharding=activation_sharding, temperature=self.temperature)
         counted = batch["labels"] != IGNORE_INDEX
         advantages, segment_ids = batch["advantages"], batch["segment_ids"]
-        per_token = clipped_surrogate(logps, batch["old_logps"], advantages, self.epsilon, self.epsilon_high_value)
-        ratio = jnp.exp(logps - batch["old_logps"])
+        old_logps = jax.lax.stop_gradient(logps) if self.on_policy else batch["old_logps"]
+        per_token = clipped_surrogate(logps, old_logps, advantages, self.epsilon, self.epsilon_high_value)
+        ratio = jnp.exp(logps - old_logps)
         low = (ratio < 1 - self.epsilon) & (advantages < 0)
         high = (ratio > 1 + self.epsilon_high_value) & (advantages > 0)
 
@@ -196,12 +201,13 @@ class GRPO(ReferenceInputs):
 
     def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
         """TRL's metrics of the loss's forward pass: kl and the clip ratios are means over completion tokens,
-        completions/mean_length the completion tokens per sequence (a masked truncated completion counts 0)."""
+        completions/mean_loss_length the completion tokens the loss sees per sequence (a masked truncated
+        completion counts 0; the rollout's completions/mean_length is TRL's, of every generated token)."""
         tokens = jnp.maximum(sums["tokens"], 1.0)
         out = {"clip_ratio/low_mean": sums["low_clipped"] / tokens,
                "clip_ratio/high_mean": sums["high_clipped"] / tokens,
                "clip_ratio/region_mean": sums["region_clipped"] / tokens,
-               "completions/mean_length": sums["tokens"] / jnp.maximum(sums["sequences"], 1.0)}
+               "completions/mean_loss_length": sums["tokens"] / jnp.maximum(sums["sequences"], 1.0)}
         return out | ({"kl": sums["kl_sum"] / tokens} if self.beta else {})
 
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:

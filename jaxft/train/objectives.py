@@ -85,8 +85,9 @@ class CausalLM:
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
         body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
-        # the prompt encoder's key is folded off, so the model's dropout draws stay as they were without one
-        params, hooks = prompt_inputs(cfg, params, None if rng is None else jax.random.fold_in(rng, 1))
+        # the prompt encoder's own key, apart from the body's and head's (fold_in(rng, i) is split(rng)[i] for
+        # i < 2, so 2), and the model's dropout draws stay as they were without an encoder
+        params, hooks = prompt_inputs(cfg, params, None if rng is None else jax.random.fold_in(rng, 2))
         h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
                           rng=body_rng, activation_sharding=activation_sharding, hooks=hooks).hidden
         if self.chunk_size and plain_head(cfg, params):
