@@ -116,6 +116,7 @@ def main(spec_path: str):
         parallel.initialize_distributed()
     from jaxft.recipes import sft
     from jaxft.recipes.config import load_run_config
+    from jaxft.train.checkpoint import Checkpointer
 
     result = {"targets": [], "restore_bytes_read": None}
     make_source = sft.next_batches
@@ -123,8 +124,8 @@ def main(spec_path: str):
     def counted_source(cfg, inputs):
         source = make_source(cfg, inputs)
 
-        def next_and_count():
-            batches = source()
+        def next_and_count(state):
+            batches = source(state)
             local = sum(int(np.sum(s.data != -100)) for s in batches["labels"].addressable_shards)
             result["targets"].append(local)  # summed over local devices, each holding its own rows
             time.sleep(spec.get("pace_s", 0))
@@ -132,7 +133,7 @@ def main(spec_path: str):
 
         return next_and_count
 
-    restore = sft.Checkpointer.restore
+    restore = Checkpointer.restore
 
     def measured_restore(self, *args, **kwargs):
         before = _rchar()
@@ -141,7 +142,7 @@ def main(spec_path: str):
         return out
 
     sft.next_batches = counted_source
-    sft.Checkpointer.restore = measured_restore
+    Checkpointer.restore = measured_restore
     summary = sft.run(load_run_config(spec["config"]), resume=spec.get("resume", False))
     result["final_loss"] = summary["final_loss"]
     out = Path(spec_path).with_name(f"result-{jax.process_index()}.json")
