@@ -4,20 +4,19 @@ import sys
 import pytest
 import yaml
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sft_worker import tiny_chat_model, xla_flags  # noqa: E402  (no jax import: the flags below still apply)
-
-# Multi-device tests run on 8 fake CPU devices, compiled without LLVM's passes (sft_worker.xla_flags); this must be
-# set before jax initializes.
-os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+# Multi-device tests run on 8 fake CPU devices; this must be set before jax initializes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 pytest_plugins = ["no_skips"]  # a skipped test fails the run: CI runs the whole suite
+
+from sft_worker import tiny_chat_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS of every test process (pytest's and the ones tests start): ``devices`` fake CPU devices, and no
-    LLVM optimization passes. The tests run tiny models, so compiling dominates their time; without those passes
-    they compile a fifth faster (188 s -> 149 s for seven run-heavy files on 2 vCPUs), every tolerance holds (the
-    code under test is the same HLO), and a run in a worker process computes exactly what one in pytest's does."""
-    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-
-
 DIGITS = [(3, 1, 4), (1, 5, 9, 2, 6), (5, 3), (5, 8, 9, 7, 9, 3, 2), (3, 8), (4, 6, 2, 6, 4), (3, 3, 8, 3),
           (2, 7, 9, 5, 0, 2, 8, 8)]
 
@@ -166,7 +158,7 @@ def run_script(script: Path, root: Path, name: str, config: dict, devices: int, 
     spec = root / f"{name}.json"
     spec.write_text(json.dumps({"config": str(root / f"{name}.yaml"), "result": str(root / f"{name}.result.json"),
                                 "resume": resume}))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(script), str(spec)], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -16,7 +16,7 @@ import pytest
 
 from jaxft.recipes import sft
 from jaxft.recipes.config import dump_run_config
-from sft_worker import make_base, run_config, train_losses, write_chats, xla_flags
+from sft_worker import make_base, run_config, train_losses, write_chats
 
 pytestmark = pytest.mark.slow
 N_RECORDS = 8
@@ -39,7 +39,7 @@ def _two_processes(cfg, work: Path, resume: bool) -> list[dict]:
     procs = []
     for i in range(2):
         # the compilation cache lets the resuming job reuse the first job's executables (time only)
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2),
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                "JAX_COMPILATION_CACHE_DIR": str(work.parent / "jax-cache"),
                "JAXFT_COORDINATOR": f"127.0.0.1:{port}", "JAXFT_NUM_PROCESSES": "2", "JAXFT_PROCESS_ID": str(i)}
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(work / "spec.json")], env=env,

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 from jaxft import parallel
 from jaxft.cli import main
-from sft_worker import tiny_chat_model, xla_flags
+from sft_worker import tiny_chat_model
 
 TIMEOUT_S = 300
 N_RECORDS = 10  # tiny_chat_model's train.jsonl
@@ -36,7 +36,7 @@ def _free_port() -> int:
 def _env(root: Path, devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXFT_")}
     # the compilation cache lets later processes reuse earlier ones' executables (time only)
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), **extra}
 
 

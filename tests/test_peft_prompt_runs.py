@@ -171,20 +171,6 @@ def test_text_init_in_a_run_config_equals_peft_text_init(chats, num_virtual_toke
     np.testing.assert_array_equal(np.asarray(params[PROMPT]["embedding"]), theirs)
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A compilation cache for the resume test: the resumed run reuses the executables of the run it resumes
-    (same shapes), which halves the time it takes (as the sweep test does)."""
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,peft_yaml", [
     ("prompt", "{type: prompt_tuning, num_virtual_tokens: 3, prompt_tuning_init: SAMPLE_VOCAB}"),
@@ -192,7 +178,7 @@ def compilation_cache(tmp_path_factory):
     ("p_lstm", "{type: p_tuning, num_virtual_tokens: 3, encoder_hidden_size: 8, encoder_reparameterization_type: "
                "LSTM, encoder_dropout: 0.2}"),
     ("prefix", "{type: prefix_tuning, num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: 8}")])
-def test_a_prompt_style_run_resumed_after_2_steps_continues_the_4_step_run(chats, compilation_cache, name,
+def test_a_prompt_style_run_resumed_after_2_steps_continues_the_4_step_run(chats, name,
                                                                            peft_yaml):
     """2 steps, stop (the checkpoint of step 2), resume for 2 more: the losses of steps 3 and 4 and the trained
     leaves after step 4 are those of the run that trained 4 steps straight (the LSTM's dropout draws included)."""

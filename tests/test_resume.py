@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from jaxft.config import from_dict
 from jaxft.recipes import sft
 from jaxft.recipes.config import RunConfig, dump_run_config
-from sft_worker import make_base, run_config, train_losses, write_chats, xla_flags
+from sft_worker import make_base, run_config, train_losses, write_chats
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -88,7 +88,7 @@ def test_kill_9_mid_run_then_resume_gives_exactly_the_uninterrupted_losses(setup
     cfg = run_config(base, data, run_dir, mesh=(2, 4, 1), steps=STEPS, save_every=2)
     dump_run_config(cfg, work / "config.yaml")
     (work / "spec.json").write_text(json.dumps({"config": str(work / "config.yaml"), "pace_s": 0.5}))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     log = open(work / "output.txt", "w")
     proc = subprocess.Popen([sys.executable, str(WORKER), str(work / "spec.json")], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 180
