@@ -159,16 +159,21 @@ class PackedIterator:
                 "fingerprint": self.fingerprint}
 
     def set_state(self, state: dict) -> None:
-        expected = {"version": STATE_VERSION, "seed": self.seed, "process_index": self.process_index,
-                    "process_count": self.process_count, "fingerprint": self.fingerprint}
-        wrong = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
-        if wrong:
-            details = ", ".join(f"{key}: checkpoint {got!r} vs now {want!r}" for key, (got, want) in wrong.items())
-            raise DataError("data iterator state", "does not match this data", f"{details}; a different file, "
-                            "cleaning, tokenizer, seed, batch shape or process layout would not resume at the "
-                            "same sample")
+        check_state(state, {"version": STATE_VERSION, "seed": self.seed, "process_index": self.process_index,
+                            "process_count": self.process_count, "fingerprint": self.fingerprint},
+                    "data iterator state", "does not match this data", "a different file, cleaning, tokenizer, "
+                    "seed, batch shape or process layout would not resume at the same sample")
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch"])
         self._rows = None
+
+
+def check_state(state: dict, expected: dict, location: str, reason: str, why: str) -> None:
+    """DataError unless a saved iterator ``state`` has the ``expected`` values (version, seed, process layout,
+    fingerprint), naming each that differs and ``why`` it matters."""
+    wrong = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
+    if wrong:
+        details = ", ".join(f"{key}: checkpoint {got!r} vs now {want!r}" for key, (got, want) in wrong.items())
+        raise DataError(location, reason, f"{details}; {why}")
 
 
 class DataPipeline(NamedTuple):

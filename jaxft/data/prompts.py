@@ -32,7 +32,7 @@ from jaxft.config import ConfigError
 from jaxft.data.chat import checked_pad_id, resolve_template
 from jaxft.data.config import DataConfig
 from jaxft.data.formats import DataError, DataReport, convert_records, string_field, validate_messages
-from jaxft.data.iterator import DataPipeline, shard_indices
+from jaxft.data.iterator import DataPipeline, check_state, shard_indices
 
 STATE_VERSION = 1
 TOO_LONG = "prompts longer than max_prompt_length"
@@ -160,13 +160,10 @@ class PromptIterator:
                 "fingerprint": self.fingerprint}
 
     def set_state(self, state: dict) -> None:
-        expected = {"version": STATE_VERSION, "seed": self.seed, "process_index": self.process_index,
-                    "process_count": self.process_count, "fingerprint": self.fingerprint}
-        wrong = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
-        if wrong:
-            details = ", ".join(f"{key}: checkpoint {got!r} vs now {want!r}" for key, (got, want) in wrong.items())
-            raise DataError("prompt iterator state", "does not match these prompts", f"{details}; a different "
-                            "file, tokenizer, seed, batch size or process layout would not resume at the same prompt")
+        check_state(state, {"version": STATE_VERSION, "seed": self.seed, "process_index": self.process_index,
+                            "process_count": self.process_count, "fingerprint": self.fingerprint},
+                    "prompt iterator state", "does not match these prompts", "a different file, tokenizer, seed, "
+                    "batch size or process layout would not resume at the same prompt")
         self.taken = int(state["taken"])
 
 
