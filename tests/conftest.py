@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -13,6 +14,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop each module's compiled programs when it ends.
+
+    Every XLA:CPU executable keeps a few memory mappings of its JIT-compiled code; one xdist worker runs ~750 tests
+    and, keeping them all, passed the kernel's 65530-mapping limit (vm.max_map_count) after ~20 minutes, when the
+    next compile's mmap failed and the worker died with a segfault.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
+
 
 pytest_plugins = ["no_skips"]  # a skipped test fails the run: CI runs the whole suite
 
