@@ -38,7 +38,7 @@ from jaxft.errors import JaxftError
 from jaxft.models.llama import PARAM_AXES
 from jaxft.ops import nf4
 from jaxft.ops.registry import REGISTRY
-from jaxft.peft.tree import path_names
+from jaxft.peft.tree import NESTED_MODELS, path_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -96,7 +96,9 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh
 
 
 def _declared_axes(keys: tuple[str, ...]) -> tuple[str | None, ...]:
-    """The axes the model or a method declares for the leaf at ``keys``."""
+    """The axes the model or a method declares for the leaf at ``keys`` (a nested model's, as the model's)."""
+    if len(keys) > 1 and keys[0] in NESTED_MODELS:
+        keys = keys[1:]
     group, leaf = keys[:-1], keys[-1]
     declared = PARAM_AXES.get(group, {})
     if group and group[-1] in REGISTRY:  # a method's namespace: it declares its leaves from the model's group

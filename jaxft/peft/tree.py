@@ -17,6 +17,17 @@ from jaxft.ops.nf4 import QuantizedTensor
 from jaxft.ops.registry import REGISTRY
 
 
+# A tree may nest a second model's own leaves (its methods' namespaces and its head) under one of these keys, over
+# the outer model's base: PPO's value model (jaxft.train.ppo) beside the policy's adapters. The nested leaves have
+# the model's axes (jaxft.parallel), all of them train, and a run's export is the outer model's (outer_model).
+NESTED_MODELS = ("value",)
+
+
+def outer_model(params: dict) -> dict:
+    """``params`` without the nested models' leaves: the model itself."""
+    return {k: v for k, v in params.items() if k not in NESTED_MODELS}
+
+
 def path_names(path) -> tuple[str, ...]:
     """A jax key path as one name per step: dict key, attribute (namedtuple field) or sequence index."""
     return tuple(jax.tree_util.keystr((entry,), simple=True) for entry in path)

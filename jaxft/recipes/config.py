@@ -27,8 +27,8 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.peft.prefix import PrefixTuningConfig, PromptLearning
 from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
-from jaxft.recipes.tasks import (ClassifyTask, DpoTask, GrpoTask, KtoTask, OrpoTask, QaTask, RewardTask, SftTask,
-                                 SimpoTask, TokenClassifyTask, task_head)
+from jaxft.recipes.tasks import (ClassifyTask, DpoTask, GrpoTask, KtoTask, OrpoTask, PpoTask, QaTask, RewardTask,
+                                 SftTask, SimpoTask, TokenClassifyTask, task_head)
 from jaxft.train.optim import OptimConfig
 
 METHODS = ("lora", "qlora", "full")  # the ``method:`` shorthand
@@ -38,7 +38,8 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 # What a run can be asked to do, and the fine-tuning methods it can stack: a next kind is one more entry.
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
-                                  "simpo": SimpoTask, "kto": KtoTask, "grpo": GrpoTask}, default="sft")
+                                  "simpo": SimpoTask, "kto": KtoTask, "grpo": GrpoTask,
+                                  "ppo": PpoTask}, default="sft")
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
                                   "ia3": IA3Config,
                                   "ln_tuning": LNTuningConfig,
@@ -101,7 +102,7 @@ class RunConfig:
     data: DataConfig
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
     task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
-           | KtoTask | GrpoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
+           | KtoTask | GrpoTask | PpoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
     peft: tuple[Any, ...] | None = field(default=None, metadata={"union": PEFT_UNION})  # PEFT_UNION's members
     method: InitVar[str | None] = None
     dtype: str = "float32"

@@ -27,14 +27,18 @@ from jaxft.data.formats import DataError
 from jaxft.errors import JaxftError
 from jaxft.models.generate import left_pad, stop_token_ids
 from jaxft.models.sample import Rollout, sample
+from jaxft.models.llama import init_params
+from jaxft.peft.methods import adapter_tree, without_methods
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
-from jaxft.recipes.skeleton import (Latest, check_run_dir, finished_summary, load_inputs, load_model,
+from jaxft.recipes.skeleton import (Latest, build_params, check_run_dir, finished_summary, load_inputs, load_model,
                                     restore_checkpoint, train_and_publish, train_state, write_run_dir)
+from jaxft.recipes.tasks import PpoTask
 from jaxft.train.checkpoint import base_reference
 from jaxft.train.grpo import group_advantages, truncated_mask
 from jaxft.train.metrics import MetricsLogger
 from jaxft.train.optim import make_schedule
+from jaxft.train.ppo import PPO, VALUE, VALUE_HEAD, missing_eos_penalty
 from jaxft.train.rewards import RewardError
 from jaxft.train.rollouts import rollout_batch, token_values
 from jaxft.train.sequences import label_logprobs
@@ -114,13 +118,25 @@ class Rollouts:
         rollout = self._local(self._sample(trainable, self.frozen, ids, mask, rng))
         seconds = time.perf_counter() - started
         total, columns = _on_every_process(lambda: self.score(samples, rollout, self.task.num_generations))
-        advantages = self.advantages(total)
+        batches, metrics = self.train_batches(trainable, local_ids, local_mask, rollout, total)
+        self.metrics = {**self.rollout_metrics(total, columns, rollout, seconds), **metrics}
+        return batches
+
+    def train_batches(self, trainable, local_ids, local_mask, rollout: dict, total: np.ndarray) -> tuple[dict, dict]:
+        """(this step's micro-batches, metrics) from this process's rollout rows and their rewards' totals: GRPO's
+        group-normalized advantages at every completion token."""
         completion_mask = (truncated_mask(rollout["mask"], rollout["stopped"])
                            if self.task.mask_truncated_completions else rollout["mask"])
+        return self.rows(trainable, local_ids, local_mask, rollout, completion_mask,
+                         {"advantages": self.advantages(total)}), {}
+
+    def rows(self, trainable, local_ids, local_mask, rollout: dict, completion_mask, per_row: dict) -> dict:
+        """The rollout's [prompt | completion] rows as placed micro-batches, with each ``per_row`` value [R] at
+        its row's completion tokens, and the old policy's log-probs."""
         batch = rollout_batch(local_ids, local_mask, rollout["tokens"], completion_mask, rollout["logprobs"],
                               self.task.num_generations)
-        batch["advantages"] = token_values(jnp.asarray(advantages), batch["labels"])
-        self.metrics = self.rollout_metrics(total, columns, rollout, seconds)
+        for key, value in per_row.items():
+            batch[key] = token_values(jnp.asarray(value), batch["labels"])
         batches = self.stacked(batch)
         if self._old_logps is not None:
             batches["old_logps"] = self._old_logps(trainable, self.frozen, batches)
@@ -155,11 +171,13 @@ class Rollouts:
         return advantages[start:start + len(total)]
 
     def rollout_metrics(self, total, columns: dict, rollout: dict, seconds: float) -> dict[str, float]:
-        """TRL's GRPO generation metrics, over every process's completions, and the sampler's speed."""
+        """TRL's GRPO generation metrics (``reward_std`` within groups, for groups of 2 or more), over every
+        process's completions, and the sampler's speed."""
         g = self.task.num_generations
         rewards, lengths = _all_rows(total), _all_rows(rollout["mask"].sum(axis=1))
         stopped = _all_rows(rollout["stopped"])
-        metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.reshape(-1, g).std(1, ddof=1).mean()),
+        metrics = {"reward": float(rewards.mean()),
+                   **({"reward_std": float(rewards.reshape(-1, g).std(1, ddof=1).mean())} if g > 1 else {}),
                    **{f"rewards/{name}/mean": float(_all_rows(c).mean()) for name, c in columns.items()},
                    "completions/mean_length": float(lengths.mean()),
                    "completions/clipped_ratio": float(1 - stopped.mean()),
@@ -175,6 +193,39 @@ class Rollouts:
             local = value.reshape(a, value.shape[0] // a, *value.shape[1:])
             out[key] = jax.make_array_from_process_local_data(self.inputs.batch_sharding, local)
         return out
+
+
+class PpoRollouts(Rollouts):
+    """PPO's batch source: each completion's score is its rewards' total (less ``task.missing_eos_penalty`` when
+    it did not stop); the advantages, returns and old values come from the value model and the reference on the
+    whole generation batch (:meth:`jaxft.train.ppo.PPO.targets`)."""
+
+    def __init__(self, cfg: RunConfig, model_cfg, inputs, frozen: dict, start_step: int):
+        super().__init__(cfg, model_cfg, inputs, frozen, start_step)
+        objective = cfg.objective()
+        rows, scalar = inputs.batch_sharding, parallel.replicated(inputs.mesh)
+        self._targets = jax.jit(lambda trainable, frozen, batches: objective.targets(
+            model_cfg, combine(trainable, frozen), batches), out_shardings=(
+            dict.fromkeys(("advantages", "returns", "old_values"), rows), dict.fromkeys(PPO.target_metrics, scalar)))
+
+    def train_batches(self, trainable, local_ids, local_mask, rollout: dict, total: np.ndarray) -> tuple[dict, dict]:
+        penalty = self.task.missing_eos_penalty
+        scores = total if penalty is None else np.asarray(missing_eos_penalty(total, rollout["stopped"], penalty))
+        batches = self.rows(trainable, local_ids, local_mask, rollout, rollout["mask"], {"scores": scores})
+        targets, metrics = self._targets(trainable, self.frozen, batches)
+        batches = {k: v for k, v in batches.items() if k != "scores"} | targets
+        return batches, {name: float(value) for name, value in metrics.items()}
+
+
+def with_value_model(cfg: RunConfig, model_cfg, params: dict, rng) -> dict:
+    """A PPO run's ``params`` with its value model nested under ``"value"`` (:mod:`jaxft.train.ppo`): the run's own
+    methods freshly initialized over the base (``task.value_adapter``; else none) and a one-label score head,
+    initialized as transformers initializes a new one."""
+    method_rng, head_rng = jax.random.split(rng)
+    base = without_methods(params)
+    value = build_params(model_cfg, base, method_rng, peft=cfg.peft) if cfg.task.value_adapter else base
+    head = init_params(model_cfg.replace(head=VALUE_HEAD), head_rng, cfg.dtype, groups=(VALUE_HEAD.group,))
+    return {**params, VALUE: {**adapter_tree(value), **head}}
 
 
 def check_rollout_rows(cfg: RunConfig, mesh):
@@ -199,12 +250,15 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     check_rollout_rows(cfg, inputs.mesh)
     base = base_reference(cfg.model)
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
+    if isinstance(cfg.task, PpoTask):
+        params = with_value_model(cfg, model_cfg, params, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1))
     training = train_state(cfg, model_cfg, params, inputs.mesh)
     if resumed and resumed.step is not None:
         training = training._replace(state=restore_checkpoint(cfg, out, training.state, inputs.pipeline.iterator,
                                                               base))
     write_run_dir(cfg, out, resumed, overwrite)
-    rollouts = Rollouts(cfg, model_cfg, inputs, training.frozen, int(training.state["step"]))
+    source = PpoRollouts if isinstance(cfg.task, PpoTask) else Rollouts
+    rollouts = source(cfg, model_cfg, inputs, training.frozen, int(training.state["step"]))
     return train_and_publish(cfg, out, inputs, training, base, resumed, batches=rollouts,
                              run_eval=_evaluator(rollouts),
                              log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest,

@@ -34,8 +34,8 @@ from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import LINEAR_MODULES, init_params
 from jaxft.ops import nf4
 from jaxft.peft.adapters import is_adapter_config
-from jaxft.peft.methods import merge, trainable_count
-from jaxft.peft.tree import Trainable, combine, split
+from jaxft.peft.methods import merge, trainable_count, without_methods
+from jaxft.peft.tree import NESTED_MODELS, Trainable, combine, leaf_paths, outer_model, split
 from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config
 from jaxft.recipes.tasks import task_pipeline
 from jaxft.train.checkpoint import Checkpointer, check_base
@@ -349,6 +349,9 @@ def trainable_spec(cfg: RunConfig, model_cfg: ModelConfig, params: dict) -> Trai
     spec = Trainable(everything=cfg.full)
     for method in cfg.peft:
         spec = spec | method.trainable(model_cfg, params)
+    for key in NESTED_MODELS:  # a nested model's methods train as they declare, its head (the rest) whole
+        if key in params:
+            spec = spec | Trainable(frozenset(f"{key}/{path}" for path in leaf_paths(without_methods(params[key]))))
     return spec
 
 
@@ -531,8 +534,8 @@ def publish(cfg: RunConfig, out: Path, summary: dict, params: dict, tokenizer, c
     """Process 0 exports the run and writes summary.json; every process returns with the folder complete (a sweep
     then reads the export) and the summary naming the export."""
     summary = {**summary, "export": str(export_dir(cfg, out))}
-    if jax.process_index() == 0:
-        _export(cfg, params, tokenizer, chat_template, out)
+    if jax.process_index() == 0:  # a nested model (PPO's value model) stays in the checkpoints
+        _export(cfg, outer_model(params), tokenizer, chat_template, out)
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"run folder written: {out}")

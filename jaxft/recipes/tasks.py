@@ -24,6 +24,7 @@ from jaxft.train.head_objectives import QuestionAnswering, SequenceClassificatio
 from jaxft.train.kto import KTO
 from jaxft.train.objectives import CausalLM
 from jaxft.train.pairwise import ORPO, RewardModel, SimPO
+from jaxft.train.ppo import PPO
 from jaxft.train.preference import DPO
 from jaxft.train.rewards import ExactMatch, LengthPenalty, RegexFormat, WeightedRewards
 
@@ -273,15 +274,14 @@ REWARD_UNION = TaggedUnion("reward", {"exact_match": ExactMatch, "format": Regex
 
 
 @dataclass(frozen=True)
-class GrpoTask:
-    """GRPO (TRL's ``GRPOTrainer``, its defaults): ``num_generations`` completions per prompt sampled by the policy
-    being trained (:mod:`jaxft.recipes.rl`), scored by ``rewards`` (weighted by ``reward_weights``), advantages
-    normalized per group (``scale_rewards``), the clipped objective of :class:`jaxft.train.grpo.GRPO` (its
-    ``loss_type``, ``epsilon`` / ``epsilon_high``, and with ``beta`` > 0 the KL to the adapters-off reference), each
-    generation batch used for ``num_iterations`` steps. ``data.batch_size`` counts prompts per process and step;
-    ``max_prompt_length`` is the prompts' padded width (longer prompts are dropped and counted)."""
+class _OnlineTask:
+    """What the online (RL) tasks share: their batches are rollouts of the policy being trained
+    (:mod:`jaxft.recipes.rl`): ``num_generations`` completions per prompt, sampled with ``temperature``, ``top_k``
+    and ``top_p``, scored by ``rewards`` (weighted by ``reward_weights``), each generation batch used for
+    ``num_iterations`` steps. ``data.batch_size`` counts prompts per process and step; ``max_prompt_length`` is the
+    prompts' padded width (longer prompts are dropped and counted)."""
 
-    num_generations: int = field(default=8, metadata={"minimum": 2})
+    num_generations: int = field(default=1, metadata={"minimum": 1})
     max_prompt_length: int = field(default=512, metadata={"minimum": 1})
     max_completion_length: int = field(default=256, metadata={"minimum": 1})
     temperature: float = 1.0
@@ -289,6 +289,42 @@ class GrpoTask:
     top_p: float = 1.0
     rewards: tuple[Any, ...] = field(default=(ExactMatch(),), metadata={"union": REWARD_UNION})
     reward_weights: tuple[float, ...] | None = None
+    precomputed_reference: ClassVar[bool] = False
+    online: ClassVar[bool] = True  # its batches are rollouts of the policy: jaxft.recipes.rl runs it
+
+    def _check_rollouts(self, name: str, counts: tuple[str, ...]):
+        for count in ("num_generations", "max_prompt_length", "max_completion_length") + counts:
+            minimum = self.__dataclass_fields__[count].metadata["minimum"]
+            if getattr(self, count) < minimum:
+                raise ConfigError(f"task {name}: {count} must be >= {minimum}, got {getattr(self, count)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"task {name}: temperature must be > 0 (the rollouts are sampled), got "
+                              f"{self.temperature}")
+        try:
+            check_sampling(self.num_generations, self.max_completion_length, self.temperature, self.top_k, self.top_p)
+        except InputError as e:
+            raise ConfigError(f"task {name}: {e}") from None
+        self.reward_functions()
+        for reward in self.rewards:
+            if isinstance(reward, LengthPenalty) and reward.max_completion_len > self.max_completion_length:
+                raise ConfigError(f"task {name}: reward {reward.name!r} starts its penalty past max_completion_len "
+                                  f"{reward.max_completion_len}, but completions stop at max_completion_length "
+                                  f"{self.max_completion_length}; make it at most that")
+
+    def reward_functions(self) -> WeightedRewards:
+        return WeightedRewards(tuple(self.rewards), self.reward_weights)
+
+    def pipeline(self, data: DataConfig, tokenizer, **placement):
+        return build_prompt_iterator(data, tokenizer, max_prompt_length=self.max_prompt_length, **placement)
+
+
+@dataclass(frozen=True)
+class GrpoTask(_OnlineTask):
+    """GRPO (TRL's ``GRPOTrainer``, its defaults): advantages normalized per group of ``num_generations``
+    completions of a prompt (``scale_rewards``), the clipped objective of :class:`jaxft.train.grpo.GRPO` (its
+    ``loss_type``, ``epsilon`` / ``epsilon_high``, and with ``beta`` > 0 the KL to the adapters-off reference)."""
+
+    num_generations: int = field(default=8, metadata={"minimum": 2})
     scale_rewards: str = "group"
     num_iterations: int = field(default=1, metadata={"minimum": 1})
     mask_truncated_completions: bool = False
@@ -296,30 +332,12 @@ class GrpoTask:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     loss_type: str = "dapo"
-    precomputed_reference: ClassVar[bool] = False
-    online: ClassVar[bool] = True  # its batches are rollouts of the policy: jaxft.recipes.rl runs it
 
     def __post_init__(self):
-        for name in ("num_generations", "max_prompt_length", "max_completion_length", "num_iterations"):
-            minimum = self.__dataclass_fields__[name].metadata["minimum"]
-            if getattr(self, name) < minimum:
-                raise ConfigError(f"task grpo: {name} must be >= {minimum}, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"task grpo: temperature must be > 0 (the completions of a group must differ), got "
-                              f"{self.temperature}")
-        try:
-            check_sampling(self.num_generations, self.max_completion_length, self.temperature, self.top_k, self.top_p)
-        except InputError as e:
-            raise ConfigError(f"task grpo: {e}") from None
+        self._check_rollouts("grpo", ("num_iterations",))
         if self.scale_rewards not in SCALE_REWARDS:
             raise ConfigError(f"task grpo: scale_rewards {self.scale_rewards!r} is unknown; expected one of "
                               f"{SCALE_REWARDS}")
-        self.reward_functions()
-        for reward in self.rewards:
-            if isinstance(reward, LengthPenalty) and reward.max_completion_len > self.max_completion_length:
-                raise ConfigError(f"task grpo: reward {reward.name!r} starts its penalty past max_completion_len "
-                                  f"{reward.max_completion_len}, but completions stop at max_completion_length "
-                                  f"{self.max_completion_length}; make it at most that")
         self.objective(None)  # the objective checks beta, epsilon and loss_type
 
     @property
@@ -327,13 +345,52 @@ class GrpoTask:
         """The KL term (beta > 0) compares the policy with the adapters-off base."""
         return self.beta > 0
 
-    def reward_functions(self) -> WeightedRewards:
-        return WeightedRewards(tuple(self.rewards), self.reward_weights)
-
     def objective(self, train: TrainConfig | None) -> GRPO:
         return GRPO(beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                     max_completion_length=self.max_completion_length, temperature=self.temperature,
                     chunk_size=_chunk_size(train), on_policy=self.num_iterations == 1)
 
-    def pipeline(self, data: DataConfig, tokenizer, **placement):
-        return build_prompt_iterator(data, tokenizer, max_prompt_length=self.max_prompt_length, **placement)
+
+@dataclass(frozen=True)
+class PpoTask(_OnlineTask):
+    """PPO for RLHF (TRL's ``PPOTrainer`` before 1.0, its names and defaults; :class:`jaxft.train.ppo.PPO`): the
+    rewards' total is the score of each completion (less ``missing_eos_penalty`` when it did not stop), the reward
+    per token the KL penalty to the adapters-off reference (``kl_coef``, ``kl_estimator``) with the score at the
+    last token, GAE(``gamma``, ``lam``) with a value model over the same base: the policy's methods freshly
+    initialized with a one-label score head (``value_adapter``), or the head alone on the adapters-off base. Each
+    generation batch trains ``num_ppo_epochs`` steps (the whole batch per step: TRL's ``num_mini_batches`` 1);
+    ``max_completion_length`` is TRL's ``response_length``."""
+
+    max_completion_length: int = field(default=53, metadata={"minimum": 1})
+    temperature: float = 0.7
+    num_ppo_epochs: int = field(default=4, metadata={"minimum": 1})
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+    value_adapter: bool = True
+
+    def __post_init__(self):
+        self._check_rollouts("ppo", ("num_ppo_epochs",))
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            raise ConfigError(f"task ppo: missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        self.objective(None)  # the objective checks the coefficients and the estimator
+
+    @property
+    def num_iterations(self) -> int:
+        return self.num_ppo_epochs
+
+    @property
+    def reference_policy(self) -> bool:
+        """The KL penalty (kl_coef > 0) compares the policy with the adapters-off base."""
+        return self.kl_coef > 0
+
+    def objective(self, train: TrainConfig | None) -> PPO:
+        return PPO(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef, kl_coef=self.kl_coef,
+                   kl_estimator=self.kl_estimator, gamma=self.gamma, lam=self.lam, whiten_rewards=self.whiten_rewards,
+                   temperature=self.temperature, chunk_size=_chunk_size(train), on_policy=self.num_ppo_epochs == 1)

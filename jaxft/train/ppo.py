@@ -12,16 +12,29 @@ Ziegler et al. 2019 and Stiennon et al. 2020) builds them:
   then whitened over the batch (:func:`whiten`);
 * the value head's loss is the PPO paper's clipped one (:func:`clipped_value_losses`, :func:`value_loss`).
 
-The policy's own loss is the clipped surrogate of :mod:`jaxft.train.grpo`.
+The policy's own loss is the clipped surrogate of :mod:`jaxft.train.grpo`; :class:`PPO` trains both in one step.
+
+The value model is a one-label score head read at every token, as TRL's (an ``AutoModelForSequenceClassification``
+with one label): over the same base as the policy, with its own adapters or none (the head alone), its leaves nested
+under ``params["value"]`` (:data:`jaxft.peft.tree.NESTED_MODELS`), so one copy of the base serves the policy, the
+adapters-off reference and the value model.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxft.config import ConfigError
-from jaxft.models.heads import last_token_mask
-from jaxft.train.grpo import k3_kl
+from jaxft.config import ConfigError, HeadConfig, ModelConfig
+from jaxft.data.chat import IGNORE_INDEX
+from jaxft.data.formats import DataError
+from jaxft.models.heads import last_token_mask, token_logits
+from jaxft.peft.methods import without_methods
+from jaxft.peft.tree import outer_model
+from jaxft.train.grpo import clipped_surrogate, k3_kl
+from jaxft.train.sequences import adapters_off_logprobs, label_logprobs
 
 KL_ESTIMATORS = ("k1", "k3")
 WHITEN_EPS = 1e-8  # TRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
@@ -111,3 +124,160 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
     on = mask.astype(bool)
     per_token = clipped_value_losses(values, old_values, returns, vf_clip=vf_clip)
     return vf_coef * jnp.sum(jnp.where(on, per_token, 0.0)) / jnp.maximum(jnp.sum(on, dtype=jnp.float32), 1.0)
+
+
+VALUE = "value"  # where a PPO run's params nest the value model's own leaves
+VALUE_HEAD = HeadConfig("seq_cls", 1)  # TRL's value model: a one-label sequence classifier, read at every token
+
+
+def _overlay(base: dict, own: dict) -> dict:
+    """``base`` with ``own``'s leaves laid over it, dict by dict."""
+    out = dict(base)
+    for key, value in own.items():
+        out[key] = _overlay(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def value_params(params: dict) -> dict:
+    """The value model's params: the base of ``params`` (every policy method off) with the value model's own leaves
+    (its methods' namespaces and its ``score`` head, ``params["value"]``) laid over it."""
+    return _overlay(without_methods(outer_model(params)), params[VALUE])
+
+
+def value_predictions(cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None) -> jax.Array:
+    """[B, T] float32, aligned with ``labels``: V(s_t), the value head at each position whose next token is a
+    completion token (the state before that token is sampled, TRL's ``values[:, context_length - 1:-1]``), 0
+    elsewhere. ``rng``: the value model's adapter dropout (training)."""
+    values = token_logits(cfg.replace(head=VALUE_HEAD), value_params(params), batch["input_ids"],
+                          batch.get("positions"), batch.get("segment_ids"), rng=rng,
+                          activation_sharding=activation_sharding)[..., 0]
+    return jnp.where(batch["labels"] != IGNORE_INDEX, values, 0.0)
+
+
+@dataclass(frozen=True)
+class PPO:
+    """PPO for RLHF (TRL's ``PPOTrainer`` before 1.0, its defaults): per completion token the clipped surrogate
+    (``cliprange``) on whitened GAE advantages, plus ``vf_coef`` times the clipped value loss
+    (``cliprange_value``) of the value model, both means over the batch's completion tokens.
+
+    :meth:`targets` makes a rollout's advantages, returns and old values (under no gradient): the reward is the
+    score at each completion's last token minus ``kl_coef`` times the per-token KL to the adapters-off reference
+    (``kl_estimator`` k1 | k3), whitened first with ``whiten_rewards``; GAE(``gamma``, ``lam``) over each
+    completion. Log-probs are of ``softmax(logits / temperature)``, the distribution the rollout sampled from;
+    ``on_policy``: each batch trains one step, its old log-probs the step's own (detached)."""
+
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    temperature: float = 0.7
+    chunk_size: int = 1024
+    on_policy: bool = False
+    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "segment_ids", "positions", "old_logps",
+                                             "advantages", "returns", "old_values")
+    float_keys: ClassVar[dict[str, tuple[int, ...]]] = {k: () for k in ("old_logps", "advantages", "returns",
+                                                                          "old_values")}
+    step_metric_keys: ClassVar[tuple[str, ...]] = ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg",
+                                                   "val/clipfrac_avg", "policy/approxkl_avg", "val/vpred")
+    target_metrics: ClassVar[tuple[str, ...]] = ("objective/kl", "objective/non_score_reward", "objective/scores",
+                                                 "objective/rlhf_reward")  # what targets() reports, TRL's names
+
+    def __post_init__(self):
+        _check_unit_interval(gamma=self.gamma, lam=self.lam)
+        if not 0 < self.cliprange < 1 or not self.cliprange_value > 0 or not self.vf_coef >= 0 or not self.kl_coef >= 0:
+            raise ConfigError(f"PPO: expected 0 < cliprange < 1, cliprange_value > 0, vf_coef >= 0 and kl_coef >= 0, got "
+                              f"{self.cliprange}, {self.cliprange_value}, {self.vf_coef}, {self.kl_coef}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"PPO: kl_estimator {self.kl_estimator!r} is unknown; expected one of {KL_ESTIMATORS}")
+        if not self.temperature > 0:
+            raise ConfigError(f"PPO: temperature {self.temperature}: expected > 0")
+
+    def units(self, batches: dict) -> jax.Array:
+        return jnp.sum(batches["labels"] != IGNORE_INDEX, dtype=jnp.float32)
+
+    def _sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+              ) -> dict[str, jax.Array]:
+        """The loss sum of one micro-batch and TRL's metrics' numerators, per completion token."""
+        policy_rng, value_rng = (None, None) if rng is None else jax.random.split(rng)
+        logps = label_logprobs(cfg, outer_model(params), batch, chunk_size=self.chunk_size, rng=policy_rng,
+                               activation_sharding=activation_sharding, temperature=self.temperature)
+        values = value_predictions(cfg, params, batch, value_rng, activation_sharding)
+        counted = batch["labels"] != IGNORE_INDEX
+        old_logps = jax.lax.stop_gradient(logps) if self.on_policy else batch["old_logps"]
+        advantages, old_values, returns = batch["advantages"], batch["old_values"], batch["returns"]
+        ratio = jnp.exp(logps - old_logps)
+        clipped_ratio = jnp.clip(ratio, 1 - self.cliprange, 1 + self.cliprange)
+        policy = clipped_surrogate(logps, old_logps, advantages, self.cliprange, self.cliprange)
+        value = clipped_value_losses(values, old_values, returns, vf_clip=self.cliprange_value)
+        clipped_values = jnp.clip(values, old_values - self.cliprange_value, old_values + self.cliprange_value)
+
+        def total(x):
+            return jnp.sum(jnp.where(counted, x, 0.0), dtype=jnp.float32)
+
+        return {"loss_sum": total(policy + self.vf_coef * value), "tokens": jnp.sum(counted, dtype=jnp.float32),
+                "policy_sum": total(policy), "value_sum": total(value),
+                "policy_clipped": total(-advantages * clipped_ratio > -advantages * ratio),
+                "value_clipped": total(jnp.square(clipped_values - returns) > jnp.square(values - returns)),
+                "approxkl_sum": total(0.5 * jnp.square(logps - old_logps)), "vpred_sum": total(values)}
+
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = self._sums(cfg, params, batch, rng, activation_sharding)
+        return sums.pop("loss_sum"), sums
+
+    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                 ) -> jax.Array:
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        """TRL's PPO metrics of the update, means over the completion tokens (``loss/value_avg`` without
+        ``vf_coef``, as TRL logs it)."""
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        return {"loss/policy_avg": sums["policy_sum"] / tokens, "loss/value_avg": sums["value_sum"] / tokens,
+                "policy/clipfrac_avg": sums["policy_clipped"] / tokens,
+                "val/clipfrac_avg": sums["value_clipped"] / tokens,
+                "policy/approxkl_avg": sums["approxkl_sum"] / tokens, "val/vpred": sums["vpred_sum"] / tokens}
+
+    def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
+        """The loss sum and the metrics' sums of one held-out batch of rollouts (with their targets)."""
+        return self._sums(cfg, params, batch)
+
+    def eval_metrics(self, sums: dict) -> dict[str, float]:
+        if int(sums["tokens"]) == 0:
+            raise DataError("evaluate", "no completion tokens", "the held-out RL batches hold no completion token")
+        return {"loss": float(sums["loss_sum"]) / float(sums["tokens"]),
+                **{k: float(v) for k, v in self.step_metrics(sums).items()}, "tokens": int(sums["tokens"])}
+
+    def targets(self, cfg: ModelConfig, params: dict, batches: dict) -> tuple[dict, dict]:
+        """({advantages, returns, old_values}, metrics) of a generation batch ``batches`` ([A, rows, T]
+        micro-batches with ``old_logps`` and ``scores``, each row's score at its labelled tokens), under no
+        gradient; whitening spans the whole batch. The metrics are TRL's ``objective/*``: per-completion sums of
+        the KL and of the KL penalty, averaged over completions."""
+        params = jax.lax.stop_gradient(params)
+        values = jax.lax.map(lambda b: value_predictions(cfg, params, b), batches)
+        logps = batches["old_logps"]
+        ref_logps = jax.lax.map(lambda b: adapters_off_logprobs(
+            cfg, outer_model(params), b, chunk_size=self.chunk_size, temperature=self.temperature)["ref_logps"],
+            batches) if self.kl_coef else logps
+        t = logps.shape[-1]
+        mask = (batches["labels"] != IGNORE_INDEX).reshape(-1, t)
+        scores = jnp.max(jnp.where(mask, batches["scores"].reshape(-1, t), -jnp.inf), axis=-1)
+        scores = jnp.where(mask.any(axis=-1), scores, 0.0)
+        rewards, kl = kl_penalty_rewards(logps.reshape(-1, t), ref_logps.reshape(-1, t), scores, mask,
+                                         kl_coef=self.kl_coef, estimator=self.kl_estimator)
+        if self.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values.reshape(-1, t), mask, self.gamma, self.lam)
+        shape = batches["labels"].shape
+        out = {"advantages": whiten(advantages, mask).reshape(shape), "returns": returns.reshape(shape),
+               "old_values": values}
+        completions = jnp.maximum(jnp.sum(mask.any(axis=-1), dtype=jnp.float32), 1.0)
+        kl_sum = jnp.sum(kl) / completions
+        metrics = {"objective/kl": kl_sum, "objective/non_score_reward": -self.kl_coef * kl_sum,
+                   "objective/scores": jnp.sum(scores) / completions,
+                   "objective/rlhf_reward": jnp.sum(scores) / completions - self.kl_coef * kl_sum}
+        return out, metrics
