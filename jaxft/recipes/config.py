@@ -262,8 +262,7 @@ def _check_reference_policy(task, peft: tuple):
     if not getattr(task, "reference_policy", False) or task.precomputed_reference:
         return
     fix = ("set task.precompute_reference: true (the initial weights, log-probs computed before training) or "
-           "task.reference_model: <model folder>") if hasattr(task, "precompute_reference") else (
-           "set task.beta: 0 (no KL term, TRL's default)")
+           "task.reference_model: <model folder>") if hasattr(task, "precompute_reference") else task.reference_fix
     name = TASK_UNION.type_of(task)
     if not peft:
         raise ConfigError(f"task {name!r} compares the policy with a reference policy, by default the same base with "

@@ -340,6 +340,8 @@ class GrpoTask(_OnlineTask):
                               f"{SCALE_REWARDS}")
         self.objective(None)  # the objective checks beta, epsilon and loss_type
 
+    reference_fix: ClassVar[str] = "set task.beta: 0 (no KL term, TRL's default)"
+
     @property
     def reference_policy(self) -> bool:
         """The KL term (beta > 0) compares the policy with the adapters-off base."""
@@ -385,10 +387,10 @@ class PpoTask(_OnlineTask):
     def num_iterations(self) -> int:
         return self.num_ppo_epochs
 
-    @property
-    def reference_policy(self) -> bool:
-        """The KL penalty (kl_coef > 0) compares the policy with the adapters-off base."""
-        return self.kl_coef > 0
+    # the value model runs on the adapters-off base, as the KL penalty's reference does (at any kl_coef)
+    reference_policy: ClassVar[bool] = True
+    reference_fix: ClassVar[str] = ("PPO's value model runs on the same base with the policy's adapters off: give "
+                                    "peft a method that trains beside the base")
 
     def objective(self, train: TrainConfig | None) -> PPO:
         return PPO(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef, kl_coef=self.kl_coef,
