@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from jaxft.analysis import memory
 from jaxft.config import ConfigError
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.models.heads import token_logits
@@ -93,7 +94,7 @@ def test_a_generation_batch_against_an_independent_computation(setup):
     batches = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in rollouts(state).items()}
     params = combine(state["trainable"], frozen)
     first = [s.ids.tolist() for s in _first_batch(cfg, inputs, prompts)]
-    advantages, returns, values, scores, kls = [], [], [], [], []
+    advantages, returns, scores, kls = [], [], [], []
     for prompt, completion, labelled in _rows(cfg, inputs, batches, first):
         logp, ref, value = _teacher_forced(model_cfg, params, prompt, completion)
         np.testing.assert_allclose(batches["old_values"][len(advantages)][labelled], value, atol=1e-5, rtol=0)
@@ -173,6 +174,8 @@ def test_ppo_run_logs_trls_metrics_exports_the_policy_and_resumes_exactly(setup)
                 "policy/approxkl_avg", "objective/kl", "objective/scores", "objective/rlhf_reward", "reward",
                 "rollout_tokens_per_s"} <= r.keys()
     assert {"reward", "completions"} <= summary["eval"].keys()
+    model = memory.abstract_model(cfg)  # jaxft inspect counts the value model's adapters and head as the run does
+    assert memory.param_counts(cfg, model.model_cfg, model.params)[0] == summary["trainable_params"]
     tensors = load_file(Path(summary["export"]) / "adapter_model.safetensors")
     assert tensors and all("lora_" in name and "score" not in name for name in tensors)
     assert len(tensors) == 2 * 7 * 2  # lora_A and lora_B of 7 linear modules in each of the 2 layers

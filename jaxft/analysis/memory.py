@@ -48,7 +48,7 @@ from jaxft.ops import nf4
 from jaxft.ops.blockwise_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from jaxft.peft import lora
 from jaxft.peft.tree import combine, split
-from jaxft.recipes import skeleton
+from jaxft.recipes import rl, skeleton
 from jaxft.recipes.config import RunConfig
 from jaxft.train.loop import init_state, with_reference
 from jaxft.train.loss import VOCAB_BLOCK
@@ -114,8 +114,9 @@ def _quant(cfg: RunConfig, hf: dict) -> QuantConfig | None:
 
 def _abstract_params(model_cfg: ModelConfig, cfg: RunConfig, quant) -> dict:
     def build(rng):
-        return skeleton.build_params(model_cfg, init_params(model_cfg, rng, cfg.dtype), rng, quant=quant,
-                                     peft=cfg.peft, tokenizer_dir=cfg.tokenizer_dir)
+        params = skeleton.build_params(model_cfg, init_params(model_cfg, rng, cfg.dtype), rng, quant=quant,
+                                       peft=cfg.peft, tokenizer_dir=cfg.tokenizer_dir)
+        return rl.with_nested_models(cfg, model_cfg, params, rng)
 
     return jax.eval_shape(build, jax.random.PRNGKey(0))
 

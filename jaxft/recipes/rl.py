@@ -217,6 +217,12 @@ class PpoRollouts(Rollouts):
         return batches, {name: float(value) for name, value in metrics.items()}
 
 
+def with_nested_models(cfg: RunConfig, model_cfg, params: dict, rng) -> dict:
+    """The params a run trains: a PPO run's with its value model nested (:func:`with_value_model`), others as they
+    are."""
+    return with_value_model(cfg, model_cfg, params, rng) if isinstance(cfg.task, PpoTask) else params
+
+
 def with_value_model(cfg: RunConfig, model_cfg, params: dict, rng) -> dict:
     """A PPO run's ``params`` with its value model nested under ``"value"`` (:mod:`jaxft.train.ppo`): the run's own
     methods freshly initialized over the base (``task.value_adapter``; else none) and a one-label score head,
@@ -250,8 +256,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     check_rollout_rows(cfg, inputs.mesh)
     base = base_reference(cfg.model)
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
-    if isinstance(cfg.task, PpoTask):
-        params = with_value_model(cfg, model_cfg, params, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1))
+    params = with_nested_models(cfg, model_cfg, params, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1))
     training = train_state(cfg, model_cfg, params, inputs.mesh)
     if resumed and resumed.step is not None:
         training = training._replace(state=restore_checkpoint(cfg, out, training.state, inputs.pipeline.iterator,
