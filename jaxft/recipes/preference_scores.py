@@ -29,14 +29,10 @@ from jaxft.recipes.config import TASK_UNION, TrainConfig
 from jaxft.recipes.skeleton import to_host
 from jaxft.recipes.tasks import task_of
 from jaxft.train.metrics import evaluate
+from jaxft.train.rewards import is_reward_head
 
 # the tasks whose data is preference records (pairs, or KTO's unpaired examples), by their ``--task`` name
 PREFERENCE_TASKS = {name: cls for name, cls in TASK_UNION.members.items() if hasattr(cls, "record_kind")}
-
-
-def is_reward_head(head: HeadConfig | None) -> bool:
-    """A reward model's head: sequence classification with one label (TRL's ``RewardTrainer``)."""
-    return head is not None and head.kind == "seq_cls" and head.num_labels == 1
 
 
 def eval_task(name: str | None, head: HeadConfig | None, paths, *, has_adapter: bool, settings: dict, **qa_windows):

@@ -159,7 +159,8 @@ class Rollouts:
         prompts = [tokenizer.decode(s.ids.tolist(), skip_special_tokens=True) for s in samples]
         return self.rewards([prompts[r // g] for r in range(len(texts))], texts,
                             [samples[r // g].record.fields for r in range(len(texts))], rollout["stopped"], lengths,
-                            [samples[r // g].record.location for r in range(len(texts))])
+                            [samples[r // g].record.location for r in range(len(texts))],
+                            [samples[r // g].record.prompt for r in range(len(texts))])
 
     def advantages(self, total: np.ndarray) -> np.ndarray:
         """This process's rows' advantages, normalized over every process's rows (a group never spans processes;

@@ -17,6 +17,7 @@ from jaxft.data.config import DataConfig
 from jaxft.data.preference import SEQUENCES_PER_UNIT, build_preference_iterator
 from jaxft.data.prompts import build_prompt_iterator
 from jaxft.data.tasks import build_task_iterator
+from jaxft.errors import JaxftError
 from jaxft.models.llama import InputError
 from jaxft.models.sample import check_settings as check_sampling
 from jaxft.train.grpo import GRPO, SCALE_REWARDS
@@ -26,7 +27,8 @@ from jaxft.train.objectives import CausalLM
 from jaxft.train.pairwise import ORPO, RewardModel, SimPO
 from jaxft.train.ppo import PPO
 from jaxft.train.preference import DPO
-from jaxft.train.rewards import ExactMatch, LengthPenalty, RegexFormat, WeightedRewards
+from jaxft.train.rewards import (ExactMatch, LengthPenalty, RegexFormat, RewardModelScore, WeightedRewards,
+                                 reward_model_folders)
 
 if TYPE_CHECKING:
     from jaxft.recipes.config import TrainConfig
@@ -270,7 +272,18 @@ class KtoTask(_ReferencePolicy):
 
 # The reward functions an RL run's config can name (``task: {type: grpo, rewards: [{type: exact_match}]}``).
 REWARD_UNION = TaggedUnion("reward", {"exact_match": ExactMatch, "format": RegexFormat,
-                                      "length_penalty": LengthPenalty})
+                                      "length_penalty": LengthPenalty, "reward_model": RewardModelScore})
+
+
+def check_reward_models(rewards: tuple) -> None:
+    """Each reward model's folder holds one (:func:`jaxft.train.rewards.reward_model_folders`), checked when the
+    config loads, before a run writes anything; the error names the entry's key, ``task.rewards[i].path``."""
+    for i, reward in enumerate(rewards):
+        if isinstance(reward, RewardModelScore):
+            try:
+                reward_model_folders(reward.path)
+            except JaxftError as e:
+                raise ConfigError(f"task.rewards[{i}].path {reward.path!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -305,6 +318,7 @@ class _OnlineTask:
         except InputError as e:
             raise ConfigError(f"task {name}: {e}") from None
         self.reward_functions()
+        check_reward_models(self.rewards)
         for reward in self.rewards:
             if isinstance(reward, LengthPenalty) and reward.max_completion_len > self.max_completion_length:
                 raise ConfigError(f"task {name}: reward {reward.name!r} starts its penalty past max_completion_len "

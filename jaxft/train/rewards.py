@@ -14,22 +14,39 @@ needs none of the keywords takes ``**_``, as TRL's reward functions take ``**kwa
 anything but a finite number, stops the batch with a :class:`RewardError` naming the function, the record and the
 value (TRL would turn ``None`` into NaN and skip it: here a silent NaN is a bug in the function).
 
+A function that scores a whole batch at once (a model) has a ``score_batch`` method instead, called once per batch
+with every completion's arguments as sequences and ``prompt_sources``, each prompt as its record holds it (a string
+or messages), and returning [R] numbers::
+
+    fn.score_batch(prompts, completions, records, *, stopped, num_tokens, prompt_sources) -> np.ndarray
+
 :func:`reward_model_scores` scores [prompt | completion] rows with a one-label sequence classifier
-(:class:`jaxft.train.pairwise.RewardModel`'s head), without gradient.
+(:class:`jaxft.train.pairwise.RewardModel`'s head), without gradient; :class:`RewardModelScore` is the reward
+function of such a model: a reward run's export or a Hugging Face ``*ForSequenceClassification`` folder.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from jaxft.config import ConfigError, ModelConfig
+from jaxft.config import PATH_FIELD, ConfigError, HeadConfig, ModelConfig
+from jaxft.data.chat import resolve_template
+from jaxft.data.preference import split_ids
 from jaxft.errors import JaxftError
+from jaxft.hf.checkpoint import from_pretrained
+from jaxft.hf.config import config_from_hf, read_json
+from jaxft.hf.peft_format import CONFIG_FILE as ADAPTER_CONFIG_FILE
+from jaxft.hf.peft_format import adapter_head, load_adapter
+from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.peft.methods import merge
 from jaxft.train.pairwise import RewardModel
 
 REGEX_MODES = ("fullmatch", "search")
@@ -138,29 +155,79 @@ class WeightedRewards:
         return tuple(f.name for f in self.functions)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[dict],
-                 stopped: Sequence[bool], num_tokens: Sequence[int], record_indices: Sequence[int] | None = None
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 stopped: Sequence[bool], num_tokens: Sequence[int], record_indices: Sequence[int] | None = None,
+                 prompt_sources: Sequence | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(total [R] float32, {name: [R] float32}) over R completions; every argument has one entry per completion
         (a prompt's record repeated for each of its completions). ``record_indices``: what an error calls each
-        completion's record (its index in the data), default its position in the batch."""
+        completion's record (its index in the data), default its position in the batch; ``prompt_sources``: each
+        prompt as its record holds it (a string or messages), for the functions with ``score_batch``, default
+        ``prompts``."""
+        batch = Completions(prompts, completions, records, stopped, num_tokens,
+                            prompts if prompt_sources is None else prompt_sources)
         rows = len(completions)
         if not len(prompts) == len(records) == len(stopped) == len(num_tokens) == rows:
             raise RewardError(f"rewards: expected one prompt, record, stopped flag and token count per completion "
                               f"({rows}), got {len(prompts)}, {len(records)}, {len(stopped)}, {len(num_tokens)}")
+        if len(batch.prompt_sources) != rows:
+            raise RewardError(f"rewards: expected one prompt source per completion ({rows}), got "
+                              f"{len(batch.prompt_sources)}")
         indices = range(rows) if record_indices is None else record_indices
-        columns = {name: np.zeros(rows, np.float64) for name in self.names}
-        for i in range(rows):
-            where = f"record {indices[i]} (completion {completions[i][:200]!r})"
-            for fn in self.functions:
-                try:
-                    value = fn(prompts[i], completions[i], records[i], stopped=bool(stopped[i]),
-                               num_tokens=int(num_tokens[i]))
-                except Exception as e:
-                    raise RewardError(f"reward {fn.name!r} failed on {where}: {type(e).__name__}: {e}") from e
-                columns[fn.name][i] = _checked_reward(value, fn.name, where)
+
+        def where(i: int) -> str:
+            return f"record {indices[i]} (completion {completions[i][:200]!r})"
+
+        columns = {fn.name: (_batch_column if hasattr(fn, "score_batch") else _row_column)(fn, batch, where)
+                   for fn in self.functions}
         weights = np.ones(len(self.names)) if self.weights is None else np.asarray(self.weights, np.float64)
         total = sum(w * columns[name] for w, name in zip(weights, self.names))
         return total.astype(np.float32), {name: c.astype(np.float32) for name, c in columns.items()}
+
+
+class Completions(NamedTuple):
+    """A batch of completions as :class:`WeightedRewards` hands them to its functions: one entry per completion."""
+
+    prompts: Sequence[str]
+    completions: Sequence[str]
+    records: Sequence[dict]
+    stopped: Sequence[bool]
+    num_tokens: Sequence[int]
+    prompt_sources: Sequence
+
+
+def _row_column(fn: Callable, batch: Completions, where: Callable[[int], str]) -> np.ndarray:
+    """[R] float64: ``fn`` called on each completion, each value checked."""
+    column = np.zeros(len(batch.completions), np.float64)
+    for i in range(len(column)):
+        try:
+            value = fn(batch.prompts[i], batch.completions[i], batch.records[i], stopped=bool(batch.stopped[i]),
+                       num_tokens=int(batch.num_tokens[i]))
+        except Exception as e:
+            raise RewardError(f"reward {fn.name!r} failed on {where(i)}: {type(e).__name__}: {e}") from e
+        column[i] = _checked_reward(value, fn.name, where(i))
+    return column
+
+
+def _batch_column(fn, batch: Completions, where: Callable[[int], str]) -> np.ndarray:
+    """[R] float64: ``fn.score_batch`` over the whole batch, checked as :func:`_row_column` checks each value (the
+    first value that is no finite number names its record)."""
+    rows = len(batch.completions)
+    try:
+        values = fn.score_batch(batch.prompts, batch.completions, batch.records, stopped=batch.stopped,
+                                num_tokens=batch.num_tokens, prompt_sources=batch.prompt_sources)
+    except Exception as e:
+        raise RewardError(f"reward {fn.name!r} failed on a batch of {rows} completions, from {where(0)} on: "
+                          f"{type(e).__name__}: {e}") from e
+    values = np.asarray(values)
+    if values.shape != (rows,) or not (np.issubdtype(values.dtype, np.integer)
+                                       or np.issubdtype(values.dtype, np.floating)):
+        raise RewardError(f"reward {fn.name!r} returned a {values.dtype} array of shape {list(values.shape)} for a "
+                          f"batch of {rows} completions, from {where(0)} on; expected [{rows}] numbers, one each")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        first = int(bad[0])
+        raise RewardError(f"reward {fn.name!r} returned {values[first].item()!r} for {where(first)}; a reward must be "
+                          "finite")
+    return values.astype(np.float64)
 
 
 def reward_model_scores(cfg: ModelConfig, params: dict, batch: dict, *, batch_size: int) -> jax.Array:
@@ -178,3 +245,108 @@ def reward_model_scores(cfg: ModelConfig, params: dict, batch: dict, *, batch_si
         return RewardModel.document_rewards(cfg, params, one)[0, 1]   # the row's document is segment 1
 
     return jax.lax.map(score, rows, batch_size=batch_size)
+
+
+def is_reward_head(head: HeadConfig | None) -> bool:
+    """A reward model's head: sequence classification with one label (TRL's ``RewardTrainer``)."""
+    return head is not None and head.kind == "seq_cls" and head.num_labels == 1
+
+
+class RewardModelFolders(NamedTuple):
+    """Where a reward model's parts are (:func:`reward_model_folders`)."""
+
+    model: Path  # the Hugging Face folder whose weights load: the model itself, or the adapter's base
+    adapter: Path | None  # a PEFT adapter folder attached to it (a reward run's adapter/ export)
+    head: HeadConfig
+    tokenizer: Path  # the adapter's own tokenizer when it was saved with one (a run's export is), else the model's
+
+
+def reward_model_folders(path) -> RewardModelFolders:
+    """The parts of the reward model at ``path``: a PEFT adapter folder with a one-label SEQ_CLS head (a ``task:
+    reward`` run's ``adapter/`` export, on the base its adapter_config.json names), or a Hugging Face folder of a
+    one-label ``*ForSequenceClassification`` (a reward run's ``model/`` export). Reads configs only; a ConfigError
+    says what ``path`` holds when it is neither."""
+    folder = Path(path)
+    expected = ("expected a reward model: a task: reward run's export (output_dir/adapter or output_dir/model) or a "
+                "Hugging Face *ForSequenceClassification folder with num_labels 1")
+    if not folder.is_dir():
+        raise ConfigError(f"{str(path)!r} is no folder; {expected}")
+    if (folder / ADAPTER_CONFIG_FILE).is_file():
+        head = adapter_head(folder)
+        base = read_json(folder / ADAPTER_CONFIG_FILE).get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise ConfigError(f"{folder / ADAPTER_CONFIG_FILE}: its base_model_name_or_path {base!r} is no Hugging "
+                              "Face model folder here (no config.json there); the reward adapter loads on that base")
+        model, adapter = Path(base), folder
+    elif (folder / "config.json").is_file():
+        head = config_from_hf(read_json(folder / "config.json"), source=str(folder / "config.json")).head
+        model, adapter = folder, None
+    else:
+        raise ConfigError(f"{folder}: neither {ADAPTER_CONFIG_FILE} nor config.json there; {expected}")
+    if not is_reward_head(head):
+        has = "no task head (a causal LM)" if head is None else f"a {head.kind} head with {head.num_labels} labels"
+        raise ConfigError(f"{folder} holds {has}; {expected}")
+    tokenizer = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model
+    return RewardModelFolders(model, adapter, head, tokenizer)
+
+
+def reward_model_sequence(tokenizer, prompt: str | list[dict], completion: str) -> list[int]:
+    """The ids a reward model scores for ``prompt`` + ``completion``, made as its reward run's data were
+    (:func:`jaxft.data.preference.split_ids`, TRL's ``RewardTrainer``): a string prompt as ``prompt + completion``
+    and the EOS text; a chat prompt (messages) with the completion as its assistant turn, rendered by the
+    tokenizer's chat template (the one a reward run on chats exports with its model)."""
+    if isinstance(prompt, str):
+        prompt_ids, (completion_ids,) = split_ids(tokenizer, None, prompt, [completion])
+    else:
+        template = resolve_template(tokenizer, None)
+        prompt_ids, (completion_ids,) = split_ids(tokenizer, template, prompt,
+                                                  [[{"role": "assistant", "content": completion}]])
+    return prompt_ids + completion_ids
+
+
+def score_rows(sequences: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """One right-padded row per sequence (``input_ids``, ``positions``, ``segment_ids`` [R, W]), what
+    :func:`reward_model_scores` takes; W is the longest sequence rounded up to a power of two (at least 8), so a
+    run's batches compile a few widths, not one per length."""
+    width = max(8, 1 << (max(map(len, sequences)) - 1).bit_length())
+    rows = {k: np.zeros((len(sequences), width), np.int32) for k in ("input_ids", "positions", "segment_ids")}
+    for i, ids in enumerate(sequences):
+        rows["input_ids"][i, :len(ids)] = ids
+        rows["positions"][i, :len(ids)] = np.arange(len(ids))
+        rows["segment_ids"][i, :len(ids)] = 1
+    return rows
+
+
+@dataclass(frozen=True)
+class RewardModelScore:
+    """A reward model's score of each completion (``type: reward_model``): the one-label sequence classifier at
+    ``path`` (:func:`reward_model_folders`) reads the prompt and completion as its own tokenizer encodes them
+    (:func:`reward_model_sequence`), so it may sit on another base than the policy. Loaded once, on first use, in
+    float32, whole on each process's first device (each process scores its own completions), an adapter merged
+    into its weights; each batch of completions is scored in one jitted call (``batch_size`` rows per forward
+    pass), without gradient."""
+
+    path: str = field(metadata=PATH_FIELD)
+    name: str = "reward_model"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"reward {self.name!r}: batch_size (rows per forward pass) must be an integer >= 1, got "
+                              f"{self.batch_size!r}")
+
+    @functools.cached_property
+    def _model(self) -> tuple:
+        """(tokenizer, params, jitted scores(params, rows))."""
+        folders = reward_model_folders(self.path)
+        cfg, params = from_pretrained(folders.model, head=folders.head)
+        if folders.adapter is not None:
+            params = merge(load_adapter(folders.adapter, params, cfg))
+        score = jax.jit(functools.partial(reward_model_scores, cfg, batch_size=self.batch_size))
+        return load_tokenizer(folders.tokenizer), params, score
+
+    def score_batch(self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[dict], *,
+                    prompt_sources: Sequence, **_) -> np.ndarray:
+        tokenizer, params, score = self._model
+        sequences = [reward_model_sequence(tokenizer, p, c) for p, c in zip(prompt_sources, completions)]
+        return np.asarray(score(params, score_rows(sequences)))
