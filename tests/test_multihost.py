@@ -6,7 +6,6 @@ although the two processes hold different numbers of target tokens.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from jaxft.recipes import sft
 from jaxft.recipes.config import dump_run_config
+from process_pair import free_port
 from sft_worker import make_base, run_config, train_losses, write_chats
 
 pytestmark = pytest.mark.slow
@@ -24,18 +24,12 @@ WORKER = Path(__file__).with_name("sft_worker.py")
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(cfg, work: Path, resume: bool) -> list[dict]:
     """Runs ``cfg`` as a 2-process job (2 CPU devices each); returns each process's result."""
     work.mkdir(parents=True)
     dump_run_config(cfg, work / "config.yaml")
     (work / "spec.json").write_text(json.dumps({"config": str(work / "config.yaml"), "resume": resume}))
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         # the compilation cache lets the resuming job reuse the first job's executables (time only)

@@ -6,8 +6,6 @@ The data has one unpacked batch per epoch (10 chats; each of the 2 processes fee
 so every global batch holds every record and the two runs see the same batches (as in tests/test_multihost.py).
 """
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,49 +18,11 @@ from safetensors.numpy import load_file
 
 from jaxft import parallel
 from jaxft.cli import main
+from process_pair import TIMEOUT_S, cpu_env, run_pair, train_args
 from sft_worker import tiny_chat_model
 
-TIMEOUT_S = 300
 N_RECORDS = 10  # tiny_chat_model's train.jsonl
 FIRST_STEPS, ALL_STEPS = 2, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(root: Path, devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXFT_")}
-    # the compilation cache lets later processes reuse earlier ones' executables (time only)
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), **extra}
-
-
-def _train_args(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jaxft", "train", str(config), *extra]
-
-
-def _run_pair(root: Path, argv: list[str]) -> list[tuple[str, str]]:
-    """``argv`` as processes 0 and 1 of one job; returns each one's (stdout, stderr)."""
-    port = _free_port()
-    procs = [subprocess.Popen(argv, env=_env(root, 1, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
-                                             JAXFT_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-2000:]}\n{err[-4000:]}"
-    # gloo's C++ library prints "[Gloo] Rank i is connected to ..." on stdout when CPU collectives connect
-    return [("".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]")), err)
-            for out, err in outputs]
 
 
 def _write_config(root: Path, name: str, batch_size: int, steps: int) -> Path:
@@ -83,21 +43,21 @@ def runs(tmp_path_factory):
     single = {}
     for steps in (FIRST_STEPS, ALL_STEPS):  # one process, 2 devices, the whole global batch
         config = _write_config(root, f"one-{steps}", N_RECORDS, steps)
-        subprocess.run(_train_args(config), env=_env(root, 2), check=True, capture_output=True, timeout=TIMEOUT_S)
+        subprocess.run(train_args(config), env=cpu_env(root, 2), check=True, capture_output=True, timeout=TIMEOUT_S)
         single[steps] = root / f"one-{steps}"
     pair_config = _write_config(root, "two", N_RECORDS // 2, FIRST_STEPS)  # data.batch_size is per process
-    first = _run_pair(root, _train_args(pair_config))
+    first = run_pair(root, train_args(pair_config))
     first_adapter = load_file(root / "two" / "adapter" / "adapter_model.safetensors")
     first_metrics = (root / "two" / "metrics.jsonl").read_text()
-    resumed = _run_pair(root, _train_args(pair_config, "--resume", "--set", f"train.steps={ALL_STEPS}"))
+    resumed = run_pair(root, train_args(pair_config, "--resume", "--set", f"train.steps={ALL_STEPS}"))
     sweep_config = yaml.safe_load(pair_config.read_text())
     sweep_config["eval_data"] = {**sweep_config["data"], "paths": [str(root / "train.jsonl")]}
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep_config))
-    sweep = _run_pair(root, [sys.executable, "-m", "jaxft", "sweep", str(root / "sweep.yaml"), "--grid", "lora.r=2",
+    sweep = run_pair(root, [sys.executable, "-m", "jaxft", "sweep", str(root / "sweep.yaml"), "--grid", "lora.r=2",
                              "--exact-match", "2", "--out", str(root / "sweep")])
     eval_argv = ["eval", str(root / "model"), "--adapter", str(root / "two" / "adapter"), "--data",
                  str(root / "train.jsonl"), "--max-length", "32", "--batch-size", "4"]
-    evaluated = _run_pair(root, [sys.executable, "-m", "jaxft", *eval_argv])
+    evaluated = run_pair(root, [sys.executable, "-m", "jaxft", *eval_argv])
     return {"single": single, "two": root / "two", "first": first, "resumed": resumed, "sweep": sweep,
             "sweep_dir": root / "sweep", "first_adapter": first_adapter, "first_metrics": first_metrics,
             "eval": evaluated, "eval_argv": eval_argv}
