@@ -50,11 +50,12 @@ def setup(tmp_path_factory):
     return make_base(root / "base"), path, root
 
 
-def _config(setup, **task) -> RunConfig:
+def _config(setup, init_lora_weights=False, **task) -> RunConfig:
     base, path, root = setup
     data = DataConfig(paths=(str(path),), batch_size=4, template="chatml")
-    # B != 0 so the policy differs from the base (a real adapter), and the completions vary
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian")
+    # by default B != 0 (init_lora_weights False; PEFT's "gaussian" draws A only) so the policy differs from the base
+    # (a real adapter), and the completions vary
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init_lora_weights)
     return RunConfig(model=str(base), output_dir=str(root / f"run-{next(RUN_NUMBERS)}"), peft=(lora,), data=data,
                      task=GrpoTask(**{"num_generations": G, "max_prompt_length": 16, "max_completion_length": 6,
                                       "rewards": (LengthPenalty(6, 4),), **task}),
@@ -105,9 +106,8 @@ def _first_batch(cfg, inputs, samples):
 def test_grpo_run_logs_trls_metrics_evaluates_and_exports(setup):
     """With LoRA's no-op init the first step's policy is the adapters-off reference and the policy that sampled:
     KL 0 and no clipped token (the sampler's log-probs are the step's own); later steps move away."""
-    cfg = _config(setup, beta=0.04)
-    no_op = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    cfg = dataclasses.replace(cfg, eval_data=cfg.data, peft=(no_op,))
+    cfg = _config(setup, init_lora_weights=True, beta=0.04)  # PEFT's default: B = 0, a no-op
+    cfg = dataclasses.replace(cfg, eval_data=cfg.data)
     summary = sft.run(cfg)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]

@@ -85,6 +85,15 @@ def test_every_spelling_of_a_lora_key_sets_it_in_either_form(tmp_path, key, form
     assert load_run_config(path, [f"{key}=12"]).lora == LORA.replace(r=12)
 
 
+def test_replace_with_new_peft_takes_its_lora(tmp_path):
+    """A copy with another LoRA in peft trains that LoRA, not the one the original was built with (dataclasses'
+    replace would pass the original's init-only ``lora`` on again)."""
+    cfg = load_run_config(_write(tmp_path, OLD_FORM.format(method="lora")))
+    other = LORA.replace(r=2, lora_alpha=2)
+    assert cfg.replace(peft=(other,)).peft == (other,) and cfg.replace(peft=(other,)).lora == other
+    assert cfg.replace(train=cfg.train).lora == LORA
+
+
 def test_method_and_quant_sets_work_on_a_canonical_file(tmp_path):
     path = _write(tmp_path, NEW_FORM.format(quant=""))
     assert load_run_config(path, ["method=qlora"]).quant == QuantConfig()

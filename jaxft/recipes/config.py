@@ -165,6 +165,9 @@ class RunConfig:
         return self.tokenizer or self.model
 
     def replace(self, **changes) -> "RunConfig":
+        """A copy with ``changes``. Use this, not ``dataclasses.replace``: that passes the init-only ``lora`` on
+        again (read back from the attribute ``__post_init__`` sets), which would override a new ``peft``'s LoRA."""
+        changes.setdefault("lora", None)  # self.peft holds the LoRA settings already
         if "train" in changes and "optim" not in changes and self.optim.total_steps == self.train.steps:
             changes["optim"] = dataclasses.replace(self.optim, total_steps=None)  # it keeps following train.steps
         return dataclasses.replace(self, **changes)
