@@ -27,6 +27,7 @@ from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
 from jaxft.models.heads import last_token_mask
 from jaxft.train.loop import with_reference
+from jaxft.train.objectives import FromSums
 from jaxft.train.sequences import ReferenceInputs, adapters_off_logprobs, label_logprobs, segment_totals
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -82,7 +83,7 @@ def truncated_mask(mask, stopped) -> jax.Array:
 
 
 @dataclass(frozen=True)
-class GRPO(ReferenceInputs):
+class GRPO(FromSums, ReferenceInputs):
     """TRL's ``GRPOTrainer`` loss (token-level importance sampling, its ``grpo``, ``bnpo``, ``dr_grpo`` and ``dapo``
     aggregations): per completion token the clipped surrogate (:func:`clipped_surrogate`, ``epsilon`` low and
     ``epsilon_high`` high, default ``epsilon``) plus ``beta`` · k3 KL to the reference (:func:`k3_kl`), with the
@@ -189,15 +190,6 @@ class GRPO(ReferenceInputs):
         else:
             sums["loss_sum"] = total(per_token)
         return sums
-
-    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        sums = self._sums(cfg, params, batch, rng, activation_sharding)
-        return sums.pop("loss_sum"), sums
-
-    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
-                 ) -> jax.Array:
-        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
 
     def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
         """TRL's metrics of the loss's forward pass: kl and the clip ratios are means over completion tokens,

@@ -51,6 +51,20 @@ class Objective(Protocol):
         """The held-out metrics from the sums over every eval batch."""
 
 
+class FromSums:
+    """``loss_and_sums`` and ``loss_sum`` of an objective whose ``_sums(cfg, params, batch, rng,
+    activation_sharding)`` returns its micro-batch's ``loss_sum`` beside its metrics' sums (the RL objectives)."""
+
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = self._sums(cfg, params, batch, rng, activation_sharding)
+        return sums.pop("loss_sum"), sums
+
+    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                 ) -> jax.Array:
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+
+
 def batch_structs(objective, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
     """The abstract batch an objective reads, with leading dims ``lead`` ([rows, T], or [A, rows, T]): int32 arrays,
     except the ones its optional ``float_keys`` names (float32, with their trailing dims)."""

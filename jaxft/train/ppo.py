@@ -34,6 +34,7 @@ from jaxft.models.heads import last_token_mask, token_logits
 from jaxft.peft.methods import without_methods
 from jaxft.peft.tree import outer_model
 from jaxft.train.grpo import clipped_surrogate, k3_kl
+from jaxft.train.objectives import FromSums
 from jaxft.train.sequences import adapters_off_logprobs, label_logprobs
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -155,7 +156,7 @@ def value_predictions(cfg: ModelConfig, params: dict, batch: dict, rng=None, act
 
 
 @dataclass(frozen=True)
-class PPO:
+class PPO(FromSums):
     """PPO for RLHF (TRL's ``PPOTrainer`` before 1.0, its defaults): per completion token the clipped surrogate
     (``cliprange``) on whitened GAE advantages, plus ``vf_coef`` times the clipped value loss
     (``cliprange_value``) of the value model, both means over the batch's completion tokens.
@@ -223,15 +224,6 @@ class PPO:
                 "policy_clipped": total(-advantages * clipped_ratio > -advantages * ratio),
                 "value_clipped": total(jnp.square(clipped_values - returns) > jnp.square(values - returns)),
                 "approxkl_sum": total(0.5 * jnp.square(logps - old_logps)), "vpred_sum": total(values)}
-
-    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        sums = self._sums(cfg, params, batch, rng, activation_sharding)
-        return sums.pop("loss_sum"), sums
-
-    def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
-                 ) -> jax.Array:
-        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
 
     def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
         """TRL's PPO metrics of the update, means over the completion tokens (``loss/value_avg`` without
