@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 TIMEOUT_S = 300
@@ -42,17 +43,25 @@ def pair_outcomes(root: Path, argv: list[str], devices: int = 1, timeout_s: int 
     stdout, stderr). A process still running after ``timeout_s`` is killed and ``subprocess.TimeoutExpired``
     raised: a job that hangs fails its test."""
     port = free_port()
+    # output goes to files, not pipes: a process blocked on a full pipe while we wait on the other would hang both
+    logs = [tuple(tempfile.TemporaryFile("w+") for _ in range(2)) for _ in range(2)]
     procs = [subprocess.Popen(argv, env=cpu_env(root, devices, JAXFT_COORDINATOR=f"127.0.0.1:{port}",
                                                 JAXFT_NUM_PROCESSES="2", JAXFT_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
+                              stdout=logs[i][0], stderr=logs[i][1], text=True) for i in range(2)]
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=timeout_s))
+            p.wait(timeout=timeout_s)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    outputs = []
+    for out, err in logs:
+        for f in (out, err):
+            f.seek(0)
+        outputs.append((out.read(), err.read()))
+        out.close()
+        err.close()
     return [(p.returncode, GLOO_MESSAGE.sub("", out), err) for p, (out, err) in zip(procs, outputs)]
 
 

@@ -124,17 +124,23 @@ def _value_loss_float64(values, old_values, returns, mask, vf_clip, vf_coef) -> 
     return vf_coef * per_token[mask == 1].mean()
 
 
+def _masked_value_loss(values, old_values, returns, mask, vf_clip, vf_coef):
+    """The value term of the PPO loss from :func:`ppo.clipped_value_losses`: the mean over completion tokens."""
+    per_token = ppo.clipped_value_losses(values, old_values, returns, vf_clip=vf_clip)
+    return vf_coef * jnp.sum(jnp.where(mask == 1, per_token, 0.0)) / jnp.sum(mask)
+
+
 def test_clipped_value_loss_and_its_gradient_match_the_ppo_objective():
     mask, old_values, returns = _mask(), _random(6), _random(7)
     values = old_values + _random(8, scale=0.5)  # some move further than vf_clip, some less, both ways
     moved = np.abs(values - old_values)[mask == 1]
     assert (moved > 0.2).any() and (moved < 0.2).any()
-    loss = jax.jit(ppo.value_loss, static_argnames=("vf_clip", "vf_coef"))
+    loss = jax.jit(_masked_value_loss, static_argnames=("vf_clip", "vf_coef"))
     args = jnp.asarray(values), jnp.asarray(old_values), jnp.asarray(returns), jnp.asarray(mask)
     expected = _value_loss_float64(values, old_values, returns, mask, 0.2, 0.1)
     np.testing.assert_allclose(float(loss(*args, vf_clip=0.2, vf_coef=0.1)), expected, rtol=1e-6)
     # the gradient: (V − R) where the unclipped error is the larger (or the value is inside the clip range), else 0
-    grad = jax.grad(lambda v: ppo.value_loss(v, *args[1:], vf_clip=0.2, vf_coef=0.1))(args[0])
+    grad = jax.grad(lambda v: _masked_value_loss(v, *args[1:], vf_clip=0.2, vf_coef=0.1))(args[0])
     v, o, r = (np.asarray(x, np.float64) for x in (values, old_values, returns))
     clipped = np.clip(v, o - 0.2, o + 0.2)
     unclipped_wins = ((v - r) ** 2 >= (clipped - r) ** 2) | (np.abs(v - o) < 0.2)
@@ -149,4 +155,4 @@ def test_bad_ppo_settings_are_refused():
     with pytest.raises(ConfigError, match=r"lam must be in \[0, 1\], got 1.5"):
         ppo.gae(x, x, mask, gamma=1.0, lam=1.5)
     with pytest.raises(ConfigError, match="vf_clip must be > 0, got 0"):
-        ppo.value_loss(x, x, x, mask, vf_clip=0, vf_coef=0.1)
+        ppo.clipped_value_losses(x, x, x, vf_clip=0)

@@ -193,7 +193,7 @@ def test_ppo_run_logs_trls_metrics_exports_the_policy_and_resumes_exactly(setup)
 
 @pytest.mark.parametrize("task, message", [
     ({"kl_estimator": "k2"}, "kl_estimator 'k2'"),
-    ({"num_ppo_epochs": 3}, "train.steps 4 is not a multiple of task.num_iterations 3"),
+    ({"num_ppo_epochs": 3}, "train.steps 4 is not a multiple of task.num_ppo_epochs 3"),
     ({"cliprange": 1.5}, "cliprange"),
     ({"lam": 1.5}, "lam must be in"),
     ({"missing_eos_penalty": -1}, "missing_eos_penalty must be >= 0"),

@@ -93,7 +93,7 @@ class RunConfig:
 
     ``method`` and ``lora`` are the shorthand: without ``peft``, ``method`` (default lora) decides the methods and
     the quantization, ``lora`` gives the LoRA settings and ``quant`` the 4-bit settings, as in files written before
-    ``peft``. With ``peft``, ``lora=`` replaces its LoRA entry (``dataclasses.replace(cfg, lora=...)``). After
+    ``peft``. With ``peft``, ``lora=`` replaces its LoRA entry (``cfg.replace(lora=...)``). After
     construction ``cfg.lora`` is the LoRA entry or None.
     """
 
@@ -245,12 +245,12 @@ def _check_generation_cadence(task, train: TrainConfig, data: DataConfig):
     completions split evenly into the step's micro-batches."""
     if not getattr(task, "online", False):
         return
-    n = task.num_iterations
+    n, key = task.num_iterations, task.iterations_key
     for name in ("steps", "save_every"):
         if getattr(train, name) % n:
-            raise ConfigError(f"train.{name} {getattr(train, name)} is not a multiple of task.num_iterations {n}: "
-                              "each generation batch trains num_iterations steps, and a run stops or checkpoints "
-                              "only between generation batches")
+            raise ConfigError(f"train.{name} {getattr(train, name)} is not a multiple of task.{key} {n}: each "
+                              f"generation batch trains {key} steps, and a run stops or checkpoints only between "
+                              "generation batches")
     completions = data.batch_size * task.num_generations
     if completions % train.grad_accum:
         raise ConfigError(f"data.batch_size {data.batch_size} prompts x task.num_generations {task.num_generations} "

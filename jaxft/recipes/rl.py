@@ -1,6 +1,7 @@
-"""Online RL with GRPO (TRL's ``GRPOTrainer``) on the run skeleton: the policy samples its rollouts with the training
-params themselves, on the run's mesh (no second engine, no copy of the weights), reward functions score them, and
-group-normalized advantages weight a clipped policy-gradient step.
+"""Online RL with GRPO (TRL's ``GRPOTrainer``) and PPO (TRL's ``PPOTrainer`` before 1.0) on the run skeleton: the
+policy samples its rollouts with the training params themselves, on the run's mesh (no second engine, no copy of the
+weights), reward functions score them, and GRPO's group-normalized advantages, or PPO's GAE advantages from a value
+model over the same base (:class:`PpoRollouts`), weight a clipped policy-gradient step.
 
 One generation batch every ``task.num_iterations`` steps: each process takes ``data.batch_size`` prompts (its
 share, :mod:`jaxft.data.prompts`), all processes sample ``task.num_generations`` completions of every prompt in one
@@ -226,13 +227,14 @@ def with_nested_models(cfg: RunConfig, model_cfg, params: dict, rng) -> dict:
 
 def with_value_model(cfg: RunConfig, model_cfg, params: dict, rng) -> dict:
     """A PPO run's ``params`` with its value model nested under ``"value"`` (:mod:`jaxft.train.ppo`): the run's own
-    methods freshly initialized over the base (``task.value_adapter``; else none) and a one-label score head,
-    initialized as transformers initializes a new one."""
+    methods freshly initialized over the base (``task.value_adapter``; else none; none on the LM head, which the
+    value model does not use) and a one-label score head, initialized as transformers initializes a new one."""
     method_rng, head_rng = jax.random.split(rng)
     base = without_methods(params)
     value = build_params(model_cfg, base, method_rng, peft=cfg.peft) if cfg.task.value_adapter else base
     head = init_params(model_cfg.replace(head=VALUE_HEAD), head_rng, cfg.dtype, groups=(VALUE_HEAD.group,))
-    return {**params, VALUE: {**adapter_tree(value), **head}}
+    adapters = {k: v for k, v in adapter_tree(value).items() if k != "lm_head"}  # its head is the score head
+    return {**params, VALUE: {**adapters, **head}}
 
 
 def check_rollout_rows(cfg: RunConfig, mesh):
@@ -255,6 +257,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         return finished_summary(cfg, out, resumed)
     inputs = load_inputs(cfg)
     check_rollout_rows(cfg, inputs.mesh)
+    cfg.task.reward_functions().load()  # a reward model that does not load fails here, before anything is written
     base = base_reference(cfg.model)
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
     params = with_nested_models(cfg, model_cfg, params, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1))

@@ -355,6 +355,7 @@ class GrpoTask(_OnlineTask):
         self.objective(None)  # the objective checks beta, epsilon and loss_type
 
     reference_fix: ClassVar[str] = "set task.beta: 0 (no KL term, TRL's default)"
+    iterations_key: ClassVar[str] = "num_iterations"  # the key of the steps each generation batch trains
 
     @property
     def reference_policy(self) -> bool:
@@ -396,6 +397,8 @@ class PpoTask(_OnlineTask):
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             raise ConfigError(f"task ppo: missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         self.objective(None)  # the objective checks the coefficients and the estimator
+
+    iterations_key: ClassVar[str] = "num_ppo_epochs"
 
     @property
     def num_iterations(self) -> int:

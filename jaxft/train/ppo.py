@@ -10,7 +10,7 @@ Ziegler et al. 2019 and Stiennon et al. 2020) builds them:
   (:func:`missing_eos_penalty`);
 * advantages are GAE(γ, λ) over each row's completion, one episode per row, its last token terminal (:func:`gae`),
   then whitened over the batch (:func:`whiten`);
-* the value head's loss is the PPO paper's clipped one (:func:`clipped_value_losses`, :func:`value_loss`).
+* the value head's loss is the PPO paper's clipped one (:func:`clipped_value_losses`).
 
 The policy's own loss is the clipped surrogate of :mod:`jaxft.train.grpo`; :class:`PPO` trains both in one step.
 
@@ -118,15 +118,6 @@ def clipped_value_losses(values: jax.Array, old_values: jax.Array, returns: jax.
     return 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
 
 
-def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *, vf_clip: float,
-               vf_coef: float) -> jax.Array:
-    """f32: ``vf_coef`` times the mean of :func:`clipped_value_losses` over the completion tokens of the batch (the
-    value term TRL's PPOTrainer adds to the policy loss)."""
-    on = mask.astype(bool)
-    per_token = clipped_value_losses(values, old_values, returns, vf_clip=vf_clip)
-    return vf_coef * jnp.sum(jnp.where(on, per_token, 0.0)) / jnp.maximum(jnp.sum(on, dtype=jnp.float32), 1.0)
-
-
 VALUE = "value"  # where a PPO run's params nest the value model's own leaves
 VALUE_HEAD = HeadConfig("seq_cls", 1)  # TRL's value model: a one-label sequence classifier, read at every token
 
@@ -145,12 +136,12 @@ def value_params(params: dict) -> dict:
     return _overlay(without_methods(outer_model(params)), params[VALUE])
 
 
-def value_predictions(cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None) -> jax.Array:
+def value_predictions(cfg: ModelConfig, params: dict, batch: dict, activation_sharding=None) -> jax.Array:
     """[B, T] float32, aligned with ``labels``: V(s_t), the value head at each position whose next token is a
     completion token (the state before that token is sampled, TRL's ``values[:, context_length - 1:-1]``), 0
-    elsewhere. ``rng``: the value model's adapter dropout (training)."""
+    elsewhere."""
     values = token_logits(cfg.replace(head=VALUE_HEAD), value_params(params), batch["input_ids"],
-                          batch.get("positions"), batch.get("segment_ids"), rng=rng,
+                          batch.get("positions"), batch.get("segment_ids"),
                           activation_sharding=activation_sharding)[..., 0]
     return jnp.where(batch["labels"] != IGNORE_INDEX, values, 0.0)
 
@@ -165,7 +156,9 @@ class PPO(FromSums):
     score at each completion's last token minus ``kl_coef`` times the per-token KL to the adapters-off reference
     (``kl_estimator`` k1 | k3), whitened first with ``whiten_rewards``; GAE(``gamma``, ``lam``) over each
     completion. Log-probs are of ``softmax(logits / temperature)``, the distribution the rollout sampled from;
-    ``on_policy``: each batch trains one step, its old log-probs the step's own (detached)."""
+    ``on_policy``: each batch trains one step, its old log-probs the step's own (detached). No dropout anywhere
+    (TRL's PPOTrainer disables it in the policy, value and reference models): the step's forward passes are the
+    ones the old log-probs and values came from, so the first step's ratio is 1 and its values the old ones."""
 
     cliprange: float = 0.2
     cliprange_value: float = 0.2
@@ -202,11 +195,11 @@ class PPO(FromSums):
 
     def _sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
               ) -> dict[str, jax.Array]:
-        """The loss sum of one micro-batch and TRL's metrics' numerators, per completion token."""
-        policy_rng, value_rng = (None, None) if rng is None else jax.random.split(rng)
-        logps = label_logprobs(cfg, outer_model(params), batch, chunk_size=self.chunk_size, rng=policy_rng,
+        """The loss sum of one micro-batch and TRL's metrics' numerators, per completion token (``rng`` unused: no
+        dropout)."""
+        logps = label_logprobs(cfg, outer_model(params), batch, chunk_size=self.chunk_size,
                                activation_sharding=activation_sharding, temperature=self.temperature)
-        values = value_predictions(cfg, params, batch, value_rng, activation_sharding)
+        values = value_predictions(cfg, params, batch, activation_sharding=activation_sharding)
         counted = batch["labels"] != IGNORE_INDEX
         old_logps = jax.lax.stop_gradient(logps) if self.on_policy else batch["old_logps"]
         advantages, old_values, returns = batch["advantages"], batch["old_values"], batch["returns"]

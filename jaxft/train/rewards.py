@@ -154,6 +154,13 @@ class WeightedRewards:
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.functions)
 
+    def load(self):
+        """Read what the functions read from files (a reward model's weights) now: a run calls this before it
+        writes anything, so a folder that does not load fails it at the start, not after the first rollout."""
+        for fn in self.functions:
+            if hasattr(fn, "load"):
+                fn.load()
+
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[dict],
                  stopped: Sequence[bool], num_tokens: Sequence[int], record_indices: Sequence[int] | None = None,
                  prompt_sources: Sequence | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -324,7 +331,9 @@ class RewardModelScore:
     (:func:`reward_model_sequence`), so it may sit on another base than the policy. Loaded once, on first use, in
     float32, whole on each process's first device (each process scores its own completions), an adapter merged
     into its weights; each batch of completions is scored in one jitted call (``batch_size`` rows per forward
-    pass), without gradient."""
+    pass), without gradient. A completion cut at the length limit is scored as its text reads with the turn
+    closed (as a finished one): PPO's ``missing_eos_penalty`` or GRPO's ``mask_truncated_completions`` treat
+    those apart."""
 
     path: str = field(metadata=PATH_FIELD)
     name: str = "reward_model"
@@ -334,6 +343,10 @@ class RewardModelScore:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"reward {self.name!r}: batch_size (rows per forward pass) must be an integer >= 1, got "
                               f"{self.batch_size!r}")
+
+    def load(self):
+        """Load the model now (else on first use)."""
+        self._model
 
     @functools.cached_property
     def _model(self) -> tuple:

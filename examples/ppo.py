@@ -1,0 +1,113 @@
+"""PPO on the demo task with a learned reward: from a weakly fine-tuned checkpoint, with a reward model trained on
+its own wrong answers, does PPO raise greedy exact match on held-out problems?
+
+    python examples/ppo.py [--out jaxft-ppo] [--steps N]
+
+1. the weak checkpoint and the on-policy pairs of ``examples/preference.py`` (the demo base after a short LoRA
+   fine-tune; the right answer against the checkpoint's wrong one), and its reward model (``configs/reward-demo.yaml``:
+   a one-label score head, Bradley-Terry on the pairs);
+2. prompts: the training problems as ``{"prompt": [user turn], "answer": the right reply}`` records;
+3. ``configs/ppo-demo.yaml`` trains QLoRA on ``OUT/weak`` with PPO (``--steps``): each generation batch samples one
+   completion per prompt with the params being trained, the reward model scores it, a value model (its own LoRA and
+   score head over the same NF4 base) gives GAE advantages, and 4 clipped steps train policy and value model;
+   exact match is logged beside the reward (weight 0), never rewarded;
+4. greedy exact match on the held-out problems before and after (also every 20 steps by the run itself), the curves
+   (``bench/results/ppo.png``) and a table (``bench/results/ppo.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from jaxft.recipes import demo, sft
+from jaxft.recipes.config import load_run_config
+from jaxft.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "examples"))
+from bench_train import cpu_info  # noqa: E402  (the benchmarks' record of the CPU the numbers come from)
+from grpo import prompt_records  # noqa: E402  (the GRPO demo's prompts)
+from preference import (exact_match, problems, reward_run, weak_checkpoint, write_jsonl,  # noqa: E402
+                        write_pairs)
+
+EXACT = "rewards/exact_match/mean"
+
+
+def plot(metrics: Path, png: Path):
+    """Left: the reward model's mean score of the sampled completions per generation batch; right: their exact
+    match, and the held-out problems' greedy exact match at each evaluation."""
+    records = read_metrics(metrics)
+    train = [r for r in records if r["split"] == "train"]
+    steps = [r["step"] for r in train]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    score, exact = fig.subplots(1, 2)
+    score.plot(steps, [r["rewards/reward_model/mean"] for r in train], marker=".")
+    score.set(xlabel="step", ylabel="reward model score", title="PPO: the reward (sampled completions)")
+    exact.plot(steps, [r[EXACT] for r in train], alpha=0.5, label="sampled completions (temperature 0.3)")
+    exact.plot(*zip(*[(r["step"], r[EXACT]) for r in records if r["split"] == "eval"]), marker="o",
+               label="held-out problems: greedy")
+    exact.set(xlabel="step", ylabel="exact match (not rewarded)", title="PPO: exact match", ylim=(0, 1))
+    exact.legend(loc="upper left")
+    fig.savefig(png, dpi=100)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="jaxft-ppo", help="data and run folder (default: ./jaxft-ppo)")
+    parser.add_argument("--steps", type=int, help="PPO steps (default: the config's)")
+    parser.add_argument("--sft-steps", type=int, default=140,
+                        help="the weak fine-tune's steps (default 140: about half the held-out problems right)")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ppo.json"))
+    args = parser.parse_args(argv)
+    out, cfg = Path(args.out), demo.DemoConfig()
+    if not (demo.base_dir() / "config.json").exists():
+        demo.build_base(demo.base_dir(), cfg)
+    test, sft_problems, rl_problems = problems(cfg, 2000)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    demo.write_jsonl(data / "sft.jsonl", [demo.chat(p) for p in sft_problems])
+    weak = weak_checkpoint(out, data / "sft.jsonl", args.sft_steps)
+    write_pairs(data, weak, rl_problems, test)
+    reward = reward_run(weak, data, out, None)
+    print(f"reward model: held-out pair accuracy {reward['accuracy']:.3f} ({reward['seconds']} s)")
+    write_jsonl(data / "prompts.jsonl", prompt_records(rl_problems))
+    write_jsonl(data / "eval-prompts.jsonl", prompt_records(test))
+    before = exact_match(weak, test)
+    run_dir = out / "runs" / "ppo"
+    sets = [f"model={weak}", f"output_dir={run_dir}", f"data.paths=[{data / 'prompts.jsonl'}]",
+            f"task.rewards.0.path={out / 'runs' / 'reward' / 'adapter'}",
+            f"eval_data={{paths: [{data / 'eval-prompts.jsonl'}], batch_size: 20}}", "train.eval_every=20",
+            f"train.eval_batches={len(test) // 20}", "train.log_every=1"] + (
+        [f"train.steps={args.steps}", f"train.save_every={args.steps}"] if args.steps else [])
+    run_cfg = load_run_config(ROOT / "configs" / "ppo-demo.yaml", sets)
+    start = time.perf_counter()
+    summary = sft.run(run_cfg, overwrite=True)
+    seconds = round(time.perf_counter() - start, 1)
+    after = exact_match(weak, test, summary["export"])
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    fresh = train[::run_cfg.task.num_ppo_epochs]  # each generation batch's first step (its metrics)
+    row = {"method": "ppo (reward model)", "steps": run_cfg.train.steps, "seconds": seconds,
+           "reward_model_accuracy": reward["accuracy"],
+           "score_first_batch": fresh[0]["rewards/reward_model/mean"],
+           "score_last_batch": fresh[-1]["rewards/reward_model/mean"],
+           "sampled_exact_match_first_batch": fresh[0][EXACT], "sampled_exact_match_last_batch": fresh[-1][EXACT],
+           "eval_exact_match_in_run": summary["eval"][EXACT], "exact_match_before": before,
+           "exact_match_after": after, "rollout_tokens_per_s": train[-1].get("rollout_tokens_per_s"),
+           "tokens_per_s": train[-1].get("tokens_per_s")}
+    print(f"| method | steps | seconds | reward model score, first -> last batch | greedy exact match "
+          f"({len(test)} held-out) |\n|---|---|---|---|---|\n| {row['method']} | {row['steps']} | {seconds} | "
+          f"{row['score_first_batch']:.3f} -> {row['score_last_batch']:.3f} | {before:.3f} -> {after:.3f} |")
+    plot(run_dir / "metrics.jsonl", Path(args.json).with_suffix(".png"))
+    Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "rows": [row]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
