@@ -97,9 +97,9 @@ BAD_INPUTS = [
     (["train", "{unknown}"], UNKNOWN_KEY),
     (["train", "{evil}"], PYTHON_TAG),
     (["train", "{config}", "--set", "lora.r"], NOT_KEY_VALUE),
-    (["train", "{config}", "--set", "task={{type: ppo}}"], "--set task={{type: ppo}}: task.type: unknown task "
-                                                           "type 'ppo'; known types are ['classify', 'dpo', 'grpo', "
-                                                           "'kto', 'orpo', 'qa', 'reward', 'sft', 'simpo', "
+    (["train", "{config}", "--set", "task={{type: rloo}}"], "--set task={{type: rloo}}: task.type: unknown task "
+                                                           "type 'rloo'; known types are ['classify', 'dpo', 'grpo', "
+                                                           "'kto', 'orpo', 'ppo', 'qa', 'reward', 'sft', 'simpo', "
                                                            "'token_classify']"),
     (["train", "{config}", "--set", "method=qlora", "--set", "quant.type=int8"],
      "--set quant.type=int8: unknown quant type 'int8'; known types are ['fp4', 'nf4']"),
