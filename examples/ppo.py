@@ -11,8 +11,9 @@ its own wrong answers, does PPO raise greedy exact match on held-out problems?
    completion per prompt with the params being trained, the reward model scores it, a value model (its own LoRA and
    score head over the same NF4 base) gives GAE advantages, and 4 clipped steps train policy and value model;
    exact match is logged beside the reward (weight 0), never rewarded;
-4. greedy exact match on the held-out problems before and after (also every 20 steps by the run itself), the curves
-   (``bench/results/ppo.png``) and a table (``bench/results/ppo.json``).
+4. greedy exact match on the held-out problems before and after (also every 20 steps by the run itself), for TRL's
+   default ``kl_coef`` 0.05 and for 0.2, the curves (``bench/results/ppo.png``) and a table
+   (``bench/results/ppo.json``).
 """
 from __future__ import annotations
 
@@ -38,24 +39,52 @@ from preference import (exact_match, problems, reward_run, weak_checkpoint, writ
                         write_pairs)
 
 EXACT = "rewards/exact_match/mean"
+SCORE = "rewards/reward_model/mean"
+KL_COEFS = (0.05, 0.2)  # TRL's default, and a stronger pull to the weak checkpoint
 
 
-def plot(metrics: Path, png: Path):
-    """Left: the reward model's mean score of the sampled completions per generation batch; right: their exact
-    match, and the held-out problems' greedy exact match at each evaluation."""
-    records = read_metrics(metrics)
-    train = [r for r in records if r["split"] == "train"]
-    steps = [r["step"] for r in train]
+def plot(runs: dict[float, Path], png: Path):
+    """Per KL coefficient: left, the reward model's mean score of the sampled completions; right, the held-out
+    problems' greedy exact match at each evaluation (not rewarded)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     score, exact = fig.subplots(1, 2)
-    score.plot(steps, [r["rewards/reward_model/mean"] for r in train], marker=".")
-    score.set(xlabel="step", ylabel="reward model score", title="PPO: the reward (sampled completions)")
-    exact.plot(steps, [r[EXACT] for r in train], alpha=0.5, label="sampled completions (temperature 0.3)")
-    exact.plot(*zip(*[(r["step"], r[EXACT]) for r in records if r["split"] == "eval"]), marker="o",
-               label="held-out problems: greedy")
-    exact.set(xlabel="step", ylabel="exact match (not rewarded)", title="PPO: exact match", ylim=(0, 1))
-    exact.legend(loc="upper left")
+    for kl_coef, metrics in runs.items():
+        records = read_metrics(metrics)
+        train = [r for r in records if r["split"] == "train"]
+        score.plot([r["step"] for r in train], [r[SCORE] for r in train], label=f"kl_coef {kl_coef}")
+        exact.plot(*zip(*[(r["step"], r[EXACT]) for r in records if r["split"] == "eval"]), marker="o",
+                   label=f"kl_coef {kl_coef}")
+    score.set(xlabel="step", ylabel="reward model score", title="PPO: the reward (sampled, temperature 0.3)")
+    exact.set(xlabel="step", ylabel="greedy exact match, held-out", title="PPO: exact match (not rewarded)",
+              ylim=(0, 1))
+    score.legend(loc="upper left")
+    exact.legend(loc="lower left")
     fig.savefig(png, dpi=100)
+
+
+def ppo_run(kl_coef: float, weak: Path, out: Path, n_test: int, steps: int | None) -> tuple[dict, Path]:
+    """(table row, metrics file) of ``configs/ppo-demo.yaml`` with ``kl_coef`` on the prepared data."""
+    data, run_dir = out / "data", out / "runs" / f"ppo-kl{kl_coef}"
+    sets = [f"model={weak}", f"output_dir={run_dir}", f"data.paths=[{data / 'prompts.jsonl'}]",
+            f"task.rewards=[{{type: reward_model, path: {out / 'runs' / 'reward' / 'adapter'}, batch_size: 64}}, "
+            "{type: exact_match}]", f"task.kl_coef={kl_coef}",
+            f"eval_data={{paths: [{data / 'eval-prompts.jsonl'}], batch_size: 20}}", "train.eval_every=20",
+            f"train.eval_batches={n_test // 20}", "train.log_every=1"] + (
+        [f"train.steps={steps}", f"train.save_every={steps}"] if steps else [])
+    run_cfg = load_run_config(ROOT / "configs" / "ppo-demo.yaml", sets)
+    start = time.perf_counter()
+    summary = sft.run(run_cfg, overwrite=True)
+    seconds = round(time.perf_counter() - start, 1)
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    fresh = train[::run_cfg.task.num_ppo_epochs]  # each generation batch's first step (its metrics)
+    row = {"method": f"ppo (reward model, kl_coef {kl_coef})", "steps": run_cfg.train.steps, "seconds": seconds,
+           "score_first_batch": fresh[0][SCORE],
+           "score_last_10_batches": float(np.mean([r[SCORE] for r in fresh[-10:]])),
+           "kl_last_batch": fresh[-1]["objective/kl"], "eval_score_in_run": summary["eval"]["reward"],
+           "eval_exact_match_in_run": summary["eval"][EXACT], "export": summary["export"],
+           "rollout_tokens_per_s": train[-1].get("rollout_tokens_per_s"),
+           "tokens_per_s": train[-1].get("tokens_per_s")}
+    return row, run_dir / "metrics.jsonl"
 
 
 def main(argv=None) -> int:
@@ -80,32 +109,17 @@ def main(argv=None) -> int:
     write_jsonl(data / "prompts.jsonl", prompt_records(rl_problems))
     write_jsonl(data / "eval-prompts.jsonl", prompt_records(test))
     before = exact_match(weak, test)
-    run_dir = out / "runs" / "ppo"
-    sets = [f"model={weak}", f"output_dir={run_dir}", f"data.paths=[{data / 'prompts.jsonl'}]",
-            f"task.rewards.0.path={out / 'runs' / 'reward' / 'adapter'}",
-            f"eval_data={{paths: [{data / 'eval-prompts.jsonl'}], batch_size: 20}}", "train.eval_every=20",
-            f"train.eval_batches={len(test) // 20}", "train.log_every=1"] + (
-        [f"train.steps={args.steps}", f"train.save_every={args.steps}"] if args.steps else [])
-    run_cfg = load_run_config(ROOT / "configs" / "ppo-demo.yaml", sets)
-    start = time.perf_counter()
-    summary = sft.run(run_cfg, overwrite=True)
-    seconds = round(time.perf_counter() - start, 1)
-    after = exact_match(weak, test, summary["export"])
-    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
-    fresh = train[::run_cfg.task.num_ppo_epochs]  # each generation batch's first step (its metrics)
-    row = {"method": "ppo (reward model)", "steps": run_cfg.train.steps, "seconds": seconds,
-           "reward_model_accuracy": reward["accuracy"],
-           "score_first_batch": fresh[0]["rewards/reward_model/mean"],
-           "score_last_batch": fresh[-1]["rewards/reward_model/mean"],
-           "sampled_exact_match_first_batch": fresh[0][EXACT], "sampled_exact_match_last_batch": fresh[-1][EXACT],
-           "eval_exact_match_in_run": summary["eval"][EXACT], "exact_match_before": before,
-           "exact_match_after": after, "rollout_tokens_per_s": train[-1].get("rollout_tokens_per_s"),
-           "tokens_per_s": train[-1].get("tokens_per_s")}
-    print(f"| method | steps | seconds | reward model score, first -> last batch | greedy exact match "
-          f"({len(test)} held-out) |\n|---|---|---|---|---|\n| {row['method']} | {row['steps']} | {seconds} | "
-          f"{row['score_first_batch']:.3f} -> {row['score_last_batch']:.3f} | {before:.3f} -> {after:.3f} |")
-    plot(run_dir / "metrics.jsonl", Path(args.json).with_suffix(".png"))
-    Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "rows": [row]}, indent=2))
+    rows, runs = [], {}
+    for kl_coef in KL_COEFS:
+        row, runs[kl_coef] = ppo_run(kl_coef, weak, out, len(test), args.steps)
+        rows.append({**row, "exact_match_before": before, "exact_match_after": exact_match(weak, test, row["export"])})
+    print(f"| method | steps | seconds | reward model score, first batch -> last 10 | greedy exact match "
+          f"({len(test)} held-out) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['steps']} | {r['seconds']} | {r['score_first_batch']:.3f} -> "
+              f"{r['score_last_10_batches']:.3f} | {before:.3f} -> {r['exact_match_after']:.3f} |")
+    plot(runs, Path(args.json).with_suffix(".png"))
+    Path(args.json).write_text(json.dumps({"cpu": cpu_info(), "reward_model": reward, "rows": rows}, indent=2))
     return 0
 
 
