@@ -26,6 +26,7 @@ from jaxft.config import ConfigError
 from jaxft.data.chat import IGNORE_INDEX
 from jaxft.models.heads import token_logits
 from jaxft.models.llama import forward
+from jaxft.parallel import MeshConfig
 from jaxft.peft.methods import without_methods
 from jaxft.peft.tree import combine
 from jaxft.recipes import rl, sft
@@ -189,6 +190,18 @@ def test_ppo_run_logs_trls_metrics_exports_the_policy_and_resumes_exactly(setup)
         before = next(b for b in train if b["step"] == r["step"])
         for key in ("loss", "reward", "loss/value_avg", "objective/kl"):
             assert r[key] == before[key], key
+
+
+def test_one_copy_of_the_base_serves_the_policy_the_reference_and_the_value_model(setup):
+    """The compiled PPO step's arguments (XLA's memory_analysis) hold the frozen base once beside the policy's and the
+    value model's trainable leaves, their optimizer state and the batch: what `jaxft inspect` counts as resident."""
+    cfg = _ppo_config(setup, kl_coef=0.1)
+    predicted = memory.estimate(cfg, (1, 1, 1))
+    compiled = memory.compiled_memory(cfg, MeshConfig(1, 1, 1), jax.devices()[:1])
+    resident = predicted.frozen + predicted.trainable + predicted.optimizer + predicted.batch
+    print(f"compiled arguments {compiled['argument']} bytes, estimated resident {resident}, base {predicted.frozen}")
+    assert predicted.frozen > 0.3 * resident  # a second copy of the base would show
+    assert compiled["argument"] == pytest.approx(resident, rel=0.02)
 
 
 @pytest.mark.parametrize("task, message", [
