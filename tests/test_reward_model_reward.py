@@ -29,7 +29,7 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.recipes import demo, rl, sft
 from jaxft.recipes.config import RunConfig, TrainConfig
 from jaxft.recipes.skeleton import load_inputs, load_model, train_state
-from jaxft.recipes.tasks import GrpoTask, RewardTask
+from jaxft.recipes.tasks import GrpoTask, RewardTask, check_reward_models
 from jaxft.train.optim import OptimConfig
 from jaxft.train.rewards import LengthPenalty, RewardError, RewardModelScore, WeightedRewards
 from sft_worker import make_base
@@ -95,7 +95,11 @@ def test_folders_without_a_reward_model_are_refused_by_key(setup, tmp_path):
     for path, says in ((tmp_path / "missing", "is no folder"), (setup["base"], r"no task head \(a causal LM\)"),
                        (two_labels, "a seq_cls head with 2 labels"), (setup["root"], "neither adapter_config.json")):
         with pytest.raises(ConfigError, match=rf"task\.rewards\[1\]\.path .*{says}.*num_labels 1"):
-            GrpoTask(rewards=(LengthPenalty(6, 4), RewardModelScore(str(path))))
+            check_reward_models(GrpoTask(rewards=(LengthPenalty(6, 4), RewardModelScore(str(path)))).rewards)
+    missing = _grpo_config(setup, task=GrpoTask(num_generations=G, rewards=(RewardModelScore(str(tmp_path / "x")),)))
+    with pytest.raises(ConfigError, match=r"task\.rewards\[0\]\.path .*is no folder"):
+        sft.run(missing)  # a run refuses it before it writes anything
+    assert not Path(missing.output_dir).exists()
     task = from_dict(GrpoTask, {"rewards": [{"type": "reward_model", "path": str(setup["reward"]), "batch_size": 4}]})
     assert task.rewards == (RewardModelScore(str(setup["reward"]), batch_size=4),)
     with pytest.raises(ConfigError, match="batch_size"):
@@ -123,8 +127,8 @@ def test_a_batch_function_that_gives_no_finite_number_names_the_record():
 
 def _grpo_config(setup, **overrides) -> RunConfig:
     data = DataConfig(paths=(str(setup["prompts"]),), batch_size=4, template="chatml")
-    task = GrpoTask(num_generations=G, max_prompt_length=16, max_completion_length=6,
-                    rewards=(RewardModelScore(str(setup["reward"]), batch_size=4),))
+    task = overrides.pop("task", None) or GrpoTask(num_generations=G, max_prompt_length=16, max_completion_length=6,
+                                                   rewards=(RewardModelScore(str(setup["reward"]), batch_size=4),))
     return RunConfig(model=str(setup["base"]), output_dir=str(setup["root"] / f"run-{next(RUN_NUMBERS)}"),
                      peft=(LORA,), data=data, task=task, optim=OptimConfig(lr=1e-2, max_grad_norm=1.0),
                      mesh=MeshConfig(data=4, tensor=2),

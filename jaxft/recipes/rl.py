@@ -34,7 +34,7 @@ from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.skeleton import (Latest, build_params, check_run_dir, finished_summary, load_inputs, load_model,
                                     restore_checkpoint, train_and_publish, train_state, write_run_dir)
-from jaxft.recipes.tasks import PpoTask
+from jaxft.recipes.tasks import PpoTask, check_reward_models
 from jaxft.train.checkpoint import base_reference
 from jaxft.train.grpo import group_advantages, truncated_mask
 from jaxft.train.metrics import MetricsLogger
@@ -257,7 +257,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         return finished_summary(cfg, out, resumed)
     inputs = load_inputs(cfg)
     check_rollout_rows(cfg, inputs.mesh)
-    cfg.task.reward_functions().load()  # a reward model that does not load fails here, before anything is written
+    check_reward_models(cfg.task.rewards)  # a reward model that is not there, or does not load, fails before
+    cfg.task.reward_functions().load()     # anything is written
     base = base_reference(cfg.model)
     model_cfg, params = load_model(cfg, jax.random.PRNGKey(cfg.train.seed), inputs.mesh)
     params = with_nested_models(cfg, model_cfg, params, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1))

@@ -276,8 +276,9 @@ REWARD_UNION = TaggedUnion("reward", {"exact_match": ExactMatch, "format": Regex
 
 
 def check_reward_models(rewards: tuple) -> None:
-    """Each reward model's folder holds one (:func:`jaxft.train.rewards.reward_model_folders`), checked when the
-    config loads, before a run writes anything; the error names the entry's key, ``task.rewards[i].path``."""
+    """Each reward model's folder holds one (:func:`jaxft.train.rewards.reward_model_folders`), checked when a run
+    starts, before it writes anything (not when the config loads: a shipped config names the folder a demo makes
+    first); the error names the entry's key, ``task.rewards[i].path``."""
     for i, reward in enumerate(rewards):
         if isinstance(reward, RewardModelScore):
             try:
@@ -318,7 +319,6 @@ class _OnlineTask:
         except InputError as e:
             raise ConfigError(f"task {name}: {e}") from None
         self.reward_functions()
-        check_reward_models(self.rewards)
         for reward in self.rewards:
             if isinstance(reward, LengthPenalty) and reward.max_completion_len > self.max_completion_length:
                 raise ConfigError(f"task {name}: reward {reward.name!r} starts its penalty past max_completion_len "
