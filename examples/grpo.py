@@ -49,32 +49,46 @@ def plot_rewards(metrics: Path, png: Path):
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     ax.plot(steps, rewards, alpha=0.35, label="sampled completions (temperature 0.3): mean reward")
-    smooth = np.convolve(rewards, np.ones(10) / 10, mode="valid")
-    ax.plot(steps[9:], smooth, label="the same, 10-step moving mean")
+    if len(rewards) >= 10:
+        smooth = np.convolve(rewards, np.ones(10) / 10, mode="valid")
+        ax.plot(steps[9:], smooth, label="the same, 10-step moving mean")
     ax.plot(*zip(*evals), marker="o", label="held-out problems: greedy exact match")
     ax.set(xlabel="step", ylabel="reward = exact match", title="GRPO on the demo task", ylim=(0, 1))
     ax.legend(loc="upper left")
     fig.savefig(png, dpi=100)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="jaxft-grpo", help="data and run folder (default: ./jaxft-grpo)")
-    parser.add_argument("--steps", type=int, help="GRPO steps (default: the config's)")
+def arguments(argv, doc: str, name: str) -> argparse.Namespace:
+    """The RL demos' command line (``name``: grpo or ppo)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=f"jaxft-{name}", help=f"data and run folder (default: ./jaxft-{name})")
+    parser.add_argument("--steps", type=int, help=f"{name.upper()} steps (default: the config's)")
     parser.add_argument("--sft-steps", type=int, default=140,
                         help="the weak fine-tune's steps (default 140: about half the held-out problems right)")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "grpo.json"))
-    args = parser.parse_args(argv)
-    out, cfg = Path(args.out), demo.DemoConfig()
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / f"{name}.json"))
+    return parser.parse_args(argv)
+
+
+def prepared(out: Path, sft_steps: int) -> tuple[list, list, Path, Path]:
+    """(held-out problems, RL problems, data folder, weak checkpoint): the demo base (built on first use), the weak
+    checkpoint fine-tuned from it, and the RL and held-out prompts in ``out/data``."""
+    cfg = demo.DemoConfig()
     if not (demo.base_dir() / "config.json").exists():
         demo.build_base(demo.base_dir(), cfg)
     test, sft_problems, rl_problems = problems(cfg, 2000)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     demo.write_jsonl(data / "sft.jsonl", [demo.chat(p) for p in sft_problems])
-    weak = weak_checkpoint(out, data / "sft.jsonl", args.sft_steps)
+    weak = weak_checkpoint(out, data / "sft.jsonl", sft_steps)
     write_jsonl(data / "prompts.jsonl", prompt_records(rl_problems))
     write_jsonl(data / "eval-prompts.jsonl", prompt_records(test))
+    return test, rl_problems, data, weak
+
+
+def main(argv=None) -> int:
+    args = arguments(argv, __doc__, "grpo")
+    out = Path(args.out)
+    test, _, data, weak = prepared(out, args.sft_steps)
     before = exact_match(weak, test)
     run_dir = out / "runs" / "grpo"
     sets = [f"model={weak}", f"output_dir={run_dir}", f"data.paths=[{data / 'prompts.jsonl'}]",

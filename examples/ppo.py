@@ -17,7 +17,6 @@ its own wrong answers, does PPO raise greedy exact match on held-out problems?
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxft.recipes import demo, sft
+from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.train.metrics import read_metrics
 
@@ -34,9 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "examples"))
 from bench_train import cpu_info  # noqa: E402  (the benchmarks' record of the CPU the numbers come from)
-from grpo import prompt_records  # noqa: E402  (the GRPO demo's prompts)
-from preference import (exact_match, problems, reward_run, weak_checkpoint, write_jsonl,  # noqa: E402
-                        write_pairs)
+from grpo import arguments, prepared  # noqa: E402  (the GRPO demo's command line, checkpoint and prompts)
+from preference import exact_match, reward_run, write_pairs  # noqa: E402  (its pairs and reward model)
 
 EXACT = "rewards/exact_match/mean"
 SCORE = "rewards/reward_model/mean"
@@ -88,26 +86,12 @@ def ppo_run(kl_coef: float, weak: Path, out: Path, n_test: int, steps: int | Non
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="jaxft-ppo", help="data and run folder (default: ./jaxft-ppo)")
-    parser.add_argument("--steps", type=int, help="PPO steps (default: the config's)")
-    parser.add_argument("--sft-steps", type=int, default=140,
-                        help="the weak fine-tune's steps (default 140: about half the held-out problems right)")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ppo.json"))
-    args = parser.parse_args(argv)
-    out, cfg = Path(args.out), demo.DemoConfig()
-    if not (demo.base_dir() / "config.json").exists():
-        demo.build_base(demo.base_dir(), cfg)
-    test, sft_problems, rl_problems = problems(cfg, 2000)
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    demo.write_jsonl(data / "sft.jsonl", [demo.chat(p) for p in sft_problems])
-    weak = weak_checkpoint(out, data / "sft.jsonl", args.sft_steps)
+    args = arguments(argv, __doc__, "ppo")
+    out = Path(args.out)
+    test, rl_problems, data, weak = prepared(out, args.sft_steps)
     write_pairs(data, weak, rl_problems, test)
     reward = reward_run(weak, data, out, None)
     print(f"reward model: held-out pair accuracy {reward['accuracy']:.3f} ({reward['seconds']} s)")
-    write_jsonl(data / "prompts.jsonl", prompt_records(rl_problems))
-    write_jsonl(data / "eval-prompts.jsonl", prompt_records(test))
     before = exact_match(weak, test)
     rows, runs = [], {}
     for kl_coef in KL_COEFS:

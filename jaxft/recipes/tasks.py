@@ -410,6 +410,7 @@ class PpoTask(_OnlineTask):
                                     "peft a method that trains beside the base")
 
     def objective(self, train: TrainConfig | None) -> PPO:
-        return PPO(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef, kl_coef=self.kl_coef,
+        return PPO(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef,
+                   kl_coef=self.kl_coef,
                    kl_estimator=self.kl_estimator, gamma=self.gamma, lam=self.lam, whiten_rewards=self.whiten_rewards,
                    temperature=self.temperature, chunk_size=_chunk_size(train), on_policy=self.num_ppo_epochs == 1)

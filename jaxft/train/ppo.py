@@ -183,7 +183,8 @@ class PPO(FromSums):
     def __post_init__(self):
         _check_unit_interval(gamma=self.gamma, lam=self.lam)
         if not 0 < self.cliprange < 1 or not self.cliprange_value > 0 or not self.vf_coef >= 0 or not self.kl_coef >= 0:
-            raise ConfigError(f"PPO: expected 0 < cliprange < 1, cliprange_value > 0, vf_coef >= 0 and kl_coef >= 0, got "
+            raise ConfigError(f"PPO: expected 0 < cliprange < 1, cliprange_value > 0, vf_coef >= 0 and kl_coef >= 0, "
+                              "got "
                               f"{self.cliprange}, {self.cliprange_value}, {self.vf_coef}, {self.kl_coef}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"PPO: kl_estimator {self.kl_estimator!r} is unknown; expected one of {KL_ESTIMATORS}")
