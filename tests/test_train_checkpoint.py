@@ -1,6 +1,7 @@
 """Train-state checkpoints: bit-identical round trips and resumes, cadence and retention, resharding on restore,
 atomicity under SIGKILL, and the frozen-base fingerprint."""
 import hashlib
+import logging
 import json
 import shutil
 import struct
@@ -401,3 +402,21 @@ def test_a_reference_from_before_byte_hashing_still_resumes_with_a_warning_and_s
     save_file({"lm_head": np.zeros((8, 5), np.float32)}, str(base_dir / "model-00002-of-00002.safetensors"))
     with pytest.warns(UserWarning), pytest.raises(BaseModelChanged, match="model-00002-of-00002.safetensors"):
         check_base(reference)
+
+
+def test_unretrieved_write_errors_of_a_save_are_not_logged_twice(tmp_path):
+    """After a failed save, asyncio logs each write task's unretrieved error; tensorstore sets some of them on their
+    futures from C, without a traceback. Those naming a checkpoint folder are dropped (the caller gets the error once
+    as CheckpointSaveError); any other unretrieved error is still logged."""
+    with Checkpointer(tmp_path / "checkpoints"):
+        pass
+    asyncio_log = logging.getLogger("asyncio")
+
+    def logged(error: Exception) -> bool:
+        record = asyncio_log.makeRecord("asyncio", logging.ERROR, __file__, 1, "Future exception was never retrieved",
+                                        (), (type(error), error, None))
+        return asyncio_log.filter(record)
+
+    save_error = ValueError(f'Error writing "x" at local file "{tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"}"')
+    assert not logged(save_error)
+    assert logged(ValueError(f'Error writing "x" at local file "{tmp_path / "elsewhere"}"'))

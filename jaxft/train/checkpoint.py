@@ -71,12 +71,20 @@ class _QuietOrbax(logging.Filter):
     awaited) with a traceback before the error reaches the caller, who gets it once as
     :class:`CheckpointSaveError`; and the notice that a read-only manager is read only."""
 
+    checkpoint_folders: set[str] = set()  # every Checkpointer's folder in this process
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "asyncio":
-            tb = record.exc_info[2] if record.exc_info else None
-            return not (tb and any("orbax" in frame.filename for frame in traceback.extract_tb(tb)))
+            return not (record.exc_info and self._from_a_save(*record.exc_info))
         return "orbax" not in record.pathname or not (
             record.levelno >= logging.ERROR or str(record.msg).startswith("Given directory is read only"))
+
+    @classmethod
+    def _from_a_save(cls, _, error: BaseException | None, tb) -> bool:
+        """A write task's error, known by orbax in its traceback or, when tensorstore set it on the future from C
+        (no traceback at all), by a checkpoint folder in its message."""
+        return (any("orbax" in frame.filename for frame in traceback.extract_tb(tb)) if tb is not None else
+                any(folder in str(error) for folder in cls.checkpoint_folders))
 
 
 class _SkipLateWriteCallbacks:
@@ -127,6 +135,7 @@ class Checkpointer:
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _LAYOUT: ocp.JsonCheckpointHandler(),
                     _EXTRA: ocp.JsonCheckpointHandler()}
         _quiet_orbax()
+        _QuietOrbax.checkpoint_folders.add(str(self.directory))
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: Any, extra: dict | None = None, *, force: bool = False) -> bool:
