@@ -1,0 +1,1 @@
+"""llama.cpp's GGUF files: the layout both directions share (:mod:`jaxft.gguf.layout`)."""

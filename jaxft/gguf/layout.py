@@ -1,0 +1,57 @@
+"""How a Llama-family checkpoint is laid out in a GGUF file, for reading and writing alike.
+
+llama.cpp's converter (``convert_hf_to_gguf.py``) names tensors by architecture (``blk.3.attn_q.weight`` for
+``model.layers.3.self_attn.q_proj.weight``), writes Mistral as the ``llama`` architecture, and, for that
+architecture only, permutes the rows of the query and key projections: HF's rotary embedding rotates the two
+halves of each head (``rotate_half``), llama.cpp's rotates adjacent pairs, so each head's rows are interleaved
+from ``[first half | second half]`` to ``[x0, x_{d/2}, x1, x_{d/2+1}, ...]``. Qwen2 is written unpermuted (its
+llama.cpp graph uses the half-rotation, "NEOX" rope).
+
+The tensor names come from the ``gguf`` package (llama.cpp's own tables), so they follow llama.cpp's releases.
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from jaxft.errors import JaxftError
+
+# GGUF's general.architecture for each model type jaxft reads; the inverse takes Mistral as llama (same graph).
+ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp interleaves per head
+
+
+class GgufError(JaxftError, ValueError):
+    """A GGUF file jaxft cannot read or write as asked; the message names the file and what was expected."""
+
+
+def tensor_name_map(architecture: str, num_layers: int) -> gguf.TensorNameMap:
+    """llama.cpp's map from HF tensor names to GGUF ones for ``architecture`` (``"llama"`` or ``"qwen2"``)."""
+    arch = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[architecture]
+    return gguf.get_tensor_name_map(arch, num_layers)
+
+
+def gguf_tensor_name(names: gguf.TensorNameMap, hf_name: str) -> str:
+    """The GGUF name of the HF tensor ``hf_name`` (``.weight`` / ``.bias`` kept), e.g. ``blk.0.attn_q.weight``."""
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise GgufError(f"no GGUF name for the tensor {hf_name!r}")
+    return name
+
+
+def needs_qk_permutation(architecture: str, hf_name: str) -> bool:
+    """Whether llama.cpp stores ``hf_name``'s rows interleaved per head (llama-architecture q/k projections)."""
+    return architecture in _PERMUTED and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                           "self_attn.q_proj.bias", "self_attn.k_proj.bias"))
+
+
+def to_gguf_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """HF's q/k rows (``num_heads`` heads of ``[first half | second half]``) in llama.cpp's interleaved order."""
+    head_dim = weight.shape[0] // num_heads
+    return (weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
+
+
+def from_gguf_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """The inverse of :func:`to_gguf_rows`: llama.cpp's interleaved q/k rows back in HF's order."""
+    head_dim = weight.shape[0] // num_heads
+    return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
