@@ -262,10 +262,26 @@ def _prequantized(hf: dict, source: str) -> bool:
                       f"(load_in_8bit={qc.get('load_in_8bit')}) is not supported; jaxft reads bitsandbytes 4-bit")
 
 
+def open_checkpoint(path) -> tuple:
+    """``(checkpoint, config.json dict, source)`` of a HF folder, or of a GGUF file (:mod:`jaxft.gguf.read`: its
+    metadata stands for config.json, its tensors are dequantized as they are read)."""
+    from jaxft.gguf.read import GgufCheckpoint, is_gguf
+
+    if is_gguf(path):
+        ckpt = GgufCheckpoint(path)
+        return ckpt, ckpt.hf_config(), str(path)
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder, or a .gguf file?)")
+    hf = read_json(folder / "config.json")
+    return HFCheckpoint(folder), hf, str(folder / "config.json")
+
+
 def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
                     quant: str | QuantConfig | None = None, mesh=None, rules=None, head: HeadConfig | None = None,
                     head_seed: int = 0) -> tuple[ModelConfig, dict]:
-    """Load a HF folder: ``(ModelConfig, params)`` with params in ``dtype`` (compute dtype defaults to it).
+    """Load a HF folder, or a GGUF file (``*.gguf``, :mod:`jaxft.gguf.read`): ``(ModelConfig, params)`` with params
+    in ``dtype`` (compute dtype defaults to it).
 
     A folder of a task-head class (``*ForSequenceClassification`` etc., by config.json's ``architectures``) loads
     its head (``ModelConfig.head``; ``head=`` must agree with it). A causal-LM folder with ``head=`` loads the
@@ -280,24 +296,19 @@ def from_pretrained(path, dtype="float32", compute_dtype: str | None = None,
     With a ``mesh`` the params come back sharded per ``rules`` (default: ``jaxft.parallel.DEFAULT_RULES``), and
     each array is built from the file slices its devices hold (:func:`load_sharded_params`), so no process reads
     the whole model. 4-bit params are the exception: they are loaded (and quantized) whole on every process, then
-    placed on the mesh.
+    placed on the mesh, and so are a GGUF file's, which are dequantized whole tensor by tensor.
     """
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    hf = read_json(folder / "config.json")
-    source = str(folder / "config.json")
+    ckpt, hf, source = open_checkpoint(path)
     folder_cfg = config_from_hf(hf, source=source, dtype=compute_dtype or str(jnp.dtype(dtype)))
     cfg = folder_cfg.with_head(head, source)
     prequantized = _prequantized(hf, source)
     if isinstance(quant, str):
         quant = QuantConfig(quant_type=quant)
-    ckpt = HFCheckpoint(folder)
     check_tensors(ckpt, folder_cfg, prequantized)
     new_head = None
     if folder_cfg.head is None and cfg.head is not None:  # transformers' new head on a causal LM: same init
         new_head = init_params(cfg, jax.random.PRNGKey(head_seed), dtype, groups=(cfg.head.group,))[cfg.head.group]
-    if mesh is not None and quant is None and not prequantized:
+    if mesh is not None and quant is None and not prequantized and isinstance(ckpt, HFCheckpoint):
         return cfg, load_sharded_params(ckpt, cfg, dtype, mesh, rules, new_head)
     params = load_params(ckpt, cfg, dtype, None if prequantized else quant, prequantized, new_head)
     if mesh is not None:

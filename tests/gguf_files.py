@@ -1,0 +1,221 @@
+"""Tiny GGUF files for tests, written the way llama.cpp's ``convert_hf_to_gguf.py`` writes them.
+
+A random transformers model (:mod:`tests.hf_oracle`) and a small trained tokenizer are saved as a HF folder, then
+written with ``gguf.GGUFWriter``: llama.cpp's tensor names (``gguf.get_tensor_name_map``), its q/k row permutation
+for the llama architecture (the converter's own formula, written out here rather than taken from jaxft), its
+metadata keys, and the vocabulary as the converter reads it (``gguf.vocab.SentencePieceVocab`` for a
+sentencepiece model, the tokenizer.json vocabulary with added tokens typed CONTROL/USER_DEFINED for byte-level BPE,
+and ``gguf.vocab.SpecialVocab`` for merges, special ids, add_bos and the chat template).
+
+Tensors are stored in a chosen type. Types ``gguf.quants`` can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1) are quantized from the model's weights; for the K-quants, which it can only dequantize, the blocks are
+random bytes with bounded scales (the weights then differ from the HF model's, so the oracle is transformers
+loading the same GGUF). As llama.cpp does, a tensor whose rows do not fit the type's block falls back to Q8_0 or
+F32, and 1-d tensors (norms, biases) stay F32.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import gguf
+import numpy as np
+import sentencepiece
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tests import hf_oracle
+
+Q = gguf.GGMLQuantizationType
+K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# Byte offsets of the float16 super-block scales (d, and dmin where there is one) in each K-quant block.
+K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+WORDS = "the quick brown fox jumps over a lazy dog hello world llama token answer question 42 café".split()
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}")
+# Per family: the tokenizer kind, llama.cpp's pre-tokenizer name, special tokens and chat template.
+TOKENIZERS = {
+    "llama": dict(kind="bpe", pre="llama-bpe", template=LLAMA3_TEMPLATE,
+                  specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"],
+                  names=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")),
+    "qwen2": dict(kind="bpe", pre="qwen2", template=CHATML_TEMPLATE,
+                  specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                  names=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")),
+    "mistral": dict(kind="spm", pre="default", template=MISTRAL_TEMPLATE, specials=["[INST]", "[/INST]"],
+                    names={}),
+}
+
+
+def _corpus(n: int = 1500) -> list[str]:
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def write_bpe_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> None:
+    """A byte-level BPE with the family's special tokens and chat template, saved by transformers."""
+    spec = TOKENIZERS[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["specials"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **spec["names"])
+    fast.chat_template = spec["template"]
+    fast.save_pretrained(folder)
+
+
+def write_spm_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> None:
+    """A Llama-2/Mistral-like sentencepiece BPE (unk 0, bos 1, eos 2, byte fallback) with a chat template."""
+    spec = TOKENIZERS[family]
+    folder.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=spec["specials"],
+        character_coverage=1.0, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": spec["template"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def hf_folder(folder: Path, family: str, seed: int = 0, **overrides) -> tuple[Path, object]:
+    """A tiny random model of ``family`` with its family's tokenizer, saved as a HF folder; (folder, model)."""
+    if TOKENIZERS[family]["kind"] == "bpe":
+        write_bpe_tokenizer(folder, family)
+    else:
+        write_spm_tokenizer(folder, family)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    ids = _special_ids(folder)
+    model = hf_oracle.build(family, seed=seed, vocab_size=vocab, intermediate_size=256, **ids, **overrides)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _special_ids(folder: Path) -> dict:
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (convert_hf_to_gguf.py), HF rotate-half rows -> interleaved pairs."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def k_quant_blocks(shape: tuple[int, ...], qtype, seed: int, largest: float = 0.3) -> np.ndarray:
+    """Random K-quant blocks for a float tensor of ``shape`` whose dequantized values reach about ``largest``."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    data = np.random.default_rng(seed).integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+
+    def set_scales(value: float):
+        for offset in K_SCALE_OFFSETS[qtype]:
+            data[..., offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+
+    set_scales(1.0)  # values are linear in the scales: measure at 1, then scale to `largest`
+    set_scales(largest / float(np.abs(gguf.quants.dequantize(data.reshape(rows, -1), qtype)).max()))
+    return data.reshape(*shape[:-1], cols // block_elems * block_bytes)
+
+
+def stored(array: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, object]:
+    """(data, raw_dtype) for ``GGUFWriter.add_tensor``: ``array`` in ``qtype``, or in the type llama.cpp falls back
+    to when its rows do not fit ``qtype``'s blocks (Q8_0, else F32); 1-d tensors stay F32."""
+    if array.ndim == 1 or qtype == Q.F32:
+        return array.astype(np.float32), None
+    if qtype == Q.F16:
+        return array.astype(np.float16), None
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.shape[-1] % block:
+        return stored(array, Q.Q8_0 if array.shape[-1] % 32 == 0 else Q.F32, seed)
+    if qtype in K_QUANTS:
+        return k_quant_blocks(array.shape, qtype, seed), qtype
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, name: str | None = None, extra_tensor: str | None = None):
+    """Write the HF folder ``folder`` (from :func:`hf_folder`) as the GGUF file ``path``, weights in ``qtype``."""
+    hf = json.loads((folder / "config.json").read_text())
+    family, arch = hf["model_type"], ARCH[hf["model_type"]]
+    writer = gguf.GGUFWriter(path, arch)
+    _write_metadata(writer, hf, name or f"tiny {family}")
+    _write_vocab(writer, folder, family)
+    _write_tensors(writer, folder, hf, arch, Q(qtype))
+    if extra_tensor:
+        writer.add_tensor(extra_tensor, np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _write_metadata(writer: gguf.GGUFWriter, hf: dict, name: str):
+    """The hyperparameters as llama.cpp's ``TextModel.set_gguf_parameters`` writes them."""
+    writer.add_name(name)
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_head_count(hf["num_attention_heads"])
+    writer.add_head_count_kv(hf["num_key_value_heads"])
+    writer.add_rope_freq_base(hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    if ARCH[hf["model_type"]] == "llama":
+        writer.add_vocab_size(hf["vocab_size"])
+        writer.add_rope_dimension_count(hf["hidden_size"] // hf["num_attention_heads"])
+
+
+def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str):
+    spec = TOKENIZERS[family]
+    if spec["kind"] == "spm":
+        vocab = gguf.vocab.SentencePieceVocab(folder)
+        tokens, scores, types = zip(*vocab.all_tokens())
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(list(tokens))
+        writer.add_token_scores(list(scores))
+        writer.add_token_types(list(types))
+        special = gguf.vocab.SpecialVocab(folder, n_vocab=len(tokens))
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        reverse = {i: t for t, i in tok.get_vocab().items()}
+        added = tok.added_tokens_decoder
+        types = [gguf.TokenType.NORMAL if i not in added else
+                 gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+                 for i in range(len(reverse))]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(spec["pre"])
+        writer.add_token_list([reverse[i] for i in range(len(reverse))])
+        writer.add_token_types(types)
+        special = gguf.vocab.SpecialVocab(folder, load_merges=True)
+    special.add_to_gguf(writer)
+
+
+def _write_tensors(writer: gguf.GGUFWriter, folder: Path, hf: dict, arch: str, qtype):
+    from safetensors.numpy import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch],
+                                     hf["num_hidden_layers"])
+    for i, (hf_name, array) in enumerate(sorted(tensors.items())):
+        array = array.astype(np.float32)
+        if arch == "llama" and ("q_proj" in hf_name or "k_proj" in hf_name):
+            heads = hf["num_attention_heads"] if "q_proj" in hf_name else hf["num_key_value_heads"]
+            array = llama_cpp_permute(array, heads)
+        data, raw = stored(array, qtype, seed=i)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        writer.add_tensor(name, data, raw_dtype=raw)
