@@ -75,6 +75,9 @@ def write_bpe_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> Non
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **spec["names"])
     fast.chat_template = spec["template"]
     fast.save_pretrained(folder)
+    if family == "llama":  # Llama 3 asks for BOS in tokenizer_config.json; the converter writes add_bos_token
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
 
 
 def write_spm_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> None:

@@ -22,18 +22,20 @@ from tokenizers.models import BPE
 DEFAULT_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
-def _generate_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+def generate_merges(vocab: Mapping[str, int], scores: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
     """BPE merges implied by a sentencepiece vocabulary, ranked like transformers' `generate_merges`.
 
     A piece that splits into two vocabulary pieces yields a merge ranked by the piece's own id, ties
     broken by the split's lengths; this is how transformers 5 turns an SPM-BPE model into a `tokenizers` BPE.
+    With `scores` (a GGUF's piece scores) the merge of the highest-scoring piece comes first instead, ties
+    going to the longer split, as transformers ranks them for a GGUF vocabulary.
     """
     merges = []
-    for piece, rank in vocab.items():
+    for piece, rank in (scores if scores is not None else vocab).items():
         splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
         splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
         merges.extend((left, right, rank) for left, right in splits)
-    merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])))
+    merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=scores is not None)
     return [(left, right) for left, right, _ in merges]
 
 
@@ -89,6 +91,24 @@ def _sentencepiece_piece_types(serialized_model: bytes) -> list[int]:
     return types
 
 
+def backend_from_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool,
+                        legacy: bool = False) -> BackendTokenizer:
+    """A sentencepiece-style byte-fallback BPE over ``vocab`` (pieces spelled with "▁" for spaces), as transformers
+    5's `LlamaTokenizer` builds it: a `Metaspace` pre-tokenizer adding the prefix space to the first piece only
+    (every piece with ``legacy``, none without ``add_prefix_space``), and the matching decoder."""
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    if not add_prefix_space:
+        prepend_scheme = "never"
+    else:
+        prepend_scheme = "always" if legacy else "first"
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
 def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[AddedToken]]:
     """Convert `tokenizer.model` as transformers 5's `LlamaTokenizer` does; also return its control/user tokens."""
     try:
@@ -98,20 +118,9 @@ def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[Adde
         raise ValueError(f"{model_path}: not a valid sentencepiece model ({err})") from err
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
     vocab = {piece: i for i, piece in enumerate(pieces)}
-    backend = BackendTokenizer(
-        BPE(vocab=vocab, merges=_generate_merges(vocab), fuse_unk=True, byte_fallback=True, dropout=None)
-    )
     add_prefix_space = config.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else add_prefix_space
-    if not add_prefix_space:
-        prepend_scheme = "never"
-    else:
-        prepend_scheme = "always" if config.get("legacy", False) else "first"
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix_space:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))
-    backend.decoder = decoders.Sequence(steps)
+    backend = backend_from_pieces(vocab, generate_merges(vocab), add_prefix_space, config.get("legacy", False))
     spm_tokens = [
         AddedToken(piece, normalized=False, special=piece_type == _SPM_CONTROL)
         for piece, piece_type in zip(pieces, piece_types)

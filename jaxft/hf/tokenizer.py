@@ -436,11 +436,19 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a Hugging Face tokenizer folder (`tokenizer.json` preferred, else sentencepiece `tokenizer.model`).
+    """Load a Hugging Face tokenizer folder (`tokenizer.json` preferred, else sentencepiece `tokenizer.model`), or
+    the tokenizer a GGUF file's metadata describes (`*.gguf`, `jaxft.gguf.tokenizer`).
 
     Raises:
         TokenizerError: the folder or its tokenizer files are missing, or a file is malformed.
+        jaxft.gguf.layout.GgufError: a GGUF file's tokenizer metadata is missing or of a kind jaxft does not read.
     """
+    from jaxft.gguf.read import is_gguf
+
+    if is_gguf(path):
+        from jaxft.gguf.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(path)
     folder = Path(path)
     if not folder.is_dir():
         raise TokenizerError(f"{folder}: tokenizer folder does not exist")
