@@ -247,6 +247,20 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    """Convert a GGUF file of a Llama, Mistral or Qwen2 model (llama.cpp's format, any of the types F32, F16, BF16,
+    Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K-Q6_K) into a Hugging Face model folder: config.json, safetensors with the
+    dequantized weights, the tokenizer and its chat template.
+    """
+    from jaxft.gguf.convert import gguf_to_hf
+
+    if not args.overwrite:
+        _refuse_existing(args.out)
+    gguf_to_hf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _inspect(args) -> int:
     """Build the model of a run config from its config.json alone (adapters, 4-bit base; no weights are read) and
     print trainable vs total params and an estimate of the train step's memory per device, term by term, for the
@@ -400,6 +414,16 @@ def _export_command(sub):
     p.add_argument("--overwrite", action="store_true")
 
 
+def _convert_command(sub):
+    """``jaxft convert``'s arguments."""
+    p = _command(sub, "convert", _convert, help="convert a GGUF file into a Hugging Face model folder")
+    p.add_argument("model", help="GGUF file (*.gguf)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written weights (default float32, which loses nothing)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
 def _inspect_command(sub):
     """``jaxft inspect``'s arguments."""
     p = _command(sub, "inspect", _inspect, help="parameter counts and per-device memory of a run config")
@@ -426,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_command(sub)
     _generate_command(sub)
     _export_command(sub)
+    _convert_command(sub)
     _inspect_command(sub)
     return parser
 

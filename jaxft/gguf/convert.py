@@ -1,0 +1,31 @@
+"""A GGUF file as a Hugging Face model folder: config.json, safetensors, the tokenizer and its chat template.
+
+The tensors are dequantized one at a time (:class:`jaxft.gguf.read.GgufCheckpoint`) into ``dtype`` (float32 by
+default, which holds every GGUF type's dequantized values exactly), then written by the same code that writes
+jaxft's own HF folders (:func:`jaxft.hf.checkpoint.write_pretrained`), with the tokenizer as
+:meth:`jaxft.Tokenizer.save` writes it; the folder appears whole or not at all (:func:`jaxft.files.atomic_dir`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxft.files import atomic_dir, check_output_dir
+from jaxft.gguf.read import GgufCheckpoint
+from jaxft.gguf.tokenizer import tokenizer_from_gguf
+from jaxft.hf.checkpoint import cast_checked, check_tensors, expected_tensors, write_pretrained
+from jaxft.hf.config import config_from_hf
+
+
+def gguf_to_hf(path, out_dir, *, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the model of the GGUF file ``path`` as a HF folder at ``out_dir`` that transformers' AutoModel and
+    AutoTokenizer load; an existing non-empty ``out_dir`` needs ``overwrite``. Returns ``out_dir``."""
+    check_output_dir(out_dir, overwrite)
+    ckpt = GgufCheckpoint(path)
+    cfg = config_from_hf(ckpt.hf_config(), source=str(path), dtype=dtype)
+    check_tensors(ckpt, cfg)
+    tokenizer = tokenizer_from_gguf(path)  # before anything is written: its errors leave no folder behind
+    tensors = {name: cast_checked(ckpt.get(name), dtype, name, path) for name in expected_tensors(cfg)}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_pretrained(cfg, tensors, tmp)
+        tokenizer.save(tmp)
+    return Path(out_dir)
