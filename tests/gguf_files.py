@@ -25,7 +25,7 @@ import sentencepiece
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tests import hf_oracle
+import hf_oracle
 
 Q = gguf.GGMLQuantizationType
 K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -134,6 +134,13 @@ def k_quant_blocks(shape: tuple[int, ...], qtype, seed: int, largest: float = 0.
     return data.reshape(*shape[:-1], cols // block_elems * block_bytes)
 
 
+def random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
+    """Random bytes shaped as ``qtype``'s blocks for a tensor of ``shape``."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (*shape[:-1], shape[-1] // block_elems * block_bytes), dtype=np.uint8)
+
+
 def stored(array: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, object]:
     """(data, raw_dtype) for ``GGUFWriter.add_tensor``: ``array`` in ``qtype``, or in the type llama.cpp falls back
     to when its rows do not fit ``qtype``'s blocks (Q8_0, else F32); 1-d tensors stay F32."""
@@ -149,14 +156,20 @@ def stored(array: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, name: str | None = None, extra_tensor: str | None = None):
-    """Write the HF folder ``folder`` (from :func:`hf_folder`) as the GGUF file ``path``, weights in ``qtype``."""
+def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, arch: str | None = None, omit: tuple[str, ...] = (),
+               types: dict[str, object] | None = None, extra_tensor: str | None = None) -> Path:
+    """Write the HF folder ``folder`` (from :func:`hf_folder`) as the GGUF file ``path``, weights in ``qtype``.
+
+    For error tests: ``arch`` overrides general.architecture, ``omit`` leaves out metadata keys (by their key
+    suffix, e.g. ``"block_count"``), ``types`` stores the named GGUF tensors as the given type (random blocks), and
+    ``extra_tensor`` adds a tensor of that name."""
     hf = json.loads((folder / "config.json").read_text())
-    family, arch = hf["model_type"], ARCH[hf["model_type"]]
+    family = hf["model_type"]
+    arch = arch or ARCH[family]
     writer = gguf.GGUFWriter(path, arch)
-    _write_metadata(writer, hf, name or f"tiny {family}")
+    _write_metadata(writer, hf, f"tiny {family}", omit)
     _write_vocab(writer, folder, family)
-    _write_tensors(writer, folder, hf, arch, Q(qtype))
+    _write_tensors(writer, folder, hf, ARCH[family], Q(qtype), types or {})
     if extra_tensor:
         writer.add_tensor(extra_tensor, np.ones(4, np.float32))
     writer.write_header_to_file()
@@ -166,20 +179,19 @@ def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, name: str | None = None
     return path
 
 
-def _write_metadata(writer: gguf.GGUFWriter, hf: dict, name: str):
+def _write_metadata(writer: gguf.GGUFWriter, hf: dict, name: str, omit: tuple[str, ...]):
     """The hyperparameters as llama.cpp's ``TextModel.set_gguf_parameters`` writes them."""
     writer.add_name(name)
-    writer.add_context_length(hf["max_position_embeddings"])
-    writer.add_embedding_length(hf["hidden_size"])
-    writer.add_block_count(hf["num_hidden_layers"])
-    writer.add_feed_forward_length(hf["intermediate_size"])
-    writer.add_head_count(hf["num_attention_heads"])
-    writer.add_head_count_kv(hf["num_key_value_heads"])
-    writer.add_rope_freq_base(hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    values = {"context_length": hf["max_position_embeddings"], "embedding_length": hf["hidden_size"],
+              "block_count": hf["num_hidden_layers"], "feed_forward_length": hf["intermediate_size"],
+              "head_count": hf["num_attention_heads"], "head_count_kv": hf["num_key_value_heads"],
+              "rope_freq_base": hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 10000.0),
+              "layer_norm_rms_eps": hf["rms_norm_eps"]}
     if ARCH[hf["model_type"]] == "llama":
-        writer.add_vocab_size(hf["vocab_size"])
-        writer.add_rope_dimension_count(hf["hidden_size"] // hf["num_attention_heads"])
+        values.update(vocab_size=hf["vocab_size"], rope_dimension_count=hf["hidden_size"] // hf["num_attention_heads"])
+    for key, value in values.items():
+        if key not in omit:
+            getattr(writer, f"add_{key}")(value)
 
 
 def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str):
@@ -208,7 +220,7 @@ def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str):
     special.add_to_gguf(writer)
 
 
-def _write_tensors(writer: gguf.GGUFWriter, folder: Path, hf: dict, arch: str, qtype):
+def _write_tensors(writer: gguf.GGUFWriter, folder: Path, hf: dict, arch: str, qtype, types: dict):
     from safetensors.numpy import load_file
 
     tensors = load_file(folder / "model.safetensors")
@@ -219,6 +231,9 @@ def _write_tensors(writer: gguf.GGUFWriter, folder: Path, hf: dict, arch: str, q
         if arch == "llama" and ("q_proj" in hf_name or "k_proj" in hf_name):
             heads = hf["num_attention_heads"] if "q_proj" in hf_name else hf["num_key_value_heads"]
             array = llama_cpp_permute(array, heads)
-        data, raw = stored(array, qtype, seed=i)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name in types:  # random blocks of a type gguf.quants may not quantize to
+            data, raw = random_blocks(array.shape, types[name], seed=i), types[name]
+        else:
+            data, raw = stored(array, qtype, seed=i)
         writer.add_tensor(name, data, raw_dtype=raw)

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
 from jaxft.gguf.layout import PRE_TOKENIZER_SPLITS, GgufError
-from jaxft.gguf.read import field_value, open_reader
+from jaxft.gguf.read import architecture, field_value, open_reader
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.tokenizer import Tokenizer, _register_added_tokens
 
@@ -50,6 +50,7 @@ class _Metadata:
     def __init__(self, path: Path):
         self.path = path
         self.reader = open_reader(path)
+        architecture(self.reader, path)  # the vocabularies of other models need rules this module lacks
 
     def get(self, key: str, default=...):
         return field_value(self.reader, self.path, f"tokenizer.{key}", default)

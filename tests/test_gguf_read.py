@@ -1,0 +1,206 @@
+"""Reading GGUF files (jaxft.gguf.read, jaxft.gguf.tokenizer, jaxft convert) against transformers' own GGUF loader.
+
+Tiny GGUF files are written here as llama.cpp's converter writes them (tests/gguf_files.py). The oracle is
+transformers loading the same file (``from_pretrained(dir, gguf_file=name)``): its logits, its tokenizer's ids
+and chat-template ids. For the types ``gguf.quants`` can quantize, the tensors are the HF model's weights
+quantized; for the K-quants (Q2_K-Q6_K), which it only dequantizes, the down projections (whose 256-wide rows fit a
+K-quant block; the others fall back to Q8_0, as llama.cpp does) are random blocks, and transformers' loader reads
+them with the same ``gguf.quants.dequantize`` jaxft uses, so there the comparison covers the reading, layout and
+model rather than the dequantizer itself.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxft
+from jaxft.cli import main as cli
+from jaxft.gguf.convert import gguf_to_hf
+from jaxft.gguf.layout import GgufError
+from jaxft.ops import nf4
+
+import gguf_files
+from gguf_files import Q
+
+FAMILIES = ("llama", "mistral", "qwen2")
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TEXTS = ["hello world", " hello  world", "  leading and trailing  ", "café über naïve 東京 🦙", "line\nbreaks\n\n\ttabs",
+         "<|begin_of_text|>special<|eot_id|> tokens <|start_header_id|>", "<s>hello</s> world <unk>",
+         "<|im_start|>user\nhi<|im_end|><|endoftext|>", "[INST] the fox [/INST]", "", "42 2024 123456"]
+CHAT = [{"role": "user", "content": "hello world, café?"}, {"role": "assistant", "content": "the quick brown fox"},
+        {"role": "user", "content": "  a lazy dog 42\n"}]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """Per family: a HF folder with its tokenizer, and the folder the GGUF files are written into."""
+    root = tmp_path_factory.mktemp("gguf")
+    return {family: gguf_files.hf_folder(root / family / "hf", family, seed=i)[0]
+            for i, family in enumerate(FAMILIES)}
+
+
+def _gguf(folders, family: str, qtype: str, **kwargs):
+    """The family's model written as ``<family>-<qtype>.gguf`` beside its folder (once per module)."""
+    path = folders[family].parent / f"{family}-{qtype}.gguf"
+    if kwargs or not path.exists():
+        gguf_files.write_gguf(folders[family], path, getattr(Q, qtype), **kwargs)
+    return path
+
+
+def _transformers_logits(path, ids) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.numpy()
+
+
+def _ids(vocab: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(3, vocab, (2, 11))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers_gguf_loader(folders, family, qtype):
+    path = _gguf(folders, family, qtype)
+    cfg, params = jaxft.from_pretrained(path)
+    ids = _ids(cfg.vocab_size)
+    ours = np.asarray(jaxft.forward(cfg, params, ids))
+    np.testing.assert_allclose(ours, _transformers_logits(path, ids), atol=1e-4, rtol=0)
+
+
+def test_types_written_are_the_types_read(folders):
+    """The files hold what the tests claim: the K-quant file's down projections are Q4_K, its other matrices Q8_0."""
+    from jaxft.gguf.read import GgufCheckpoint
+
+    ckpt = GgufCheckpoint(_gguf(folders, "llama", "Q4_K"))
+    assert ckpt.gguf_type("model.layers.1.mlp.down_proj.weight") == Q.Q4_K
+    assert ckpt.gguf_type("model.layers.1.self_attn.q_proj.weight") == Q.Q8_0
+    assert ckpt.gguf_type("model.norm.weight") == Q.F32
+
+
+def test_unquantized_file_holds_the_hf_models_weights(folders):
+    """q/k rows come back in HF's order: an F32 file reads as the folder's own tensors, bit for bit."""
+    from jaxft.hf.checkpoint import HFCheckpoint
+    from jaxft.gguf.read import GgufCheckpoint
+
+    ours, theirs = GgufCheckpoint(_gguf(folders, "llama", "F32")), HFCheckpoint(folders["llama"])
+    assert sorted(ours.keys()) == sorted(theirs.keys())
+    for name in theirs.keys():
+        np.testing.assert_array_equal(ours.get(name), theirs.get(name), err_msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_matches_transformers(folders, family):
+    path = _gguf(folders, family, "Q8_0")
+    ours = jaxft.load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        if family == "llama" and "<|endoftext|>" in text:
+            continue  # transformers adds GPT-2's <|endoftext|> as id 300, past this model's vocabulary
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text)), text
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.chat_template == theirs.chat_template is not None
+    for prompt in (False, True):
+        expected = theirs.apply_chat_template(CHAT, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+        assert ours.apply_chat_template(CHAT, add_generation_prompt=prompt) == list(expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_convert_writes_a_folder_transformers_loads(folders, family, tmp_path):
+    path = _gguf(folders, family, "Q4_K")
+    out = tmp_path / "converted"
+    assert cli(["convert", str(path), "--out", str(out)]) == 0
+    cfg, _ = jaxft.from_pretrained(path)
+    ids = _ids(cfg.vocab_size)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        converted = model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_array_equal(converted, _transformers_logits(path, ids))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS[:6]:
+        assert tokenizer.encode(text) == gguf_tokenizer.encode(text), text
+    assert (tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False)
+            == gguf_tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False))
+
+
+def test_convert_refuses_an_existing_folder_without_overwrite(folders, tmp_path, capsys):
+    path = _gguf(folders, "qwen2", "F16")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli(["convert", str(path), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert cli(["convert", str(path), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_nf4_from_gguf_equals_nf4_from_the_converted_folder(folders, tmp_path):
+    """A GGUF base loads straight into QLoRA: the same 4-bit params, bit for bit, as from its converted folder."""
+    path = _gguf(folders, "mistral", "Q5_K")
+    out = gguf_to_hf(path, tmp_path / "converted")
+    _, from_gguf = jaxft.from_pretrained(path, quant="nf4")
+    _, from_folder = jaxft.from_pretrained(out, quant="nf4")
+    is_q = lambda x: isinstance(x, nf4.QuantizedTensor)  # noqa: E731
+    assert any(is_q(x) for x in jax.tree.leaves(from_gguf, is_leaf=is_q))
+    assert jax.tree.structure(from_gguf) == jax.tree.structure(from_folder)
+    for a, b in zip(jax.tree.leaves(from_gguf), jax.tree.leaves(from_folder)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mesh_and_dtype_load_as_for_a_folder(folders):
+    from jaxft.parallel import MeshConfig, make_mesh
+
+    path = _gguf(folders, "qwen2", "Q6_K")
+    _, dense = jaxft.from_pretrained(path, dtype="bfloat16")
+    _, sharded = jaxft.from_pretrained(path, dtype="bfloat16", mesh=make_mesh(MeshConfig(2, 2, 2)))
+    leaves = jax.tree.leaves(sharded)
+    assert all(x.dtype == jax.numpy.bfloat16 for x in leaves)
+    assert any(len(x.sharding.device_set) > 1 for x in leaves)
+    for a, b in zip(jax.tree.leaves(dense), leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tied_embeddings_when_the_file_has_no_output_tensor(tmp_path):
+    folder, model = gguf_files.hf_folder(tmp_path / "hf", "qwen2", tie_word_embeddings=True)
+    path = gguf_files.write_gguf(folder, tmp_path / "tied.gguf", Q.Q8_0)
+    cfg, params = jaxft.from_pretrained(path)
+    assert cfg.tie_word_embeddings and "lm_head" not in params
+    ids = _ids(cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(jaxft.forward(cfg, params, ids)), _transformers_logits(path, ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_wrong_architecture_names_the_file_and_the_supported_ones(folders, tmp_path):
+    path = gguf_files.write_gguf(folders["llama"], tmp_path / "phi.gguf", arch="phi3")
+    for load in (jaxft.from_pretrained, jaxft.load_tokenizer):
+        with pytest.raises(GgufError, match=r"phi\.gguf.*'phi3'.*\['llama', 'qwen2'\]"):
+            load(path)
+
+
+def test_unsupported_tensor_type_names_the_file_tensor_and_type(folders, tmp_path):
+    path = gguf_files.write_gguf(folders["llama"], tmp_path / "iq.gguf", types={"blk.1.ffn_down.weight": Q.IQ4_NL})
+    with pytest.raises(GgufError, match=r"iq\.gguf: tensor 'blk\.1\.ffn_down\.weight' has type IQ4_NL"):
+        jaxft.from_pretrained(path)
+
+
+def test_truncated_file_is_an_error_naming_it(folders, tmp_path):
+    data = _gguf(folders, "llama", "Q4_0").read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 40):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(GgufError, match=rf"cut{cut}\.gguf: not a readable GGUF file, or truncated"):
+            jaxft.from_pretrained(path)
+
+
+def test_missing_metadata_key_and_unknown_tensor_are_named(folders, tmp_path):
+    path = gguf_files.write_gguf(folders["qwen2"], tmp_path / "nokey.gguf", omit=("block_count",))
+    with pytest.raises(GgufError, match=r"nokey\.gguf: metadata key 'qwen2\.block_count' is missing"):
+        jaxft.from_pretrained(path)
+    path = gguf_files.write_gguf(folders["llama"], tmp_path / "freqs.gguf", extra_tensor="rope_freqs.weight")
+    with pytest.raises(GgufError, match=r"freqs\.gguf: tensor 'rope_freqs\.weight'"):
+        jaxft.from_pretrained(path)
