@@ -157,18 +157,18 @@ def stored(array: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, object]:
 
 
 def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, arch: str | None = None, omit: tuple[str, ...] = (),
-               types: dict[str, object] | None = None, extra_tensor: str | None = None) -> Path:
+               types: dict[str, object] | None = None, extra_tensor: str | None = None, pre: str | None = None) -> Path:
     """Write the HF folder ``folder`` (from :func:`hf_folder`) as the GGUF file ``path``, weights in ``qtype``.
 
     For error tests: ``arch`` overrides general.architecture, ``omit`` leaves out metadata keys (by their key
     suffix, e.g. ``"block_count"``), ``types`` stores the named GGUF tensors as the given type (random blocks), and
-    ``extra_tensor`` adds a tensor of that name."""
+    ``extra_tensor`` adds a tensor of that name, ``pre`` replaces the family's ``tokenizer.ggml.pre``."""
     hf = json.loads((folder / "config.json").read_text())
     family = hf["model_type"]
     arch = arch or ARCH[family]
     writer = gguf.GGUFWriter(path, arch)
     _write_metadata(writer, hf, f"tiny {family}", omit)
-    _write_vocab(writer, folder, family)
+    _write_vocab(writer, folder, family, pre)
     _write_tensors(writer, folder, hf, ARCH[family], Q(qtype), types or {})
     if extra_tensor:
         writer.add_tensor(extra_tensor, np.ones(4, np.float32))
@@ -194,7 +194,7 @@ def _write_metadata(writer: gguf.GGUFWriter, hf: dict, name: str, omit: tuple[st
             getattr(writer, f"add_{key}")(value)
 
 
-def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str):
+def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str, pre: str | None):
     spec = TOKENIZERS[family]
     if spec["kind"] == "spm":
         vocab = gguf.vocab.SentencePieceVocab(folder)
@@ -213,7 +213,7 @@ def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str):
                  gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
                  for i in range(len(reverse))]
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(spec["pre"])
+        writer.add_tokenizer_pre(pre or spec["pre"])
         writer.add_token_list([reverse[i] for i in range(len(reverse))])
         writer.add_token_types(types)
         special = gguf.vocab.SpecialVocab(folder, load_merges=True)

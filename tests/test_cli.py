@@ -132,7 +132,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_every_subcommand_explains_itself():
-    for command in ("train", "sweep", "eval", "demo", "generate", "export", "inspect"):
+    for command in ("train", "sweep", "eval", "demo", "generate", "export", "convert", "inspect"):
         result = subprocess.run([sys.executable, "-m", "jaxft", command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and len(result.stdout.split()) > 20, command
 

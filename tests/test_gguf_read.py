@@ -27,7 +27,8 @@ from gguf_files import Q
 
 FAMILIES = ("llama", "mistral", "qwen2")
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-TEXTS = ["hello world", " hello  world", "  leading and trailing  ", "café über naïve 東京 🦙", "line\nbreaks\n\n\ttabs",
+TEXTS = ["hello world", " hello  world", "  leading and trailing  ", "café über naïve 東京 🦙",
+         "line\nbreaks\n\n\ttabs",
          "<|begin_of_text|>special<|eot_id|> tokens <|start_header_id|>", "<s>hello</s> world <unk>",
          "<|im_start|>user\nhi<|im_end|><|endoftext|>", "[INST] the fox [/INST]", "", "42 2024 123456"]
 CHAT = [{"role": "user", "content": "hello world, café?"}, {"role": "assistant", "content": "the quick brown fox"},
@@ -204,3 +205,25 @@ def test_missing_metadata_key_and_unknown_tensor_are_named(folders, tmp_path):
     path = gguf_files.write_gguf(folders["llama"], tmp_path / "freqs.gguf", extra_tensor="rope_freqs.weight")
     with pytest.raises(GgufError, match=r"freqs\.gguf: tensor 'rope_freqs\.weight'"):
         jaxft.from_pretrained(path)
+
+
+def test_unknown_pre_tokenizer_is_an_error_naming_it(folders, tmp_path):
+    """Another split than the vocabulary's merges were learned on would give other ids: refused, as in llama.cpp."""
+    path = gguf_files.write_gguf(folders["qwen2"], tmp_path / "pre.gguf", pre="made-up")
+    with pytest.raises(GgufError, match=r"pre\.gguf: tokenizer\.ggml\.pre 'made-up'"):
+        jaxft.load_tokenizer(path)
+
+
+def test_a_run_config_naming_a_gguf_file_says_to_convert_it(folders, tmp_path, capsys):
+    """A run's base is fingerprinted and exported by its HF files, so a GGUF base goes through jaxft convert."""
+    import yaml
+
+    path = _gguf(folders, "llama", "Q8_0")
+    config = {"model": str(path), "output_dir": str(tmp_path / "run"), "method": "qlora",
+              "data": {"paths": [str(tmp_path / "train.jsonl")], "max_length": 32, "batch_size": 2},
+              "train": {"steps": 1}}
+    (tmp_path / "train.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli(["train", str(tmp_path / "run.yaml")]) == 2
+    assert f"jaxft convert {path} --out DIR" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "run").exists()

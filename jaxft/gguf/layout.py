@@ -8,6 +8,8 @@ from ``[first half | second half]`` to ``[x0, x_{d/2}, x1, x_{d/2+1}, ...]``. Qw
 llama.cpp graph uses the half-rotation, "NEOX" rope).
 
 The tensor names come from the ``gguf`` package (llama.cpp's own tables), so they follow llama.cpp's releases.
+:data:`PRE_TOKENIZER_SPLITS` pairs llama.cpp's byte-level pre-tokenizer names (``tokenizer.ggml.pre``) with the
+split regexes of the tokenizers they stand for, for reading a vocabulary and for naming one when writing.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from jaxft.errors import JaxftError
 
 # GGUF's general.architecture for each model type jaxft reads; the inverse takes Mistral as llama (same graph).
 ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_PERMUTED = {"llama"}
+_PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp interleaves per head
 
 # The split regex of each byte-level BPE pre-tokenizer llama.cpp names in ``tokenizer.ggml.pre`` (the regexes
-# llama.cpp's ``llama-vocab.cpp`` and the models' tokenizer.json use); "default"/"gpt-2" is GPT-2's own split,
-# which ``tokenizers``' ByteLevel pre-tokenizer applies itself (None here).
+# llama.cpp's ``llama-vocab.cpp`` and the models' tokenizer.json use); "gpt-2" is GPT-2's own split, which
+# ``tokenizers``' ByteLevel pre-tokenizer applies itself (None here), and so is "default", as transformers reads it.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -32,7 +34,7 @@ TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZER_SPLITS = {"default": None, "gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
                         "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
-                        "deepseek-r1-qwen": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT}  # architectures whose q/k rows llama.cpp interleaves per head
+                        "deepseek-r1-qwen": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT}
 
 
 class GgufError(JaxftError, ValueError):

@@ -135,7 +135,7 @@ class GgufCheckpoint:
         return out
 
     def hf_config(self) -> dict:
-        """A copy of the ``config.json`` dict this file stands for (``architectures`` set by the caller's needs)."""
+        """A copy of the ``config.json`` dict this file stands for, ``architectures`` naming the causal-LM class."""
         from jaxft.hf.config import ARCHITECTURES
 
         return {**self.hf, "architectures": [ARCHITECTURES[self.hf["model_type"]]]}
@@ -145,12 +145,10 @@ class GgufCheckpoint:
         of this architecture is a GgufError naming it."""
         from jaxft.hf.checkpoint import expected_tensors
         from jaxft.hf.config import config_from_hf
-        from jaxft.hf.names import LM_HEAD_WEIGHT
 
         cfg = config_from_hf(self.hf_config(), source=str(self.path))
         names = tensor_name_map(self.arch, cfg.num_hidden_layers)
-        wanted = list(expected_tensors(cfg)) + ([LM_HEAD_WEIGHT] if cfg.tie_word_embeddings else [])
-        by_gguf = {gguf_tensor_name(names, hf): hf for hf in wanted}
+        by_gguf = {gguf_tensor_name(names, hf): hf for hf in expected_tensors(cfg)}
         unknown = sorted(set(self.tensors) - set(by_gguf))
         if unknown:
             raise GgufError(f"{self.path}: tensor(s) {unknown[:5]} are not part of a {self.arch} model jaxft reads")
@@ -181,7 +179,7 @@ class GgufCheckpoint:
         tensor = self.tensors[gguf_name]
         kind = int(tensor.tensor_type)
         if kind not in SUPPORTED_TYPES:
-            label = Q(kind).name if kind in Q._value2member_map_ else str(kind)
+            label = Q(kind).name if kind in set(Q) else str(kind)
             raise GgufError(f"{self.path}: tensor {gguf_name!r} has type {label}; jaxft reads "
                             f"{', '.join(t.name for t in SUPPORTED_TYPES)}")
         try:

@@ -11,8 +11,8 @@ gguf_file=...)``'s ids:
 * ``llama``: a sentencepiece-style byte-fallback BPE (:func:`jaxft.hf.sentencepiece_conversion.backend_from_pieces`)
   whose merges are the file's, or those the piece scores imply.
 
-Tokens typed CONTROL (or UNKNOWN) become special added tokens, USER_DEFINED ones plain added tokens (both are matched whole
-in the text, as llama.cpp does); bos/eos/unk/pad come from their ids; BOS/EOS are added per
+Tokens typed CONTROL (or UNKNOWN) become special added tokens, USER_DEFINED ones plain added tokens (all are
+matched whole in the text, as llama.cpp does); bos/eos/unk/pad come from their ids; BOS/EOS are added per
 ``tokenizer.ggml.add_bos_token``/``add_eos_token`` (BOS by default for a sentencepiece vocabulary, as llama.cpp
 does). ``tokenizer.chat_template`` is the default chat template.
 """

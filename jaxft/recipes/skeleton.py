@@ -49,6 +49,10 @@ from jaxft.train.optim import make_optimizer
 def check_model_folder(cfg: RunConfig):
     """Fails before anything is written, so a run fixed after this error needs no --overwrite: the model folder
     exists, and a folder of a task-head class is trained with a task of that head."""
+    if cfg.model_dir is not None and str(cfg.model).lower().endswith(".gguf"):
+        raise ConfigError(f"model {cfg.model!r} is a GGUF file; a run's base is a Hugging Face model folder (it is "
+                          f"fingerprinted and exported by its files): convert it first, `jaxft convert {cfg.model} "
+                          "--out DIR`, and point `model` at DIR")
     if cfg.model_dir is not None and not (Path(cfg.model) / "config.json").is_file():
         raise ConfigError(f"model {cfg.model!r}: no config.json there (is it a Hugging Face model folder?); point "
                           "`model` at a folder with config.json and *.safetensors")
