@@ -5,8 +5,9 @@ transformers loading the same file (``from_pretrained(dir, gguf_file=name)``): i
 and chat-template ids. For the types ``gguf.quants`` can quantize, the tensors are the HF model's weights
 quantized; for the K-quants (Q2_K-Q6_K), which it only dequantizes, the down projections (whose 256-wide rows fit a
 K-quant block; the others fall back to Q8_0, as llama.cpp does) are random blocks, and transformers' loader reads
-them with the same ``gguf.quants.dequantize`` jaxft uses, so there the comparison covers the reading, layout and
-model rather than the dequantizer itself.
+them with the same ``gguf.quants.dequantize`` jaxft uses, so there the logits cover the reading, layout and model;
+the dequantized values themselves are checked against transformers' separate torch dequantizers
+(``integrations/gguf/dequant.py``: Q8_0, Q4_0, Q4_1 and every K-quant).
 """
 from __future__ import annotations
 
@@ -79,6 +80,23 @@ def test_types_written_are_the_types_read(folders):
     assert ckpt.gguf_type("model.layers.1.mlp.down_proj.weight") == Q.Q4_K
     assert ckpt.gguf_type("model.layers.1.self_attn.q_proj.weight") == Q.Q8_0
     assert ckpt.gguf_type("model.norm.weight") == Q.F32
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequantized_values_match_an_independent_dequantizer(folders, qtype):
+    """transformers' own torch dequantizers (integrations/gguf/dequant.py, written apart from gguf-py's numpy ones)
+    give the values jaxft reads, for the types they cover; this checks the K-quant blocks beyond the shared
+    gguf.quants path of the logit tests."""
+    from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
+
+    from jaxft.gguf.read import GgufCheckpoint
+
+    ckpt = GgufCheckpoint(_gguf(folders, "llama", qtype))
+    name = "model.layers.1.mlp.down_proj.weight"  # 256-wide rows: every type's blocks fit, and it is not permuted
+    assert ckpt.gguf_type(name) == getattr(Q, qtype)
+    raw = torch.from_numpy(np.array(ckpt.tensors[ckpt.gguf_names[name]].data, np.uint8).reshape(-1))
+    expected = torch_dequantize(raw, int(getattr(Q, qtype))).numpy().reshape(ckpt.shape(name))
+    np.testing.assert_allclose(ckpt.get(name), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_unquantized_file_holds_the_hf_models_weights(folders):

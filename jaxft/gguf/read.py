@@ -96,8 +96,8 @@ class GgufCheckpoint:
                             "file stores as per-frequency factors rather than as metadata) is not supported")
         heads = self._arch_key("attention.head_count")
         hidden = self._arch_key("embedding_length")
-        tokens = self.metadata("tokenizer.ggml.tokens", None)
-        vocab = self._arch_key("vocab_size", None) or (len(tokens) if tokens is not None else None)
+        tokens = self.reader.fields.get("tokenizer.ggml.tokens")  # counted, not decoded: it may hold 150k strings
+        vocab = self._arch_key("vocab_size", None) or (len(tokens.data) if tokens is not None else None)
         if vocab is None:
             vocab = int(self._tensor("token_embd.weight").shape[1])
         hf = {
