@@ -16,6 +16,7 @@ F32, and 1-d tensors (norms, biases) stay F32.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -119,6 +120,25 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def llama3_rope_factors(hf: dict, rope: dict) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.generate_extra_tensors``: Llama 3.1's rope scaling as per-frequency divisors."""
+    base, dim = rope.get("rope_theta", hf.get("rope_theta", 10000.0)), hf["hidden_size"] // hf["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context_len / high:
+            factors.append(1)
+        elif wavelen > old_context_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, np.float32)
+
+
 def k_quant_blocks(shape: tuple[int, ...], qtype, seed: int, largest: float = 0.3) -> np.ndarray:
     """Random K-quant blocks for a float tensor of ``shape`` whose dequantized values reach about ``largest``."""
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
@@ -170,6 +190,9 @@ def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, arch: str | None = None
     _write_metadata(writer, hf, f"tiny {family}", omit)
     _write_vocab(writer, folder, family, pre)
     _write_tensors(writer, folder, hf, ARCH[family], Q(qtype), types or {})
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(hf, rope))
     if extra_tensor:
         writer.add_tensor(extra_tensor, np.ones(4, np.float32))
     writer.write_header_to_file()

@@ -220,9 +220,29 @@ def test_missing_metadata_key_and_unknown_tensor_are_named(folders, tmp_path):
     path = gguf_files.write_gguf(folders["qwen2"], tmp_path / "nokey.gguf", omit=("block_count",))
     with pytest.raises(GgufError, match=r"nokey\.gguf: metadata key 'qwen2\.block_count' is missing"):
         jaxft.from_pretrained(path)
-    path = gguf_files.write_gguf(folders["llama"], tmp_path / "freqs.gguf", extra_tensor="rope_freqs.weight")
-    with pytest.raises(GgufError, match=r"freqs\.gguf: tensor 'rope_freqs\.weight'"):
+    path = gguf_files.write_gguf(folders["llama"], tmp_path / "extra.gguf", extra_tensor="blk.0.attn_q_norm.weight")
+    with pytest.raises(GgufError, match=r"extra\.gguf: tensor\(s\) \['blk\.0\.attn_q_norm\.weight'\] are not part"):
         jaxft.from_pretrained(path)
+    path = gguf_files.write_gguf(folders["llama"], tmp_path / "freqs.gguf", extra_tensor="rope_freqs.weight")
+    with pytest.raises(GgufError, match=r"freqs\.gguf: tensor 'rope_freqs\.weight' holds rope divisors that are not"):
+        jaxft.from_pretrained(path)
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    """Llama 3.1's rope scaling, which llama.cpp stores only as a rope_freqs tensor, reads back as transformers'
+    llama3 rope: jaxft's logits from the GGUF are the HF model's (transformers' GGUF loader drops the tensor)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 10000.0}
+    folder, model = gguf_files.hf_folder(tmp_path / "hf", "llama", rope_parameters=rope)
+    path = gguf_files.write_gguf(folder, tmp_path / "llama31.gguf", Q.F32)
+    cfg, params = jaxft.from_pretrained(path)
+    assert cfg.rope.rope_type == "llama3" and cfg.rope.factor == 8.0
+    ids = _ids(cfg.vocab_size)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jaxft.forward(cfg, params, ids)), expected, atol=1e-4, rtol=0)
+    unscaled = np.asarray(jaxft.forward(cfg.replace(rope=jaxft.RopeConfig()), params, ids))
+    assert np.abs(unscaled - expected).max() > 1e-3  # the scaling changes these logits
 
 
 def test_unknown_pre_tokenizer_is_an_error_naming_it(folders, tmp_path):

@@ -2,8 +2,9 @@
 
 The tensors are dequantized one at a time (:class:`jaxft.gguf.read.GgufCheckpoint`) into ``dtype`` (float32 by
 default, which holds every GGUF type's dequantized values exactly; the whole model is held in memory in that dtype
-while it is written), then written by the same code that writes jaxft's own HF folders (:func:`jaxft.hf.checkpoint.write_pretrained`), with the tokenizer as
-:meth:`jaxft.Tokenizer.save` writes it; the folder appears whole or not at all (:func:`jaxft.files.atomic_dir`).
+while it is written), then written by the code that writes jaxft's own HF folders
+(:func:`jaxft.hf.checkpoint.write_pretrained`), with the tokenizer as :meth:`jaxft.Tokenizer.save` writes it; the
+folder appears whole or not at all (:func:`jaxft.files.atomic_dir`).
 """
 from __future__ import annotations
 

@@ -9,8 +9,10 @@ asked for (``gguf.quants.dequantize``, llama.cpp's own reference dequantizers) f
 its q/k rows are put back in HF's order (:func:`jaxft.gguf.layout.from_gguf_rows`).
 
 Mistral is written as the ``llama`` architecture and loads as a Llama model: the same graph (llama.cpp keeps no
-sliding window for it). Llama 3's frequency-scaled rope, which llama.cpp stores as a ``rope_freqs`` tensor rather
-than as metadata, is refused, as is any tensor type outside :data:`SUPPORTED_TYPES`.
+sliding window for it). Llama 3.1's rope scaling is not metadata but a ``rope_freqs`` tensor of per-frequency
+divisors; it is read as transformers' ``llama3`` rope type with Llama 3.1-3.3's constants and the largest divisor as
+its factor, and the file's divisors must be the ones that rope gives (else a GgufError). A tensor type outside
+:data:`SUPPORTED_TYPES` is refused.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ READ_ARCHITECTURES = sorted(set(ARCHITECTURE.values()))  # GGUF architectures ja
 MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
 # llama.cpp's rope scaling types (``{arch}.rope.scaling.type``) by transformers' names.
 ROPE_SCALING = {"linear": "linear", "yarn": "yarn"}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, as llama.cpp's converter stores it
+# The llama3 rope constants of every Llama 3.1-3.3 checkpoint (their config.json's rope_scaling but for factor).
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def is_gguf(path) -> bool:
@@ -80,7 +85,11 @@ class GgufCheckpoint:
         self.arch = architecture(self.reader, self.path)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.hf = self._hf_config()
-        self.gguf_names = self._gguf_names()
+        from jaxft.hf.config import config_from_hf
+
+        cfg = config_from_hf(self.hf_config(), source=str(self.path))
+        self._check_rope_freqs(cfg)
+        self.gguf_names = self._gguf_names(cfg)
 
     def metadata(self, key: str, default=...):
         return field_value(self.reader, self.path, key, default)
@@ -91,9 +100,6 @@ class GgufCheckpoint:
     def _hf_config(self) -> dict:
         """The ``config.json`` dict of the model, from the metadata as llama.cpp's converter writes it; biases and
         tied embeddings are read off the tensors present, as llama.cpp does."""
-        if "rope_freqs.weight" in self.tensors:
-            raise GgufError(f"{self.path}: tensor 'rope_freqs.weight' (Llama 3's frequency-scaled rope, which the "
-                            "file stores as per-frequency factors rather than as metadata) is not supported")
         heads = self._arch_key("attention.head_count")
         hidden = self._arch_key("embedding_length")
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")  # counted, not decoded: it may hold 150k strings
@@ -122,6 +128,8 @@ class GgufCheckpoint:
         return hf
 
     def _rope_scaling(self) -> dict | None:
+        if ROPE_FREQS in self.tensors:
+            return {"rope_type": "llama3", "factor": float(self._dequantized(ROPE_FREQS).max()), **LLAMA3_ROPE}
         kind = self._arch_key("rope.scaling.type", "none")
         if kind == "none":
             return None
@@ -140,16 +148,28 @@ class GgufCheckpoint:
 
         return {**self.hf, "architectures": [ARCHITECTURES[self.hf["model_type"]]]}
 
-    def _gguf_names(self) -> dict[str, str]:
+    def _check_rope_freqs(self, cfg):
+        """The file's rope divisors are the ones :func:`jaxft.ops.rope.static_inv_freq` gives for the llama3 rope
+        they were read as: default frequencies / scaled ones."""
+        if ROPE_FREQS not in self.tensors:
+            return
+        from jaxft.config import RopeConfig
+        from jaxft.ops.rope import static_inv_freq
+
+        expected = static_inv_freq(cfg.replace(rope=RopeConfig()))[0] / static_inv_freq(cfg)[0]
+        found = self._dequantized(ROPE_FREQS)
+        if found.shape != expected.shape or not np.allclose(found, expected, rtol=1e-5, atol=0):
+            raise GgufError(f"{self.path}: tensor {ROPE_FREQS!r} holds rope divisors that are not Llama 3's rope "
+                            f"scaling (factor {cfg.rope.factor:g}, {LLAMA3_ROPE}); jaxft reads no other kind")
+
+    def _gguf_names(self, cfg) -> dict[str, str]:
         """HF name -> GGUF name of every tensor in the file; a tensor llama.cpp's tables do not name for a model
         of this architecture is a GgufError naming it."""
         from jaxft.hf.checkpoint import expected_tensors
-        from jaxft.hf.config import config_from_hf
 
-        cfg = config_from_hf(self.hf_config(), source=str(self.path))
         names = tensor_name_map(self.arch, cfg.num_hidden_layers)
         by_gguf = {gguf_tensor_name(names, hf): hf for hf in expected_tensors(cfg)}
-        unknown = sorted(set(self.tensors) - set(by_gguf))
+        unknown = sorted(set(self.tensors) - set(by_gguf) - {ROPE_FREQS})
         if unknown:
             raise GgufError(f"{self.path}: tensor(s) {unknown[:5]} are not part of a {self.arch} model jaxft reads")
         return {hf: name for name, hf in by_gguf.items() if name in self.tensors}
@@ -173,10 +193,9 @@ class GgufCheckpoint:
         """The HF (torch-layout) shape: GGUF lists dimensions innermost first."""
         return tuple(int(n) for n in reversed(self.tensors[self.gguf_names[name]].shape))
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor ``name`` (an HF name) as float32 in HF's layout, q/k rows in HF's order."""
-        gguf_name = self.gguf_names[name]
-        tensor = self.tensors[gguf_name]
+    def _dequantized(self, gguf_name: str) -> np.ndarray:
+        """The GGUF tensor ``gguf_name`` as float32 in numpy's (HF's) dimension order."""
+        tensor = self._tensor(gguf_name)
         kind = int(tensor.tensor_type)
         if kind not in SUPPORTED_TYPES:
             label = Q(kind).name if kind in set(Q) else str(kind)
@@ -184,9 +203,13 @@ class GgufCheckpoint:
                             f"{', '.join(t.name for t in SUPPORTED_TYPES)}")
         try:
             out = gguf.quants.dequantize(np.asarray(tensor.data), Q(kind)).astype(np.float32, copy=False)
-            out = out.reshape(self.shape(name))
+            return out.reshape([int(n) for n in reversed(tensor.shape)])
         except ValueError as e:  # a block array that does not hold the tensor's elements
             raise GgufError(f"{self.path}: tensor {gguf_name!r} cannot be read ({e})") from None
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor ``name`` (an HF name) as float32 in HF's layout, q/k rows in HF's order."""
+        out = self._dequantized(self.gguf_names[name])
         if needs_qk_permutation(self.arch, name):
             heads = self.hf["num_attention_heads"] if "q_proj" in name else self.hf["num_key_value_heads"]
             out = from_gguf_rows(out, heads)
