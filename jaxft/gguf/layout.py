@@ -8,6 +8,7 @@ from ``[first half | second half]`` to ``[x0, x_{d/2}, x1, x_{d/2+1}, ...]``. Qw
 llama.cpp graph uses the half-rotation, "NEOX" rope).
 
 The tensor names come from the ``gguf`` package (llama.cpp's own tables), so they follow llama.cpp's releases.
+:func:`rope_divisors` is Llama 3.1's rope scaling in the form llama.cpp stores it (``rope_freqs.weight``).
 :data:`PRE_TOKENIZER_SPLITS` pairs llama.cpp's byte-level pre-tokenizer names (``tokenizer.ggml.pre``) with the
 split regexes of the tokenizers they stand for, for reading a vocabulary and for naming one when writing.
 """
@@ -35,6 +36,18 @@ TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
 PRE_TOKENIZER_SPLITS = {"default": None, "gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
                         "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
                         "deepseek-r1-qwen": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT}
+
+
+ROPE_FREQS = "rope_freqs.weight"  # where llama.cpp's converter stores Llama 3.1's rope scaling
+
+
+def rope_divisors(cfg) -> np.ndarray:
+    """What llama.cpp stores as ``rope_freqs.weight`` for a model whose rope is scaled (``cfg``: a ModelConfig with
+    the llama3 rope type): each frequency's divisor, default inverse frequencies / scaled ones."""
+    from jaxft.config import RopeConfig
+    from jaxft.ops.rope import static_inv_freq
+
+    return static_inv_freq(cfg.replace(rope=RopeConfig()))[0] / static_inv_freq(cfg)[0]
 
 
 class GgufError(JaxftError, ValueError):

@@ -22,8 +22,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from jaxft.gguf.layout import ARCHITECTURE, GgufError, from_gguf_rows, gguf_tensor_name, needs_qk_permutation, \
-    tensor_name_map
+from jaxft.gguf.layout import (ARCHITECTURE, ROPE_FREQS, GgufError, from_gguf_rows, gguf_tensor_name,
+                               needs_qk_permutation, rope_divisors, tensor_name_map)
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
@@ -33,7 +33,6 @@ READ_ARCHITECTURES = sorted(set(ARCHITECTURE.values()))  # GGUF architectures ja
 MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
 # llama.cpp's rope scaling types (``{arch}.rope.scaling.type``) by transformers' names.
 ROPE_SCALING = {"linear": "linear", "yarn": "yarn"}
-ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, as llama.cpp's converter stores it
 # The llama3 rope constants of every Llama 3.1-3.3 checkpoint (their config.json's rope_scaling but for factor).
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -149,14 +148,10 @@ class GgufCheckpoint:
         return {**self.hf, "architectures": [ARCHITECTURES[self.hf["model_type"]]]}
 
     def _check_rope_freqs(self, cfg):
-        """The file's rope divisors are the ones :func:`jaxft.ops.rope.static_inv_freq` gives for the llama3 rope
-        they were read as: default frequencies / scaled ones."""
+        """The file's rope divisors are the ones the llama3 rope they were read as gives (:func:`rope_divisors`)."""
         if ROPE_FREQS not in self.tensors:
             return
-        from jaxft.config import RopeConfig
-        from jaxft.ops.rope import static_inv_freq
-
-        expected = static_inv_freq(cfg.replace(rope=RopeConfig()))[0] / static_inv_freq(cfg)[0]
+        expected = rope_divisors(cfg)
         found = self._dequantized(ROPE_FREQS)
         if found.shape != expected.shape or not np.allclose(found, expected, rtol=1e-5, atol=0):
             raise GgufError(f"{self.path}: tensor {ROPE_FREQS!r} holds rope divisors that are not Llama 3's rope "
