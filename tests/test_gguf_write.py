@@ -107,13 +107,14 @@ def models_dir(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     tokenizer, as padded vocabularies do (Llama 3, Qwen2)."""
     root = tmp_path_factory.mktemp("gguf_models")
     out = {}
-    for model_type, write_tokenizer in TOKENIZERS.items():
+    for seed, (model_type, write_tokenizer) in enumerate(TOKENIZERS.items()):
         base = root / model_type
         write_tokenizer(base)
         tok = jaxft.load_tokenizer(base)
         window = {"sliding_window": None} if model_type == "mistral" else {}   # written without one: see refusals
-        model = hf_oracle.build(model_type, scale=0.1, vocab_size=tok.vocab_size + 4, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **window)
+        model = hf_oracle.build(model_type, seed=seed, scale=0.1, vocab_size=tok.vocab_size + 4,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, **window)
         hf_oracle.save(model, base)
         cfg, params = jaxft.from_pretrained(base)
         lcfg = jaxft.LoraConfig(**LORA)
@@ -254,7 +255,8 @@ def test_transformers_tokenizer_from_the_file_gives_jaxfts_ids(models_dir, model
 
 def test_q4_0_keeps_the_output_projection_at_q8_0(models_dir, tmp_path):
     base, adapter = models_dir["llama"]
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(_export(base, adapter, tmp_path / "q.gguf", "q4_0")).tensors}
+    path = _export(base, adapter, tmp_path / "q.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     q = gguf.GGMLQuantizationType
     assert types["blk.0.attn_k.weight"] == types["token_embd.weight"] == q.Q4_0
     assert types["output.weight"] == q.Q8_0   # llama-quantize: Q6_K (rows of 256-blocks), else Q8_0
@@ -306,6 +308,7 @@ def test_refusals_name_what_gguf_cannot_hold(models_dir, tmp_path):
     with pytest.raises(jaxft.config.ConfigError, match="jaxft.merge"):
         save_gguf(cfg, jaxft.lora.add(cfg, params, lcfg, jax.random.PRNGKey(0)), tok, tmp_path / "a.gguf")
     assert not list(tmp_path.iterdir())   # nothing written, not even a temporary file
+    assert main(["export", str(base), "--out", str(tmp_path / "folder")]) == 2   # --out needs --adapter
     (tmp_path / "x.gguf").write_text("mine")
     assert main(["export", str(base), "--adapter", str(adapter), "--gguf", str(tmp_path / "x.gguf")]) == 2
     assert (tmp_path / "x.gguf").read_text() == "mine"
