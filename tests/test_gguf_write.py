@@ -263,6 +263,20 @@ def test_q4_0_keeps_the_output_projection_at_q8_0(models_dir, tmp_path):
     assert types["blk.0.ffn_down.weight"] == q.F16   # rows of 112: no whole number of 32-blocks
 
 
+def test_tied_embeddings_serve_as_the_output(models_dir, tmp_path):
+    """No output.weight: llama.cpp (and transformers) read the embedding table as the LM head; q4_0 keeps it at Q8_0."""
+    base, _ = models_dir["qwen2"]
+    cfg, params = jaxft.from_pretrained(base)
+    cfg, params = cfg.replace(tie_word_embeddings=True), {k: v for k, v in params.items() if k != "lm_head"}
+    tok = jaxft.load_tokenizer(base)
+    ids = _ids(cfg.vocab_size, seed=2)
+    path = save_gguf(cfg, params, tok, tmp_path / "tied-f32.gguf", gguf_type="f32")
+    assert _relative(_gguf_logits(path, ids), np.asarray(jaxft.forward(cfg, params, ids))) < 1e-5
+    path = save_gguf(cfg, params, tok, tmp_path / "tied-q4.gguf", gguf_type="q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" not in types and types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
 def test_a_plain_model_folder_converts_without_an_adapter(models_dir, tmp_path):
     base, _ = models_dir["qwen2"]
     path = _export(base, None, tmp_path / "plain.gguf", "f32")
