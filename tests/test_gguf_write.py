@@ -180,7 +180,6 @@ def _as_stored(cfg, params: dict, types: dict) -> dict:
 BOUNDS = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2, "q8_0": 0.05, "q4_0": None}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(TOKENIZERS))
 @pytest.mark.parametrize("gguf_type", sorted(BOUNDS))
 def test_transformers_runs_the_exported_file_as_the_merged_model(models_dir, model_type, gguf_type, tmp_path):

@@ -65,8 +65,7 @@ def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_t
     check_expressible(cfg)
     arch = ARCHITECTURE[cfg.model_type]
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    file_type, weight_type = GGUF_TYPES[gguf_type]
-    _write_hparams(writer, cfg, path.stem, file_type)
+    _write_hparams(writer, cfg, path.stem, GGUF_TYPES[gguf_type][0])
     write_vocab(writer, cfg, tokenizer)
     for name, data, qtype in gguf_tensors(cfg, to_hf_tensors(cfg, params), gguf_type):
         writer.add_tensor(name, data, raw_dtype=qtype)
