@@ -226,12 +226,18 @@ def _generate(args) -> int:
 
 def _export(args) -> int:
     """Write the adapter in PEFT format, or with --merged a dense HF model with the adapter folded in; the tokenizer
-    and chat template go along.
+    and chat template go along. --gguf writes the merged model (or a plain HF folder without --adapter) as one GGUF
+    file for llama.cpp / Ollama instead, its weights in --gguf-type, with tokenizer and chat template in it.
     """
     import jaxft
     from jaxft.hf.peft_format import read_adapter_config
     from jaxft.recipes.skeleton import with_pad_token, write_export
 
+    if args.gguf is not None:
+        return _export_gguf(args)
+    if args.adapter is None:
+        raise JaxftError("jaxft export --out needs --adapter DIR (the adapter to write or merge); to convert a plain "
+                         "model folder, use --gguf FILE")
     out = Path(args.out)
     if not args.overwrite:
         _refuse_existing(out)
@@ -258,6 +264,21 @@ def _convert(args) -> int:
         _refuse_existing(args.out)
     gguf_to_hf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    """``jaxft export MODEL [--adapter DIR] --gguf FILE``: the merged model as one GGUF file."""
+    import jaxft
+    from jaxft.gguf.write import save_gguf
+
+    out = Path(args.gguf)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--gguf {out}: already exists; pass --overwrite to replace it, or choose another file")
+    cfg, params = _load(args.model, args.adapter, None)
+    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
+    save_gguf(cfg, jaxft.merge(params), tok, out, gguf_type=args.gguf_type, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.gguf_type})")
     return 0
 
 
@@ -406,11 +427,17 @@ def _generate_command(sub):
 
 def _export_command(sub):
     """``jaxft export``'s arguments."""
-    p = _command(sub, "export", _export, help="export an adapter (PEFT format) or a merged HF model")
+    from jaxft.gguf.layout import GGUF_TYPES
+
+    p = _command(sub, "export", _export, help="export an adapter (PEFT format), a merged HF model, or a GGUF file")
     p.add_argument("model", help="HF model folder (the base)")
-    p.add_argument("--adapter", required=True, help="PEFT adapter folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--merged", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--adapter", help="PEFT adapter folder (required with --out; optional with --gguf)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output folder")
+    where.add_argument("--gguf", metavar="FILE", help="write the merged model as this GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into the base weights (--gguf always does)")
+    p.add_argument("--gguf-type", choices=sorted(GGUF_TYPES), default="f16",
+                   help="type of the GGUF file's 2-D weights (default: f16; norms and biases stay f32)")
     p.add_argument("--overwrite", action="store_true")
 
 

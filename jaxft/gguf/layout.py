@@ -22,6 +22,14 @@ from jaxft.errors import JaxftError
 # GGUF's general.architecture for each model type jaxft reads; the inverse takes Mistral as llama (same graph).
 ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp interleaves per head
+# File types jaxft writes, by the name `jaxft export --gguf-type` takes: (general.file_type, type of 2-D weights).
+GGUF_TYPES = {
+    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
+}
 
 # The split regex of each byte-level BPE pre-tokenizer llama.cpp names in ``tokenizer.ggml.pre`` (the regexes
 # llama.cpp's ``llama-vocab.cpp`` and the models' tokenizer.json use); "gpt-2" is GPT-2's own split, which
@@ -84,3 +92,14 @@ def from_gguf_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """The inverse of :func:`to_gguf_rows`: llama.cpp's interleaved q/k rows back in HF's order."""
     head_dim = weight.shape[0] // num_heads
     return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
+
+
+# tokenizer.ggml.pre names of byte-level BPE pre-tokenizers that split by a regex before the byte-level step, with
+# the regex as tokenizer.json spells it (llama.cpp's llama-vocab.cpp holds the same rules under these names).
+# GPT-2's own split (a ByteLevel pre-tokenizer with its built-in regex) is "gpt-2".
+BPE_PRE_TOKENIZER_SPLITS = {
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}

@@ -1,0 +1,308 @@
+"""A merged Llama-family model, with its tokenizer and chat template, as one GGUF file for llama.cpp and Ollama.
+
+:func:`save_gguf` writes what llama.cpp's ``convert_hf_to_gguf.py`` writes for the same HF folder (its
+``LlamaModel`` for Llama and Mistral, ``Qwen2Model`` for Qwen2), without going through a folder:
+
+* **Metadata**: ``general.*``, the ``{arch}.*`` hyperparameters (context and embedding length, blocks, heads,
+  RMSNorm epsilon, RoPE base and dimensions, vocabulary size), ``general.file_type``; linear RoPE scaling as
+  ``rope.scaling.*``; Llama 3's frequency scaling as the ``rope_freqs.weight`` tensor of per-frequency divisors
+  (what llama.cpp's graph reads for it).
+* **Tensors**: HF names mapped by :mod:`jaxft.gguf.layout`, llama-architecture q/k rows interleaved per head.
+  1-D tensors (norms, biases, ``rope_freqs``) are F32; 2-D weights take the file type's own type, and fall back to
+  F16 where a row does not divide into the type's blocks (as the converter does on ``QuantError``). The converter
+  has no Q4_0 output type: Q4_0 files follow ``llama-quantize`` instead, which keeps the output projection (or the
+  tied embedding table, which serves as it) at higher precision: Q6_K when rows divide into 256-blocks, else Q8_0.
+  The ``gguf`` package has no Q6_K quantizer, so jaxft writes Q8_0 there in both cases.
+* **Tokenizer**: a byte-level BPE ``tokenizer.json`` becomes the ``gpt2`` vocabulary (tokens, token types, merges
+  and ``tokenizer.ggml.pre`` naming the pre-tokenizer's split rule, recognized from the rule itself rather than
+  llama.cpp's hash of one model's token ids); a sentencepiece ``tokenizer.model`` the ``llama`` vocabulary
+  (pieces, scores, types). Added tokens are CONTROL when special, USER_DEFINED otherwise; ids the model has beyond
+  the tokenizer are ``[PAD{i}]`` (UNUSED). bos/eos/unk/pad ids, whether bos/eos are added (read off the tokenizer's
+  own output, so a folder that leaves ``add_bos_token`` unset is written as it really behaves) and the chat
+  templates go along.
+
+What GGUF readers cannot express is refused by name before anything is written: task heads, biases other than
+Qwen2's q/k/v ones, RoPE scalings other than linear and llama3, tokenizers other than byte-level BPE and
+sentencepiece, adapters left unmerged. A sliding window (Mistral v0.1's) is dropped, as llama.cpp's converter drops
+it: the file attends fully, which is the same within the window. The file is written beside its destination and
+renamed into place (:func:`jaxft.files.atomic_file`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import sentencepiece
+
+from jaxft.config import ModelConfig
+from jaxft.files import atomic_file
+from jaxft.gguf.layout import (ARCHITECTURE, BPE_PRE_TOKENIZER_SPLITS, GGUF_TYPES, GgufError, gguf_tensor_name,
+                               needs_qk_permutation, tensor_name_map, to_gguf_rows)
+from jaxft.hf.checkpoint import to_hf_tensors
+from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_PROBE_TEXT = "hello world"  # encoded with and without special tokens to see what the tokenizer adds
+
+
+def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_type: str = "f16",
+              overwrite: bool = False) -> Path:
+    """Write ``params`` (dense, adapters merged: ``jaxft.merge(params)``) with ``tokenizer`` as the GGUF file
+    ``path``, its 2-D weights in ``gguf_type`` (f32, f16, bf16, q8_0, q4_0). An existing file needs ``overwrite``."""
+    path = Path(path)
+    if gguf_type not in GGUF_TYPES:
+        raise GgufError(f"gguf_type {gguf_type!r} is not supported; expected one of {sorted(GGUF_TYPES)}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
+    if path.is_dir():
+        raise GgufError(f"{path}: is a folder; a GGUF export is one file, e.g. {path / 'model.gguf'}")
+    check_expressible(cfg)
+    arch = ARCHITECTURE[cfg.model_type]
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    _write_hparams(writer, cfg, path.stem, GGUF_TYPES[gguf_type][0])
+    write_vocab(writer, cfg, tokenizer)
+    for name, data, qtype in gguf_tensors(cfg, to_hf_tensors(cfg, params), gguf_type):
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def check_expressible(cfg: ModelConfig):
+    """Refuse, by name, a model whose GGUF would lose part of it or be read differently by llama.cpp."""
+    if cfg.head is not None:
+        raise GgufError(f"a {cfg.head.kind!r} task head has no place in a GGUF file (llama.cpp runs causal language "
+                        "models); export it as a Hugging Face folder with --out instead")
+    if cfg.model_type not in ARCHITECTURE:
+        raise GgufError(f"model_type {cfg.model_type!r} has no GGUF architecture here; expected one of "
+                        f"{sorted(ARCHITECTURE)}")
+    biases = [name for name, on in (("attention q/k/v", cfg.qkv_bias and cfg.model_type != "qwen2"),
+                                    ("attention output (o_bias)", cfg.o_bias), ("MLP (mlp_bias)", cfg.mlp_bias)) if on]
+    if biases:
+        raise GgufError(f"{cfg.model_type} with {' and '.join(biases)} biases: GGUF readers load this architecture "
+                        "without them (only Qwen2's q/k/v biases are read), so the file would run a different model")
+    if cfg.rope.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise GgufError(f"rope_type {cfg.rope.rope_type!r} is not written to GGUF by jaxft; supported: "
+                        f"{SUPPORTED_ROPE_TYPES}")
+    if any(cfg.sliding_layers):
+        warnings.warn(f"sliding_window={cfg.sliding_window} is dropped in the GGUF file, as llama.cpp's converter "
+                      "drops it: the file attends to the whole context, the same as the model within the window",
+                      stacklevel=3)
+
+
+def _write_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: gguf.LlamaFileType):
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:  # llama.cpp derives it otherwise
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    if cfg.rope.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope.factor)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3's RoPE scaling as llama.cpp stores it: per frequency, the divisor of the unscaled inverse frequency
+    (1 for short wavelengths, ``factor`` for long ones, a smooth blend between)."""
+    rope, dim = cfg.rope, cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    old_context = rope.original_max_position_embeddings or 8192  # the converter's default
+    low_wavelen, high_wavelen = old_context / rope.low_freq_factor, old_context / rope.high_freq_factor
+    factors = []
+    for freq in inv_freq:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(rope.factor)
+        else:
+            smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+            factors.append(1 / ((1 - smooth) / rope.factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], gguf_type: str, has_output: bool) -> Q:
+    """The type llama.cpp gives this tensor in a file of ``gguf_type`` (before the block-size fallback)."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return Q.F32
+    is_output = gguf_name == "output.weight" or (not has_output and gguf_name == "token_embd.weight")
+    if gguf_type == "q4_0" and is_output:  # llama-quantize: Q6_K, or Q8_0; gguf has no Q6_K quantizer
+        return Q.Q8_0
+    return GGUF_TYPES[gguf_type][1]
+
+
+def gguf_tensors(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type: str):
+    """``(gguf name, data, type)`` of every tensor, data quantized (bytes) or in its float type."""
+    arch = ARCHITECTURE[cfg.model_type]
+    names = tensor_name_map(arch, cfg.num_hidden_layers)
+    extra = {"rope_freqs.weight": llama3_rope_freqs(cfg)} if cfg.rope.rope_type == "llama3" else {}
+    renamed = dict(extra)
+    for hf_name, tensor in hf_tensors.items():
+        data = np.asarray(tensor, dtype=np.float32)
+        if needs_qk_permutation(arch, hf_name):
+            heads = cfg.num_attention_heads if ".q_proj." in hf_name else cfg.num_key_value_heads
+            data = to_gguf_rows(data, heads)
+        renamed[gguf_tensor_name(names, hf_name)] = data
+    has_output = "output.weight" in renamed
+    for name, data in renamed.items():
+        qtype = tensor_type(name, data.shape, gguf_type, has_output)
+        try:
+            quantized = gguf.quants.quantize(data, qtype)
+        except gguf.QuantError:  # a row that does not divide into the type's blocks: the converter's fallback
+            qtype = Q.F16
+            quantized = gguf.quants.quantize(data, qtype)
+        yield name, quantized, qtype
+
+
+# ----- tokenizer ----------------------------------------------------------------------------------------------
+
+
+def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer):
+    """The tokenizer as llama.cpp's converter writes it from the HF folder that ``tokenizer.save`` makes."""
+    too_large = tokenizer.vocab_size - cfg.vocab_size
+    if too_large > 0:
+        raise GgufError(f"the tokenizer has {tokenizer.vocab_size} tokens, {too_large} beyond the model's "
+                        f"vocab_size={cfg.vocab_size}; resize the embeddings first")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = tokenizer.save(folder)
+        config = json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        added = {int(i): token for i, token in config.get("added_tokens_decoder", {}).items()}
+        if isinstance(config.get("add_prefix_space"), bool):  # the converter passes it on when the folder sets it
+            writer.add_add_space_prefix(config["add_prefix_space"])
+        if (folder / TOKENIZER_JSON).is_file():
+            _write_bpe_vocab(writer, cfg, folder, added)
+        else:
+            _write_sentencepiece_vocab(writer, cfg, folder / SENTENCEPIECE_MODEL, added)
+    _write_special_tokens(writer, cfg, tokenizer)
+
+
+def _looks_special(text: str) -> bool:
+    """llama.cpp's rule for added tokens some models forget to flag special (``<|...|>``, ``<pad>``, ...)."""
+    return text in ("<pad>", "<mask>") or (text.startswith("<|") and text.endswith("|>")) or (
+        text.startswith("<unused") and text.endswith(">"))
+
+
+def _added_token_entry(token: dict) -> tuple[str, int]:
+    """An added token's text and type: CONTROL if special, else USER_DEFINED with sentencepiece's ▁ as spaces."""
+    if token.get("special") or _looks_special(token["content"]):
+        return token["content"], gguf.TokenType.CONTROL
+    return token["content"].replace("\u2581", " "), gguf.TokenType.USER_DEFINED
+
+
+def _write_bpe_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, folder: Path, added: dict[int, dict]):
+    spec = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise GgufError(f"tokenizer.json: a {model.get('type')} model with a {decoder.get('type')} decoder; GGUF's "
+                        "gpt2 vocabulary holds byte-level BPE only (a sentencepiece tokenizer.model is written as "
+                        "the llama vocabulary)")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):  # llama.cpp tokenizes text as given; NFC text is its own NFC form
+        raise GgufError(f"tokenizer.json: the {normalizer} normalizer has no GGUF equivalent")
+    by_id = {i: token for token, i in model["vocab"].items()}
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):
+        if i in added:
+            text, kind = _added_token_entry(added[i])
+        elif i in by_id:
+            text, kind = by_id[i], gguf.TokenType.NORMAL
+        else:
+            text, kind = f"[PAD{i}]", gguf.TokenType.UNUSED
+        tokens.append(text)
+        types.append(kind)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(bpe_pre_tokenizer(spec.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(gguf.SpecialVocab(folder, load_merges=True).merges)
+
+
+def bpe_pre_tokenizer(pre: dict | None) -> str:
+    """``tokenizer.ggml.pre`` for a byte-level pre-tokenizer: GPT-2's built-in split, or a Split by one of the
+    regexes llama.cpp knows (:data:`jaxft.gguf.layout.BPE_PRE_TOKENIZER_SPLITS`) followed by a regex-free
+    ByteLevel."""
+    steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and (steps[0] or {}).get("type") == "ByteLevel" and steps[0].get("use_regex", True) and (
+            not steps[0].get("add_prefix_space")):
+        return "gpt-2"
+    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" and (
+            not steps[1].get("use_regex", True)) and steps[0].get("behavior") == "Isolated" and (
+            not steps[0].get("invert")):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        for name, split in BPE_PRE_TOKENIZER_SPLITS.items():
+            if regex == split:
+                return name
+    raise GgufError(f"tokenizer.json: pre-tokenizer {json.dumps(pre)[:300]} is none that llama.cpp knows by name "
+                    f"(GPT-2's byte-level split, or a Split by the regex of {sorted(BPE_PRE_TOKENIZER_SPLITS)})")
+
+
+def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_path: Path, added: dict[int, dict]):
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
+    scores = [-10000.0] * cfg.vocab_size
+    types = [gguf.TokenType.UNUSED] * cfg.vocab_size
+    for i in range(processor.get_piece_size()):
+        tokens[i], scores[i] = processor.id_to_piece(i), processor.get_score(i)
+        types[i] = (gguf.TokenType.UNKNOWN if processor.is_unknown(i) else gguf.TokenType.CONTROL
+                    if processor.is_control(i) else gguf.TokenType.UNUSED if processor.is_unused(i)
+                    else gguf.TokenType.BYTE if processor.is_byte(i) else gguf.TokenType.NORMAL)
+    for i, token in added.items():
+        tokens[i], types[i] = _added_token_entry(token)
+        scores[i] = -1000.0
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+def _write_special_tokens(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer):
+    """Special ids (the tokenizer's, else the model config's), whether bos/eos are added, the chat templates."""
+    ids = {"bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else cfg.bos_token_id,
+           "eos": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or [None])[0],
+           "unk": tokenizer.unk_token_id,
+           "pad": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.pad_token_id}
+    for kind, token_id in ids.items():
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    add_bos, add_eos = added_bos_eos(tokenizer, ids["bos"], ids["eos"])
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    if tokenizer.chat_templates:
+        templates = tokenizer.chat_templates
+        writer.add_chat_template(templates["default"] if list(templates) == ["default"] else
+                                 [{"name": name, "template": text} for name, text in templates.items()])
+
+
+def added_bos_eos(tokenizer: Tokenizer, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """Whether encoding adds bos in front and eos behind, read off the tokenizer's output; GGUF can say nothing
+    else, so a tokenizer that adds other tokens is refused."""
+    plain, full = tokenizer.encode(_PROBE_TEXT, add_special_tokens=False), tokenizer.encode(_PROBE_TEXT)
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    prefix, suffix = (None, None) if start is None else (full[:start], full[start + len(plain):])
+    if prefix not in ([], [bos]) or suffix not in ([], [eos]):
+        raise GgufError(f"the tokenizer encodes {_PROBE_TEXT!r} as {full} ({plain} without special tokens); GGUF can "
+                        f"only say that bos ({bos}) is added in front and eos ({eos}) behind")
+    return prefix == [bos] and bos is not None, suffix == [eos] and eos is not None
