@@ -25,7 +25,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 import jaxft
 from jaxft.cli import main
-from jaxft.gguf.layout import (ARCHITECTURE, BPE_PRE_TOKENIZER_SPLITS, GgufError, from_gguf_rows, gguf_tensor_name,
+from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZER_SPLITS, GgufError, from_gguf_rows, gguf_tensor_name,
                                tensor_name_map)
 from jaxft.hf.names import layer_name
 from jaxft.gguf.write import save_gguf
@@ -90,10 +90,10 @@ def _sentencepiece(folder: Path):
 
 
 TOKENIZERS = {
-    "llama": lambda d: _byte_level_bpe(d, BPE_PRE_TOKENIZER_SPLITS["llama-bpe"], [
+    "llama": lambda d: _byte_level_bpe(d, PRE_TOKENIZER_SPLITS["llama-bpe"], [
         "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE),
-    "qwen2": lambda d: _byte_level_bpe(d, BPE_PRE_TOKENIZER_SPLITS["qwen2"], [
+    "qwen2": lambda d: _byte_level_bpe(d, PRE_TOKENIZER_SPLITS["qwen2"], [
         "<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>", CHATML_TEMPLATE,
         nfc=True),
     "mistral": _sentencepiece,
@@ -288,7 +288,7 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16, "rope_theta": 10000.0}
     folder = hf_oracle.save(hf_oracle.build("llama", vocab_size=300, rope_parameters=rope), tmp_path / "m")
-    _byte_level_bpe(folder, BPE_PRE_TOKENIZER_SPLITS["llama-bpe"], ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
+    _byte_level_bpe(folder, PRE_TOKENIZER_SPLITS["llama-bpe"], ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
                     LLAMA3_TEMPLATE)
     cfg, params = jaxft.from_pretrained(folder)
     assert cfg.rope.rope_type == "llama3"

@@ -34,6 +34,7 @@ GGUF_TYPES = {
 # The split regex of each byte-level BPE pre-tokenizer llama.cpp names in ``tokenizer.ggml.pre`` (the regexes
 # llama.cpp's ``llama-vocab.cpp`` and the models' tokenizer.json use); "gpt-2" is GPT-2's own split, which
 # ``tokenizers``' ByteLevel pre-tokenizer applies itself (None here), and so is "default", as transformers reads it.
+# The writer names a regex by its first name here.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -93,13 +94,3 @@ def from_gguf_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     head_dim = weight.shape[0] // num_heads
     return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
 
-
-# tokenizer.ggml.pre names of byte-level BPE pre-tokenizers that split by a regex before the byte-level step, with
-# the regex as tokenizer.json spells it (llama.cpp's llama-vocab.cpp holds the same rules under these names).
-# GPT-2's own split (a ByteLevel pre-tokenizer with its built-in regex) is "gpt-2".
-BPE_PRE_TOKENIZER_SPLITS = {
-    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
-    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
-}

@@ -41,7 +41,7 @@ import sentencepiece
 
 from jaxft.config import ModelConfig
 from jaxft.files import atomic_file
-from jaxft.gguf.layout import (ARCHITECTURE, BPE_PRE_TOKENIZER_SPLITS, GGUF_TYPES, GgufError, gguf_tensor_name,
+from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZER_SPLITS, GGUF_TYPES, GgufError, gguf_tensor_name,
                                needs_qk_permutation, tensor_name_map, to_gguf_rows)
 from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
@@ -241,7 +241,7 @@ def _write_bpe_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, folder: Path, ad
 
 def bpe_pre_tokenizer(pre: dict | None) -> str:
     """``tokenizer.ggml.pre`` for a byte-level pre-tokenizer: GPT-2's built-in split, or a Split by one of the
-    regexes llama.cpp knows (:data:`jaxft.gguf.layout.BPE_PRE_TOKENIZER_SPLITS`) followed by a regex-free
+    regexes llama.cpp knows (:data:`jaxft.gguf.layout.PRE_TOKENIZER_SPLITS`) followed by a regex-free
     ByteLevel."""
     steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
     if len(steps) == 1 and (steps[0] or {}).get("type") == "ByteLevel" and steps[0].get("use_regex", True) and (
@@ -251,11 +251,11 @@ def bpe_pre_tokenizer(pre: dict | None) -> str:
             not steps[1].get("use_regex", True)) and steps[0].get("behavior") == "Isolated" and (
             not steps[0].get("invert")):
         regex = (steps[0].get("pattern") or {}).get("Regex")
-        for name, split in BPE_PRE_TOKENIZER_SPLITS.items():
-            if regex == split:
+        for name, split in PRE_TOKENIZER_SPLITS.items():
+            if split is not None and regex == split:
                 return name
     raise GgufError(f"tokenizer.json: pre-tokenizer {json.dumps(pre)[:300]} is none that llama.cpp knows by name "
-                    f"(GPT-2's byte-level split, or a Split by the regex of {sorted(BPE_PRE_TOKENIZER_SPLITS)})")
+                    f"(GPT-2's byte-level split, or a Split by the regex of one of {sorted(PRE_TOKENIZER_SPLITS)})")
 
 
 def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_path: Path, added: dict[int, dict]):
