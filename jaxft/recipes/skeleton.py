@@ -40,7 +40,7 @@ from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered,
 from jaxft.recipes.tasks import task_pipeline
 from jaxft.train.checkpoint import Checkpointer, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
-from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, read_metrics
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, read_metrics, tensorboard_writer_class
 from jaxft.train.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------ run folder
@@ -79,8 +79,11 @@ class Resumed:
 
 
 def check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Resumed | None:
-    """Reads only: refuses an output_dir this run may not use, before anything is loaded."""
+    """Reads only: refuses an output_dir this run may not use, or a setting whose optional package is missing,
+    before anything is loaded."""
     check_model_folder(cfg)
+    if cfg.train.tensorboard:
+        tensorboard_writer_class()
     if resume and overwrite:
         raise ConfigError(f"{out}: resume continues the run in output_dir and overwrite replaces it; pass one of "
                           "--resume / --overwrite")

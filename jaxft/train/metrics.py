@@ -366,10 +366,21 @@ def _drop_samples_after(path: Path, step: int) -> None:
 
 
 def _summary_writer(log_dir: Path):
-    """tensorboardX's writer, imported only when asked for: it is optional, not a jaxft dependency."""
+    return tensorboard_writer_class()(logdir=str(log_dir))
+
+
+def tensorboard_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported only when asked for: it is jaxft's optional ``tensorboard``
+    extra. A run calls this before it writes anything, so a missing package is refused first."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError as err:
-        raise ImportError("MetricsLogger(tensorboard=True) writes events with tensorboardX, which jaxft does not "
-                          "install: `pip install tensorboardX`, or turn TensorBoard logging off") from err
-    return SummaryWriter(logdir=str(log_dir))
+        raise MissingExtra("train.tensorboard: true (MetricsLogger(tensorboard=True)) writes TensorBoard events "
+                           "with tensorboardX, which is jaxft's optional `tensorboard` extra and is not installed: "
+                           "`pip install 'jaxft[tensorboard]'` (or `pip install tensorboardX`), or set "
+                           "train.tensorboard: false") from err
+    return SummaryWriter
+
+
+class MissingExtra(JaxftError, ImportError):
+    """A setting needs a package of one of jaxft's optional extras that is not installed."""

@@ -1,10 +1,13 @@
-"""Sample replies during training (``train.sample_every``): the replies logged at a step are the greedy replies of
+"""Monitoring a run. Sample replies (``train.sample_every``): the replies logged at a step are the greedy replies of
 the model exported at that step, as transformers + PEFT decode them (LoRA on a 3-axis mesh of 8 devices, and prompt
-tuning); the log has every sampled step once, also after a resume; runs that cannot sample are refused by name."""
+tuning); the log has every sampled step once, also after a resume; runs that cannot sample are refused by name.
+TensorBoard: its scalars are metrics.jsonl's numbers, its text events the samples; without tensorboardX a run
+that asks for it is refused, naming the extra, before it writes anything."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +24,9 @@ from jaxft.data import resolve_template
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.recipes.multi import run_parallel
-from jaxft.train.metrics import read_samples
+from jaxft.train.metrics import MissingExtra, read_metrics, read_samples
 from sft_worker import tiny_chat_model
-from test_metrics import read_tensorboard_texts
+from test_metrics import read_tensorboard_scalars, read_tensorboard_texts
 
 PROMPTS, NEW_TOKENS = 3, 12
 
@@ -92,9 +95,15 @@ def _by_step(run_dir) -> dict[int, list[dict]]:
     return steps
 
 
-def test_lora_samples_are_the_exported_adapters_greedy_replies_on_a_3_axis_mesh(chats):
+@pytest.fixture(scope="module")
+def lora_run(chats):
+    """A 4-step LoRA run sampling at steps 2 and 4 on a 2 x 2 x 2 mesh, with TensorBoard on: (config, summary)."""
     cfg = _config(chats, "lora", mesh="{data: 2, fsdp: 2, tensor: 2}", extra={"train.tensorboard": True})
-    summary = sft.run(cfg)
+    return cfg, sft.run(cfg)
+
+
+def test_lora_samples_are_the_exported_adapters_greedy_replies_on_a_3_axis_mesh(lora_run):
+    cfg, summary = lora_run
     samples = _by_step(cfg.output_dir)
     assert sorted(samples) == [2, 4]
     held_out = _held_out(cfg)
@@ -110,6 +119,23 @@ def test_lora_samples_are_the_exported_adapters_greedy_replies_on_a_3_axis_mesh(
         for i, record in enumerate(records):
             for key in ("prompt", "reply", "reference"):
                 assert f"**{key}**\n\n```\n{record[key]}\n```" in texts[(tag.format(i), step)]
+
+
+def test_tensorboard_scalars_are_the_metrics_log_of_a_run(lora_run):
+    """Every number metrics.jsonl holds is a TensorBoard scalar of its split and step, and the log has what a user
+    watches: loss, learning rate, grad norm, real tokens/s, padding share and the eval metrics."""
+    cfg, _ = lora_run
+    scalars = read_tensorboard_scalars(Path(cfg.output_dir) / "tensorboard")
+    records = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    logged = {(f"{r['split']}/{key}", r["step"]): value for r in records for key, value in r.items()
+              if key not in ("step", "split")}
+    events = {(tag, step): value for tag, points in scalars.items() for step, value in points}
+    assert events.keys() == logged.keys()
+    for key, value in logged.items():
+        assert events[key] == pytest.approx(np.float32(value), rel=1e-6), key
+    tags = {tag for tag, _ in events}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/padding", "eval/loss",
+            "eval/perplexity", "eval/accuracy"} <= tags
 
 
 def test_prompt_tuning_samples_are_the_exported_adapters_greedy_replies(chats):
@@ -151,3 +177,11 @@ def test_sample_every_in_parallel_runs_is_refused_by_name(chats):
         run_parallel([_config(chats, "parallel")])
 
 
+
+
+def test_tensorboard_without_its_extra_is_refused_before_the_run_folder_is_written(chats, monkeypatch):
+    cfg = _config(chats, "no-tensorboardx", extra={"train.tensorboard": True})
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes `import tensorboardX` fail
+    with pytest.raises(MissingExtra, match=r"train.tensorboard.*pip install 'jaxft\[tensorboard\]'"):
+        sft.run(cfg)
+    assert not Path(cfg.output_dir).exists()
