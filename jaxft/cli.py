@@ -92,6 +92,16 @@ def _sweep(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    """Draw the train loss and every eval metric of several run folders on one figure (a PNG), one line per run,
+    labelled by the config keys whose values differ between the runs (e.g. lora.r=8, optim.lr=0.001).
+    """
+    from jaxft.recipes.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out, overwrite=args.overwrite))
+    return 0
+
+
 def _start_processes(command: str):
     """Joins the other processes of a multi-host run (JAXFT_* variables, or a cluster jax detects) before anything
     touches the devices; process 0 says what the run spans, on stderr, so eval's JSON on stdout stays parseable."""
@@ -415,6 +425,16 @@ def _inspect_command(sub):
                    help="also compile the real step on the devices here and print its memory_analysis()")
 
 
+def _plot_command(sub):
+    """``jaxft plot``'s arguments."""
+    p = _command(sub, "plot", _plot, help="compare runs' loss and eval curves on one figure",
+                 epilog="example: jaxft plot runs/r8 runs/r16 --out curves.png")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each with config.yaml and "
+                   "metrics.jsonl)")
+    p.add_argument("--out", required=True, help="the PNG to write, e.g. curves.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune Llama-family models in JAX "
                                      "(LoRA, QLoRA/NF4, full) from Hugging Face folders, on CPU, GPU and TPU meshes.")
@@ -427,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_command(sub)
     _export_command(sub)
     _inspect_command(sub)
+    _plot_command(sub)
     return parser
 
 
