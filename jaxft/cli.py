@@ -102,6 +102,16 @@ def _plot(args) -> int:
     return 0
 
 
+def _use_compile_cache(args):
+    """Turns on the persistent compilation cache before anything compiles, unless the flags or the environment
+    turn it off."""
+    from jaxft import compile_cache
+
+    folder = compile_cache.cache_dir(args.compile_cache, args.no_compile_cache)
+    if folder is not None:
+        compile_cache.enable(folder)
+
+
 def _start_processes(command: str):
     """Joins the other processes of a multi-host run (JAXFT_* variables, or a cluster jax detects) before anything
     touches the devices; process 0 says what the run spans, on stderr, so eval's JSON on stdout stays parseable."""
@@ -301,10 +311,18 @@ def _mesh_shape(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def _command(sub, name: str, run, **texts) -> argparse.ArgumentParser:
-    """A sub-command whose parsed arguments go to ``run``; its description is ``run``'s docstring (as in click)."""
+def _command(sub, name: str, run, compiles: bool = True, **texts) -> argparse.ArgumentParser:
+    """A sub-command whose parsed arguments go to ``run``; its description is ``run``'s docstring (as in click). A
+    command that ``compiles`` jax programs takes the compilation cache's flags (:mod:`jaxft.compile_cache`)."""
     p = sub.add_parser(name, description=run.__doc__, **texts)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, compiles=compiles)
+    if compiles:
+        cache = p.add_mutually_exclusive_group()
+        cache.add_argument("--compile-cache", metavar="DIR", help="keep compiled programs in DIR, so the next run "
+                           "of the same config loads them (default: $JAXFT_COMPILE_CACHE, else ~/.cache/jaxft/xla "
+                           "under $XDG_CACHE_HOME when set)")
+        cache.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh and keep "
+                           "nothing (also: JAXFT_COMPILE_CACHE=off)")
     return p
 
 
@@ -427,7 +445,7 @@ def _inspect_command(sub):
 
 def _plot_command(sub):
     """``jaxft plot``'s arguments."""
-    p = _command(sub, "plot", _plot, help="compare runs' loss and eval curves on one figure",
+    p = _command(sub, "plot", _plot, compiles=False, help="compare runs' loss and eval curves on one figure",
                  epilog="example: jaxft plot runs/r8 runs/r16 --out curves.png")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each with config.yaml and "
                    "metrics.jsonl)")
@@ -454,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.compiles:
+            _use_compile_cache(args)
         if args.command in MULTI_PROCESS_COMMANDS:
             _start_processes(args.command)
         return args.func(args)
