@@ -106,6 +106,8 @@ def test_each_process_reads_at_most_60_percent_of_the_checkpoint(runs):
 
 
 def test_two_processes_sample_the_replies_of_one_process_once_per_step_across_a_resume(runs):
+    """The sampler's collective call and process 0's log across processes and a resume. This random base answers
+    mostly in newlines, so what the replies hold is checked against transformers + PEFT in test_monitoring.py."""
     one, two = (read_samples(runs[name] / "samples.jsonl") for name in ("one", "two"))
     assert [r["step"] for r in two] == [3] * 3 + [6] * 3  # process 0 alone writes, the resume adds step 6
     assert two == one
