@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxft.cli import build_parser
 from jaxft.compile_cache import cache_dir
 
 # Runs `jaxft ARGS...` in this process, counting jax's own compilation-cache events, and writes the counts as JSON.
@@ -79,3 +80,10 @@ def test_a_second_identical_run_compiles_nothing_and_trains_the_same(tiny_run, t
     assert off["code"] == 0
     assert not any(k.endswith(("cache_hits", "cache_misses")) for k in off["events"])
     assert _losses(tiny_run / "run") == first_losses
+
+
+def test_a_cache_folder_and_no_cache_together_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "run.yaml", "--compile-cache", "/tmp/xla", "--no-compile-cache"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument --compile-cache" in capsys.readouterr().err
