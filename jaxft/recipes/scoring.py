@@ -95,8 +95,8 @@ class ChatPrompt(NamedTuple):
 
 
 def chat_prompts(data: DataConfig, tokenizer, template: str, limit: int) -> list[ChatPrompt]:
-    """The first ``limit`` chats of ``data`` that hold an assistant turn, each cut before its last one and rendered
-    with ``template`` (Jinja source) and the generation prompt; other records are passed over."""
+    """The first ``limit`` chats of ``data``, each cut before its last assistant turn and rendered with ``template``
+    (Jinja source) and the generation prompt; records that are no chat (plain text) are passed over."""
     if limit < 1:
         raise ValueError(f"the number of chats to prompt must be >= 1, got {limit}")
     chats = [e.messages for path in data.paths for e in load_examples(path, data.format)
