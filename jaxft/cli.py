@@ -92,6 +92,26 @@ def _sweep(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    """Draw the train loss and every eval metric of several run folders on one figure (a PNG), one line per run,
+    labelled by the config keys whose values differ between the runs (e.g. lora.r=8, optim.lr=0.001).
+    """
+    from jaxft.recipes.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def _use_compile_cache(args):
+    """Turns on the persistent compilation cache before anything compiles, unless the flags or the environment
+    turn it off."""
+    from jaxft import compile_cache
+
+    folder = compile_cache.cache_dir(args.compile_cache, args.no_compile_cache)
+    if folder is not None:
+        compile_cache.enable(folder)
+
+
 def _start_processes(command: str):
     """Joins the other processes of a multi-host run (JAXFT_* variables, or a cluster jax detects) before anything
     touches the devices; process 0 says what the run spans, on stderr, so eval's JSON on stdout stays parseable."""
@@ -326,10 +346,18 @@ def _mesh_shape(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def _command(sub, name: str, run, **texts) -> argparse.ArgumentParser:
-    """A sub-command whose parsed arguments go to ``run``; its description is ``run``'s docstring (as in click)."""
+def _command(sub, name: str, run, compiles: bool = True, **texts) -> argparse.ArgumentParser:
+    """A sub-command whose parsed arguments go to ``run``; its description is ``run``'s docstring (as in click). A
+    command that ``compiles`` jax programs takes the compilation cache's flags (:mod:`jaxft.compile_cache`)."""
     p = sub.add_parser(name, description=run.__doc__, **texts)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, compiles=compiles)
+    if compiles:
+        cache = p.add_mutually_exclusive_group()
+        cache.add_argument("--compile-cache", metavar="DIR", help="keep compiled programs in DIR, so the next run "
+                           "of the same config loads them (default: $JAXFT_COMPILE_CACHE, else ~/.cache/jaxft/xla "
+                           "under $XDG_CACHE_HOME when set)")
+        cache.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh and keep "
+                           "nothing (also: JAXFT_COMPILE_CACHE=off)")
     return p
 
 
@@ -466,6 +494,16 @@ def _inspect_command(sub):
                    help="also compile the real step on the devices here and print its memory_analysis()")
 
 
+def _plot_command(sub):
+    """``jaxft plot``'s arguments."""
+    p = _command(sub, "plot", _plot, compiles=False, help="compare runs' loss and eval curves on one figure",
+                 epilog="example: jaxft plot runs/r8 runs/r16 --out curves.png")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each with config.yaml and "
+                   "metrics.jsonl)")
+    p.add_argument("--out", required=True, help="the PNG to write, e.g. curves.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune Llama-family models in JAX "
                                      "(LoRA, QLoRA/NF4, full) from Hugging Face folders, on CPU, GPU and TPU meshes.")
@@ -479,12 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     _export_command(sub)
     _convert_command(sub)
     _inspect_command(sub)
+    _plot_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.compiles:
+            _use_compile_cache(args)
         if args.command in MULTI_PROCESS_COMMANDS:
             _start_processes(args.command)
         return args.func(args)

@@ -87,3 +87,13 @@ def write_text_atomic(path, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def cache_root(environ=None) -> Path:
+    """jaxft's cache folder (the demo's base, the CLI's compiled programs): ``$JAXFT_CACHE``, else
+    ``$XDG_CACHE_HOME/jaxft``, else ``~/.cache/jaxft``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JAXFT_CACHE"):
+        return Path(environ["JAXFT_CACHE"]).expanduser()
+    xdg = environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jaxft"

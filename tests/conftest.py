@@ -8,6 +8,11 @@ import yaml
 # Multi-device tests run on 8 fake CPU devices; this must be set before jax initializes.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CLI's persistent compilation cache stays off in the test processes and the processes they start (whatever the
+# environment says): jax 0.10.2 crashed twice in test workers while serializing executables into it (probably the
+# per-process memory-map limit, see release_compiled_programs). Only tests/test_compile_cache.py turns it on, in a
+# subprocess with a temporary folder.
+os.environ["JAXFT_COMPILE_CACHE"] = "off"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -2,6 +2,7 @@
 import json
 import math
 import struct
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,20 +74,32 @@ def test_disabled_logger_of_a_non_zero_process_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def read_tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
-    """Decodes TFRecord framing (length, crc, payload, crc) and the Event protos inside."""
+def tensorboard_events(log_dir):
+    """Every Event proto of the event files under ``log_dir``, decoded from their TFRecord framing (length, crc,
+    payload, crc) with tensorboardX's own proto."""
     from tensorboardX.proto.event_pb2 import Event
 
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in log_dir.rglob("events.out.tfevents.*"):
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
         data, offset = path.read_bytes(), 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            yield Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
-            for value in event.summary.value:
+
+
+def read_tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for event in tensorboard_events(log_dir):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+def read_tensorboard_texts(log_dir) -> dict[tuple[str, int], str]:
+    """(tag, step) -> text of the text events (the text plugin's string tensors)."""
+    return {(value.tag, event.step): value.tensor.string_val[0].decode() for event in tensorboard_events(log_dir)
+            for value in event.summary.value if value.metadata.plugin_data.plugin_name == "text"}
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
@@ -98,7 +111,7 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
 
 def test_tensorboard_without_tensorboardx_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tensorboardX", None)  # makes `import tensorboardX` fail
-    with pytest.raises(ImportError, match="pip install tensorboardX"):
+    with pytest.raises(ImportError, match=r"train.tensorboard.*pip install 'jaxft\[tensorboard\]'"):
         MetricsLogger(tmp_path, total_steps=1, tensorboard=True, enabled=True)
 
 

@@ -4,6 +4,7 @@ Each process loads its own shard of the data records (``shard_indices``); with o
 global batch holds all records, so the one-process run sees the same global batches and the losses must agree,
 although the two processes hold different numbers of target tokens.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from jaxft.recipes import sft
 from jaxft.recipes.config import dump_run_config
+from jaxft.train.metrics import read_samples
 from process_pair import free_port
 from sft_worker import make_base, run_config, train_losses, write_chats
 
@@ -51,6 +53,12 @@ def _two_processes(cfg, work: Path, resume: bool) -> list[dict]:
     return [json.loads((work / f"result-{i}.json").read_text()) for i in range(2)]
 
 
+def _sampling(cfg):
+    """``cfg`` with its training chats as eval data and 3 sample replies every 3 steps."""
+    train = dataclasses.replace(cfg.train, sample_every=3, sample_prompts=3, sample_max_new_tokens=8)
+    return cfg.replace(eval_data=cfg.data, train=train)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
@@ -59,12 +67,12 @@ def runs(tmp_path_factory):
     # LoRA on an fsdp-only mesh: A matrices shard their embed dim, B matrices their output dim (through the
     # rules table's fallback), so the adapters and their optimizer state split across the processes
     common = dict(method="lora", packing=False, mesh=(1, -1, 1), lr=3e-3)
-    one = sft.run(run_config(base, data, tmp / "one", batch_size=N_RECORDS, steps=6, **common))
+    one = sft.run(_sampling(run_config(base, data, tmp / "one", batch_size=N_RECORDS, steps=6, **common)))
     run_dir = tmp / "two"
-    first = _two_processes(run_config(base, data, run_dir, batch_size=N_RECORDS // 2, steps=3, **common),
+    first = _two_processes(_sampling(run_config(base, data, run_dir, batch_size=N_RECORDS // 2, steps=3, **common)),
                            tmp / "first", resume=False)
-    resumed = _two_processes(run_config(base, data, run_dir, batch_size=N_RECORDS // 2, steps=6, **common),
-                             tmp / "resumed", resume=True)
+    resumed = _two_processes(_sampling(run_config(base, data, run_dir, batch_size=N_RECORDS // 2, steps=6,
+                                                  **common)), tmp / "resumed", resume=True)
     return {"one": tmp / "one", "two": run_dir, "first": first, "resumed": resumed, "one_summary": one}
 
 
@@ -95,3 +103,11 @@ def test_each_process_reads_at_most_60_percent_of_the_checkpoint(runs):
     fractions = [r["restore_bytes_read"] / total for r in runs["resumed"]]
     print(f"checkpoint {total} bytes; fraction read per process: {fractions}")
     assert all(0.3 < f <= 0.6 for f in fractions), fractions
+
+
+def test_two_processes_sample_the_replies_of_one_process_once_per_step_across_a_resume(runs):
+    """The sampler's collective call and process 0's log across processes and a resume. This random base answers
+    mostly in newlines, so what the replies hold is checked against transformers + PEFT in test_monitoring.py."""
+    one, two = (read_samples(runs[name] / "samples.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two] == [3] * 3 + [6] * 3  # process 0 alone writes, the resume adds step 6
+    assert two == one

@@ -1,4 +1,7 @@
-"""Exact match of greedy chat replies, checked against the demo's own scorer on a model with known replies."""
+"""Exact match of greedy chat replies, checked against the demo's own scorer on a model with known replies; the
+held-out chat prompts it and the sample replies share."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,10 +9,10 @@ import pytest
 
 from jaxft.errors import JaxftError
 import jaxft
-from jaxft.data import DataConfig
+from jaxft.data import DataConfig, resolve_template
 from jaxft.models.llama import hidden_states
 from jaxft.recipes import demo
-from jaxft.recipes.scoring import chat_exact_match
+from jaxft.recipes.scoring import chat_exact_match, chat_prompts
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def test_exact_match_scores_only_the_first_chats(bigram_model, tmp_path):
 def test_exact_match_needs_chats(bigram_model, tmp_path):
     cfg, params, tokenizer = bigram_model
     (tmp_path / "text.jsonl").write_text('{"text": "increment 1 =\\n2 ."}\n')
-    with pytest.raises(JaxftError, match="ends in an assistant turn"):
+    with pytest.raises(JaxftError, match="no chat holds an assistant turn"):
         chat_exact_match(cfg, params, tokenizer, DataConfig(paths=(str(tmp_path / "text.jsonl"),)), limit=10)
 
 
@@ -62,3 +65,18 @@ def test_exact_match_needs_a_positive_number_of_chats(bigram_model, tmp_path):
     cfg, params, tokenizer = bigram_model
     with pytest.raises(ValueError, match="must be >= 1, got -3"):
         chat_exact_match(cfg, params, tokenizer, DataConfig(paths=(str(tmp_path / "eval.jsonl"),)), limit=-3)
+
+
+def test_chat_prompts_cut_each_chat_before_its_last_assistant_turn(bigram_model, tmp_path):
+    _, _, tokenizer = bigram_model
+    first = [{"role": "user", "content": "increment 1"}, {"role": "assistant", "content": " 2 "}]
+    trailing_user = [*first, {"role": "user", "content": "increment 2"}]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n"
+                                                  for m in (trailing_user, first + first)))
+    template = resolve_template(tokenizer, None)
+    prompts = chat_prompts(DataConfig(paths=(str(tmp_path / "chats.jsonl"),)), tokenizer, template, limit=5)
+    render = dict(add_generation_prompt=True, chat_template=template)
+    want = [(first[:1], "2"), (first + first[:1], "2")]
+    assert [(p.text, p.ids, p.reference) for p in prompts] == [
+        (tokenizer.apply_chat_template(m, tokenize=False, **render), tokenizer.apply_chat_template(m, **render), ref)
+        for m, ref in want]

@@ -67,6 +67,11 @@ class TrainConfig:
     remat: str = "none"
     attention: str = "plain"  # "blockwise": memory linear in sequence length (cuDNN's fused kernel on GPU)
     tensorboard: bool = False
+    # Greedy replies to the first sample_prompts eval chats every sample_every steps and at the end (0: none), into
+    # samples.jsonl and TensorBoard (jaxft.recipes.samples)
+    sample_every: int = field(default=0, metadata={"minimum": 0})
+    sample_prompts: int = field(default=4, metadata={"minimum": 1})
+    sample_max_new_tokens: int = field(default=64, metadata={"minimum": 1})
     # Stop after this many updates in a row dropped for non-finite gradients.
     max_skipped_steps: int = field(default=25, metadata={"minimum": 1})
 
@@ -125,6 +130,7 @@ class RunConfig:
         _check_reference_policy(self.task, peft)
         _check_prompt_style(self.task, peft)
         _check_generation_cadence(self.task, self.train, self.data)
+        _check_samples(self.task, self.train, self.eval_data)
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
@@ -237,6 +243,20 @@ def _check_prompt_style(task, peft: tuple):
                           f"{TASK_UNION.type_of(task)!r}: a prompt-style method trains alone (no weight can "
                           "hold it, so it exports only as its PEFT adapter, never merged), and only with the sft "
                           "task")
+
+
+def _check_samples(task, train: TrainConfig, eval_data: DataConfig | None):
+    """Sample replies are an SFT chat model's greedy answers to held-out chats: they need eval_data, and a task
+    that trains a causal LM on chats."""
+    if not train.sample_every:
+        return
+    if eval_data is None:
+        raise ConfigError(f"train.sample_every {train.sample_every} samples replies to the first eval chats, but "
+                          "the run has no eval_data; add eval_data (chats) or set train.sample_every: 0")
+    if not isinstance(task, SftTask):
+        raise ConfigError(f"train.sample_every samples an SFT run's chat replies, but task "
+                          f"{TASK_UNION.type_of(task)!r} is not SFT (a task head predicts labels, a preference or "
+                          "RL task logs its own metrics); set train.sample_every: 0")
 
 
 def _check_generation_cadence(task, train: TrainConfig, data: DataConfig):

@@ -9,7 +9,6 @@ the chat; after QLoRA it must. Held-out problems are disjoint from training prob
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import optax
 from jaxft.config import ModelConfig
 from jaxft.data.chat import CHATML_TEMPLATE, IGNORE_INDEX
 from jaxft.data.config import DataConfig
-from jaxft.files import atomic_dir
+from jaxft.files import atomic_dir, cache_root
 from jaxft.hf.checkpoint import from_pretrained, to_hf_tensors, write_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.hf.tokenizer import load_tokenizer
@@ -179,13 +178,9 @@ def write_jsonl(path: Path, rows: list[dict]):
     path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache" / "jaxft"))
-
-
 def base_dir(cfg: DemoConfig = DemoConfig()) -> Path:
     """Where the demo's pretrained base is cached (built by :func:`build_base` on first use)."""
-    return cache_dir() / f"demo-base-{BASE_VERSION}-{cfg.pretrain_steps}-{cfg.seed}"
+    return cache_root() / f"demo-base-{BASE_VERSION}-{cfg.pretrain_steps}-{cfg.seed}"
 
 
 def held_out_split(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:

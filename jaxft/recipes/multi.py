@@ -55,6 +55,9 @@ def check_members(cfgs: list[RunConfig]) -> None:
     if cfgs[0].optim.offload_state:
         raise ConfigError("optim.offload_state is not supported in parallel runs; set it to false or run the "
                           "configs separately")
+    if cfgs[0].train.sample_every:
+        raise ConfigError("train.sample_every is not supported in parallel runs (one sampler per run's adapter); "
+                          "set it to 0 or run the configs separately")
     multi.check_optimizer(_members(cfgs), cfgs[0].optim)
     dirs = [str(c.output_dir) for c in cfgs]
     if len(set(dirs)) != len(dirs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -85,31 +86,57 @@ def _token_logits(model_cfg: ModelConfig):
     return jax.jit(lambda p, b: token_logits(model_cfg, p, b["input_ids"], b["positions"], b["segment_ids"]))
 
 
-def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, limit: int) -> dict:
-    """Greedy replies to the first ``limit`` chats of ``data`` that end in an assistant turn, each prompted with
-    the turns before it; a reply counts when it stops (an end-of-turn/EOS token) and its text equals that turn's
-    content, both stripped of surrounding whitespace. Returns ``{"exact_match", "exact_match_chats"}``."""
+class ChatPrompt(NamedTuple):
+    """A held-out chat cut before its last assistant turn: what a model is asked, and the reply the data gives."""
+
+    text: str        # the turns before the reply, rendered with the chat template and its generation prompt
+    ids: list[int]   # ``text`` as the template's tokenization gives it (the model's prompt)
+    reference: str   # the last assistant turn's content
+
+
+def chat_prompts(data: DataConfig, tokenizer, template: str, limit: int) -> list[ChatPrompt]:
+    """The first ``limit`` chats of ``data``, each cut before its last assistant turn and rendered with ``template``
+    (Jinja source) and the generation prompt; records that are no chat (plain text) are passed over."""
     if limit < 1:
-        raise ValueError(f"exact match: the number of chats to score must be >= 1, got {limit}")
+        raise ValueError(f"the number of chats to prompt must be >= 1, got {limit}")
     chats = [e.messages for path in data.paths for e in load_examples(path, data.format)
-             if e.messages and e.messages[-1]["role"] == "assistant"][:limit]
+             if e.messages and any(m["role"] == "assistant" for m in e.messages)][:limit]
     if not chats:
-        raise DataError(", ".join(data.paths), "exact match", "no chat ends in an assistant turn; it scores chat "
-                        "data (messages) only")
-    template = resolve_template(tokenizer, data.template)
-    prompts = [tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, chat_template=template)
-               for chat in chats]
-    references = [chat[-1]["content"].strip() for chat in chats]
+        raise DataError(", ".join(data.paths), "chat prompts", "no chat holds an assistant turn; replies are "
+                        "generated for chat data (messages) only")
+    prompts = []
+    for chat in chats:
+        last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
+        render = partial(tokenizer.apply_chat_template, chat[:last], add_generation_prompt=True,
+                         chat_template=template)
+        prompts.append(ChatPrompt(render(tokenize=False), list(render()), chat[last]["content"].strip()))
+    return prompts
+
+
+def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: DataConfig, limit: int) -> dict:
+    """Greedy replies to the first ``limit`` chats of ``data`` that hold an assistant turn, each prompted with the
+    turns before its last one (:func:`chat_prompts`); a reply counts when it stops (an end-of-turn/EOS token) and
+    its text equals that turn's content, both stripped of surrounding whitespace. Returns ``{"exact_match",
+    "exact_match_chats"}``."""
+    chats = chat_prompts(data, tokenizer, resolve_template(tokenizer, data.template), limit)
+    references = [chat.reference for chat in chats]
     stops = stop_token_ids(model_cfg, tokenizer.eos_token_id)
     longest = max(len(tokenizer.encode(ref, add_special_tokens=False)) for ref in references)
     hits, (params, hooks) = 0, prompt_inputs(model_cfg, params)
-    for start in range(0, len(prompts), BATCH):
-        outputs = generate(model_cfg, params, prompts[start:start + BATCH], max_new_tokens=longest + 8,
-                           stop_token_ids=stops, hooks=hooks)
+    for start in range(0, len(chats), BATCH):
+        outputs = generate(model_cfg, params, [chat.ids for chat in chats[start:start + BATCH]],
+                           max_new_tokens=longest + 8, stop_token_ids=stops, hooks=hooks)
         for reference, out in zip(references[start:start + BATCH], outputs):
-            stopped = bool(out) and out[-1] in stops
-            hits += stopped and tokenizer.decode(out[:-1], skip_special_tokens=True).strip() == reference
+            hits += reply_text(tokenizer, out, stops) == reference
     return {"exact_match": hits / len(chats), "exact_match_chats": len(chats)}
+
+
+def reply_text(tokenizer, tokens: list[int], stops) -> str | None:
+    """A generated reply's text, stripped of surrounding whitespace, when it ended with one of ``stops`` (which is
+    left out); None for a reply cut off at the token limit."""
+    if not tokens or tokens[-1] not in stops:
+        return None
+    return tokenizer.decode(tokens[:-1], skip_special_tokens=True).strip()
 
 
 def load_trained(cfg: RunConfig, export: str | Path):

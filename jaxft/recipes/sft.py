@@ -2,7 +2,7 @@
 (:mod:`jaxft.recipes.skeleton`).
 
 data -> mesh -> model (+ adapters, 4-bit base) -> optimizer -> jitted step -> loop with callbacks (logs, evals,
-checkpoints) -> adapter in PEFT format (with tokenizer and chat template).
+checkpoints, sample replies) -> adapter in PEFT format (with tokenizer and chat template).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from jaxft.peft.tree import combine
 from jaxft.recipes import rl
 from jaxft.recipes.config import RunConfig
 from jaxft.recipes.reference import precompute_reference, use_reference
+from jaxft.recipes.samples import Sampler
 from jaxft.recipes.scoring import task_scores
 from jaxft.recipes.skeleton import (Latest, check_run_dir, eval_batches, finished_summary, load_inputs, load_model,
                                     next_batches, restore_checkpoint, train_and_publish, train_state, write_run_dir)
@@ -46,11 +47,13 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     if resumed and resumed.step is not None:
         training = training._replace(state=restore_checkpoint(cfg, out, training.state, inputs.pipeline.iterator,
                                                               base))
+    sampler = Sampler(cfg, model_cfg, inputs, training.frozen) if cfg.train.sample_every else None
     write_run_dir(cfg, out, resumed, overwrite)
     use_reference(reference, inputs, out)
     return train_and_publish(cfg, out, inputs, training, base, resumed, batches=next_batches(cfg, inputs),
                              run_eval=_evaluator(cfg, model_cfg, inputs, training.frozen),
-                             log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest))
+                             log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest),
+                             sampler=sampler)
 
 
 def _log_train(logger: MetricsLogger, schedule, latest: Latest):

@@ -40,7 +40,7 @@ from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered,
 from jaxft.recipes.tasks import task_pipeline
 from jaxft.train.checkpoint import Checkpointer, check_base
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
-from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, read_metrics
+from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, read_metrics, tensorboard_writer_class
 from jaxft.train.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------ run folder
@@ -69,7 +69,8 @@ def check_model_folder(cfg: RunConfig):
 # and the model path because check_base compares the base's bytes wherever the folder now is.
 RESUME_MAY_CHANGE = ("output_dir", "model", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.save_every", "train.keep_last", "train.tensorboard", "train.remat", "train.attention",
-                     "train.max_skipped_steps", "train.loss_chunk_size", "mesh", "eval_data", "optim.offload_state")
+                     "train.max_skipped_steps", "train.loss_chunk_size", "train.sample_every", "train.sample_prompts",
+                     "train.sample_max_new_tokens", "mesh", "eval_data", "optim.offload_state")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,11 @@ class Resumed:
 
 
 def check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Resumed | None:
-    """Reads only: refuses an output_dir this run may not use, before anything is loaded."""
+    """Reads only: refuses an output_dir this run may not use, or a setting whose optional package is missing,
+    before anything is loaded."""
     check_model_folder(cfg)
+    if cfg.train.tensorboard:
+        tensorboard_writer_class()
     if resume and overwrite:
         raise ConfigError(f"{out}: resume continues the run in output_dir and overwrite replaces it; pass one of "
                           "--resume / --overwrite")
@@ -485,11 +489,14 @@ def train_loop(state, steps: range, update: Callable, next_batches: Callable, gu
 
 def train_and_publish(cfg: RunConfig, out: Path, inputs: Inputs, training: Training, base: dict, resumed, *,
                       batches: Callable[[Any], dict], run_eval: Callable[[Any], dict],
-                      log_train: Callable[[MetricsLogger, Latest], Callable]) -> dict:
+                      log_train: Callable[[MetricsLogger, Latest], Callable],
+                      sampler: Callable[[Any], list[dict]] | None = None) -> dict:
     """The loop of a single run and its end: ``train.steps`` steps from the (restored) state, each on
     ``batches(state)``, logged by ``log_train(logger, latest)``, evaluated by ``run_eval(trainable)`` every
-    ``train.eval_every`` steps (with eval data), checkpointed every ``train.save_every``; then the summary and the
-    export (:func:`publish`)."""
+    ``train.eval_every`` steps (with eval data), sampled by ``sampler(trainable)`` every ``train.sample_every``
+    steps (with a sampler), checkpointed every ``train.save_every``; then the summary and the export
+    (:func:`publish`). A step's samples are logged before its checkpoint: a run resumed from that checkpoint has
+    them and does not sample that step again."""
     tc, frozen = cfg.train, training.frozen
     checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
     start = int(training.state["step"])
@@ -499,6 +506,8 @@ def train_and_publish(cfg: RunConfig, out: Path, inputs: Inputs, training: Train
         logger.log_resume(start, resumed.changes)
     callbacks = [Every(1, log_train(logger, latest)),
                  *([Every(tc.eval_every, _log_eval(logger, run_eval, latest))] if inputs.eval_pipeline else []),
+                 *([Every(tc.sample_every, lambda r: logger.log_samples(r.step, sampler(r.state["trainable"])))]
+                   if sampler else []),
                  Every(checkpointer.save_every, save_checkpoint(checkpointer, tc.steps, inputs.pipeline.iterator,
                                                                 base))]
     throughput, guard = Throughput(), SkipGuard(tc.max_skipped_steps)

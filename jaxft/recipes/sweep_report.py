@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxft.recipes.grid import ALPHA_KEY, R_KEY, SEED_KEY, Axis, Run, format_value
+from jaxft.recipes.plot import draw_panels
 from jaxft.train.metrics import read_metrics
 
 # (column, label in the markdown table, how to read it from a run's summary)
@@ -134,11 +135,8 @@ def write_loss_curves(path: Path, runs: list[Run]):
         records = read_metrics(Path(r.config.output_dir) / "metrics.jsonl")
         curves.setdefault(r.group, []).append({m["step"]: m["loss"] for m in records
                                                if m["split"] == "train" and "loss" in m})
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
+    lines = {}
     for group, seed_curves in curves.items():
         steps = sorted(set.intersection(*(set(c) for c in seed_curves)))
-        ax.plot(steps, [np.mean([c[s] for c in seed_curves]) for s in steps], label=group)
-    ax.set(xlabel="step", ylabel="train loss", title="train loss (mean over seeds)")
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
+        lines[group] = (steps, [float(np.mean([c[s] for c in seed_curves])) for s in steps])
+    draw_panels(path, {"train loss (mean over seeds)": lines})

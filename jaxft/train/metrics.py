@@ -4,6 +4,10 @@ Everything a run logs goes to ``run_dir/metrics.jsonl``, one JSON object per lin
 ``split`` ``"train"`` or ``"eval"``. The file is appended to, never rewritten, so a resumed run continues the same
 log; the curves drawn at the end read it back, so they cover the steps before the resume too.
 
+Sample replies (``train.sample_every``, :mod:`jaxft.recipes.samples`) go to ``run_dir/samples.jsonl``, one
+``{"step", "prompt", "reply", "reference"}`` object per prompt, and to TensorBoard as text. A resumed run first drops
+the samples of steps after the checkpoint it continues from (the run replays those steps), so no step is there twice.
+
 Only process 0 of a multi-host run logs (every process computes the same global metrics, and N copies of one
 log would race on a shared filesystem); the others get a logger whose methods do nothing.
 """
@@ -24,7 +28,9 @@ from tqdm.auto import tqdm
 
 from jaxft.data.formats import DataError
 from jaxft.errors import JaxftError
+from jaxft.files import write_text_atomic
 
+SAMPLES_FILE = "samples.jsonl"
 _POSTFIX = {"loss": "loss", "tokens_per_s": "tok/s", "lr": "lr"}
 # The train metrics that curves.png draws in a panel of their own, by panel: TRL's names for the DPO family and KTO
 # (jaxft.train.preference, pairwise, kto) and the reward model's; an RL run's mean reward (jaxft.recipes.rl)
@@ -250,6 +256,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self.curves_path = self.run_dir / "curves.png"
+        self.samples_path = self.run_dir / SAMPLES_FILE
         self.total_steps = total_steps
         self.log_every = log_every
         if not self.enabled:
@@ -257,6 +264,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._tensorboard = _summary_writer(self.run_dir / "tensorboard") if tensorboard else None
         self._jsonl = open(self.jsonl_path, "a")
+        _drop_samples_after(self.samples_path, start_step)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -277,6 +285,18 @@ class MetricsLogger:
         record = self._write(int(step), "eval", metrics)
         self._bar.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                            if k not in ("step", "split")))
+
+    def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """Records the sample replies of ``step`` (``{"prompt", "reply", "reference"}`` each) in samples.jsonl and,
+        with TensorBoard on, as one text event per prompt (``samples/<i>``)."""
+        if not self.enabled:
+            return
+        step = int(step)
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+        if self._tensorboard is not None:
+            for i, sample in enumerate(samples):
+                self._tensorboard.add_text(f"samples/{i}", sample_markdown(sample), step)
 
     def log_resume(self, step: int, changes: dict[str, list]) -> None:
         """Records that the run was resumed from ``step``, with the config keys this resume changed
@@ -313,11 +333,54 @@ class MetricsLogger:
         return record
 
 
+def sample_markdown(sample: dict[str, str]) -> str:
+    """One sample as TensorBoard's text plugin shows it (Markdown): prompt, reply and reference as code blocks, so
+    a template's markup is shown rather than rendered."""
+    return "\n\n".join(f"**{key}**\n\n```\n{sample[key]}\n```" for key in ("prompt", "reply", "reference"))
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """The records of a samples log, in order; a last line cut short (the run was killed mid-write) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}:{number}", "not a JSON record", str(e)) from None
+    return records
+
+
+def _drop_samples_after(path: Path, step: int) -> None:
+    """A run continuing from ``step`` replays the steps after it: their samples from the interrupted run go, so
+    each sampled step is in the log once. Rewritten atomically, only when there is something to drop (a later step,
+    or a last line cut short, which the next append would otherwise continue)."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    kept = [r for r in read_samples(path) if r["step"] <= step]
+    if len(kept) != len([line for line in text.splitlines() if line.strip()]) or not text.endswith("\n"):
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def _summary_writer(log_dir: Path):
-    """tensorboardX's writer, imported only when asked for: it is optional, not a jaxft dependency."""
+    return tensorboard_writer_class()(logdir=str(log_dir))
+
+
+def tensorboard_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported only when asked for: it is jaxft's optional ``tensorboard``
+    extra. A run calls this before it writes anything, so a missing package is refused first."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError as err:
-        raise ImportError("MetricsLogger(tensorboard=True) writes events with tensorboardX, which jaxft does not "
-                          "install: `pip install tensorboardX`, or turn TensorBoard logging off") from err
-    return SummaryWriter(logdir=str(log_dir))
+        raise MissingExtra("train.tensorboard: true (MetricsLogger(tensorboard=True)) writes TensorBoard events "
+                           "with tensorboardX, which is jaxft's optional `tensorboard` extra and is not installed: "
+                           "`pip install 'jaxft[tensorboard]'` (or `pip install tensorboardX`), or set "
+                           "train.tensorboard: false") from err
+    return SummaryWriter
+
+
+class MissingExtra(JaxftError, ImportError):
+    """A setting needs a package of one of jaxft's optional extras that is not installed."""
