@@ -309,6 +309,9 @@ def from_dict(cls, data: dict, *, source: str = "<dict>", origins: dict | None =
             value = _union_value(union, value, source, origins, _prefix, name)
         elif sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, source=source, origins=origins, _prefix=f"{_prefix}{name}.")
+        elif sub is not None and isinstance(value, list):  # e.g. mesh: [2, 2, 2] for {data: 2, fsdp: 2, tensor: 2}
+            raise ConfigError(f"{where}: expected a mapping with keys {[f.name for f in dataclasses.fields(sub)]}, "
+                              f"got the list {value!r}")
         elif isinstance(value, list):
             value = tuple(value)
         elif isinstance(value, str) and float in (hints[name], *typing.get_args(hints[name])):

@@ -137,6 +137,7 @@ def test_changes_and_flat_keys_name_a_methods_keys_by_its_type(tmp_path):
     ("peft: [{type: lora}]\nmethod: full", "peft and {file}: method are two forms"),
     ("peft: []\nquant: {type: nf4}", "quant stores the frozen base in 4 bits, but peft is empty"),
     ("peft: [{type: lora, rank: 4}]", "unknown key(s) ['lora.rank'] for LoraConfig"),
+    ("mesh: [2, 2, 2]", "mesh: expected a mapping with keys ['data', 'fsdp', 'tensor'], got the list [2, 2, 2]"),
 ])
 def test_unknown_types_and_contradictory_forms_are_errors(tmp_path, section, says):
     path = _write(tmp_path, f"model: m\noutput_dir: o\ndata: {{paths: [d.jsonl]}}\n{section}\n")
