@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ from jaxft.recipes.skeleton import load_inputs, train_state
 from jaxft.recipes.tasks import PpoTask
 from jaxft.train.ppo import VALUE, VALUE_HEAD
 from jaxft.train.rewards import LengthPenalty
-from test_grpo_run import _config, _first_batch, setup  # noqa: F401  (setup: the module's fixture)
+from test_grpo_run import _config, _first_batch, resumed_from_step_2, setup  # noqa: F401  (setup: the module's fixture)
 
 TEMPERATURE = 0.7
 
@@ -181,15 +180,9 @@ def test_ppo_run_logs_trls_metrics_exports_the_policy_and_resumes_exactly(setup)
     tensors = load_file(Path(summary["export"]) / "adapter_model.safetensors")
     assert tensors and all("lora_" in name and "score" not in name for name in tensors)
     assert len(tensors) == 2 * 7 * 2  # lora_A and lora_B of 7 linear modules in each of the 2 layers
-    shutil.rmtree(run_dir / "checkpoints" / "4")  # as if the run had stopped after saving step 2
-    sft.run(cfg, resume=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in records[len(straight):] if r["split"] == "train"]
-    assert [r["step"] for r in resumed] == [3, 4]
-    for r in resumed:
-        before = next(b for b in train if b["step"] == r["step"])
-        for key in ("loss", "reward", "loss/value_avg", "objective/kl"):
-            assert r[key] == before[key], key
+    resumed, went_on = resumed_from_step_2(cfg)
+    for key in ("loss", "reward", "loss/value_avg", "objective/kl"):
+        assert [r[key] for r in resumed] == [r[key] for r in went_on], key
 
 
 def test_one_copy_of_the_base_serves_the_policy_the_reference_and_the_value_model(setup):
