@@ -9,6 +9,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 import transformers
@@ -89,15 +90,19 @@ def test_greedy_replies_are_transformers_greedy_replies(tiny_wheel, tmp_path):
     assert score == right / len(problems)
 
 
+@pytest.mark.slow  # 7-20 s on 2 shared CPUs: a tiny QLoRA run, its export and four scorings
 def test_the_script_end_to_end_on_the_tiny_wheel(tiny_wheel, tmp_path):
     wheel, _ = tiny_wheel
     (tmp_path / "work" / "wheel").mkdir(parents=True)
     (tmp_path / "work" / "wheel" / wheel.name).write_bytes(wheel.read_bytes())
     out = tmp_path / "smollm2.json"
     assert run.main(["--work", str(tmp_path / "work"), "--steps", "2", "--n-eval", "4", "--json", str(out),
-                     "--set", "data.batch_size=2"]) == 0
+                     "--set", "optim.warmup_steps=1"]) == 0
     result = json.loads(out.read_text())
     row = result["rows"][0]
     assert row["steps"] == 2 and row["n_eval"] == 4 and len(row["replies"]) == run.SHOWN
     assert (tmp_path / "work" / "run" / "adapter" / "adapter_config.json").exists()
     assert result["cpu"] and row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0
+    exported = gguf.GGUFReader(tmp_path / "work" / "smollm2-fine-tuned.q8_0.gguf")
+    assert exported.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert {"nf4_before", "nf4_after", "gguf_before", "gguf_after"} <= set(row["replies"][0])

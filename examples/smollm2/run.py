@@ -26,6 +26,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from jaxft.cli import main as jaxft_cli
 from jaxft.files import atomic_file, write_text_atomic
 from jaxft.gguf.convert import gguf_to_hf
 from jaxft.hf.checkpoint import from_pretrained
@@ -80,13 +81,13 @@ def converted(gguf_path: Path, folder: Path) -> Path:
     return folder if (folder / "config.json").exists() else gguf_to_hf(gguf_path, folder)
 
 
-def greedy_score(folder: Path, problems, adapter: str | None = None, quant: str | None = "nf4") -> tuple[float, list]:
-    """(greedy exact match, replies to the first ``SHOWN`` problems) of the model in ``folder`` (with ``adapter``)
-    on its ``quant`` base, as the QLoRA run trains it."""
-    model_cfg, params = from_pretrained(folder, quant=quant)
+def greedy_score(model: Path, problems, adapter: str | None = None, quant: str | None = "nf4") -> tuple[float, list]:
+    """(greedy exact match, replies to the first ``SHOWN`` problems) of ``model`` (a folder or GGUF file; with
+    ``adapter``) on its ``quant`` base: NF4 as the QLoRA run trains it, None for a GGUF file as llama.cpp runs it."""
+    model_cfg, params = from_pretrained(model, quant=quant)
     if adapter:
         params = load_adapter(adapter, params)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(model)
     score, _ = demo.exact_match(model_cfg, params, tokenizer, problems)
     replies = demo.greedy_replies(model_cfg, params, tokenizer, problems[:SHOWN])
     return score, [{"prompt": demo.chat(p)[0]["content"], "reply": text, "expected": demo.words(demo.answer(p))}
@@ -109,13 +110,22 @@ def fine_tune(hf: Path, chats: Path, run_dir: Path, sets: list[str]) -> tuple[di
     return summary, round(time.perf_counter() - start, 1), cfg
 
 
+def export_gguf(hf: Path, adapter: str, path: Path, gguf_type: str = "q8_0") -> Path:
+    """The fine-tuned model merged and written as one GGUF file, by ``jaxft export --gguf``."""
+    args = ["export", str(hf), "--adapter", adapter, "--gguf", str(path), "--gguf-type", gguf_type, "--overwrite"]
+    if jaxft_cli(args) != 0:
+        raise ExampleError(f"jaxft {' '.join(args)} failed (its error is printed above)")
+    return path
+
+
 def table(row: dict) -> str:
     """The measured row as a Markdown table."""
-    return (f"| model | steps x batch | held-out exact match | train s | real tokens/s | peak RSS GiB |\n"
-            f"|---|---|---|---|---|---|\n"
-            f"| {row['model']} | {row['steps']} x {row['batch_size']} | {row['exact_match_before']:.3f} -> "
-            f"{row['exact_match_after']:.3f} ({row['n_eval']} problems) | {row['train_seconds']} | "
-            f"{row['tokens_per_s']:.0f} | {row['peak_rss_bytes'] / 2**30:.2f} |")
+    return (f"| model | steps x batch | exact match, NF4 base (+ adapter) | exact match, GGUF (Q4_1 -> exported "
+            f"{row['gguf_type']}) | train s | real tokens/s | peak RSS GiB |\n|---|---|---|---|---|---|---|\n"
+            f"| {row['model']} | {row['steps']} x {row['batch_size']} | {row['exact_match_before']:.2f} -> "
+            f"{row['exact_match_after']:.2f} | {row['gguf_exact_match_before']:.2f} -> "
+            f"{row['gguf_exact_match_after']:.2f} | {row['train_seconds']} | {row['tokens_per_s']:.0f} | "
+            f"{row['peak_rss_bytes'] / 2**30:.2f} |")
 
 
 def arguments(argv) -> argparse.Namespace:
@@ -124,10 +134,18 @@ def arguments(argv) -> argparse.Namespace:
                         help="wheel, GGUF, converted folder, data and run (default: ~/.cache/jaxft/smollm2)")
     parser.add_argument("--steps", type=int, help="train steps (default: the config's)")
     parser.add_argument("--n-eval", type=int, default=100, help="held-out problems scored (default 100)")
+    parser.add_argument("--gguf-type", default="q8_0", help="type of the exported GGUF's weights (default q8_0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides of examples/smollm2/qlora-cpu.yaml, as jaxft train --set takes them")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "smollm2.json"))
     return parser.parse_args(argv)
+
+
+def replies_table(replies: dict[str, list]) -> list[dict]:
+    """One record per shown prompt: its expected reply and each model's greedy reply (``replies``: name -> list)."""
+    first = next(iter(replies.values()))
+    return [{"prompt": r["prompt"], "expected": r["expected"], **{name: rs[i]["reply"] for name, rs in replies.items()}}
+            for i, r in enumerate(first)]
 
 
 def main(argv=None) -> int:
@@ -141,17 +159,21 @@ def main(argv=None) -> int:
     sets = [*args.set, *([f"train.steps={args.steps}"] if args.steps else [])]
     summary, seconds, cfg = fine_tune(hf, chats, work / "run", sets)
     after, replies_after = greedy_score(hf, test, summary["export"])
+    exported = export_gguf(hf, summary["export"], work / f"smollm2-fine-tuned.{args.gguf_type}.gguf", args.gguf_type)
+    gguf_before, gguf_replies_before = greedy_score(gguf_path, test, quant=None)
+    gguf_after, gguf_replies_after = greedy_score(exported, test, quant=None)
     row = {"model": gguf_path.name, "method": f"qlora (nf4 base, lora r {cfg.peft[0].r})", "steps": cfg.train.steps,
            "batch_size": cfg.data.batch_size, "max_length": cfg.data.max_length, "n_eval": len(test),
-           "exact_match_before": before, "exact_match_after": after, "train_seconds": seconds,
-           "tokens_per_s": summary["tokens_per_s"], "padding": summary["padding"],
+           "exact_match_before": before, "exact_match_after": after, "gguf_type": args.gguf_type,
+           "gguf_exact_match_before": gguf_before, "gguf_exact_match_after": gguf_after,
+           "train_seconds": seconds, "tokens_per_s": summary["tokens_per_s"], "padding": summary["padding"],
            "final_loss": summary["final_loss"], "trainable_params": summary["trainable_params"],
            "peak_rss_bytes": peak_rss_bytes(), "total_seconds": round(time.perf_counter() - start, 1),
-           "replies": [{**b, "reply_before": b.pop("reply"), "reply_after": a["reply"]}
-                       for b, a in zip(replies_before, replies_after)]}
+           "replies": replies_table({"nf4_before": replies_before, "nf4_after": replies_after,
+                                     "gguf_before": gguf_replies_before, "gguf_after": gguf_replies_after})}
     print(table(row))
     for r in row["replies"]:
-        print(f"{r['prompt']!r}: {r['reply_before']!r} -> {r['reply_after']!r} (expected {r['expected']!r})")
+        print(json.dumps(r))
     print(f"total {row['total_seconds']} s")
     write_text_atomic(Path(args.json), json.dumps({"cpu": cpu_info(), "rows": [row]}, indent=2) + "\n")
     return 0

@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from jaxft.gguf.layout import PRE_TOKENIZER_SPLITS, SINGLE_DIGIT_PRE_TOKENIZERS, GgufError
+from jaxft.gguf.layout import PRE_TOKENIZER_SPLITS, SINGLE_DIGIT_PRE_TOKENIZER, GgufError
 from jaxft.gguf.read import architecture, field_value, open_reader
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.tokenizer import Tokenizer, _register_added_tokens
@@ -72,7 +72,7 @@ def _byte_level_backend(meta: _Metadata, tokens: list[str]) -> BackendTokenizer:
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                    end_of_word_suffix="", fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS[pre]
-    if pre in SINGLE_DIGIT_PRE_TOKENIZERS:
+    if pre == SINGLE_DIGIT_PRE_TOKENIZER:
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                          pre_tokenizers.ByteLevel(add_prefix_space=False)])
     elif split is None:
