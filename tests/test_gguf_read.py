@@ -252,6 +252,24 @@ def test_unknown_pre_tokenizer_is_an_error_naming_it(folders, tmp_path):
         jaxft.load_tokenizer(path)
 
 
+def test_smollm_pre_tokenizer_splits_each_digit_off_as_smollm_tokenizer_json_does(folders, tmp_path):
+    """SmolLM's tokenizer.json: Digits(individual_digits) then GPT-2's ByteLevel split; the oracle is the folder's
+    own vocabulary and merges loaded by transformers with that pre-tokenizer (transformers' GGUF loader drops the
+    digit split, so it is not the oracle here)."""
+    from tokenizers import pre_tokenizers
+
+    path = gguf_files.write_gguf(folders["qwen2"], tmp_path / "smollm.gguf", pre="smollm")
+    theirs = transformers.AutoTokenizer.from_pretrained(folders["qwen2"])
+    theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    ours = jaxft.load_tokenizer(path)
+    gpt2_split = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in [*TEXTS, "answer  42 and 2024", "x  7"]:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    assert ours.encode("42") == [theirs.convert_tokens_to_ids("4"), theirs.convert_tokens_to_ids("2")]
+    assert ours.encode("42") != gpt2_split.encode("42")  # the corpus's "42" is one token without the split
+
+
 def test_a_run_config_naming_a_gguf_file_says_to_convert_it(folders, tmp_path, capsys):
     """A run's base is fingerprinted and exported by its HF files, so a GGUF base goes through jaxft convert."""
     import yaml

@@ -331,3 +331,18 @@ def test_refusals_name_what_gguf_cannot_hold(models_dir, tmp_path):
     windowed = cfg.replace(model_type="mistral", sliding_window=8, sliding_layers=(True, True))
     with pytest.warns(UserWarning, match="sliding_window=8 is dropped"):
         save_gguf(windowed, params, tok, tmp_path / "w.gguf")
+
+
+def test_single_digit_split_then_gpt2_split_is_named_smollm():
+    """SmolLM's pre-tokenizer as ``tokenizers`` serializes it (each digit alone, then GPT-2's ByteLevel split) is
+    what llama.cpp calls ``smollm``; the reader's side is tests/test_gguf_read.py."""
+    from jaxft.gguf.write import bpe_pre_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"]) == "smollm"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    with pytest.raises(GgufError, match="none that llama.cpp knows by name"):
+        bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"])

@@ -10,7 +10,8 @@ llama.cpp graph uses the half-rotation, "NEOX" rope).
 The tensor names come from the ``gguf`` package (llama.cpp's own tables), so they follow llama.cpp's releases.
 :func:`rope_divisors` is Llama 3.1's rope scaling in the form llama.cpp stores it (``rope_freqs.weight``).
 :data:`PRE_TOKENIZER_SPLITS` pairs llama.cpp's byte-level pre-tokenizer names (``tokenizer.ggml.pre``) with the
-split regexes of the tokenizers they stand for, for reading a vocabulary and for naming one when writing.
+split regexes of the tokenizers they stand for, for reading a vocabulary and for naming one when writing
+(:data:`SINGLE_DIGIT_PRE_TOKENIZER` splits each digit off first).
 """
 from __future__ import annotations
 
@@ -42,9 +43,15 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The pre-tokenizer that splits every digit off alone before GPT-2's split: llama.cpp's regex list for it is
+# ``\p{N}`` then GPT-2's regex, as SmolLM's tokenizer.json is Digits(individual_digits) then ByteLevel.
+# (transformers' GGUF loader applies GPT-2's split alone; SmolLM2's vocabulary has no token joining an ASCII digit
+# to anything, so there only runs of whitespace before a digit tokenize differently.)
+SINGLE_DIGIT_PRE_TOKENIZER = "smollm"
 PRE_TOKENIZER_SPLITS = {"default": None, "gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
                         "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
-                        "deepseek-r1-qwen": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT}
+                        "deepseek-r1-qwen": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT,
+                        SINGLE_DIGIT_PRE_TOKENIZER: None}
 
 
 ROPE_FREQS = "rope_freqs.weight"  # where llama.cpp's converter stores Llama 3.1's rope scaling

@@ -7,7 +7,8 @@ gguf_file=...)``'s ids:
 
 * ``gpt2``: byte-level BPE with the file's merges, its text split by the regex ``tokenizer.ggml.pre`` names
   (:data:`jaxft.gguf.layout.PRE_TOKENIZER_SPLITS`; an unknown name is an error, as in llama.cpp, since another
-  split would give other ids);
+  split would give other ids; SmolLM's ``smollm`` splits each digit off first, as llama.cpp and its tokenizer.json
+  do, where transformers' loader does not);
 * ``llama``: a sentencepiece-style byte-fallback BPE (:func:`jaxft.hf.sentencepiece_conversion.backend_from_pieces`)
   whose merges are the file's, or those the piece scores imply.
 
@@ -25,7 +26,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from jaxft.gguf.layout import PRE_TOKENIZER_SPLITS, GgufError
+from jaxft.gguf.layout import PRE_TOKENIZER_SPLITS, SINGLE_DIGIT_PRE_TOKENIZER, GgufError
 from jaxft.gguf.read import architecture, field_value, open_reader
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.tokenizer import Tokenizer, _register_added_tokens
@@ -71,7 +72,10 @@ def _byte_level_backend(meta: _Metadata, tokens: list[str]) -> BackendTokenizer:
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                    end_of_word_suffix="", fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS[pre]
-    if split is None:
+    if pre == SINGLE_DIGIT_PRE_TOKENIZER:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    elif split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),

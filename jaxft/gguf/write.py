@@ -41,8 +41,8 @@ import sentencepiece
 
 from jaxft.config import ModelConfig
 from jaxft.files import atomic_file
-from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZER_SPLITS, GGUF_TYPES, GgufError, gguf_tensor_name,
-                               needs_qk_permutation, tensor_name_map, to_gguf_rows)
+from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZER_SPLITS, GGUF_TYPES, SINGLE_DIGIT_PRE_TOKENIZER,
+                               GgufError, gguf_tensor_name, needs_qk_permutation, tensor_name_map, to_gguf_rows)
 from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
 
@@ -240,13 +240,16 @@ def _write_bpe_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, folder: Path, ad
 
 
 def bpe_pre_tokenizer(pre: dict | None) -> str:
-    """``tokenizer.ggml.pre`` for a byte-level pre-tokenizer: GPT-2's built-in split, or a Split by one of the
-    regexes llama.cpp knows (:data:`jaxft.gguf.layout.PRE_TOKENIZER_SPLITS`) followed by a regex-free
-    ByteLevel."""
+    """``tokenizer.ggml.pre`` for a byte-level pre-tokenizer: GPT-2's built-in split (after SmolLM's single-digit
+    split: ``smollm``), or a Split by one of the regexes llama.cpp knows
+    (:data:`jaxft.gguf.layout.PRE_TOKENIZER_SPLITS`) followed by a regex-free ByteLevel."""
     steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and (steps[0] or {}).get("type") == "ByteLevel" and steps[0].get("use_regex", True) and (
-            not steps[0].get("add_prefix_space")):
+    gpt2_split = (steps[-1] or {}).get("type") == "ByteLevel" and steps[-1].get("use_regex", True) and (
+        not steps[-1].get("add_prefix_space"))
+    if len(steps) == 1 and gpt2_split:
         return "gpt-2"
+    if len(steps) == 2 and gpt2_split and steps[0].get("type") == "Digits" and steps[0].get("individual_digits"):
+        return SINGLE_DIGIT_PRE_TOKENIZER
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" and (
             not steps[1].get("use_regex", True)) and steps[0].get("behavior") == "Isolated" and (
             not steps[0].get("invert")):
