@@ -170,7 +170,9 @@ def test_every_loss_type_matches_trl(setup, trl, reference):
         # float32 holds a loss of ~20 (sppo_hard) to ~2e-6: within 1e-5, or 1e-6 of its size where that is more
         np.testing.assert_allclose(losses[i], expected["loss"], atol=1e-5, rtol=1e-6, err_msg=str(case))
         np.testing.assert_allclose([chosen, rejected], [expected["chosen"], expected["rejected"]], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(grad_norms[i], expected["grad_norm"], atol=1e-4, rtol=0, err_msg=str(case))
+        # gradient norms reach ~274 (sppo_hard), float32 sums over every trainable leaf in another order than
+        # torch's: within 1e-4, or 4e-6 of the norm (measured: 8.9e-7 on an Intel Xeon, under 3.6e-7 on an EPYC)
+        np.testing.assert_allclose(grad_norms[i], expected["grad_norm"], atol=1e-4, rtol=4e-6, err_msg=str(case))
 
 
 @pytest.mark.parametrize("reference,case", [("adapters_off", CASES[0]), ("separate", CASES[2]),
