@@ -107,9 +107,7 @@ def _use_compile_cache(args):
     turn it off."""
     from jaxft import compile_cache
 
-    folder = compile_cache.cache_dir(args.compile_cache, args.no_compile_cache)
-    if folder is not None:
-        compile_cache.enable(folder)
+    compile_cache.configure(args.compile_cache, args.no_compile_cache)
 
 
 def _start_processes(command: str):
@@ -354,8 +352,9 @@ def _command(sub, name: str, run, compiles: bool = True, **texts) -> argparse.Ar
     if compiles:
         cache = p.add_mutually_exclusive_group()
         cache.add_argument("--compile-cache", metavar="DIR", help="keep compiled programs in DIR, so the next run "
-                           "of the same config loads them (default: $JAXFT_COMPILE_CACHE, else ~/.cache/jaxft/xla "
-                           "under $XDG_CACHE_HOME when set)")
+                           "of the same config loads them (default: $JAXFT_COMPILE_CACHE, else jax's own "
+                           "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxft/xla or under $XDG_CACHE_HOME when set; "
+                           "bounded by $JAXFT_COMPILE_CACHE_MAX_BYTES, default 2 GiB)")
         cache.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh and keep "
                            "nothing (also: JAXFT_COMPILE_CACHE=off)")
     return p
@@ -471,7 +470,7 @@ def _export_command(sub):
 
 def _convert_command(sub):
     """``jaxft convert``'s arguments."""
-    p = _command(sub, "convert", _convert, help="convert a GGUF file into a Hugging Face model folder")
+    p = _command(sub, "convert", _convert, compiles=False, help="convert a GGUF file into a Hugging Face model folder")
     p.add_argument("model", help="GGUF file (*.gguf)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),

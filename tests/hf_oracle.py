@@ -1,6 +1,9 @@
 """Tiny random transformers checkpoints for parity tests (torch/transformers are test-only oracles)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers
@@ -72,3 +75,40 @@ def greedy_tokens(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         for _ in range(max_new_tokens):
             seq.append(int(model(torch.as_tensor([seq])).logits[0, -1].argmax()))
     return seq[len(prompt):]
+
+
+def held_out_chats(model_dir, data_path, n: int) -> list[tuple[list[int], str, str]]:
+    """(prompt ids, prompt text, reference) of the first ``n`` chats of a JSONL file, read straight from it, each
+    prompt in the tokenizer's chat template with the generation prompt."""
+    import jaxft
+    from jaxft.data import resolve_template
+
+    tokenizer = jaxft.load_tokenizer(model_dir)
+    template = resolve_template(tokenizer, None)
+    out = []
+    for line in Path(data_path).read_text().splitlines()[:n]:
+        messages = json.loads(line)["messages"]
+        prompt = dict(messages=messages[:-1], add_generation_prompt=True, chat_template=template)
+        out.append((tokenizer.apply_chat_template(**prompt), tokenizer.apply_chat_template(**prompt, tokenize=False),
+                    messages[-1]["content"]))
+    return out
+
+
+def peft_greedy_replies(model_dir, adapter, prompts: list[list[int]], greedy) -> list[str]:
+    """Greedy replies to ``prompts`` by transformers, through PEFT with ``adapter`` (None: the base alone);
+    ``greedy(model, ids)`` gives the new tokens, which are cut after the first stop token and decoded without it."""
+    import jaxft
+    from peft import PeftModel
+
+    tokenizer = jaxft.load_tokenizer(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    stops = set(np.atleast_1d(model.config.eos_token_id).tolist()) | {tokenizer.eos_token_id}
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    replies = []
+    for ids in prompts:
+        tokens = greedy(model, ids)
+        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        replies.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+    return replies

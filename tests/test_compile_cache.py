@@ -1,6 +1,8 @@
 """The command line's persistent compilation cache (:mod:`jaxft.compile_cache`): which folder each setting picks,
-and, in subprocesses (the test processes keep the cache off, tests/conftest.py), that a second identical
-``jaxft train`` loads every program from it, compiling nothing, and trains to the same losses."""
+its size bound's setting, that commands which compile nothing neither take its flags nor create its folder, and, in
+subprocesses (the test processes keep the cache off, tests/conftest.py), that a second identical ``jaxft train``
+loads every program from it (also from jax's own folder, set by the user), compiling nothing, and trains to the
+same losses, and that a bounded folder stays within its bound on disk."""
 from __future__ import annotations
 
 import json
@@ -11,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxft.cli import build_parser
-from jaxft.compile_cache import cache_dir
+from jaxft.cli import build_parser, main
+from jaxft.compile_cache import DEFAULT_MAX_BYTES, MAX_BYTES_ENV, cache_dir, max_bytes
+from jaxft.errors import JaxftError
 
 # Runs `jaxft ARGS...` in this process, counting jax's own compilation-cache events, and writes the counts as JSON.
 COUNTING_MAIN = """
@@ -29,25 +32,57 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-@pytest.mark.parametrize("flag, disabled, environ, want", [
-    ("/runs/xla", False, {"JAXFT_COMPILE_CACHE": "off"}, "/runs/xla"),  # the flag wins over everything
-    (None, True, {"JAXFT_COMPILE_CACHE": "/env/xla"}, None),
-    (None, False, {"JAXFT_COMPILE_CACHE": "off"}, None),
-    (None, False, {"JAXFT_COMPILE_CACHE": "OFF "}, None),
-    (None, False, {"JAXFT_COMPILE_CACHE": "/env/xla", "XDG_CACHE_HOME": "/xdg"}, "/env/xla"),
-    (None, False, {"JAXFT_CACHE": "/jaxft", "XDG_CACHE_HOME": "/xdg"}, "/jaxft/xla"),
-    (None, False, {"XDG_CACHE_HOME": "/xdg"}, "/xdg/jaxft/xla"),
-    (None, False, {}, str(Path.home() / ".cache/jaxft/xla")),
+@pytest.mark.parametrize("flag, disabled, environ, jax_dir, want", [
+    ("/runs/xla", False, {"JAXFT_COMPILE_CACHE": "off"}, "/jax", "/runs/xla"),  # the flag wins over everything
+    (None, True, {"JAXFT_COMPILE_CACHE": "/env/xla"}, "/jax", None),
+    (None, False, {"JAXFT_COMPILE_CACHE": "off"}, "/jax", None),
+    (None, False, {"JAXFT_COMPILE_CACHE": "OFF "}, None, None),
+    (None, False, {"JAXFT_COMPILE_CACHE": "/env/xla", "XDG_CACHE_HOME": "/xdg"}, "/jax", "/env/xla"),
+    (None, False, {"JAXFT_CACHE": "/jaxft", "XDG_CACHE_HOME": "/xdg"}, "/jax", "/jax"),  # the user's jax setting
+    (None, False, {"JAXFT_CACHE": "/jaxft", "XDG_CACHE_HOME": "/xdg"}, None, "/jaxft/xla"),
+    (None, False, {"XDG_CACHE_HOME": "/xdg"}, None, "/xdg/jaxft/xla"),
+    (None, False, {}, None, str(Path.home() / ".cache/jaxft/xla")),
 ])
-def test_the_cache_folder_follows_flag_then_environment_then_the_default(flag, disabled, environ, want):
-    assert cache_dir(flag, disabled, environ) == (None if want is None else Path(want))
+def test_the_cache_folder_follows_flag_then_environment_then_jax_then_the_default(flag, disabled, environ, jax_dir,
+                                                                                   want):
+    assert cache_dir(flag, disabled, environ, jax_dir) == (None if want is None else Path(want))
+
+
+@pytest.mark.parametrize("text, want", [(None, 2 * 1024 ** 3), ("1048576", 1048576), (" 4096 ", 4096), ("-1", -1)])
+def test_the_size_bound_is_2_gib_unless_the_environment_sets_bytes_or_no_bound(text, want):
+    assert max_bytes({} if text is None else {MAX_BYTES_ENV: text}) == want == (DEFAULT_MAX_BYTES if text is None
+                                                                                else int(text))
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "2GiB", "1e9", "lots"])
+def test_a_size_bound_that_is_no_positive_byte_count_is_refused_by_name(text):
+    with pytest.raises(JaxftError, match=f"{MAX_BYTES_ENV}={text!r}: expected .* bytes"):
+        max_bytes({MAX_BYTES_ENV: text})
+
+
+@pytest.mark.parametrize("argv", [["convert", "model.gguf", "--out", "hf"], ["plot", "runs/a", "--out", "a.png"]])
+def test_commands_that_compile_nothing_refuse_the_cache_flags(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*argv, "--compile-cache", "/tmp/xla"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --compile-cache" in capsys.readouterr().err
+
+
+def test_convert_leaves_the_cache_folder_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JAXFT_COMPILE_CACHE", str(tmp_path / "xla"))
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "jaxft"))
+    assert main(["convert", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "hf")]) != 0
+    assert "missing.gguf" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def _train(root: Path, name: str, *args: str, env: dict | None = None) -> dict:
-    """``jaxft train run.yaml --overwrite ARGS`` in a fresh Python process: its exit code and cache events."""
+    """``jaxft train run.yaml --overwrite ARGS`` in a fresh Python process (``env`` added to the environment, a None
+    value unsetting its variable): its exit code and cache events."""
     result = root / f"{name}.json"
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
     subprocess.run([sys.executable, "-c", COUNTING_MAIN, str(result), "train", str(root / "run.yaml"), "--overwrite",
-                    *args], check=True, env={**os.environ, **(env or {})}, capture_output=True, timeout=600)
+                    *args], check=True, env=environ, capture_output=True, timeout=600)
     return json.loads(result.read_text())
 
 
@@ -56,14 +91,16 @@ def _losses(run_dir: Path) -> list[float]:
             if r["split"] == "train"]
 
 
-def _entries(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+def _entries(folder: Path) -> dict[str, int]:
+    """Compiled programs in a cache folder (jax's ``*-cache`` files, beside its access times and lock): size by name."""
+    return {p.name: p.stat().st_size for p in folder.glob("*-cache")}
 
 
 @pytest.mark.slow
 def test_a_second_identical_run_compiles_nothing_and_trains_the_same(tiny_run, tmp_path):
     cache = tmp_path / "xla"
-    first = _train(tiny_run, "first", "--compile-cache", str(cache))  # the environment says off: the flag wins
+    every = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model compiles faster than jaxft's bar
+    first = _train(tiny_run, "first", "--compile-cache", str(cache), env=every)  # the environment says off
     first_losses, entries = _losses(tiny_run / "run"), _entries(cache)
     assert first["code"] == 0
     assert first["events"].get("/jax/compilation_cache/cache_misses", 0) == len(entries) > 0
@@ -76,10 +113,35 @@ def test_a_second_identical_run_compiles_nothing_and_trains_the_same(tiny_run, t
     assert _entries(cache) == entries
     assert _losses(tiny_run / "run") == first_losses
 
-    off = _train(tiny_run, "off", "--no-compile-cache", env={"JAXFT_COMPILE_CACHE": str(cache)})
+    # jax's own folder, set by the user, is the one jaxft uses: all hits, and jaxft's default folder is not made
+    home = tmp_path / "jaxft-home"
+    theirs = _train(tiny_run, "theirs", env={"JAXFT_COMPILE_CACHE": None, "JAX_COMPILATION_CACHE_DIR": str(cache),
+                                             "JAXFT_CACHE": str(home)})
+    assert theirs["code"] == 0 and not home.exists()
+    assert "/jax/compilation_cache/cache_misses" not in theirs["events"]
+    assert theirs["events"]["/jax/compilation_cache/cache_hits"] >= len(entries)
+
+    off = _train(tiny_run, "off", "--no-compile-cache", env={"JAX_COMPILATION_CACHE_DIR": str(cache)})
     assert off["code"] == 0
     assert not any(k.endswith(("cache_hits", "cache_misses")) for k in off["events"])
     assert _losses(tiny_run / "run") == first_losses
+
+
+@pytest.mark.slow
+def test_a_bounded_cache_folder_stays_within_its_bound_by_evicting_entries(tiny_run, tmp_path):
+    unbounded, bounded = tmp_path / "all", tmp_path / "bounded"
+    every = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", MAX_BYTES_ENV: "-1"}
+    assert _train(tiny_run, "all", "--compile-cache", str(unbounded), env=every)["code"] == 0
+    sizes = _entries(unbounded)
+    bound = sum(sizes.values()) // 2
+    assert bound >= max(sizes.values())  # every entry fits on its own: the bound evicts, it does not refuse
+    run = _train(tiny_run, "bounded", "--compile-cache", str(bounded), env={**every, MAX_BYTES_ENV: str(bound)})
+    assert run["code"] == 0
+    written = run["events"]["/jax/compilation_cache/cache_misses"]  # each fits the bound, so each was written
+    assert written >= len(sizes)
+    kept = _entries(bounded)
+    assert 0 < sum(kept.values()) <= bound
+    assert len(kept) < written  # the oldest were deleted to make room
 
 
 def test_a_cache_folder_and_no_cache_together_are_refused_by_the_parser(capsys):

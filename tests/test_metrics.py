@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxft.errors import JaxftError
-from jaxft.train.metrics import MetricsLogger, Throughput, evaluate, perplexity, read_metrics, write_curves
+from jaxft.train.metrics import (MetricsLogger, Throughput, evaluate, perplexity, read_metrics, read_samples,
+                                 write_curves)
 from jaxft.train.objectives import CausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -182,3 +183,15 @@ def test_read_metrics_leaves_out_a_last_line_cut_short_and_names_a_bad_line_befo
     path.write_text('{"step": 1, "spl\n' + json.dumps(good[1]) + "\n")
     with pytest.raises(DataError, match=r"metrics.jsonl:1: not a JSON record"):
         read_metrics(path)
+
+
+def test_read_samples_leaves_out_a_last_line_cut_short_and_names_a_bad_line_before_it_by_its_line(tmp_path):
+    from jaxft.data.formats import DataError
+
+    good = [{"step": 2, "prompt": "p", "reply": "r", "reference": "x"}] * 2
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n\n" for r in good) + '{"step": 4, "pro')   # killed mid-write
+    assert read_samples(path) == good
+    path.write_text("\n" + '{"step": 2, "pro\n' + json.dumps(good[1]) + "\n")
+    with pytest.raises(DataError, match=r"samples.jsonl:2: not a JSON record"):   # the file's own line number
+        read_samples(path)

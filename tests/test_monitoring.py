@@ -13,14 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 import yaml
-from peft import PeftModel
 
-import jaxft
-from hf_oracle import greedy_tokens
+from hf_oracle import greedy_tokens, held_out_chats, peft_greedy_replies
 from jaxft.config import ConfigError
-from jaxft.data import resolve_template
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config
 from jaxft.recipes.multi import run_parallel
@@ -54,31 +50,11 @@ def _config(chats, name: str, *, peft: str = "[{type: lora, r: 4, lora_alpha: 8,
 
 
 def _held_out(cfg) -> list[tuple[list[int], str, str]]:
-    """(prompt ids, prompt text, reference) of the first eval chats, read straight from the data file."""
-    tokenizer = jaxft.load_tokenizer(cfg.model)
-    template = resolve_template(tokenizer, None)
-    out = []
-    for line in Path(cfg.eval_data.paths[0]).read_text().splitlines()[:PROMPTS]:
-        messages = json.loads(line)["messages"]
-        prompt = dict(messages=messages[:-1], add_generation_prompt=True, chat_template=template)
-        out.append((tokenizer.apply_chat_template(**prompt), tokenizer.apply_chat_template(**prompt, tokenize=False),
-                    messages[-1]["content"]))
-    return out
+    return held_out_chats(cfg.model, cfg.eval_data.paths[0], PROMPTS)
 
 
 def _hf_replies(cfg, adapter: Path, greedy) -> list[str]:
-    """The exported adapter's greedy replies by transformers + PEFT (``greedy(model, ids)`` new tokens), cut after
-    the first stop token and decoded without it."""
-    tokenizer = jaxft.load_tokenizer(cfg.model)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager")
-    stops = set(np.atleast_1d(hf.config.eos_token_id).tolist()) | {tokenizer.eos_token_id}
-    model = PeftModel.from_pretrained(hf, adapter).eval()
-    replies = []
-    for ids, _, _ in _held_out(cfg):
-        tokens = greedy(model, ids)
-        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-        replies.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
-    return replies
+    return peft_greedy_replies(cfg.model, adapter, [ids for ids, _, _ in _held_out(cfg)], greedy)
 
 
 def _generate_greedy(model, ids: list[int]) -> list[int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_oracle import greedy_tokens, held_out_chats, peft_greedy_replies
 from jaxft.recipes import sft
 from jaxft.recipes.config import dump_run_config
 from jaxft.train.metrics import read_samples
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 N_RECORDS = 8
 WORKER = Path(__file__).with_name("sft_worker.py")
 TIMEOUT_S = 240
+SAMPLES, SAMPLE_TOKENS = 3, 8  # sample replies per sampled step, and their new tokens
 
 
 def _two_processes(cfg, work: Path, resume: bool) -> list[dict]:
@@ -55,7 +57,7 @@ def _two_processes(cfg, work: Path, resume: bool) -> list[dict]:
 
 def _sampling(cfg):
     """``cfg`` with its training chats as eval data and 3 sample replies every 3 steps."""
-    train = dataclasses.replace(cfg.train, sample_every=3, sample_prompts=3, sample_max_new_tokens=8)
+    train = dataclasses.replace(cfg.train, sample_every=3, sample_prompts=SAMPLES, sample_max_new_tokens=SAMPLE_TOKENS)
     return cfg.replace(eval_data=cfg.data, train=train)
 
 
@@ -73,7 +75,8 @@ def runs(tmp_path_factory):
                            tmp / "first", resume=False)
     resumed = _two_processes(_sampling(run_config(base, data, run_dir, batch_size=N_RECORDS // 2, steps=6,
                                                   **common)), tmp / "resumed", resume=True)
-    return {"one": tmp / "one", "two": run_dir, "first": first, "resumed": resumed, "one_summary": one}
+    return {"one": tmp / "one", "two": run_dir, "first": first, "resumed": resumed, "one_summary": one,
+            "base": base, "data": data}
 
 
 def test_processes_hold_uneven_target_tokens(runs):
@@ -105,9 +108,20 @@ def test_each_process_reads_at_most_60_percent_of_the_checkpoint(runs):
     assert all(0.3 < f <= 0.6 for f in fractions), fractions
 
 
-def test_two_processes_sample_the_replies_of_one_process_once_per_step_across_a_resume(runs):
-    """The sampler's collective call and process 0's log across processes and a resume. This random base answers
-    mostly in newlines, so what the replies hold is checked against transformers + PEFT in test_monitoring.py."""
+def test_two_processes_sample_their_exported_adapters_greedy_replies_once_per_step_across_a_resume(runs):
+    """The sampler's collective call and process 0's log across processes and a resume: the replies at the last step
+    are transformers + PEFT's greedy replies with the adapter the two processes exported, which differ from the
+    base's own, so a sampler that ignored the trained params would fail."""
     one, two = (read_samples(runs[name] / "samples.jsonl") for name in ("one", "two"))
     assert [r["step"] for r in two] == [3] * 3 + [6] * 3  # process 0 alone writes, the resume adds step 6
     assert two == one
+    held_out = held_out_chats(runs["base"], runs["data"], SAMPLES)
+    assert [r["prompt"] for r in two[-SAMPLES:]] == [text for _, text, _ in held_out]
+    prompts = [ids for ids, _, _ in held_out]
+
+    def greedy(model, ids):
+        return greedy_tokens(model, ids, SAMPLE_TOKENS)
+
+    adapter = peft_greedy_replies(runs["base"], runs["two"] / "adapter", prompts, greedy)
+    assert [r["reply"] for r in two[-SAMPLES:]] == adapter
+    assert adapter != peft_greedy_replies(runs["base"], None, prompts, greedy)

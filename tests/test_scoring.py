@@ -80,3 +80,17 @@ def test_chat_prompts_cut_each_chat_before_its_last_assistant_turn(bigram_model,
     assert [(p.text, p.ids, p.reference) for p in prompts] == [
         (tokenizer.apply_chat_template(m, tokenize=False, **render), tokenizer.apply_chat_template(m, **render), ref)
         for m, ref in want]
+
+
+def test_chat_prompts_read_no_further_than_the_chats_they_take(bigram_model, tmp_path):
+    """The first chats are taken as the file is read: a bad record after them is never reached, one before the
+    limit is an error naming its line."""
+    _, _, tokenizer = bigram_model
+    chats = [[{"role": "user", "content": f"increment {d}"}, {"role": "assistant", "content": str(d + 1)}]
+             for d in range(2)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats) + '{"messages": [\n')
+    data, template = DataConfig(paths=(str(path),)), resolve_template(tokenizer, None)
+    assert [p.reference for p in chat_prompts(data, tokenizer, template, limit=2)] == ["1", "2"]
+    with pytest.raises(JaxftError, match="chats.jsonl:3"):
+        chat_prompts(data, tokenizer, template, limit=3)

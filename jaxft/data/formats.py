@@ -337,31 +337,46 @@ CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": 
 
 def convert_records(path: str | Path, convert, *, skip_bad_records: bool = False,
                     report: DataReport | None = None) -> list:
-    """`convert(record, location)` of each record of one file or dataset folder, in order.
+    """`convert(record, location)` of each record of one file or dataset folder, in order (:func:`iter_converted`)."""
+    return list(iter_converted(path, convert, skip_bad_records=skip_bad_records, report=report))
+
+
+def iter_converted(path: str | Path, convert, *, skip_bad_records: bool = False,
+                   report: DataReport | None = None) -> Iterator:
+    """`convert(record, location)` of each record of one file or dataset folder, in order, converting no further than
+    the caller takes.
 
     A record that is not an object, or that `convert` rejects with a DataError, raises; with `skip_bad_records`
     it is dropped and counted in `report` instead (unreadable files always raise).
     """
     report = report if report is not None else DataReport()
-    converted = []
+    kept = 0
     for location, record in read_records(path, report.drop_error if skip_bad_records else _raise):
         try:
             if not isinstance(record, Mapping):
                 raise DataError(location, "bad record", f"expected a JSON object, got {type(record).__name__}")
-            converted.append(convert(record, location))
+            converted = convert(record, location)
         except DataError as err:
             if not skip_bad_records:
                 raise
             report.drop_error(err)
-    if not converted and not report.dropped:
+            continue
+        kept += 1
+        yield converted
+    if not kept and not report.dropped:
         raise DataError(str(path), "empty file", "the file has no records")
-    report.kept[f"records from {path}"] = len(converted)
-    return converted
+    report.kept[f"records from {path}"] = kept
 
 
 def load_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool = False,
                   report: DataReport | None = None) -> list[Example]:
-    """All examples of one file or dataset folder.
+    """All examples of one file or dataset folder (:func:`iter_examples`)."""
+    return list(iter_examples(path, fmt, skip_bad_records=skip_bad_records, report=report))
+
+
+def iter_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool = False,
+                  report: DataReport | None = None) -> Iterator[Example]:
+    """The examples of one file or dataset folder, in order, reading no further than the caller takes.
 
     With `fmt="auto"` the first record decides the file's format; a later record of another format is an
     error ("mixed formats"), since silently reading it under the wrong format would train on garbage.
@@ -384,4 +399,4 @@ def load_examples(path: str | Path, fmt: str = "auto", *, skip_bad_records: bool
                             f"{first_location}); put each format in its own file")
         return CONVERTERS[file_format](record, location)
 
-    return convert_records(path, convert, skip_bad_records=skip_bad_records, report=report)
+    return iter_converted(path, convert, skip_bad_records=skip_bad_records, report=report)

@@ -20,7 +20,7 @@ from jaxft.models.sample import sample
 from jaxft.peft.prefix import prompt_inputs
 from jaxft.peft.tree import combine
 from jaxft.recipes.config import RunConfig
-from jaxft.recipes.scoring import chat_prompts
+from jaxft.recipes.scoring import chat_prompts, reply_tokens
 
 
 class Sampler:
@@ -53,8 +53,7 @@ class Sampler:
                                                                                   self.mask))
         out = []
         for prompt, row, n in zip(self.prompts, tokens.tolist(), mask.sum(axis=1).tolist()):
-            reply = row[:n]
-            reply = reply[:-1] if reply and reply[-1] in self.stops else reply  # the stop token ends it, unshown
+            reply, _ = reply_tokens(row[:n], self.stops)  # shown whether it stopped or hit the token limit
             out.append({"prompt": prompt.text, "reply": self.tokenizer.decode(reply, skip_special_tokens=True),
                         "reference": prompt.reference})
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,9 +17,9 @@ import jax
 import numpy as np
 
 from jaxft.config import ModelConfig
-from jaxft.data import DataConfig, load_examples, resolve_template
+from jaxft.data import DataConfig, resolve_template
 from jaxft.data.chat import checked_pad_id
-from jaxft.data.formats import DataError
+from jaxft.data.formats import DataError, iter_examples
 from jaxft.data.packing import rows_to_batch
 from jaxft.data.tasks import read_task_records, tokenize_task_records
 from jaxft.hf.checkpoint import from_pretrained
@@ -99,8 +100,9 @@ def chat_prompts(data: DataConfig, tokenizer, template: str, limit: int) -> list
     (Jinja source) and the generation prompt; records that are no chat (plain text) are passed over."""
     if limit < 1:
         raise ValueError(f"the number of chats to prompt must be >= 1, got {limit}")
-    chats = [e.messages for path in data.paths for e in load_examples(path, data.format)
-             if e.messages and any(m["role"] == "assistant" for m in e.messages)][:limit]
+    examples = (e for path in data.paths for e in iter_examples(path, data.format))  # read only as far as needed
+    chats = list(islice((e.messages for e in examples
+                         if e.messages and any(m["role"] == "assistant" for m in e.messages)), limit))
     if not chats:
         raise DataError(", ".join(data.paths), "chat prompts", "no chat holds an assistant turn; replies are "
                         "generated for chat data (messages) only")
@@ -131,12 +133,18 @@ def chat_exact_match(model_cfg: ModelConfig, params: dict, tokenizer, data: Data
     return {"exact_match": hits / len(chats), "exact_match_chats": len(chats)}
 
 
+def reply_tokens(tokens: list[int], stops) -> tuple[list[int], bool]:
+    """A generated reply's tokens without the stop token that ended it (never shown), and whether one did (False:
+    cut off at the token limit)."""
+    stopped = bool(tokens) and tokens[-1] in stops
+    return (tokens[:-1] if stopped else tokens), stopped
+
+
 def reply_text(tokenizer, tokens: list[int], stops) -> str | None:
     """A generated reply's text, stripped of surrounding whitespace, when it ended with one of ``stops`` (which is
     left out); None for a reply cut off at the token limit."""
-    if not tokens or tokens[-1] not in stops:
-        return None
-    return tokenizer.decode(tokens[:-1], skip_special_tokens=True).strip()
+    body, stopped = reply_tokens(tokens, stops)
+    return tokenizer.decode(body, skip_special_tokens=True).strip() if stopped else None
 
 
 def load_trained(cfg: RunConfig, export: str | Path):

@@ -187,16 +187,7 @@ def read_metrics(jsonl_path: str | Path) -> list[dict]:
     steps after it), the later record wins. A last line cut short (the run was killed mid-write, or the disk was
     full) is left out; a bad line before it is an error naming it."""
     latest: dict[tuple[str, int], dict] = {}
-    lines = Path(jsonl_path).read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                break
-            raise DataError(f"{jsonl_path}:{number}", "not a JSON record", str(e)) from None
+    for record in _json_lines(jsonl_path):
         latest[(record["split"], record["step"])] = record
     return sorted(latest.values(), key=lambda r: (r["step"], r["split"]))
 
@@ -341,13 +332,19 @@ def sample_markdown(sample: dict[str, str]) -> str:
 
 def read_samples(path: str | Path) -> list[dict]:
     """The records of a samples log, in order; a last line cut short (the run was killed mid-write) is left out."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    return _json_lines(path)
+
+
+def _json_lines(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log that a run appends to, in order. A last line cut short (the run was killed
+    mid-write, or the disk was full) is left out; a bad line before it is an error naming it."""
+    numbered = [(number, line) for number, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
     records = []
-    for number, line in enumerate(lines, 1):
+    for i, (number, line) in enumerate(numbered):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if number == len(lines):
+            if i == len(numbered) - 1:
                 break
             raise DataError(f"{path}:{number}", "not a JSON record", str(e)) from None
     return records
