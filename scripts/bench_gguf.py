@@ -37,16 +37,17 @@ def build_tokenizer(folder: Path, corpus: list[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from jaxft.data.chat import CHATML_TEMPLATE
-    from jaxft.gguf.layout import BPE_PRE_TOKENIZER_SPLITS
+    from jaxft.gguf.layout import PRE_TOKENIZERS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(BPE_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.Split(Regex(PRE_TOKENIZERS["llama-bpe"].split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.ignore_merges = True  # Llama 3's split is llama.cpp's llama-bpe only with Llama 3's ignore_merges
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(folder)

@@ -11,16 +11,21 @@ the dequantized values themselves are checked against transformers' separate tor
 """
 from __future__ import annotations
 
+import json
+
+import gguf
 import jax
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
+from tokenizers import decoders, models, pre_tokenizers
 
 import jaxft
 from jaxft.cli import main as cli
 from jaxft.gguf.convert import gguf_to_hf
-from jaxft.gguf.layout import GgufError
+from jaxft.gguf.layout import PRE_TOKENIZERS, GgufError
 from jaxft.ops import nf4
 
 import gguf_files
@@ -283,3 +288,50 @@ def test_a_run_config_naming_a_gguf_file_says_to_convert_it(folders, tmp_path, c
     assert cli(["train", str(tmp_path / "run.yaml")]) == 2
     assert f"jaxft convert {path} --out DIR" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run").exists()
+
+
+def _hand_made_bpe(ignore_merges: bool) -> tokenizers.Tokenizer:
+    """A byte-level BPE whose merges split the word "abc" as ab + c although "abc" is itself a token: with
+    ignore_merges (Llama 3's tokenizer.json sets it) "abc" is one token, without it two."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc"])}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(PRE_TOKENIZERS["llama-bpe"].split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _vocabulary_file(path, tok: tokenizers.Tokenizer, pre: str, add_bos: bool | None = None, bos: int | None = None):
+    """A GGUF file holding only the metadata of ``tok`` as a ``gpt2`` vocabulary with ``tokenizer.ggml.pre``."""
+    by_id = sorted(tok.get_vocab().items(), key=lambda item: item[1])
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([token for token, _ in by_id])
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(by_id))
+    writer.add_token_merges(["a b"])
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("pre,ignore_merges", [("llama-bpe", True), ("llama3", True), ("smaug-bpe", False)])
+def test_ignore_merges_follows_the_pre_tokenizer_as_in_llama_cpp(tmp_path, pre, ignore_merges):
+    """The oracle: the HF tokenizer.json (ignore_merges as llama.cpp sets it for ``pre``) loaded by tokenizers."""
+    text = "abc xabc abc. ab"
+    hf = _hand_made_bpe(ignore_merges)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    oracle = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["ignore_merges"] is ignore_merges
+    assert oracle.encode(text).ids != _hand_made_bpe(not ignore_merges).encode(text).ids   # the flag matters here
+    ours = jaxft.load_tokenizer(_vocabulary_file(tmp_path / "v.gguf", hf, pre, add_bos=False))
+    assert ours.encode(text) == oracle.encode(text).ids
+    assert ours.decode(ours.encode(text)) == text

@@ -25,7 +25,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 import jaxft
 from jaxft.cli import main
-from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZER_SPLITS, GgufError, from_gguf_rows, gguf_tensor_name,
+from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZERS, GgufError, from_gguf_rows, gguf_tensor_name,
                                tensor_name_map)
 from jaxft.hf.names import layer_name
 from jaxft.gguf.write import save_gguf
@@ -54,9 +54,9 @@ def _corpus(n: int = 400) -> list[str]:
 
 
 def _byte_level_bpe(folder: Path, split: str, specials: list[str], bos: str | None, eos: str, pad: str,
-                    template: str, nfc: bool = False):
+                    template: str, nfc: bool = False, ignore_merges: bool = False):
     """A byte-level BPE of about 300 tokens whose pre-tokenizer splits by ``split`` (Llama 3's or Qwen2's regex),
-    saved by transformers itself."""
+    saved by transformers itself; Llama 3's sets ``ignore_merges``, as Meta's tokenizer.json does."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -65,6 +65,7 @@ def _byte_level_bpe(folder: Path, split: str, specials: list[str], bos: str | No
         tok.normalizer = normalizers.NFC()
     tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.ignore_merges = ignore_merges
     steps = [processors.ByteLevel(trim_offsets=False)]
     if bos is not None:
         steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
@@ -90,10 +91,10 @@ def _sentencepiece(folder: Path):
 
 
 TOKENIZERS = {
-    "llama": lambda d: _byte_level_bpe(d, PRE_TOKENIZER_SPLITS["llama-bpe"], [
+    "llama": lambda d: _byte_level_bpe(d, PRE_TOKENIZERS["llama-bpe"].split, [
         "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE),
-    "qwen2": lambda d: _byte_level_bpe(d, PRE_TOKENIZER_SPLITS["qwen2"], [
+        "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE, ignore_merges=True),
+    "qwen2": lambda d: _byte_level_bpe(d, PRE_TOKENIZERS["qwen2"].split, [
         "<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>", CHATML_TEMPLATE,
         nfc=True),
     "mistral": _sentencepiece,
@@ -288,8 +289,8 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16, "rope_theta": 10000.0}
     folder = hf_oracle.save(hf_oracle.build("llama", vocab_size=300, rope_parameters=rope), tmp_path / "m")
-    _byte_level_bpe(folder, PRE_TOKENIZER_SPLITS["llama-bpe"], ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
-                    LLAMA3_TEMPLATE)
+    _byte_level_bpe(folder, PRE_TOKENIZERS["llama-bpe"].split, ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
+                    LLAMA3_TEMPLATE, ignore_merges=True)
     cfg, params = jaxft.from_pretrained(folder)
     assert cfg.rope.rope_type == "llama3"
     save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "r.gguf")
@@ -341,8 +342,41 @@ def test_single_digit_split_then_gpt2_split_is_named_smollm():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    assert bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"]) == "smollm"
+    assert bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"], False) == "smollm"
+    with pytest.raises(GgufError, match=r"model.ignore_merges is true, .* \(smollm\) with ignore_merges false"):
+        bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"], True)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     with pytest.raises(GgufError, match="none that llama.cpp knows by name"):
-        bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"])
+        bpe_pre_tokenizer(json.loads(tok.to_str())["pre_tokenizer"], False)
+
+
+def _hand_made_bpe_folder(folder: Path, split: str, ignore_merges: bool) -> Path:
+    """A byte-level BPE saved by transformers whose merges split "abc" as ab + c although "abc" is a token, so
+    ``ignore_merges`` changes its ids."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc", "<|eot_id|>"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eot_id|>").save_pretrained(folder)
+    return folder
+
+
+def test_ignore_merges_is_named_by_the_pre_tokenizer_or_refused(models_dir, tmp_path):
+    """Llama 3's split with ignore_merges is ``llama-bpe``, without it ``smaug-bpe`` (llama.cpp: same split, merges
+    kept); the file reads back with the ids of the tokenizer.json loaded by ``tokenizers`` itself. Qwen2's split
+    with ignore_merges has no llama.cpp name and is refused."""
+    cfg, params = jaxft.from_pretrained(models_dir["llama"][0])
+    text = "abc xabc abc. ab"
+    for ignore_merges, name in ((True, "llama-bpe"), (False, "smaug-bpe")):
+        folder = _hand_made_bpe_folder(tmp_path / name, PRE_TOKENIZERS["llama-bpe"].split, ignore_merges)
+        path = save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / f"{name}.gguf", gguf_type="f32")
+        assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == name
+        oracle = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        assert jaxft.load_tokenizer(path).encode(text, add_special_tokens=False) == oracle.encode(text).ids
+    folder = _hand_made_bpe_folder(tmp_path / "qwen", PRE_TOKENIZERS["qwen2"].split, True)
+    with pytest.raises(GgufError, match="tokenizer.json: model.ignore_merges is true"):
+        save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()

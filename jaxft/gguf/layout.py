@@ -9,11 +9,13 @@ llama.cpp graph uses the half-rotation, "NEOX" rope).
 
 The tensor names come from the ``gguf`` package (llama.cpp's own tables), so they follow llama.cpp's releases.
 :func:`rope_divisors` is Llama 3.1's rope scaling in the form llama.cpp stores it (``rope_freqs.weight``).
-:data:`PRE_TOKENIZER_SPLITS` pairs llama.cpp's byte-level pre-tokenizer names (``tokenizer.ggml.pre``) with the
-split regexes of the tokenizers they stand for, for reading a vocabulary and for naming one when writing
-(:data:`SINGLE_DIGIT_PRE_TOKENIZER` splits each digit off first).
+:data:`PRE_TOKENIZERS` is what llama.cpp does for each byte-level pre-tokenizer name (``tokenizer.ggml.pre``):
+the split regex (SmolLM's ``smollm``: each digit alone first), whether merges are skipped for whole-vocabulary
+pieces, the BOS default; the reader builds a vocabulary by it and the writer names one by it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -32,10 +34,7 @@ GGUF_TYPES = {
     "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
 }
 
-# The split regex of each byte-level BPE pre-tokenizer llama.cpp names in ``tokenizer.ggml.pre`` (the regexes
-# llama.cpp's ``llama-vocab.cpp`` and the models' tokenizer.json use); "gpt-2" is GPT-2's own split, which
-# ``tokenizers``' ByteLevel pre-tokenizer applies itself (None here), and so is "default", as transformers reads it.
-# The writer names a regex by its first name here.
+# llama.cpp's split regexes (``llama-vocab.cpp`` and the models' tokenizer.json use these).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -43,15 +42,50 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# The pre-tokenizer that splits every digit off alone before GPT-2's split: llama.cpp's regex list for it is
-# ``\p{N}`` then GPT-2's regex, as SmolLM's tokenizer.json is Digits(individual_digits) then ByteLevel.
-# (transformers' GGUF loader applies GPT-2's split alone; SmolLM2's vocabulary has no token joining an ASCII digit
-# to anything, so there only runs of whitespace before a digit tokenize differently.)
-SINGLE_DIGIT_PRE_TOKENIZER = "smollm"
-PRE_TOKENIZER_SPLITS = {"default": None, "gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
-                        "llama-v3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
-                        "deepseek-r1-qwen": QWEN2_SPLIT, "tekken": TEKKEN_SPLIT,
-                        SINGLE_DIGIT_PRE_TOKENIZER: None}
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """What llama.cpp does for one ``tokenizer.ggml.pre`` name of a byte-level (``gpt2``) vocabulary.
+
+    ``split``: the regex the text is split by (None: GPT-2's own split, which ``tokenizers``' ByteLevel
+    pre-tokenizer applies itself); ``ignore_merges``: a piece that is itself a vocabulary entry is that token,
+    whatever the merges would make of it (``tokenizers``' ``BPE(ignore_merges=True)``, as Llama 3's
+    tokenizer.json sets); ``add_bos``: whether BOS is added when ``tokenizer.ggml.add_bos_token`` is absent;
+    ``clean_spaces``: llama.cpp's decoding cleanup (transformers' ``clean_up_tokenization_spaces``), recorded for
+    completeness: jaxft decodes as transformers' GGUF loader does, without it; ``single_digits``: each digit is
+    split off alone before ``split`` (``tokenizers``' ``Digits(individual_digits=True)``, as SmolLM's
+    tokenizer.json has it; llama.cpp's regex list for ``smollm`` is a digit alone, then GPT-2's regex)."""
+
+    split: str | None
+    ignore_merges: bool = False
+    add_bos: bool = False
+    clean_spaces: bool = True
+    single_digits: bool = False
+
+
+# From llama.cpp's src/llama-vocab.cpp, ``llama_vocab::impl::load``: a BPE vocabulary starts with
+# ignore_merges=false, add_bos=false, clean_spaces=true, and the ``tokenizer_pre == ...`` chain changes them per
+# name: llama3 / llama-v3 / llama-bpe set ignore_merges and add_bos; tekken too, and clears clean_spaces; qwen2 and
+# deepseek-r1-qwen clear clean_spaces; smollm (``LLAMA_VOCAB_PRE_TYPE_SMOLLM``) clears clean_spaces; smaug-bpe
+# (Llama 3's regex, ``LLAMA_VOCAB_PRE_TYPE_SMAUG``) and gpt-2 / default change nothing. The writer names a tokenizer
+# by the first name whose split, single_digits and ignore_merges match it. (transformers' GGUF loader applies
+# GPT-2's split alone for smollm; SmolLM2's vocabulary has no token joining an ASCII digit to anything, so there
+# only runs of whitespace before a digit tokenize differently.)
+PRE_TOKENIZERS = {
+    "default": PreTokenizer(None), "gpt-2": PreTokenizer(None),
+    "llama-bpe": PreTokenizer(LLAMA3_SPLIT, ignore_merges=True, add_bos=True),
+    "llama3": PreTokenizer(LLAMA3_SPLIT, ignore_merges=True, add_bos=True),
+    "llama-v3": PreTokenizer(LLAMA3_SPLIT, ignore_merges=True, add_bos=True),
+    "smaug-bpe": PreTokenizer(LLAMA3_SPLIT),
+    "qwen2": PreTokenizer(QWEN2_SPLIT, clean_spaces=False),
+    "deepseek-r1-qwen": PreTokenizer(QWEN2_SPLIT, clean_spaces=False),
+    "tekken": PreTokenizer(TEKKEN_SPLIT, ignore_merges=True, add_bos=True, clean_spaces=False),
+    "smollm": PreTokenizer(None, clean_spaces=False, single_digits=True),
+}
+# llama.cpp's default for a sentencepiece (``llama``) vocabulary without tokenizer.ggml.add_bos_token (the
+# ``type == LLAMA_VOCAB_TYPE_SPM`` branch of the same function: add_bos = true, add_eos = false).
+SENTENCEPIECE_ADD_BOS = True
 
 
 ROPE_FREQS = "rope_freqs.weight"  # where llama.cpp's converter stores Llama 3.1's rope scaling
@@ -100,4 +134,3 @@ def from_gguf_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """The inverse of :func:`to_gguf_rows`: llama.cpp's interleaved q/k rows back in HF's order."""
     head_dim = weight.shape[0] // num_heads
     return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
-

@@ -6,16 +6,17 @@ loader builds them, so ``load_tokenizer("model.gguf")`` gives ``AutoTokenizer.fr
 gguf_file=...)``'s ids:
 
 * ``gpt2``: byte-level BPE with the file's merges, its text split by the regex ``tokenizer.ggml.pre`` names
-  (:data:`jaxft.gguf.layout.PRE_TOKENIZER_SPLITS`; an unknown name is an error, as in llama.cpp, since another
+  (:data:`jaxft.gguf.layout.PRE_TOKENIZERS`; an unknown name is an error, as in llama.cpp, since another
   split would give other ids; SmolLM's ``smollm`` splits each digit off first, as llama.cpp and its tokenizer.json
-  do, where transformers' loader does not);
+  do, where transformers' loader does not), skipping the merges for a piece that is itself a token where llama.cpp
+  does (``ignore_merges``: Llama 3, Tekken; transformers' GGUF loader omits it and gives other ids there);
 * ``llama``: a sentencepiece-style byte-fallback BPE (:func:`jaxft.hf.sentencepiece_conversion.backend_from_pieces`)
   whose merges are the file's, or those the piece scores imply.
 
 Tokens typed CONTROL (or UNKNOWN) become special added tokens, USER_DEFINED ones plain added tokens (all are
 matched whole in the text, as llama.cpp does); bos/eos/unk/pad come from their ids; BOS/EOS are added per
-``tokenizer.ggml.add_bos_token``/``add_eos_token`` (BOS by default for a sentencepiece vocabulary, as llama.cpp
-does). ``tokenizer.chat_template`` is the default chat template.
+``tokenizer.ggml.add_bos_token``/``add_eos_token``; without the first, BOS is added where llama.cpp adds it
+by default (a sentencepiece vocabulary, and the pre-tokenizers :data:`jaxft.gguf.layout.PRE_TOKENIZERS` marks). ``tokenizer.chat_template`` is the default chat template.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from jaxft.gguf.layout import PRE_TOKENIZER_SPLITS, SINGLE_DIGIT_PRE_TOKENIZER, GgufError
+from jaxft.gguf.layout import PRE_TOKENIZERS, GgufError, PreTokenizer
 from jaxft.gguf.read import architecture, field_value, open_reader
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.tokenizer import Tokenizer, _register_added_tokens
@@ -57,30 +58,33 @@ class _Metadata:
         return field_value(self.reader, self.path, f"tokenizer.{key}", default)
 
 
+def _pre_tokenizer(meta: _Metadata) -> PreTokenizer:
+    """What ``tokenizer.ggml.pre`` names (llama.cpp's default when absent); an unknown name is a GgufError."""
+    pre = meta.get("ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise GgufError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer jaxft knows; it reads "
+                        f"{sorted(PRE_TOKENIZERS)}")
+    return PRE_TOKENIZERS[pre]
+
+
 def _byte_level_backend(meta: _Metadata, tokens: list[str]) -> BackendTokenizer:
     """GPT-2-style byte-level BPE; a token the file spells outside the byte alphabet is re-spelled in it, as
     transformers does."""
-    pre = meta.get("ggml.pre", "default")
-    if pre not in PRE_TOKENIZER_SPLITS:
-        raise GgufError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer jaxft knows; it reads "
-                        f"{sorted(PRE_TOKENIZER_SPLITS)}")
+    pre = _pre_tokenizer(meta)
     spelling = _byte_alphabet()
     alphabet = set(spelling.values())
     vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
              for i, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ")) for merge in meta.get("ggml.merges")]
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                   end_of_word_suffix="", fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS[pre]
-    if pre == SINGLE_DIGIT_PRE_TOKENIZER:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    elif split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                                   end_of_word_suffix="", fuse_unk=False, ignore_merges=pre.ignore_merges))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if pre.single_digits else []
+    if pre.split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False))
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                  use_regex=False)])
+        steps += [pre_tokenizers.Split(Regex(pre.split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
     return backend
 

@@ -14,8 +14,9 @@
   tied embedding table, which serves as it) at higher precision: Q6_K when rows divide into 256-blocks, else Q8_0.
   The ``gguf`` package has no Q6_K quantizer, so jaxft writes Q8_0 there in both cases.
 * **Tokenizer**: a byte-level BPE ``tokenizer.json`` becomes the ``gpt2`` vocabulary (tokens, token types, merges
-  and ``tokenizer.ggml.pre`` naming the pre-tokenizer's split rule, recognized from the rule itself rather than
-  llama.cpp's hash of one model's token ids); a sentencepiece ``tokenizer.model`` the ``llama`` vocabulary
+  and ``tokenizer.ggml.pre`` naming the pre-tokenizer's split rule and ``ignore_merges``, recognized from the
+  tokenizer.json itself rather than llama.cpp's hash of one model's token ids; a combination llama.cpp has no
+  name for is refused); a sentencepiece ``tokenizer.model`` the ``llama`` vocabulary
   (pieces, scores, types). Added tokens are CONTROL when special, USER_DEFINED otherwise; ids the model has beyond
   the tokenizer are ``[PAD{i}]`` (UNUSED). bos/eos/unk/pad ids, whether bos/eos are added (read off the tokenizer's
   own output, so a folder that leaves ``add_bos_token`` unset is written as it really behaves) and the chat
@@ -41,8 +42,8 @@ import sentencepiece
 
 from jaxft.config import ModelConfig
 from jaxft.files import atomic_file
-from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZER_SPLITS, GGUF_TYPES, SINGLE_DIGIT_PRE_TOKENIZER,
-                               GgufError, gguf_tensor_name, needs_qk_permutation, tensor_name_map, to_gguf_rows)
+from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZERS, GGUF_TYPES, GgufError, gguf_tensor_name,
+                               needs_qk_permutation, tensor_name_map, to_gguf_rows)
 from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
 
@@ -233,32 +234,48 @@ def _write_bpe_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, folder: Path, ad
         tokens.append(text)
         types.append(kind)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(bpe_pre_tokenizer(spec.get("pre_tokenizer")))
+    writer.add_tokenizer_pre(bpe_pre_tokenizer(spec.get("pre_tokenizer"), bool(model.get("ignore_merges"))))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(gguf.SpecialVocab(folder, load_merges=True).merges)
 
 
-def bpe_pre_tokenizer(pre: dict | None) -> str:
-    """``tokenizer.ggml.pre`` for a byte-level pre-tokenizer: GPT-2's built-in split (after SmolLM's single-digit
-    split: ``smollm``), or a Split by one of the regexes llama.cpp knows
-    (:data:`jaxft.gguf.layout.PRE_TOKENIZER_SPLITS`) followed by a regex-free ByteLevel."""
+def _split_of(pre: dict | None) -> tuple[str | None, bool]:
+    """(regex, single_digits) of a byte-level pre-tokenizer that llama.cpp can name: the regex is None for GPT-2's
+    built-in split, else the pattern of a Split followed by a regex-free ByteLevel; single_digits when a
+    ``Digits(individual_digits=True)`` comes first (SmolLM's). Anything else is a GgufError."""
     steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
-    gpt2_split = (steps[-1] or {}).get("type") == "ByteLevel" and steps[-1].get("use_regex", True) and (
-        not steps[-1].get("add_prefix_space"))
-    if len(steps) == 1 and gpt2_split:
-        return "gpt-2"
-    if len(steps) == 2 and gpt2_split and steps[0].get("type") == "Digits" and steps[0].get("individual_digits"):
-        return SINGLE_DIGIT_PRE_TOKENIZER
-    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" and (
-            not steps[1].get("use_regex", True)) and steps[0].get("behavior") == "Isolated" and (
-            not steps[0].get("invert")):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        for name, split in PRE_TOKENIZER_SPLITS.items():
-            if split is not None and regex == split:
-                return name
+    single_digits = bool(steps and (steps[0] or {}).get("type") == "Digits" and steps[0].get("individual_digits"))
+    rest = steps[1:] if single_digits else steps
+    if len(rest) == 1 and (rest[0] or {}).get("type") == "ByteLevel" and rest[0].get("use_regex", True) and (
+            not rest[0].get("add_prefix_space")):
+        regex = None
+    elif len(rest) == 2 and (rest[0] or {}).get("type") == "Split" and (rest[1] or {}).get("type") == "ByteLevel" and (
+            not rest[1].get("use_regex", True)) and rest[0].get("behavior") == "Isolated" and (
+            not rest[0].get("invert")):
+        regex = (rest[0].get("pattern") or {}).get("Regex")
+    else:
+        regex = ""  # a shape llama.cpp has no name for: matches no entry's split (None or a non-empty regex)
+    if any(regex == known.split and single_digits == known.single_digits for known in PRE_TOKENIZERS.values()):
+        return regex, single_digits
     raise GgufError(f"tokenizer.json: pre-tokenizer {json.dumps(pre)[:300]} is none that llama.cpp knows by name "
-                    f"(GPT-2's byte-level split, or a Split by the regex of one of {sorted(PRE_TOKENIZER_SPLITS)})")
+                    f"(GPT-2's byte-level split, alone or after single digits as smollm, or a Split by the regex of "
+                    f"one of {sorted(PRE_TOKENIZERS)})")
+
+
+def bpe_pre_tokenizer(pre: dict | None, ignore_merges: bool) -> str:
+    """``tokenizer.ggml.pre`` for a byte-level pre-tokenizer and its BPE model's ``ignore_merges``: the first name
+    in :data:`jaxft.gguf.layout.PRE_TOKENIZERS` that llama.cpp splits and merges the same way (GPT-2's split is
+    ``gpt-2``, after single digits ``smollm``, Llama 3's ``llama-bpe`` with ignore_merges, ``smaug-bpe`` without)."""
+    regex, single_digits = _split_of(pre)
+    same_split = {name: known for name, known in PRE_TOKENIZERS.items()
+                  if known.split == regex and known.single_digits == single_digits}
+    for name, known in same_split.items():
+        if name != "default" and known.ignore_merges == ignore_merges:
+            return name
+    raise GgufError(f"tokenizer.json: model.ignore_merges is {str(ignore_merges).lower()}, but llama.cpp tokenizes "
+                    f"this pre-tokenizer's split ({', '.join(sorted(same_split))}) with ignore_merges "
+                    f"{str(not ignore_merges).lower()}: the GGUF file would give other token ids")
 
 
 def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_path: Path, added: dict[int, dict]):
