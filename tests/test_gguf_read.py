@@ -12,6 +12,7 @@ the dequantized values themselves are checked against transformers' separate tor
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import jax
@@ -335,3 +336,26 @@ def test_ignore_merges_follows_the_pre_tokenizer_as_in_llama_cpp(tmp_path, pre, 
     ours = jaxft.load_tokenizer(_vocabulary_file(tmp_path / "v.gguf", hf, pre, add_bos=False))
     assert ours.encode(text) == oracle.encode(text).ids
     assert ours.decode(ours.encode(text)) == text
+
+
+@pytest.mark.parametrize("pre,adds_bos", [("llama-bpe", True), ("llama-v3", True), ("smaug-bpe", False),
+                                          ("qwen2", False), ("gpt-2", False)])
+def test_bos_default_without_add_bos_token_is_llama_cpps(tmp_path, pre, adds_bos):
+    """No tokenizer.ggml.add_bos_token: llama.cpp (llama-vocab.cpp) adds BOS for the llama3 names and tekken, not
+    for the others."""
+    hf = _hand_made_bpe(PRE_TOKENIZERS[pre].ignore_merges)
+    bos = hf.get_vocab_size() - 1
+    ours = jaxft.load_tokenizer(_vocabulary_file(tmp_path / "v.gguf", hf, pre, bos=bos))
+    plain = ours.encode("abc ab", add_special_tokens=False)
+    assert ours.encode("abc ab") == ([bos] if adds_bos else []) + plain
+
+
+def test_sentencepiece_vocabulary_adds_bos_by_default(folders, tmp_path):
+    """A llama (sentencepiece) vocabulary without add_bos_token: llama.cpp's default is to add BOS (id 1 here)."""
+    folder = shutil.copytree(folders["mistral"], tmp_path / "hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "add_bos_token"}))
+    path = gguf_files.write_gguf(folder, tmp_path / "m.gguf")
+    assert "tokenizer.ggml.add_bos_token" not in gguf.GGUFReader(path).fields
+    ours = jaxft.load_tokenizer(path)
+    assert ours.encode("hello world") == [1] + ours.encode("hello world", add_special_tokens=False)

@@ -27,7 +27,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from jaxft.gguf.layout import PRE_TOKENIZERS, GgufError, PreTokenizer
+from jaxft.gguf.layout import PRE_TOKENIZERS, SENTENCEPIECE_ADD_BOS, GgufError, PreTokenizer
 from jaxft.gguf.read import architecture, field_value, open_reader
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.tokenizer import Tokenizer, _register_added_tokens
@@ -135,7 +135,8 @@ def tokenizer_from_gguf(path) -> Tokenizer:
                                          *special])
     if plain:
         backend.add_tokens(plain)
-    config = {"add_bos_token": bool(meta.get("ggml.add_bos_token", kind == "llama")),
+    add_bos_default = SENTENCEPIECE_ADD_BOS if kind == "llama" else _pre_tokenizer(meta).add_bos
+    config = {"add_bos_token": bool(meta.get("ggml.add_bos_token", add_bos_default)),
               "add_eos_token": bool(meta.get("ggml.add_eos_token", False))}
     backend.post_processor = sentencepiece_conversion.bos_eos_post_processor(backend, config, named)
     template = meta.get("chat_template", None)
