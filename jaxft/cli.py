@@ -288,14 +288,18 @@ def _convert(args) -> int:
 def _export_gguf(args) -> int:
     """``jaxft export MODEL [--adapter DIR] --gguf FILE``: the merged model as one GGUF file."""
     import jaxft
-    from jaxft.gguf.write import save_gguf
+    from jaxft.gguf.write import save_gguf, sentencepiece_model_of
 
     out = Path(args.gguf)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--gguf {out}: already exists; pass --overwrite to replace it, or choose another file")
     cfg, params = _load(args.model, args.adapter, None)
-    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
-    save_gguf(cfg, jaxft.merge(params), tok, out, gguf_type=args.gguf_type, overwrite=args.overwrite)
+    folder = _tokenizer_folder(args.model, args.adapter)
+    tok = jaxft.load_tokenizer(folder)
+    # A run's adapter holds the tokenizer as tokenizer.json only: the base's tokenizer.model then gives the
+    # pieces' scores (write checks that its pieces have the tokenizer's ids).
+    save_gguf(cfg, jaxft.merge(params), tok, out, gguf_type=args.gguf_type, overwrite=args.overwrite,
+              sentencepiece_model=sentencepiece_model_of(folder, args.model))
     print(f"wrote {out} ({args.gguf_type})")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import gguf
@@ -380,3 +381,33 @@ def test_ignore_merges_is_named_by_the_pre_tokenizer_or_refused(models_dir, tmp_
     with pytest.raises(GgufError, match="tokenizer.json: model.ignore_merges is true"):
         save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+def _tokenizer_fields(path: Path) -> dict:
+    return {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items() if key.startswith("tokenizer.")}
+
+
+def test_a_sentencepiece_folder_with_tokenizer_json_exports_its_tokenizer_model(models_dir, tmp_path):
+    """Hub Llama-2 / Mistral folders hold tokenizer.json beside tokenizer.model: the vocabulary is written from the
+    latter, as llama.cpp's converter does, the same as from a folder with tokenizer.model alone."""
+    base, adapter = models_dir["mistral"]
+    folder = shutil.copytree(base, tmp_path / "saved")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)   # transformers' tokenizer.json
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer.model").is_file()
+    path = _export(folder, adapter, tmp_path / "saved.gguf", "q8_0")
+    fields = _tokenizer_fields(path)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    pieces = range(processor.get_piece_size())
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"][:len(pieces)] == [processor.id_to_piece(i) for i in pieces]
+    added = {int(i) for i in json.loads((folder / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})}
+    added |= {token["id"] for token in json.loads((folder / "tokenizer.json").read_text())["added_tokens"]}
+    assert [fields["tokenizer.ggml.scores"][i] for i in pieces if i not in added] == pytest.approx(
+        [processor.get_score(i) for i in pieces if i not in added])
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    from_model, from_json = jaxft.load_tokenizer(base), jaxft.load_tokenizer(folder)
+    for text in TEXTS + _corpus(20):
+        assert theirs.encode(text) == from_model.encode(text), text
+        # transformers' tokenizer.json does not split the model's user-defined pieces (<|im_...|>) out first
+        if "<|im_" not in text:
+            assert theirs.encode(text) == from_json.encode(text), text

@@ -44,6 +44,7 @@ from jaxft.config import ModelConfig
 from jaxft.files import atomic_file
 from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZERS, GGUF_TYPES, GgufError, gguf_tensor_name,
                                needs_qk_permutation, tensor_name_map, to_gguf_rows)
+from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
 
@@ -53,9 +54,11 @@ _PROBE_TEXT = "hello world"  # encoded with and without special tokens to see wh
 
 
 def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_type: str = "f16",
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, sentencepiece_model=None) -> Path:
     """Write ``params`` (dense, adapters merged: ``jaxft.merge(params)``) with ``tokenizer`` as the GGUF file
-    ``path``, its 2-D weights in ``gguf_type`` (f32, f16, bf16, q8_0, q4_0). An existing file needs ``overwrite``."""
+    ``path``, its 2-D weights in ``gguf_type`` (f32, f16, bf16, q8_0, q4_0). An existing file needs ``overwrite``.
+    ``sentencepiece_model``: the ``tokenizer.model`` of the folder ``tokenizer`` came from, if it has one: the
+    vocabulary is then written from it, as llama.cpp's converter does (:func:`sentencepiece_model_of`)."""
     path = Path(path)
     if gguf_type not in GGUF_TYPES:
         raise GgufError(f"gguf_type {gguf_type!r} is not supported; expected one of {sorted(GGUF_TYPES)}")
@@ -67,7 +70,7 @@ def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_t
     arch = ARCHITECTURE[cfg.model_type]
     writer = gguf.GGUFWriter(path=None, arch=arch)
     _write_hparams(writer, cfg, path.stem, GGUF_TYPES[gguf_type][0])
-    write_vocab(writer, cfg, tokenizer)
+    write_vocab(writer, cfg, tokenizer, sentencepiece_model)
     for name, data, qtype in gguf_tensors(cfg, to_hf_tensors(cfg, params), gguf_type):
         writer.add_tensor(name, data, raw_dtype=qtype)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +183,19 @@ def gguf_tensors(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type:
 # ----- tokenizer ----------------------------------------------------------------------------------------------
 
 
-def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer):
-    """The tokenizer as llama.cpp's converter writes it from the HF folder that ``tokenizer.save`` makes."""
+def sentencepiece_model_of(*folders) -> Path | None:
+    """The ``tokenizer.model`` of the first of ``folders`` (None entries skipped) that has one. llama.cpp's
+    converter writes a sentencepiece model's vocabulary from it whenever a folder has one (tokenizer.json is its
+    fallback), so real Llama-2 / Mistral folders, which hold both, export with their pieces' scores."""
+    for folder in folders:
+        if folder is not None and (Path(folder) / SENTENCEPIECE_MODEL).is_file():
+            return Path(folder) / SENTENCEPIECE_MODEL
+    return None
+
+
+def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer, sentencepiece_model=None):
+    """The tokenizer as llama.cpp's converter writes it from the HF folder that ``tokenizer.save`` makes, with
+    ``sentencepiece_model`` (a tokenizer.model of the same pieces) in it if given."""
     too_large = tokenizer.vocab_size - cfg.vocab_size
     if too_large > 0:
         raise GgufError(f"the tokenizer has {tokenizer.vocab_size} tokens, {too_large} beyond the model's "
@@ -192,7 +206,9 @@ def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer)
         added = {int(i): token for i, token in config.get("added_tokens_decoder", {}).items()}
         if isinstance(config.get("add_prefix_space"), bool):  # the converter passes it on when the folder sets it
             writer.add_add_space_prefix(config["add_prefix_space"])
-        if (folder / TOKENIZER_JSON).is_file():
+        if sentencepiece_model is not None:
+            _write_sentencepiece_vocab(writer, cfg, Path(sentencepiece_model), added, tokenizer)
+        elif (folder / TOKENIZER_JSON).is_file():
             _write_bpe_vocab(writer, cfg, folder, added)
         else:
             _write_sentencepiece_vocab(writer, cfg, folder / SENTENCEPIECE_MODEL, added)
@@ -278,16 +294,27 @@ def bpe_pre_tokenizer(pre: dict | None, ignore_merges: bool) -> str:
                     f"{str(not ignore_merges).lower()}: the GGUF file would give other token ids")
 
 
-def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_path: Path, added: dict[int, dict]):
+def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_path: Path, added: dict[int, dict],
+                               tokenizer: Tokenizer | None = None):
+    """Pieces, scores and types of ``model_path``; with ``tokenizer`` (loaded from a tokenizer.json beside it) each
+    piece must have its id there, else the file would not be the tokenizer's vocabulary."""
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    if tokenizer is not None:
+        moved = next((i for i in range(processor.get_piece_size())
+                      if tokenizer.convert_tokens_to_ids(processor.id_to_piece(i)) != i), None)
+        if moved is not None:
+            raise GgufError(f"{model_path}: piece {moved} ({processor.id_to_piece(moved)!r}) has id "
+                            f"{tokenizer.convert_tokens_to_ids(processor.id_to_piece(moved))} in the tokenizer "
+                            "exported with it; the two are not the same vocabulary")
     tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
     scores = [-10000.0] * cfg.vocab_size
     types = [gguf.TokenType.UNUSED] * cfg.vocab_size
+    # sentencepiece numbers its piece types as GGUF does. Its user-defined pieces stay USER_DEFINED (llama.cpp's
+    # converter, asking through the Python API, which cannot tell them, writes NORMAL): sentencepiece, transformers
+    # and llama.cpp (for USER_DEFINED) all match them whole in the text.
+    piece_types = sentencepiece_conversion.piece_types(processor.serialized_model_proto())
     for i in range(processor.get_piece_size()):
-        tokens[i], scores[i] = processor.id_to_piece(i), processor.get_score(i)
-        types[i] = (gguf.TokenType.UNKNOWN if processor.is_unknown(i) else gguf.TokenType.CONTROL
-                    if processor.is_control(i) else gguf.TokenType.UNUSED if processor.is_unused(i)
-                    else gguf.TokenType.BYTE if processor.is_byte(i) else gguf.TokenType.NORMAL)
+        tokens[i], scores[i], types[i] = processor.id_to_piece(i), processor.get_score(i), piece_types[i]
     for i, token in added.items():
         tokens[i], types[i] = _added_token_entry(token)
         scores[i] = -1000.0

@@ -74,7 +74,7 @@ def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
 _SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4
 
 
-def _sentencepiece_piece_types(serialized_model: bytes) -> list[int]:
+def piece_types(serialized_model: bytes) -> list[int]:
     """Piece types from a serialized `ModelProto` (`pieces` is field 1, a piece's `type` its field 3).
 
     The sentencepiece Python API can tell control pieces apart but not user-defined ones, which
@@ -113,7 +113,7 @@ def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[Adde
     """Convert `tokenizer.model` as transformers 5's `LlamaTokenizer` does; also return its control/user tokens."""
     try:
         processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
-        piece_types = _sentencepiece_piece_types(processor.serialized_model_proto())
+        types = piece_types(processor.serialized_model_proto())
     except (RuntimeError, OSError, ValueError, IndexError) as err:
         raise ValueError(f"{model_path}: not a valid sentencepiece model ({err})") from err
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
@@ -123,7 +123,7 @@ def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[Adde
     backend = backend_from_pieces(vocab, generate_merges(vocab), add_prefix_space, config.get("legacy", False))
     spm_tokens = [
         AddedToken(piece, normalized=False, special=piece_type == _SPM_CONTROL)
-        for piece, piece_type in zip(pieces, piece_types)
+        for piece, piece_type in zip(pieces, types)
         if piece_type in (_SPM_CONTROL, _SPM_USER_DEFINED)
     ]
     return backend, spm_tokens
