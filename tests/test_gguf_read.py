@@ -359,3 +359,17 @@ def test_sentencepiece_vocabulary_adds_bos_by_default(folders, tmp_path):
     assert "tokenizer.ggml.add_bos_token" not in gguf.GGUFReader(path).fields
     ours = jaxft.load_tokenizer(path)
     assert ours.encode("hello world") == [1] + ours.encode("hello world", add_special_tokens=False)
+
+
+def test_a_converted_sentencepiece_file_exports_back_with_its_ids(folders, tmp_path):
+    """A llama-vocabulary file as llama.cpp's converter writes it, converted to a folder and exported again: the
+    same pieces, and transformers' GGUF tokenizer gives the same ids for both files."""
+    path = _gguf(folders, "mistral", "F32")
+    assert cli(["convert", str(path), "--out", str(tmp_path / "hf")]) == 0
+    assert cli(["export", str(tmp_path / "hf"), "--gguf", str(tmp_path / "back.gguf"), "--gguf-type", "f32"]) == 0
+    tokens = [gguf.GGUFReader(p).fields["tokenizer.ggml.tokens"].contents() for p in (path, tmp_path / "back.gguf")]
+    assert tokens[0] == tokens[1]
+    before = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    after = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="back.gguf")
+    for text in TEXTS:
+        assert after.encode(text) == before.encode(text), text

@@ -411,3 +411,21 @@ def test_a_sentencepiece_folder_with_tokenizer_json_exports_its_tokenizer_model(
         # transformers' tokenizer.json does not split the model's user-defined pieces (<|im_...|>) out first
         if "<|im_" not in text:
             assert theirs.encode(text) == from_json.encode(text), text
+
+
+def test_convert_then_export_gives_back_the_sentencepiece_vocabulary(models_dir, tmp_path):
+    """``jaxft convert`` of a llama-vocabulary GGUF, then ``jaxft export --gguf`` of the folder: the same tokenizer
+    metadata (pieces, scores, types, special ids) and the same ids; the folder's tokenizer.model is one that
+    sentencepiece itself loads, with the file's pieces and scores."""
+    base, adapter = models_dir["mistral"]
+    first = _export(base, adapter, tmp_path / "first.gguf", "f32")
+    assert main(["convert", str(first), "--out", str(tmp_path / "folder")]) == 0
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "folder" / "tokenizer.model"))
+    fields = _tokenizer_fields(first)
+    assert [processor.id_to_piece(i) for i in range(processor.get_piece_size())] == fields["tokenizer.ggml.tokens"]
+    assert [processor.get_score(i) for i in range(processor.get_piece_size())] == fields["tokenizer.ggml.scores"]
+    second = _export(tmp_path / "folder", None, tmp_path / "second.gguf", "f32")
+    assert _tokenizer_fields(second) == fields
+    first_tok, second_tok = jaxft.load_tokenizer(first), jaxft.load_tokenizer(second)
+    for text in TEXTS + _corpus(20):
+        assert second_tok.encode(text) == first_tok.encode(text), text

@@ -3,8 +3,9 @@
 The tensors are dequantized one at a time (:class:`jaxft.gguf.read.GgufCheckpoint`) into ``dtype`` (float32 by
 default, which holds every GGUF type's dequantized values exactly; the whole model is held in memory in that dtype
 while it is written), then written by the code that writes jaxft's own HF folders
-(:func:`jaxft.hf.checkpoint.write_pretrained`), with the tokenizer as :meth:`jaxft.Tokenizer.save` writes it; the
-folder appears whole or not at all (:func:`jaxft.files.atomic_dir`).
+(:func:`jaxft.hf.checkpoint.write_pretrained`), with the tokenizer as :meth:`jaxft.Tokenizer.save` writes it, and
+for a sentencepiece vocabulary its ``tokenizer.model`` too (the pieces' scores, which tokenizer.json cannot hold,
+so that ``jaxft export --gguf`` writes the same vocabulary back); the folder appears whole or not at all (:func:`jaxft.files.atomic_dir`).
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 
 from jaxft.files import atomic_dir, check_output_dir
 from jaxft.gguf.read import GgufCheckpoint
-from jaxft.gguf.tokenizer import tokenizer_from_gguf
+from jaxft.gguf.tokenizer import sentencepiece_model_from_gguf, tokenizer_from_gguf
 from jaxft.hf.checkpoint import cast_checked, check_tensors, expected_tensors, write_pretrained
 from jaxft.hf.config import config_from_hf
+from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL
 
 
 def gguf_to_hf(path, out_dir, *, dtype: str = "float32", overwrite: bool = False) -> Path:
@@ -25,8 +27,11 @@ def gguf_to_hf(path, out_dir, *, dtype: str = "float32", overwrite: bool = False
     cfg = config_from_hf(ckpt.hf_config(), source=str(path), dtype=dtype)
     check_tensors(ckpt, cfg)
     tokenizer = tokenizer_from_gguf(path)  # before anything is written: its errors leave no folder behind
+    sentencepiece_model = sentencepiece_model_from_gguf(path)
     tensors = {name: cast_checked(ckpt.get(name), dtype, name, path) for name in expected_tensors(cfg)}
     with atomic_dir(out_dir, overwrite) as tmp:
         write_pretrained(cfg, tensors, tmp)
         tokenizer.save(tmp)
+        if sentencepiece_model is not None:  # as hub Llama-2 folders hold it: the scores export back with it
+            (tmp / SENTENCEPIECE_MODEL).write_bytes(sentencepiece_model)
     return Path(out_dir)

@@ -142,3 +142,24 @@ def tokenizer_from_gguf(path) -> Tokenizer:
     template = meta.get("chat_template", None)
     return Tokenizer(backend, special_tokens=named, extra_special_tokens=[t.content for t in special],
                      chat_templates={"default": template} if template else {}, config={})
+
+
+def sentencepiece_model_from_gguf(path) -> bytes | None:
+    """The ``tokenizer.model`` a sentencepiece (``llama``) vocabulary stands for, serialized: its pieces, scores
+    and types as the file has them (sentencepiece numbers its types as GGUF does), the unknown token typed UNKNOWN
+    as sentencepiece requires. None for a byte-level vocabulary. A folder converted from the file then exports
+    back to the same vocabulary (:func:`jaxft.gguf.write.sentencepiece_model_of`)."""
+    meta = _Metadata(Path(path))
+    if meta.get("ggml.model") != "llama":
+        return None
+    tokens, scores = meta.get("ggml.tokens"), meta.get("ggml.scores")
+    types = meta.get("ggml.token_type", None) or [gguf.TokenType.NORMAL] * len(tokens)
+    ids = {key: meta.get(f"ggml.{key}_token_id", default) for key, default in
+           (("unknown", 0), ("bos", 1), ("eos", 2), ("padding", -1))}
+    known = {int(kind) for kind in gguf.TokenType}
+    types = [gguf.TokenType.UNKNOWN if i == ids["unknown"] else  # sentencepiece allows one UNKNOWN piece
+             gguf.TokenType.CONTROL if kind == gguf.TokenType.UNKNOWN else kind if kind in known else
+             gguf.TokenType.NORMAL for i, kind in enumerate(types)]
+    return sentencepiece_conversion.bpe_model_proto(
+        list(zip(tokens, scores, (int(kind) for kind in types))), unk_id=ids["unknown"], bos_id=ids["bos"],
+        eos_id=ids["eos"], pad_id=ids["padding"], add_dummy_prefix=bool(meta.get("ggml.add_space_prefix", True)))

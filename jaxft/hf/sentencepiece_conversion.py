@@ -5,11 +5,14 @@ pre-tokenizer (prefix space on the first piece only unless `legacy: true`) and a
 spaces and on special tokens written in the text.
 
 A model that cannot be read is a ValueError naming the file; :mod:`jaxft.hf.tokenizer` reports it as a
-TokenizerError.
+TokenizerError. The protobuf wire format is read and written here by hand (just the fields a BPE ``ModelProto``
+needs), so that reading and writing tokenizer.model needs no protobuf package: :func:`bpe_model_proto` writes one
+from pieces, as :func:`jaxft.gguf.convert.gguf_to_hf` does for a GGUF file's sentencepiece vocabulary.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,40 @@ def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
         yield field, wire_type, value
 
 
-_SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4
+_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4
+_SPM_BPE = 2  # TrainerSpec.model_type
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # a negative int32 (pad_id -1) is written as protobuf does: 64-bit two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, value: bytes | float | int) -> bytes:
+    """One protobuf field: bytes length-delimited, floats as 32-bit floats, ints, enums and bools as varints."""
+    if isinstance(value, bytes):
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def bpe_model_proto(pieces: Sequence[tuple[str, float, int]], *, unk_id: int, bos_id: int, eos_id: int,
+                    pad_id: int = -1, add_dummy_prefix: bool = True) -> bytes:
+    """A serialized sentencepiece ``ModelProto`` of a byte-fallback BPE: ``pieces`` as (piece, score, type) with
+    sentencepiece's type numbers, the text taken as given (identity normalizer, whitespace kept), spaces as "▁"
+    and, with ``add_dummy_prefix``, one in front of the text."""
+    out = b"".join(_field(1, _field(1, piece.encode("utf-8")) + _field(2, float(score)) + _field(3, kind))
+                   for piece, score, kind in pieces)
+    trainer = b"".join(_field(number, value) for number, value in (
+        (3, _SPM_BPE), (4, len(pieces)), (35, True), (40, unk_id), (41, bos_id), (42, eos_id), (43, pad_id)))
+    normalizer = _field(1, b"identity") + _field(3, add_dummy_prefix) + _field(4, False) + _field(5, True)
+    return out + _field(2, trainer) + _field(3, normalizer)
 
 
 def piece_types(serialized_model: bytes) -> list[int]:
