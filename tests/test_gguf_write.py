@@ -302,6 +302,14 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     unscaled = 1.0 / (10000.0 ** (np.arange(0, 16, 2) / 16))
     assert tensors["rope_freqs.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     np.testing.assert_allclose(unscaled / np.asarray(tensors["rope_freqs.weight"].data), inv_freq.numpy(), rtol=1e-6)
+    # Read back (original context 16, not Llama 3.1's 8192): the same rope, and transformers' logits of the folder.
+    read_cfg, read_params = jaxft.from_pretrained(tmp_path / "r.gguf")
+    assert read_cfg.rope == cfg.rope
+    ids = _ids(cfg.vocab_size, seed=3)
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(
+            torch.as_tensor(ids)).logits.numpy()
+    assert _relative(np.asarray(jaxft.forward(read_cfg, read_params, ids)), want) < 1e-3
 
 
 def test_refusals_name_what_gguf_cannot_hold(models_dir, tmp_path):

@@ -11,7 +11,8 @@ its q/k rows are put back in HF's order (:func:`jaxft.gguf.layout.from_gguf_rows
 Mistral is written as the ``llama`` architecture and loads as a Llama model: the same graph (llama.cpp keeps no
 sliding window for it). Llama 3.1's rope scaling is not metadata but a ``rope_freqs`` tensor of per-frequency
 divisors; it is read as transformers' ``llama3`` rope type with Llama 3.1-3.3's constants and the largest divisor as
-its factor, and the file's divisors must be the ones that rope gives (else a GgufError). A tensor type outside
+its factor (and the original context length ``{arch}.rope.scaling.original_context_length`` where the file has
+it, 8192 otherwise), and the file's divisors must be the ones that rope gives (else a GgufError). A tensor type outside
 :data:`SUPPORTED_TYPES` is refused.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ READ_ARCHITECTURES = sorted(set(ARCHITECTURE.values()))  # GGUF architectures ja
 MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
 # llama.cpp's rope scaling types (``{arch}.rope.scaling.type``) by transformers' names.
 ROPE_SCALING = {"linear": "linear", "yarn": "yarn"}
-# The llama3 rope constants of every Llama 3.1-3.3 checkpoint (their config.json's rope_scaling but for factor).
+# The llama3 rope constants of every Llama 3.1-3.3 checkpoint (their config.json's rope_scaling but for factor);
+# a file that has {arch}.rope.scaling.original_context_length (jaxft's exports) gives that one instead of 8192.
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -128,7 +130,10 @@ class GgufCheckpoint:
 
     def _rope_scaling(self) -> dict | None:
         if ROPE_FREQS in self.tensors:
-            return {"rope_type": "llama3", "factor": float(self._dequantized(ROPE_FREQS).max()), **LLAMA3_ROPE}
+            original = self._arch_key("rope.scaling.original_context_length",
+                                      LLAMA3_ROPE["original_max_position_embeddings"])
+            return {"rope_type": "llama3", "factor": float(self._dequantized(ROPE_FREQS).max()), **LLAMA3_ROPE,
+                    "original_max_position_embeddings": int(original)}
         kind = self._arch_key("rope.scaling.type", "none")
         if kind == "none":
             return None
@@ -155,7 +160,9 @@ class GgufCheckpoint:
         found = self._dequantized(ROPE_FREQS)
         if found.shape != expected.shape or not np.allclose(found, expected, rtol=1e-5, atol=0):
             raise GgufError(f"{self.path}: tensor {ROPE_FREQS!r} holds rope divisors that are not Llama 3's rope "
-                            f"scaling (factor {cfg.rope.factor:g}, {LLAMA3_ROPE}); jaxft reads no other kind")
+                            f"scaling (factor {cfg.rope.factor:g}, original context {cfg.rope.original_max_position_embeddings}, "
+                            f"low/high frequency factors {cfg.rope.low_freq_factor:g}/{cfg.rope.high_freq_factor:g})"
+                            "; jaxft reads no other kind")
 
     def _gguf_names(self, cfg) -> dict[str, str]:
         """HF name -> GGUF name of every tensor in the file; a tensor llama.cpp's tables do not name for a model

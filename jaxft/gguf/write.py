@@ -6,7 +6,7 @@
 * **Metadata**: ``general.*``, the ``{arch}.*`` hyperparameters (context and embedding length, blocks, heads,
   RMSNorm epsilon, RoPE base and dimensions, vocabulary size), ``general.file_type``; linear RoPE scaling as
   ``rope.scaling.*``; Llama 3's frequency scaling as the ``rope_freqs.weight`` tensor of per-frequency divisors
-  (what llama.cpp's graph reads for it).
+  (what llama.cpp's graph reads for it), with ``rope.scaling.original_context_length`` for readers (jaxft's).
 * **Tensors**: HF names mapped by :mod:`jaxft.gguf.layout`, llama-architecture q/k rows interleaved per head.
   1-D tensors (norms, biases, ``rope_freqs``) are F32; 2-D weights take the file type's own type, and fall back to
   F16 where a row does not divide into the type's blocks (as the converter does on ``QuantError``). The converter
@@ -124,6 +124,9 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_ty
     if cfg.rope.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope.factor)
+    if cfg.rope.rope_type == "llama3" and cfg.rope.original_max_position_embeddings:
+        # llama.cpp runs llama3 rope from rope_freqs alone; the reader needs the constant its divisors were made of
+        writer.add_rope_scaling_orig_ctx_len(cfg.rope.original_max_position_embeddings)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
