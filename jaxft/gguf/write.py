@@ -31,7 +31,6 @@ renamed into place (:func:`jaxft.files.atomic_file`).
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -42,8 +41,8 @@ import sentencepiece
 
 from jaxft.config import ModelConfig
 from jaxft.files import atomic_file
-from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZERS, GGUF_TYPES, GgufError, gguf_tensor_name,
-                               needs_qk_permutation, tensor_name_map, to_gguf_rows)
+from jaxft.gguf.layout import (ARCHITECTURE, GGUF_TYPES, PRE_TOKENIZERS, ROPE_FREQS, GgufError, gguf_tensor_name,
+                               needs_qk_permutation, rope_divisors, tensor_name_map, to_gguf_rows)
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
@@ -130,26 +129,6 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_ty
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
-    """Llama 3's RoPE scaling as llama.cpp stores it: per frequency, the divisor of the unscaled inverse frequency
-    (1 for short wavelengths, ``factor`` for long ones, a smooth blend between)."""
-    rope, dim = cfg.rope, cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    old_context = rope.original_max_position_embeddings or 8192  # the converter's default
-    low_wavelen, high_wavelen = old_context / rope.low_freq_factor, old_context / rope.high_freq_factor
-    factors = []
-    for freq in inv_freq:
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            factors.append(1.0)
-        elif wavelen > low_wavelen:
-            factors.append(rope.factor)
-        else:
-            smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-            factors.append(1 / ((1 - smooth) / rope.factor + smooth))
-    return np.asarray(factors, dtype=np.float32)
-
-
 def tensor_type(gguf_name: str, shape: tuple[int, ...], gguf_type: str, has_output: bool) -> Q:
     """The type llama.cpp gives this tensor in a file of ``gguf_type`` (before the block-size fallback)."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
@@ -164,7 +143,7 @@ def gguf_tensors(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type:
     """``(gguf name, data, type)`` of every tensor, data quantized (bytes) or in its float type."""
     arch = ARCHITECTURE[cfg.model_type]
     names = tensor_name_map(arch, cfg.num_hidden_layers)
-    extra = {"rope_freqs.weight": llama3_rope_freqs(cfg)} if cfg.rope.rope_type == "llama3" else {}
+    extra = {ROPE_FREQS: rope_divisors(cfg).astype(np.float32)} if cfg.rope.rope_type == "llama3" else {}
     renamed = dict(extra)
     for hf_name, tensor in hf_tensors.items():
         data = np.asarray(tensor, dtype=np.float32)

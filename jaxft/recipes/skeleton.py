@@ -49,7 +49,9 @@ from jaxft.train.optim import make_optimizer
 def check_model_folder(cfg: RunConfig):
     """Fails before anything is written, so a run fixed after this error needs no --overwrite: the model folder
     exists, and a folder of a task-head class is trained with a task of that head."""
-    if cfg.model_dir is not None and str(cfg.model).lower().endswith(".gguf"):
+    from jaxft.gguf.read import is_gguf
+
+    if cfg.model_dir is not None and is_gguf(cfg.model):
         raise ConfigError(f"model {cfg.model!r} is a GGUF file; a run's base is a Hugging Face model folder (it is "
                           f"fingerprinted and exported by its files): convert it first, `jaxft convert {cfg.model} "
                           "--out DIR`, and point `model` at DIR")
