@@ -26,7 +26,9 @@ What GGUF readers cannot express is refused by name before anything is written: 
 Qwen2's q/k/v ones, RoPE scalings other than linear and llama3, tokenizers other than byte-level BPE and
 sentencepiece, adapters left unmerged. A sliding window (Mistral v0.1's) is dropped, as llama.cpp's converter drops
 it: the file attends fully, which is the same within the window. The file is written beside its destination and
-renamed into place (:func:`jaxft.files.atomic_file`).
+renamed into place (:func:`jaxft.files.atomic_file`). It is streamed: the header (metadata and every tensor's
+name, shape and type, decided from shapes) first, then each tensor converted, quantized and written in turn, so
+beyond the model itself only one tensor's float32 copy and quantized bytes are held.
 """
 from __future__ import annotations
 
@@ -70,13 +72,18 @@ def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_t
     writer = gguf.GGUFWriter(path=None, arch=arch)
     _write_hparams(writer, cfg, path.stem, GGUF_TYPES[gguf_type][0])
     write_vocab(writer, cfg, tokenizer, sentencepiece_model)
-    for name, data, qtype in gguf_tensors(cfg, to_hf_tensors(cfg, params), gguf_type):
-        writer.add_tensor(name, data, raw_dtype=qtype)
+    hf_tensors = to_hf_tensors(cfg, params)  # views of params where their dtype is float32: no copy
+    plan = tensor_plan(cfg, hf_tensors, gguf_type)
+    for name, _, shape, qtype in plan:
+        _add_tensor_info(writer, name, shape, qtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for name, hf_name, _, qtype in plan:  # one tensor converted and held at a time
+            source = rope_divisors(cfg) if hf_name is None else hf_tensors[hf_name]
+            writer.write_tensor_data(_stored(cfg, hf_name, source, qtype))
         writer.close()
     return path
 
@@ -139,27 +146,42 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], gguf_type: str, has_outp
     return GGUF_TYPES[gguf_type][1]
 
 
-def gguf_tensors(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type: str):
-    """``(gguf name, data, type)`` of every tensor, data quantized (bytes) or in its float type."""
-    arch = ARCHITECTURE[cfg.model_type]
-    names = tensor_name_map(arch, cfg.num_hidden_layers)
-    extra = {ROPE_FREQS: rope_divisors(cfg).astype(np.float32)} if cfg.rope.rope_type == "llama3" else {}
-    renamed = dict(extra)
-    for hf_name, tensor in hf_tensors.items():
-        data = np.asarray(tensor, dtype=np.float32)
-        if needs_qk_permutation(arch, hf_name):
-            heads = cfg.num_attention_heads if ".q_proj." in hf_name else cfg.num_key_value_heads
-            data = to_gguf_rows(data, heads)
-        renamed[gguf_tensor_name(names, hf_name)] = data
-    has_output = "output.weight" in renamed
-    for name, data in renamed.items():
-        qtype = tensor_type(name, data.shape, gguf_type, has_output)
-        try:
-            quantized = gguf.quants.quantize(data, qtype)
-        except gguf.QuantError:  # a row that does not divide into the type's blocks: the converter's fallback
+def tensor_plan(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type: str) -> list[tuple]:
+    """``(gguf name, HF name, shape, type)`` of every tensor in file order (HF name None: ``rope_freqs``): the
+    type llama.cpp gives it (:func:`tensor_type`), F16 where its rows do not divide into the type's blocks (the
+    converter's fallback on ``QuantError``). Decided from shapes alone, so the header is written before any
+    tensor is converted."""
+    names = tensor_name_map(ARCHITECTURE[cfg.model_type], cfg.num_hidden_layers)
+    entries = [(ROPE_FREQS, None, (cfg.head_dim // 2,))] if cfg.rope.rope_type == "llama3" else []
+    entries += [(gguf_tensor_name(names, hf_name), hf_name, tuple(tensor.shape))
+                for hf_name, tensor in hf_tensors.items()]
+    has_output = any(name == "output.weight" for name, _, _ in entries)
+    plan = []
+    for name, hf_name, shape in entries:
+        qtype = tensor_type(name, shape, gguf_type, has_output)
+        if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = Q.F16
-            quantized = gguf.quants.quantize(data, qtype)
-        yield name, quantized, qtype
+        plan.append((name, hf_name, shape, qtype))
+    return plan
+
+
+def _add_tensor_info(writer: gguf.GGUFWriter, name: str, shape: tuple[int, ...], qtype: Q):
+    """Announce a tensor as ``gguf.quants.quantize`` will give it: float arrays for F32/F16, bytes otherwise."""
+    if qtype in (Q.F32, Q.F16):
+        dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=qtype)
+    else:
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+
+
+def _stored(cfg: ModelConfig, hf_name: str | None, tensor, qtype: Q) -> np.ndarray:
+    """One tensor as the file stores it: float32, q/k rows interleaved for llama, quantized to ``qtype``."""
+    data = np.asarray(tensor, dtype=np.float32)
+    if hf_name is not None and needs_qk_permutation(ARCHITECTURE[cfg.model_type], hf_name):
+        heads = cfg.num_attention_heads if ".q_proj." in hf_name else cfg.num_key_value_heads
+        data = to_gguf_rows(data, heads)
+    return gguf.quants.quantize(data, qtype)
 
 
 # ----- tokenizer ----------------------------------------------------------------------------------------------
