@@ -437,3 +437,15 @@ def test_convert_then_export_gives_back_the_sentencepiece_vocabulary(models_dir,
     first_tok, second_tok = jaxft.load_tokenizer(first), jaxft.load_tokenizer(second)
     for text in TEXTS + _corpus(20):
         assert second_tok.encode(text) == first_tok.encode(text), text
+
+
+def test_a_tokenizer_model_of_another_vocabulary_is_refused(models_dir, tmp_path):
+    """A tokenizer.model whose pieces do not have their ids in the exported tokenizer (here Llama 3's byte-level
+    tokenizer.json beside Mistral's tokenizer.model) is an error naming the file, and nothing is written."""
+    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "mixed")
+    shutil.copy(models_dir["llama"][0] / "tokenizer.json", folder / "tokenizer.json")
+    cfg, params = jaxft.from_pretrained(models_dir["llama"][0])
+    with pytest.raises(GgufError, match=r"tokenizer\.model: piece 0 .* not the same vocabulary"):
+        save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "m.gguf",
+                  sentencepiece_model=folder / "tokenizer.model")
+    assert not (tmp_path / "m.gguf").exists()
