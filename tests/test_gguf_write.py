@@ -392,7 +392,8 @@ def test_ignore_merges_is_named_by_the_pre_tokenizer_or_refused(models_dir, tmp_
 
 
 def _tokenizer_fields(path: Path) -> dict:
-    return {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items() if key.startswith("tokenizer.")}
+    fields = gguf.GGUFReader(path).fields
+    return {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
 
 
 def test_a_sentencepiece_folder_with_tokenizer_json_exports_its_tokenizer_model(models_dir, tmp_path):

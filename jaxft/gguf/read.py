@@ -160,7 +160,8 @@ class GgufCheckpoint:
         found = self._dequantized(ROPE_FREQS)
         if found.shape != expected.shape or not np.allclose(found, expected, rtol=1e-5, atol=0):
             raise GgufError(f"{self.path}: tensor {ROPE_FREQS!r} holds rope divisors that are not Llama 3's rope "
-                            f"scaling (factor {cfg.rope.factor:g}, original context {cfg.rope.original_max_position_embeddings}, "
+                            f"scaling (factor {cfg.rope.factor:g}, original context "
+                            f"{cfg.rope.original_max_position_embeddings}, "
                             f"low/high frequency factors {cfg.rope.low_freq_factor:g}/{cfg.rope.high_freq_factor:g})"
                             "; jaxft reads no other kind")
 

@@ -3,7 +3,8 @@
 llama.cpp stores no tokenizer.json: ``tokenizer.ggml.model`` says which kind, and the vocabulary, merges, scores,
 token types and special-token ids are metadata arrays. Two kinds are read, built the way transformers' GGUF
 loader builds them, so ``load_tokenizer("model.gguf")`` gives ``AutoTokenizer.from_pretrained(dir,
-gguf_file=...)``'s ids:
+gguf_file=...)``'s ids, except where that loader departs from llama.cpp (``ignore_merges``, the BOS default; jaxft
+follows llama.cpp there):
 
 * ``gpt2``: byte-level BPE with the file's merges, its text split by the regex ``tokenizer.ggml.pre`` names
   (:data:`jaxft.gguf.layout.PRE_TOKENIZERS`; an unknown name is an error, as in llama.cpp, since another
@@ -16,7 +17,8 @@ gguf_file=...)``'s ids:
 Tokens typed CONTROL (or UNKNOWN) become special added tokens, USER_DEFINED ones plain added tokens (all are
 matched whole in the text, as llama.cpp does); bos/eos/unk/pad come from their ids; BOS/EOS are added per
 ``tokenizer.ggml.add_bos_token``/``add_eos_token``; without the first, BOS is added where llama.cpp adds it
-by default (a sentencepiece vocabulary, and the pre-tokenizers :data:`jaxft.gguf.layout.PRE_TOKENIZERS` marks). ``tokenizer.chat_template`` is the default chat template.
+by default (a sentencepiece vocabulary, and the pre-tokenizers :data:`jaxft.gguf.layout.PRE_TOKENIZERS` marks).
+``tokenizer.chat_template`` is the default chat template.
 """
 from __future__ import annotations
 
