@@ -17,7 +17,9 @@ most of a small CPU run's programs, which made the demo's second run ~25% slower
 
 jax keys each entry on the program, its shardings, the devices, the jax and backend versions and the compile
 options, so a changed config or machine compiles afresh rather than reading a stale entry. In a multi-host run jax
-writes entries from process 0 only; the other hosts read them when the folder is shared (a network path).
+writes entries from process 0 only; the other hosts read them when the folder is shared (a network path, or a URL
+such as ``gs://bucket/xla``). A URL stays a string, handed to jax unchanged, which opens it itself (``etils[epath]``)
+and creates nothing locally: ``Path`` would fold its ``//`` into a local folder ``gs:/bucket/xla``.
 """
 from __future__ import annotations
 
@@ -34,21 +36,29 @@ DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MIN_COMPILE_SECS = 0.0
 
 
+def location(text: str, expand: bool = True) -> Path | str:
+    """A cache location as jax will read it: a URL (``gs://bucket/xla``; jax's own test for a non-local path is
+    ``://`` in it) unchanged, else a local folder (``~`` expanded where ``expand``)."""
+    if "://" in text:
+        return text
+    return Path(text).expanduser() if expand else Path(text)
+
+
 def cache_dir(flag: str | None = None, disabled: bool = False, environ=None,
-              jax_dir: str | None = None) -> Path | None:
-    """The folder compiled programs are kept in, or None when the cache is off (module docstring: which setting
-    wins); ``jax_dir`` is jax's own ``jax_compilation_cache_dir`` when the user set one."""
+              jax_dir: str | None = None) -> Path | str | None:
+    """The folder (or URL) compiled programs are kept in, or None when the cache is off (module docstring: which
+    setting wins); ``jax_dir`` is jax's own ``jax_compilation_cache_dir`` when the user set one."""
     environ = os.environ if environ is None else environ
     if flag is not None:
-        return Path(flag).expanduser()
+        return location(flag)
     if disabled:
         return None
     setting = environ.get(ENV, "").strip()
     if setting.lower() in OFF:
         return None
     if setting:
-        return Path(setting).expanduser()
-    return Path(jax_dir) if jax_dir else cache_root(environ) / "xla"
+        return location(setting)
+    return location(jax_dir, expand=False) if jax_dir else cache_root(environ) / "xla"
 
 
 def max_bytes(environ=None) -> int:
@@ -64,9 +74,9 @@ def max_bytes(environ=None) -> int:
     return value
 
 
-def configure(flag: str | None = None, disabled: bool = False, environ=None) -> Path | None:
+def configure(flag: str | None = None, disabled: bool = False, environ=None) -> Path | str | None:
     """Sets jax's persistent compilation cache as the flags and environment say, before the first compilation;
-    returns its folder (None: off)."""
+    returns its folder or URL (None: off)."""
     import jax
 
     environ = os.environ if environ is None else environ
@@ -75,18 +85,20 @@ def configure(flag: str | None = None, disabled: bool = False, environ=None) -> 
     if folder is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    if jax_dir and folder == Path(jax_dir):  # the user's own jax cache: theirs to configure
+    if jax_dir and folder == location(jax_dir, expand=False):  # the user's own jax cache: theirs to configure
         return folder
     return enable(folder, environ)
 
 
-def enable(folder: Path, environ=None) -> Path:
-    """Points jax's persistent compilation cache at ``folder`` (created if missing) with jaxft's size bound and
-    compile-time threshold, except where the user set jax's own variable for one (module docstring)."""
+def enable(folder: Path | str, environ=None) -> Path | str:
+    """Points jax's persistent compilation cache at ``folder`` (a local folder, created if missing, or a URL that jax
+    opens itself) with jaxft's size bound and compile-time threshold, except where the user set jax's own variable
+    for one (module docstring)."""
     import jax
 
     environ = os.environ if environ is None else environ
-    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(folder, Path):
+        folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     for name, value in (("jax_compilation_cache_max_size", max_bytes(environ)),
                         ("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxft.cli import build_parser, main
-from jaxft.compile_cache import DEFAULT_MAX_BYTES, MAX_BYTES_ENV, cache_dir, max_bytes
+from jaxft.compile_cache import DEFAULT_MAX_BYTES, MAX_BYTES_ENV, MIN_COMPILE_SECS, cache_dir, configure, max_bytes
 from jaxft.errors import JaxftError
 
 # Runs `jaxft ARGS...` in this process, counting jax's own compilation-cache events, and writes the counts as JSON.
@@ -46,6 +46,32 @@ with open(sys.argv[1], "w") as f:
 def test_the_cache_folder_follows_flag_then_environment_then_jax_then_the_default(flag, disabled, environ, jax_dir,
                                                                                    want):
     assert cache_dir(flag, disabled, environ, jax_dir) == (None if want is None else Path(want))
+
+
+@pytest.fixture
+def jax_cache_settings():
+    """jax's own cache settings (the real ``jax.config``), restored after the test, which compiles nothing while
+    they point elsewhere."""
+    import jax
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size",
+             "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield jax.config
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+@pytest.mark.parametrize("flag, environ", [("gs://bucket/runs/xla", {}), (None, {"JAXFT_COMPILE_CACHE": "gs://b/xla"}),
+                                           ("s3://bucket/xla", {"JAXFT_COMPILE_CACHE": "/env/xla"})])
+def test_a_url_is_handed_to_jax_unchanged_and_nothing_is_created_locally(flag, environ, jax_cache_settings, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path("gs://b/x") is the relative folder gs:/b/x: it would appear here
+    url = flag or environ["JAXFT_COMPILE_CACHE"]
+    assert cache_dir(flag, False, environ) == url
+    assert configure(flag, environ={**environ, "JAXFT_CACHE": str(tmp_path / "jaxft")}) == url
+    assert jax_cache_settings.jax_compilation_cache_dir == url
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("text, want", [(None, 2 * 1024 ** 3), ("1048576", 1048576), (" 4096 ", 4096), ("-1", -1)])
