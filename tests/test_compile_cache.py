@@ -74,6 +74,56 @@ def test_a_url_is_handed_to_jax_unchanged_and_nothing_is_created_locally(flag, e
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag, environ, theirs, want", [
+    ("flag", {"JAXFT_COMPILE_CACHE": "env"}, "theirs", "flag"),  # the flag wins over everything
+    (None, {"JAXFT_COMPILE_CACHE": "env"}, "theirs", "env"),  # then jaxft's variable, over the user's jax folder
+    (None, {}, None, "home/xla"),  # else jaxft's cache folder
+])
+def test_configure_points_jax_at_the_winning_folder_with_jaxfts_bound_and_threshold(flag, environ, theirs, want,
+                                                                                    jax_cache_settings, tmp_path):
+    jax_cache_settings.update("jax_compilation_cache_dir", theirs and str(tmp_path / theirs))
+    jax_cache_settings.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # jax's default
+    environ = {**{k: str(tmp_path / v) for k, v in environ.items()}, "JAXFT_CACHE": str(tmp_path / "home")}
+    folder = configure(flag and str(tmp_path / flag), environ=environ)
+    assert folder == tmp_path / want and folder.is_dir()
+    assert jax_cache_settings.jax_compilation_cache_dir == str(tmp_path / want)
+    assert jax_cache_settings.jax_compilation_cache_max_size == DEFAULT_MAX_BYTES
+    assert jax_cache_settings.jax_persistent_cache_min_compile_time_secs == MIN_COMPILE_SECS == 0
+    assert [p.name for p in tmp_path.iterdir()] == [Path(want).parts[0]]  # no other folder created
+
+
+def test_configure_leaves_the_users_own_jax_folder_as_they_configured_it(jax_cache_settings, tmp_path):
+    theirs = str(tmp_path / "theirs")  # JAX_COMPILATION_CACHE_DIR, which jax reads into its config at import
+    for name, value in (("jax_compilation_cache_dir", theirs), ("jax_compilation_cache_max_size", 123),
+                        ("jax_persistent_cache_min_compile_time_secs", 5.0)):
+        jax_cache_settings.update(name, value)
+    assert configure(environ={"JAXFT_CACHE": str(tmp_path / "home")}) == Path(theirs)
+    assert jax_cache_settings.jax_compilation_cache_dir == theirs
+    assert jax_cache_settings.jax_compilation_cache_max_size == 123
+    assert jax_cache_settings.jax_persistent_cache_min_compile_time_secs == 5.0
+    assert list(tmp_path.iterdir()) == []  # neither their folder (jax makes it) nor jaxft's
+
+
+def test_the_users_jax_variables_win_over_jaxfts_bound_and_threshold(jax_cache_settings, tmp_path):
+    jax_cache_settings.update("jax_compilation_cache_max_size", 123)  # as jax read them from the environment
+    jax_cache_settings.update("jax_persistent_cache_min_compile_time_secs", 5.0)
+    environ = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5", "JAX_COMPILATION_CACHE_MAX_SIZE": "123"}
+    assert configure(str(tmp_path / "xla"), environ=environ) == tmp_path / "xla"
+    assert jax_cache_settings.jax_compilation_cache_dir == str(tmp_path / "xla")
+    assert jax_cache_settings.jax_compilation_cache_max_size == 123
+    assert jax_cache_settings.jax_persistent_cache_min_compile_time_secs == 5.0
+
+
+@pytest.mark.parametrize("disabled, environ", [(True, {"JAXFT_COMPILE_CACHE": "/env/xla"}),
+                                               (False, {"JAXFT_COMPILE_CACHE": "off"})])
+def test_turning_the_cache_off_turns_off_jaxs_own_folder_too(disabled, environ, jax_cache_settings, tmp_path):
+    jax_cache_settings.update("jax_compilation_cache_dir", str(tmp_path / "theirs"))
+    jax_cache_settings.update("jax_enable_compilation_cache", True)
+    assert configure(disabled=disabled, environ=environ) is None
+    assert jax_cache_settings.jax_enable_compilation_cache is False
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("text, want", [(None, 2 * 1024 ** 3), ("1048576", 1048576), (" 4096 ", 4096), ("-1", -1)])
 def test_the_size_bound_is_2_gib_unless_the_environment_sets_bytes_or_no_bound(text, want):
     assert max_bytes({} if text is None else {MAX_BYTES_ENV: text}) == want == (DEFAULT_MAX_BYTES if text is None
@@ -101,6 +151,8 @@ def test_convert_leaves_the_cache_folder_alone(tmp_path, monkeypatch, capsys):
     assert "missing.gguf" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
+JAXFTS_THRESHOLD = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": None}  # unset: jaxft's MIN_COMPILE_SECS applies
+
 
 def _train(root: Path, name: str, *args: str, env: dict | None = None) -> dict:
     """``jaxft train run.yaml --overwrite ARGS`` in a fresh Python process (``env`` added to the environment, a None
@@ -125,8 +177,8 @@ def _entries(folder: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_a_second_identical_run_compiles_nothing_and_trains_the_same(tiny_run, tmp_path):
     cache = tmp_path / "xla"
-    every = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model compiles faster than jaxft's bar
-    first = _train(tiny_run, "first", "--compile-cache", str(cache), env=every)  # the environment says off
+    # jaxft's own threshold (MIN_COMPILE_SECS, 0; jax's variable unset) keeps every program the tiny model compiles
+    first = _train(tiny_run, "first", "--compile-cache", str(cache), env=JAXFTS_THRESHOLD)  # the environment says off
     first_losses, entries = _losses(tiny_run / "run"), _entries(cache)
     assert first["code"] == 0
     assert first["events"].get("/jax/compilation_cache/cache_misses", 0) == len(entries) > 0
@@ -156,12 +208,12 @@ def test_a_second_identical_run_compiles_nothing_and_trains_the_same(tiny_run, t
 @pytest.mark.slow
 def test_a_bounded_cache_folder_stays_within_its_bound_by_evicting_entries(tiny_run, tmp_path):
     unbounded, bounded = tmp_path / "all", tmp_path / "bounded"
-    every = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", MAX_BYTES_ENV: "-1"}
-    assert _train(tiny_run, "all", "--compile-cache", str(unbounded), env=every)["code"] == 0
+    unbound = {**JAXFTS_THRESHOLD, MAX_BYTES_ENV: "-1"}  # jaxft's own threshold (0) writes every program
+    assert _train(tiny_run, "all", "--compile-cache", str(unbounded), env=unbound)["code"] == 0
     sizes = _entries(unbounded)
     bound = sum(sizes.values()) // 2
     assert bound >= max(sizes.values())  # every entry fits on its own: the bound evicts, it does not refuse
-    run = _train(tiny_run, "bounded", "--compile-cache", str(bounded), env={**every, MAX_BYTES_ENV: str(bound)})
+    run = _train(tiny_run, "bounded", "--compile-cache", str(bounded), env={**unbound, MAX_BYTES_ENV: str(bound)})
     assert run["code"] == 0
     written = run["events"]["/jax/compilation_cache/cache_misses"]  # each fits the bound, so each was written
     assert written >= len(sizes)
