@@ -24,6 +24,7 @@ and creates nothing locally: ``Path`` would fold its ``//`` into a local folder 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from jaxft.errors import JaxftError
@@ -67,11 +68,10 @@ def max_bytes(environ=None) -> int:
     text = environ.get(MAX_BYTES_ENV, "").strip()
     if not text:
         return DEFAULT_MAX_BYTES
-    value = int(text) if text.lstrip("-").isdigit() else 0
-    if value < 1 and value != -1:
+    if text != "-1" and not (re.fullmatch("[0-9]+", text) and int(text) > 0):  # not str.isdigit: "²" passes it
         raise JaxftError(f"{MAX_BYTES_ENV}={text!r}: expected the compilation cache's largest size in bytes, a "
                          f"positive whole number (e.g. {4 * 1024 ** 3} for 4 GiB), or -1 for no bound")
-    return value
+    return int(text)
 
 
 def configure(flag: str | None = None, disabled: bool = False, environ=None) -> Path | str | None:
