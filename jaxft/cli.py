@@ -142,11 +142,6 @@ def _load(model: str, adapter: str | None, quant: str | None):
     return cfg, params
 
 
-def _tokenizer_folder(model: str, adapter: str | None) -> str:
-    """An adapter saved with its tokenizer (a run's export is) wins: fine-tuning may have added tokens."""
-    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
-
-
 def _eval(args) -> int:
     """Evaluate a HF model folder, with a PEFT adapter if given, on data files over one pass, as its head says. A
     causal LM on SFT data (the formats train reads: chat messages, prompt/completion, text): mean cross-entropy of
@@ -159,13 +154,14 @@ def _eval(args) -> int:
     import jaxft
     from jaxft.config import ConfigError
     from jaxft.data import DataConfig
+    from jaxft.hf.tokenizer import tokenizer_folder
     from jaxft.recipes import preference_scores
     from jaxft.recipes.scoring import chat_exact_match, data_metrics, task_scores
 
     if args.scores:
         preference_scores.check_scores_file(args.scores, args.overwrite, args.data)
     cfg, params = _load(args.model, args.adapter, args.quant)
-    tokenizer = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
+    tokenizer = jaxft.load_tokenizer(tokenizer_folder(args.model, args.adapter))
     data = DataConfig(paths=tuple(args.data), template=args.template, max_length=args.max_length,
                       batch_size=args.batch_size, dedup=None, skip_bad_records=args.skip_bad_records)
     settings = {"beta": args.beta, "loss_type": args.loss_type and tuple(args.loss_type)}
@@ -208,6 +204,7 @@ def _generate(args) -> int:
     """Batch generation for --prompt/--file, or an interactive prompt when neither is given (Ctrl-D ends)."""
     import jaxft
     from jaxft.data.chat import resolve_template
+    from jaxft.hf.tokenizer import tokenizer_folder
     from jaxft.models.generate import stop_token_ids
     from jaxft.peft.prefix import prompt_inputs
 
@@ -218,7 +215,7 @@ def _generate(args) -> int:
         prompts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
     cfg, params = _load(args.model, args.adapter, args.quant)
     params, hooks = prompt_inputs(cfg, params)  # a prompt-style adapter's prefix
-    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))
+    tok = jaxft.load_tokenizer(tokenizer_folder(args.model, args.adapter))
     chat, template = args.chat or args.chat_template is not None, None
     if chat:
         with _template_flag("--chat-template"):
@@ -249,6 +246,7 @@ def _export(args) -> int:
     """
     import jaxft
     from jaxft.hf.peft_format import read_adapter_config
+    from jaxft.hf.tokenizer import tokenizer_folder
     from jaxft.recipes.skeleton import with_pad_token, write_export
 
     if args.gguf is not None:
@@ -260,7 +258,7 @@ def _export(args) -> int:
     if not args.overwrite:
         _refuse_existing(out)
     cfg, params = _load(args.model, args.adapter, None)
-    tok = jaxft.load_tokenizer(_tokenizer_folder(args.model, args.adapter))  # before anything is written
+    tok = jaxft.load_tokenizer(tokenizer_folder(args.model, args.adapter))  # before anything is written
     if args.merged:
         write_export(out, jaxft.merge(params), tok, model_cfg=with_pad_token(cfg, tok), overwrite=args.overwrite)
     else:
@@ -287,19 +285,13 @@ def _convert(args) -> int:
 
 def _export_gguf(args) -> int:
     """``jaxft export MODEL [--adapter DIR] --gguf FILE``: the merged model as one GGUF file."""
-    import jaxft
-    from jaxft.gguf.write import save_gguf, sentencepiece_model_of
+    from jaxft.gguf.write import save_merged_gguf
 
     out = Path(args.gguf)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--gguf {out}: already exists; pass --overwrite to replace it, or choose another file")
     cfg, params = _load(args.model, args.adapter, None)
-    folder = _tokenizer_folder(args.model, args.adapter)
-    tok = jaxft.load_tokenizer(folder)
-    # A run's adapter holds the tokenizer as tokenizer.json only: the base's tokenizer.model then gives the
-    # pieces' scores (write checks that its pieces have the tokenizer's ids).
-    save_gguf(cfg, jaxft.merge(params), tok, out, gguf_type=args.gguf_type, overwrite=args.overwrite,
-              sentencepiece_model=sentencepiece_model_of(folder, args.model))
+    save_merged_gguf(cfg, params, out, args.model, args.adapter, gguf_type=args.gguf_type, overwrite=args.overwrite)
     print(f"wrote {out} ({args.gguf_type})")
     return 0
 

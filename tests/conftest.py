@@ -34,6 +34,20 @@ def release_compiled_programs():
     gc.collect()
 
 
+JAX_CACHE_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size",
+                      "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture
+def jax_cache_settings():
+    """jax's own persistent-cache settings (the real ``jax.config``), restored after the test: a test that points
+    them elsewhere, or checks that nothing does, leaves the next test jax's settings as they were."""
+    saved = {name: getattr(jax.config, name) for name in JAX_CACHE_SETTINGS}
+    yield jax.config
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
 pytest_plugins = ["no_skips"]  # a skipped test fails the run: CI runs the whole suite
 
 from sft_worker import tiny_chat_model  # noqa: E402

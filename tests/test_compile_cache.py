@@ -49,20 +49,6 @@ def test_the_cache_folder_follows_flag_then_environment_then_jax_then_the_defaul
     assert cache_dir(flag, disabled, environ, jax_dir) == (None if want is None else Path(want))
 
 
-@pytest.fixture
-def jax_cache_settings():
-    """jax's own cache settings (the real ``jax.config``), restored after the test, which compiles nothing while
-    they point elsewhere."""
-    import jax
-
-    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size",
-             "jax_persistent_cache_min_compile_time_secs")
-    saved = {name: getattr(jax.config, name) for name in names}
-    yield jax.config
-    for name, value in saved.items():
-        jax.config.update(name, value)
-
-
 @pytest.mark.parametrize("flag, environ", [("gs://bucket/runs/xla", {}), (None, {"JAXFT_COMPILE_CACHE": "gs://b/xla"}),
                                            ("s3://bucket/xla", {"JAXFT_COMPILE_CACHE": "/env/xla"})])
 def test_a_url_is_handed_to_jax_unchanged_and_nothing_is_created_locally(flag, environ, jax_cache_settings, tmp_path,

@@ -17,6 +17,7 @@ import transformers
 from jaxft.recipes import demo
 
 import gguf_files
+from conftest import JAX_CACHE_SETTINGS
 from gguf_files import Q
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +92,13 @@ def test_greedy_replies_are_transformers_greedy_replies(tiny_wheel, tmp_path):
 
 
 @pytest.mark.slow  # 7-20 s on 2 shared CPUs: a tiny QLoRA run, its export and four scorings
-def test_the_script_end_to_end_on_the_tiny_wheel(tiny_wheel, tmp_path):
+def test_the_script_end_to_end_on_the_tiny_wheel(tiny_wheel, tmp_path, jax_cache_settings, monkeypatch):
     wheel, _ = tiny_wheel
+    # jax's cache settings as a user's program has them: the script (a program importing jaxft) keeps them, and
+    # creates no compilation cache folder (the CLI's, which it does not go through, would be JAXFT_CACHE/xla)
+    monkeypatch.delenv("JAXFT_COMPILE_CACHE")
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "jaxft-cache"))
+    before = {name: getattr(jax_cache_settings, name) for name in JAX_CACHE_SETTINGS}
     (tmp_path / "work" / "wheel").mkdir(parents=True)
     (tmp_path / "work" / "wheel" / wheel.name).write_bytes(wheel.read_bytes())
     out = tmp_path / "smollm2.json"
@@ -106,3 +112,5 @@ def test_the_script_end_to_end_on_the_tiny_wheel(tiny_wheel, tmp_path):
     exported = gguf.GGUFReader(tmp_path / "work" / "smollm2-fine-tuned.q8_0.gguf")
     assert exported.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     assert {"nf4_before", "nf4_after", "gguf_before", "gguf_after"} <= set(row["replies"][0])
+    assert {name: getattr(jax_cache_settings, name) for name in JAX_CACHE_SETTINGS} == before
+    assert not (tmp_path / "jaxft-cache").exists()

@@ -11,8 +11,9 @@
    and seeded. The instruct model answers in prose and gets none right;
 4. QLoRA (NF4 base, LoRA r 8 on every linear layer) with ``examples/smollm2/qlora-cpu.yaml``, then greedy exact
    match on the held-out problems again, with the adapter on the same NF4 base;
-5. ``jaxft export --gguf`` writes the merged model as one GGUF file (``--gguf-type``, default q8_0), and the
-   downloaded Q4_1 file (before) and the exported one (after) are scored as llama.cpp runs them (dequantized).
+5. the merged model is written as one GGUF file as ``jaxft export --gguf`` writes it (by its function,
+   ``jaxft.gguf.write.save_merged_gguf``; ``--gguf-type``, default q8_0), and the downloaded Q4_1 file (before)
+   and the exported one (after) are scored as llama.cpp runs them (dequantized).
 
 Prints a table (exact match before -> after, train time, real tokens/s, peak RSS) and writes it, with the CPU and
 the greedy replies to the first held-out prompts before and after, to ``bench/results/smollm2.json``.
@@ -28,10 +29,10 @@ import time
 import zipfile
 from pathlib import Path
 
-from jaxft.cli import main as jaxft_cli
 from jaxft.errors import JaxftError
 from jaxft.files import atomic_file, cache_root, write_text_atomic
 from jaxft.gguf.convert import gguf_to_hf
+from jaxft.gguf.write import save_merged_gguf
 from jaxft.hf.checkpoint import from_pretrained
 from jaxft.hf.peft_format import load_adapter
 from jaxft.hf.tokenizer import load_tokenizer
@@ -114,11 +115,11 @@ def fine_tune(hf: Path, chats: Path, run_dir: Path, sets: list[str]) -> tuple[di
 
 
 def export_gguf(hf: Path, adapter: str, path: Path, gguf_type: str = "q8_0") -> Path:
-    """The fine-tuned model merged and written as one GGUF file, by ``jaxft export --gguf``."""
-    args = ["export", str(hf), "--adapter", adapter, "--gguf", str(path), "--gguf-type", gguf_type, "--overwrite"]
-    if jaxft_cli(args) != 0:
-        raise ExampleError(f"jaxft {' '.join(args)} failed (its error is printed above)")
-    return path
+    """The fine-tuned model merged and written as one GGUF file, as ``jaxft export --gguf`` writes it (the library
+    function it calls: going through the CLI would configure its compilation cache in the middle of this program)."""
+    cfg, params = from_pretrained(hf)
+    return save_merged_gguf(cfg, load_adapter(adapter, params, cfg), path, hf, adapter, gguf_type=gguf_type,
+                            overwrite=True)
 
 
 def table(row: dict) -> str:

@@ -1,7 +1,9 @@
 """A merged Llama-family model, with its tokenizer and chat template, as one GGUF file for llama.cpp and Ollama.
 
 :func:`save_gguf` writes what llama.cpp's ``convert_hf_to_gguf.py`` writes for the same HF folder (its
-``LlamaModel`` for Llama and Mistral, ``Qwen2Model`` for Qwen2), without going through a folder:
+``LlamaModel`` for Llama and Mistral, ``Qwen2Model`` for Qwen2), without going through a folder;
+:func:`save_merged_gguf` is ``jaxft export --gguf`` itself (merge, the adapter's or the model's tokenizer), which
+the CLI and programs share, so a program need not go through the CLI (and its compilation cache settings):
 
 * **Metadata**: ``general.*``, the ``{arch}.*`` hyperparameters (context and embedding length, blocks, heads,
   RMSNorm epsilon, RoPE base and dimensions, vocabulary size), ``general.file_type``; linear RoPE scaling as
@@ -47,7 +49,9 @@ from jaxft.gguf.layout import (ARCHITECTURE, GGUF_TYPES, PRE_TOKENIZERS, ROPE_FR
                                needs_qk_permutation, rope_divisors, tensor_name_map, to_gguf_rows)
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.checkpoint import to_hf_tensors
-from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
+from jaxft.hf.tokenizer import (SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, load_tokenizer,
+                                tokenizer_folder)
+from jaxft.peft.methods import merge
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -86,6 +90,18 @@ def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_t
             writer.write_tensor_data(_stored(cfg, hf_name, source, qtype))
         writer.close()
     return path
+
+
+def save_merged_gguf(cfg: ModelConfig, params: dict, path, model, adapter=None, gguf_type: str = "f16",
+                     overwrite: bool = False) -> Path:
+    """``jaxft export MODEL [--adapter DIR] --gguf FILE`` as a function: ``params`` (the model folder ``model``'s,
+    with the adapter folder ``adapter``'s loaded onto them, if any) merged and written by :func:`save_gguf`, with
+    the adapter's tokenizer when it was saved with one, else the model's (:func:`tokenizer_folder`). A run's
+    adapter holds the tokenizer as tokenizer.json only: the model's tokenizer.model then gives the pieces' scores
+    (:func:`write_vocab` checks that its pieces have the tokenizer's ids)."""
+    folder = tokenizer_folder(model, adapter)
+    return save_gguf(cfg, merge(params), load_tokenizer(folder), path, gguf_type=gguf_type, overwrite=overwrite,
+                     sentencepiece_model=sentencepiece_model_of(folder, model))
 
 
 def check_expressible(cfg: ModelConfig):

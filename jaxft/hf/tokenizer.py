@@ -435,6 +435,12 @@ class Tokenizer:
         return out
 
 
+def tokenizer_folder(model: str | Path, adapter: str | Path | None = None) -> str | Path:
+    """The folder to load a model-with-adapter's tokenizer from: an adapter saved with its tokenizer (a run's export
+    is) wins over the model's, since fine-tuning may have added tokens."""
+    return adapter if adapter and (Path(adapter) / TOKENIZER_CONFIG).exists() else model
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a Hugging Face tokenizer folder (`tokenizer.json` preferred, else sentencepiece `tokenizer.model`), or
     the tokenizer a GGUF file's metadata describes (`*.gguf`, `jaxft.gguf.tokenizer`).
