@@ -297,7 +297,7 @@ def _export_gguf(args) -> int:
     folder = _tokenizer_folder(args.model, args.adapter)
     tok = jaxft.load_tokenizer(folder)
     # A run's adapter holds the tokenizer as tokenizer.json only: the base's tokenizer.model then gives the
-    # pieces' scores (write checks that its pieces have the tokenizer's ids).
+    # pieces' scores (write checks that its pieces have the tokenizer's ids, and ignores it for byte-level BPE).
     save_gguf(cfg, jaxft.merge(params), tok, out, gguf_type=args.gguf_type, overwrite=args.overwrite,
               sentencepiece_model=sentencepiece_model_of(folder, args.model))
     print(f"wrote {out} ({args.gguf_type})")

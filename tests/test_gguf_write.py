@@ -9,6 +9,7 @@ layers, so the merged weights differ from the base's everywhere.
 """
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
@@ -440,13 +441,32 @@ def test_convert_then_export_gives_back_the_sentencepiece_vocabulary(models_dir,
         assert second_tok.encode(text) == first_tok.encode(text), text
 
 
-def test_a_tokenizer_model_of_another_vocabulary_is_refused(models_dir, tmp_path):
-    """A tokenizer.model whose pieces do not have their ids in the exported tokenizer (here Llama 3's byte-level
-    tokenizer.json beside Mistral's tokenizer.model) is an error naming the file, and nothing is written."""
-    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "mixed")
-    shutil.copy(models_dir["llama"][0] / "tokenizer.json", folder / "tokenizer.json")
-    cfg, params = jaxft.from_pretrained(models_dir["llama"][0])
-    with pytest.raises(GgufError, match=r"tokenizer\.model: piece 0 .* not the same vocabulary"):
-        save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "m.gguf",
-                  sentencepiece_model=folder / "tokenizer.model")
+def _tiktoken_model(path: Path):
+    """A tokenizer.model in tiktoken's format (base64 token, rank per line), as some Llama 3 repos ship beside their
+    tokenizer.json: not a sentencepiece model."""
+    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+
+
+def test_a_byte_level_folder_exports_its_tokenizer_json_whatever_tokenizer_model_is_beside_it(models_dir, tmp_path):
+    """Llama 3's byte-level tokenizer.json beside a tiktoken-format tokenizer.model, or beside a stray sentencepiece
+    one (Mistral's), exports the same tokenizer metadata as the folder without it (llama.cpp's converter falls back
+    to tokenizer.json where sentencepiece cannot read the file)."""
+    base = models_dir["llama"][0]
+    plain = _tokenizer_fields(_export(base, None, tmp_path / "plain.gguf", "f32"))
+    assert plain["tokenizer.ggml.model"] == "gpt2"
+    for name, write_model in (("tiktoken", _tiktoken_model),
+                              ("stray", lambda path: shutil.copy(models_dir["mistral"][0] / "tokenizer.model", path))):
+        folder = shutil.copytree(base, tmp_path / name)
+        write_model(folder / "tokenizer.model")
+        assert _tokenizer_fields(_export(folder, None, tmp_path / f"{name}.gguf", "f32")) == plain
+
+
+def test_a_tokenizer_model_sentencepiece_cannot_read_is_named(models_dir, tmp_path, capsys):
+    """Beside a sentencepiece tokenizer.json (transformers' conversion of Mistral's), a tokenizer.model that is not
+    a sentencepiece model is an error naming it (exit 2, no traceback), and nothing is written."""
+    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "saved")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    _tiktoken_model(folder / "tokenizer.model")
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert f"{folder / 'tokenizer.model'}: not a sentencepiece model" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()

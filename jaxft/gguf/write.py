@@ -189,8 +189,10 @@ def _stored(cfg: ModelConfig, hf_name: str | None, tensor, qtype: Q) -> np.ndarr
 
 def sentencepiece_model_of(*folders) -> Path | None:
     """The ``tokenizer.model`` of the first of ``folders`` (None entries skipped) that has one. llama.cpp's
-    converter writes a sentencepiece model's vocabulary from it whenever a folder has one (tokenizer.json is its
-    fallback), so real Llama-2 / Mistral folders, which hold both, export with their pieces' scores."""
+    converter writes a sentencepiece model's vocabulary from it when a folder has one (tokenizer.json is its
+    fallback), so real Llama-2 / Mistral folders, which hold both, export with their pieces' scores;
+    :func:`write_vocab` ignores it beside a byte-level tokenizer.json (some Llama 3 repos ship a tiktoken-format
+    tokenizer.model, which the converter's sentencepiece attempt fails on before it falls back)."""
     for folder in folders:
         if folder is not None and (Path(folder) / SENTENCEPIECE_MODEL).is_file():
             return Path(folder) / SENTENCEPIECE_MODEL
@@ -199,7 +201,8 @@ def sentencepiece_model_of(*folders) -> Path | None:
 
 def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer, sentencepiece_model=None):
     """The tokenizer as llama.cpp's converter writes it from the HF folder that ``tokenizer.save`` makes, with
-    ``sentencepiece_model`` (a tokenizer.model of the same pieces) in it if given."""
+    ``sentencepiece_model`` (a tokenizer.model of the same pieces) in it if given; a byte-level BPE tokenizer is
+    written from its tokenizer.json whatever ``sentencepiece_model`` is."""
     too_large = tokenizer.vocab_size - cfg.vocab_size
     if too_large > 0:
         raise GgufError(f"the tokenizer has {tokenizer.vocab_size} tokens, {too_large} beyond the model's "
@@ -210,9 +213,11 @@ def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer,
         added = {int(i): token for i, token in config.get("added_tokens_decoder", {}).items()}
         if isinstance(config.get("add_prefix_space"), bool):  # the converter passes it on when the folder sets it
             writer.add_add_space_prefix(config["add_prefix_space"])
-        if sentencepiece_model is not None:
+        spec = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8")) if (
+            folder / TOKENIZER_JSON).is_file() else None
+        if sentencepiece_model is not None and not (spec is not None and is_byte_level_bpe(spec)):
             _write_sentencepiece_vocab(writer, cfg, Path(sentencepiece_model), added, tokenizer)
-        elif (folder / TOKENIZER_JSON).is_file():
+        elif spec is not None:
             _write_bpe_vocab(writer, cfg, folder, added)
         else:
             _write_sentencepiece_vocab(writer, cfg, folder / SENTENCEPIECE_MODEL, added)
@@ -232,10 +237,16 @@ def _added_token_entry(token: dict) -> tuple[str, int]:
     return token["content"].replace("\u2581", " "), gguf.TokenType.USER_DEFINED
 
 
+def is_byte_level_bpe(spec: dict) -> bool:
+    """Whether a tokenizer.json (parsed) is a byte-level BPE, what GGUF's ``gpt2`` vocabulary holds."""
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    return model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel"
+
+
 def _write_bpe_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, folder: Path, added: dict[int, dict]):
     spec = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+    if not is_byte_level_bpe(spec):
         raise GgufError(f"tokenizer.json: a {model.get('type')} model with a {decoder.get('type')} decoder; GGUF's "
                         "gpt2 vocabulary holds byte-level BPE only (a sentencepiece tokenizer.model is written as "
                         "the llama vocabulary)")
@@ -302,7 +313,11 @@ def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_
                                tokenizer: Tokenizer | None = None):
     """Pieces, scores and types of ``model_path``; with ``tokenizer`` (loaded from a tokenizer.json beside it) each
     piece must have its id there, else the file would not be the tokenizer's vocabulary."""
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    except (RuntimeError, OSError) as err:  # e.g. a tiktoken-format tokenizer.model (some Llama 3 repos ship one)
+        raise GgufError(f"{model_path}: not a sentencepiece model ({err}); a tokenizer.model is read for the llama "
+                        "vocabulary unless the tokenizer.json beside it is a byte-level BPE") from err
     if tokenizer is not None:
         moved = next((i for i in range(processor.get_piece_size())
                       if tokenizer.convert_tokens_to_ids(processor.id_to_piece(i)) != i), None)
