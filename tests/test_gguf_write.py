@@ -470,3 +470,25 @@ def test_a_tokenizer_model_sentencepiece_cannot_read_is_named(models_dir, tmp_pa
     assert main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf")]) == 2
     assert f"{folder / 'tokenizer.model'}: not a sentencepiece model" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_tokenizer_model_of_another_vocabulary_is_refused_both_ways(models_dir, tmp_path):
+    """Beside a sentencepiece tokenizer.json, a tokenizer.model is refused by name, nothing written, when one of its
+    pieces has another id in tokenizer.json (two pieces swapped), or when tokenizer.json has a token past its
+    pieces that is no added token (it would be written as an unused [PAD] id)."""
+    cfg, params = jaxft.from_pretrained(models_dir["mistral"][0])
+    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "saved")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+    vocab = spec["model"]["vocab"]
+    first, second = (next(t for t, i in vocab.items() if i == n) for n in (100, 101))
+    swapped = {**vocab, first: 101, second: 100}
+    grown = {**vocab, "zzqq": pieces}
+    for model_vocab, error in ((swapped, r"saved/tokenizer\.model: piece 100 .* has id 101 in the tokenizer\.json"),
+                               (grown, rf"saved/tokenizer\.model: has {pieces} pieces, .* id {pieces} .* neither")):
+        (folder / "tokenizer.json").write_text(json.dumps({**spec, "model": {**spec["model"], "vocab": model_vocab}}))
+        with pytest.raises(GgufError, match=error):
+            save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "m.gguf",
+                      sentencepiece_model=folder / "tokenizer.model")
+        assert not (tmp_path / "m.gguf").exists()

@@ -319,12 +319,7 @@ def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_
         raise GgufError(f"{model_path}: not a sentencepiece model ({err}); a tokenizer.model is read for the llama "
                         "vocabulary unless the tokenizer.json beside it is a byte-level BPE") from err
     if tokenizer is not None:
-        moved = next((i for i in range(processor.get_piece_size())
-                      if tokenizer.convert_tokens_to_ids(processor.id_to_piece(i)) != i), None)
-        if moved is not None:
-            raise GgufError(f"{model_path}: piece {moved} ({processor.id_to_piece(moved)!r}) has id "
-                            f"{tokenizer.convert_tokens_to_ids(processor.id_to_piece(moved))} in the tokenizer "
-                            "exported with it; the two are not the same vocabulary")
+        _check_same_vocabulary(processor, model_path, tokenizer, added)
     tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
     scores = [-10000.0] * cfg.vocab_size
     types = [gguf.TokenType.UNUSED] * cfg.vocab_size
@@ -342,6 +337,23 @@ def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
+
+
+def _check_same_vocabulary(processor: sentencepiece.SentencePieceProcessor, model_path: Path, tokenizer: Tokenizer,
+                           added: dict[int, dict]):
+    """Both ways: each piece of ``model_path`` has its own id in ``tokenizer``, and each id of ``tokenizer`` is a
+    piece or an added token (else it would be written as an unused ``[PAD{i}]`` and its text lost)."""
+    moved = next((i for i in range(processor.get_piece_size())
+                  if tokenizer.convert_tokens_to_ids(processor.id_to_piece(i)) != i), None)
+    if moved is not None:
+        raise GgufError(f"{model_path}: piece {moved} ({processor.id_to_piece(moved)!r}) has id "
+                        f"{tokenizer.convert_tokens_to_ids(processor.id_to_piece(moved))} in the tokenizer.json "
+                        "exported with it; the two are not the same vocabulary")
+    extra = next((i for i in range(processor.get_piece_size(), tokenizer.vocab_size) if i not in added), None)
+    if extra is not None:
+        raise GgufError(f"{model_path}: has {processor.get_piece_size()} pieces, but the tokenizer.json exported "
+                        f"with it has {tokenizer.vocab_size} tokens, and id {extra} ({tokenizer.decode([extra])!r}) "
+                        "is neither a piece nor an added token; the two are not the same vocabulary")
 
 
 def _write_special_tokens(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer):
