@@ -153,6 +153,33 @@ def test_convert_writes_a_folder_transformers_loads(folders, family, tmp_path):
             == gguf_tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False))
 
 
+def test_a_sentencepiece_file_with_merges_and_no_scores_converts(folders, tmp_path):
+    """A llama vocabulary with merges and no scores (llama.cpp reads it) converts to a folder without tokenizer.model
+    (which needs scores) whose tokenizer gives the ids transformers' GGUF loader gives for the file with scores."""
+    path = gguf_files.write_gguf(folders["mistral"], tmp_path / "merges.gguf", omit=("token_scores",))
+    fields = gguf.GGUFReader(path).fields
+    assert "tokenizer.ggml.scores" not in fields and "tokenizer.ggml.merges" in fields
+    assert cli(["convert", str(path), "--out", str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    scored = _gguf(folders, "mistral", "F32")
+    oracle = transformers.AutoTokenizer.from_pretrained(scored.parent, gguf_file=scored.name)
+    converted = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert converted.encode(text) == oracle.encode(text), text
+
+
+def test_a_vocabulary_sentencepiece_refuses_is_named_by_convert(folders, tmp_path, capsys):
+    """A llama vocabulary with a piece twice is no sentencepiece model (sentencepiece itself refuses it): convert
+    says so naming the GGUF file, exit 2, and writes no folder."""
+    def duplicate_a_piece(tokens):
+        tokens[100] = tokens[101]
+
+    path = gguf_files.write_gguf(folders["mistral"], tmp_path / "twice.gguf", edit_tokens=duplicate_a_piece)
+    assert cli(["convert", str(path), "--out", str(tmp_path / "hf")]) == 2
+    assert f"{path}: its llama vocabulary is no sentencepiece model" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_convert_refuses_an_existing_folder_without_overwrite(folders, tmp_path, capsys):
     path = _gguf(folders, "qwen2", "F16")
     out = tmp_path / "out"
