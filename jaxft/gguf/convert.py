@@ -5,8 +5,8 @@ default, which holds every GGUF type's dequantized values exactly; the whole mod
 while it is written), then written by the code that writes jaxft's own HF folders
 (:func:`jaxft.hf.checkpoint.write_pretrained`), with the tokenizer as :meth:`jaxft.Tokenizer.save` writes it, and
 for a sentencepiece vocabulary with scores its ``tokenizer.model`` too, checked by loading it in sentencepiece (the
-pieces' scores, which tokenizer.json cannot hold, so that ``jaxft export --gguf`` writes the same vocabulary back); the folder appears whole or not at all
-(:func:`jaxft.files.atomic_dir`).
+pieces' scores, which tokenizer.json cannot hold, so that ``jaxft export --gguf`` writes the same vocabulary
+back); the folder appears whole or not at all (:func:`jaxft.files.atomic_dir`).
 """
 from __future__ import annotations
 
