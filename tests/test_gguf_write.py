@@ -10,6 +10,7 @@ layers, so the merged weights differ from the base's everywhere.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import shutil
@@ -311,6 +312,26 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
         want = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(
             torch.as_tensor(ids)).logits.numpy()
     assert _relative(np.asarray(jaxft.forward(read_cfg, read_params, ids)), want) < 1e-3
+
+
+def test_llama3_rope_without_original_context_reads_back(tmp_path):
+    """A llama3 rope with no original_max_position_embeddings (its divisors made with max_position_embeddings, as
+    transformers does) is written with that length, and jaxft reads its own file back as the same model."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    folder = hf_oracle.save(hf_oracle.build("llama", vocab_size=300, rope_parameters=rope), tmp_path / "m")
+    _byte_level_bpe(folder, PRE_TOKENIZERS["llama-bpe"].split, ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
+                    LLAMA3_TEMPLATE, ignore_merges=True)
+    cfg, params = jaxft.from_pretrained(folder)
+    cfg = cfg.replace(rope=dataclasses.replace(cfg.rope, original_max_position_embeddings=None))
+    save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "r.gguf", gguf_type="f32")
+    field = gguf.GGUFReader(tmp_path / "r.gguf").fields["llama.rope.scaling.original_context_length"]
+    assert field.contents() == cfg.max_position_embeddings != 8192
+    read_cfg, read_params = jaxft.from_pretrained(tmp_path / "r.gguf")
+    assert read_cfg.rope == dataclasses.replace(cfg.rope, original_max_position_embeddings=cfg.max_position_embeddings)
+    ids = _ids(cfg.vocab_size, seed=3)
+    np.testing.assert_allclose(np.asarray(jaxft.forward(read_cfg, read_params, ids)),
+                               np.asarray(jaxft.forward(cfg, params, ids)), rtol=1e-5, atol=1e-5)
 
 
 def test_refusals_name_what_gguf_cannot_hold(models_dir, tmp_path):

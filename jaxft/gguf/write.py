@@ -48,6 +48,7 @@ from jaxft.gguf.layout import (ARCHITECTURE, GGUF_TYPES, PRE_TOKENIZERS, ROPE_FR
 from jaxft.hf import sentencepiece_conversion
 from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer
+from jaxft.ops.rope import original_context_length
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -130,9 +131,10 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_ty
     if cfg.rope.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope.factor)
-    if cfg.rope.rope_type == "llama3" and cfg.rope.original_max_position_embeddings:
+    if cfg.rope.rope_type == "llama3":
         # llama.cpp runs llama3 rope from rope_freqs alone; the reader needs the constant its divisors were made of
-        writer.add_rope_scaling_orig_ctx_len(cfg.rope.original_max_position_embeddings)
+        # (always written: a reader without it assumes Llama 3.1's 8192)
+        writer.add_rope_scaling_orig_ctx_len(original_context_length(cfg))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
