@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -332,6 +333,26 @@ def test_llama3_rope_without_original_context_reads_back(tmp_path):
     ids = _ids(cfg.vocab_size, seed=3)
     np.testing.assert_allclose(np.asarray(jaxft.forward(read_cfg, read_params, ids)),
                                np.asarray(jaxft.forward(cfg, params, ids)), rtol=1e-5, atol=1e-5)
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    fds = Path("/proc/self/fd")
+    return [target for target in (os.path.realpath(fds / fd) for fd in os.listdir(fds))
+            if target.startswith(str(folder.resolve()))]
+
+
+def test_a_tensor_of_another_size_than_announced_is_an_error_and_the_file_is_closed(models_dir, tmp_path, monkeypatch):
+    """A tensor whose converted bytes differ from its header entry (injected here: one byte short) is a GgufError
+    naming it, whatever ``python -O`` does to gguf's own assert; the half-written file is closed and removed."""
+    import jaxft.gguf.write as write
+
+    cfg, params = jaxft.from_pretrained(models_dir["llama"][0])
+    real = write._stored
+    monkeypatch.setattr(write, "_stored", lambda cfg, hf_name, tensor, qtype: (
+        real(cfg, hf_name, tensor, qtype)[:-1] if hf_name == "lm_head.weight" else real(cfg, hf_name, tensor, qtype)))
+    with pytest.raises(GgufError, match=r"x\.gguf: tensor 'output\.weight' \(F16\) came out as \d+ bytes"):
+        save_gguf(cfg, params, jaxft.load_tokenizer(models_dir["llama"][0]), tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == [] and _open_files_under(tmp_path) == []
 
 
 def test_refusals_name_what_gguf_cannot_hold(models_dir, tmp_path):

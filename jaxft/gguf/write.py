@@ -76,17 +76,31 @@ def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_t
     hf_tensors = to_hf_tensors(cfg, params)  # views of params where their dtype is float32: no copy
     plan = tensor_plan(cfg, hf_tensors, gguf_type)
     for name, _, shape, qtype in plan:
-        _add_tensor_info(writer, name, shape, qtype)
+        info_shape, dtype, nbytes = _tensor_info(shape, qtype)
+        writer.add_tensor_info(name, info_shape, dtype, nbytes, raw_dtype=qtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, hf_name, _, qtype in plan:  # one tensor converted and held at a time
-            source = rope_divisors(cfg) if hf_name is None else hf_tensors[hf_name]
-            writer.write_tensor_data(_stored(cfg, hf_name, source, qtype))
-        writer.close()
+        try:  # closed on an error too: atomic_file then removes the half-written file
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_tensors(writer, cfg, hf_tensors, plan, path)
+        finally:
+            writer.close()
     return path
+
+
+def _write_tensors(writer: gguf.GGUFWriter, cfg: ModelConfig, hf_tensors: dict, plan: list[tuple], path: Path):
+    """Each tensor of ``plan`` converted and written in turn (one held at a time), each of the size its header
+    entry announced: checked here, as gguf checks it only with an ``assert`` (gone under ``python -O``)."""
+    for name, hf_name, shape, qtype in plan:
+        source = rope_divisors(cfg) if hf_name is None else hf_tensors[hf_name]
+        data = _stored(cfg, hf_name, source, qtype)
+        announced = _tensor_info(shape, qtype)[2]
+        if data.nbytes != announced:
+            raise GgufError(f"{path}: tensor {name!r} ({qtype.name}) came out as {data.nbytes} bytes, but its header "
+                            f"entry announced {announced}; nothing was written")
+        writer.write_tensor_data(data)
 
 
 def check_expressible(cfg: ModelConfig):
@@ -167,14 +181,14 @@ def tensor_plan(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type: 
     return plan
 
 
-def _add_tensor_info(writer: gguf.GGUFWriter, name: str, shape: tuple[int, ...], qtype: Q):
-    """Announce a tensor as ``gguf.quants.quantize`` will give it: float arrays for F32/F16, bytes otherwise."""
+def _tensor_info(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) a tensor is announced with, as ``gguf.quants.quantize`` will give it: float arrays
+    for F32/F16, bytes otherwise."""
     if qtype in (Q.F32, Q.F16):
         dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
-        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=qtype)
-    else:
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
-        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
 def _stored(cfg: ModelConfig, hf_name: str | None, tensor, qtype: Q) -> np.ndarray:
