@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import sentencepiece
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import hf_oracle
 
@@ -79,6 +79,19 @@ def write_bpe_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> Non
     if family == "llama":  # Llama 3 asks for BOS in tokenizer_config.json; the converter writes add_bos_token
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+
+
+def hand_made_bpe(split: str, ignore_merges: bool, extra_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """A byte-level BPE split by the regex ``split`` whose merges split the word "abc" as ab + c although "abc" is
+    itself a token: with ignore_merges (Llama 3's tokenizer.json sets it) "abc" is one token, without it two.
+    ``extra_tokens`` follow "abc" in the vocabulary."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc", *extra_tokens])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 def write_spm_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> None:

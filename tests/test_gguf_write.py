@@ -33,7 +33,7 @@ from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZERS, GgufError, from_ggu
                                tensor_name_map)
 from jaxft.hf.names import layer_name
 from jaxft.gguf.write import save_gguf
-from tests import hf_oracle
+from tests import gguf_files, hf_oracle
 
 LORA = dict(r=4, lora_alpha=1, target_modules="all-linear", init_lora_weights=False)  # random A and B
 WORDS = "the quick brown fox jumps over a lazy dog hello world llama token cafe 42 2024 can't we'll".split()
@@ -404,14 +404,8 @@ def test_single_digit_split_then_gpt2_split_is_named_smollm():
 
 
 def _hand_made_bpe_folder(folder: Path, split: str, ignore_merges: bool) -> Path:
-    """A byte-level BPE saved by transformers whose merges split "abc" as ab + c although "abc" is a token, so
-    ``ignore_merges`` changes its ids."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc", "<|eot_id|>"])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
+    """:func:`tests.gguf_files.hand_made_bpe` (whose ids ``ignore_merges`` changes) saved by transformers."""
+    tok = gguf_files.hand_made_bpe(split, ignore_merges, extra_tokens=("<|eot_id|>",))
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eot_id|>").save_pretrained(folder)
     return folder
 
