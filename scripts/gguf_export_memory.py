@@ -1,4 +1,4 @@
-"""Peak host memory of `jaxft export --gguf` on a random Llama of about 420 MB (float32), for the record.
+"""Peak host memory of `jaxft export --gguf` on a random Llama of about 398 MB (380 MiB, float32), for the record.
 
 Builds the model once (transformers, random weights, float32 safetensors, a small byte-level BPE tokenizer) in
 DIR/model, then runs the export in a fresh process per GGUF type and prints that process's peak RSS

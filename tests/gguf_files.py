@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import sentencepiece
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import hf_oracle
 
@@ -79,6 +79,19 @@ def write_bpe_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> Non
     if family == "llama":  # Llama 3 asks for BOS in tokenizer_config.json; the converter writes add_bos_token
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+
+
+def hand_made_bpe(split: str, ignore_merges: bool, extra_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """A byte-level BPE split by the regex ``split`` whose merges split the word "abc" as ab + c although "abc" is
+    itself a token: with ignore_merges (Llama 3's tokenizer.json sets it) "abc" is one token, without it two.
+    ``extra_tokens`` follow "abc" in the vocabulary."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc", *extra_tokens])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 def write_spm_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> None:
@@ -177,18 +190,20 @@ def stored(array: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, object]:
 
 
 def write_gguf(folder: Path, path: Path, qtype=Q.F32, *, arch: str | None = None, omit: tuple[str, ...] = (),
-               types: dict[str, object] | None = None, extra_tensor: str | None = None, pre: str | None = None) -> Path:
+               types: dict[str, object] | None = None, extra_tensor: str | None = None, pre: str | None = None,
+               edit_tokens=None) -> Path:
     """Write the HF folder ``folder`` (from :func:`hf_folder`) as the GGUF file ``path``, weights in ``qtype``.
 
     For error tests: ``arch`` overrides general.architecture, ``omit`` leaves out metadata keys (by their key
     suffix, e.g. ``"block_count"``), ``types`` stores the named GGUF tensors as the given type (random blocks), and
-    ``extra_tensor`` adds a tensor of that name, ``pre`` replaces the family's ``tokenizer.ggml.pre``."""
+    ``extra_tensor`` adds a tensor of that name, ``pre`` replaces the family's ``tokenizer.ggml.pre``,
+    ``edit_tokens`` (a function of the token list) changes a sentencepiece vocabulary's tokens in place."""
     hf = json.loads((folder / "config.json").read_text())
     family = hf["model_type"]
     arch = arch or ARCH[family]
     writer = gguf.GGUFWriter(path, arch)
     _write_metadata(writer, hf, f"tiny {family}", omit)
-    _write_vocab(writer, folder, family, pre)
+    _write_vocab(writer, folder, family, pre, omit, edit_tokens)
     _write_tensors(writer, folder, hf, ARCH[family], Q(qtype), types or {})
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type") == "llama3":
@@ -217,15 +232,25 @@ def _write_metadata(writer: gguf.GGUFWriter, hf: dict, name: str, omit: tuple[st
             getattr(writer, f"add_{key}")(value)
 
 
-def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str, pre: str | None):
+def _write_vocab(writer: gguf.GGUFWriter, folder: Path, family: str, pre: str | None, omit: tuple[str, ...],
+                 edit_tokens=None):
+    """The tokenizer as llama.cpp's converter writes it; for sentencepiece, ``"token_scores"`` in ``omit`` writes
+    the merges of transformers' conversion of tokenizer.model instead of the scores (llama.cpp reads either)."""
     spec = TOKENIZERS[family]
     if spec["kind"] == "spm":
         vocab = gguf.vocab.SentencePieceVocab(folder)
-        tokens, scores, types = zip(*vocab.all_tokens())
+        tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
+        if edit_tokens is not None:
+            edit_tokens(tokens)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(list(tokens))
-        writer.add_token_scores(list(scores))
+        if "token_scores" in omit:
+            backend = transformers.AutoTokenizer.from_pretrained(folder).backend_tokenizer
+            merges = json.loads(backend.to_str())["model"]["merges"]
+            writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        else:
+            writer.add_token_scores(list(scores))
         writer.add_token_types(list(types))
         special = gguf.vocab.SpecialVocab(folder, n_vocab=len(tokens))
     else:

@@ -21,7 +21,6 @@ import pytest
 import tokenizers
 import torch
 import transformers
-from tokenizers import decoders, models, pre_tokenizers
 
 import jaxft
 from jaxft.cli import main as cli
@@ -151,6 +150,33 @@ def test_convert_writes_a_folder_transformers_loads(folders, family, tmp_path):
         assert tokenizer.encode(text) == gguf_tokenizer.encode(text), text
     assert (tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False)
             == gguf_tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False))
+
+
+def test_a_sentencepiece_file_with_merges_and_no_scores_converts(folders, tmp_path):
+    """A llama vocabulary with merges and no scores (llama.cpp reads it) converts to a folder without tokenizer.model
+    (which needs scores) whose tokenizer gives the ids transformers' GGUF loader gives for the file with scores."""
+    path = gguf_files.write_gguf(folders["mistral"], tmp_path / "merges.gguf", omit=("token_scores",))
+    fields = gguf.GGUFReader(path).fields
+    assert "tokenizer.ggml.scores" not in fields and "tokenizer.ggml.merges" in fields
+    assert cli(["convert", str(path), "--out", str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    scored = _gguf(folders, "mistral", "F32")
+    oracle = transformers.AutoTokenizer.from_pretrained(scored.parent, gguf_file=scored.name)
+    converted = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert converted.encode(text) == oracle.encode(text), text
+
+
+def test_a_vocabulary_sentencepiece_refuses_is_named_by_convert(folders, tmp_path, capsys):
+    """A llama vocabulary with a piece twice is no sentencepiece model (sentencepiece itself refuses it): convert
+    says so naming the GGUF file, exit 2, and writes no folder."""
+    def duplicate_a_piece(tokens):
+        tokens[100] = tokens[101]
+
+    path = gguf_files.write_gguf(folders["mistral"], tmp_path / "twice.gguf", edit_tokens=duplicate_a_piece)
+    assert cli(["convert", str(path), "--out", str(tmp_path / "hf")]) == 2
+    assert f"{path}: its llama vocabulary is no sentencepiece model" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_convert_refuses_an_existing_folder_without_overwrite(folders, tmp_path, capsys):
@@ -291,19 +317,6 @@ def test_a_run_config_naming_a_gguf_file_says_to_convert_it(folders, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
-def _hand_made_bpe(ignore_merges: bool) -> tokenizers.Tokenizer:
-    """A byte-level BPE whose merges split the word "abc" as ab + c although "abc" is itself a token: with
-    ignore_merges (Llama 3's tokenizer.json sets it) "abc" is one token, without it two."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc"])}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(PRE_TOKENIZERS["llama-bpe"].split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 def _vocabulary_file(path, tok: tokenizers.Tokenizer, pre: str, add_bos: bool | None = None, bos: int | None = None):
     """A GGUF file holding only the metadata of ``tok`` as a ``gpt2`` vocabulary with ``tokenizer.ggml.pre``."""
     by_id = sorted(tok.get_vocab().items(), key=lambda item: item[1])
@@ -328,11 +341,12 @@ def _vocabulary_file(path, tok: tokenizers.Tokenizer, pre: str, add_bos: bool | 
 def test_ignore_merges_follows_the_pre_tokenizer_as_in_llama_cpp(tmp_path, pre, ignore_merges):
     """The oracle: the HF tokenizer.json (ignore_merges as llama.cpp sets it for ``pre``) loaded by tokenizers."""
     text = "abc xabc abc. ab"
-    hf = _hand_made_bpe(ignore_merges)
+    hf = gguf_files.hand_made_bpe(PRE_TOKENIZERS["llama-bpe"].split, ignore_merges)
     hf.save(str(tmp_path / "tokenizer.json"))
     oracle = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["ignore_merges"] is ignore_merges
-    assert oracle.encode(text).ids != _hand_made_bpe(not ignore_merges).encode(text).ids   # the flag matters here
+    other = gguf_files.hand_made_bpe(PRE_TOKENIZERS["llama-bpe"].split, not ignore_merges)
+    assert oracle.encode(text).ids != other.encode(text).ids   # the flag matters here
     ours = jaxft.load_tokenizer(_vocabulary_file(tmp_path / "v.gguf", hf, pre, add_bos=False))
     assert ours.encode(text) == oracle.encode(text).ids
     assert ours.decode(ours.encode(text)) == text
@@ -343,7 +357,7 @@ def test_ignore_merges_follows_the_pre_tokenizer_as_in_llama_cpp(tmp_path, pre, 
 def test_bos_default_without_add_bos_token_is_llama_cpps(tmp_path, pre, adds_bos):
     """No tokenizer.ggml.add_bos_token: llama.cpp (llama-vocab.cpp) adds BOS for the llama3 names and tekken, not
     for the others."""
-    hf = _hand_made_bpe(PRE_TOKENIZERS[pre].ignore_merges)
+    hf = gguf_files.hand_made_bpe(PRE_TOKENIZERS["llama-bpe"].split, PRE_TOKENIZERS[pre].ignore_merges)
     bos = hf.get_vocab_size() - 1
     ours = jaxft.load_tokenizer(_vocabulary_file(tmp_path / "v.gguf", hf, pre, bos=bos))
     plain = ours.encode("abc ab", add_special_tokens=False)

@@ -9,7 +9,10 @@ layers, so the merged weights differ from the base's everywhere.
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -30,7 +33,7 @@ from jaxft.gguf.layout import (ARCHITECTURE, PRE_TOKENIZERS, GgufError, from_ggu
                                tensor_name_map)
 from jaxft.hf.names import layer_name
 from jaxft.gguf.write import save_gguf
-from tests import hf_oracle
+from tests import gguf_files, hf_oracle
 
 LORA = dict(r=4, lora_alpha=1, target_modules="all-linear", init_lora_weights=False)  # random A and B
 WORDS = "the quick brown fox jumps over a lazy dog hello world llama token cafe 42 2024 can't we'll".split()
@@ -312,6 +315,46 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     assert _relative(np.asarray(jaxft.forward(read_cfg, read_params, ids)), want) < 1e-3
 
 
+def test_llama3_rope_without_original_context_reads_back(tmp_path):
+    """A llama3 rope with no original_max_position_embeddings (its divisors made with max_position_embeddings, as
+    transformers does) is written with that length, and jaxft reads its own file back as the same model."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    folder = hf_oracle.save(hf_oracle.build("llama", vocab_size=300, rope_parameters=rope), tmp_path / "m")
+    _byte_level_bpe(folder, PRE_TOKENIZERS["llama-bpe"].split, ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
+                    LLAMA3_TEMPLATE, ignore_merges=True)
+    cfg, params = jaxft.from_pretrained(folder)
+    cfg = cfg.replace(rope=dataclasses.replace(cfg.rope, original_max_position_embeddings=None))
+    save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "r.gguf", gguf_type="f32")
+    field = gguf.GGUFReader(tmp_path / "r.gguf").fields["llama.rope.scaling.original_context_length"]
+    assert field.contents() == cfg.max_position_embeddings != 8192
+    read_cfg, read_params = jaxft.from_pretrained(tmp_path / "r.gguf")
+    assert read_cfg.rope == dataclasses.replace(cfg.rope, original_max_position_embeddings=cfg.max_position_embeddings)
+    ids = _ids(cfg.vocab_size, seed=3)
+    np.testing.assert_allclose(np.asarray(jaxft.forward(read_cfg, read_params, ids)),
+                               np.asarray(jaxft.forward(cfg, params, ids)), rtol=1e-5, atol=1e-5)
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    fds = Path("/proc/self/fd")
+    return [target for target in (os.path.realpath(fds / fd) for fd in os.listdir(fds))
+            if target.startswith(str(folder.resolve()))]
+
+
+def test_a_tensor_of_another_size_than_announced_is_an_error_and_the_file_is_closed(models_dir, tmp_path, monkeypatch):
+    """A tensor whose converted bytes differ from its header entry (injected here: one byte short) is a GgufError
+    naming it, whatever ``python -O`` does to gguf's own assert; the half-written file is closed and removed."""
+    import jaxft.gguf.write as write
+
+    cfg, params = jaxft.from_pretrained(models_dir["llama"][0])
+    real = write._stored
+    monkeypatch.setattr(write, "_stored", lambda cfg, hf_name, tensor, qtype: (
+        real(cfg, hf_name, tensor, qtype)[:-1] if hf_name == "lm_head.weight" else real(cfg, hf_name, tensor, qtype)))
+    with pytest.raises(GgufError, match=r"x\.gguf: tensor 'output\.weight' \(F16\) came out as \d+ bytes"):
+        save_gguf(cfg, params, jaxft.load_tokenizer(models_dir["llama"][0]), tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == [] and _open_files_under(tmp_path) == []
+
+
 def test_refusals_name_what_gguf_cannot_hold(models_dir, tmp_path):
     base, adapter = models_dir["llama"]
     cfg, params = jaxft.from_pretrained(base)
@@ -361,14 +404,8 @@ def test_single_digit_split_then_gpt2_split_is_named_smollm():
 
 
 def _hand_made_bpe_folder(folder: Path, split: str, ignore_merges: bool) -> Path:
-    """A byte-level BPE saved by transformers whose merges split "abc" as ab + c although "abc" is a token, so
-    ``ignore_merges`` changes its ids."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(sorted(alphabet) + ["ab", "abc", "<|eot_id|>"])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
+    """:func:`tests.gguf_files.hand_made_bpe` (whose ids ``ignore_merges`` changes) saved by transformers."""
+    tok = gguf_files.hand_made_bpe(split, ignore_merges, extra_tokens=("<|eot_id|>",))
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eot_id|>").save_pretrained(folder)
     return folder
 
@@ -440,13 +477,54 @@ def test_convert_then_export_gives_back_the_sentencepiece_vocabulary(models_dir,
         assert second_tok.encode(text) == first_tok.encode(text), text
 
 
-def test_a_tokenizer_model_of_another_vocabulary_is_refused(models_dir, tmp_path):
-    """A tokenizer.model whose pieces do not have their ids in the exported tokenizer (here Llama 3's byte-level
-    tokenizer.json beside Mistral's tokenizer.model) is an error naming the file, and nothing is written."""
-    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "mixed")
-    shutil.copy(models_dir["llama"][0] / "tokenizer.json", folder / "tokenizer.json")
-    cfg, params = jaxft.from_pretrained(models_dir["llama"][0])
-    with pytest.raises(GgufError, match=r"tokenizer\.model: piece 0 .* not the same vocabulary"):
-        save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "m.gguf",
-                  sentencepiece_model=folder / "tokenizer.model")
+def _tiktoken_model(path: Path):
+    """A tokenizer.model in tiktoken's format (base64 token, rank per line), as some Llama 3 repos ship beside their
+    tokenizer.json: not a sentencepiece model."""
+    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+
+
+def test_a_byte_level_folder_exports_its_tokenizer_json_whatever_tokenizer_model_is_beside_it(models_dir, tmp_path):
+    """Llama 3's byte-level tokenizer.json beside a tiktoken-format tokenizer.model, or beside a stray sentencepiece
+    one (Mistral's), exports the same tokenizer metadata as the folder without it (llama.cpp's converter falls back
+    to tokenizer.json where sentencepiece cannot read the file)."""
+    base = models_dir["llama"][0]
+    plain = _tokenizer_fields(_export(base, None, tmp_path / "plain.gguf", "f32"))
+    assert plain["tokenizer.ggml.model"] == "gpt2"
+    for name, write_model in (("tiktoken", _tiktoken_model),
+                              ("stray", lambda path: shutil.copy(models_dir["mistral"][0] / "tokenizer.model", path))):
+        folder = shutil.copytree(base, tmp_path / name)
+        write_model(folder / "tokenizer.model")
+        assert _tokenizer_fields(_export(folder, None, tmp_path / f"{name}.gguf", "f32")) == plain
+
+
+def test_a_tokenizer_model_sentencepiece_cannot_read_is_named(models_dir, tmp_path, capsys):
+    """Beside a sentencepiece tokenizer.json (transformers' conversion of Mistral's), a tokenizer.model that is not
+    a sentencepiece model is an error naming it (exit 2, no traceback), and nothing is written."""
+    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "saved")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    _tiktoken_model(folder / "tokenizer.model")
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert f"{folder / 'tokenizer.model'}: not a sentencepiece model" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_tokenizer_model_of_another_vocabulary_is_refused_both_ways(models_dir, tmp_path):
+    """Beside a sentencepiece tokenizer.json, a tokenizer.model is refused by name, nothing written, when one of its
+    pieces has another id in tokenizer.json (two pieces swapped), or when tokenizer.json has a token past its
+    pieces that is no added token (it would be written as an unused [PAD] id)."""
+    cfg, params = jaxft.from_pretrained(models_dir["mistral"][0])
+    folder = shutil.copytree(models_dir["mistral"][0], tmp_path / "saved")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+    vocab = spec["model"]["vocab"]
+    first, second = (next(t for t, i in vocab.items() if i == n) for n in (100, 101))
+    swapped = {**vocab, first: 101, second: 100}
+    grown = {**vocab, "zzqq": pieces}
+    for model_vocab, error in ((swapped, r"saved/tokenizer\.model: piece 100 .* has id 101 in the tokenizer\.json"),
+                               (grown, rf"saved/tokenizer\.model: has {pieces} pieces, .* id {pieces} .* neither")):
+        (folder / "tokenizer.json").write_text(json.dumps({**spec, "model": {**spec["model"], "vocab": model_vocab}}))
+        with pytest.raises(GgufError, match=error):
+            save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "m.gguf",
+                      sentencepiece_model=folder / "tokenizer.model")
+        assert not (tmp_path / "m.gguf").exists()

@@ -149,10 +149,11 @@ def tokenizer_from_gguf(path) -> Tokenizer:
 def sentencepiece_model_from_gguf(path) -> bytes | None:
     """The ``tokenizer.model`` a sentencepiece (``llama``) vocabulary stands for, serialized: its pieces, scores
     and types as the file has them (sentencepiece numbers its types as GGUF does), the unknown token typed UNKNOWN
-    as sentencepiece requires. None for a byte-level vocabulary. A folder converted from the file then exports
-    back to the same vocabulary (:func:`jaxft.gguf.write.sentencepiece_model_of`)."""
+    as sentencepiece requires. None for a byte-level vocabulary, and for a ``llama`` one without scores (llama.cpp
+    allows it when the file has merges; the folder's tokenizer.json then holds them). A folder converted from the
+    file then exports back to the same vocabulary (:func:`jaxft.gguf.write.sentencepiece_model_of`)."""
     meta = _Metadata(Path(path))
-    if meta.get("ggml.model") != "llama":
+    if meta.get("ggml.model") != "llama" or meta.get("ggml.scores", None) is None:
         return None
     tokens, scores = meta.get("ggml.tokens"), meta.get("ggml.scores")
     types = meta.get("ggml.token_type", None) or [gguf.TokenType.NORMAL] * len(tokens)

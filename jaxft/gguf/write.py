@@ -52,6 +52,7 @@ from jaxft.hf.checkpoint import to_hf_tensors
 from jaxft.hf.tokenizer import (SENTENCEPIECE_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, load_tokenizer,
                                 tokenizer_folder)
 from jaxft.peft.methods import merge
+from jaxft.ops.rope import original_context_length
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -79,16 +80,17 @@ def save_gguf(cfg: ModelConfig, params: dict, tokenizer: Tokenizer, path, gguf_t
     hf_tensors = to_hf_tensors(cfg, params)  # views of params where their dtype is float32: no copy
     plan = tensor_plan(cfg, hf_tensors, gguf_type)
     for name, _, shape, qtype in plan:
-        _add_tensor_info(writer, name, shape, qtype)
+        info_shape, dtype, nbytes = _tensor_info(shape, qtype)
+        writer.add_tensor_info(name, info_shape, dtype, nbytes, raw_dtype=qtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, hf_name, _, qtype in plan:  # one tensor converted and held at a time
-            source = rope_divisors(cfg) if hf_name is None else hf_tensors[hf_name]
-            writer.write_tensor_data(_stored(cfg, hf_name, source, qtype))
-        writer.close()
+        try:  # closed on an error too: atomic_file then removes the half-written file
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_tensors(writer, cfg, hf_tensors, plan, path)
+        finally:
+            writer.close()
     return path
 
 
@@ -102,6 +104,19 @@ def save_merged_gguf(cfg: ModelConfig, params: dict, path, model, adapter=None, 
     folder = tokenizer_folder(model, adapter)
     return save_gguf(cfg, merge(params), load_tokenizer(folder), path, gguf_type=gguf_type, overwrite=overwrite,
                      sentencepiece_model=sentencepiece_model_of(folder, model))
+
+
+def _write_tensors(writer: gguf.GGUFWriter, cfg: ModelConfig, hf_tensors: dict, plan: list[tuple], path: Path):
+    """Each tensor of ``plan`` converted and written in turn (one held at a time), each of the size its header
+    entry announced: checked here, as gguf checks it only with an ``assert`` (gone under ``python -O``)."""
+    for name, hf_name, shape, qtype in plan:
+        source = rope_divisors(cfg) if hf_name is None else hf_tensors[hf_name]
+        data = _stored(cfg, hf_name, source, qtype)
+        announced = _tensor_info(shape, qtype)[2]
+        if data.nbytes != announced:
+            raise GgufError(f"{path}: tensor {name!r} ({qtype.name}) came out as {data.nbytes} bytes, but its header "
+                            f"entry announced {announced}; nothing was written")
+        writer.write_tensor_data(data)
 
 
 def check_expressible(cfg: ModelConfig):
@@ -146,9 +161,10 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_ty
     if cfg.rope.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope.factor)
-    if cfg.rope.rope_type == "llama3" and cfg.rope.original_max_position_embeddings:
+    if cfg.rope.rope_type == "llama3":
         # llama.cpp runs llama3 rope from rope_freqs alone; the reader needs the constant its divisors were made of
-        writer.add_rope_scaling_orig_ctx_len(cfg.rope.original_max_position_embeddings)
+        # (always written: a reader without it assumes Llama 3.1's 8192)
+        writer.add_rope_scaling_orig_ctx_len(original_context_length(cfg))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -181,14 +197,14 @@ def tensor_plan(cfg: ModelConfig, hf_tensors: dict[str, np.ndarray], gguf_type: 
     return plan
 
 
-def _add_tensor_info(writer: gguf.GGUFWriter, name: str, shape: tuple[int, ...], qtype: Q):
-    """Announce a tensor as ``gguf.quants.quantize`` will give it: float arrays for F32/F16, bytes otherwise."""
+def _tensor_info(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) a tensor is announced with, as ``gguf.quants.quantize`` will give it: float arrays
+    for F32/F16, bytes otherwise."""
     if qtype in (Q.F32, Q.F16):
         dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
-        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=qtype)
-    else:
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
-        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
 def _stored(cfg: ModelConfig, hf_name: str | None, tensor, qtype: Q) -> np.ndarray:
@@ -205,8 +221,10 @@ def _stored(cfg: ModelConfig, hf_name: str | None, tensor, qtype: Q) -> np.ndarr
 
 def sentencepiece_model_of(*folders) -> Path | None:
     """The ``tokenizer.model`` of the first of ``folders`` (None entries skipped) that has one. llama.cpp's
-    converter writes a sentencepiece model's vocabulary from it whenever a folder has one (tokenizer.json is its
-    fallback), so real Llama-2 / Mistral folders, which hold both, export with their pieces' scores."""
+    converter writes a sentencepiece model's vocabulary from it when a folder has one (tokenizer.json is its
+    fallback), so real Llama-2 / Mistral folders, which hold both, export with their pieces' scores;
+    :func:`write_vocab` ignores it beside a byte-level tokenizer.json (some Llama 3 repos ship a tiktoken-format
+    tokenizer.model, which the converter's sentencepiece attempt fails on before it falls back)."""
     for folder in folders:
         if folder is not None and (Path(folder) / SENTENCEPIECE_MODEL).is_file():
             return Path(folder) / SENTENCEPIECE_MODEL
@@ -215,7 +233,8 @@ def sentencepiece_model_of(*folders) -> Path | None:
 
 def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer, sentencepiece_model=None):
     """The tokenizer as llama.cpp's converter writes it from the HF folder that ``tokenizer.save`` makes, with
-    ``sentencepiece_model`` (a tokenizer.model of the same pieces) in it if given."""
+    ``sentencepiece_model`` (a tokenizer.model of the same pieces) in it if given; a byte-level BPE tokenizer is
+    written from its tokenizer.json whatever ``sentencepiece_model`` is."""
     too_large = tokenizer.vocab_size - cfg.vocab_size
     if too_large > 0:
         raise GgufError(f"the tokenizer has {tokenizer.vocab_size} tokens, {too_large} beyond the model's "
@@ -226,9 +245,11 @@ def write_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer,
         added = {int(i): token for i, token in config.get("added_tokens_decoder", {}).items()}
         if isinstance(config.get("add_prefix_space"), bool):  # the converter passes it on when the folder sets it
             writer.add_add_space_prefix(config["add_prefix_space"])
-        if sentencepiece_model is not None:
+        spec = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8")) if (
+            folder / TOKENIZER_JSON).is_file() else None
+        if sentencepiece_model is not None and not (spec is not None and is_byte_level_bpe(spec)):
             _write_sentencepiece_vocab(writer, cfg, Path(sentencepiece_model), added, tokenizer)
-        elif (folder / TOKENIZER_JSON).is_file():
+        elif spec is not None:
             _write_bpe_vocab(writer, cfg, folder, added)
         else:
             _write_sentencepiece_vocab(writer, cfg, folder / SENTENCEPIECE_MODEL, added)
@@ -248,10 +269,16 @@ def _added_token_entry(token: dict) -> tuple[str, int]:
     return token["content"].replace("\u2581", " "), gguf.TokenType.USER_DEFINED
 
 
+def is_byte_level_bpe(spec: dict) -> bool:
+    """Whether a tokenizer.json (parsed) is a byte-level BPE, what GGUF's ``gpt2`` vocabulary holds."""
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    return model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel"
+
+
 def _write_bpe_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, folder: Path, added: dict[int, dict]):
     spec = json.loads((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+    if not is_byte_level_bpe(spec):
         raise GgufError(f"tokenizer.json: a {model.get('type')} model with a {decoder.get('type')} decoder; GGUF's "
                         "gpt2 vocabulary holds byte-level BPE only (a sentencepiece tokenizer.model is written as "
                         "the llama vocabulary)")
@@ -318,14 +345,13 @@ def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_
                                tokenizer: Tokenizer | None = None):
     """Pieces, scores and types of ``model_path``; with ``tokenizer`` (loaded from a tokenizer.json beside it) each
     piece must have its id there, else the file would not be the tokenizer's vocabulary."""
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    except (RuntimeError, OSError) as err:  # e.g. a tiktoken-format tokenizer.model (some Llama 3 repos ship one)
+        raise GgufError(f"{model_path}: not a sentencepiece model ({err}); a tokenizer.model is read for the llama "
+                        "vocabulary unless the tokenizer.json beside it is a byte-level BPE") from err
     if tokenizer is not None:
-        moved = next((i for i in range(processor.get_piece_size())
-                      if tokenizer.convert_tokens_to_ids(processor.id_to_piece(i)) != i), None)
-        if moved is not None:
-            raise GgufError(f"{model_path}: piece {moved} ({processor.id_to_piece(moved)!r}) has id "
-                            f"{tokenizer.convert_tokens_to_ids(processor.id_to_piece(moved))} in the tokenizer "
-                            "exported with it; the two are not the same vocabulary")
+        _check_same_vocabulary(processor, model_path, tokenizer, added)
     tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
     scores = [-10000.0] * cfg.vocab_size
     types = [gguf.TokenType.UNUSED] * cfg.vocab_size
@@ -343,6 +369,23 @@ def _write_sentencepiece_vocab(writer: gguf.GGUFWriter, cfg: ModelConfig, model_
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
+
+
+def _check_same_vocabulary(processor: sentencepiece.SentencePieceProcessor, model_path: Path, tokenizer: Tokenizer,
+                           added: dict[int, dict]):
+    """Both ways: each piece of ``model_path`` has its own id in ``tokenizer``, and each id of ``tokenizer`` is a
+    piece or an added token (else it would be written as an unused ``[PAD{i}]`` and its text lost)."""
+    moved = next((i for i in range(processor.get_piece_size())
+                  if tokenizer.convert_tokens_to_ids(processor.id_to_piece(i)) != i), None)
+    if moved is not None:
+        raise GgufError(f"{model_path}: piece {moved} ({processor.id_to_piece(moved)!r}) has id "
+                        f"{tokenizer.convert_tokens_to_ids(processor.id_to_piece(moved))} in the tokenizer.json "
+                        "exported with it; the two are not the same vocabulary")
+    extra = next((i for i in range(processor.get_piece_size(), tokenizer.vocab_size) if i not in added), None)
+    if extra is not None:
+        raise GgufError(f"{model_path}: has {processor.get_piece_size()} pieces, but the tokenizer.json exported "
+                        f"with it has {tokenizer.vocab_size} tokens, and id {extra} ({tokenizer.decode([extra])!r}) "
+                        "is neither a piece nor an added token; the two are not the same vocabulary")
 
 
 def _write_special_tokens(writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer):

@@ -74,7 +74,7 @@ def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
         yield field, wire_type, value
 
 
-_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4
+_SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4  # ModelProto.SentencePiece.Type (2: UNKNOWN)
 _SPM_BPE = 2  # TrainerSpec.model_type
 
 

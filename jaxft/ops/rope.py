@@ -18,9 +18,15 @@ def _default_inv_freq(base, dim: int) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
 
 
+def original_context_length(cfg: ModelConfig) -> int:
+    """The pre-scaling context length llama3 and yarn rope use: the configured one, else (as transformers does)
+    ``max_position_embeddings``."""
+    return cfg.rope.original_max_position_embeddings or cfg.max_position_embeddings
+
+
 def _llama3_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
     r = cfg.rope
-    old_len = r.original_max_position_embeddings or cfg.max_position_embeddings
+    old_len = original_context_length(cfg)
     low_wavelen = old_len / r.low_freq_factor
     high_wavelen = old_len / r.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -34,7 +40,7 @@ def _llama3_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
 def _yarn_inv_freq(cfg: ModelConfig, dim: int) -> tuple[np.ndarray, float]:
     r = cfg.rope
     base, factor = cfg.rope_theta, r.factor
-    orig = r.original_max_position_embeddings or cfg.max_position_embeddings
+    orig = original_context_length(cfg)
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
