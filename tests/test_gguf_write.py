@@ -289,13 +289,19 @@ def test_a_plain_model_folder_converts_without_an_adapter(models_dir, tmp_path):
     np.testing.assert_allclose(_gguf_logits(path, ids), np.asarray(jaxft.forward(cfg, params, ids)), atol=2e-5)
 
 
-def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path):
+def _llama3_rope_model(tmp_path):
+    """A tiny Llama with Llama 3's rope scaling (original context 16) and a Llama 3 tokenizer: folder, cfg, params."""
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16, "rope_theta": 10000.0}
     folder = hf_oracle.save(hf_oracle.build("llama", vocab_size=300, rope_parameters=rope), tmp_path / "m")
     _byte_level_bpe(folder, PRE_TOKENIZERS["llama-bpe"].split, ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
                     LLAMA3_TEMPLATE, ignore_merges=True)
     cfg, params = jaxft.from_pretrained(folder)
+    return folder, cfg, params
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path):
+    folder, cfg, params = _llama3_rope_model(tmp_path)
     assert cfg.rope.rope_type == "llama3"
     save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "r.gguf")
     tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "r.gguf").tensors}
@@ -318,12 +324,7 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
 def test_llama3_rope_without_original_context_reads_back(tmp_path):
     """A llama3 rope with no original_max_position_embeddings (its divisors made with max_position_embeddings, as
     transformers does) is written with that length, and jaxft reads its own file back as the same model."""
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16, "rope_theta": 10000.0}
-    folder = hf_oracle.save(hf_oracle.build("llama", vocab_size=300, rope_parameters=rope), tmp_path / "m")
-    _byte_level_bpe(folder, PRE_TOKENIZERS["llama-bpe"].split, ["<|eot_id|>"], None, "<|eot_id|>", "<|eot_id|>",
-                    LLAMA3_TEMPLATE, ignore_merges=True)
-    cfg, params = jaxft.from_pretrained(folder)
+    folder, cfg, params = _llama3_rope_model(tmp_path)
     cfg = cfg.replace(rope=dataclasses.replace(cfg.rope, original_max_position_embeddings=None))
     save_gguf(cfg, params, jaxft.load_tokenizer(folder), tmp_path / "r.gguf", gguf_type="f32")
     field = gguf.GGUFReader(tmp_path / "r.gguf").fields["llama.rope.scaling.original_context_length"]
