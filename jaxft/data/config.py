@@ -54,22 +54,18 @@ class DataConfig:
             object.__setattr__(self, "paths", (self.paths,))
         if not self.paths:
             raise ConfigError("data.paths is empty; name at least one JSON/JSONL/CSV/parquet file or dataset folder")
-        _choice("format", self.format, FORMATS)
-        _choice("loss", self.loss, LOSS_STRATEGIES)
-        _choice("truncation", self.truncation, TRUNCATION)
+        check_choice("format", self.format, FORMATS)
+        check_choice("loss", self.loss, LOSS_STRATEGIES)
+        check_choice("truncation", self.truncation, TRUNCATION)
         if self.normalize_unicode is not None:
-            _choice("normalize_unicode", self.normalize_unicode, NORMALIZATIONS)
+            check_choice("normalize_unicode", self.normalize_unicode, NORMALIZATIONS)
         if self.dedup is not None:
-            _choice("dedup", self.dedup, DEDUP)
+            check_choice("dedup", self.dedup, DEDUP)
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be >= 2 (one input and one target), got {self.max_length}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.weights is not None:
-            if len(self.weights) != len(self.paths):
-                raise ConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths")
-            if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
-                raise ConfigError(f"data.weights must be >= 0 with at least one > 0, got {list(self.weights)}")
+        check_weights(self.weights, self.paths)
         if not 0.0 < self.near_dup_threshold <= 1.0:
             raise ConfigError(f"data.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
         if not 0.0 <= self.max_bad_char_fraction <= 1.0:
@@ -79,6 +75,16 @@ class DataConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _choice(name: str, value, allowed: tuple) -> None:
+def check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"data.{name} is {value!r}; expected one of {list(allowed)}")
+
+
+def check_weights(weights: tuple[float, ...] | None, paths: tuple[str, ...]) -> None:
+    """Mixture weights, when given: one per path, none negative, some positive."""
+    if weights is None:
+        return
+    if len(weights) != len(paths):
+        raise ConfigError(f"data.weights has {len(weights)} entries for {len(paths)} paths")
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(f"data.weights must be >= 0 with at least one > 0, got {list(weights)}")

@@ -1,0 +1,193 @@
+"""Streaming document readers for pretraining: one document at a time, from sources that need not fit in memory.
+
+A source spec (``data.paths`` entry of a :class:`~jaxft.data.text_config.TextDataConfig`) is
+
+| spec                              | documents                                                               |
+|-----------------------------------|-------------------------------------------------------------------------|
+| a text file (any other suffix)    | the whole file, or one per line / per blank-line separated paragraph   |
+| ``*.jsonl`` (``.jsonl.gz``)       | each line's ``text_field``                                              |
+| ``*.parquet``                     | each row's ``text_field``, read a record batch at a time (pyarrow)      |
+| a ``datasets.save_to_disk`` folder | each row's ``text_field`` (memory-mapped arrow)                        |
+| any other folder, or a glob       | the files it matches (``**`` recursive), sorted, each read as above    |
+| ``hf:NAME`` / ``hf:NAME:SPLIT``   | ``datasets.load_dataset(NAME, split=SPLIT, streaming=True)`` (default split ``train``) |
+
+Documents are numbered from 0 in reading order across a source's files; ``read_documents(..., start=n)`` resumes at
+document ``n`` without decoding the ones before it where the format allows (whole text files and parquet files
+are skipped by their counts). A checkpoint therefore stores a document number per source, not a file offset.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from jaxft.data.formats import DataError
+
+HF_PREFIX = "hf:"
+_PARQUET_BATCH_ROWS = 1024
+
+
+class Document(NamedTuple):
+    """One document's text and where it came from (``file:line``, ``file:row``, ``file``), for reports."""
+
+    location: str
+    text: str
+
+
+def expand_source(spec: str) -> list[str]:
+    """The files (or the one dataset folder / ``hf:`` name) a source spec reads, in reading order; a spec that
+    matches nothing is a DataError naming it."""
+    if spec.startswith(HF_PREFIX):
+        return [spec]
+    path = Path(spec)
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return [spec]
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif path.is_file():
+        files = [spec]
+    else:
+        files = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(spec, "no documents", "matches no file (expected a file, a folder, a glob, a "
+                        "datasets.save_to_disk folder or hf:NAME[:SPLIT])")
+    return files
+
+
+def read_documents(spec: str, *, text_field: str = "text", document: str = "file",
+                   start: int = 0) -> Iterator[Document]:
+    """The documents of one source spec, from document number ``start`` on; a record without a string
+    ``text_field`` is a DataError naming its file and line / row."""
+    skip = start
+    for item in expand_source(spec):
+        held = yield from _read_item(item, text_field, document, skip)  # each reader returns its item's count
+        skip = max(0, skip - held)
+
+
+def _read_item(item: str, text_field: str, document: str, skip: int):
+    """A generator of one item's documents after its first ``skip``, returning how many the item holds."""
+    if item.startswith(HF_PREFIX):
+        return (yield from _read_hf(item, text_field, skip))
+    if Path(item).is_dir():
+        return (yield from _read_saved_dataset(item, text_field, skip))
+    if item.endswith(".parquet"):
+        return (yield from _read_parquet(item, text_field, skip))
+    if item.endswith((".jsonl", ".jsonl.gz")):
+        return (yield from _read_jsonl(item, text_field, skip))
+    return (yield from _read_text(item, document, skip))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _read_text(path: str, document: str, skip: int):
+    if document == "file" and skip:
+        return 1  # a whole file is one document (an empty one is dropped by cleaning): skipped unread
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, "not UTF-8", f"byte {e.start} cannot be decoded ({e.reason})") from None
+    if document == "file":
+        parts = [(path, text)]
+    elif document == "line":
+        parts = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        parts = _paragraphs(path, text)
+    for location, part in parts[skip:]:
+        yield Document(location, part)
+    return len(parts)
+
+
+def _paragraphs(path: str, text: str) -> list[tuple[str, str]]:
+    """Blank-line separated paragraphs with the line each starts on."""
+    out, lines, first = [], [], 0
+    for number, line in enumerate([*text.splitlines(), ""], 1):
+        if line.strip():
+            first = first or number
+            lines.append(line)
+        elif lines:
+            out.append((f"{path}:{first}", "\n".join(lines)))
+            lines, first = [], 0
+    return out
+
+
+def _read_jsonl(path: str, text_field: str, skip: int):
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    with io.TextIOWrapper(raw, encoding="utf-8") as lines:
+        number = 0
+        for line_number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            number += 1
+            if number <= skip:
+                continue
+            location = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(location, "invalid JSON", e.msg) from None
+            yield Document(location, _text_of(record, text_field, location))
+    return number
+
+
+def _text_of(record, text_field: str, location: str) -> str:
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(location, "no text", f"expected a string field {text_field!r} (data.text_field), got "
+                        f"{type(value).__name__}; the record has {keys}")
+    return value
+
+
+def _read_parquet(path: str, text_field: str, skip: int):
+    import pyarrow.parquet as pq  # datasets' dependency; imported only when a parquet source is read
+
+    table = pq.ParquetFile(path)
+    if skip >= table.metadata.num_rows:
+        return table.metadata.num_rows  # skipped by its count, unread
+    if text_field not in table.schema_arrow.names:
+        raise DataError(path, "no text", f"no column {text_field!r} (data.text_field); columns: "
+                        f"{table.schema_arrow.names}")
+    row = 0
+    for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+        if row + batch.num_rows <= skip:
+            row += batch.num_rows
+            continue
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if row > skip:
+                yield Document(f"{path}:row {row}", _text_of({text_field: value}, text_field, f"{path}:row {row}"))
+    return row
+
+
+def _read_saved_dataset(path: str, text_field: str, skip: int):
+    import datasets
+
+    dataset = datasets.load_from_disk(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(path, "several splits", f"the folder holds splits {list(dataset)}; name one of their "
+                        "folders")
+    if skip >= len(dataset):
+        return len(dataset)
+    return (yield from _rows(path, iter(dataset.skip(skip)), text_field, skip))
+
+
+def _read_hf(spec: str, text_field: str, skip: int):
+    import datasets
+
+    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    stream = datasets.load_dataset(name, split=split or "train", streaming=True)
+    return (yield from _rows(spec, iter(stream.skip(skip)), text_field, skip))
+
+
+def _rows(where: str, rows: Iterator[dict], text_field: str, skip: int):
+    row = skip
+    for row, record in enumerate(rows, skip + 1):
+        location = f"{where}:row {row}"
+        yield Document(location, _text_of(record, text_field, location))
+    return row
