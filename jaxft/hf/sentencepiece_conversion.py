@@ -19,7 +19,7 @@ from typing import Any
 import sentencepiece
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
+from tokenizers.models import BPE, Unigram
 
 # transformers' `LlamaTokenizer.__init__` defaults, used when a sentencepiece folder's config doesn't name them.
 DEFAULT_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -75,7 +75,7 @@ def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
 
 
 _SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4  # ModelProto.SentencePiece.Type (2: UNKNOWN)
-_SPM_BPE = 2  # TrainerSpec.model_type
+_SPM_UNIGRAM, _SPM_BPE = 1, 2  # TrainerSpec.model_type
 
 
 def _varint(value: int) -> bytes:
@@ -133,6 +133,11 @@ def backend_from_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], ad
     5's `LlamaTokenizer` builds it: a `Metaspace` pre-tokenizer adding the prefix space to the first piece only
     (every piece with ``legacy``, none without ``add_prefix_space``), and the matching decoder."""
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    return _with_metaspace(backend, add_prefix_space, legacy)
+
+
+def _with_metaspace(backend: BackendTokenizer, add_prefix_space: bool, legacy: bool = False) -> BackendTokenizer:
+    """Spaces as "▁" in and out, with sentencepiece's dummy prefix (see :func:`backend_from_pieces`)."""
     if not add_prefix_space:
         prepend_scheme = "never"
     else:
@@ -143,6 +148,32 @@ def backend_from_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], ad
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
     return backend
+
+
+def backend_from_model(model_proto: bytes) -> BackendTokenizer:
+    """The `tokenizers` backend that encodes as sentencepiece does, for a model trained with an identity
+    normalizer (whitespace kept) and the dummy prefix: a BPE model as :func:`convert` makes it, a unigram model
+    as a `tokenizers` Unigram with the pieces' scores (the Viterbi search sentencepiece runs; transformers' BPE
+    conversion would change a unigram model's ids). Byte fallback when the model has the byte pieces."""
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    if _model_type(model_proto) == _SPM_BPE:
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        return backend_from_pieces(vocab, generate_merges(vocab), add_prefix_space=True)
+    byte_fallback = "<0x00>" in pieces
+    unigram = Unigram([(piece, processor.get_score(i)) for i, piece in enumerate(pieces)], processor.unk_id(),
+                      byte_fallback)
+    return _with_metaspace(BackendTokenizer(unigram), add_prefix_space=True)
+
+
+def _model_type(model_proto: bytes) -> int:
+    """``TrainerSpec.model_type`` (ModelProto field 2, its field 3); sentencepiece's default is unigram (1)."""
+    for field, wire_type, value in _protobuf_fields(model_proto):
+        if field == 2 and wire_type == 2:
+            for spec_field, _, spec_value in _protobuf_fields(value):
+                if spec_field == 3:
+                    return spec_value
+    return _SPM_UNIGRAM
 
 
 def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[AddedToken]]:
