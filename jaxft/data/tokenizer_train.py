@@ -4,7 +4,7 @@ Three model types:
 
 | model_type | trained by                                   | text handling                                      |
 |------------|----------------------------------------------|----------------------------------------------------|
-| `unigram`  | sentencepiece (`SentencePieceTrainer.train`) | Llama-2 style: spaces as "▁", a dummy prefix, digits split, byte fallback |
+| `unigram`  | sentencepiece (`SentencePieceTrainer.train`) | Gemma style: spaces as "▁", no dummy prefix, digits split, byte fallback |
 | `bpe`      | sentencepiece                                 | the same, with BPE merges                          |
 | `byte_bpe` | `tokenizers`' `BpeTrainer`                    | GPT-2 style: bytes as printable characters (ByteLevel), no unknowns |
 
@@ -12,8 +12,9 @@ The documents come from :func:`jaxft.data.text_sources.read_documents` (files, g
 folders, ``hf:`` names) or from any iterable of strings; sentencepiece reads them through its sentence iterator and
 writes its model into memory, so nothing is written but the output folder. Sentencepiece is given the documents
 line by line (it skips sentences over ``max_sentence_length`` bytes, so long lines are cut), with the identity
-normalizer and whitespace kept as written: what it learns and how it encodes then matches the `tokenizers`
-backend saved beside it, whose Metaspace pre-tokenizer does no normalizing either.
+normalizer, whitespace kept as written and no dummy prefix (as Gemma's): how it encodes then matches the
+`tokenizers` backend saved beside it on every text. (With the prefix, sentencepiece adds "▁" even before a
+leading space, which a Metaspace pre-tokenizer never does, and runs of indentation would encode differently.)
 
 The folder holds ``tokenizer.json`` (the backend: for sentencepiece models made by
 :func:`jaxft.hf.sentencepiece_conversion.backend_from_model`), ``tokenizer_config.json`` (with the special tokens
@@ -150,6 +151,11 @@ class TokenizerTrainConfig:
         tokens = [*self.special_tokens().values(), *self.extra_special_tokens, *_TEMPLATE_MARKER.findall(template)]
         return list(dict.fromkeys(tokens))
 
+    def extra_tokens(self) -> list[str]:
+        """The special tokens without a name: the extra ones and the chat template's markers."""
+        named = set(self.special_tokens().values())
+        return [token for token in self.all_special_tokens() if token not in named]
+
     def adds_bos(self) -> bool:
         return self.sentencepiece if self.add_bos_token is None else self.add_bos_token
 
@@ -200,13 +206,13 @@ def _train_sentencepiece(texts: Iterable[str], cfg: TokenizerTrainConfig) -> byt
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=_sentences(texts), model_writer=model, model_type=cfg.model_type,
             vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage, byte_fallback=cfg.byte_fallback,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=_SENTENCE_BYTES,
             input_sentence_size=cfg.max_sentences or 0, shuffle_input_sentence=True,
             unk_id=ids["unk_token"], bos_id=ids.get("bos_token", -1), eos_id=ids.get("eos_token", -1),
             pad_id=ids.get("pad_token", -1), unk_piece=named["unk_token"], bos_piece=named.get("bos_token", "<s>"),
             eos_piece=named.get("eos_token", "</s>"), pad_piece=named.get("pad_token", "<pad>"),
-            user_defined_symbols=cfg.all_special_tokens()[len(named):], num_threads=cfg.threads or os.cpu_count(),
+            user_defined_symbols=cfg.extra_tokens(), num_threads=cfg.threads or os.cpu_count(),
             minloglevel=2)
     except RuntimeError as err:
         raise _sentencepiece_error(err, cfg) from err
@@ -246,7 +252,7 @@ def _finish(backend: BackendTokenizer, cfg: TokenizerTrainConfig) -> Tokenizer:
     backend.post_processor = bos_eos if cfg.sentencepiece else processors.Sequence(
         [processors.ByteLevel(trim_offsets=False), bos_eos])
     templates = {"default": BUILTIN_TEMPLATES[cfg.chat_template]} if cfg.chat_template else {}
-    return Tokenizer(backend, special_tokens=named, extra_special_tokens=cfg.all_special_tokens()[len(named):],
+    return Tokenizer(backend, special_tokens=named, extra_special_tokens=cfg.extra_tokens(),
                      chat_templates=templates, config=config)
 
 
@@ -266,8 +272,7 @@ def train_tokenizer(texts: Iterable[str], out_dir, cfg: TokenizerTrainConfig, *,
         tokenizer.save(tmp)
         if model_proto is not None:
             (tmp / SENTENCEPIECE_MODEL).write_bytes(model_proto)
-        extras = cfg.all_special_tokens()[len(cfg.special_tokens()):]
-        special_map = {**cfg.special_tokens(), "additional_special_tokens": extras}
+        special_map = {**cfg.special_tokens(), "additional_special_tokens": cfg.extra_tokens()}
         (tmp / SPECIAL_TOKENS_MAP).write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
     return Path(out_dir)

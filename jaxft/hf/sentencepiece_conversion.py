@@ -128,11 +128,13 @@ def piece_types(serialized_model: bytes) -> list[int]:
 
 
 def backend_from_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool,
-                        legacy: bool = False) -> BackendTokenizer:
+                        legacy: bool = False, unk_token: str | None = None) -> BackendTokenizer:
     """A sentencepiece-style byte-fallback BPE over ``vocab`` (pieces spelled with "▁" for spaces), as transformers
     5's `LlamaTokenizer` builds it: a `Metaspace` pre-tokenizer adding the prefix space to the first piece only
-    (every piece with ``legacy``, none without ``add_prefix_space``), and the matching decoder."""
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    (every piece with ``legacy``, none without ``add_prefix_space``), and the matching decoder. A character
+    without a piece or byte pieces becomes ``unk_token`` (consecutive ones fused), or is dropped without one."""
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None,
+                                   unk_token=unk_token))
     return _with_metaspace(backend, add_prefix_space, legacy)
 
 
@@ -151,29 +153,33 @@ def _with_metaspace(backend: BackendTokenizer, add_prefix_space: bool, legacy: b
 
 
 def backend_from_model(model_proto: bytes) -> BackendTokenizer:
-    """The `tokenizers` backend that encodes as sentencepiece does, for a model trained with an identity
-    normalizer (whitespace kept) and the dummy prefix: a BPE model as :func:`convert` makes it, a unigram model
-    as a `tokenizers` Unigram with the pieces' scores (the Viterbi search sentencepiece runs; transformers' BPE
-    conversion would change a unigram model's ids). Byte fallback when the model has the byte pieces."""
+    """The `tokenizers` backend that encodes as sentencepiece does, for a model with the identity normalizer
+    (whitespace kept as written): a BPE model as :func:`convert` makes it, a unigram model as a `tokenizers` Unigram
+    with the pieces' scores (the Viterbi search sentencepiece runs; transformers' BPE conversion would change a
+    unigram model's ids), byte fallback when the model has the byte pieces. Only a model without the dummy prefix
+    encodes every text alike: sentencepiece adds "▁" even to a text that starts with a space, a Metaspace
+    pre-tokenizer does not."""
     processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-    if _model_type(model_proto) == _SPM_BPE:
+    spec = _proto_submessages(model_proto)
+    add_prefix_space = spec["normalizer"].get(3, 1) == 1  # NormalizerSpec.add_dummy_prefix, default true
+    if spec["trainer"].get(3, _SPM_UNIGRAM) == _SPM_BPE:  # TrainerSpec.model_type
         vocab = {piece: i for i, piece in enumerate(pieces)}
-        return backend_from_pieces(vocab, generate_merges(vocab), add_prefix_space=True)
-    byte_fallback = "<0x00>" in pieces
+        unk = processor.id_to_piece(processor.unk_id())
+        return backend_from_pieces(vocab, generate_merges(vocab), add_prefix_space, unk_token=unk)
     unigram = Unigram([(piece, processor.get_score(i)) for i, piece in enumerate(pieces)], processor.unk_id(),
-                      byte_fallback)
-    return _with_metaspace(BackendTokenizer(unigram), add_prefix_space=True)
+                      "<0x00>" in pieces)
+    return _with_metaspace(BackendTokenizer(unigram), add_prefix_space)
 
 
-def _model_type(model_proto: bytes) -> int:
-    """``TrainerSpec.model_type`` (ModelProto field 2, its field 3); sentencepiece's default is unigram (1)."""
+def _proto_submessages(model_proto: bytes) -> dict[str, dict[int, Any]]:
+    """The scalar fields of a ModelProto's trainer spec (its field 2) and normalizer spec (field 3) by number."""
+    found: dict[str, dict[int, Any]] = {"trainer": {}, "normalizer": {}}
     for field, wire_type, value in _protobuf_fields(model_proto):
-        if field == 2 and wire_type == 2:
-            for spec_field, _, spec_value in _protobuf_fields(value):
-                if spec_field == 3:
-                    return spec_value
-    return _SPM_UNIGRAM
+        if field in (2, 3) and wire_type == 2:
+            found["trainer" if field == 2 else "normalizer"].update(
+                (number, item) for number, kind, item in _protobuf_fields(value) if kind == 0)
+    return found
 
 
 def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[AddedToken]]:
