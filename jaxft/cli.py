@@ -522,7 +522,7 @@ def _plot_command(sub):
 
 
 def _tokenizer_command(sub):
-    """``jaxft tokenizer train``'s arguments (the settings of :class:`jaxft.data.tokenizer_train.TokenizerTrainConfig`)."""
+    """``jaxft tokenizer train``'s arguments: the fields of :class:`jaxft.data.tokenizer_train.TokenizerTrainConfig`."""
     from jaxft.data.chat import BUILTIN_TEMPLATES
     from jaxft.data.text_config import DOCUMENT_UNITS
     from jaxft.data.tokenizer_train import MODEL_TYPES

@@ -128,14 +128,19 @@ def test_cli_trains_from_jsonl_with_a_document_budget(corpus, tmp_path):
     source.write_text("".join(json.dumps({"body": text}) + "\n" for text in corpus))
     args = ["tokenizer", "train", str(source), "--out", str(tmp_path / "cli"), "--vocab-size", "330",
             "--model-type", "bpe", "--text-field", "body", "--max-documents", "600", "--extra-special-token",
-            "<|tool|>", "--threads", "1"]
+            "<|tool|>", "--threads", "1", "--add-eos-token", "--no-add-bos-token"]
     assert cli.main(args) == 0
     api = train_tokenizer(corpus[:600], tmp_path / "api", TokenizerTrainConfig(
-        vocab_size=330, model_type="bpe", extra_special_tokens=("<|tool|>",), threads=1))
+        vocab_size=330, model_type="bpe", extra_special_tokens=("<|tool|>",), threads=1, add_eos_token=True,
+        add_bos_token=False))
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (api / name).read_bytes(), name
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "cli")
     assert len(hf("x<|tool|>y", add_special_tokens=False)["input_ids"]) == 3
+    own = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "cli" / "tokenizer.model"))
+    for text in HELD_OUT:  # EOS added, BOS not, as the flags say
+        ids = hf(text)["input_ids"]
+        assert ids == jaxft.load_tokenizer(tmp_path / "cli").encode(text) == own.encode(text) + [hf.eos_token_id]
 
 
 def _exit_status(argv) -> int:

@@ -2,11 +2,11 @@
 
 Three model types:
 
-| model_type | trained by                                   | text handling                                      |
-|------------|----------------------------------------------|----------------------------------------------------|
-| `unigram`  | sentencepiece (`SentencePieceTrainer.train`) | Gemma style: spaces as "▁", no dummy prefix, digits split, byte fallback |
-| `bpe`      | sentencepiece                                 | the same, with BPE merges                          |
-| `byte_bpe` | `tokenizers`' `BpeTrainer`                    | GPT-2 style: bytes as printable characters (ByteLevel), no unknowns |
+| model_type | trained by                       | text handling                                                   |
+|------------|----------------------------------|-----------------------------------------------------------------|
+| `unigram`  | sentencepiece's trainer          | Gemma style: spaces as "▁", no dummy prefix, digits split, bytes |
+| `bpe`      | sentencepiece                    | the same, with BPE merges                                       |
+| `byte_bpe` | `tokenizers`' `BpeTrainer`       | GPT-2 style: bytes as printable characters, no unknown token    |
 
 The documents come from :func:`jaxft.data.text_sources.read_documents` (files, globs, JSONL / parquet, datasets
 folders, ``hf:`` names) or from any iterable of strings; sentencepiece reads them through its sentence iterator and

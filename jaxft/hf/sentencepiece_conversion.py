@@ -8,6 +8,10 @@ A model that cannot be read is a ValueError naming the file; :mod:`jaxft.hf.toke
 TokenizerError. The protobuf wire format is read and written here by hand (just the fields a BPE ``ModelProto``
 needs), so that reading and writing tokenizer.model needs no protobuf package: :func:`bpe_model_proto` writes one
 from pieces, as :func:`jaxft.gguf.convert.gguf_to_hf` does for a GGUF file's sentencepiece vocabulary.
+
+A freshly trained model (:mod:`jaxft.data.tokenizer_train`) is saved with a ``tokenizer.json`` from
+:func:`backend_from_model`: the same BPE conversion for a BPE model, and a `tokenizers` Unigram with the pieces'
+scores for a unigram one, so that its ids are sentencepiece's own.
 """
 from __future__ import annotations
 
