@@ -343,7 +343,8 @@ def _tokenizer_train(args) -> int:
         add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token, byte_fallback=args.byte_fallback,
         character_coverage=args.character_coverage, max_documents=args.max_documents,
         max_characters=args.max_characters, max_sentences=args.max_sentences, chat_template=args.chat_template,
-        text_field=args.text_field, document=args.document, seed=args.seed, threads=args.threads)
+        text_field=args.text_field, document=args.document, skip_bad_files=args.skip_bad_files, seed=args.seed,
+        threads=args.threads)
     out = train_tokenizer_from_sources(args.sources, args.out, cfg, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
@@ -559,6 +560,8 @@ def _tokenizer_command(sub):
     p.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
     p.add_argument("--document", default="file", choices=DOCUMENT_UNITS, help="a plain text file is one document, "
                    "or one per line / paragraph")
+    p.add_argument("--skip-bad-files", action="store_true", help="skip the rest of a file that cannot be read (not "
+                   "UTF-8, bad JSON, no text field) with a warning, instead of stopping")
     p.add_argument("--seed", type=int, default=0, help="the same seed and input give the same files")
     p.add_argument("--threads", type=_at_least(1), help="sentencepiece training threads (default: every core)")
 

@@ -1,5 +1,6 @@
 """Tokenizer training (jaxft.data.tokenizer_train, `jaxft tokenizer train`): the saved folder encodes as
 transformers' AutoTokenizer, jaxft.load_tokenizer and the trainer's own model (sentencepiece / tokenizers) do."""
+import dataclasses
 import json
 import random
 
@@ -10,7 +11,8 @@ import transformers
 
 import jaxft
 from jaxft import cli
-from jaxft.data.tokenizer_train import TokenizerTrainConfig, TokenizerTrainError, train_tokenizer
+from jaxft.data.tokenizer_train import (TokenizerTrainConfig, TokenizerTrainError, train_tokenizer,
+                                        train_tokenizer_from_sources)
 
 WORDS = ("the model reads tokens and writes text while training runs on many devices with data from files "
          "alpha beta gamma delta epsilon zeta theta lambda sigma omega learning rate schedule warmup decay batch "
@@ -195,3 +197,20 @@ def test_api_errors_name_the_setting(corpus, tmp_path):
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("x")
         train_tokenizer(corpus, tmp_path / "full", TokenizerTrainConfig(vocab_size=300))
+
+
+def test_a_bad_file_stops_training_unless_skipped(corpus, tmp_path):
+    """A file that is not UTF-8 is an error naming it; with skip_bad_files the folder is the one the good files
+    alone give (the bad file's documents before its first bad one are kept: here it has none)."""
+    for i, part in enumerate((corpus[:500], corpus[500:1000])):
+        (tmp_path / f"{i}.txt").write_text("\n".join(part), encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    cfg = TokenizerTrainConfig(vocab_size=330, model_type="bpe", threads=1, document="line")
+    with pytest.raises(TokenizerTrainError, match="latin1.txt: not UTF-8.*--skip-bad-files"):
+        train_tokenizer_from_sources([str(tmp_path / "*.txt")], tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+    skipping = dataclasses.replace(cfg, skip_bad_files=True)
+    with pytest.warns(UserWarning, match="skips the rest of .*latin1.txt"):
+        train_tokenizer_from_sources([str(tmp_path / "*.txt")], tmp_path / "out", skipping)
+    good = train_tokenizer(corpus[:1000], tmp_path / "good", cfg)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (good / "tokenizer.json").read_bytes()

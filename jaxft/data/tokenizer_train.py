@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, pre_
 from tokenizers.models import BPE
 
 from jaxft.data.chat import BUILTIN_TEMPLATES
+from jaxft.data.formats import DataError
 from jaxft.data.text_config import DOCUMENT_UNITS
 from jaxft.data.text_sources import expand_source, read_documents
 from jaxft.errors import JaxftError
@@ -73,7 +75,8 @@ class TokenizerTrainConfig:
     no pad token by default, as Llama and GPT-2 have none). ``add_bos_token`` None: True for sentencepiece models
     (Llama), False for byte_bpe (GPT-2). ``max_documents`` / ``max_characters`` stop reading the corpus there;
     ``max_sentences`` lets sentencepiece keep a seeded random sample of that many lines (its input_sentence_size)
-    of those read. ``byte_fallback`` and ``character_coverage`` are sentencepiece's (byte_bpe covers every byte)."""
+    of those read. ``skip_bad_files``: a file that cannot be read (not UTF-8, bad JSON) is skipped from its first
+    bad document on, with a warning, instead of stopping the training. ``byte_fallback`` and ``character_coverage`` are sentencepiece's (byte_bpe covers every byte)."""
 
     vocab_size: int = 32000
     model_type: str = "unigram"
@@ -92,6 +95,7 @@ class TokenizerTrainConfig:
     chat_template: str | None = None
     text_field: str = "text"
     document: str = "file"
+    skip_bad_files: bool = False
     seed: int = 0
     threads: int | None = None  # sentencepiece's training threads (None: every core)
 
@@ -165,10 +169,20 @@ def corpus_texts(sources: Sequence[str], cfg: TokenizerTrainConfig) -> Iterator[
     one is an error naming it before any training."""
     if not sources:
         raise TokenizerTrainError("no sources: name at least one text / JSONL / parquet file, glob, folder or hf:NAME")
-    for spec in sources:
-        expand_source(spec)
-    return (doc.text for spec in sources
-            for doc in read_documents(spec, text_field=cfg.text_field, document=cfg.document))
+    items = [item for spec in sources for item in expand_source(spec)]
+    return (text for item in items for text in _item_texts(item, cfg))
+
+
+def _item_texts(item: str, cfg: TokenizerTrainConfig) -> Iterator[str]:
+    """One file's (dataset's) texts; with ``skip_bad_files`` a DataError (not UTF-8, bad JSON, a record without
+    the text field) ends the file with a warning naming it, instead of the training."""
+    try:
+        for doc in read_documents(item, text_field=cfg.text_field, document=cfg.document):
+            yield doc.text
+    except DataError as err:
+        if not cfg.skip_bad_files:
+            raise TokenizerTrainError(f"{err} (skip_bad_files / --skip-bad-files skips such a file)") from err
+        warnings.warn(f"tokenizer training skips the rest of {item}: {err}", stacklevel=2)
 
 
 def _budgeted(texts: Iterable[str], cfg: TokenizerTrainConfig) -> Iterator[str]:
