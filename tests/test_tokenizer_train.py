@@ -210,7 +210,7 @@ def test_a_bad_file_stops_training_unless_skipped(corpus, tmp_path):
         train_tokenizer_from_sources([str(tmp_path / "*.txt")], tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()
     skipping = dataclasses.replace(cfg, skip_bad_files=True)
-    with pytest.warns(UserWarning, match="skips the rest of .*latin1.txt"):
+    with pytest.warns(UserWarning, match="skips the rest of the file: .*latin1.txt: not UTF-8"):
         train_tokenizer_from_sources([str(tmp_path / "*.txt")], tmp_path / "out", skipping)
     good = train_tokenizer(corpus[:1000], tmp_path / "good", cfg)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (good / "tokenizer.json").read_bytes()

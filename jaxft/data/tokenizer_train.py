@@ -182,7 +182,7 @@ def _item_texts(item: str, cfg: TokenizerTrainConfig) -> Iterator[str]:
     except DataError as err:
         if not cfg.skip_bad_files:
             raise TokenizerTrainError(f"{err} (skip_bad_files / --skip-bad-files skips such a file)") from err
-        warnings.warn(f"tokenizer training skips the rest of {item}: {err}", stacklevel=2)
+        warnings.warn(f"tokenizer training skips the rest of the file: {err}", stacklevel=1)
 
 
 def _budgeted(texts: Iterable[str], cfg: TokenizerTrainConfig) -> Iterator[str]:
