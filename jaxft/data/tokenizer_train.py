@@ -13,8 +13,10 @@ folders, ``hf:`` names) or from any iterable of strings; sentencepiece reads the
 writes its model into memory, so nothing is written but the output folder. Sentencepiece is given the documents
 line by line (it skips sentences over ``max_sentence_length`` bytes, so long lines are cut), with the identity
 normalizer, whitespace kept as written and no dummy prefix (as Gemma's): how it encodes then matches the
-`tokenizers` backend saved beside it on every text. (With the prefix, sentencepiece adds "▁" even before a
-leading space, which a Metaspace pre-tokenizer never does, and runs of indentation would encode differently.)
+`tokenizers` backend saved beside it. (With the prefix, sentencepiece adds "▁" even before a leading space, which
+a Metaspace pre-tokenizer never does, and runs of indentation would encode differently.) A BPE model matches
+exactly; a unigram model can split differently where two segmentations' scores tie in float32, which sentencepiece
+sums in and `tokenizers` (float64) does not, a rare, equally likely choice.
 
 The folder holds ``tokenizer.json`` (the backend: for sentencepiece models made by
 :func:`jaxft.hf.sentencepiece_conversion.backend_from_model`), ``tokenizer_config.json`` (with the special tokens
