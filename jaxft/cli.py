@@ -327,6 +327,29 @@ def _inspect(args) -> int:
     return 0
 
 
+def _tokenizer_train(args) -> int:
+    """Train a tokenizer on text sources (text files, globs, folders, JSONL / parquet with a text field,
+    datasets.save_to_disk folders, hf:NAME[:SPLIT]) and write it as a Hugging Face tokenizer folder:
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, the chat template, and for sentencepiece models
+    tokenizer.model. transformers' AutoTokenizer and jaxft load it.
+    """
+    from jaxft.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer_from_sources
+
+    if not args.overwrite:
+        _refuse_existing(args.out)
+    cfg = TokenizerTrainConfig(
+        vocab_size=args.vocab_size, model_type=args.model_type, bos_token=args.bos_token, eos_token=args.eos_token,
+        unk_token=args.unk_token, pad_token=args.pad_token, extra_special_tokens=tuple(args.extra_special_token or ()),
+        add_bos_token=args.add_bos_token, add_eos_token=args.add_eos_token, byte_fallback=args.byte_fallback,
+        character_coverage=args.character_coverage, max_documents=args.max_documents,
+        max_characters=args.max_characters, max_sentences=args.max_sentences, chat_template=args.chat_template,
+        text_field=args.text_field, document=args.document, skip_bad_files=args.skip_bad_files, seed=args.seed,
+        threads=args.threads)
+    out = train_tokenizer_from_sources(args.sources, args.out, cfg, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _size(shape) -> int:
     return shape[0] * shape[1] * shape[2]
 
@@ -499,6 +522,50 @@ def _plot_command(sub):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
+def _tokenizer_command(sub):
+    """``jaxft tokenizer train``'s arguments: the fields of :class:`jaxft.data.tokenizer_train.TokenizerTrainConfig`."""
+    from jaxft.data.chat import BUILTIN_TEMPLATES
+    from jaxft.data.text_config import DOCUMENT_UNITS
+    from jaxft.data.tokenizer_train import MODEL_TYPES
+
+    group = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tokenizer_command",
+                                                                               required=True, metavar="ACTION")
+    p = _command(group, "train", _tokenizer_train, compiles=False, help="train a tokenizer on text sources",
+                 epilog="example: jaxft tokenizer train 'corpus/**/*.txt' --out tok --vocab-size 32000")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="text file, glob, folder, *.jsonl, *.parquet, "
+                   "datasets folder or hf:NAME[:SPLIT]")
+    p.add_argument("--out", required=True, help="the tokenizer folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--vocab-size", type=_at_least(1), default=32000, help="ids in all, special tokens included")
+    p.add_argument("--model-type", default="unigram", choices=MODEL_TYPES, help="sentencepiece unigram (default) "
+                   "or bpe (Llama-2 style), or byte_bpe (GPT-2 style byte-level BPE)")
+    for name in ("bos", "eos", "unk", "pad"):
+        p.add_argument(f"--{name}-token", metavar="TOKEN", help=f"the {name.upper()} token (default: sentencepiece "
+                       "<s> </s> <unk>; byte_bpe <|endoftext|> as BOS and EOS; no pad token)")
+    p.add_argument("--extra-special-token", action="append", metavar="TOKEN", help="another special token, one id "
+                   "(repeatable), e.g. <|im_start|>")
+    p.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction, help="add BOS to every encoded text "
+                   "(default: yes for sentencepiece, no for byte_bpe)")
+    p.add_argument("--add-eos-token", action="store_true", help="add EOS to every encoded text")
+    p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True, help="sentencepiece: "
+                   "characters outside the vocabulary as UTF-8 byte tokens instead of <unk> (default: yes)")
+    p.add_argument("--character-coverage", type=float, default=0.9995, help="sentencepiece: the share of characters "
+                   "the vocabulary covers (the rest: bytes or <unk>)")
+    p.add_argument("--max-documents", type=_at_least(1), metavar="N", help="read at most N documents")
+    p.add_argument("--max-characters", type=_at_least(1), metavar="N", help="read at most N characters")
+    p.add_argument("--max-sentences", type=_at_least(1), metavar="N", help="sentencepiece: train on a seeded random "
+                   "sample of N lines of those read (its input_sentence_size)")
+    p.add_argument("--chat-template", choices=sorted(BUILTIN_TEMPLATES), help="save this built-in chat template; "
+                   "its <|...|> markers become special tokens")
+    p.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
+    p.add_argument("--document", default="file", choices=DOCUMENT_UNITS, help="a plain text file is one document, "
+                   "or one per line / paragraph")
+    p.add_argument("--skip-bad-files", action="store_true", help="skip the rest of a file that cannot be read (not "
+                   "UTF-8, bad JSON, no text field) with a warning, instead of stopping")
+    p.add_argument("--seed", type=int, default=0, help="the same seed and input give the same files")
+    p.add_argument("--threads", type=_at_least(1), help="sentencepiece training threads (default: every core)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune Llama-family models in JAX "
                                      "(LoRA, QLoRA/NF4, full) from Hugging Face folders, on CPU, GPU and TPU meshes.")
@@ -513,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_command(sub)
     _inspect_command(sub)
     _plot_command(sub)
+    _tokenizer_command(sub)
     return parser
 
 

@@ -8,6 +8,10 @@ A model that cannot be read is a ValueError naming the file; :mod:`jaxft.hf.toke
 TokenizerError. The protobuf wire format is read and written here by hand (just the fields a BPE ``ModelProto``
 needs), so that reading and writing tokenizer.model needs no protobuf package: :func:`bpe_model_proto` writes one
 from pieces, as :func:`jaxft.gguf.convert.gguf_to_hf` does for a GGUF file's sentencepiece vocabulary.
+
+A freshly trained model (:mod:`jaxft.data.tokenizer_train`) is saved with a ``tokenizer.json`` from
+:func:`backend_from_model`: the same BPE conversion for a BPE model, and a `tokenizers` Unigram with the pieces'
+scores for a unigram one, so that its ids are sentencepiece's own.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Any
 import sentencepiece
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
+from tokenizers.models import BPE, Unigram
 
 # transformers' `LlamaTokenizer.__init__` defaults, used when a sentencepiece folder's config doesn't name them.
 DEFAULT_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -75,7 +79,7 @@ def _protobuf_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
 
 
 _SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4  # ModelProto.SentencePiece.Type (2: UNKNOWN)
-_SPM_BPE = 2  # TrainerSpec.model_type
+_SPM_UNIGRAM, _SPM_BPE = 1, 2  # TrainerSpec.model_type
 
 
 def _varint(value: int) -> bytes:
@@ -128,11 +132,18 @@ def piece_types(serialized_model: bytes) -> list[int]:
 
 
 def backend_from_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool,
-                        legacy: bool = False) -> BackendTokenizer:
+                        legacy: bool = False, unk_token: str | None = None) -> BackendTokenizer:
     """A sentencepiece-style byte-fallback BPE over ``vocab`` (pieces spelled with "▁" for spaces), as transformers
     5's `LlamaTokenizer` builds it: a `Metaspace` pre-tokenizer adding the prefix space to the first piece only
-    (every piece with ``legacy``, none without ``add_prefix_space``), and the matching decoder."""
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    (every piece with ``legacy``, none without ``add_prefix_space``), and the matching decoder. A character
+    without a piece or byte pieces becomes ``unk_token`` (consecutive ones fused), or is dropped without one."""
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None,
+                                   unk_token=unk_token))
+    return _with_metaspace(backend, add_prefix_space, legacy)
+
+
+def _with_metaspace(backend: BackendTokenizer, add_prefix_space: bool, legacy: bool = False) -> BackendTokenizer:
+    """Spaces as "▁" in and out, with sentencepiece's dummy prefix (see :func:`backend_from_pieces`)."""
     if not add_prefix_space:
         prepend_scheme = "never"
     else:
@@ -143,6 +154,36 @@ def backend_from_pieces(vocab: dict[str, int], merges: list[tuple[str, str]], ad
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
     return backend
+
+
+def backend_from_model(model_proto: bytes) -> BackendTokenizer:
+    """The `tokenizers` backend that encodes as sentencepiece does, for a model with the identity normalizer
+    (whitespace kept as written): a BPE model as :func:`convert` makes it, a unigram model as a `tokenizers` Unigram
+    with the pieces' scores (the Viterbi search sentencepiece runs; transformers' BPE conversion would change a
+    unigram model's ids), byte fallback when the model has the byte pieces. Only a model without the dummy prefix
+    encodes every text alike: sentencepiece adds "▁" even to a text that starts with a space, a Metaspace
+    pre-tokenizer does not."""
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    spec = _proto_submessages(model_proto)
+    add_prefix_space = spec["normalizer"].get(3, 1) == 1  # NormalizerSpec.add_dummy_prefix, default true
+    if spec["trainer"].get(3, _SPM_UNIGRAM) == _SPM_BPE:  # TrainerSpec.model_type
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        unk = processor.id_to_piece(processor.unk_id())
+        return backend_from_pieces(vocab, generate_merges(vocab), add_prefix_space, unk_token=unk)
+    unigram = Unigram([(piece, processor.get_score(i)) for i, piece in enumerate(pieces)], processor.unk_id(),
+                      "<0x00>" in pieces)
+    return _with_metaspace(BackendTokenizer(unigram), add_prefix_space)
+
+
+def _proto_submessages(model_proto: bytes) -> dict[str, dict[int, Any]]:
+    """The scalar fields of a ModelProto's trainer spec (its field 2) and normalizer spec (field 3) by number."""
+    found: dict[str, dict[int, Any]] = {"trainer": {}, "normalizer": {}}
+    for field, wire_type, value in _protobuf_fields(model_proto):
+        if field in (2, 3) and wire_type == 2:
+            found["trainer" if field == 2 else "normalizer"].update(
+                (number, item) for number, kind, item in _protobuf_fields(value) if kind == 0)
+    return found
 
 
 def convert(model_path: Path, config: dict) -> tuple[BackendTokenizer, list[AddedToken]]:
