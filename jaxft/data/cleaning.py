@@ -76,10 +76,13 @@ def dedup_digest(text: str) -> bytes:
 class MinHashIndex:
     """Near-duplicate detector: MinHash signatures of character shingles, LSH bands, Jaccard confirmation.
 
-    Incremental: `add_unless_duplicate` compares one text against the texts added before it, so the in-memory
-    SFT path and the pretraining stream share it. Per added text it holds the signature (`num_perm` uint32s, in
-    one array that grows by doubling) and one entry per band: the band's bytes (`rows` uint32s) mapping to the
-    text's number (a list only where texts share a band).
+    Incremental: `add_unless_duplicate` compares one text with the texts added before it, so the in-memory SFT
+    path and the pretraining stream (`jaxft.data.text_cleaning`) share it. Per added text it holds its signature
+    (`num_perm` uint32s) in one array that grows by a quarter, and per band a 64-bit hash of the band's values with
+    the text's number (12 bytes). The band hashes of older texts sit in one sorted array (searched with
+    `np.searchsorted`); those of the texts added since its last rebuild, at most an eighth of all (and 1024), sit in
+    a dict until the next rebuild. A band hash only proposes a candidate: the candidate's stored signature must
+    equal the text's on a whole band, exactly as if the band's values themselves were the key.
     """
 
     def __init__(self, threshold: float, num_perm: int = 128, shingle: int = 5, seed: int = 1):
@@ -88,9 +91,14 @@ class MinHashIndex:
         self.a = rng.integers(1, int(_MERSENNE), num_perm, dtype=np.uint64)
         self.b = rng.integers(0, int(_MERSENNE), num_perm, dtype=np.uint64)
         self.bands, self.rows = self._banding(threshold, num_perm)
-        self.buckets: list[dict[bytes, int | list[int]]] = [{} for _ in range(self.bands)]
+        self._band_multipliers = rng.integers(1, 1 << 63, self.rows, dtype=np.uint64) | np.uint64(1)
+        self._band_salts = rng.integers(0, 1 << 63, self.bands, dtype=np.uint64)
         self._signatures = np.empty((0, num_perm), dtype=np.uint32)
         self._count = 0
+        self._sorted_keys = np.empty(0, dtype=np.uint64)  # band hashes of texts [0, _sorted_upto), sorted
+        self._sorted_texts = np.empty(0, dtype=np.uint32)
+        self._sorted_upto = 0
+        self._recent: dict[int, int | list[int]] = {}  # band hash -> text number(s), texts since _sorted_upto
         self.powers = np.uint64(1_000_003) ** np.arange(shingle, dtype=np.uint64)
 
     def __len__(self) -> int:
@@ -121,35 +129,66 @@ class MinHashIndex:
         """The Jaccard similarity of two texts' shingle sets, estimated from their signatures."""
         return float(np.mean(first == second))
 
+    def _band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """[..., bands] uint64 hashes of each band's values (a different hash per band)."""
+        bands = signatures.reshape(*signatures.shape[:-1], self.bands, self.rows).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            return (bands * self._band_multipliers).sum(axis=-1, dtype=np.uint64) ^ self._band_salts
+
     def add_unless_duplicate(self, text: str) -> int | None:
         """Number of an earlier text whose estimated Jaccard similarity to `text` reaches the threshold (the
         first such among those sharing an LSH band), or None, and then `text` is added to the index."""
         signature = self.signature(text)
-        keys = [signature[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
-        candidates = set()
-        for band, key in zip(self.buckets, keys):
-            held = band.get(key, ())
-            candidates.update((held,) if isinstance(held, int) else held)
-        for j in sorted(candidates):
-            if self.jaccard_estimate(self._signatures[j], signature) >= self.threshold:
-                return j
+        keys = self._band_keys(signature)
+        candidates = self._candidates(keys)
+        if candidates:
+            numbers = np.array(sorted(candidates))
+            equal = self._signatures[numbers] == signature
+            shares_band = equal.reshape(len(numbers), self.bands, self.rows).all(axis=2).any(axis=1)
+            similar = equal.mean(axis=1) >= self.threshold
+            matches = numbers[shares_band & similar]
+            if len(matches):
+                return int(matches[0])
         self._append(signature, keys)
         return None
 
-    def _append(self, signature: np.ndarray, keys: list[bytes]) -> None:
-        index = self._count
-        if index == len(self._signatures):
-            grown = np.empty((max(16, 2 * index), self.num_perm), dtype=np.uint32)
-            grown[:index] = self._signatures
+    def _candidates(self, keys: np.ndarray) -> set[int]:
+        """Numbers of the texts with a band hash equal to one of `keys` (a superset of those sharing a band)."""
+        found: set[int] = set()
+        first = np.searchsorted(self._sorted_keys, keys, side="left")
+        last = np.searchsorted(self._sorted_keys, keys, side="right")
+        for lo, hi in zip(first[first < last].tolist(), last[first < last].tolist()):
+            found.update(self._sorted_texts[lo:hi].tolist())
+        for key in keys.tolist():
+            held = self._recent.get(key, ())
+            found.update((held,) if isinstance(held, int) else held)
+        return found
+
+    def _append(self, signature: np.ndarray, keys: np.ndarray) -> None:
+        number = self._count
+        if number == len(self._signatures):
+            grown = np.empty((max(16, number + number // 4), self.num_perm), dtype=np.uint32)  # 1/4 spare
+            grown[:number] = self._signatures
             self._signatures = grown
-        self._signatures[index] = signature
+        self._signatures[number] = signature
         self._count += 1
-        for band, key in zip(self.buckets, keys):
-            held = band.setdefault(key, index)
+        for key in keys.tolist():
+            held = self._recent.setdefault(key, number)
             if isinstance(held, list):
-                held.append(index)
-            elif held != index:
-                band[key] = [held, index]
+                held.append(number)
+            elif held != number:
+                self._recent[key] = [held, number]
+        if self._count - self._sorted_upto >= max(1024, self._count // 8):
+            self._merge_recent()
+
+    def _merge_recent(self) -> None:
+        """Move the recent texts' band hashes from the dict into the sorted arrays."""
+        recent = np.arange(self._sorted_upto, self._count, dtype=np.uint32)
+        keys = np.concatenate([self._sorted_keys, self._band_keys(self._signatures[recent]).ravel()])
+        texts = np.concatenate([self._sorted_texts, np.repeat(recent, self.bands)])
+        order = np.argsort(keys, kind="stable")
+        self._sorted_keys, self._sorted_texts = keys[order], texts[order]
+        self._sorted_upto, self._recent = self._count, {}
 
 
 def clean(sources: Sequence[Sequence[Example]], *, normalize_unicode: str | None = "NFC", dedup: str | None = "exact",

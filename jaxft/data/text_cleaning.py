@@ -23,9 +23,12 @@ by replaying the cleaner over the documents before its position. Each document m
 over a source would find every document a duplicate of itself.
 
 Memory: the dedup index grows with the kept documents, nothing else does. Per kept document, ``exact`` holds a
-20-byte digest in a set (about 90 bytes with Python's overheads); ``near`` adds the MinHash signature (128
-uint32s: 512 bytes) and one entry per LSH band (16 bands of 8 values at the default threshold 0.85, each a
-32-byte key mapping to the document's number: about 150 bytes), so about 3 KB per kept document in all.
+20-byte SHA-1 digest in a set (about 160 bytes with Python's overheads, measured with tracemalloc); ``near`` adds
+its MinHash signature (128 uint32s: 512 bytes) and per LSH band (16 at the default threshold 0.85) a 64-bit band
+hash and the document's number (12 bytes), the newest eighth of the documents in a dict instead: about 1.1 KB per
+kept document in all (1.06-1.09 KB measured at 20,000 and 60,000), so 10 million kept documents take about 11 GB.
+Throughput on one core (README paragraphs of 850 characters): 32 MB/s with exact dedup, 7 MB/s with PII scrubbing
+and every filter on, 1 MB/s with near dedup (the MinHash permutations dominate).
 """
 from __future__ import annotations
 
@@ -65,6 +68,9 @@ _PHONE = re.compile(r"(?<![\w+.-])(?:"
                     r"|\d{3}([.-])\d{3}\1\d{4}"
                     r")(?!\w|[.-]\d)")
 _PHONE_DIGITS = (7, 15)  # E.164 allows at most 15 digits
+_IPV4_HINT = re.compile(r"\d\.\d")
+_IPV6_FULL_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{1,4}:")  # the eight-group form; the others have "::"
+_PHONE_HINT = re.compile(r"\d\d")
 
 
 def _looks_like_ipv6(address: str) -> bool:
@@ -77,11 +83,19 @@ def _looks_like_phone(number: str) -> bool:
 
 
 def scrub_pii(text: str) -> str:
-    """`text` with e-mail addresses, IP addresses and phone numbers replaced by ``<EMAIL>``, ``<IP>``, ``<PHONE>``."""
-    text = _EMAIL.sub("<EMAIL>", text)
-    text = _IPV4.sub("<IP>", text)
-    text = _IPV6.sub(lambda m: "<IP>" if _looks_like_ipv6(m.group()) else m.group(), text)
-    return _PHONE.sub(lambda m: "<PHONE>" if _looks_like_phone(m.group()) else m.group(), text)
+    """`text` with e-mail addresses, IP addresses and phone numbers replaced by ``<EMAIL>``, ``<IP>``, ``<PHONE>``.
+
+    Each pattern runs only where a cheap test finds a part every match has: the patterns start with a lookbehind,
+    which makes `re` try them at every position (3x slower on prose than a search led by a character class)."""
+    if "@" in text:
+        text = _EMAIL.sub("<EMAIL>", text)
+    if _IPV4_HINT.search(text):
+        text = _IPV4.sub("<IP>", text)
+    if "::" in text or _IPV6_FULL_HINT.search(text):
+        text = _IPV6.sub(lambda m: "<IP>" if _looks_like_ipv6(m.group()) else m.group(), text)
+    if _PHONE_HINT.search(text):
+        text = _PHONE.sub(lambda m: "<PHONE>" if _looks_like_phone(m.group()) else m.group(), text)
+    return text
 
 
 def symbol_reason(text: str, limit: float) -> tuple[str, str] | None:
@@ -98,7 +112,7 @@ def symbol_reason(text: str, limit: float) -> tuple[str, str] | None:
 def alpha_word_reason(text: str, limit: float) -> tuple[str, str] | None:
     """Gopher: fewer than `limit` of the words contain a letter (tables of numbers, code dumps, symbol runs)."""
     words = text.split()
-    alpha = sum(any(c.isalpha() for c in word) for word in words)
+    alpha = sum(word.isalpha() or any(c.isalpha() for c in word) for word in words)  # the first test is fast
     if (alpha / len(words) if words else 0.0) < limit:
         return "few alphabetic words", f"{alpha}/{len(words)} words with a letter < min_alpha_word_fraction {limit}"
     return None
