@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from jaxft.config import ConfigError
 from jaxft.data import DataReport, Example, clean
+from jaxft.data.cleaning import MinHashIndex
 from jaxft.data.text_cleaning import TextCleaner, scrub_pii
 from jaxft.data.text_config import TextDataConfig
 from jaxft.data.text_sources import Document
@@ -223,3 +225,30 @@ def test_the_report_names_reason_count_location_and_snippet():
     start = " ".join(["word"] * 40)[:59]  # 60 characters on one line, the last one an ellipsis
     assert report.samples["too long"] == [f"corpus.txt:4: 200 characters > max_chars 100: '{start}\u2026'"]
     assert "dropped 2 (exact duplicate), e.g. corpus.txt:2: repeats an earlier document: 'ok'" in report.summary()
+
+
+def test_the_minhash_index_finds_what_a_scan_of_every_kept_signature_finds():
+    """Past 1024 texts the band hashes move into sorted arrays; the index must still answer as a plain scan of
+    every kept signature for one sharing a whole band with an estimated Jaccard similarity >= the threshold."""
+    index = MinHashIndex(0.85)
+    rng = random.Random(11)
+    texts = []
+    for i in range(1400):
+        if i > 50 and rng.random() < 0.15:
+            texts.append(_edited(rng.choice(texts).split(), rng.randrange(1, 4), rng))
+        else:
+            texts.append(_random_text(1000 + i, 40))
+    kept = np.empty((0, index.num_perm), dtype=np.uint32)
+    matched = 0
+    for text in texts:
+        signature = index.signature(text)
+        equal = kept == signature
+        shares_band = equal.reshape(len(kept), index.bands, index.rows).all(axis=2).any(axis=1)
+        scan = np.flatnonzero(shares_band & (equal.mean(axis=1) >= index.threshold))
+        expected = int(scan[0]) if len(scan) else None
+        assert index.add_unless_duplicate(text) == expected
+        if expected is None:
+            kept = np.vstack([kept, signature])
+        else:
+            matched += expected < 1024  # found in the sorted arrays
+    assert len(index) == len(kept) > 1024 and matched > 20
