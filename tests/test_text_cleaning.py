@@ -60,6 +60,7 @@ def test_unicode_normalization_and_its_off_switch():
     ("(555) 123-4567", "<PHONE>"),
     ("555-123-4567", "<PHONE>"),
     ("555.123.4567", "<PHONE>"),
+    ("1-800-555-1234", "<PHONE>"),
 ])
 def test_pii_is_replaced_by_its_tag(pii, tag):
     assert scrub_pii(f"reach me at {pii}, thanks") == f"reach me at {tag}, thanks"

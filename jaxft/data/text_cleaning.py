@@ -59,13 +59,14 @@ _IPV6 = re.compile(r"(?<![\w:])(?:" + "|".join([
     rf"(?:{_HEX}:){{1,7}}:",
     rf":(?::{_HEX}){{1,7}}",
 ]) + r")(?![\w:]|\.\w)")
-# A phone number has a country code ("+44 20 7946 0958", "+1 (555) 123-4567") or the North American shapes
-# "(555) 123-4567" and "555-123-4567" / "555.123.4567" (one separator throughout); dates (2024-01-15, 15.01.2024)
-# and plain integers have neither shape.
+# A phone number has a country code ("+44 20 7946 0958", "+1 (555) 123-4567") or a North American shape:
+# "(555) 123-4567", "555-123-4567", "555.123.4567", "1-800-555-1234" (one separator throughout). Dates
+# (2024-01-15, 15.01.2024) and plain integers have neither.
 _PHONE = re.compile(r"(?<![\w+.-])(?:"
                     r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){1,5}"
                     r"|\(\d{3}\) ?\d{3}[ .-]\d{4}"
                     r"|\d{3}([.-])\d{3}\1\d{4}"
+                    r"|1([.-])\d{3}\2\d{3}\2\d{4}"
                     r")(?!\w|[.-]\d)")
 _PHONE_DIGITS = (7, 15)  # E.164 allows at most 15 digits
 _IPV4_HINT = re.compile(r"\d\.\d")
