@@ -6,7 +6,9 @@ takes its shard. Every drop is counted in the `DataReport` with its reason and s
 
 Near-duplicates are found with MinHash over character 5-gram shingles and LSH banding, in numpy
 (the `datasketch` scheme: `(a * h + b) mod (2^61 - 1)` per permutation), then confirmed by the estimated
-Jaccard similarity, so the LSH bands only decide which pairs get compared.
+Jaccard similarity, so the LSH bands only decide which pairs get compared. The filters (`filter_reason`), the dedup
+key and `MinHashIndex` (incremental: one text at a time against the ones kept) are also the pretraining stream's
+(`jaxft.data.text_cleaning`), so both paths drop the same texts for the same settings.
 """
 from __future__ import annotations
 
