@@ -1,8 +1,9 @@
 """Pretraining rows streamed from documents: read, clean, shard, tokenize a buffer at a time, cut into rows.
 
 Nothing holds a whole corpus: each source is read one document at a time (`jaxft.data.text_sources`), cleaned
-(`jaxft.data.text_cleaning.TextCleaner`), and the documents this process keeps are tokenized
-`TOKENIZE_BUFFER_DOCUMENTS` at a time with the fast tokenizer's batch call, only as far ahead as the next row needs.
+(`jaxft.data.text_cleaning.TextCleaner`), and the documents this process keeps are tokenized a buffer at a time
+(`TOKENIZE_BUFFER_DOCUMENTS` / `TOKENIZE_BUFFER_CHARS`) with the fast tokenizer's batch call, only as far ahead as
+the next row needs.
 
 Tokens. Each document is ``tokenizer(text)`` (BOS where the tokenizer adds one by default, as transformers'
 ``tokenizer(text)`` does) followed by EOS, and the documents of a source follow each other in one token stream.
@@ -51,7 +52,10 @@ from jaxft.data.text_config import TextDataConfig
 from jaxft.data.text_sources import read_documents
 
 STATE_VERSION = 1
-TOKENIZE_BUFFER_DOCUMENTS = 256  # documents per batch call of the tokenizer
+# One batch call of the tokenizer: this many documents, or fewer holding this many characters. Its Python lists of
+# ids (about 15 bytes per character of text) are the stream's largest memory.
+TOKENIZE_BUFFER_DOCUMENTS = 256
+TOKENIZE_BUFFER_CHARS = 1 << 16
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 _ROW_INDEPENDENT = ("batch_size", "store")  # settings that change batches or where rows are read, not the rows
 _STATE_WHY = ("other files, cleaning, packing, tokenizer, seed or process layout would not resume at the same "
@@ -133,8 +137,8 @@ class _SourceCursor:
 
     def _read_mine(self) -> list[_Kept]:
         """The next documents this process keeps, up to a tokenizer buffer's worth."""
-        mine = []
-        while len(mine) < TOKENIZE_BUFFER_DOCUMENTS:
+        mine, chars = [], 0
+        while len(mine) < TOKENIZE_BUFFER_DOCUMENTS and chars < TOKENIZE_BUFFER_CHARS:
             document = next(self.reader, None)
             if document is None:
                 self.exhausted = True
@@ -146,6 +150,7 @@ class _SourceCursor:
             self.kept += 1
             if (self.kept - 1) % self.stream.process_count == self.stream.process_index:
                 mine.append(_Kept(self.read - 1, self.kept - 1, document.location, text))
+                chars += len(text)
         return mine
 
     def _fill(self, need: int) -> None:
