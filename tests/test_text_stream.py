@@ -78,14 +78,19 @@ def write_jsonl(path: Path, docs: list[str]) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def make_setup(tmp_path_factory) -> dict:
+    """The tokenizer (jaxft's and transformers' load of one folder) and two JSONL sources with their documents."""
     root = tmp_path_factory.mktemp("text_stream")
     folder = build_tokenizer(root / "tok")
     sources = {"a": make_documents(0, 120), "b": make_documents(1, 60)}
     paths = {name: write_jsonl(root / f"{name}.jsonl", docs) for name, docs in sources.items()}
     return {"root": root, "tok": load_tokenizer(folder), "hf": transformers.AutoTokenizer.from_pretrained(folder),
             "sources": sources, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory)
 
 
 def config(setup, names=("a", "b"), **changes) -> TextDataConfig:

@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 from collections import deque
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -257,7 +258,7 @@ class TextStream:
         self._adds_eos = self.fingerprint["tokenizer special tokens of an empty text"][-1:] == [tokenizer.eos_token_id]
         self.weights = None if cfg.weights is None else np.asarray(cfg.weights, np.float64) / sum(cfg.weights)
         self._reported: set[int] = set()
-        self._batches_per_epoch: int | None = None
+        self._rows_per_pass: int | None = None
         self._restore(None)
 
     # ----- the pieces the sources use --------------------------------------------------------------------------
@@ -346,12 +347,13 @@ class TextStream:
         self.cursors = [_SourceCursor(self, i, position, cycle) for i, position in enumerate(state["sources"])]
 
     def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "process_index": self.process_index, "process_count": self.process_count,
+        return {"version": STATE_VERSION, "kind": "text stream", "process_index": self.process_index,
+                "process_count": self.process_count,
                 "batch_size": self.cfg.batch_size, "fingerprint": self.fingerprint, "epoch": self.epoch,
                 "row": self.row, "source": self.source, "sources": [c.position() for c in self.cursors]}
 
     def set_state(self, state: dict) -> None:
-        expected = {"version": STATE_VERSION, "process_index": self.process_index,
+        expected = {"version": STATE_VERSION, "kind": "text stream", "process_index": self.process_index,
                     "process_count": self.process_count, "batch_size": self.cfg.batch_size}
         check_state(state, expected, "data iterator state", "does not match this data", _STATE_WHY)
         check_state(state.get("fingerprint") or {}, self.fingerprint, "data iterator state",
@@ -363,13 +365,30 @@ class TextStream:
         self._restore(None)
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches of one pass over all sources for this process (one reading pass to count, then cached)."""
-        if self._batches_per_epoch is None:
+    def rows_per_pass(self) -> int:
+        """Rows of one pass over all sources for this process (one reading pass to count, then cached)."""
+        if self._rows_per_pass is None:
             counter = [_SourceCursor(self, i, None, cycle=False, scratch=True) for i in range(len(self.cfg.paths))]
             tokens = sum(cursor.count_tokens() for cursor in counter)
-            self._batches_per_epoch = math.ceil(math.ceil(tokens / self.cfg.max_length) / self.cfg.batch_size)
-        return self._batches_per_epoch
+            self._rows_per_pass = math.ceil(tokens / self.cfg.max_length)
+        return self._rows_per_pass
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of one pass over all sources for this process; the last one padded (see the module doc)."""
+        return math.ceil(self.rows_per_pass / self.cfg.batch_size)
+
+    def pass_rows(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of one pass from the very start, without the padding rows of its last batch (what
+        `jaxft.data.token_store` writes); the stream is rewound before and after."""
+        self.rewind()
+        if self.weights is None:
+            while not self._epoch_over():
+                yield self._next_row()
+        else:
+            for _ in range(self.rows_per_pass):
+                yield self._next_row()
+        self.rewind()
 
 
 def build_text_pipeline(cfg: TextDataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1,
