@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 import transformers
+import yaml
 
+from jaxft.cli import main
 from jaxft.data.formats import DataError
 from jaxft.data.text_stream import TextStream, build_text_pipeline
 from jaxft.data.token_store import StoredRows, read_manifest, write_token_store
@@ -107,3 +109,25 @@ def test_an_existing_store_is_replaced_only_with_overwrite(setup, store, tmp_pat
     manifest = write_token_store(cfg, setup["tok"], folder, overwrite=True)
     assert manifest["rows"] == first["rows"] and len(manifest["shards"]) == 1
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rows-00000.npy"]
+
+
+def test_jaxft_data_tokenize_writes_the_store_a_run_config_names(setup, store, tmp_path, capsys):
+    model = tmp_path / "model"  # config.json alone: the command reads the model's vocab_size, no weights
+    transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2).save_pretrained(model)
+    cfg = store.replace(store=str(tmp_path / "rows"))
+    data = {"type": "text", "paths": list(cfg.paths), "weights": list(cfg.weights), "packing": cfg.packing,
+            "max_length": cfg.max_length, "batch_size": cfg.batch_size, "min_chars": cfg.min_chars,
+            "dedup": cfg.dedup, "store": cfg.store}
+    run = {"model": str(model), "tokenizer": str(setup["root"] / "tok"), "output_dir": str(tmp_path / "run"),
+           "task": {"type": "continued_pretrain"}, "method": "full", "data": data}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["data", "tokenize", str(tmp_path / "run.yaml")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = np.concatenate([np.load(tmp_path / "rows" / s["file"]) for s in read_manifest(cfg.store)["shards"]])
+    assert printed["rows"] == len(rows)
+    np.testing.assert_array_equal(rows, _stream_rows(cfg, setup["tok"]))
+    assert main(["data", "tokenize", str(tmp_path / "run.yaml")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["data", "tokenize", str(tmp_path / "run.yaml"), "--set", "data.store=null"]) == 2
+    assert "data.store" in capsys.readouterr().err
