@@ -179,15 +179,22 @@ def test_a_saved_position_resumes_with_identical_batches(setup, changes, kwargs)
     probe = TextStream(cfg, setup["tok"], **kwargs)
     total = 2 * probe.batches_per_epoch + 3
     reference = _batches(cfg, setup, total, **kwargs)
-    for cut in sorted({1, probe.batches_per_epoch - 1, probe.batches_per_epoch, probe.batches_per_epoch + 2,
-                       total - 2}):
+    epoch, states = probe.batches_per_epoch, []
+    for cut in sorted({*range(1, total, 11), epoch - 1, epoch, epoch + 1, total - 1}):  # mid-document, across
+        # a source's end (unweighted: into the next source; weighted: into its next pass) and the epoch's end
         stream = TextStream(cfg, setup["tok"], **kwargs)
         for _ in range(cut):
             next(stream)
         state = json.loads(json.dumps(stream.get_state()))
+        states.append(state)
         resumed = TextStream(cfg, setup["tok"], **kwargs)
         resumed.set_state(state)
         _assert_same([next(resumed) for _ in range(total - cut)], reference[cut:])
+    positions = [p for state in states for p in state["sources"]]
+    assert any(p["offset"] > 0 for p in positions), "some cut falls inside a document"
+    assert any(p["pass"] > 0 for p in positions), "some cut falls in a source's second pass"
+    if "weights" not in changes:
+        assert any(state["source"] == 1 for state in states), "some cut falls in the second source"
 
 
 def test_rewind_reads_the_same_batches_again(setup):
