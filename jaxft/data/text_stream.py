@@ -380,7 +380,8 @@ class TextStream:
 
     def pass_rows(self) -> Iterator[dict[str, np.ndarray]]:
         """The rows of one pass from the very start, without the padding rows of its last batch (what
-        `jaxft.data.token_store` writes); the stream is rewound before and after."""
+        `jaxft.data.token_store` writes); with weights, `rows_per_pass` rows drawn as training draws them. The
+        stream is rewound before and after."""
         self.rewind()
         if self.weights is None:
             while not self._epoch_over():
