@@ -31,8 +31,8 @@ MIN_CHARS = 5
 IGNORE = -100
 
 
-def build_tokenizer(folder: Path) -> Path:
-    """A byte-level BPE (vocab 300) whose post-processor adds BOS to every text, as Llama's does."""
+def build_tokenizer(folder: Path, template: str = "<s> $A") -> Path:
+    """A byte-level BPE (vocab 300) whose post-processor adds BOS to every text (``template``), as Llama's does."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -41,7 +41,7 @@ def build_tokenizer(folder: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(corpus, trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                                 pad_token="<pad>")
     fast.save_pretrained(folder)
@@ -195,6 +195,16 @@ def test_a_saved_position_resumes_with_identical_batches(setup, changes, kwargs)
     assert any(p["pass"] > 0 for p in positions), "some cut falls in a source's second pass"
     if "weights" not in changes:
         assert any(state["source"] == 1 for state in states), "some cut falls in the second source"
+
+
+def test_a_tokenizer_that_ends_texts_with_eos_itself_gets_no_second_eos(setup, tmp_path):
+    folder = build_tokenizer(tmp_path / "tok", template="<s> $A </s>")
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    stream = TextStream(config(setup, names=("b",)), load_tokenizer(folder))
+    rows = rows_of(one_pass(stream))
+    expected = [hf(doc)["input_ids"] for doc in kept_documents(setup["sources"]["b"])]
+    assert all(ids[-1] == hf.eos_token_id and ids[-2] != hf.eos_token_id for ids in expected)
+    np.testing.assert_array_equal(rows["input_ids"][rows["segment_ids"] > 0], np.concatenate(expected))
 
 
 def test_rewind_reads_the_same_batches_again(setup):
