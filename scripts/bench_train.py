@@ -16,8 +16,10 @@ Workloads (``--config``):
 * ``1b``: Llama-3.2-1B shapes (tied embeddings, llama3 RoPE), bfloat16, batch 4 x 2048, chunked cross-entropy
   (1024 tokens: full logits would be 4 GiB): for a GPU or TPU.
 
-FLOPs per token count matmuls only: a frozen base linear costs 4 per weight (forward + input gradient), a trained
-one 6, attention scores and values 12 * layers * heads * head_dim * T (forward + backward, no causal discount).
+FLOPs per token: full training (and the 6N-MFU column) is jaxft's model FLOPs (``jaxft.train.flops``: PaLM's
+6 per non-embedding weight plus attention scores and values, 12 * layers * heads * head_dim * T, forward + backward,
+no causal discount); LoRA counts matmuls only, a frozen base linear 4 per weight (forward + input gradient), a
+trained one 6, plus the same attention.
 MFU is achieved FLOP/s over the peak of a 2048^2 float32 matmul measured in this run on the same stack (JAX for
 jaxft, PyTorch for the reference; best of the runs), so each side is judged against what its own matmul reaches on
 this CPU. The CPU model (``lscpu``, else ``/proc/cpuinfo``) is recorded with the results: the jaxft / PyTorch
@@ -130,8 +132,20 @@ def timed_steps(step, n_warmup: int, n_steps: int) -> tuple[float, list[float]]:
     return first, times
 
 
+def model_config(config: dict):
+    """The workload's jaxft ModelConfig."""
+    from jaxft import ModelConfig, RopeConfig
+
+    rope = RopeConfig(**config["rope"]) if "rope" in config else RopeConfig()
+    return ModelConfig(**config["model"], rope=rope, dtype=config["dtype"])
+
+
 def flops_per_token(config: dict, workload: str) -> dict:
-    """Matmul FLOPs per token of one train step: LoRA counts 4 per frozen weight, 6 per trained one."""
+    """Matmul FLOPs per token of one train step: full training is jaxft's model FLOPs (``jaxft.train.flops``, PaLM's
+    6N + attention); LoRA counts 4 per frozen weight, 6 per trained one."""
+    from jaxft.train import flops
+
+    cfg = model_config(config)
     m = config["model"]
     d, f, layers = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
     hd = m.get("head_dim") or d // m["num_attention_heads"]
@@ -139,8 +153,8 @@ def flops_per_token(config: dict, workload: str) -> dict:
     shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
     base = layers * sum(i * o for i, o in shapes) + d * m["vocab_size"]  # lm_head (tied or not) is a matmul
     adapter = layers * sum(LORA["r"] * (i + o) for i, o in shapes)
-    attention = 12 * layers * q * config["seq"]
-    six_n = 6 * base + attention
+    attention = flops.attention_flops_per_token(cfg, config["seq"])
+    six_n = flops.flops_per_token(cfg, config["seq"])
     if workload == "full":
         model = six_n
     else:
@@ -168,13 +182,12 @@ def jaxft_model(config: dict, workload: str):
     """(cfg, params) with adapters / NF4 base as the workload asks."""
     import jax
 
-    from jaxft import ModelConfig, QuantConfig, RopeConfig
+    from jaxft import QuantConfig
     from jaxft.models.llama import init_params
     from jaxft.peft import lora
     from jaxft.recipes.skeleton import build_params
 
-    rope = RopeConfig(**config["rope"]) if "rope" in config else RopeConfig()
-    cfg = ModelConfig(**config["model"], rope=rope, dtype=config["dtype"])
+    cfg = model_config(config)
     base = init_params(cfg, jax.random.PRNGKey(0), dtype=config["dtype"])
     quant = QuantConfig(quant_type="nf4", blocksize=64, double_quant=True) if workload == "qlora" else None
     peft = (lora.LoraConfig(**LORA, target_modules=LINEARS),) if workload in ("lora", "qlora") else ()
@@ -232,17 +245,13 @@ PEAK_N = 2048
 
 
 def run_peak(_config: dict, _workload: str, args) -> dict:
-    """GFLOP/s of a 2048^2 float32 matmul in JAX (best of 10), the jaxft side's MFU denominator."""
+    """GFLOP/s of a 2048^2 float32 matmul in JAX (best of 10), the jaxft side's MFU denominator: the peak a
+    pretraining run measures on hardware jaxft.train.flops has no table entry for."""
     import jax
-    import jax.numpy as jnp
 
-    n = PEAK_N
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    best = min(_seconds(lambda: matmul(a, b).block_until_ready()) for _ in range(10))
-    return {"matmul_gflops": 2 * n ** 3 / best / 1e9, "device": jax.devices()[0].device_kind}
+    from jaxft.train.flops import measure_matmul_peak
+
+    return {"matmul_gflops": measure_matmul_peak(PEAK_N, repeats=10) / 1e9, "device": jax.devices()[0].device_kind}
 
 
 def run_peak_torch(_config: dict, _workload: str, args) -> dict:

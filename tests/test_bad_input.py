@@ -98,9 +98,12 @@ BAD_INPUTS = [
     (["train", "{evil}"], PYTHON_TAG),
     (["train", "{config}", "--set", "lora.r"], NOT_KEY_VALUE),
     (["train", "{config}", "--set", "task={{type: rloo}}"], "--set task={{type: rloo}}: task.type: unknown task "
-                                                           "type 'rloo'; known types are ['classify', 'dpo', 'grpo', "
-                                                           "'kto', 'orpo', 'ppo', 'qa', 'reward', 'sft', 'simpo', "
+                                                           "type 'rloo'; known types are ['classify', "
+                                                           "'continued_pretrain', 'dpo', 'grpo', 'kto', 'orpo', "
+                                                           "'ppo', 'pretrain', 'qa', 'reward', 'sft', 'simpo', "
                                                            "'token_classify']"),
+    (["train", "{config}", "--set", "data.type=csv"], "--set data.type=csv: unknown data type 'csv'; known types "
+                                                     "are ['chat', 'text']"),
     (["train", "{config}", "--set", "method=qlora", "--set", "quant.type=int8"],
      "--set quant.type=int8: unknown quant type 'int8'; known types are ['fp4', 'nf4']"),
     (["train", "{config}", "--set", "model={{type: gpt2}}"], "--set model={{type: gpt2}}: model.type: unknown model "

@@ -123,8 +123,9 @@ def test_changes_and_flat_keys_name_a_methods_keys_by_its_type(tmp_path):
 
 
 @pytest.mark.parametrize("section, says", [
-    ("task: {type: rloo}", "task.type: unknown task type 'rloo'; known types are ['classify', 'dpo', 'grpo', "
-                           "'kto', 'orpo', 'ppo', 'qa', 'reward', 'sft', 'simpo', 'token_classify']"),
+    ("task: {type: rloo}", "task.type: unknown task type 'rloo'; known types are ['classify', "
+                           "'continued_pretrain', 'dpo', 'grpo', 'kto', 'orpo', 'ppo', 'pretrain', 'qa', 'reward', "
+                           "'sft', 'simpo', 'token_classify']"),
     ("peft: [{type: vera}]", "peft.0.type: unknown peft type 'vera'; known types are ['bitfit', 'head', 'ia3', "
                              "'ln_tuning', 'loha', 'lokr', 'lora', 'p_tuning', 'prefix_tuning', 'prompt_tuning']"),
     ("peft: [{r: 4}]", "peft.0.type: a peft entry needs a type; known types are ['bitfit', 'head', 'ia3', "

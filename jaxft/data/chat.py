@@ -153,13 +153,20 @@ def check_token_ids(samples: Sequence[Sample], vocab_size: int, tokenizer) -> No
         return
     worst = int(np.argmax(highest))
     n_bad = sum(h >= vocab_size for h in highest)
-    raise DataError(samples[worst].source, "token id beyond the model's vocabulary",
-                    f"token id {highest[worst]} ({tokenizer.decode([highest[worst]])!r}) has no embedding row: "
-                    f"the model's config.json says vocab_size {vocab_size} (ids 0..{vocab_size - 1}) while the "
-                    f"tokenizer has {len(tokenizer)} tokens; {n_bad} of {len(samples)} samples hold such ids. "
-                    "Use the model's own tokenizer, or resize the embeddings to the tokenizer first (transformers: "
-                    "model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(folder)) and use "
-                    "that folder as the model")
+    raise token_id_error(samples[worst].source, highest[worst], vocab_size, tokenizer,
+                         f"{n_bad} of {len(samples)} samples hold such ids")
+
+
+def token_id_error(location: str, token_id: int, vocab_size: int, tokenizer, extent: str) -> DataError:
+    """The DataError for a token id the model has no embedding row for, found at ``location``; ``extent`` says how
+    much of the data holds such ids."""
+    return DataError(location, "token id beyond the model's vocabulary",
+                     f"token id {token_id} ({tokenizer.decode([token_id])!r}) has no embedding row: "
+                     f"the model's config.json says vocab_size {vocab_size} (ids 0..{vocab_size - 1}) while the "
+                     f"tokenizer has {len(tokenizer)} tokens; {extent}. "
+                     "Use the model's own tokenizer, or resize the embeddings to the tokenizer first (transformers: "
+                     "model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(folder)) and use "
+                     "that folder as the model")
 
 
 def checked_pad_id(tokenizer, vocab_size: int | None) -> int:

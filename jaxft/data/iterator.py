@@ -153,6 +153,10 @@ class PackedIterator:
         return rows_to_batch(self.samples, self._rows[start:start + self.batch_size], self.row_length, self.pad_id,
                              self.extras_layout)
 
+    def rewind(self) -> None:
+        """Back to the first batch of the first epoch (an evaluation reads the same batches each time)."""
+        self.epoch, self.batch_index, self._rows = 0, 0, None
+
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch_index, "seed": self.seed,
                 "process_index": self.process_index, "process_count": self.process_count,

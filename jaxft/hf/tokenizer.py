@@ -243,6 +243,10 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included (transformers' `get_vocab`)."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
         """Token string(s) to id(s); unknown tokens map to the unk id (None without an unk token)."""
         if isinstance(tokens, str):

@@ -17,6 +17,7 @@ import yaml
 from jaxft.config import (ABSENT, ATTENTION_IMPLEMENTATIONS, MODEL_UNION, PATH_FIELD, QUANT_UNION, REMAT_POLICIES,
                           ConfigError, HeadConfig, ModelConfig, QuantConfig, TaggedUnion, from_dict, to_dict)
 from jaxft.data.config import DataConfig
+from jaxft.data.text_config import TextDataConfig
 from jaxft.files import write_text_atomic
 from jaxft.parallel import MeshConfig
 from jaxft.peft.bitfit import BitFit
@@ -27,8 +28,8 @@ from jaxft.peft.lora import LoraConfig
 from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.peft.prefix import PrefixTuningConfig, PromptLearning
 from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
-from jaxft.recipes.tasks import (ClassifyTask, DpoTask, GrpoTask, KtoTask, OrpoTask, PpoTask, QaTask, RewardTask,
-                                 SftTask, SimpoTask, TokenClassifyTask, task_head)
+from jaxft.recipes.tasks import (ClassifyTask, ContinuedPretrainTask, DpoTask, GrpoTask, KtoTask, OrpoTask, PpoTask,
+                                 PretrainTask, QaTask, RewardTask, SftTask, SimpoTask, TokenClassifyTask, eval_source_names, task_head)
 from jaxft.train.optim import OptimConfig
 
 METHODS = ("lora", "qlora", "full")  # the ``method:`` shorthand
@@ -39,7 +40,10 @@ DEFAULT_LORA = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")  # t
 TASK_UNION = TaggedUnion("task", {"sft": SftTask, "classify": ClassifyTask, "token_classify": TokenClassifyTask,
                                   "qa": QaTask, "reward": RewardTask, "dpo": DpoTask, "orpo": OrpoTask,
                                   "simpo": SimpoTask, "kto": KtoTask, "grpo": GrpoTask,
-                                  "ppo": PpoTask}, default="sft")
+                                  "ppo": PpoTask, "pretrain": PretrainTask,
+                                  "continued_pretrain": ContinuedPretrainTask}, default="sft")
+# A run's data: chats and records (fine-tuning, the default) or plain text documents (the pretraining tasks).
+DATA_UNION = TaggedUnion("data", {"chat": DataConfig, "text": TextDataConfig}, default="chat")
 PEFT_UNION = TaggedUnion("peft", {"lora": LoraConfig, "head": HeadOnly,
                                   "ia3": IA3Config,
                                   "ln_tuning": LNTuningConfig,
@@ -104,10 +108,10 @@ class RunConfig:
 
     model: str | ModelConfig = field(metadata={**PATH_FIELD, "union": MODEL_UNION})
     output_dir: str = field(metadata=PATH_FIELD)
-    data: DataConfig
+    data: DataConfig | TextDataConfig = field(metadata={"union": DATA_UNION})
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
     task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
-           | KtoTask | GrpoTask | PpoTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
+           | KtoTask | GrpoTask | PpoTask | PretrainTask | ContinuedPretrainTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
     peft: tuple[Any, ...] | None = field(default=None, metadata={"union": PEFT_UNION})  # PEFT_UNION's members
     method: InitVar[str | None] = None
     dtype: str = "float32"
@@ -115,11 +119,17 @@ class RunConfig:
     lora: InitVar[LoraConfig | None] = None
     quant: QuantConfig | None = field(default=None, metadata={"union": QUANT_UNION})
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_data: DataConfig | None = None
+    eval_data: DataConfig | TextDataConfig | None = field(default=None, metadata={"union": DATA_UNION})
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self, method, lora):
+        _check_data_kind(self.task, self.data, self.eval_data)
+        # pretraining trains every weight: no method is its default (the lora section read_run_tree fills in for a
+        # file without peft is the run's default LoRA, not a choice)
+        if isinstance(self.task, PretrainTask) and self.peft is None and method is None and lora in (None,
+                                                                                                     DEFAULT_LORA):
+            method = "full"
         peft, quant = _methods(self.peft, self.quant, method, lora)
         head_only = any(isinstance(m, HeadOnly) for m in peft)
         peft = tuple(_for_task(m, self.task, head_only) for m in peft)
@@ -134,6 +144,10 @@ class RunConfig:
         if quant is not None and not peft:
             raise ConfigError("quant stores the frozen base in 4 bits, but peft is empty (full fine-tuning trains "
                               "the base itself); add a peft method such as {type: lora} or drop quant")
+        if hasattr(self.task, "check_run"):
+            self.task.check_run(self.model, peft)
+        if isinstance(self.eval_data, TextDataConfig) and self.eval_data.store is None:
+            eval_source_names(self.eval_data.paths)
         if isinstance(self.model, ModelConfig) and peft:
             raise ConfigError("model is an inline config: its weights start random and are trained in full, so "
                               "there is no base for peft methods or quant to adapt; give peft: [] (or method: "
@@ -204,6 +218,28 @@ class RunConfig:
         return task_head(self.task)
 
 
+def with_token_batch(cfg: RunConfig, process_count: int) -> RunConfig:
+    """``cfg`` with ``train.grad_accum`` derived from ``task.tokens_per_batch`` (the global tokens per optimizer
+    step): that over the tokens of one micro-batch on every process, ``data.batch_size`` rows x ``data.max_length``
+    x ``process_count``. Derived when the run starts (the process count is known only then); a saved config holds
+    the derived value, so a resume on as many processes agrees with it and one on another count is refused here."""
+    tokens = getattr(cfg.task, "tokens_per_batch", None)
+    if tokens is None:
+        return cfg
+    rows, length = cfg.data.batch_size, cfg.data.max_length
+    per_micro_batch = rows * length * process_count
+    accum, rest = divmod(tokens, per_micro_batch)
+    if rest or not accum:
+        raise ConfigError(f"task.tokens_per_batch {tokens} is not a whole number of micro-batches: data.batch_size "
+                          f"{rows} x data.max_length {length} x {process_count} process(es) = {per_micro_batch} "
+                          f"tokens each; give a multiple of {per_micro_batch}")
+    if cfg.train.grad_accum not in (1, accum):
+        raise ConfigError(f"train.grad_accum {cfg.train.grad_accum} but task.tokens_per_batch {tokens} makes it "
+                          f"{accum} ({tokens} / {per_micro_batch} tokens per micro-batch on {process_count} "
+                          "process(es)); leave train.grad_accum out, it follows tokens_per_batch")
+    return cfg.replace(train=dataclasses.replace(cfg.train, grad_accum=accum))
+
+
 def _for_task(method, task, head_only: bool):
     """An adapter config's PEFT ``task_type`` follows the run's task (PEFT then trains and saves the head with the
     adapter): the default CAUSAL_LM becomes the head's type, unless a ``{type: head}`` entry (``head_only``) trains
@@ -220,6 +256,20 @@ def _for_task(method, task, head_only: bool):
         return dataclasses.replace(method, task_type=wanted)
     raise ConfigError(f"{name}.task_type {method.task_type!r} does not fit task {TASK_UNION.type_of(task)!r}, whose "
                       f"PEFT task type is {wanted!r}; leave {name}.task_type out (it follows the task)")
+
+
+def _check_data_kind(task, data, eval_data):
+    """The pretraining tasks read plain text (``data: {type: text}``), every other task chats or records."""
+    reads_text = getattr(task, "reads_text", False)
+    for key, section in (("data", data), ("eval_data", eval_data)):
+        if section is None or isinstance(section, TextDataConfig) == reads_text:
+            continue
+        name = TASK_UNION.type_of(task)
+        if reads_text:
+            raise ConfigError(f"{key}: task {name!r} trains on plain text documents, but {key} is chat / record "
+                              f"data; give {key}: {{type: text, paths: [...]}} (jaxft.data.text_config)")
+        raise ConfigError(f"{key}: {{type: text}} is plain text for the pretraining tasks (task: pretrain | "
+                          f"continued_pretrain), but task {name!r} reads chats or records; drop {key}.type: text")
 
 
 def _check_head_trained(task, peft: tuple):

@@ -9,16 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from jaxft.peft.tree import combine
 from jaxft.recipes import rl
-from jaxft.recipes.config import RunConfig
+from jaxft.recipes.config import RunConfig, with_token_batch
 from jaxft.recipes.reference import precompute_reference, use_reference
 from jaxft.recipes.samples import Sampler
 from jaxft.recipes.scoring import task_scores
 from jaxft.recipes.skeleton import (Latest, check_run_dir, eval_batches, finished_summary, load_inputs, load_model,
                                     next_batches, restore_checkpoint, train_and_publish, train_state, write_run_dir)
 from jaxft.train.checkpoint import base_reference
+from jaxft.train.flops import ModelFlops, model_flops
 from jaxft.train.metrics import MetricsLogger, evaluate
 from jaxft.train.optim import make_schedule
 
@@ -32,6 +34,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
     """
     if getattr(cfg.task, "online", False):  # batches from the policy itself: RL's loop
         return rl.run(cfg, resume=resume, overwrite=overwrite)
+    cfg = with_token_batch(cfg, jax.process_count())
     out = Path(cfg.output_dir)
     resumed = check_run_dir(cfg, out, resume, overwrite)
     if resumed and resumed.finished:
@@ -48,17 +51,35 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dic
         training = training._replace(state=restore_checkpoint(cfg, out, training.state, inputs.pipeline.iterator,
                                                               base))
     sampler = Sampler(cfg, model_cfg, inputs, training.frozen) if cfg.train.sample_every else None
+    flops = _run_flops(cfg, model_cfg)
     write_run_dir(cfg, out, resumed, overwrite)
     use_reference(reference, inputs, out)
     return train_and_publish(cfg, out, inputs, training, base, resumed, batches=next_batches(cfg, inputs),
                              run_eval=_evaluator(cfg, model_cfg, inputs, training.frozen),
-                             log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest),
-                             sampler=sampler)
+                             log_train=lambda logger, latest: _log_train(logger, make_schedule(cfg.optim), latest,
+                                                                         flops),
+                             sampler=sampler, flops=flops)
 
 
-def _log_train(logger: MetricsLogger, schedule, latest: Latest):
+def _run_flops(cfg: RunConfig, model_cfg) -> ModelFlops | None:
+    """A pretraining run trained in full reports its MFU (PaLM's model FLOPs count every weight's gradient, which
+    an adapter run does not compute); its peak is read or measured once, before the loop."""
+    if not getattr(cfg.task, "reads_text", False) or not cfg.full:
+        return None
+    return model_flops(model_cfg, cfg.data.max_length)
+
+
+def _log_train(logger: MetricsLogger, schedule, latest: Latest, flops: ModelFlops | None = None):
+    """Each step's train record: the objective's metrics, the learning rate, the speed; for a pretraining run also
+    the loss's perplexity and the MFU (computed on the host when the record is written, not per step)."""
     def log(result):
         latest.train = {**result.metrics, "lr": float(schedule(result.step - 1)), **result.speed}
+        if flops is not None:
+            # exp on the device: the record's float() waits for it only on logging steps (metrics.perplexity's
+            # float would wait every step)
+            latest.train["perplexity"] = jnp.exp(result.metrics["loss"].astype(jnp.float32))
+            if result.speed.get("tokens_per_s") is not None:
+                latest.train["mfu"] = flops.mfu(result.speed["tokens_per_s"])
         logger.log(result.step, latest.train)
 
     return log
@@ -66,16 +87,25 @@ def _log_train(logger: MetricsLogger, schedule, latest: Latest):
 
 def _evaluator(cfg: RunConfig, model_cfg, inputs, frozen: dict):
     """``run_eval(trainable)``: the objective's held-out metrics over the first eval batches, and the task's text
-    scores over the whole eval data (question answering's exact match and F1)."""
+    scores over the whole eval data (question answering's exact match and F1). Eval data of several sources
+    (``{name: pipeline}``, the pretraining tasks) is scored per source, as ``<name>/loss``, ``<name>/perplexity``
+    ..., beside the metrics over all of them (every token weighing the same)."""
     objective = cfg.objective()
     eval_step = _eval_step(model_cfg, objective)
 
+    def sums(trainable, pipeline) -> dict:
+        batches = eval_batches(pipeline.iterator, cfg.train.eval_batches, inputs.batch_sharding, objective.batch_keys)
+        return evaluate(lambda b: eval_step(trainable, frozen, b), batches, lambda total: total)
+
     def run_eval(trainable):
-        batches = eval_batches(inputs.eval_pipeline.iterator, cfg.train.eval_batches, inputs.batch_sharding,
-                               objective.batch_keys)
-        metrics = evaluate(lambda b: eval_step(trainable, frozen, b), batches, objective.eval_metrics)
-        return {**metrics, **task_scores(cfg.task, model_cfg, combine(trainable, frozen), inputs.tokenizer,
-                                         cfg.eval_data)}
+        if not isinstance(inputs.eval_pipeline, dict):
+            metrics = objective.eval_metrics(sums(trainable, inputs.eval_pipeline))
+            return {**metrics, **task_scores(cfg.task, model_cfg, combine(trainable, frozen), inputs.tokenizer,
+                                             cfg.eval_data)}
+        per_source = {name: sums(trainable, pipeline) for name, pipeline in inputs.eval_pipeline.items()}
+        overall = objective.eval_metrics(jax.tree.map(lambda *xs: sum(xs), *per_source.values()))
+        return {**overall, **{f"{name}/{key}": value for name, source in per_source.items()
+                              for key, value in objective.eval_metrics(source).items()}}
 
     return run_eval
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -37,8 +36,9 @@ from jaxft.peft.adapters import is_adapter_config
 from jaxft.peft.methods import merge, trainable_count, without_methods
 from jaxft.peft.tree import NESTED_MODELS, Trainable, combine, leaf_paths, outer_model, split
 from jaxft.recipes.config import TASK_UNION, RunConfig, config_changes, covered, dump_run_config, load_run_config
-from jaxft.recipes.tasks import task_pipeline
+from jaxft.recipes.tasks import task_eval_pipeline, task_pipeline
 from jaxft.train.checkpoint import Checkpointer, check_base
+from jaxft.train.flops import ModelFlops
 from jaxft.train.loop import StepConfig, init_state, jit_train_step
 from jaxft.train.metrics import MetricsLogger, SkipGuard, Throughput, read_metrics, tensorboard_writer_class
 from jaxft.train.optim import make_optimizer
@@ -177,7 +177,7 @@ class Inputs(NamedTuple):
 
     tokenizer: Any
     pipeline: Any
-    eval_pipeline: Any  # None without eval_data
+    eval_pipeline: Any  # None without eval_data; {source name: pipeline} for a task that evaluates sources apart
     mesh: Any
     batch_sharding: Any  # of the stacked [micro-batches, B, T] arrays
 
@@ -193,12 +193,12 @@ def load_inputs(cfg: RunConfig) -> Inputs:
 
 
 def _pipelines(cfg: RunConfig, tokenizer):
-    """(train pipeline, eval pipeline or None) as the run's task reads its data; token ids the model has no
+    """(train pipeline, eval pipeline(s) or None) as the run's task reads its data; token ids the model has no
     embedding row for are refused here."""
-    vocab_size = base_config(cfg).vocab_size
-    build = partial(task_pipeline, cfg.task, tokenizer=tokenizer, process_index=jax.process_index(),
-                    process_count=jax.process_count(), vocab_size=vocab_size)
-    return build(cfg.data), build(cfg.eval_data) if cfg.eval_data else None
+    placement = dict(tokenizer=tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+                     vocab_size=base_config(cfg).vocab_size)
+    return (task_pipeline(cfg.task, cfg.data, **placement),
+            task_eval_pipeline(cfg.task, cfg.eval_data, **placement) if cfg.eval_data else None)
 
 
 def _check_batch_fits(cfg: RunConfig, mesh):
@@ -248,7 +248,7 @@ def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
     """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
     would score a different subset each time; it is rewound to its start instead. At most one epoch: past it the
     same records would be scored again (every process stops at the fewest batches any process has)."""
-    iterator.set_state({**iterator.get_state(), "epoch": 0, "batch": 0})
+    iterator.rewind()
     per_epoch = np.array([iterator.batches_per_epoch])
     if jax.process_count() > 1:
         per_epoch = multihost_utils.process_allgather(per_epoch)
@@ -492,12 +492,12 @@ def train_loop(state, steps: range, update: Callable, next_batches: Callable, gu
 def train_and_publish(cfg: RunConfig, out: Path, inputs: Inputs, training: Training, base: dict, resumed, *,
                       batches: Callable[[Any], dict], run_eval: Callable[[Any], dict],
                       log_train: Callable[[MetricsLogger, Latest], Callable],
-                      sampler: Callable[[Any], list[dict]] | None = None) -> dict:
+                      sampler: Callable[[Any], list[dict]] | None = None, flops: ModelFlops | None = None) -> dict:
     """The loop of a single run and its end: ``train.steps`` steps from the (restored) state, each on
     ``batches(state)``, logged by ``log_train(logger, latest)``, evaluated by ``run_eval(trainable)`` every
     ``train.eval_every`` steps (with eval data), sampled by ``sampler(trainable)`` every ``train.sample_every``
-    steps (with a sampler), checkpointed every ``train.save_every``; then the summary and the export
-    (:func:`publish`). A step's samples are logged before its checkpoint: a run resumed from that checkpoint has
+    steps (with a sampler), checkpointed every ``train.save_every``; then the summary (with ``flops``, the MFU and
+    the numbers it is computed from) and the export (:func:`publish`). A step's samples are logged before its checkpoint: a run resumed from that checkpoint has
     them and does not sample that step again."""
     tc, frozen = cfg.train, training.frozen
     checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
@@ -522,6 +522,8 @@ def train_and_publish(cfg: RunConfig, out: Path, inputs: Inputs, training: Train
     # the final step's evaluation, else one now (the same batches either way)
     summary = run_summary(tc, training.n_trainable, latest.train, throughput, inputs.pipeline.report,
                           (latest.eval or run_eval(state["trainable"])) if inputs.eval_pipeline else None)
+    if flops is not None:
+        summary.update(flops.report(summary["tokens_per_s"]))
     return publish(cfg, out, summary, params, inputs.tokenizer, inputs.pipeline.chat_template)
 
 

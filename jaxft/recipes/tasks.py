@@ -4,9 +4,15 @@ A task is a frozen dataclass with ``objective(train)``: what the step minimizes 
 with a head also has ``head()`` (the :class:`~jaxft.config.HeadConfig` the model is loaded with) and
 ``pipeline(data, tokenizer, **placement)`` (its data); without them a task trains the LM head on the SFT data
 pipeline (:func:`task_head`, :func:`task_pipeline`).
+
+The pretraining tasks (``pretrain``, ``continued_pretrain``) read plain text (``data: {type: text}``,
+:class:`jaxft.data.text_config.TextDataConfig`) streamed by :func:`jaxft.data.text_stream.build_text_pipeline`, and
+evaluate each held-out source on its own (``eval_pipeline``: one pipeline per ``eval_data.paths`` entry, named by
+:func:`source_name`), so forgetting on general text shows beside the gain on the domain.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -14,9 +20,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from jaxft.config import ConfigError, HeadConfig, TaggedUnion
 from jaxft.data import build_iterator
 from jaxft.data.config import DataConfig
+from jaxft.data.text_config import TextDataConfig
 from jaxft.data.preference import SEQUENCES_PER_UNIT, build_preference_iterator
 from jaxft.data.prompts import build_prompt_iterator
 from jaxft.data.tasks import build_task_iterator
+from jaxft.data.text_stream import build_text_pipeline
 from jaxft.errors import JaxftError
 from jaxft.models.llama import InputError
 from jaxft.models.sample import check_settings as check_sampling
@@ -50,6 +58,37 @@ def task_head(task) -> HeadConfig | None:
 def task_pipeline(task, data: DataConfig, tokenizer, **placement):
     """The data of a run of ``task`` (``placement``: process index and count, the model's vocab size)."""
     return (task.pipeline if hasattr(task, "pipeline") else build_iterator)(data, tokenizer, **placement)
+
+
+def task_eval_pipeline(task, data: DataConfig | TextDataConfig, tokenizer, **placement):
+    """The held-out data of a run of ``task``: one pipeline, or for a task with ``eval_pipeline`` (the pretraining
+    tasks) ``{source name: pipeline}``, each source evaluated on its own."""
+    if hasattr(task, "eval_pipeline"):
+        return task.eval_pipeline(data, tokenizer, **placement)
+    return task_pipeline(task, data, tokenizer, **placement)
+
+
+def source_name(spec: str) -> str:
+    """A text source's name in the eval metrics (``eval/<name>/perplexity``): a file's stem (``wiki.jsonl`` ->
+    ``wiki``), a folder's name, a glob's folder (``web/*.txt`` -> ``web``), ``hf:org/name:split`` -> ``name-split``."""
+    if spec.startswith("hf:"):
+        return re.sub(r"[^\w.-]+", "-", spec[3:].split("/")[-1].replace(":", "-")).strip("-") or "hf"
+    literal = re.split(r"[*?\[]", spec, maxsplit=1)[0]
+    path = Path(literal if literal == spec else literal.rstrip("/") or ".")
+    name = Path(spec).stem if literal == spec else path.name
+    return name or "data"
+
+
+def eval_source_names(paths: tuple[str, ...]) -> dict[str, str]:
+    """``{name: path}`` of the eval sources; two sources of one name are refused (their metrics would collide)."""
+    names: dict[str, str] = {}
+    for path in paths:
+        name = source_name(path)
+        if name in names:
+            raise ConfigError(f"eval_data.paths {names[name]!r} and {path!r} both name the eval source {name!r} "
+                              "(metrics are reported per source, by file stem); rename one of the files")
+        names[name] = path
+    return names
 
 
 def _num_labels(task, name: str) -> int:
@@ -134,6 +173,69 @@ class QaTask:
 
     def pipeline(self, data: DataConfig, tokenizer, **placement):
         return build_task_iterator(data, tokenizer, self.head(), doc_stride=self.doc_stride, **placement)
+
+
+@dataclass(frozen=True)
+class _TextTask:
+    """What the pretraining tasks share: next-token cross-entropy over every token of plain text documents, with
+    PaLM's ``z_loss`` (``z_loss * logsumexp(logits)**2`` per token, keeping the softmax normalizer near 1), and
+    ``tokens_per_batch``: the global tokens per optimizer step, from which the run derives ``train.grad_accum``
+    (:func:`jaxft.recipes.config.with_token_batch`; None: ``train.grad_accum`` as given)."""
+
+    z_loss: float = 0.0
+    tokens_per_batch: int | None = None
+    reads_text: ClassVar[bool] = True  # data: {type: text}
+
+    def __post_init__(self):
+        if not self.z_loss >= 0:
+            raise ConfigError(f"task {self.name}: z_loss must be >= 0 (PaLM uses 1e-4), got {self.z_loss}")
+        if self.tokens_per_batch is not None and self.tokens_per_batch < 1:
+            raise ConfigError(f"task {self.name}: tokens_per_batch must be >= 1 (or left out), got "
+                              f"{self.tokens_per_batch}")
+
+    def objective(self, train: TrainConfig | None) -> CausalLM:
+        return CausalLM(chunk_size=train.loss_chunk_size if train is not None else 0, z_loss=self.z_loss)
+
+    def pipeline(self, data: TextDataConfig, tokenizer, **placement):
+        return build_text_pipeline(data, tokenizer, **placement)
+
+    def eval_pipeline(self, data: TextDataConfig, tokenizer, **placement) -> dict:
+        """``{source name: pipeline}``: each held-out source read alone, from its start at every evaluation; a
+        pre-tokenized store is one source, named by its folder."""
+        if data.store is not None:
+            return {Path(data.store).name: self.pipeline(data, tokenizer, **placement)}
+        return {name: self.pipeline(data.replace(paths=(path,), weights=None), tokenizer, **placement)
+                for name, path in eval_source_names(data.paths).items()}
+
+
+@dataclass(frozen=True)
+class PretrainTask(_TextTask):
+    """Pretraining from scratch: an inline ``model:`` config (random weights, HF's init) trained in full on text."""
+
+    name: ClassVar[str] = "pretrain"
+
+    def check_run(self, model, peft: tuple):
+        if isinstance(model, str):
+            raise ConfigError(f"task pretrain trains an inline model config from random weights, but model "
+                              f"{model!r} is a model folder; to train a trained model further on text use task: "
+                              "{type: continued_pretrain}, or give model: {type: llama, hidden_size: ...}")
+        if peft:
+            raise ConfigError("task pretrain trains every weight of a new model; peft methods adapt a trained base, "
+                              "which a from-scratch model is not: give peft: [] (the default for pretrain)")
+
+
+@dataclass(frozen=True)
+class ContinuedPretrainTask(_TextTask):
+    """Continued pretraining: a trained model folder trained further on text (in full, or with peft methods),
+    usually a domain mixed with general text by ``data.weights``; ``eval_data`` sources are evaluated one by one."""
+
+    name: ClassVar[str] = "continued_pretrain"
+
+    def check_run(self, model, peft: tuple):
+        if not isinstance(model, str):
+            raise ConfigError("task continued_pretrain continues a trained model folder, but model is an inline "
+                              "config (random weights); point model at a Hugging Face model folder, or use task: "
+                              "{type: pretrain} to train the inline model from scratch")
 
 
 def task_of(head: HeadConfig | None, **qa_windows):
