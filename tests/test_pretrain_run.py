@@ -30,6 +30,7 @@ from jaxft.hf.tokenizer import load_tokenizer
 from jaxft.models.llama import forward
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config, with_token_batch
+from jaxft.recipes.multi import check_members
 from jaxft.recipes.skeleton import load_model
 from jaxft.train.metrics import read_metrics
 from jaxft.train.objectives import CausalLM
@@ -248,6 +249,13 @@ def test_the_shipped_pretraining_configs_load_with_their_tasks_and_text_data():
     assert continued.data.weights == (0.75, 0.25) and len(continued.eval_data.paths) == 2
     for cfg in (scratch, continued):
         assert isinstance(cfg.data, TextDataConfig) and isinstance(cfg.eval_data, TextDataConfig)
+
+
+def test_parallel_runs_refuse_continued_pretraining(setup):
+    cfg = load_run_config(write_config(setup, "parallel", model="/models/llama", tokenizer=None,
+                                       task={"type": "continued_pretrain"}, peft=[{"type": "lora"}]))
+    with pytest.raises(ConfigError, match="task 'continued_pretrain' streams text.*sweep it without --parallel"):
+        check_members([cfg, cfg.replace(output_dir="/runs/other")])
 
 
 def test_tokens_per_batch_derives_grad_accum_per_process_count_and_refuses_a_remainder(setup):
