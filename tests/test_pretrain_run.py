@@ -32,6 +32,7 @@ from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config, with_token_batch
 from jaxft.recipes.multi import check_members
 from jaxft.recipes.skeleton import load_model
+from jaxft.recipes.tasks import source_name
 from jaxft.train.metrics import read_metrics
 from jaxft.train.objectives import CausalLM
 
@@ -249,6 +250,12 @@ def test_the_shipped_pretraining_configs_load_with_their_tasks_and_text_data():
     assert continued.data.weights == (0.75, 0.25) and len(continued.eval_data.paths) == 2
     for cfg in (scratch, continued):
         assert isinstance(cfg.data, TextDataConfig) and isinstance(cfg.eval_data, TextDataConfig)
+
+
+@pytest.mark.parametrize("spec, name", [("corpus/wiki.jsonl", "wiki"), ("web/*.txt", "web"), ("books/", "books"),
+                                        ("data/**/part.txt", "data"), ("hf:allenai/c4:validation", "c4-validation")])
+def test_an_eval_source_is_named_by_its_file_stem_or_folder(spec, name):
+    assert source_name(spec) == name
 
 
 def test_parallel_runs_refuse_continued_pretraining(setup):
