@@ -328,6 +328,30 @@ def _inspect(args) -> int:
     return 0
 
 
+def _data_tokenize(args) -> int:
+    """Write the pre-tokenized store a pretraining run reads (the folder its data.store names): one pass of the rows
+    of data.paths, cleaned, tokenized with the run's tokenizer and packed as the run would stream them, as
+    memory-mapped numpy shards with a manifest of the settings and tokenizer (jaxft.data.token_store). The run
+    then reads its rows from there, and refuses the store if its data settings or tokenizer change.
+    """
+    from jaxft.config import ConfigError
+    from jaxft.data.text_config import TextDataConfig
+    from jaxft.data.token_store import write_token_store
+    from jaxft.hf.tokenizer import load_tokenizer
+    from jaxft.recipes.config import load_run_config
+    from jaxft.recipes.skeleton import base_config
+
+    cfg = load_run_config(args.config, args.set or [])
+    if not isinstance(cfg.data, TextDataConfig) or cfg.data.store is None:
+        raise ConfigError(f"{args.config}: data.store: `jaxft data tokenize` writes the folder that data.store of a "
+                          "data: {type: text} section names; add data.store: FOLDER (or --set data.store=FOLDER)")
+    manifest = write_token_store(cfg.data, load_tokenizer(cfg.tokenizer_dir), cfg.data.store,
+                                 overwrite=args.overwrite, vocab_size=base_config(cfg).vocab_size)
+    print(json.dumps({"store": cfg.data.store, "rows": manifest["rows"], "row_length": manifest["row_length"],
+                      "shards": len(manifest["shards"])}))
+    return 0
+
+
 def _size(shape) -> int:
     return shape[0] * shape[1] * shape[2]
 
@@ -490,6 +514,17 @@ def _inspect_command(sub):
                    help="also compile the real step on the devices here and print its memory_analysis()")
 
 
+def _data_command(sub):
+    """``jaxft data``'s sub-commands."""
+    data = sub.add_parser("data", help="prepare pretraining data", description="Prepare pretraining data.")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = _command(commands, "tokenize", _data_tokenize, compiles=False, help="write a run's pre-tokenized store "
+                 "(data.store) from its data.paths", epilog="example: jaxft data tokenize pretrain.yaml")
+    p.add_argument("config", help="the run's YAML config (data: {type: text, store: FOLDER, ...})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store folder")
+
+
 def _plot_command(sub):
     """``jaxft plot``'s arguments."""
     p = _command(sub, "plot", _plot, compiles=False, help="compare runs' loss and eval curves on one figure",
@@ -514,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_command(sub)
     _inspect_command(sub)
     _plot_command(sub)
+    _data_command(sub)
     return parser
 
 

@@ -123,7 +123,8 @@ def test_a_size_bound_that_is_no_positive_byte_count_is_refused_by_name(text):
         max_bytes({MAX_BYTES_ENV: text})
 
 
-@pytest.mark.parametrize("argv", [["convert", "model.gguf", "--out", "hf"], ["plot", "runs/a", "--out", "a.png"]])
+@pytest.mark.parametrize("argv", [["convert", "model.gguf", "--out", "hf"], ["plot", "runs/a", "--out", "a.png"],
+                                  ["data", "tokenize", "run.yaml"]])
 def test_commands_that_compile_nothing_refuse_the_cache_flags(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*argv, "--compile-cache", "/tmp/xla"])

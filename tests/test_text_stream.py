@@ -31,8 +31,8 @@ MIN_CHARS = 5
 IGNORE = -100
 
 
-def build_tokenizer(folder: Path) -> Path:
-    """A byte-level BPE (vocab 300) whose post-processor adds BOS to every text, as Llama's does."""
+def build_tokenizer(folder: Path, template: str = "<s> $A") -> Path:
+    """A byte-level BPE (vocab 300) whose post-processor adds BOS to every text (``template``), as Llama's does."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -41,7 +41,7 @@ def build_tokenizer(folder: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(corpus, trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                                 pad_token="<pad>")
     fast.save_pretrained(folder)
@@ -78,14 +78,19 @@ def write_jsonl(path: Path, docs: list[str]) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def make_setup(tmp_path_factory) -> dict:
+    """The tokenizer (jaxft's and transformers' load of one folder) and two JSONL sources with their documents."""
     root = tmp_path_factory.mktemp("text_stream")
     folder = build_tokenizer(root / "tok")
     sources = {"a": make_documents(0, 120), "b": make_documents(1, 60)}
     paths = {name: write_jsonl(root / f"{name}.jsonl", docs) for name, docs in sources.items()}
     return {"root": root, "tok": load_tokenizer(folder), "hf": transformers.AutoTokenizer.from_pretrained(folder),
             "sources": sources, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory)
 
 
 def config(setup, names=("a", "b"), **changes) -> TextDataConfig:
@@ -174,15 +179,32 @@ def test_a_saved_position_resumes_with_identical_batches(setup, changes, kwargs)
     probe = TextStream(cfg, setup["tok"], **kwargs)
     total = 2 * probe.batches_per_epoch + 3
     reference = _batches(cfg, setup, total, **kwargs)
-    for cut in sorted({1, probe.batches_per_epoch - 1, probe.batches_per_epoch, probe.batches_per_epoch + 2,
-                       total - 2}):
+    epoch, states = probe.batches_per_epoch, []
+    for cut in sorted({*range(1, total, 11), epoch - 1, epoch, epoch + 1, total - 1}):  # mid-document, across
+        # a source's end (unweighted: into the next source; weighted: into its next pass) and the epoch's end
         stream = TextStream(cfg, setup["tok"], **kwargs)
         for _ in range(cut):
             next(stream)
         state = json.loads(json.dumps(stream.get_state()))
+        states.append(state)
         resumed = TextStream(cfg, setup["tok"], **kwargs)
         resumed.set_state(state)
         _assert_same([next(resumed) for _ in range(total - cut)], reference[cut:])
+    positions = [p for state in states for p in state["sources"]]
+    assert any(p["offset"] > 0 for p in positions), "some cut falls inside a document"
+    assert any(p["pass"] > 0 for p in positions), "some cut falls in a source's second pass"
+    if "weights" not in changes:
+        assert any(state["source"] == 1 for state in states), "some cut falls in the second source"
+
+
+def test_a_tokenizer_that_ends_texts_with_eos_itself_gets_no_second_eos(setup, tmp_path):
+    folder = build_tokenizer(tmp_path / "tok", template="<s> $A </s>")
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    stream = TextStream(config(setup, names=("b",)), load_tokenizer(folder))
+    rows = rows_of(one_pass(stream))
+    expected = [hf(doc)["input_ids"] for doc in kept_documents(setup["sources"]["b"])]
+    assert all(ids[-1] == hf.eos_token_id and ids[-2] != hf.eos_token_id for ids in expected)
+    np.testing.assert_array_equal(rows["input_ids"][rows["segment_ids"] > 0], np.concatenate(expected))
 
 
 def test_rewind_reads_the_same_batches_again(setup):
@@ -269,11 +291,11 @@ def test_the_report_counts_each_document_of_a_pass_once(setup):
 
 @pytest.fixture(scope="session")
 def big_jsonl(tmp_path_factory) -> Path:
-    """About 20 MB of JSONL written by a generator, one record at a time."""
+    """About 16 MB of JSONL written by a generator, one record at a time."""
     path = tmp_path_factory.mktemp("big") / "big.jsonl"
     rng = random.Random(5)
     with path.open("w", encoding="utf-8") as out:
-        while out.tell() < 20_000_000:
+        while out.tell() < 16_000_000:
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(50, 400)))
             out.write(json.dumps({"text": f"{out.tell()} {words}"}) + "\n")
     return path
@@ -293,4 +315,4 @@ def test_a_corpus_larger_than_the_memory_budget_streams_in_little_memory(setup, 
     finally:
         tracemalloc.stop()
     assert batches * 8 * 512 > size / 4  # the whole file was read: a pass is tokens of all of it
-    assert peak < size / 20, f"peak Python heap {peak} bytes for a {size}-byte corpus"
+    assert peak < size / 10, f"peak Python heap {peak} bytes for a {size}-byte corpus"

@@ -1,8 +1,9 @@
 """Pretraining rows streamed from documents: read, clean, shard, tokenize a buffer at a time, cut into rows.
 
 Nothing holds a whole corpus: each source is read one document at a time (`jaxft.data.text_sources`), cleaned
-(`jaxft.data.text_cleaning.TextCleaner`), and the documents this process keeps are tokenized
-`TOKENIZE_BUFFER_DOCUMENTS` at a time with the fast tokenizer's batch call, only as far ahead as the next row needs.
+(`jaxft.data.text_cleaning.TextCleaner`), and the documents this process keeps are tokenized a buffer at a time
+(`TOKENIZE_BUFFER_DOCUMENTS` / `TOKENIZE_BUFFER_CHARS`) with the fast tokenizer's batch call, only as far ahead as
+the next row needs.
 
 Tokens. Each document is ``tokenizer(text)`` (BOS where the tokenizer adds one by default, as transformers'
 ``tokenizer(text)`` does) followed by EOS, and the documents of a source follow each other in one token stream.
@@ -39,6 +40,7 @@ import hashlib
 import json
 import math
 from collections import deque
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -51,7 +53,10 @@ from jaxft.data.text_config import TextDataConfig
 from jaxft.data.text_sources import read_documents
 
 STATE_VERSION = 1
-TOKENIZE_BUFFER_DOCUMENTS = 256  # documents per batch call of the tokenizer
+# One batch call of the tokenizer: this many documents, or fewer holding this many characters. Its Python lists of
+# ids (about 15 bytes per character of text) are the stream's largest memory.
+TOKENIZE_BUFFER_DOCUMENTS = 256
+TOKENIZE_BUFFER_CHARS = 1 << 16
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 _ROW_INDEPENDENT = ("batch_size", "store")  # settings that change batches or where rows are read, not the rows
 _STATE_WHY = ("other files, cleaning, packing, tokenizer, seed or process layout would not resume at the same "
@@ -133,8 +138,8 @@ class _SourceCursor:
 
     def _read_mine(self) -> list[_Kept]:
         """The next documents this process keeps, up to a tokenizer buffer's worth."""
-        mine = []
-        while len(mine) < TOKENIZE_BUFFER_DOCUMENTS:
+        mine, chars = [], 0
+        while len(mine) < TOKENIZE_BUFFER_DOCUMENTS and chars < TOKENIZE_BUFFER_CHARS:
             document = next(self.reader, None)
             if document is None:
                 self.exhausted = True
@@ -146,6 +151,7 @@ class _SourceCursor:
             self.kept += 1
             if (self.kept - 1) % self.stream.process_count == self.stream.process_index:
                 mine.append(_Kept(self.read - 1, self.kept - 1, document.location, text))
+                chars += len(text)
         return mine
 
     def _fill(self, need: int) -> None:
@@ -252,7 +258,7 @@ class TextStream:
         self._adds_eos = self.fingerprint["tokenizer special tokens of an empty text"][-1:] == [tokenizer.eos_token_id]
         self.weights = None if cfg.weights is None else np.asarray(cfg.weights, np.float64) / sum(cfg.weights)
         self._reported: set[int] = set()
-        self._batches_per_epoch: int | None = None
+        self._rows_per_pass: int | None = None
         self._restore(None)
 
     # ----- the pieces the sources use --------------------------------------------------------------------------
@@ -341,12 +347,13 @@ class TextStream:
         self.cursors = [_SourceCursor(self, i, position, cycle) for i, position in enumerate(state["sources"])]
 
     def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "process_index": self.process_index, "process_count": self.process_count,
+        return {"version": STATE_VERSION, "kind": "text stream", "process_index": self.process_index,
+                "process_count": self.process_count,
                 "batch_size": self.cfg.batch_size, "fingerprint": self.fingerprint, "epoch": self.epoch,
                 "row": self.row, "source": self.source, "sources": [c.position() for c in self.cursors]}
 
     def set_state(self, state: dict) -> None:
-        expected = {"version": STATE_VERSION, "process_index": self.process_index,
+        expected = {"version": STATE_VERSION, "kind": "text stream", "process_index": self.process_index,
                     "process_count": self.process_count, "batch_size": self.cfg.batch_size}
         check_state(state, expected, "data iterator state", "does not match this data", _STATE_WHY)
         check_state(state.get("fingerprint") or {}, self.fingerprint, "data iterator state",
@@ -358,13 +365,31 @@ class TextStream:
         self._restore(None)
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches of one pass over all sources for this process (one reading pass to count, then cached)."""
-        if self._batches_per_epoch is None:
+    def rows_per_pass(self) -> int:
+        """Rows of one pass over all sources for this process (one reading pass to count, then cached)."""
+        if self._rows_per_pass is None:
             counter = [_SourceCursor(self, i, None, cycle=False, scratch=True) for i in range(len(self.cfg.paths))]
             tokens = sum(cursor.count_tokens() for cursor in counter)
-            self._batches_per_epoch = math.ceil(math.ceil(tokens / self.cfg.max_length) / self.cfg.batch_size)
-        return self._batches_per_epoch
+            self._rows_per_pass = math.ceil(tokens / self.cfg.max_length)
+        return self._rows_per_pass
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of one pass over all sources for this process; the last one padded (see the module doc)."""
+        return math.ceil(self.rows_per_pass / self.cfg.batch_size)
+
+    def pass_rows(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of one pass from the very start, without the padding rows of its last batch (what
+        `jaxft.data.token_store` writes); with weights, `rows_per_pass` rows drawn as training draws them. The
+        stream is rewound before and after."""
+        self.rewind()
+        if self.weights is None:
+            while not self._epoch_over():
+                yield self._next_row()
+        else:
+            for _ in range(self.rows_per_pass):
+                yield self._next_row()
+        self.rewind()
 
 
 def build_text_pipeline(cfg: TextDataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1,
