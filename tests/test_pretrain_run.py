@@ -27,6 +27,8 @@ from jaxft.config import ConfigError, ModelConfig
 from jaxft.data.text_config import TextDataConfig
 from jaxft.data.text_stream import TextStream
 from jaxft.hf.tokenizer import load_tokenizer
+from jaxft.hf.checkpoint import from_pretrained
+from jaxft.hf.peft_format import load_adapter
 from jaxft.models.llama import forward
 from jaxft.recipes import sft
 from jaxft.recipes.config import load_run_config, with_token_batch
@@ -223,6 +225,29 @@ def test_continued_pretraining_logs_each_eval_sources_perplexity_as_transformers
         assert evals[-1][f"{name}/tokens"] == tokens
         tokens_all, loss_all = tokens_all + tokens, loss_all + loss_sum
     assert evals[-1]["loss"] == pytest.approx(loss_all / tokens_all, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_continued_pretraining_with_lora_exports_an_adapter_peft_loads_with_jaxfts_logits(setup, pretrained):
+    import peft
+
+    run, _ = pretrained
+    path = write_config(setup, "continued_lora", model=str(run / "model"), tokenizer=None,
+                        task={"type": "continued_pretrain"},
+                        peft=[{"type": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}],
+                        train={"steps": 4, "log_every": 1, "loss_chunk_size": 0})
+    summary = sft.run(load_run_config(path))
+    assert "mfu" not in summary  # 6N counts every weight's gradient: an adapter run reports none
+    ids = torch.tensor(np.random.default_rng(1).integers(0, MODEL["vocab_size"], (2, 24)))
+    base = transformers.AutoModelForCausalLM.from_pretrained(run / "model", torch_dtype=torch.float32)
+    with torch.no_grad():
+        before = base(ids).logits.numpy()
+        want = peft.PeftModel.from_pretrained(base, setup["root"] / "continued_lora" / "adapter")(ids).logits.numpy()
+    cfg, params = from_pretrained(run / "model")
+    params = load_adapter(setup["root"] / "continued_lora" / "adapter", params, cfg)
+    got = np.asarray(forward(cfg, params, jnp.asarray(ids.numpy())))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.abs(want - before).max() > 1e-3  # the adapter trained
 
 
 def _hf_loss(model, data: TextDataConfig, tokenizer_dir: Path, batches: int) -> tuple[float, int]:
