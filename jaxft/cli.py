@@ -306,9 +306,10 @@ def _inspect(args) -> int:
 
     from jaxft.analysis import memory
     from jaxft.parallel import MeshConfig
-    from jaxft.recipes.config import load_run_config
+    from jaxft.recipes.config import load_run_config, with_token_batch
 
-    cfg = load_run_config(args.config, args.set or [])
+    # grad_accum as the run on --processes processes derives it from task.tokens_per_batch
+    cfg = with_token_batch(load_run_config(args.config, args.set or []), args.processes)
     model = memory.abstract_model(cfg)  # shapes only: no weights are read
     n_train, n_total = memory.param_counts(cfg, model.model_cfg, model.params)
     print(f"trainable params: {n_train:,} || all params: {n_total:,} || trainable%: {100 * n_train / n_total:.4f}")

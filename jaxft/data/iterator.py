@@ -39,7 +39,9 @@ class DataIterator(Protocol):
     """The training engine's view of its data: batches, and a checkpointable position.
 
     `get_state()` returns a JSON-serializable dict; `set_state(state)` on an iterator built from the same
-    data and settings makes the next `next()` return the batch that followed when the state was taken.
+    data and settings makes the next `next()` return the batch that followed when the state was taken. An eval
+    iterator also has `rewind()` (back to its first batch) and `batches_per_epoch`
+    (`jaxft.recipes.skeleton.eval_batches`).
     """
 
     def __iter__(self) -> "DataIterator": ...

@@ -29,7 +29,8 @@ from jaxft.peft.lycoris import LohaConfig, LokrConfig
 from jaxft.peft.prefix import PrefixTuningConfig, PromptLearning
 from jaxft.peft.prompt import PromptEncoderConfig, PromptTuningConfig
 from jaxft.recipes.tasks import (ClassifyTask, ContinuedPretrainTask, DpoTask, GrpoTask, KtoTask, OrpoTask, PpoTask,
-                                 PretrainTask, QaTask, RewardTask, SftTask, SimpoTask, TokenClassifyTask, eval_source_names, task_head)
+                                 PretrainTask, QaTask, RewardTask, SftTask, SimpoTask, TokenClassifyTask,
+                                 eval_source_names, task_head)
 from jaxft.train.optim import OptimConfig
 
 METHODS = ("lora", "qlora", "full")  # the ``method:`` shorthand
@@ -111,7 +112,8 @@ class RunConfig:
     data: DataConfig | TextDataConfig = field(metadata={"union": DATA_UNION})
     tokenizer: str | None = field(default=None, metadata=PATH_FIELD)  # default: the model folder's
     task: (SftTask | ClassifyTask | TokenClassifyTask | QaTask | RewardTask | DpoTask | OrpoTask | SimpoTask
-           | KtoTask | GrpoTask | PpoTask | PretrainTask | ContinuedPretrainTask) = field(default_factory=SftTask, metadata={"union": TASK_UNION})
+           | KtoTask | GrpoTask | PpoTask | PretrainTask | ContinuedPretrainTask) = field(
+        default_factory=SftTask, metadata={"union": TASK_UNION})
     peft: tuple[Any, ...] | None = field(default=None, metadata={"union": PEFT_UNION})  # PEFT_UNION's members
     method: InitVar[str | None] = None
     dtype: str = "float32"

@@ -49,6 +49,10 @@ def check_members(cfgs: list[RunConfig]) -> None:
     if getattr(cfgs[0].task, "online", False):
         raise ConfigError(f"task {TASK_UNION.type_of(cfgs[0].task)!r} samples its batches from each run's own "
                           "policy, which parallel runs (one shared batch) cannot; sweep it without --parallel")
+    if getattr(cfgs[0].task, "reads_text", False):
+        raise ConfigError(f"task {TASK_UNION.type_of(cfgs[0].task)!r} streams text, derives grad_accum from "
+                          "tokens_per_batch and scores each eval source apart, which parallel runs do not; sweep it "
+                          "without --parallel")
     if getattr(cfgs[0].task, "precomputed_reference", False):
         raise ConfigError("task.precompute_reference and task.reference_model are not supported in parallel runs "
                           "(their reference log-probs are cached per run folder); run the configs separately")

@@ -497,8 +497,8 @@ def train_and_publish(cfg: RunConfig, out: Path, inputs: Inputs, training: Train
     ``batches(state)``, logged by ``log_train(logger, latest)``, evaluated by ``run_eval(trainable)`` every
     ``train.eval_every`` steps (with eval data), sampled by ``sampler(trainable)`` every ``train.sample_every``
     steps (with a sampler), checkpointed every ``train.save_every``; then the summary (with ``flops``, the MFU and
-    the numbers it is computed from) and the export (:func:`publish`). A step's samples are logged before its checkpoint: a run resumed from that checkpoint has
-    them and does not sample that step again."""
+    the numbers it is computed from) and the export (:func:`publish`). A step's samples are logged before its
+    checkpoint: a run resumed from that checkpoint has them and does not sample that step again."""
     tc, frozen = cfg.train, training.frozen
     checkpointer = Checkpointer(out / "checkpoints", save_every=tc.save_every or tc.steps, keep_last=tc.keep_last)
     start = int(training.state["step"])

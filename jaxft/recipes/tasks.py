@@ -73,10 +73,8 @@ def source_name(spec: str) -> str:
     ``wiki``), a folder's name, a glob's folder (``web/*.txt`` -> ``web``), ``hf:org/name:split`` -> ``name-split``."""
     if spec.startswith("hf:"):
         return re.sub(r"[^\w.-]+", "-", spec[3:].split("/")[-1].replace(":", "-")).strip("-") or "hf"
-    literal = re.split(r"[*?\[]", spec, maxsplit=1)[0]
-    path = Path(literal if literal == spec else literal.rstrip("/") or ".")
-    name = Path(spec).stem if literal == spec else path.name
-    return name or "data"
+    literal = re.split(r"[*?\[]", spec, maxsplit=1)[0]  # a glob is named by the folder it searches
+    return (Path(spec).stem if literal == spec else Path(literal.rstrip("/")).name) or "data"
 
 
 def eval_source_names(paths: tuple[str, ...]) -> dict[str, str]:
@@ -194,7 +192,7 @@ class _TextTask:
                               f"{self.tokens_per_batch}")
 
     def objective(self, train: TrainConfig | None) -> CausalLM:
-        return CausalLM(chunk_size=train.loss_chunk_size if train is not None else 0, z_loss=self.z_loss)
+        return CausalLM(chunk_size=_chunk_size(train), z_loss=self.z_loss)
 
     def pipeline(self, data: TextDataConfig, tokenizer, **placement):
         return build_text_pipeline(data, tokenizer, **placement)
