@@ -98,7 +98,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="s,m,l", help=f"comma-separated subset of {sorted(bench_train.PRETRAIN_SIZES)}")
+    parser.add_argument("--sizes", default="s,m,l",
+                        help=f"comma-separated subset of {sorted(bench_train.PRETRAIN_SIZES)}")
     parser.add_argument("--steps", type=int, default=30, help="steps per run (timed: all after the first)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(cache_root() / "pretrain_stdlib"),

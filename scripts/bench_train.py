@@ -58,6 +58,16 @@ CONFIGS = {
 }
 CONFIGS["tiny"] = dict(model=dict(CONFIGS["bench-32m"]["model"], vocab_size=256, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2), dtype="float32", batch=2, seq=32, loss_chunk=0)  # smoke tests
+# The pretraining example's model (examples/pretrain_stdlib/pretrain-cpu.yaml: vocab 8192, tied embeddings, 16 rows
+# of 256 tokens) at three widths and depths: scripts/bench_pretrain.py's sizes and their PyTorch reference.
+PRETRAIN_SIZES = {"s": "pretrain-s", "m": "pretrain-m", "l": "pretrain-l"}
+for _name, (_hidden, _intermediate, _layers, _heads) in {"pretrain-s": (128, 352, 2, 2), "pretrain-m": (256, 704, 4, 4),
+                                                        "pretrain-l": (512, 1408, 8, 8)}.items():
+    CONFIGS[_name] = dict(model=dict(vocab_size=8192, hidden_size=_hidden, intermediate_size=_intermediate,
+                                     num_hidden_layers=_layers, num_attention_heads=_heads,
+                                     num_key_value_heads=_heads, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                                     max_position_embeddings=256),
+                          dtype="float32", batch=16, seq=256, loss_chunk=1024)
 WORKLOADS = ("lora", "qlora", "full")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 LR = 2e-4

@@ -57,17 +57,7 @@ class DataConfig:
         check_choice("format", self.format, FORMATS)
         check_choice("loss", self.loss, LOSS_STRATEGIES)
         check_choice("truncation", self.truncation, TRUNCATION)
-        if self.normalize_unicode is not None:
-            check_choice("normalize_unicode", self.normalize_unicode, NORMALIZATIONS)
-        if self.dedup is not None:
-            check_choice("dedup", self.dedup, DEDUP)
-        if self.max_length < 2:
-            raise ConfigError(f"data.max_length must be >= 2 (one input and one target), got {self.max_length}")
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        check_weights(self.weights, self.paths)
-        if not 0.0 < self.near_dup_threshold <= 1.0:
-            raise ConfigError(f"data.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+        check_shared_fields(self)
         if not 0.0 <= self.max_bad_char_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_char_fraction must be in [0, 1], got {self.max_bad_char_fraction}")
 
@@ -78,6 +68,21 @@ class DataConfig:
 def check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"data.{name} is {value!r}; expected one of {list(allowed)}")
+
+
+def check_shared_fields(cfg) -> None:
+    """The checks of the fields a chat data section and a text data section share (cleaning, rows, mixing)."""
+    if cfg.normalize_unicode is not None:
+        check_choice("normalize_unicode", cfg.normalize_unicode, NORMALIZATIONS)
+    if cfg.dedup is not None:
+        check_choice("dedup", cfg.dedup, DEDUP)
+    if cfg.max_length < 2:
+        raise ConfigError(f"data.max_length must be >= 2 (one input and one target), got {cfg.max_length}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+    check_weights(cfg.weights, cfg.paths)
+    if not 0.0 < cfg.near_dup_threshold <= 1.0:
+        raise ConfigError(f"data.near_dup_threshold must be in (0, 1], got {cfg.near_dup_threshold}")
 
 
 def check_weights(weights: tuple[float, ...] | None, paths: tuple[str, ...]) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from jaxft.config import PATH_FIELD, ConfigError
-from jaxft.data.config import DEDUP, NORMALIZATIONS, check_choice, check_weights
+from jaxft.data.config import check_choice, check_shared_fields
 
 DOCUMENT_UNITS = ("file", "line", "paragraph")
 ROW_PACKING = ("concat", "segments")
@@ -64,24 +64,15 @@ class TextDataConfig:
             raise ConfigError("data.paths is empty; name at least one text/JSONL/parquet file, glob or dataset")
         check_choice("document", self.document, DOCUMENT_UNITS)
         check_choice("packing", self.packing, ROW_PACKING)
-        if self.normalize_unicode is not None:
-            check_choice("normalize_unicode", self.normalize_unicode, NORMALIZATIONS)
-        if self.dedup is not None:
-            check_choice("dedup", self.dedup, DEDUP)
-        if self.max_length < 2:
-            raise ConfigError(f"data.max_length must be >= 2 (one input and one target), got {self.max_length}")
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        check_weights(self.weights, self.paths)
+        check_shared_fields(self)
         for name in ("max_bad_char_fraction", "max_symbol_fraction", "min_alpha_word_fraction",
                      "max_duplicate_line_fraction"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"data.{name} must be in [0, 1] (or null: off), got {value}")
         if self.max_repeated_word_run is not None and self.max_repeated_word_run < 1:
-            raise ConfigError(f"data.max_repeated_word_run must be >= 1 (or null: off), got {self.max_repeated_word_run}")
-        if not 0.0 < self.near_dup_threshold <= 1.0:
-            raise ConfigError(f"data.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+            raise ConfigError("data.max_repeated_word_run must be >= 1 (or null: off), got "
+                              f"{self.max_repeated_word_run}")
 
     def replace(self, **changes) -> "TextDataConfig":
         return dataclasses.replace(self, **changes)

@@ -9,7 +9,7 @@ A source spec (``data.paths`` entry of a :class:`~jaxft.data.text_config.TextDat
 | ``*.parquet``                     | each row's ``text_field``, read a record batch at a time (pyarrow)      |
 | a ``datasets.save_to_disk`` folder | each row's ``text_field`` (memory-mapped arrow)                        |
 | any other folder, or a glob       | the files it matches (``**`` recursive), sorted, each read as above    |
-| ``hf:NAME`` / ``hf:NAME:SPLIT``   | ``datasets.load_dataset(NAME, split=SPLIT, streaming=True)`` (default split ``train``) |
+| ``hf:NAME`` / ``hf:NAME:SPLIT``   | ``datasets.load_dataset(NAME, split=SPLIT, streaming=True)``, split ``train`` |
 
 Documents are numbered from 0 in reading order across a source's files; ``read_documents(..., start=n)`` resumes at
 document ``n`` without decoding the ones before it where the format allows (whole text files and parquet files

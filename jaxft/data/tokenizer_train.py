@@ -78,7 +78,8 @@ class TokenizerTrainConfig:
     (Llama), False for byte_bpe (GPT-2). ``max_documents`` / ``max_characters`` stop reading the corpus there;
     ``max_sentences`` lets sentencepiece keep a seeded random sample of that many lines (its input_sentence_size)
     of those read. ``skip_bad_files``: a file that cannot be read (not UTF-8, bad JSON) is skipped from its first
-    bad document on, with a warning, instead of stopping the training. ``byte_fallback`` and ``character_coverage`` are sentencepiece's (byte_bpe covers every byte)."""
+    bad document on, with a warning, instead of stopping the training. ``byte_fallback`` and ``character_coverage``
+    are sentencepiece's (byte_bpe covers every byte)."""
 
     vocab_size: int = 32000
     model_type: str = "unigram"
