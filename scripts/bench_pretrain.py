@@ -10,7 +10,7 @@ after the first, data streaming included), and MFU its ``summary.json``'s (model
 float32 matmul peak). The reference, in a fresh process per size, is ``scripts/bench_train.py``'s full-training
 step of transformers' ``LlamaForCausalLM`` with the same shapes and batch (its default ``sdpa`` attention, AdamW,
 random ids: the cost does not depend on the ids), so the ratio is jaxft's tokens/s over PyTorch's, measured in the
-same run. Prints a table and writes ``bench/results/pretrain_sizes.json`` with the CPU model.
+same run; PyTorch's MFU is over its own float32 matmul peak (``bench_train``'s rule). Prints a table and writes ``bench/results/pretrain_sizes.json`` with the CPU model.
 """
 from __future__ import annotations
 
@@ -79,12 +79,13 @@ def spawn_reference(args, size: str) -> dict:
     return bench_train.spawn(ns, "torch", "full")
 
 
-def row(size: str, jaxft: dict, torch: dict) -> dict:
+def row(size: str, jaxft: dict, torch: dict, torch_peak_flops: float) -> dict:
+    """One size's numbers; each stack's MFU is over its own matmul peak (jaxft's from its summary)."""
     return {"size": size, "params": jaxft["trainable_params"], "jaxft_tokens_per_s": jaxft["tokens_per_s"],
             "jaxft_mfu": jaxft["mfu"], "flops_per_token": jaxft["flops_per_token"],
             "peak_flops": jaxft["peak_flops"], "peak_flops_source": jaxft["peak_flops_source"],
-            "torch_tokens_per_s": torch["tokens_per_s"], "torch_mfu": torch["tokens_per_s"] *
-            jaxft["flops_per_token"] / jaxft["peak_flops"],
+            "torch_tokens_per_s": torch["tokens_per_s"], "torch_peak_flops": torch_peak_flops,
+            "torch_mfu": torch["tokens_per_s"] * jaxft["flops_per_token"] / torch_peak_flops,
             "ratio": jaxft["tokens_per_s"] / torch["tokens_per_s"], "jaxft_final_loss": jaxft["final_loss"]}
 
 
@@ -119,7 +120,9 @@ def main(argv=None) -> int:
     if not (args.work / "tokenizer" / "tokenizer.json").exists():
         example_module().prepare(args.work, 8192, 0.05)
     load = os.getloadavg()
-    rows = [row(size, spawn_recipe(args, size), spawn_reference(args, size)) for size in sizes]
+    peak_args = argparse.Namespace(config=bench_train.PRETRAIN_SIZES[sizes[0]], threads=args.threads)
+    torch_peak = bench_train.spawn_peak(peak_args, "torch") * 1e9
+    rows = [row(size, spawn_recipe(args, size), spawn_reference(args, size), torch_peak) for size in sizes]
     print_table(rows)
     report = {"benchmark": "pretraining recipe by model size", "steps": args.steps, "threads": args.threads,
               "rows": rows, "cpu": bench_train.cpu_info(), "load_average_1_5_15": {"start": load,

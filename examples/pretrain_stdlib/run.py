@@ -6,7 +6,7 @@
    site-packages and the test suites (folders named ``test``, ``tests``, ``idle_test``), one document per file,
    code and docstrings as they are; a file is held out when the SHA-1 of its relative path falls in the first
    ``--held-out`` share of hash space, so the split is the same on every machine with the same Python. Written as
-   ``WORK/corpus/{train,heldout}.jsonl``;
+   ``WORK/corpus/{train,heldout}.jsonl``, the files in a seeded random order (the stream reads a source in order);
 2. tokenizer: a byte-level BPE of ``--vocab`` ids trained on the train split (``jaxft tokenizer train``'s
    function), saved as a HF folder;
 3. pretraining: ``examples/pretrain_stdlib/pretrain-cpu.yaml`` (a 4-layer Llama from random init, concatenated
@@ -81,6 +81,9 @@ def write_corpus(folder: Path, share: float) -> dict:
     sizes = {"stdlib": str(root), "not_utf8": skipped}
     folder.mkdir(parents=True, exist_ok=True)
     for name, records in splits.items():
+        # the stream reads a source in order: files in path order would make each stretch of steps one package
+        # (all the codec tables of encodings/ in a row), so the files are shuffled here, once, with a fixed seed
+        records = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         write_text_atomic(folder / f"{name}.jsonl", lines)
         sizes[name] = {"files": len(records), "characters": sum(len(r["text"]) for r in records)}
