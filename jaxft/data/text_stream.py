@@ -21,14 +21,17 @@ source drawn by ``default_rng([seed, process_index, r])`` with the weights' prob
 on its own (a new pass, with a fresh cleaner, when it runs out), so rows never pad.
 
 Processes. Every process reads and cleans every document (dedup is deterministic, so all agree), then keeps kept
-document k of a source when ``k % process_count == process_index``; the tokenizing is what is split.
+document k of a source when ``k % process_count == process_index``; the tokenizing is what is split. A process
+left without a document of a source (fewer kept documents than processes) is an error saying so
+(`no_documents_error`).
 
 Position. ``get_state()`` is per source its pass, the document number its next token is in, the token offset in
 that document and the kept documents before it, plus the row number, the epoch and a fingerprint of the settings
 and tokenizer (`stream_fingerprint`). ``set_state`` reopens each source at its document (text sources skip
 documents without decoding where they can); with dedup on, the cleaner is first replayed over the documents
-before the position (read and cleaned, not tokenized), so it drops exactly what it dropped before. A state of
-other settings, tokenizer or process layout is refused naming what differs.
+before the position (read and cleaned, not tokenized), so it drops exactly what it dropped before; a source whose
+pass has ended (unweighted, before the current one) is not read again, since nothing of it is left to drop. A state
+of other settings, tokenizer or process layout is refused naming what differs.
 
 A cleaner (and its dedup memory) belongs to one pass of one source: a source's second pass is not all duplicates
 of its first, and duplicates across sources are kept.
