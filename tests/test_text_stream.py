@@ -22,7 +22,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from jaxft.data.formats import DataError
 from jaxft.data.text_config import TextDataConfig
-from jaxft.data.text_stream import TextStream, build_text_pipeline
+from jaxft.data.text_sources import read_documents
+from jaxft.data.text_stream import BATCH_KEYS, TextStream, build_text_pipeline
 from jaxft.hf.tokenizer import load_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog hello world llama token answer question café".split()
@@ -31,8 +32,9 @@ MIN_CHARS = 5
 IGNORE = -100
 
 
-def build_tokenizer(folder: Path, template: str = "<s> $A") -> Path:
-    """A byte-level BPE (vocab 300) whose post-processor adds BOS to every text (``template``), as Llama's does."""
+def build_tokenizer(folder: Path, template: str = "<s> $A", bos: str = "<s>") -> Path:
+    """A byte-level BPE (vocab 300) whose post-processor adds BOS to every text (``template``), as Llama's does;
+    ``bos``: the token its config names as BOS."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -42,7 +44,7 @@ def build_tokenizer(folder: Path, template: str = "<s> $A") -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(corpus, trainer=trainer)
     backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token="</s>",
                                                 pad_token="<pad>")
     fast.save_pretrained(folder)
     return folder
@@ -205,6 +207,74 @@ def test_a_tokenizer_that_ends_texts_with_eos_itself_gets_no_second_eos(setup, t
     expected = [hf(doc)["input_ids"] for doc in kept_documents(setup["sources"]["b"])]
     assert all(ids[-1] == hf.eos_token_id and ids[-2] != hf.eos_token_id for ids in expected)
     np.testing.assert_array_equal(rows["input_ids"][rows["segment_ids"] > 0], np.concatenate(expected))
+
+
+def test_a_tokenizer_whose_bos_is_its_eos_still_gets_eos_after_each_document(setup, tmp_path):
+    folder = build_tokenizer(tmp_path / "tok", template="</s> $A", bos="</s>")  # OPT: "</s>" starts every text
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf("")["input_ids"] == [hf.eos_token_id] == [hf.bos_token_id]  # what an empty text cannot tell apart
+    stream = TextStream(config(setup, names=("b",)), load_tokenizer(folder))
+    rows = rows_of(one_pass(stream))
+    expected = [hf(doc)["input_ids"] + [hf.eos_token_id] for doc in kept_documents(setup["sources"]["b"])]
+    np.testing.assert_array_equal(rows["input_ids"][rows["segment_ids"] > 0], np.concatenate(expected))
+
+
+def test_a_process_without_a_document_of_a_source_says_why_and_what_to_do(setup, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("one whole book of text\n\nwith two paragraphs\n", encoding="utf-8")
+    for weights in (None, (1.0, 1.0)):  # one pass over the sources / each source cycling on its own
+        paths = (str(book),) if weights is None else (setup["paths"]["a"], str(book))
+        cfg = TextDataConfig(paths=paths, weights=weights, max_length=16, batch_size=2, min_chars=MIN_CHARS)
+        next(TextStream(cfg, setup["tok"], process_index=0, process_count=2))  # process 0 holds the book
+        stream = TextStream(cfg, setup["tok"], process_index=1, process_count=2)
+        with pytest.raises(DataError, match=r"book\.txt.*1 document\(s\).*data\.document: file.*process 1 of 2.*"
+                                            r"data\.document: line or paragraph, or split the source into more files"):
+            for _ in range(20):
+                next(stream)
+    paragraphs = TextDataConfig(paths=(str(book),), document="paragraph", max_length=16, batch_size=2,
+                                min_chars=MIN_CHARS)
+    next(TextStream(paragraphs, setup["tok"], process_index=1, process_count=2))  # the advice works
+
+
+def test_batches_up_to_counts_no_further_than_n_batches_and_eval_reads_the_same_batches(setup):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxft.recipes.skeleton import eval_batches
+    cfg = config(setup)
+    epoch = TextStream(cfg, setup["tok"]).batches_per_epoch
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
+    for n in (0, 1, 2, epoch - 1, epoch, epoch + 3):
+        stream, tokenized = TextStream(cfg, setup["tok"]), []
+        tokenize = stream.tokenize
+        stream.tokenize = lambda documents: tokenized.extend(documents) or tokenize(documents)
+        assert stream.batches_up_to(n) == min(n, epoch)
+        if n <= 1:  # one batch is 48 tokens: the first source's first tokenizer buffer holds more than that
+            assert not [d.location for d in tokenized if d.location.startswith(setup["paths"]["b"])]
+        got = list(eval_batches(stream, n, sharding, BATCH_KEYS))
+        _assert_same([{k: np.asarray(v) for k, v in b.items()} for b in got], _batches(cfg, setup, min(n, epoch)))
+
+
+def test_a_resume_replays_no_finished_source(setup, monkeypatch):
+    import jaxft.data.text_stream as text_stream
+    cfg = config(setup)
+    stream = TextStream(cfg, setup["tok"])
+    while stream.get_state()["source"] == 0:  # into the second source: the first one's pass has ended
+        next(stream)
+    state, want = stream.get_state(), [next(stream) for _ in range(3)]
+    read = []
+
+    def counting(spec, **kwargs):
+        for document in read_documents(spec, **kwargs):
+            read.append(spec)
+            yield document
+
+    monkeypatch.setattr(text_stream, "read_documents", counting)
+    resumed = TextStream(cfg, setup["tok"])
+    read.clear()
+    resumed.set_state(state)
+    assert setup["paths"]["a"] not in read and read.count(setup["paths"]["b"]) >= state["sources"][1]["document"]
+    _assert_same([next(resumed) for _ in range(3)], want)
 
 
 def test_rewind_reads_the_same_batches_again(setup):

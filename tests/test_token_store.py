@@ -98,6 +98,21 @@ def test_a_store_of_other_settings_or_tokenizer_is_refused_naming_the_difference
         StoredRows(store, setup["tok"]).set_state(TextStream(store, setup["tok"]).get_state())
 
 
+def test_the_seed_counts_for_a_store_only_where_weights_draw_its_rows_by_it(setup, store, tmp_path):
+    with pytest.raises(DataError, match="data.seed: checkpoint 0 vs now 1"):
+        StoredRows(store.replace(seed=1), setup["tok"])  # with weights the seed picks each row's source
+    cfg = store.replace(store=None, weights=None)
+    write_token_store(cfg, setup["tok"], tmp_path / "rows")
+    rows = _stream_rows(cfg, setup["tok"])
+    reordered = StoredRows(cfg.replace(store=str(tmp_path / "rows"), seed=1), setup["tok"])
+    assert reordered.batches_up_to(10**6) == reordered.batches_per_epoch
+    assert reordered.batches_up_to(2) == 2 and reordered.batches_up_to(0) == 0
+    batches = [next(reordered) for _ in range(reordered.batches_per_epoch)]
+    stacked = np.stack([np.concatenate([b[key] for b in batches]) for key in KEYS], axis=1)
+    stacked = stacked[(stacked[:, 2] > 0).any(axis=1)]  # the stream's rows, read in seed 1's order
+    assert sorted(r.tobytes() for r in stacked) == sorted(r.tobytes() for r in rows)
+
+
 def test_an_existing_store_is_replaced_only_with_overwrite(setup, store, tmp_path):
     folder = tmp_path / "rows"
     cfg = store.replace(store=None)

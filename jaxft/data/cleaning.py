@@ -126,11 +126,6 @@ class MinHashIndex:
             permuted = ((hashes[:, None] * self.a + self.b) % _MERSENNE) & _MAX_HASH
         return permuted.min(axis=0).astype(np.uint32)  # below 2^32 after the mask: exact
 
-    @staticmethod
-    def jaccard_estimate(first: np.ndarray, second: np.ndarray) -> float:
-        """The Jaccard similarity of two texts' shingle sets, estimated from their signatures."""
-        return float(np.mean(first == second))
-
     def _band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """[..., bands] uint64 hashes of each band's values (a different hash per band)."""
         bands = signatures.reshape(*signatures.shape[:-1], self.bands, self.rows).astype(np.uint64)

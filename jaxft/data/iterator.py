@@ -40,8 +40,8 @@ class DataIterator(Protocol):
 
     `get_state()` returns a JSON-serializable dict; `set_state(state)` on an iterator built from the same
     data and settings makes the next `next()` return the batch that followed when the state was taken. An eval
-    iterator also has `rewind()` (back to its first batch) and `batches_per_epoch`
-    (`jaxft.recipes.skeleton.eval_batches`).
+    iterator also has `rewind()` (back to its first batch) and `batches_up_to(n)`: ``min(n, batches of one
+    epoch)``, counting no further than ``n`` where counting costs (`jaxft.recipes.skeleton.eval_batches`).
     """
 
     def __iter__(self) -> "DataIterator": ...
@@ -140,6 +140,10 @@ class PackedIterator:
         if self._rows is None:
             self._rows = self._plan_epoch(self.epoch)
         return len(self._rows) // self.batch_size
+
+    def batches_up_to(self, n: int) -> int:
+        """``min(n, batches_per_epoch)``; the epoch's plan is in memory already, so this costs no reading."""
+        return max(0, min(n, self.batches_per_epoch))
 
     def __iter__(self) -> "PackedIterator":
         return self

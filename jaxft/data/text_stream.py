@@ -21,14 +21,17 @@ source drawn by ``default_rng([seed, process_index, r])`` with the weights' prob
 on its own (a new pass, with a fresh cleaner, when it runs out), so rows never pad.
 
 Processes. Every process reads and cleans every document (dedup is deterministic, so all agree), then keeps kept
-document k of a source when ``k % process_count == process_index``; the tokenizing is what is split.
+document k of a source when ``k % process_count == process_index``; the tokenizing is what is split. A process
+left without a document of a source (fewer kept documents than processes) is an error saying so
+(`no_documents_error`).
 
 Position. ``get_state()`` is per source its pass, the document number its next token is in, the token offset in
 that document and the kept documents before it, plus the row number, the epoch and a fingerprint of the settings
 and tokenizer (`stream_fingerprint`). ``set_state`` reopens each source at its document (text sources skip
 documents without decoding where they can); with dedup on, the cleaner is first replayed over the documents
-before the position (read and cleaned, not tokenized), so it drops exactly what it dropped before. A state of
-other settings, tokenizer or process layout is refused naming what differs.
+before the position (read and cleaned, not tokenized), so it drops exactly what it dropped before; a source whose
+pass has ended (unweighted, before the current one) is not read again, since nothing of it is left to drop. A state
+of other settings, tokenizer or process layout is refused naming what differs.
 
 A cleaner (and its dedup memory) belongs to one pass of one source: a source's second pass is not all duplicates
 of its first, and duplicates across sources are kept.
@@ -96,27 +99,54 @@ def stream_fingerprint(cfg: TextDataConfig, tokenizer) -> dict:
     }))
 
 
+def adds_eos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` already ends a text with EOS. Decided on a non-empty text: an empty one is fooled
+    by a tokenizer whose BOS is its EOS (OPT's ``</s>``), whose lone special token is then read as a closing EOS."""
+    eos = [tokenizer.eos_token_id]
+    return (tokenizer.encode("a", add_special_tokens=True)[-1:] == eos
+            and tokenizer.encode("a", add_special_tokens=False)[-1:] != eos)
+
+
+def no_documents_error(paths: str, kept: int, stream: "TextStream") -> DataError:
+    """Why this process got no document of ``paths`` (``kept`` documents of them survived cleaning) and what to do."""
+    if not kept:
+        return DataError(paths, "no documents", "no document is left after cleaning; check data.paths and the "
+                         "cleaning settings (data.min_chars, the filters, dedup)")
+    cfg = stream.cfg
+    return DataError(paths, "no documents for this process", f"{kept} document(s) are left after cleaning "
+                     f"(data.document: {cfg.document}), none for process {stream.process_index} of "
+                     f"{stream.process_count}: each process tokenizes whole documents of every source, kept "
+                     f"document k going to process k % {stream.process_count}; use data.document: line or "
+                     "paragraph, or split the source into more files")
+
+
 class _SourceCursor:
     """One source's token stream for this process, tokenized a buffer at a time; with ``cycle`` it starts the
     source's next pass when one ends."""
 
-    def __init__(self, stream: "TextStream", index: int, position: dict | None, cycle: bool, scratch: bool = False):
+    def __init__(self, stream: "TextStream", index: int, position: dict | None, cycle: bool, scratch: bool = False,
+                 finished: bool = False):
         self.stream, self.index, self.cycle, self.scratch = stream, index, cycle, scratch
         self.spec = stream.cfg.paths[index]
-        self._open(position or {"pass": 0, "document": 0, "offset": 0, "kept": 0})
+        self._open(position or {"pass": 0, "document": 0, "offset": 0, "kept": 0}, finished)
 
-    def _open(self, position: dict) -> None:
+    def _open(self, position: dict, finished: bool = False) -> None:
+        """Reopen at ``position``; ``finished``: the position is the end of its pass (nothing is left to read, so
+        neither the reader nor the dedup memory matters, and the replay is skipped)."""
         cfg = self.stream.cfg
         self.pass_number = int(position["pass"])
         report = DataReport() if self.scratch else self.stream.report_for(self.index, self.pass_number)
         self.cleaner = TextCleaner(cfg, report)
         document, self.kept = int(position["document"]), int(position["kept"])
+        self.buffer: deque[_Tokenized] = deque()
+        self.offset = self.held = 0
+        self.read, self.exhausted = document, finished
+        if finished:
+            self.reader: Iterator = iter(())
+            return
         if cfg.dedup is not None and document:
             self.kept = self._replay(document)
         self.reader = read_documents(self.spec, text_field=cfg.text_field, document=cfg.document, start=document)
-        self.read, self.exhausted = document, False
-        self.buffer: deque[_Tokenized] = deque()
-        self.offset = self.held = 0
         offset = int(position["offset"])
         if offset:  # into the document the position names, which is then the first one buffered
             self._fill(1)
@@ -165,8 +195,7 @@ class _SourceCursor:
         self._open({"pass": self.pass_number + 1, "document": 0, "offset": 0, "kept": 0})
         self._fill(1)
         if not self.buffer:
-            raise DataError(self.spec, "no documents", f"no document of this source is left for process "
-                            f"{self.stream.process_index} of {self.stream.process_count} after cleaning")
+            raise no_documents_error(self.spec, self.kept, self.stream)
 
     def take(self, count: int) -> list[_Piece]:
         """Up to ``count`` next tokens as per-document pieces (fewer only where a pass ends without ``cycle``)."""
@@ -203,10 +232,10 @@ class _SourceCursor:
             return {"pass": self.pass_number, "document": first.number, "offset": self.offset, "kept": first.kept}
         return {"pass": self.pass_number, "document": self.read, "offset": 0, "kept": self.kept}
 
-    def count_tokens(self) -> int:
-        """Tokens of the rest of this pass (consumes it)."""
+    def count_tokens(self, beyond: float = math.inf) -> int:
+        """Tokens of the rest of this pass (consumes it), or, once the count passes ``beyond``, that far."""
         total = self.held
-        while not self.exhausted:
+        while not self.exhausted and total <= beyond:
             total += sum(len(item.ids) for item in self.stream.tokenize(self._read_mine()))
         return total
 
@@ -255,7 +284,7 @@ class TextStream:
         self.report = report if report is not None else DataReport()
         self.pad_id = checked_pad_id(tokenizer, vocab_size)
         self.fingerprint = stream_fingerprint(cfg, tokenizer)
-        self._adds_eos = self.fingerprint["tokenizer special tokens of an empty text"][-1:] == [tokenizer.eos_token_id]
+        self._adds_eos = adds_eos(tokenizer)
         self.weights = None if cfg.weights is None else np.asarray(cfg.weights, np.float64) / sum(cfg.weights)
         self._reported: set[int] = set()
         self._rows_per_pass: int | None = None
@@ -321,9 +350,8 @@ class TextStream:
     def _start_epoch(self, epoch: int) -> None:
         self._restore({"epoch": epoch, "row": self.row, "source": 0,
                        "sources": [{"pass": epoch, "document": 0, "offset": 0, "kept": 0} for _ in self.cursors]})
-        if self._epoch_over():  # a whole pass without a token
-            raise DataError(", ".join(self.cfg.paths), "no documents", f"no document is left for process "
-                            f"{self.process_index} of {self.process_count} after cleaning")
+        if self._epoch_over():  # a whole pass without a token: every source has been read to its end
+            raise no_documents_error(", ".join(self.cfg.paths), sum(c.kept for c in self.cursors), self)
 
     def __iter__(self) -> "TextStream":
         return self
@@ -344,7 +372,9 @@ class TextStream:
         state = state or {"epoch": 0, "row": 0, "source": 0, "sources": [None] * len(self.cfg.paths)}
         self.epoch, self.row, self.source = int(state["epoch"]), int(state["row"]), int(state["source"])
         cycle = self.weights is not None
-        self.cursors = [_SourceCursor(self, i, position, cycle) for i, position in enumerate(state["sources"])]
+        # without weights the sources before the current one have ended their pass: nothing of them is read again
+        self.cursors = [_SourceCursor(self, i, position, cycle, finished=not cycle and i < self.source)
+                        for i, position in enumerate(state["sources"])]
 
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "kind": "text stream", "process_index": self.process_index,
@@ -368,15 +398,33 @@ class TextStream:
     def rows_per_pass(self) -> int:
         """Rows of one pass over all sources for this process (one reading pass to count, then cached)."""
         if self._rows_per_pass is None:
-            counter = [_SourceCursor(self, i, None, cycle=False, scratch=True) for i in range(len(self.cfg.paths))]
-            tokens = sum(cursor.count_tokens() for cursor in counter)
-            self._rows_per_pass = math.ceil(tokens / self.cfg.max_length)
+            self._rows_per_pass = math.ceil(self._count_tokens() / self.cfg.max_length)
         return self._rows_per_pass
+
+    def _count_tokens(self, beyond: float = math.inf) -> int:
+        """Tokens of one pass over all sources for this process, counted only until the count passes ``beyond``."""
+        total = 0
+        for source in range(len(self.cfg.paths)):
+            if total > beyond:
+                break
+            total += _SourceCursor(self, source, None, cycle=False, scratch=True).count_tokens(beyond - total)
+        return total
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches of one pass over all sources for this process; the last one padded (see the module doc)."""
         return math.ceil(self.rows_per_pass / self.cfg.batch_size)
+
+    def batches_up_to(self, n: int) -> int:
+        """``min(n, batches_per_epoch)``, tokenizing only until the pass is known to hold ``n`` batches: what an
+        evaluation of the first ``n`` batches needs, without a pass over a whole eval corpus."""
+        if n <= 0:
+            return 0
+        if self._rows_per_pass is not None:
+            return min(n, self.batches_per_epoch)
+        tokens_per_batch = self.cfg.batch_size * self.cfg.max_length
+        tokens = self._count_tokens(beyond=(n - 1) * tokens_per_batch)  # more than this: at least n batches
+        return min(n, math.ceil(tokens / tokens_per_batch))
 
     def pass_rows(self) -> Iterator[dict[str, np.ndarray]]:
         """The rows of one pass from the very start, without the padding rows of its last batch (what

@@ -14,7 +14,9 @@ A run whose ``data.store`` names the folder reads rows from it (`StoredRows`, a 
 permutation of all rows seeded by ``(data.seed, epoch)``, of which process ``p`` of ``n`` takes every ``n``-th
 from ``p``, in batches of ``data.batch_size`` (the epoch's last batch filled with padding rows). Its position is
 ``{epoch, batch}``. The shards are memory-mapped, so a store larger than memory reads only the rows a batch takes.
-A store whose fingerprint differs from the run's data settings and tokenizer is refused, naming each difference.
+A store whose fingerprint differs from the run's data settings and tokenizer is refused, naming each difference;
+``data.seed`` counts only with ``data.weights`` (which it draws the rows by), since without them it only orders the
+reading (`rows_fingerprint`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,14 @@ FORMAT_VERSION = 1
 STATE_VERSION = 1
 MANIFEST = "manifest.json"
 ROWS_PER_SHARD = 8192
+
+
+def rows_fingerprint(fingerprint: dict, cfg: TextDataConfig) -> dict:
+    """The part of a stream's fingerprint that decides a store's rows. Without weights ``data.seed`` decides only
+    the order a run reads them in (`StoredRows`), so a store serves every seed; with weights it draws the rows."""
+    if cfg.weights is None:
+        return {key: value for key, value in fingerprint.items() if key != "data.seed"}
+    return fingerprint
 
 
 def _shard_name(index: int) -> str:
@@ -106,7 +116,8 @@ class StoredRows:
         folder = Path(cfg.store)
         manifest = read_manifest(folder)
         self.fingerprint = stream_fingerprint(cfg, tokenizer)
-        check_state(manifest["fingerprint"], self.fingerprint, str(folder / MANIFEST),
+        check_state(rows_fingerprint(manifest["fingerprint"], cfg), rows_fingerprint(self.fingerprint, cfg),
+                    str(folder / MANIFEST),
                     "was written for other data settings or another tokenizer",
                     "its rows are not this run's; write the store again from this config, or run with the "
                     "settings and tokenizer it was written with")
@@ -142,6 +153,10 @@ class StoredRows:
     @property
     def batches_per_epoch(self) -> int:
         return max(1, math.ceil(len(self._order) / self.cfg.batch_size))
+
+    def batches_up_to(self, n: int) -> int:
+        """``min(n, batches_per_epoch)`` (the store knows its row count: nothing is read)."""
+        return max(0, min(n, self.batches_per_epoch))
 
     def __iter__(self) -> "StoredRows":
         return self

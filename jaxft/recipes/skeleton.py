@@ -247,12 +247,13 @@ def next_batches(cfg: RunConfig, inputs: Inputs) -> Callable[[Any], dict]:
 def eval_batches(iterator, n: int, sharding, keys: tuple[str, ...]):
     """The first ``n`` eval batches, the same ones at every evaluation: the iterator is endless, so reading on
     would score a different subset each time; it is rewound to its start instead. At most one epoch: past it the
-    same records would be scored again (every process stops at the fewest batches any process has)."""
+    same records would be scored again (every process stops at the fewest batches any process has). The count is
+    ``batches_up_to(n)``: a streamed eval corpus is read only as far as its first ``n`` batches."""
     iterator.rewind()
-    per_epoch = np.array([iterator.batches_per_epoch])
+    available = np.array([iterator.batches_up_to(n)])
     if jax.process_count() > 1:
-        per_epoch = multihost_utils.process_allgather(per_epoch)
-    for _ in range(min(n, int(per_epoch.min()))):
+        available = multihost_utils.process_allgather(available)
+    for _ in range(int(available.min())):
         yield {k: v[0] for k, v in stack_micro_batches(iterator, 1, sharding, keys).items()}
 
 
