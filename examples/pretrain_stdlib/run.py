@@ -102,7 +102,7 @@ def stream_targets(data_cfg, tokenizer, batches: int | None = None) -> np.ndarra
     """The target tokens (labels) of the first ``batches`` batches of a text data section's stream (all of one pass
     when None): exactly the tokens a model is scored on."""
     iterator = build_text_pipeline(data_cfg, tokenizer).iterator
-    n = iterator.batches_per_epoch if batches is None else min(batches, iterator.batches_per_epoch)
+    n = iterator.batches_per_epoch if batches is None else iterator.batches_up_to(batches)
     labels = np.concatenate([next(iterator)["labels"].ravel() for _ in range(n)])
     return labels[labels >= 0]
 
