@@ -52,6 +52,7 @@ def test_each_format_reads_its_documents_in_order(corpus):
     assert texts(corpus / "p.parquet", text_field="body") == pq.read_table(corpus / "p.parquet")["body"].to_pylist()
     assert texts(corpus / "saved") == datasets.load_from_disk(str(corpus / "saved"))["text"]
     assert texts(f"hf:{corpus / 'jsonl_folder'}") == [f"record {i}" for i in range(7)]
+    assert texts(f"hf:{corpus / 'jsonl_folder'}:train") == [f"record {i}" for i in range(7)]
 
 
 @pytest.mark.parametrize("spec, kwargs", [("text", {"document": "line"}), ("text", {"document": "paragraph"}),

@@ -9,8 +9,10 @@ A source spec (``data.paths`` entry of a :class:`~jaxft.data.text_config.TextDat
 | ``*.parquet``                     | each row's ``text_field``, read a record batch at a time (pyarrow)      |
 | a ``datasets.save_to_disk`` folder | each row's ``text_field`` (memory-mapped arrow)                        |
 | any other folder, or a glob       | the files it matches (``**`` recursive), sorted, each read as above    |
-| ``hf:NAME[[:CONFIG]:SPLIT]``      | ``datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`` (``train``) |
+| ``hf:NAME[[:CONFIG]:SPLIT]``      | ``datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)``    |
 
+An ``hf:`` spec without a split reads ``train``; CONFIG is the dataset's config name
+(``hf:wikitext:wikitext-103-raw-v1:train``), and an error of ``load_dataset`` is a DataError naming the spec.
 Text files read with ``document: line`` or ``paragraph`` are streamed a line at a time (lines as
 ``str.splitlines`` cuts them, numbered from 1), so their size does not matter; ``document: file`` holds the whole
 file as one document, so a very large single text file should use ``line`` or ``paragraph``.
@@ -76,8 +78,9 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
         raise DataError(spec, "bad hf: source", "expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (the "
                         "dataset, its config name and split, e.g. hf:wikitext:wikitext-103-raw-v1:train) in "
                         "data.paths")
-    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
-    return name, config, split
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return parts[0], None, parts[1] if len(parts) == 2 else "train"
 
 
 def source_signature(spec: str) -> str:
