@@ -330,7 +330,7 @@ def _inspect(args) -> int:
 
 def _tokenizer_train(args) -> int:
     """Train a tokenizer on text sources (text files, globs, folders, JSONL / parquet with a text field,
-    datasets.save_to_disk folders, hf:NAME[:SPLIT]) and write it as a Hugging Face tokenizer folder:
+    datasets.save_to_disk folders, hf:NAME[[:CONFIG]:SPLIT]) and write it as a Hugging Face tokenizer folder:
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, the chat template, and for sentencepiece models
     tokenizer.model. transformers' AutoTokenizer and jaxft load it.
     """
@@ -569,7 +569,7 @@ def _tokenizer_command(sub):
     p = _command(group, "train", _tokenizer_train, compiles=False, help="train a tokenizer on text sources",
                  epilog="example: jaxft tokenizer train 'corpus/**/*.txt' --out tok --vocab-size 32000")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="text file, glob, folder, *.jsonl, *.parquet, "
-                   "datasets folder or hf:NAME[:SPLIT]")
+                   "datasets folder or hf:NAME[[:CONFIG]:SPLIT]")
     p.add_argument("--out", required=True, help="the tokenizer folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--vocab-size", type=_at_least(1), default=32000, help="ids in all, special tokens included")

@@ -3,7 +3,10 @@ file reads, json, pyarrow, datasets), and resuming at every document number give
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
+import re
+import tracemalloc
 
 import datasets
 import pyarrow as pa
@@ -11,7 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxft.data.formats import DataError
-from jaxft.data.text_sources import expand_source, read_documents
+from jaxft.data.text_config import DOCUMENT_UNITS, TextDataConfig
+from jaxft.data.text_sources import expand_source, read_documents, source_signature
+from jaxft.data.text_stream import TextStream, stream_fingerprint
+from jaxft.hf.tokenizer import load_tokenizer
+from tests.test_text_stream import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,7 @@ def test_each_format_reads_its_documents_in_order(corpus):
     assert texts(corpus / "p.parquet", text_field="body") == pq.read_table(corpus / "p.parquet")["body"].to_pylist()
     assert texts(corpus / "saved") == datasets.load_from_disk(str(corpus / "saved"))["text"]
     assert texts(f"hf:{corpus / 'jsonl_folder'}") == [f"record {i}" for i in range(7)]
+    assert texts(f"hf:{corpus / 'jsonl_folder'}:train") == [f"record {i}" for i in range(7)]
 
 
 @pytest.mark.parametrize("spec, kwargs", [("text", {"document": "line"}), ("text", {"document": "paragraph"}),
@@ -79,6 +87,125 @@ def test_bad_sources_name_the_file_and_record(corpus, tmp_path):
     with pytest.raises(DataError, match=r"p.parquet: no text: no column 'text'.*\['body'\]"):
         texts(corpus / "p.parquet")
     latin = tmp_path / "latin.txt"
-    latin.write_bytes("café".encode("latin-1"))
-    with pytest.raises(DataError, match="latin.txt: not UTF-8"):
-        texts(latin)
+    latin.write_bytes("fine\n\nstill fine\r\n".encode() + "café\n".encode("latin-1"))
+    for document in DOCUMENT_UNITS:  # the file and the line (4: the same numbers as document: line's locations)
+        with pytest.raises(DataError, match=r"latin.txt:4: not UTF-8: byte 3 of the line"):
+            texts(latin, document=document)
+
+
+# Every line terminator str.splitlines knows, blank and whitespace-only lines, a BOM, no final newline.
+AWKWARD = ("\ufeffone\r\ntwo\rthree\x85four\u2028five\x0csix\n \t\n\nseven\x1ceight\r\n\r\n"
+           "nine\u2029ten\x0bélan\n\n\n  eleven  \ntwelve")
+
+
+def splitlines_oracle(path, document):
+    """What reading the whole text and cutting it with str.splitlines gives: (location, text) per document."""
+    numbered = list(enumerate(path.read_text(encoding="utf-8").splitlines(), 1))
+    if document == "line":
+        return [(f"{path}:{n}", line) for n, line in numbered if line.strip()]
+    groups = itertools.groupby(numbered, key=lambda pair: bool(pair[1].strip()))
+    return [(f"{path}:{run[0][0]}", "\n".join(line for _, line in run))
+            for run in (list(g) for filled, g in groups if filled)]
+
+
+@pytest.mark.parametrize("document", ["line", "paragraph"])
+def test_lines_and_paragraphs_are_those_of_the_whole_text_and_resume_at_any_document(tmp_path, document):
+    path = tmp_path / "awkward.txt"
+    path.write_bytes(AWKWARD.encode())
+    want = splitlines_oracle(path, document)
+    assert len(want) >= 4
+    for start in range(len(want) + 2):
+        got = [tuple(d) for d in read_documents(str(path), document=document, start=start)]
+        assert got == want[start:], start
+
+
+@pytest.mark.parametrize("document", ["line", "paragraph"])
+def test_a_text_file_is_streamed_not_held_in_memory(tmp_path, document):
+    path = tmp_path / "big.txt"
+    lines = [f"line {i} " + "word " * (i % 17) for i in range(100_000)]
+    path.write_text("\n".join(line if i % 5 else "" for i, line in enumerate(lines)))
+    size = path.stat().st_size
+    assert size > 3_000_000
+    count = 0
+    tracemalloc.start()
+    try:
+        for _ in read_documents(str(path), document=document):
+            count += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == len(splitlines_oracle(path, document))
+    assert peak < size / 20, (peak, size)  # holding the text (or its lines) would take more than the file
+
+
+@pytest.fixture
+def configured_hub_folder(tmp_path):
+    """A local dataset folder with two configs (its README's ``configs:``), loaded as load_dataset loads the hub's."""
+    for config, texts_ in {"small": ["s1", "s2"], "big": ["b1", "b2", "b3"]}.items():
+        (tmp_path / config).mkdir()
+        (tmp_path / config / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts_))
+    (tmp_path / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/*.jsonl\n" for c in ("small", "big"))
+        + "---\n")
+    return tmp_path
+
+
+def test_hf_specs_name_a_config_and_split(configured_hub_folder):
+    folder = configured_hub_folder
+    for config in ("small", "big"):
+        want = [r["text"] for r in datasets.load_dataset(str(folder), config, split="train")]
+        assert texts(f"hf:{folder}:{config}:train") == want
+    assert texts(f"hf:{folder}:big:train", start=2) == ["b3"]
+
+
+@pytest.mark.parametrize("tail, message", [
+    (":nope:train", r"cannot load: .*data.paths entry failed: ValueError: BuilderConfig 'nope' not found"),
+    (":small:test", r"cannot load: .*data.paths entry failed: ValueError: .*test"),
+    (":a:b:c", r"bad hf: source: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"),
+    ("::train", r"bad hf: source"),
+])
+def test_a_bad_hf_spec_is_a_data_error_naming_it(configured_hub_folder, tail, message):
+    spec = f"hf:{configured_hub_folder}{tail}"
+    with pytest.raises(DataError, match=re.escape(spec) + ": " + message):
+        texts(spec)
+
+
+def test_a_source_signature_changes_with_its_files_not_its_location(tmp_path, corpus):
+    folder = tmp_path / "web"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha\n")
+    (folder / "sub" / "b.txt").write_text("beta\n")
+    spec = str(folder / "**" / "*.txt")
+    before = source_signature(spec)
+    assert before.startswith("2 files, 11 bytes, ")
+    assert source_signature(str(folder)) == before  # the folder and the glob read the same files
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    assert source_signature(str(moved / "**" / "*.txt")) == before  # names are relative: a moved corpus matches
+    (moved / "sub" / "b.txt").write_text("betas\n")
+    resized = source_signature(str(moved / "**" / "*.txt"))
+    assert resized.startswith("2 files, 12 bytes, ")
+    (moved / "sub" / "b.txt").rename(moved / "sub" / "c.txt")  # same count and bytes, another name
+    renamed = source_signature(str(moved / "**" / "*.txt"))
+    assert renamed.startswith("2 files, 12 bytes, ") and renamed != resized
+    saved = source_signature(str(corpus / "saved"))
+    assert saved.startswith(f"{sum(1 for p in (corpus / 'saved').rglob('*') if p.is_file())} files")
+    assert source_signature("hf:wikitext:wikitext-103-raw-v1:train") == "hf:wikitext:wikitext-103-raw-v1:train"
+
+
+def test_a_file_added_to_a_globbed_folder_refuses_the_old_position(tmp_path):
+    tokenizer = load_tokenizer(build_tokenizer(tmp_path / "tok"))
+    folder = tmp_path / "web"
+    folder.mkdir()
+    for name in ("b", "d"):
+        (folder / f"{name}.txt").write_text("\n".join(f"the {name} cat sat {i}" for i in range(40)))
+    cfg = TextDataConfig(paths=(str(folder / "*.txt"),), document="line", max_length=16, batch_size=2)
+    stream = TextStream(cfg, tokenizer)
+    next(stream)
+    state = stream.get_state()
+    TextStream(cfg, tokenizer).set_state(state)  # the same files: accepted
+    (folder / "a.txt").write_text("a new first file shifts every document number\n")
+    with pytest.raises(DataError, match=re.escape(f"files of data.paths: checkpoint {{'{cfg.paths[0]}': '2 files")):
+        TextStream(cfg, tokenizer).set_state(state)
+    assert "files of data.paths" not in stream_fingerprint(cfg.replace(paths=("nowhere/*.txt",)), tokenizer,
+                                                          source_files=False)

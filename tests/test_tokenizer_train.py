@@ -206,11 +206,11 @@ def test_a_bad_file_stops_training_unless_skipped(corpus, tmp_path):
         (tmp_path / f"{i}.txt").write_text("\n".join(part), encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     cfg = TokenizerTrainConfig(vocab_size=330, model_type="bpe", threads=1, document="line")
-    with pytest.raises(TokenizerTrainError, match="latin1.txt: not UTF-8.*--skip-bad-files"):
+    with pytest.raises(TokenizerTrainError, match="latin1.txt:1: not UTF-8.*--skip-bad-files"):
         train_tokenizer_from_sources([str(tmp_path / "*.txt")], tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()
     skipping = dataclasses.replace(cfg, skip_bad_files=True)
-    with pytest.warns(UserWarning, match="skips the rest of the file: .*latin1.txt: not UTF-8"):
+    with pytest.warns(UserWarning, match="skips the rest of the file: .*latin1.txt:1: not UTF-8"):
         train_tokenizer_from_sources([str(tmp_path / "*.txt")], tmp_path / "out", skipping)
     good = train_tokenizer(corpus[:1000], tmp_path / "good", cfg)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (good / "tokenizer.json").read_bytes()

@@ -23,10 +23,11 @@ class TextDataConfig:
     """Sources, cleaning, and the rows a pretraining run trains on.
 
     ``paths``: source specs (``jaxft.data.text_sources.expand_source``): a file, a glob (``**`` recursive), a
-    folder (its files, sorted), a ``datasets.save_to_disk`` folder, or ``hf:NAME[:SPLIT]`` read by
-    ``datasets.load_dataset(NAME, split=SPLIT, streaming=True)``. ``weights`` (one per path) set each source's share
-    of the rows. ``document``: a plain text file is one document (``file``), one per line, or one per blank-line
-    separated paragraph. JSONL / parquet / dataset records give ``text_field``.
+    folder (its files, sorted), a ``datasets.save_to_disk`` folder, or ``hf:NAME[[:CONFIG]:SPLIT]`` read by
+    ``datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)``. ``weights`` (one per path) set each
+    source's share of the rows. ``document``: a plain text file is one document (``file``: held whole, so a very
+    large file should use ``line``), one per line, or one per blank-line separated paragraph (streamed).
+    JSONL / parquet / dataset records give ``text_field``.
 
     ``packing``: ``concat`` joins documents (each ending in EOS) into one token stream cut into rows, attention
     crossing document boundaries (GPT-2 / Llama pretraining); ``segments`` gives each document its own segment id

@@ -9,19 +9,31 @@ A source spec (``data.paths`` entry of a :class:`~jaxft.data.text_config.TextDat
 | ``*.parquet``                     | each row's ``text_field``, read a record batch at a time (pyarrow)      |
 | a ``datasets.save_to_disk`` folder | each row's ``text_field`` (memory-mapped arrow)                        |
 | any other folder, or a glob       | the files it matches (``**`` recursive), sorted, each read as above    |
-| ``hf:NAME`` / ``hf:NAME:SPLIT``   | ``datasets.load_dataset(NAME, split=SPLIT, streaming=True)``, split ``train`` |
+| ``hf:NAME[[:CONFIG]:SPLIT]``      | ``datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)``    |
+
+An ``hf:`` spec without a split reads ``train``; CONFIG is the dataset's config name
+(``hf:wikitext:wikitext-103-raw-v1:train``), and an error of ``load_dataset`` is a DataError naming the spec.
+Text files read with ``document: line`` or ``paragraph`` are streamed a line at a time (lines as
+``str.splitlines`` cuts them, numbered from 1), so their size does not matter; ``document: file`` holds the whole
+file as one document, so a very large single text file should use ``line`` or ``paragraph``.
 
 Documents are numbered from 0 in reading order across a source's files; ``read_documents(..., start=n)`` resumes at
 document ``n`` without decoding the ones before it where the format allows (whole text files and parquet files
-are skipped by their counts). A checkpoint therefore stores a document number per source, not a file offset.
+are skipped by their counts). A checkpoint therefore stores a document number per source, not a file offset, and
+`source_signature` (the names and sizes of a source's files, in the stream's fingerprint) tells a resume that a
+file was added, removed or resized since, which would shift those numbers.
 """
 from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import io
 import json
+import os
+from collections import deque
 from collections.abc import Iterator
+from itertools import takewhile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +54,7 @@ def expand_source(spec: str) -> list[str]:
     """The files (or the one dataset folder / ``hf:`` name) a source spec reads, in reading order; a spec that
     matches nothing is a DataError naming it."""
     if spec.startswith(HF_PREFIX):
+        parse_hf_spec(spec)
         return [spec]
     path = Path(spec)
     if path.is_dir():
@@ -54,8 +67,38 @@ def expand_source(spec: str) -> list[str]:
         files = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     if not files:
         raise DataError(spec, "no documents", "matches no file (expected a file, a folder, a glob, a "
-                        "datasets.save_to_disk folder or hf:NAME[:SPLIT])")
+                        "datasets.save_to_disk folder or hf:NAME[[:CONFIG]:SPLIT])")
     return files
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """``hf:NAME``, ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` as (name, config or None, split)."""
+    parts = spec[len(HF_PREFIX):].split(":")
+    if len(parts) > 3 or not all(parts):
+        raise DataError(spec, "bad hf: source", "expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (the "
+                        "dataset, its config name and split, e.g. hf:wikitext:wikitext-103-raw-v1:train) in "
+                        "data.paths")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return parts[0], None, parts[1] if len(parts) == 2 else "train"
+
+
+def source_signature(spec: str) -> str:
+    """A cheap signature of what a source spec reads: how many files, their bytes, and a digest of their names
+    (relative to the spec's fixed part, so a moved corpus still matches) and sizes. A file added, removed or
+    resized changes it (an edit that keeps every size does not: nothing is read). An ``hf:`` source is remote
+    and signed by its spec alone; a ``save_to_disk`` folder by the files in it."""
+    if spec.startswith(HF_PREFIX):
+        return spec
+    items = expand_source(spec)
+    root = Path(spec) if Path(spec).is_dir() else Path(*takewhile(lambda part: not glob.has_magic(part),
+                                                                  Path(spec).parent.parts))
+    files = [Path(item) for item in items]
+    if len(files) == 1 and files[0].is_dir():  # a save_to_disk folder: its arrow files and metadata
+        files = sorted(p for p in files[0].rglob("*") if p.is_file())
+    listing = [(os.path.relpath(f, root), f.stat().st_size) for f in files]
+    digest = hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:12]
+    return f"{len(listing)} files, {sum(size for _, size in listing)} bytes, names and sizes {digest}"
 
 
 def read_documents(spec: str, *, text_field: str = "text", document: str = "file",
@@ -86,34 +129,62 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _read_text(path: str, document: str, skip: int):
-    if document == "file" and skip:
+    if document == "file":
+        return (yield from _read_whole_text(path, skip))
+    parts = _line_documents(path) if document == "line" else _paragraphs(path)
+    count = 0
+    for location, part in parts:
+        count += 1
+        if count > skip:
+            yield Document(location, part)
+    return count
+
+
+def _read_whole_text(path: str, skip: int):
+    if skip:
         return 1  # a whole file is one document (an empty one is dropped by cleaning): skipped unread
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
+        deque(_text_lines(path), maxlen=0)  # read again a line at a time: raises the error naming the line
         raise DataError(path, "not UTF-8", f"byte {e.start} cannot be decoded ({e.reason})") from None
-    if document == "file":
-        parts = [(path, text)]
-    elif document == "line":
-        parts = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    else:
-        parts = _paragraphs(path, text)
-    for location, part in parts[skip:]:
-        yield Document(location, part)
-    return len(parts)
+    yield Document(path, text)
+    return 1
 
 
-def _paragraphs(path: str, text: str) -> list[tuple[str, str]]:
+def _text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """A text file's lines as ``str.splitlines`` of the whole text cuts and numbers them (from 1), read one
+    ``\\n``-terminated line at a time: no UTF-8 sequence holds the byte 0x0A, and ``splitlines`` of each such line
+    gives the same lines (``\\r\\n``, ``\\r``, ``\\x85``, ``\\u2028``... included) as of the whole text."""
+    number = 0
+    with open(path, "rb") as raw:
+        for chunk in raw:
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number + 1}", "not UTF-8", f"byte {e.start} of the line cannot be "
+                                f"decoded ({e.reason})") from None
+            for line in text.splitlines():
+                number += 1
+                yield number, line
+
+
+def _line_documents(path: str) -> Iterator[tuple[str, str]]:
+    return ((f"{path}:{number}", line) for number, line in _text_lines(path) if line.strip())
+
+
+def _paragraphs(path: str) -> Iterator[tuple[str, str]]:
     """Blank-line separated paragraphs with the line each starts on."""
-    out, lines, first = [], [], 0
-    for number, line in enumerate([*text.splitlines(), ""], 1):
+    lines, first = [], 0
+    for number, line in _text_lines(path):
         if line.strip():
             first = first or number
             lines.append(line)
         elif lines:
-            out.append((f"{path}:{first}", "\n".join(lines)))
+            yield f"{path}:{first}", "\n".join(lines)
             lines, first = [], 0
-    return out
+    if lines:
+        yield f"{path}:{first}", "\n".join(lines)
 
 
 def _read_jsonl(path: str, text_field: str, skip: int):
@@ -180,8 +251,12 @@ def _read_saved_dataset(path: str, text_field: str, skip: int):
 def _read_hf(spec: str, text_field: str, skip: int):
     import datasets
 
-    name, _, split = spec[len(HF_PREFIX):].partition(":")
-    stream = datasets.load_dataset(name, split=split or "train", streaming=True)
+    name, config, split = parse_hf_spec(spec)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # datasets raises many kinds (missing name, config or split, hub errors): report each
+        raise DataError(spec, "cannot load", f"datasets.load_dataset({name!r}, {config!r}, split={split!r}) of "
+                        f"this data.paths entry failed: {type(e).__name__}: {e}") from e
     return (yield from _rows(spec, iter(stream.skip(skip)), text_field, skip))
 
 

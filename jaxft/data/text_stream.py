@@ -53,7 +53,7 @@ from jaxft.data.formats import DataError, DataReport
 from jaxft.data.iterator import DataPipeline, check_state
 from jaxft.data.text_cleaning import TextCleaner
 from jaxft.data.text_config import TextDataConfig
-from jaxft.data.text_sources import read_documents
+from jaxft.data.text_sources import read_documents, source_signature
 
 STATE_VERSION = 1
 # One batch call of the tokenizer: this many documents, or fewer holding this many characters. Its Python lists of
@@ -84,11 +84,16 @@ class _Tokenized(NamedTuple):
     ids: np.ndarray
 
 
-def stream_fingerprint(cfg: TextDataConfig, tokenizer) -> dict:
-    """What decides a pass's rows, by name: every row-affecting ``data.*`` setting, a digest of the tokenizer's
-    vocabulary, its special ids and the special tokens it adds to a text. JSON-able; compared key by key."""
+def stream_fingerprint(cfg: TextDataConfig, tokenizer, *, source_files: bool = True) -> dict:
+    """What decides a pass's rows, by name: every row-affecting ``data.*`` setting, the files each source reads
+    (`jaxft.data.text_sources.source_signature`: a file added to a glob shifts the document numbers a position
+    holds), a digest of the tokenizer's vocabulary, its special ids and the special tokens it adds to a text.
+    JSON-able; compared key by key. ``source_files=False`` leaves the files out, for a reader that never opens
+    them (a pre-tokenized store's rows are fixed when it is written)."""
     settings = {f"data.{key}": value for key, value in dataclasses.asdict(cfg).items()
                 if key not in _ROW_INDEPENDENT}
+    if source_files:
+        settings["files of data.paths"] = {spec: source_signature(spec) for spec in cfg.paths}
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
     return json.loads(json.dumps({
         **settings,
