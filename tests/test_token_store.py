@@ -146,3 +146,18 @@ def test_jaxft_data_tokenize_writes_the_store_a_run_config_names(setup, store, t
     assert "already exists" in capsys.readouterr().err
     assert main(["data", "tokenize", str(tmp_path / "run.yaml"), "--set", "data.store=null"]) == 2
     assert "data.store" in capsys.readouterr().err
+
+
+def test_a_store_is_read_without_its_corpus(setup, tmp_path):
+    """The store holds the rows: a run reading it needs neither the source files nor their being unchanged."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(open(setup["paths"]["a"]).read())
+    cfg = config(setup, names=("a",)).replace(paths=(str(corpus),))
+    write_token_store(cfg, setup["tok"], tmp_path / "rows")
+    expected = _stream_rows(cfg, setup["tok"])
+    corpus.unlink()
+    it = StoredRows(cfg.replace(store=str(tmp_path / "rows"), seed=0), setup["tok"])
+    batches = [next(it) for _ in range(it.batches_per_epoch)]
+    rows = np.stack([np.concatenate([b[key] for b in batches]) for key in KEYS], axis=1)
+    rows = rows[(rows[:, 2] > 0).any(axis=1)]
+    assert sorted(map(bytes, rows)) == sorted(map(bytes, expected))  # the same rows, in the epoch's order

@@ -41,11 +41,12 @@ ROWS_PER_SHARD = 8192
 
 
 def rows_fingerprint(fingerprint: dict, cfg: TextDataConfig) -> dict:
-    """The part of a stream's fingerprint that decides a store's rows. Without weights ``data.seed`` decides only
-    the order a run reads them in (`StoredRows`), so a store serves every seed; with weights it draws the rows."""
-    if cfg.weights is None:
-        return {key: value for key, value in fingerprint.items() if key != "data.seed"}
-    return fingerprint
+    """The part of a stream's fingerprint a run reading a store can check. The source files' signatures are left out:
+    the store holds the rows, so a run need not have the corpus (the manifest still records them). Without weights
+    ``data.seed`` decides only the order a run reads the rows in (`StoredRows`), so a store serves every seed; with
+    weights it draws the rows."""
+    ignored = {"files of data.paths", *(["data.seed"] if cfg.weights is None else [])}
+    return {key: value for key, value in fingerprint.items() if key not in ignored}
 
 
 def _shard_name(index: int) -> str:
@@ -115,7 +116,7 @@ class StoredRows:
             raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
         folder = Path(cfg.store)
         manifest = read_manifest(folder)
-        self.fingerprint = stream_fingerprint(cfg, tokenizer)
+        self.fingerprint = stream_fingerprint(cfg, tokenizer, source_files=False)  # the corpus may be gone
         check_state(rows_fingerprint(manifest["fingerprint"], cfg), rows_fingerprint(self.fingerprint, cfg),
                     str(folder / MANIFEST),
                     "was written for other data settings or another tokenizer",
