@@ -607,8 +607,8 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
 def write_export(out, params: dict, tokenizer, *, model_cfg=None, acfg=None, base_model: str | None = None,
                  chat_template: str | None = None, overwrite: bool = False) -> Path:
     """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
-    adapter (``acfg``, an adapter config, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
-    ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
+    adapter (``acfg``, an adapter config, for ``base_model``), with the tokenizer and the chat template. The tensors
+    are taken from ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
     tensors = adapter_tensors(params, acfg, model_cfg) if acfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
         if acfg:

@@ -62,7 +62,7 @@ class FromSums:
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+        return with_z_loss(self._terms(cfg, params, batch, rng, activation_sharding), self.z_loss)[0]
 
 
 def batch_structs(objective, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -103,13 +103,15 @@ class CausalLM:
 
     def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The micro-batch's summed loss and, with a z-loss, the sums of its cross-entropy and z-loss parts."""
-        terms = self._terms(cfg, params, batch, rng, activation_sharding)
-        loss_sum, _ = with_z_loss(terms, self.z_loss)
+        """The micro-batch's summed loss and, with a z-loss, the sums of its cross-entropy and z-loss parts (from
+        the same forward pass). Without one it is :meth:`loss_sum`'s, so a subclass that redefines the loss there is
+        trained on its own."""
         if not self.z_loss:
-            return loss_sum, {}
+            return self.loss_sum(cfg, params, batch, rng, activation_sharding), {}
+        terms = self._terms(cfg, params, batch, rng, activation_sharding)
         ce_sum, squared_sum, n_targets = terms
-        return loss_sum, {"ce_sum": ce_sum, "z_sum": self.z_loss * squared_sum, "n_targets": n_targets}
+        return with_z_loss(terms, self.z_loss)[0], {"ce_sum": ce_sum, "z_sum": self.z_loss * squared_sum,
+                                                    "n_targets": n_targets}
 
     def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
         """Mean cross-entropy and mean z-loss per target token of the step (they add up to its loss)."""
@@ -118,7 +120,7 @@ class CausalLM:
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
+        return with_z_loss(self._terms(cfg, params, batch, rng, activation_sharding), self.z_loss)[0]
 
     def _terms(self, cfg: ModelConfig, params: dict, batch: dict, rng, activation_sharding):
         """(summed cross-entropy, summed squared log-normalizer, target count) of one micro-batch."""
