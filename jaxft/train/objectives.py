@@ -62,7 +62,7 @@ class FromSums:
 
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
-        return with_z_loss(self._terms(cfg, params, batch, rng, activation_sharding), self.z_loss)[0]
+        return self.loss_and_sums(cfg, params, batch, rng, activation_sharding)[0]
 
 
 def batch_structs(objective, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
