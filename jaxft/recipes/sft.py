@@ -6,6 +6,7 @@ checkpoints, sample replies) -> adapter in PEFT format (with tokenizer and chat 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -66,18 +67,24 @@ def _run_flops(cfg: RunConfig, model_cfg) -> ModelFlops | None:
     an adapter run does not compute); its peak is read or measured once, before the loop."""
     if not getattr(cfg.task, "reads_text", False) or not cfg.full:
         return None
-    return model_flops(model_cfg, cfg.data.max_length)
+    flops = model_flops(model_cfg, cfg.data.max_length)
+    if jax.process_index() == 0:
+        print(f"MFU peak {flops.peak_flops / flops.devices:.4g} FLOP/s per device, {flops.peak_source}",
+              file=sys.stderr)
+    return flops
 
 
 def _log_train(logger: MetricsLogger, schedule, latest: Latest, flops: ModelFlops | None = None):
     """Each step's train record: the objective's metrics, the learning rate, the speed; for a pretraining run also
-    the loss's perplexity and the MFU (computed on the host when the record is written, not per step)."""
+    the perplexity of the cross-entropy (``ce_loss`` when a z-loss makes ``loss`` more than that) and the MFU
+    (computed on the host when the record is written, not per step)."""
     def log(result):
         latest.train = {**result.metrics, "lr": float(schedule(result.step - 1)), **result.speed}
         if flops is not None:
             # exp on the device: the record's float() waits for it only on logging steps (metrics.perplexity's
             # float would wait every step)
-            latest.train["perplexity"] = jnp.exp(result.metrics["loss"].astype(jnp.float32))
+            cross_entropy = result.metrics.get("ce_loss", result.metrics["loss"])
+            latest.train["perplexity"] = jnp.exp(cross_entropy.astype(jnp.float32))
             if result.speed.get("tokens_per_s") is not None:
                 latest.train["mfu"] = flops.mfu(result.speed["tokens_per_s"])
         logger.log(result.step, latest.train)

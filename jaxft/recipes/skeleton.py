@@ -90,6 +90,7 @@ def check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> R
     check_model_folder(cfg)
     if cfg.train.tensorboard:
         tensorboard_writer_class()
+    _check_stores_outside(cfg, out)
     if resume and overwrite:
         raise ConfigError(f"{out}: resume continues the run in output_dir and overwrite replaces it; pass one of "
                           "--resume / --overwrite")
@@ -103,6 +104,18 @@ def check_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> R
         raise ConfigError(f"{out}: overwrite would delete this run's own inputs {inside}, which are inside it; "
                           "choose another output_dir or move them out first")
     return None
+
+
+def _check_stores_outside(cfg: RunConfig, out: Path):
+    """A pre-tokenized store (``data.store``, ``eval_data.store``) is an input that outlives runs and is costly to
+    rebuild: one inside output_dir would be deleted by the run's --overwrite, so the config is refused whatever the
+    flags."""
+    for key, data in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        store = getattr(data, "store", None)
+        if store is not None and Path(store).resolve().is_relative_to(out.resolve()):
+            raise ConfigError(f"{key}.store {store!r} is inside output_dir {str(out)!r}, which --overwrite deletes "
+                              f"whole; keep pre-tokenized stores outside run folders (move it, or choose another "
+                              f"output_dir)")
 
 
 def _check_resume(cfg: RunConfig, out: Path) -> Resumed:
@@ -595,8 +608,8 @@ def _export(cfg: RunConfig, params: dict, tokenizer, chat_template: str | None, 
 def write_export(out, params: dict, tokenizer, *, model_cfg=None, acfg=None, base_model: str | None = None,
                  chat_template: str | None = None, overwrite: bool = False) -> Path:
     """One export folder, published whole in one rename (or not at all): a dense HF model (``model_cfg``) or a PEFT
-    adapter (``acfg``, an adapter config, for ``base_model``), with the tokenizer and the chat template. The tensors are taken from
-    ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
+    adapter (``acfg``, an adapter config, for ``base_model``), with the tokenizer and the chat template. The tensors
+    are taken from ``params`` before anything is written, so a tree that cannot be exported leaves ``out`` as it was."""
     tensors = adapter_tensors(params, acfg, model_cfg) if acfg else to_hf_tensors(model_cfg, params)
     with atomic_dir(out, overwrite) as tmp:
         if acfg:

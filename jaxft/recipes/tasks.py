@@ -68,13 +68,24 @@ def task_eval_pipeline(task, data: DataConfig | TextDataConfig, tokenizer, **pla
     return task_pipeline(task, data, tokenizer, **placement)
 
 
+# The suffixes a source's name drops: the formats the text reader knows, optionally gzipped (``.jsonl.gz``).
+TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".text", ".md")
+COMPRESSED_SUFFIXES = (".gz",)
+
+
 def source_name(spec: str) -> str:
-    """A text source's name in the eval metrics (``eval/<name>/perplexity``): a file's stem (``wiki.jsonl`` ->
-    ``wiki``), a folder's name, a glob's folder (``web/*.txt`` -> ``web``), ``hf:org/name:split`` -> ``name-split``."""
+    """A text source's name in the eval metrics (``eval/<name>/perplexity``): a file's stem without every known
+    suffix (``wiki.jsonl`` and ``wiki.jsonl.gz`` -> ``wiki``, ``web.v2.txt`` -> ``web.v2``), a folder's name, a
+    glob's folder (``web/*.txt`` -> ``web``), ``hf:org/name:split`` -> ``name-split``."""
     if spec.startswith("hf:"):
         return re.sub(r"[^\w.-]+", "-", spec[3:].split("/")[-1].replace(":", "-")).strip("-") or "hf"
     literal = re.split(r"[*?\[]", spec, maxsplit=1)[0]  # a glob is named by the folder it searches
-    return (Path(spec).stem if literal == spec else Path(literal.rstrip("/")).name) or "data"
+    if literal != spec:
+        return Path(literal.rstrip("/")).name or "data"
+    name = Path(spec).name
+    for suffixes in (COMPRESSED_SUFFIXES, TEXT_SUFFIXES):
+        name = next((name[:-len(s)] for s in suffixes if name.lower().endswith(s) and len(name) > len(s)), name)
+    return name or "data"
 
 
 def eval_source_names(paths: tuple[str, ...]) -> dict[str, str]:

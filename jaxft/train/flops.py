@@ -7,13 +7,17 @@ discount). N leaves out the input embedding table (a lookup, no matmul) but coun
 embedding or not. Recomputation (remat) is not counted: MFU measures useful work, not the work done.
 
 The peak is the accelerator's dense bf16 FLOP/s from :data:`PEAK_FLOPS` by ``device_kind``; on hardware the table
-does not know (a CPU, another GPU) it is measured once: the best of a few 2048^2 float32 matmuls
-(:func:`measure_matmul_peak`, also ``scripts/bench_train.py``'s denominator). The peak of a run is per device
-times the devices, since the tokens/s it divides are the whole mesh's.
+does not know (a CPU, another GPU) it is measured once: the best of a few 2048^2 matmuls in the run's compute dtype
+(:func:`measure_matmul_peak`, also ``scripts/bench_train.py``'s denominator), since a float32 matmul on a GPU runs
+far below its bf16 tensor-core peak and would let a bf16 run's MFU pass 1. A measured peak is a lower bound of the
+real one (a 2048^2 matmul does not saturate a large GPU), so its MFU reads high: ``peak_flops_source`` says which
+it is, and a run logs it. The peak of a run is per device times the devices, since the tokens/s it divides are the
+whole mesh's.
 """
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -23,13 +27,15 @@ import jax.numpy as jnp
 from jaxft.config import ModelConfig
 from jaxft.models.llama import axis_sizes, param_axes
 
-# Dense bf16 FLOP/s by device_kind (lower case), as vendors state them: H100 SXM, A100, TPU v4, v5e ("TPU v5 lite"),
-# v5p ("TPU v5"), v6e ("TPU v6 lite"). The first entry contained in the kind wins; an H100 PCIe or NVL (lower
-# clocks) is not an SXM part and is measured instead.
-PEAK_FLOPS = (("h100 pcie", None), ("h100 nvl", None), ("h100", 989e12), ("a100", 312e12),
+# Dense bf16 FLOP/s by device_kind (lower case), as vendors state them: H100 SXM, H200, B200, A100, L40S, L4, A10G,
+# TPU v4, v5e (jax's kind "TPU v5 lite"), v5p ("TPU v5"), v6e ("TPU v6 lite"). An entry matches whole words of the
+# kind ("l4" is not "l40s", "b200" not "gb200"); the first match wins, so the parts with lower clocks than their
+# namesake (H100 PCIe / NVL, H200 NVL), listed first without a number, are measured instead.
+PEAK_FLOPS = (("h100 pcie", None), ("h100 nvl", None), ("h200 nvl", None), ("h100", 989e12), ("h200", 989e12),
+              ("b200", 2.25e15), ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12), ("a10g", 125e12),
               ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v6 lite", 918e12),
               ("tpu v6e", 918e12), ("tpu v5", 459e12), ("tpu v4", 275e12))
-MATMUL_N = 2048  # the measured peak's square float32 matmul
+MATMUL_N = 2048  # the measured peak's square matmul
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
@@ -58,15 +64,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 def known_peak(device_kind: str) -> float | None:
     """The table's dense bf16 FLOP/s of one device of this kind, or None when it does not know the kind."""
     kind = device_kind.lower()
-    return next((flops for pattern, flops in PEAK_FLOPS if pattern in kind), None)
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(rf"\b{re.escape(pattern)}\b", kind)), None)
 
 
-def measure_matmul_peak(n: int = MATMUL_N, repeats: int = 5, device=None) -> float:
-    """FLOP/s of the fastest of ``repeats`` ``n`` x ``n`` float32 matmuls on ``device`` (default: the first),
-    after one compiling call."""
+def matmul_operands(n: int, dtype, device) -> tuple[jax.Array, jax.Array]:
+    """Two random ``n`` x ``n`` matrices of ``dtype`` on ``device``: what :func:`measure_matmul_peak` multiplies."""
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    return tuple(jax.device_put(jax.random.normal(key, (n, n), jnp.float32).astype(dtype), device) for key in keys)
+
+
+def measure_matmul_peak(n: int = MATMUL_N, repeats: int = 5, device=None, dtype="float32") -> float:
+    """FLOP/s of the fastest of ``repeats`` ``n`` x ``n`` matmuls of ``dtype`` (the run's compute dtype: a bf16
+    matmul runs on tensor cores, a float32 one need not) on ``device`` (default: the first), after one compiling
+    call."""
     device = device or jax.devices()[0]
-    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32), device)
-    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32), device)
+    a, b = matmul_operands(n, dtype, device)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     best = math.inf
@@ -99,12 +111,14 @@ class ModelFlops:
 
 def model_flops(cfg: ModelConfig, seq_len: int, devices=None) -> ModelFlops:
     """The run's :class:`ModelFlops` on ``devices`` (default: all of the job's): the table's peak for their kind,
-    else one measured on the first of them."""
+    else one measured on the first of them in the model's compute dtype (``cfg.dtype``)."""
     devices = devices or jax.devices()
     kind = devices[0].device_kind
     peak = known_peak(kind)
     source = f"table: {kind}"
     if peak is None:
-        peak = measure_matmul_peak(device=devices[0])
-        source = f"measured: best {MATMUL_N}^2 float32 matmul on {kind}"
+        dtype = jnp.dtype(cfg.dtype).name
+        peak = measure_matmul_peak(device=devices[0], dtype=dtype)
+        source = (f"measured: best {MATMUL_N}^2 {dtype} matmul on {kind} (not in jaxft.train.flops.PEAK_FLOPS; a "
+                  "lower bound of the peak, so the MFU reads high)")
     return ModelFlops(flops_per_token(cfg, seq_len), peak * len(devices), source, len(devices))

@@ -9,7 +9,9 @@ Labels are already shifted by the data pipeline: ``labels[b, t]`` is the target 
 
 ``z_loss`` adds PaLM's auxiliary ``z_loss * logsumexp(logits)**2`` per target token, which keeps the softmax
 normalizer near 1 and the logits from drifting in low precision; 0 (the default) turns it off. It is a static
-Python float, like a config value.
+Python float, like a config value. :func:`cross_entropy_terms` and :func:`chunked_cross_entropy_terms` give the
+cross-entropy and the summed ``logsumexp**2`` apart, so a train log can report the cross-entropy (and the perplexity
+of it) beside the loss that includes the z-loss.
 
 :func:`token_logprobs` gives the per-token log-probabilities of the labels from the same chunked pass (what
 preference, policy-gradient and distillation objectives score sequences with).
@@ -30,7 +32,24 @@ def cross_entropy(logits, labels, *, z_loss: float = 0.0) -> tuple[jnp.ndarray, 
     The reference: it takes materialized logits. Training on a large vocabulary wants
     :func:`chunked_cross_entropy`, which computes the same numbers from the hidden states.
     """
-    return _token_loss_sum(logits.astype(jnp.float32), labels, z_loss)
+    return with_z_loss(cross_entropy_terms(logits, labels), z_loss)
+
+
+def cross_entropy_terms(logits, labels) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """logits [..., V], labels [...] -> (sum of token cross-entropies, sum of token ``logsumexp(logits)**2``, number
+    of targets), float32 scalars over the targets: the loss with z-loss is ``ce + z_loss * squared``."""
+    logits = logits.astype(jnp.float32)
+    is_target = labels != IGNORE_INDEX
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, jnp.where(is_target, labels, 0)[..., None], axis=-1)[..., 0]
+    return _term_sums(log_normalizer, label_logit, is_target)
+
+
+def with_z_loss(terms: tuple, z_loss: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(loss sum, number of targets) of ``(ce, squared, count)`` terms: the cross-entropy plus ``z_loss`` times the
+    squared log-normalizers (no term at all when ``z_loss`` is 0)."""
+    ce_sum, squared_sum, count = terms
+    return (ce_sum + z_loss * squared_sum if z_loss else ce_sum), count
 
 
 VOCAB_BLOCK = 8192
@@ -43,11 +62,18 @@ def chunked_cross_entropy(hidden, lm_head_kernel, labels, *, chunk_size: int, vo
     Never holds more than one [chunk_size, vocab_block] block of float32 logits (see :func:`_token_statistics`), so
     memory does not grow with the number of tokens or with the vocabulary.
     """
+    terms = chunked_cross_entropy_terms(hidden, lm_head_kernel, labels, chunk_size=chunk_size,
+                                        vocab_block=vocab_block)
+    return with_z_loss(terms, float(z_loss))
+
+
+def chunked_cross_entropy_terms(hidden, lm_head_kernel, labels, *, chunk_size: int, vocab_block: int = VOCAB_BLOCK
+                                ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """:func:`cross_entropy_terms` of ``hidden @ lm_head_kernel`` from the chunked pass of
+    :func:`chunked_cross_entropy`."""
     log_normalizer, label_logit = _token_statistics(hidden, lm_head_kernel, labels, chunk_size=chunk_size,
                                                     vocab_block=vocab_block)
-    is_target = labels != IGNORE_INDEX
-    loss_sum = jnp.sum(_token_losses(log_normalizer, label_logit, is_target, float(z_loss)))
-    return loss_sum, jnp.sum(is_target, dtype=jnp.float32)
+    return _term_sums(log_normalizer, label_logit, labels != IGNORE_INDEX)
 
 
 def token_logprobs(hidden, lm_head_kernel, labels, *, chunk_size: int, vocab_block: int = VOCAB_BLOCK
@@ -120,11 +146,11 @@ def _chunk_stats(chunk_tokens, chunk_targets, kernel, block):
     return running_max + jnp.log(running_sum), label_logit
 
 
-def _token_losses(log_normalizer, label_logit, is_target, z_loss):
-    token_loss = log_normalizer - label_logit
-    if z_loss:
-        token_loss = token_loss + z_loss * jnp.square(log_normalizer)
-    return jnp.where(is_target, token_loss, 0.0)
+def _term_sums(log_normalizer, label_logit, is_target):
+    """(summed cross-entropy, summed squared log-normalizer, target count) over the target tokens."""
+    ce_sum = jnp.sum(jnp.where(is_target, log_normalizer - label_logit, 0.0))
+    squared_sum = jnp.sum(jnp.where(is_target, jnp.square(log_normalizer), 0.0))
+    return ce_sum, squared_sum, jnp.sum(is_target, dtype=jnp.float32)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -174,12 +200,3 @@ def _blocked_stats_bwd(block, residuals, cotangents):
 
 _blocked_stats.defvjp(_blocked_stats_fwd, _blocked_stats_bwd)
 
-
-def _token_loss_sum(logits, labels, z_loss: float):
-    """f32 logits [..., V], labels [...] -> (sum over targets of CE (+ z-loss), number of targets)."""
-    is_target = labels != IGNORE_INDEX
-    safe_labels = jnp.where(is_target, labels, 0)
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
-    loss_sum = jnp.sum(_token_losses(log_normalizer, label_logit, is_target, z_loss))
-    return loss_sum, jnp.sum(is_target, dtype=jnp.float32)

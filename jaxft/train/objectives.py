@@ -21,7 +21,7 @@ from jaxft.data.chat import IGNORE_INDEX
 from jaxft.data.formats import DataError
 from jaxft.models.llama import hidden_states, lm_head_kernel, logits_from_hidden, plain_head
 from jaxft.peft.prefix import prompt_inputs
-from jaxft.train.loss import chunked_cross_entropy, cross_entropy
+from jaxft.train.loss import chunked_cross_entropy_terms, cross_entropy, cross_entropy_terms, with_z_loss
 from jaxft.train.metrics import perplexity
 
 
@@ -96,8 +96,34 @@ class CausalLM:
     def units(self, batches: dict) -> jax.Array:
         return jnp.sum(batches["labels"] != IGNORE_INDEX, dtype=jnp.int32).astype(jnp.float32)
 
+    @property
+    def step_metric_keys(self) -> tuple[str, ...]:
+        """With a z-loss the step also reports its parts: the train loss is no longer the cross-entropy."""
+        return ("ce_loss", "z_loss") if self.z_loss else ()
+
+    def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The micro-batch's summed loss and, with a z-loss, the sums of its cross-entropy and z-loss parts (from
+        the same forward pass). Without one it is :meth:`loss_sum`'s, so a subclass that redefines the loss there is
+        trained on its own."""
+        if not self.z_loss:
+            return self.loss_sum(cfg, params, batch, rng, activation_sharding), {}
+        terms = self._terms(cfg, params, batch, rng, activation_sharding)
+        ce_sum, squared_sum, n_targets = terms
+        return with_z_loss(terms, self.z_loss)[0], {"ce_sum": ce_sum, "z_sum": self.z_loss * squared_sum,
+                                                    "n_targets": n_targets}
+
+    def step_metrics(self, sums: dict) -> dict[str, jax.Array]:
+        """Mean cross-entropy and mean z-loss per target token of the step (they add up to its loss)."""
+        n_targets = jnp.maximum(sums["n_targets"], 1.0)
+        return {"ce_loss": sums["ce_sum"] / n_targets, "z_loss": sums["z_sum"] / n_targets}
+
     def loss_sum(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                  ) -> jax.Array:
+        return with_z_loss(self._terms(cfg, params, batch, rng, activation_sharding), self.z_loss)[0]
+
+    def _terms(self, cfg: ModelConfig, params: dict, batch: dict, rng, activation_sharding):
+        """(summed cross-entropy, summed squared log-normalizer, target count) of one micro-batch."""
         body_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
         # the prompt encoder's own key, apart from the body's and head's (fold_in(rng, i) is split(rng)[i] for
         # i < 2, so 2), and the model's dropout draws stay as they were without an encoder
@@ -105,9 +131,9 @@ class CausalLM:
         h = hidden_states(cfg, params, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
                           rng=body_rng, activation_sharding=activation_sharding, hooks=hooks).hidden
         if self.chunk_size and plain_head(cfg, params):
-            return chunked_cross_entropy(h, lm_head_kernel(cfg, params), batch["labels"], chunk_size=self.chunk_size,
-                                         z_loss=self.z_loss)[0]
-        return cross_entropy(logits_from_hidden(cfg, params, h, head_rng), batch["labels"], z_loss=self.z_loss)[0]
+            return chunked_cross_entropy_terms(h, lm_head_kernel(cfg, params), batch["labels"],
+                                               chunk_size=self.chunk_size)
+        return cross_entropy_terms(logits_from_hidden(cfg, params, h, head_rng), batch["labels"])
 
     def eval_sums(self, cfg: ModelConfig, params: dict, batch: dict) -> dict[str, jax.Array]:
         """{loss_sum, n_targets, n_correct} of one batch [B, T]; a target is correct when the argmax logit is its
