@@ -10,7 +10,8 @@ after the first, data streaming included), and MFU its ``summary.json``'s (model
 float32 matmul peak). The reference, in a fresh process per size, is ``scripts/bench_train.py``'s full-training
 step of transformers' ``LlamaForCausalLM`` with the same shapes and batch (its default ``sdpa`` attention, AdamW,
 random ids: the cost does not depend on the ids), so the ratio is jaxft's tokens/s over PyTorch's, measured in the
-same run; PyTorch's MFU is over its own float32 matmul peak (``bench_train``'s rule). Prints a table and writes ``bench/results/pretrain_sizes.json`` with the CPU model.
+same run; PyTorch's MFU is over its own float32 matmul peak (``bench_train``'s rule). Prints a table and writes
+``bench/results/pretrain_sizes.json`` with the CPU model.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def fake_stdlib(tmp_path, monkeypatch) -> Path:
     for i in range(60):
         module = root / ("pkg" if i % 3 else "") / f"mod{i}.py"
         module.parent.mkdir(parents=True, exist_ok=True)
-        module.write_text(f'"""Module {i}."""\n\n\ndef f{i}(x):\n    """Return x plus {i}."""\n    return x + {i}\n' * 3)
+        body = f'"""Module {i}."""\n\n\ndef f{i}(x):\n    """Return x plus {i}."""\n    return x + {i}\n'
+        module.write_text(body * 3)
     for skipped in ("test/test_x.py", "pkg/tests/t.py", "idlelib/idle_test/t.py", "site-packages/p/q.py"):
         (root / skipped).parent.mkdir(parents=True, exist_ok=True)
         (root / skipped).write_text("never read = 1\n")
