@@ -1,6 +1,6 @@
 """Benchmark: the pretraining recipe's throughput at three model sizes, against transformers + PyTorch.
 
-    python scripts/bench_pretrain.py [--sizes s,m,l] [--steps 30] [--work ~/.cache/jaxft/pretrain_stdlib]
+    python scripts/bench_pretrain.py [--sizes s,m,l] [--steps 12] [--work ~/.cache/jaxft/pretrain_stdlib]
 
 The corpus and tokenizer are ``examples/pretrain_stdlib/run.py``'s (the standard library's source, a byte-level
 BPE of 8192 ids); each size is the example's run config (``task: pretrain``, concatenated rows of 256 tokens,
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="s,m,l",
                         help=f"comma-separated subset of {sorted(bench_train.PRETRAIN_SIZES)}")
-    parser.add_argument("--steps", type=int, default=30, help="steps per run (timed: all after the first)")
+    parser.add_argument("--steps", type=int, default=12, help="steps per run (timed: all after the first)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(cache_root() / "pretrain_stdlib"),
                         help="the example's corpus and tokenizer (made when absent)")
