@@ -53,7 +53,7 @@ def recipe_worker(args) -> None:
     work = Path(args.work)
     tokenizer_size = len(example.load_tokenizer(work / "tokenizer"))
     sets = [*size_overrides(args.size), f"train.steps={args.steps}", f"output_dir={work / f'bench-{args.size}'}",
-            "train.eval_every=0", f"train.log_every={args.steps}"]
+            "train.eval_every=0", f"train.log_every={args.steps}", "optim.warmup_steps=1"]
     cfg = example.run_config(work, tokenizer_size, sets).replace(eval_data=None)
     summary = example.sft.run(cfg, overwrite=True)
     keys = ("trainable_params", "tokens_per_s", "mfu", "flops_per_token", "peak_flops", "peak_flops_source",
