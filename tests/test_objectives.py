@@ -90,6 +90,24 @@ def test_causal_lm_loss_with_z_loss_equals_a_direct_computation(chunk_size):
 
 
 @dataclass(frozen=True)
+class HalvedLM(CausalLM):
+    """A subclass that redefines the loss: the step must train on it, z-loss or not."""
+
+    def loss_sum(self, cfg, params, batch, rng=None, activation_sharding=None):
+        return 0.5 * super().loss_sum(cfg, params, batch, rng, activation_sharding)
+
+
+def test_with_a_z_loss_the_step_loss_is_a_subclass_loss_sum_and_reports_no_parts():
+    params = jaxft.init_params(CFG, jax.random.PRNGKey(0))
+    batch = _lm_batch()
+    plain = CausalLM(chunk_size=16, z_loss=1e-2)
+    halved = HalvedLM(chunk_size=16, z_loss=1e-2)
+    loss, sums = halved.loss_and_sums(CFG, params, batch)
+    np.testing.assert_allclose(loss, 0.5 * plain.loss_sum(CFG, params, batch), rtol=1e-6)
+    assert sums == {} and halved.step_metric_keys == () and plain.step_metric_keys == ("ce_loss", "z_loss")
+
+
+@dataclass(frozen=True)
 class LogitRegression:
     """A toy objective jaxft knows nothing of: squared error between the logit of one fixed token id and a target
     value per position, over the non-padding tokens (segment id != 0)."""

@@ -189,7 +189,12 @@ def test_a_source_signature_changes_with_its_files_not_its_location(tmp_path, co
     renamed = source_signature(str(moved / "**" / "*.txt"))
     assert renamed.startswith("2 files, 12 bytes, ") and renamed != resized
     saved = source_signature(str(corpus / "saved"))
-    assert saved.startswith(f"{sum(1 for p in (corpus / 'saved').rglob('*') if p.is_file())} files")
+    listed = json.loads((corpus / "saved" / "state.json").read_text())["_data_files"]
+    data_bytes = sum((corpus / "saved" / f["filename"]).stat().st_size for f in listed)
+    assert saved.startswith(f"{len(listed)} files, {data_bytes} bytes")  # its data files, as state.json lists them
+    (corpus / "saved" / "cache-0123.arrow").write_bytes(b"a map() cache")  # what datasets leaves beside them
+    assert source_signature(str(corpus / "saved")) == saved
+    (corpus / "saved" / "cache-0123.arrow").unlink()
     assert source_signature("hf:wikitext:wikitext-103-raw-v1:train") == "hf:wikitext:wikitext-103-raw-v1:train"
 
 

@@ -255,6 +255,22 @@ def test_batches_up_to_counts_no_further_than_n_batches_and_eval_reads_the_same_
         _assert_same([{k: np.asarray(v) for k, v in b.items()} for b in got], _batches(cfg, setup, min(n, epoch)))
 
 
+def test_batches_up_to_is_counted_once_per_stream(setup):
+    """Every evaluation asks for its batch count again: the second ask (and, once a count reached the pass's end,
+    batches_per_epoch) tokenizes nothing more."""
+    cfg = config(setup)
+    epoch = TextStream(cfg, setup["tok"]).batches_per_epoch
+    for n in (2, epoch + 3):
+        stream, tokenized = TextStream(cfg, setup["tok"]), []
+        tokenize = stream.tokenize
+        stream.tokenize = lambda documents: tokenized.extend(documents) or tokenize(documents)
+        first = stream.batches_up_to(n)
+        counted = len(tokenized)
+        assert stream.batches_up_to(n) == first == min(n, epoch) and len(tokenized) == counted
+        if n > epoch:
+            assert stream.batches_per_epoch == epoch and len(tokenized) == counted
+
+
 def test_a_resume_replays_no_finished_source(setup, monkeypatch):
     import jaxft.data.text_stream as text_stream
     cfg = config(setup)

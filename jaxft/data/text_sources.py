@@ -87,18 +87,28 @@ def source_signature(spec: str) -> str:
     """A cheap signature of what a source spec reads: how many files, their bytes, and a digest of their names
     (relative to the spec's fixed part, so a moved corpus still matches) and sizes. A file added, removed or
     resized changes it (an edit that keeps every size does not: nothing is read). An ``hf:`` source is remote
-    and signed by its spec alone; a ``save_to_disk`` folder by the files in it."""
+    and signed by its spec alone; a ``save_to_disk`` folder by its data files."""
     if spec.startswith(HF_PREFIX):
         return spec
     items = expand_source(spec)
     root = Path(spec) if Path(spec).is_dir() else Path(*takewhile(lambda part: not glob.has_magic(part),
                                                                   Path(spec).parent.parts))
     files = [Path(item) for item in items]
-    if len(files) == 1 and files[0].is_dir():  # a save_to_disk folder: its arrow files and metadata
-        files = sorted(p for p in files[0].rglob("*") if p.is_file())
+    if len(files) == 1 and files[0].is_dir():  # a save_to_disk folder: the arrow files its state.json lists
+        files = _saved_dataset_files(files[0])
     listing = [(os.path.relpath(f, root), f.stat().st_size) for f in files]
     digest = hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:12]
     return f"{len(listing)} files, {sum(size for _, size in listing)} bytes, names and sizes {digest}"
+
+
+def _saved_dataset_files(folder: Path) -> list[Path]:
+    """The data files of a ``save_to_disk`` folder (``state.json``'s ``_data_files``), not the caches or locks that
+    later ``map`` calls or readers leave beside them."""
+    try:
+        listed = json.loads((folder / "state.json").read_text(encoding="utf-8"))["_data_files"]
+        return [folder / entry["filename"] for entry in listed]
+    except (OSError, ValueError, KeyError, TypeError):  # no state.json (a DatasetDict's top folder): every file
+        return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def read_documents(spec: str, *, text_field: str = "text", document: str = "file",

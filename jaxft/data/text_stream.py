@@ -293,6 +293,7 @@ class TextStream:
         self.weights = None if cfg.weights is None else np.asarray(cfg.weights, np.float64) / sum(cfg.weights)
         self._reported: set[int] = set()
         self._rows_per_pass: int | None = None
+        self._batches_up_to: dict[int, int] = {}
         self._restore(None)
 
     # ----- the pieces the sources use --------------------------------------------------------------------------
@@ -427,9 +428,14 @@ class TextStream:
             return 0
         if self._rows_per_pass is not None:
             return min(n, self.batches_per_epoch)
-        tokens_per_batch = self.cfg.batch_size * self.cfg.max_length
-        tokens = self._count_tokens(beyond=(n - 1) * tokens_per_batch)  # more than this: at least n batches
-        return min(n, math.ceil(tokens / tokens_per_batch))
+        if n not in self._batches_up_to:  # every evaluation asks again: counted once
+            tokens_per_batch = self.cfg.batch_size * self.cfg.max_length
+            beyond = (n - 1) * tokens_per_batch  # more tokens than this: at least n batches
+            tokens = self._count_tokens(beyond=beyond)
+            if tokens <= beyond:  # the count reached the end of the pass
+                self._rows_per_pass = math.ceil(tokens / self.cfg.max_length)
+            self._batches_up_to[n] = min(n, math.ceil(tokens / tokens_per_batch))
+        return self._batches_up_to[n]
 
     def pass_rows(self) -> Iterator[dict[str, np.ndarray]]:
         """The rows of one pass from the very start, without the padding rows of its last batch (what

@@ -97,16 +97,22 @@ class CausalLM:
         return jnp.sum(batches["labels"] != IGNORE_INDEX, dtype=jnp.int32).astype(jnp.float32)
 
     @property
+    def _reports_terms(self) -> bool:
+        """Whether the step reports the cross-entropy and z-loss apart: with a z-loss, unless a subclass redefines
+        :meth:`loss_sum` (then its own loss is what trains, and its parts are not these)."""
+        return bool(self.z_loss) and type(self).loss_sum is CausalLM.loss_sum
+
+    @property
     def step_metric_keys(self) -> tuple[str, ...]:
         """With a z-loss the step also reports its parts: the train loss is no longer the cross-entropy."""
-        return ("ce_loss", "z_loss") if self.z_loss else ()
+        return ("ce_loss", "z_loss") if self._reports_terms else ()
 
     def loss_and_sums(self, cfg: ModelConfig, params: dict, batch: dict, rng=None, activation_sharding=None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The micro-batch's summed loss and, with a z-loss, the sums of its cross-entropy and z-loss parts (from
         the same forward pass). Without one it is :meth:`loss_sum`'s, so a subclass that redefines the loss there is
         trained on its own."""
-        if not self.z_loss:
+        if not self._reports_terms:
             return self.loss_sum(cfg, params, batch, rng, activation_sharding), {}
         terms = self._terms(cfg, params, batch, rng, activation_sharding)
         ce_sum, squared_sum, n_targets = terms
