@@ -116,6 +116,14 @@ def completions(export: str, tokenizer, max_new_tokens: int) -> list[dict]:
     return [{"prompt": p, "completion": tokenizer.decode(ids)} for p, ids in zip(PROMPTS, new)]
 
 
+def curves(metrics_path: Path) -> dict:
+    """The run's train loss and held-out perplexity by step, from its metrics log."""
+    records = read_metrics(metrics_path)
+    return {"loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in records if r["split"] == "train"],
+            "heldout_curve": [{"step": r["step"], "perplexity": r["perplexity"]} for r in records
+                              if r["split"] == "eval"]}
+
+
 def table(row: dict) -> str:
     return ("| params | steps x tokens | train s | real tokens/s | MFU | held-out ppl | unigram ppl | peak RSS GiB |\n"
             "|---|---|---|---|---|---|---|---|\n"
@@ -173,8 +181,7 @@ def main(argv=None) -> int:
            "heldout_perplexity": summary["eval"]["perplexity"], "heldout_tokens": int(targets.size),
            "unigram_perplexity": unigram, "tokenizer_seconds": tokenizer_seconds, "corpus": corpus,
            "peak_rss_bytes": peak_rss_bytes(),
-           "loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in read_metrics(work / "run" / "metrics.jsonl")
-                          if r["split"] == "train"],
+           **curves(work / "run" / "metrics.jsonl"),
            "sampling": SAMPLING, "completions": completions(summary["export"], tokenizer, args.new_tokens)}
     print(table(row))
     for sample in row["completions"]:
