@@ -12,6 +12,7 @@ from jaxft.config import ConfigError
 from jaxft.data import DataReport, Example, clean
 from jaxft.data.cleaning import MinHashIndex
 from jaxft.data.text_cleaning import TextCleaner, scrub_pii
+from jaxft.data.config import DataConfig
 from jaxft.data.text_config import TextDataConfig
 from jaxft.data.text_sources import Document
 
@@ -119,6 +120,8 @@ def test_gopher_filters_are_off_by_default_and_bad_characters_can_be_turned_off(
 def test_a_bad_drop_pattern_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match=r"data.drop_patterns\[1\] '\(unclosed'"):
         _cleaner(drop_patterns=("fine", "(unclosed"))
+    with pytest.raises(ConfigError, match=r"data.drop_patterns\[0\] '\(unclosed'"):  # chat data: the same check
+        DataConfig(paths=("chats.jsonl",), drop_patterns=("(unclosed",))
 
 
 # --- dedup -----------------------------------------------------------------------------------------------------

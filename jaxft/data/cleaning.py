@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxft.data.config import compile_drop_patterns
 from jaxft.data.formats import DataReport, Example
 
 _MERSENNE = np.uint64((1 << 61) - 1)
@@ -194,7 +195,7 @@ def clean(sources: Sequence[Sequence[Example]], *, normalize_unicode: str | None
           report: DataReport | None = None) -> list[list[Example]]:
     """Normalize, filter and deduplicate each source's examples (dedup also across sources, first one kept)."""
     report = report if report is not None else DataReport()
-    patterns = [re.compile(p) for p in drop_patterns]
+    patterns = compile_drop_patterns(drop_patterns)
     seen: dict[bytes, str] = {}
     near = MinHashIndex(near_dup_threshold) if dedup == "near" else None
     kept_sources: list[list[Example]] = []

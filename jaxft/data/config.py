@@ -6,6 +6,7 @@ from one YAML mapping and reject unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from jaxft.config import PATH_FIELD, TEMPLATE_FIELD, ConfigError
@@ -81,8 +82,20 @@ def check_shared_fields(cfg) -> None:
     if cfg.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     check_weights(cfg.weights, cfg.paths)
+    compile_drop_patterns(cfg.drop_patterns)
     if not 0.0 < cfg.near_dup_threshold <= 1.0:
         raise ConfigError(f"data.near_dup_threshold must be in (0, 1], got {cfg.near_dup_threshold}")
+
+
+def compile_drop_patterns(patterns) -> list[re.Pattern]:
+    """``data.drop_patterns`` compiled; one that is no regular expression is a ConfigError naming its index."""
+    compiled = []
+    for i, pattern in enumerate(patterns):
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ConfigError(f"data.drop_patterns[{i}] {pattern!r} is not a regular expression: {e}") from e
+    return compiled
 
 
 def check_weights(weights: tuple[float, ...] | None, paths: tuple[str, ...]) -> None:

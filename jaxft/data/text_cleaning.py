@@ -36,8 +36,8 @@ import re
 import unicodedata
 from collections.abc import Callable
 
-from jaxft.config import ConfigError
 from jaxft.data.cleaning import MinHashIndex, dedup_digest, filter_reason
+from jaxft.data.config import compile_drop_patterns
 from jaxft.data.formats import DataReport
 from jaxft.data.text_config import TextDataConfig
 from jaxft.data.text_sources import Document
@@ -148,16 +148,6 @@ def snippet(text: str, chars: int = _SNIPPET_CHARS) -> str:
     return flat if len(flat) <= chars else flat[:chars - 1] + "\u2026"
 
 
-def _compile_patterns(patterns) -> list[re.Pattern]:
-    compiled = []
-    for i, pattern in enumerate(patterns):
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as e:
-            raise ConfigError(f"data.drop_patterns[{i}] {pattern!r} is not a regular expression: {e}") from e
-    return compiled
-
-
 class TextCleaner:
     """Normalize, scrub, filter and deduplicate documents one at a time, in stream order (see the module doc)."""
 
@@ -169,7 +159,7 @@ class TextCleaner:
 
     @staticmethod
     def _quality_filters(cfg: TextDataConfig) -> list[Callable[[str], tuple[str, str] | None]]:
-        patterns = _compile_patterns(cfg.drop_patterns)
+        patterns = compile_drop_patterns(cfg.drop_patterns)
         filters = [lambda text: filter_reason(text, min_chars=cfg.min_chars, max_chars=cfg.max_chars,
                                               max_bad_char_fraction=cfg.max_bad_char_fraction, patterns=patterns)]
         gopher = ((cfg.max_symbol_fraction, symbol_reason), (cfg.min_alpha_word_fraction, alpha_word_reason),
